@@ -1,0 +1,425 @@
+//! Startup configuration: one typed tree from a TOML file, environment variables and a
+//! few command-line flags, validated once at startup.
+//!
+//! Precedence, lowest first: built-in defaults, the file (`--config`, `NETBOOT_CONFIG`),
+//! environment variables, flags. Relative paths are resolved against `data_dir`.
+//! The original system's variable names (`IMAGES_PATH`, `OS_INSTALLERS_PATH`, ...) are
+//! accepted as aliases; see [`ENV_VARS`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The sample configuration shipped in `docs/netboot.toml`; a test parses it.
+pub const SAMPLE: &str = include_str!("../../docs/netboot.toml");
+
+/// Configuration errors, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// An environment variable has a value of the wrong form.
+    #[error("environment variable {var}={value:?}: {why}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// Its value.
+        value: String,
+        /// What was expected.
+        why: &'static str,
+    },
+    /// A value is out of range.
+    #[error("{field}: {why}")]
+    Invalid {
+        /// The field, in TOML dotted form.
+        field: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the database, TFTP root, images, installers and logs live.
+    pub data_dir: PathBuf,
+    /// The address clients use to reach this server in boot scripts and iSCSI portals.
+    /// Defaults to the address of the interface a request arrived on.
+    pub boot_server_ip: Option<IpAddr>,
+    /// HTTP: API, web UI, boot scripts and files.
+    pub http: HttpConfig,
+    /// Directory layout inside `data_dir` (or absolute).
+    pub paths: PathsConfig,
+    /// Authentication.
+    pub auth: AuthConfig,
+    /// eBPF accounting.
+    pub ebpf: EbpfConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./netboot-data"),
+            boot_server_ip: None,
+            http: HttpConfig::default(),
+            paths: PathsConfig::default(),
+            auth: AuthConfig::default(),
+            ebpf: EbpfConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// HTTP listener settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listening address.
+    pub listen: SocketAddr,
+    /// Mark cookies `Secure` (set when a TLS proxy fronts netbootd).
+    pub secure_cookies: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([0, 0, 0, 0], 8080)), secure_cookies: false }
+    }
+}
+
+/// Directories; relative ones are inside `data_dir`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PathsConfig {
+    /// The SQLite database file.
+    pub database: PathBuf,
+    /// TFTP root (iPXE binaries).
+    pub tftp: PathBuf,
+    /// iSCSI disk images.
+    pub images: PathBuf,
+    /// Installer media (ISOs, kernels, WinPE).
+    pub installers: PathBuf,
+    /// Per-device logs uploaded by installers (WinPE).
+    pub logs: PathBuf,
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        Self {
+            database: "netboot.db".into(),
+            tftp: "tftp".into(),
+            images: "images".into(),
+            installers: "installers".into(),
+            logs: "logs".into(),
+        }
+    }
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Lifetime of a login session, in minutes.
+    pub session_minutes: u32,
+    /// Failed logins per user name or client address before a lock-out.
+    pub max_failures: u32,
+    /// Lock-out after too many failures, in seconds (doubles on each further failure).
+    pub lockout_secs: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { session_minutes: 24 * 60, max_failures: 5, lockout_secs: 60 }
+    }
+}
+
+impl AuthConfig {
+    /// Session lifetime.
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_secs(u64::from(self.session_minutes) * 60)
+    }
+}
+
+/// eBPF accounting settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EbpfConfig {
+    /// Boot interfaces to count on; empty means accounting is off.
+    pub interfaces: Vec<String>,
+    /// Capacity of the per-MAC counter map (entries, i.e. MAC × service × direction).
+    pub max_entries: u32,
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        Self { interfaces: Vec::new(), max_entries: 16_384 }
+    }
+}
+
+/// Log output settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter, e.g. `info` or `netboot_daemon=debug,info`.
+    pub level: String,
+    /// `text` for people, `json` for log collectors.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One environment variable, its aliases and what it sets.
+#[derive(Debug)]
+pub struct EnvVar {
+    /// The netboot name.
+    pub name: &'static str,
+    /// Names from the system we replace, also accepted.
+    pub aliases: &'static [&'static str],
+    /// What it sets.
+    pub help: &'static str,
+}
+
+/// Every environment variable netbootd reads (the README's table is checked against it).
+pub const ENV_VARS: &[EnvVar] = &[
+    EnvVar { name: "NETBOOT_CONFIG", aliases: &[], help: "configuration file (same as --config)" },
+    EnvVar { name: "NETBOOT_DATA_DIR", aliases: &["DATA_PATH"], help: "data_dir" },
+    EnvVar { name: "NETBOOT_BOOT_SERVER_IP", aliases: &["BOOT_SERVER_IP"], help: "boot_server_ip" },
+    EnvVar { name: "NETBOOT_HTTP_LISTEN", aliases: &[], help: "http.listen (address:port)" },
+    EnvVar { name: "NETBOOT_HTTP_PORT", aliases: &["API_PORT"], help: "port of http.listen" },
+    EnvVar { name: "NETBOOT_DATABASE", aliases: &[], help: "paths.database" },
+    EnvVar { name: "NETBOOT_TFTP_DIR", aliases: &["TFTP_ROOT"], help: "paths.tftp" },
+    EnvVar { name: "NETBOOT_IMAGES_DIR", aliases: &["IMAGES_PATH"], help: "paths.images" },
+    EnvVar { name: "NETBOOT_INSTALLERS_DIR", aliases: &["OS_INSTALLERS_PATH"], help: "paths.installers" },
+    EnvVar { name: "NETBOOT_LOGS_DIR", aliases: &["WINPE_LOGS_PATH"], help: "paths.logs" },
+    EnvVar { name: "NETBOOT_SESSION_MINUTES", aliases: &["AUTH_TOKEN_EXPIRE_MINUTES"], help: "auth.session_minutes" },
+    EnvVar { name: "NETBOOT_EBPF_INTERFACES", aliases: &[], help: "ebpf.interfaces (comma-separated)" },
+    EnvVar { name: "NETBOOT_LOG", aliases: &["LOG_LEVEL"], help: "log.level" },
+    EnvVar { name: "NETBOOT_LOG_FORMAT", aliases: &[], help: "log.format (text or json)" },
+];
+
+/// Looks a variable up by its name and aliases. The original system's Unraid template
+/// defines `BOOT_SERVER_IP` with a trailing tab and its docs with a trailing space, so
+/// those spellings are accepted too.
+fn lookup(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<(String, String)> {
+    let var = ENV_VARS.iter().find(|v| v.name == name)?;
+    std::iter::once(var.name).chain(var.aliases.iter().copied()).find_map(|n| {
+        [n.to_owned(), format!("{n} "), format!("{n}\t")]
+            .into_iter()
+            .find_map(|k| env(&k).map(|v| (k.trim_end().to_owned(), v.trim().to_owned())))
+    })
+}
+
+fn parse_env<T: std::str::FromStr>(var: String, value: String, why: &'static str) -> Result<T, ConfigError> {
+    value.parse().map_err(|_| ConfigError::Env { var, value, why })
+}
+
+impl Config {
+    /// Reads a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses TOML text (`origin` names it in errors).
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })
+    }
+
+    /// Applies environment variables read through `env` (injected for tests).
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some((_, v)) = lookup(env, "NETBOOT_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_BOOT_SERVER_IP") {
+            self.boot_server_ip = Some(parse_env(k, v, "expected an IP address")?);
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_HTTP_LISTEN") {
+            self.http.listen = parse_env(k, v, "expected address:port, e.g. 0.0.0.0:8080")?;
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_HTTP_PORT") {
+            self.http.listen.set_port(parse_env(k, v, "expected a port number")?);
+        }
+        for (name, field) in [
+            ("NETBOOT_DATABASE", &mut self.paths.database),
+            ("NETBOOT_TFTP_DIR", &mut self.paths.tftp),
+            ("NETBOOT_IMAGES_DIR", &mut self.paths.images),
+            ("NETBOOT_INSTALLERS_DIR", &mut self.paths.installers),
+            ("NETBOOT_LOGS_DIR", &mut self.paths.logs),
+        ] {
+            if let Some((_, v)) = lookup(env, name) {
+                *field = v.into();
+            }
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_SESSION_MINUTES") {
+            self.auth.session_minutes = parse_env(k, v, "expected minutes")?;
+        }
+        if let Some((_, v)) = lookup(env, "NETBOOT_EBPF_INTERFACES") {
+            self.ebpf.interfaces =
+                v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        }
+        if let Some((_, v)) = lookup(env, "NETBOOT_LOG") {
+            self.log.level = v;
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_LOG_FORMAT") {
+            self.log.format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err(ConfigError::Env { var: k, value: v, why: "expected text or json" }),
+            };
+        }
+        Ok(())
+    }
+
+    /// Checks ranges and resolves paths.
+    pub fn validate(self) -> Result<Validated, ConfigError> {
+        if self.auth.session_minutes == 0 {
+            return Err(ConfigError::Invalid { field: "auth.session_minutes", why: "must be at least 1".into() });
+        }
+        if self.auth.max_failures == 0 {
+            return Err(ConfigError::Invalid { field: "auth.max_failures", why: "must be at least 1".into() });
+        }
+        if self.ebpf.max_entries < 64 {
+            return Err(ConfigError::Invalid { field: "ebpf.max_entries", why: "must be at least 64".into() });
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::Invalid { field: "log.level", why: e.to_string() });
+        }
+        let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { self.data_dir.join(p) };
+        let paths = Paths {
+            database: resolve(&self.paths.database),
+            tftp: resolve(&self.paths.tftp),
+            images: resolve(&self.paths.images),
+            installers: resolve(&self.paths.installers),
+            logs: resolve(&self.paths.logs),
+        };
+        Ok(Validated { paths, config: self })
+    }
+}
+
+/// Resolved directory layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Paths {
+    /// SQLite file.
+    pub database: PathBuf,
+    /// TFTP root.
+    pub tftp: PathBuf,
+    /// Disk images.
+    pub images: PathBuf,
+    /// Installer media.
+    pub installers: PathBuf,
+    /// Uploaded logs.
+    pub logs: PathBuf,
+}
+
+impl Paths {
+    /// The directories the daemon creates and the health check verifies.
+    pub fn dirs(&self) -> [(&'static str, &Path); 4] {
+        [("tftp", &self.tftp), ("images", &self.images), ("installers", &self.installers), ("logs", &self.logs)]
+    }
+}
+
+/// A configuration that passed validation.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// The configuration as given.
+    pub config: Config,
+    /// Paths resolved against `data_dir`.
+    pub paths: Paths,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn sample_config_parses_and_equals_the_defaults() {
+        let c = Config::from_toml(SAMPLE, Path::new("docs/netboot.toml")).expect("sample parses");
+        assert_eq!(c, Config::default(), "docs/netboot.toml documents the defaults");
+        c.validate().expect("sample validates");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_location() {
+        let e = Config::from_toml("[http]\nlisten = \"0.0.0.0:80\"\nlisen = 1\n", Path::new("x.toml")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("x.toml") && msg.contains("lisen"), "{msg}");
+    }
+
+    #[test]
+    fn environment_overrides_file_and_aliases_work() {
+        let mut c = Config::from_toml("data_dir = \"/srv/nb\"\n[http]\nlisten = \"127.0.0.1:9000\"\n", Path::new("f"))
+            .expect("parse");
+        c.apply_env(&env(&[
+            ("IMAGES_PATH", "/iscsi-images"),
+            ("BOOT_SERVER_IP\t", " 10.0.0.5 "),
+            ("API_PORT", "9100"),
+            ("NETBOOT_EBPF_INTERFACES", "eth0, eth1,"),
+        ]))
+        .expect("env applies");
+        assert_eq!(c.boot_server_ip, Some("10.0.0.5".parse().expect("ip")));
+        assert_eq!(c.http.listen, "127.0.0.1:9100".parse().expect("addr"));
+        assert_eq!(c.ebpf.interfaces, ["eth0", "eth1"]);
+        let v = c.validate().expect("valid");
+        assert_eq!(v.paths.images, PathBuf::from("/iscsi-images"));
+        assert_eq!(v.paths.database, PathBuf::from("/srv/nb/netboot.db"));
+    }
+
+    #[test]
+    fn the_netboot_name_wins_over_an_alias() {
+        let mut c = Config::default();
+        c.apply_env(&env(&[("NETBOOT_IMAGES_DIR", "/a"), ("IMAGES_PATH", "/b")])).expect("env");
+        assert_eq!(c.paths.images, PathBuf::from("/a"));
+    }
+
+    #[test]
+    fn bad_environment_values_name_the_variable() {
+        let mut c = Config::default();
+        let e = c.apply_env(&env(&[("BOOT_SERVER_IP", "not-an-ip")])).unwrap_err();
+        assert!(e.to_string().contains("BOOT_SERVER_IP=\"not-an-ip\""), "{e}");
+        let e = Config { log: LogConfig { level: "info,[".into(), ..LogConfig::default() }, ..Config::default() }
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("log.level"), "{e}");
+    }
+}

@@ -1,0 +1,136 @@
+//! Startup and shutdown of netbootd: data directories, store, HTTP listener,
+//! housekeeping, signals.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState, VERSION};
+use crate::config::Validated;
+use crate::store::{Sqlite, Store};
+use crate::time::Timestamp;
+
+/// How often expired sessions and old boot events are removed.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Creates the data directories.
+pub fn prepare_dirs(cfg: &Validated) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.config.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.config.data_dir.display()))?;
+    for (name, dir) in cfg.paths.dirs() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {name} directory {}", dir.display()))?;
+    }
+    if let Some(parent) = cfg.paths.database.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    Ok(())
+}
+
+/// The URL people should open, given the listening address.
+pub fn display_url(addr: SocketAddr) -> String {
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        ip => ip.to_string(),
+    };
+    format!("http://{host}:{}", addr.port())
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(cfg: Validated, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(cfg.config.http.listen)
+        .await
+        .with_context(|| format!("binding HTTP listener on {}", cfg.config.http.listen))?;
+    serve(cfg, listener, shutdown).await
+}
+
+/// Runs the daemon on an already bound HTTP listener until `shutdown` resolves.
+pub async fn serve(
+    cfg: Validated,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    prepare_dirs(&cfg)?;
+    let db = cfg.paths.database.clone();
+    let store: Arc<dyn Store> = Arc::new(
+        tokio::task::spawn_blocking(move || Sqlite::open(&db))
+            .await?
+            .with_context(|| format!("opening database {}", cfg.paths.database.display()))?,
+    );
+    tracing::info!(path = %cfg.paths.database.display(), "store ready");
+
+    let addr = listener.local_addr().context("reading the HTTP listener address")?;
+
+    let state = AppState::new(Arc::clone(&store), cfg.clone());
+    let needs_setup = {
+        let s = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || s.needs_setup()).await??
+    };
+    let housekeeping = tokio::spawn(housekeeping(Arc::clone(&store)));
+
+    let url = display_url(addr);
+    let data_dir = cfg.config.data_dir.canonicalize().unwrap_or_else(|_| cfg.config.data_dir.clone());
+    tracing::info!(version = VERSION, %addr, data_dir = %data_dir.display(), "netbootd listening");
+    tracing::info!("API: {url}/api/v1 (OpenAPI document: {url}/api/v1/openapi.json, health: {url}/api/v1/health)");
+    if needs_setup {
+        tracing::info!(
+            "first run: create the administrator with POST {url}/api/v1/auth/setup {{\"username\": ..., \"password\": ...}}"
+        );
+    }
+
+    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
+    housekeeping.abort();
+    tracing::info!("netbootd stopped");
+    Ok(())
+}
+
+async fn housekeeping(store: Arc<dyn Store>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    loop {
+        tick.tick().await;
+        let s = Arc::clone(&store);
+        let res = tokio::task::spawn_blocking(move || {
+            let now = Timestamp::now();
+            let sessions = s.prune_sessions(now)?;
+            let days = s.get_settings()?.event_max_age_days;
+            let events = s.prune_events(now.add_secs(-i64::from(days) * 86_400))?;
+            Ok::<_, crate::store::StoreError>((sessions, events))
+        })
+        .await;
+        match res {
+            Ok(Ok((sessions, events))) => tracing::debug!(sessions, events, "housekeeping removed expired records"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "housekeeping failed"),
+            Err(e) => tracing::warn!(error = %e, "housekeeping task failed"),
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
+        () = term => tracing::info!("SIGTERM received, shutting down"),
+    }
+}

@@ -1,0 +1,83 @@
+//! Path jail: resolves a client-supplied relative path inside a root directory, so that
+//! nothing escapes it: not `..`, not absolute paths, not symlinks pointing outside.
+//! Errors never reveal server paths.
+
+use std::path::{Component, Path, PathBuf};
+
+/// Why a path was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JailError {
+    /// Empty, absolute, or containing `..`, NUL or a drive prefix.
+    #[error("path is not a plain relative path")]
+    NotRelative,
+    /// The path resolves outside the root (through a symlink).
+    #[error("path leaves the served directory")]
+    Escapes,
+    /// Nothing exists at that path.
+    #[error("no such file")]
+    NotFound,
+}
+
+/// Normalises a client path: `\` becomes `/`, empty and `.` components are dropped;
+/// absolute paths, `..`, NUL and Windows drive prefixes are refused.
+pub fn normalise(raw: &str) -> Result<String, JailError> {
+    if raw.contains('\0') {
+        return Err(JailError::NotRelative);
+    }
+    let unified = raw.replace('\\', "/");
+    if unified.starts_with('/') || unified.split('/').next().is_some_and(|c| c.len() == 2 && c.ends_with(':')) {
+        return Err(JailError::NotRelative);
+    }
+    let mut parts = Vec::new();
+    for c in Path::new(&unified).components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_str().ok_or(JailError::NotRelative)?),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return Err(JailError::NotRelative),
+        }
+    }
+    if parts.is_empty() {
+        return Err(JailError::NotRelative);
+    }
+    Ok(parts.join("/"))
+}
+
+/// Resolves `raw` inside `root` to an existing path, following symlinks only while they
+/// stay inside `root`.
+pub fn resolve(root: &Path, raw: &str) -> Result<PathBuf, JailError> {
+    let rel = normalise(raw)?;
+    let root = root.canonicalize().map_err(|_| JailError::NotFound)?;
+    let full = root.join(&rel).canonicalize().map_err(|_| JailError::NotFound)?;
+    if full.starts_with(&root) { Ok(full) } else { Err(JailError::Escapes) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_and_refuses_escapes() {
+        assert_eq!(normalise("win\\sources\\boot.wim"), Ok("win/sources/boot.wim".into()));
+        assert_eq!(normalise("./a//b/."), Ok("a/b".into()));
+        for bad in ["", ".", "/etc/passwd", "a/../../b", "..", "C:/x", "\\\\srv\\x", "a\0b"] {
+            assert_eq!(normalise(bad), Err(JailError::NotRelative), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn symlinks_out_of_the_root_are_refused() {
+        let dir = std::env::temp_dir().join(format!("netboot-jail-{}", std::process::id()));
+        let root = dir.join("root");
+        std::fs::create_dir_all(root.join("sub")).expect("mkdir");
+        std::fs::write(dir.join("secret"), b"x").expect("write");
+        std::fs::write(root.join("sub/ok.iso"), b"x").expect("write");
+        std::os::unix::fs::symlink(dir.join("secret"), root.join("link")).expect("symlink");
+        std::os::unix::fs::symlink("sub/ok.iso", root.join("inside")).expect("symlink");
+        assert!(resolve(&root, "sub/ok.iso").is_ok());
+        assert!(resolve(&root, "inside").is_ok());
+        assert_eq!(resolve(&root, "link"), Err(JailError::Escapes));
+        assert_eq!(resolve(&root, "missing"), Err(JailError::NotFound));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

@@ -1,0 +1,24 @@
+//! netbootd: a network boot server that PXE-boots bare-metal machines and tells you
+//! exactly what each of them is doing.
+//!
+//! This crate holds the daemon's code; `main.rs` only parses flags and calls
+//! [`daemon::run`]. Modules:
+//! - [`config`]: the typed configuration (file, environment, flags);
+//! - [`store`]: the SQLite inventory behind the [`store::Store`] trait;
+//! - [`api`]: the REST API (axum) with authentication and the OpenAPI document;
+//! - [`auth`]: password hashing, secrets and the login throttle;
+//! - [`jail`]: resolving client paths inside a served directory;
+//! - [`mac`], [`time`]: identifiers and timestamps;
+//! - [`telemetry`]: log output;
+//! - [`daemon`]: startup, housekeeping and shutdown.
+#![deny(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod daemon;
+pub mod jail;
+pub mod mac;
+pub mod store;
+pub mod telemetry;
+pub mod time;
