@@ -246,3 +246,6 @@ pub trait Store: Send + Sync + 'static {
     /// Audit entries, newest first.
     fn list_audit(&self, q: &AuditQuery) -> Result<Page<AuditEntry>>;
 }
+
+#[cfg(test)]
+mod tests;
