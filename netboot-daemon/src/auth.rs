@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -20,12 +20,18 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
     let mut salt = [0u8; 16];
     rand::rng().fill_bytes(&mut salt);
     let salt = SaltString::encode_b64(&salt)?;
-    Ok(Argon2::default().hash_password(password.as_bytes(), &salt)?.to_string())
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
 }
 
 /// Checks a password against a PHC string. A malformed hash never matches.
 pub fn verify_password(password: &str, phc: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+    PasswordHash::new(phc).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
 }
 
 /// A hash to verify against when the user does not exist, so that the response time
@@ -51,7 +57,9 @@ pub fn secret_hash(secret: &str) -> String {
 /// Checks a user name: 1 to 64 characters of letters, digits, `.`, `_`, `-`, `@`.
 pub fn valid_username(name: &str) -> bool {
     (1..=64).contains(&name.len())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -81,7 +89,11 @@ const THROTTLE_IDLE: Duration = Duration::from_secs(3600);
 impl LoginThrottle {
     /// A throttle with the given policy.
     pub fn new(max_failures: u32, lockout: Duration) -> Self {
-        Self { max_failures: max_failures.max(1), lockout, entries: HashMap::new() }
+        Self {
+            max_failures: max_failures.max(1),
+            lockout,
+            entries: HashMap::new(),
+        }
     }
 
     /// If any of `keys` is locked at `now`, how long until it unlocks.
@@ -96,14 +108,19 @@ impl LoginThrottle {
     /// Records a failed attempt for each key.
     pub fn fail(&mut self, keys: &[&str], now: Instant) {
         if self.entries.len() >= THROTTLE_CAPACITY {
-            self.entries.retain(|_, f| now.duration_since(f.last) < THROTTLE_IDLE);
+            self.entries
+                .retain(|_, f| now.duration_since(f.last) < THROTTLE_IDLE);
         }
         for k in keys {
             if self.entries.len() >= THROTTLE_CAPACITY && !self.entries.contains_key(*k) {
                 // Full of recent failures: an attack in progress. Keep the oldest records.
                 continue;
             }
-            let f = self.entries.entry((*k).to_owned()).or_insert(Failures { count: 0, last: now, locked_until: None });
+            let f = self.entries.entry((*k).to_owned()).or_insert(Failures {
+                count: 0,
+                last: now,
+                locked_until: None,
+            });
             f.count = f.count.saturating_add(1);
             f.last = now;
             if f.count >= self.max_failures {
@@ -140,7 +157,10 @@ mod tests {
         let s = new_secret();
         assert_eq!(s.len(), 43);
         assert_ne!(s, new_secret());
-        assert_eq!(secret_hash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            secret_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]
@@ -154,12 +174,22 @@ mod tests {
         assert_eq!(t.check(&keys, t0), None);
         t.fail(&keys, t0);
         assert_eq!(t.check(&keys, t0), Some(Duration::from_secs(10)));
-        assert_eq!(t.check(&["ip:10.0.0.1"], t0 + Duration::from_secs(11)), None);
+        assert_eq!(
+            t.check(&["ip:10.0.0.1"], t0 + Duration::from_secs(11)),
+            None
+        );
         t.fail(&keys, t0 + Duration::from_secs(11));
-        assert_eq!(t.check(&keys, t0 + Duration::from_secs(11)), Some(Duration::from_secs(20)));
+        assert_eq!(
+            t.check(&keys, t0 + Duration::from_secs(11)),
+            Some(Duration::from_secs(20))
+        );
         t.succeed("user:bob");
         assert_eq!(t.check(&["user:bob"], t0 + Duration::from_secs(11)), None);
-        assert!(t.check(&["ip:10.0.0.1"], t0 + Duration::from_secs(11)).is_some(), "the address stays locked");
+        assert!(
+            t.check(&["ip:10.0.0.1"], t0 + Duration::from_secs(11))
+                .is_some(),
+            "the address stays locked"
+        );
     }
 
     #[test]

@@ -102,7 +102,10 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([0, 0, 0, 0], 8080)), secure_cookies: false }
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            secure_cookies: false,
+        }
     }
 }
 
@@ -148,7 +151,11 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { session_minutes: 24 * 60, max_failures: 5, lockout_secs: 60 }
+        Self {
+            session_minutes: 24 * 60,
+            max_failures: 5,
+            lockout_secs: 60,
+        }
     }
 }
 
@@ -171,7 +178,10 @@ pub struct EbpfConfig {
 
 impl Default for EbpfConfig {
     fn default() -> Self {
-        Self { interfaces: Vec::new(), max_entries: 16_384 }
+        Self {
+            interfaces: Vec::new(),
+            max_entries: 16_384,
+        }
     }
 }
 
@@ -187,7 +197,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Text }
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
     }
 }
 
@@ -214,20 +227,76 @@ pub struct EnvVar {
 
 /// Every environment variable netbootd reads (the README's table is checked against it).
 pub const ENV_VARS: &[EnvVar] = &[
-    EnvVar { name: "NETBOOT_CONFIG", aliases: &[], help: "configuration file (same as --config)" },
-    EnvVar { name: "NETBOOT_DATA_DIR", aliases: &["DATA_PATH"], help: "data_dir" },
-    EnvVar { name: "NETBOOT_BOOT_SERVER_IP", aliases: &["BOOT_SERVER_IP"], help: "boot_server_ip" },
-    EnvVar { name: "NETBOOT_HTTP_LISTEN", aliases: &[], help: "http.listen (address:port)" },
-    EnvVar { name: "NETBOOT_HTTP_PORT", aliases: &["API_PORT"], help: "port of http.listen" },
-    EnvVar { name: "NETBOOT_DATABASE", aliases: &[], help: "paths.database" },
-    EnvVar { name: "NETBOOT_TFTP_DIR", aliases: &["TFTP_ROOT"], help: "paths.tftp" },
-    EnvVar { name: "NETBOOT_IMAGES_DIR", aliases: &["IMAGES_PATH"], help: "paths.images" },
-    EnvVar { name: "NETBOOT_INSTALLERS_DIR", aliases: &["OS_INSTALLERS_PATH"], help: "paths.installers" },
-    EnvVar { name: "NETBOOT_LOGS_DIR", aliases: &["WINPE_LOGS_PATH"], help: "paths.logs" },
-    EnvVar { name: "NETBOOT_SESSION_MINUTES", aliases: &["AUTH_TOKEN_EXPIRE_MINUTES"], help: "auth.session_minutes" },
-    EnvVar { name: "NETBOOT_EBPF_INTERFACES", aliases: &[], help: "ebpf.interfaces (comma-separated)" },
-    EnvVar { name: "NETBOOT_LOG", aliases: &["LOG_LEVEL"], help: "log.level" },
-    EnvVar { name: "NETBOOT_LOG_FORMAT", aliases: &[], help: "log.format (text or json)" },
+    EnvVar {
+        name: "NETBOOT_CONFIG",
+        aliases: &[],
+        help: "configuration file (same as --config)",
+    },
+    EnvVar {
+        name: "NETBOOT_DATA_DIR",
+        aliases: &["DATA_PATH"],
+        help: "data_dir",
+    },
+    EnvVar {
+        name: "NETBOOT_BOOT_SERVER_IP",
+        aliases: &["BOOT_SERVER_IP"],
+        help: "boot_server_ip",
+    },
+    EnvVar {
+        name: "NETBOOT_HTTP_LISTEN",
+        aliases: &[],
+        help: "http.listen (address:port)",
+    },
+    EnvVar {
+        name: "NETBOOT_HTTP_PORT",
+        aliases: &["API_PORT"],
+        help: "port of http.listen",
+    },
+    EnvVar {
+        name: "NETBOOT_DATABASE",
+        aliases: &[],
+        help: "paths.database",
+    },
+    EnvVar {
+        name: "NETBOOT_TFTP_DIR",
+        aliases: &["TFTP_ROOT"],
+        help: "paths.tftp",
+    },
+    EnvVar {
+        name: "NETBOOT_IMAGES_DIR",
+        aliases: &["IMAGES_PATH"],
+        help: "paths.images",
+    },
+    EnvVar {
+        name: "NETBOOT_INSTALLERS_DIR",
+        aliases: &["OS_INSTALLERS_PATH"],
+        help: "paths.installers",
+    },
+    EnvVar {
+        name: "NETBOOT_LOGS_DIR",
+        aliases: &["WINPE_LOGS_PATH"],
+        help: "paths.logs",
+    },
+    EnvVar {
+        name: "NETBOOT_SESSION_MINUTES",
+        aliases: &["AUTH_TOKEN_EXPIRE_MINUTES"],
+        help: "auth.session_minutes",
+    },
+    EnvVar {
+        name: "NETBOOT_EBPF_INTERFACES",
+        aliases: &[],
+        help: "ebpf.interfaces (comma-separated)",
+    },
+    EnvVar {
+        name: "NETBOOT_LOG",
+        aliases: &["LOG_LEVEL"],
+        help: "log.level",
+    },
+    EnvVar {
+        name: "NETBOOT_LOG_FORMAT",
+        aliases: &[],
+        help: "log.format (text or json)",
+    },
 ];
 
 /// Looks a variable up by its name and aliases. The original system's Unraid template
@@ -235,28 +304,41 @@ pub const ENV_VARS: &[EnvVar] = &[
 /// those spellings are accepted too.
 fn lookup(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<(String, String)> {
     let var = ENV_VARS.iter().find(|v| v.name == name)?;
-    std::iter::once(var.name).chain(var.aliases.iter().copied()).find_map(|n| {
-        [n.to_owned(), format!("{n} "), format!("{n}\t")]
-            .into_iter()
-            .find_map(|k| env(&k).map(|v| (k.trim_end().to_owned(), v.trim().to_owned())))
-    })
+    std::iter::once(var.name)
+        .chain(var.aliases.iter().copied())
+        .find_map(|n| {
+            [n.to_owned(), format!("{n} "), format!("{n}\t")]
+                .into_iter()
+                .find_map(|k| env(&k).map(|v| (k.trim_end().to_owned(), v.trim().to_owned())))
+        })
 }
 
-fn parse_env<T: std::str::FromStr>(var: String, value: String, why: &'static str) -> Result<T, ConfigError> {
-    value.parse().map_err(|_| ConfigError::Env { var, value, why })
+fn parse_env<T: std::str::FromStr>(
+    var: String,
+    value: String,
+    why: &'static str,
+) -> Result<T, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::Env { var, value, why })
 }
 
 impl Config {
     /// Reads a configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_toml(&text, path)
     }
 
     /// Parses TOML text (`origin` names it in errors).
     pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     /// Applies environment variables read through `env` (injected for tests).
@@ -271,7 +353,9 @@ impl Config {
             self.http.listen = parse_env(k, v, "expected address:port, e.g. 0.0.0.0:8080")?;
         }
         if let Some((k, v)) = lookup(env, "NETBOOT_HTTP_PORT") {
-            self.http.listen.set_port(parse_env(k, v, "expected a port number")?);
+            self.http
+                .listen
+                .set_port(parse_env(k, v, "expected a port number")?);
         }
         for (name, field) in [
             ("NETBOOT_DATABASE", &mut self.paths.database),
@@ -288,8 +372,12 @@ impl Config {
             self.auth.session_minutes = parse_env(k, v, "expected minutes")?;
         }
         if let Some((_, v)) = lookup(env, "NETBOOT_EBPF_INTERFACES") {
-            self.ebpf.interfaces =
-                v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            self.ebpf.interfaces = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
         }
         if let Some((_, v)) = lookup(env, "NETBOOT_LOG") {
             self.log.level = v;
@@ -298,7 +386,13 @@ impl Config {
             self.log.format = match v.as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
-                _ => return Err(ConfigError::Env { var: k, value: v, why: "expected text or json" }),
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: k,
+                        value: v,
+                        why: "expected text or json",
+                    });
+                }
             };
         }
         Ok(())
@@ -307,18 +401,36 @@ impl Config {
     /// Checks ranges and resolves paths.
     pub fn validate(self) -> Result<Validated, ConfigError> {
         if self.auth.session_minutes == 0 {
-            return Err(ConfigError::Invalid { field: "auth.session_minutes", why: "must be at least 1".into() });
+            return Err(ConfigError::Invalid {
+                field: "auth.session_minutes",
+                why: "must be at least 1".into(),
+            });
         }
         if self.auth.max_failures == 0 {
-            return Err(ConfigError::Invalid { field: "auth.max_failures", why: "must be at least 1".into() });
+            return Err(ConfigError::Invalid {
+                field: "auth.max_failures",
+                why: "must be at least 1".into(),
+            });
         }
         if self.ebpf.max_entries < 64 {
-            return Err(ConfigError::Invalid { field: "ebpf.max_entries", why: "must be at least 64".into() });
+            return Err(ConfigError::Invalid {
+                field: "ebpf.max_entries",
+                why: "must be at least 64".into(),
+            });
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(ConfigError::Invalid { field: "log.level", why: e.to_string() });
+            return Err(ConfigError::Invalid {
+                field: "log.level",
+                why: e.to_string(),
+            });
         }
-        let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { self.data_dir.join(p) };
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                self.data_dir.join(p)
+            }
+        };
         let paths = Paths {
             database: resolve(&self.paths.database),
             tftp: resolve(&self.paths.tftp),
@@ -326,7 +438,10 @@ impl Config {
             installers: resolve(&self.paths.installers),
             logs: resolve(&self.paths.logs),
         };
-        Ok(Validated { paths, config: self })
+        Ok(Validated {
+            paths,
+            config: self,
+        })
     }
 }
 
@@ -348,7 +463,12 @@ pub struct Paths {
 impl Paths {
     /// The directories the daemon creates and the health check verifies.
     pub fn dirs(&self) -> [(&'static str, &Path); 4] {
-        [("tftp", &self.tftp), ("images", &self.images), ("installers", &self.installers), ("logs", &self.logs)]
+        [
+            ("tftp", &self.tftp),
+            ("images", &self.images),
+            ("installers", &self.installers),
+            ("logs", &self.logs),
+        ]
     }
 }
 
@@ -368,28 +488,42 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         move |k| m.get(k).cloned()
     }
 
     #[test]
     fn sample_config_parses_and_equals_the_defaults() {
         let c = Config::from_toml(SAMPLE, Path::new("docs/netboot.toml")).expect("sample parses");
-        assert_eq!(c, Config::default(), "docs/netboot.toml documents the defaults");
+        assert_eq!(
+            c,
+            Config::default(),
+            "docs/netboot.toml documents the defaults"
+        );
         c.validate().expect("sample validates");
     }
 
     #[test]
     fn unknown_keys_are_errors_with_a_location() {
-        let e = Config::from_toml("[http]\nlisten = \"0.0.0.0:80\"\nlisen = 1\n", Path::new("x.toml")).unwrap_err();
+        let e = Config::from_toml(
+            "[http]\nlisten = \"0.0.0.0:80\"\nlisen = 1\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("x.toml") && msg.contains("lisen"), "{msg}");
     }
 
     #[test]
     fn environment_overrides_file_and_aliases_work() {
-        let mut c = Config::from_toml("data_dir = \"/srv/nb\"\n[http]\nlisten = \"127.0.0.1:9000\"\n", Path::new("f"))
-            .expect("parse");
+        let mut c = Config::from_toml(
+            "data_dir = \"/srv/nb\"\n[http]\nlisten = \"127.0.0.1:9000\"\n",
+            Path::new("f"),
+        )
+        .expect("parse");
         c.apply_env(&env(&[
             ("IMAGES_PATH", "/iscsi-images"),
             ("BOOT_SERVER_IP\t", " 10.0.0.5 "),
@@ -408,18 +542,30 @@ mod tests {
     #[test]
     fn the_netboot_name_wins_over_an_alias() {
         let mut c = Config::default();
-        c.apply_env(&env(&[("NETBOOT_IMAGES_DIR", "/a"), ("IMAGES_PATH", "/b")])).expect("env");
+        c.apply_env(&env(&[("NETBOOT_IMAGES_DIR", "/a"), ("IMAGES_PATH", "/b")]))
+            .expect("env");
         assert_eq!(c.paths.images, PathBuf::from("/a"));
     }
 
     #[test]
     fn bad_environment_values_name_the_variable() {
         let mut c = Config::default();
-        let e = c.apply_env(&env(&[("BOOT_SERVER_IP", "not-an-ip")])).unwrap_err();
-        assert!(e.to_string().contains("BOOT_SERVER_IP=\"not-an-ip\""), "{e}");
-        let e = Config { log: LogConfig { level: "info,[".into(), ..LogConfig::default() }, ..Config::default() }
-            .validate()
+        let e = c
+            .apply_env(&env(&[("BOOT_SERVER_IP", "not-an-ip")]))
             .unwrap_err();
+        assert!(
+            e.to_string().contains("BOOT_SERVER_IP=\"not-an-ip\""),
+            "{e}"
+        );
+        let e = Config {
+            log: LogConfig {
+                level: "info,[".into(),
+                ..LogConfig::default()
+            },
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.to_string().starts_with("log.level"), "{e}");
     }
 }

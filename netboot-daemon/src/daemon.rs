@@ -22,10 +22,12 @@ pub fn prepare_dirs(cfg: &Validated) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.config.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.config.data_dir.display()))?;
     for (name, dir) in cfg.paths.dirs() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {name} directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {name} directory {}", dir.display()))?;
     }
     if let Some(parent) = cfg.paths.database.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     Ok(())
 }
@@ -41,7 +43,10 @@ pub fn display_url(addr: SocketAddr) -> String {
 }
 
 /// Runs the daemon until `shutdown` resolves.
-pub async fn run(cfg: Validated, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Validated,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cfg.config.http.listen)
         .await
         .with_context(|| format!("binding HTTP listener on {}", cfg.config.http.listen))?;
@@ -63,7 +68,9 @@ pub async fn serve(
     );
     tracing::info!(path = %cfg.paths.database.display(), "store ready");
 
-    let addr = listener.local_addr().context("reading the HTTP listener address")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the HTTP listener address")?;
 
     let state = AppState::new(Arc::clone(&store), cfg.clone());
     let needs_setup = {
@@ -73,9 +80,15 @@ pub async fn serve(
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&store)));
 
     let url = display_url(addr);
-    let data_dir = cfg.config.data_dir.canonicalize().unwrap_or_else(|_| cfg.config.data_dir.clone());
+    let data_dir = cfg
+        .config
+        .data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| cfg.config.data_dir.clone());
     tracing::info!(version = VERSION, %addr, data_dir = %data_dir.display(), "netbootd listening");
-    tracing::info!("API: {url}/api/v1 (OpenAPI document: {url}/api/v1/openapi.json, health: {url}/api/v1/health)");
+    tracing::info!(
+        "API: {url}/api/v1 (OpenAPI document: {url}/api/v1/openapi.json, health: {url}/api/v1/health)"
+    );
     if needs_setup {
         tracing::info!(
             "first run: create the administrator with POST {url}/api/v1/auth/setup {{\"username\": ..., \"password\": ...}}"
@@ -83,7 +96,10 @@ pub async fn serve(
     }
 
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving HTTP")?;
     housekeeping.abort();
     tracing::info!("netbootd stopped");
     Ok(())
@@ -103,7 +119,9 @@ async fn housekeeping(store: Arc<dyn Store>) {
         })
         .await;
         match res {
-            Ok(Ok((sessions, events))) => tracing::debug!(sessions, events, "housekeeping removed expired records"),
+            Ok(Ok((sessions, events))) => {
+                tracing::debug!(sessions, events, "housekeeping removed expired records")
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "housekeeping failed"),
             Err(e) => tracing::warn!(error = %e, "housekeeping task failed"),
         }

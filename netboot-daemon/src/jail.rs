@@ -26,7 +26,12 @@ pub fn normalise(raw: &str) -> Result<String, JailError> {
         return Err(JailError::NotRelative);
     }
     let unified = raw.replace('\\', "/");
-    if unified.starts_with('/') || unified.split('/').next().is_some_and(|c| c.len() == 2 && c.ends_with(':')) {
+    if unified.starts_with('/')
+        || unified
+            .split('/')
+            .next()
+            .is_some_and(|c| c.len() == 2 && c.ends_with(':'))
+    {
         return Err(JailError::NotRelative);
     }
     let mut parts = Vec::new();
@@ -34,7 +39,9 @@ pub fn normalise(raw: &str) -> Result<String, JailError> {
         match c {
             Component::Normal(p) => parts.push(p.to_str().ok_or(JailError::NotRelative)?),
             Component::CurDir => {}
-            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return Err(JailError::NotRelative),
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(JailError::NotRelative);
+            }
         }
     }
     if parts.is_empty() {
@@ -48,8 +55,15 @@ pub fn normalise(raw: &str) -> Result<String, JailError> {
 pub fn resolve(root: &Path, raw: &str) -> Result<PathBuf, JailError> {
     let rel = normalise(raw)?;
     let root = root.canonicalize().map_err(|_| JailError::NotFound)?;
-    let full = root.join(&rel).canonicalize().map_err(|_| JailError::NotFound)?;
-    if full.starts_with(&root) { Ok(full) } else { Err(JailError::Escapes) }
+    let full = root
+        .join(&rel)
+        .canonicalize()
+        .map_err(|_| JailError::NotFound)?;
+    if full.starts_with(&root) {
+        Ok(full)
+    } else {
+        Err(JailError::Escapes)
+    }
 }
 
 #[cfg(test)]
@@ -58,9 +72,21 @@ mod tests {
 
     #[test]
     fn normalises_and_refuses_escapes() {
-        assert_eq!(normalise("win\\sources\\boot.wim"), Ok("win/sources/boot.wim".into()));
+        assert_eq!(
+            normalise("win\\sources\\boot.wim"),
+            Ok("win/sources/boot.wim".into())
+        );
         assert_eq!(normalise("./a//b/."), Ok("a/b".into()));
-        for bad in ["", ".", "/etc/passwd", "a/../../b", "..", "C:/x", "\\\\srv\\x", "a\0b"] {
+        for bad in [
+            "",
+            ".",
+            "/etc/passwd",
+            "a/../../b",
+            "..",
+            "C:/x",
+            "\\\\srv\\x",
+            "a\0b",
+        ] {
             assert_eq!(normalise(bad), Err(JailError::NotRelative), "{bad:?}");
         }
     }

@@ -80,7 +80,11 @@ impl FromStr for MacAddr {
             return Err(ParseMacError::DigitCount(n));
         }
         if let Some(sep) = sep {
-            let expected: &[usize] = if sep == '.' { &[4, 8] } else { &[2, 4, 6, 8, 10] };
+            let expected: &[usize] = if sep == '.' {
+                &[4, 8]
+            } else {
+                &[2, 4, 6, 8, 10]
+            };
             if group_ends != expected {
                 return Err(ParseMacError::BadSeparators);
             }
@@ -162,7 +166,10 @@ mod tests {
     #[test]
     fn serde_round_trip_normalises() {
         let m: MacAddr = serde_json::from_str("\"AA-BB-CC-DD-EE-01\"").expect("parse");
-        assert_eq!(serde_json::to_string(&m).expect("emit"), "\"aa:bb:cc:dd:ee:01\"");
+        assert_eq!(
+            serde_json::to_string(&m).expect("emit"),
+            "\"aa:bb:cc:dd:ee:01\""
+        );
         assert!(MacAddr([1, 0, 0, 0, 0, 0]).is_multicast());
     }
 }

@@ -81,7 +81,10 @@ fn main() -> ExitCode {
         }
     }
     telemetry::init(&validated.config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("netbootd: starting the runtime: {e}");

@@ -32,7 +32,9 @@ impl Timestamp {
     /// Parses RFC 3339 (`2026-11-25T21:00:00Z`, any offset).
     pub fn parse_rfc3339(s: &str) -> Option<Self> {
         let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
-        i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok().map(Self)
+        i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+            .ok()
+            .map(Self)
     }
 
     fn to_offset(self) -> OffsetDateTime {

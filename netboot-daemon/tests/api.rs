@@ -37,7 +37,12 @@ impl Drop for TestDir {
 }
 
 fn config(dir: &TestDir) -> Validated {
-    let cfg = Config { data_dir: dir.0.clone(), ..Config::default() }.validate().expect("valid config");
+    let cfg = Config {
+        data_dir: dir.0.clone(),
+        ..Config::default()
+    }
+    .validate()
+    .expect("valid config");
     netboot_daemon::daemon::prepare_dirs(&cfg).expect("dirs");
     cfg
 }
@@ -70,11 +75,17 @@ impl App {
         let cfg = config(&dir);
         let store: Arc<dyn Store> = Arc::new(Sqlite::in_memory().expect("store"));
         let router = api::router(AppState::new(Arc::clone(&store), cfg.clone()));
-        Self { router, store, cfg, _dir: dir }
+        Self {
+            router,
+            store,
+            cfg,
+            _dir: dir,
+        }
     }
 
     async fn call(&self, method: Method, uri: &str, who: As<'_>, body: Option<Value>) -> Res {
-        self.call_from(method, uri, who, body, "127.0.0.1:40000", &[]).await
+        self.call_from(method, uri, who, body, "127.0.0.1:40000", &[])
+            .await
     }
 
     async fn call_from(
@@ -86,10 +97,15 @@ impl App {
         peer: &str,
         extra: &[(&str, &str)],
     ) -> Res {
-        let mut req = Request::builder().method(method).uri(uri).header(header::HOST, "netboot.test");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, "netboot.test");
         match who {
             As::Anonymous => {}
-            As::Cookie(c) => req = req.header(header::COOKIE, format!("{}={c}", api::SESSION_COOKIE)),
+            As::Cookie(c) => {
+                req = req.header(header::COOKIE, format!("{}={c}", api::SESSION_COOKIE))
+            }
             As::Bearer(t) => req = req.header(header::AUTHORIZATION, format!("Bearer {t}")),
         }
         for (k, v) in extra {
@@ -109,14 +125,27 @@ impl App {
         let status = res.status();
         let headers = res.headers().clone();
         let bytes = res.into_body().collect().await.expect("body").to_bytes();
-        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("JSON body") };
-        Res { status, headers, body }
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON body")
+        };
+        Res {
+            status,
+            headers,
+            body,
+        }
     }
 
     /// Runs first-run setup and returns the admin's session secret.
     async fn setup_admin(&self) -> String {
         let r = self
-            .call(Method::POST, "/api/v1/auth/setup", As::Anonymous, Some(json!({"username": "admin", "password": "admin-pass-1"})))
+            .call(
+                Method::POST,
+                "/api/v1/auth/setup",
+                As::Anonymous,
+                Some(json!({"username": "admin", "password": "admin-pass-1"})),
+            )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
         session_from(&r.headers)
@@ -138,51 +167,134 @@ impl App {
 
     async fn login(&self, name: &str, password: &str) -> String {
         let r = self
-            .call(Method::POST, "/api/v1/auth/login", As::Anonymous, Some(json!({"username": name, "password": password})))
+            .call(
+                Method::POST,
+                "/api/v1/auth/login",
+                As::Anonymous,
+                Some(json!({"username": name, "password": password})),
+            )
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
         session_from(&r.headers)
     }
 
     async fn audit(&self, admin: &str) -> Vec<Value> {
-        let r = self.call(Method::GET, "/api/v1/audit?limit=1000", As::Cookie(admin), None).await;
+        let r = self
+            .call(
+                Method::GET,
+                "/api/v1/audit?limit=1000",
+                As::Cookie(admin),
+                None,
+            )
+            .await;
         assert_eq!(r.status, StatusCode::OK);
         r.body["items"].as_array().expect("items").clone()
     }
 }
 
 fn session_from(headers: &HeaderMap) -> String {
-    let c = headers.get(header::SET_COOKIE).expect("Set-Cookie").to_str().expect("ascii");
-    assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Path=/"), "{c}");
-    c.split(';').next().and_then(|kv| kv.split_once('=')).map(|(_, v)| v.to_owned()).expect("cookie value")
+    let c = headers
+        .get(header::SET_COOKIE)
+        .expect("Set-Cookie")
+        .to_str()
+        .expect("ascii");
+    assert!(
+        c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Path=/"),
+        "{c}"
+    );
+    c.split(';')
+        .next()
+        .and_then(|kv| kv.split_once('='))
+        .map(|(_, v)| v.to_owned())
+        .expect("cookie value")
 }
 
 /// Every state-changing route with a body that would be valid for an admin.
 fn writes() -> Vec<(Method, &'static str, Option<Value>)> {
     vec![
-        (Method::POST, "/api/v1/devices", Some(json!({"mac": "02:00:00:00:00:99"}))),
-        (Method::PATCH, "/api/v1/devices/02:00:00:00:00:01", Some(json!({"name": "x"}))),
+        (
+            Method::POST,
+            "/api/v1/devices",
+            Some(json!({"mac": "02:00:00:00:00:99"})),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/devices/02:00:00:00:00:01",
+            Some(json!({"name": "x"})),
+        ),
         (Method::DELETE, "/api/v1/devices/02:00:00:00:00:01", None),
-        (Method::POST, "/api/v1/unknown-devices/02:00:00:00:00:02/register", Some(json!({}))),
-        (Method::DELETE, "/api/v1/unknown-devices/02:00:00:00:00:02", None),
-        (Method::POST, "/api/v1/images", Some(json!({"name": "disk9", "size_bytes": 1048576}))),
-        (Method::PATCH, "/api/v1/images/disk1", Some(json!({"description": "d"}))),
+        (
+            Method::POST,
+            "/api/v1/unknown-devices/02:00:00:00:00:02/register",
+            Some(json!({})),
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/unknown-devices/02:00:00:00:00:02",
+            None,
+        ),
+        (
+            Method::POST,
+            "/api/v1/images",
+            Some(json!({"name": "disk9", "size_bytes": 1048576})),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/images/disk1",
+            Some(json!({"description": "d"})),
+        ),
         (Method::DELETE, "/api/v1/images/disk1", None),
-        (Method::POST, "/api/v1/installers", Some(json!({"path": "debian.iso", "kind": "iso"}))),
-        (Method::PATCH, "/api/v1/installers/1", Some(json!({"name": "n"}))),
+        (
+            Method::POST,
+            "/api/v1/installers",
+            Some(json!({"path": "debian.iso", "kind": "iso"})),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/installers/1",
+            Some(json!({"name": "n"})),
+        ),
         (Method::DELETE, "/api/v1/installers/1", None),
-        (Method::POST, "/api/v1/profiles", Some(json!({"name": "p9", "kind": "linux"}))),
-        (Method::PATCH, "/api/v1/profiles/p1", Some(json!({"cmdline": "quiet"}))),
+        (
+            Method::POST,
+            "/api/v1/profiles",
+            Some(json!({"name": "p9", "kind": "linux"})),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/profiles/p1",
+            Some(json!({"cmdline": "quiet"})),
+        ),
         (Method::DELETE, "/api/v1/profiles/p1", None),
-        (Method::POST, "/api/v1/events", Some(json!({"mac": "02:00:00:00:00:01", "kind": "note"}))),
-        (Method::PATCH, "/api/v1/settings", Some(json!({"menu_timeout_secs": 5}))),
-        (Method::POST, "/api/v1/users", Some(json!({"username": "u9", "password": "password9", "role": "viewer"}))),
-        (Method::PATCH, "/api/v1/users/someone", Some(json!({"enabled": false}))),
+        (
+            Method::POST,
+            "/api/v1/events",
+            Some(json!({"mac": "02:00:00:00:00:01", "kind": "note"})),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/settings",
+            Some(json!({"menu_timeout_secs": 5})),
+        ),
+        (
+            Method::POST,
+            "/api/v1/users",
+            Some(json!({"username": "u9", "password": "password9", "role": "viewer"})),
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/users/someone",
+            Some(json!({"enabled": false})),
+        ),
         (Method::DELETE, "/api/v1/users/someone", None),
         (Method::POST, "/api/v1/tokens", Some(json!({"name": "t"}))),
         (Method::DELETE, "/api/v1/tokens/1", None),
         (Method::POST, "/api/v1/auth/logout", None),
-        (Method::POST, "/api/v1/auth/password", Some(json!({"current_password": "x", "new_password": "yyyyyyyy"}))),
+        (
+            Method::POST,
+            "/api/v1/auth/password",
+            Some(json!({"current_password": "x", "new_password": "yyyyyyyy"})),
+        ),
     ]
 }
 
@@ -192,24 +304,62 @@ async fn unauthenticated_writes_are_401() {
     app.setup_admin().await;
     for (method, uri, body) in writes() {
         let r = app.call(method.clone(), uri, As::Anonymous, body).await;
-        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {uri}: {}", r.body);
+        assert_eq!(
+            r.status,
+            StatusCode::UNAUTHORIZED,
+            "{method} {uri}: {}",
+            r.body
+        );
         assert_eq!(r.body["error"]["code"], "unauthorized");
     }
     // A forged or unknown token is no better.
-    let r = app.call(Method::POST, "/api/v1/devices", As::Bearer("nbt_forged"), Some(json!({"mac": "02:00:00:00:00:98"}))).await;
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/devices",
+            As::Bearer("nbt_forged"),
+            Some(json!({"mac": "02:00:00:00:00:98"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    let r = app.call(Method::POST, "/api/v1/devices", As::Cookie("forged"), Some(json!({"mac": "02:00:00:00:00:98"}))).await;
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/devices",
+            As::Cookie("forged"),
+            Some(json!({"mac": "02:00:00:00:00:98"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
 async fn reads_need_a_login_but_version_health_and_status_do_not() {
     let app = App::new();
-    for uri in ["/api/v1/version", "/api/v1/health", "/api/v1/auth/status", "/api/v1/openapi.json"] {
-        assert_eq!(app.call(Method::GET, uri, As::Anonymous, None).await.status, StatusCode::OK, "{uri}");
+    for uri in [
+        "/api/v1/version",
+        "/api/v1/health",
+        "/api/v1/auth/status",
+        "/api/v1/openapi.json",
+    ] {
+        assert_eq!(
+            app.call(Method::GET, uri, As::Anonymous, None).await.status,
+            StatusCode::OK,
+            "{uri}"
+        );
     }
-    for uri in ["/api/v1/devices", "/api/v1/images", "/api/v1/events", "/api/v1/settings", "/api/v1/unknown-devices"] {
-        assert_eq!(app.call(Method::GET, uri, As::Anonymous, None).await.status, StatusCode::UNAUTHORIZED, "{uri}");
+    for uri in [
+        "/api/v1/devices",
+        "/api/v1/images",
+        "/api/v1/events",
+        "/api/v1/settings",
+        "/api/v1/unknown-devices",
+    ] {
+        assert_eq!(
+            app.call(Method::GET, uri, As::Anonymous, None).await.status,
+            StatusCode::UNAUTHORIZED,
+            "{uri}"
+        );
     }
 }
 
@@ -224,20 +374,53 @@ async fn viewers_cannot_write_and_operators_cannot_administer() {
         if uri.starts_with("/api/v1/tokens") || uri.starts_with("/api/v1/auth/") {
             continue; // Every role manages its own tokens and session.
         }
-        let r = app.call(method.clone(), uri, As::Cookie(&viewer), body.clone()).await;
-        assert_eq!(r.status, StatusCode::FORBIDDEN, "viewer {method} {uri}: {}", r.body);
+        let r = app
+            .call(method.clone(), uri, As::Cookie(&viewer), body.clone())
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::FORBIDDEN,
+            "viewer {method} {uri}: {}",
+            r.body
+        );
         if admin_only.iter().any(|p| uri.starts_with(p)) {
-            let r = app.call(method.clone(), uri, As::Cookie(&operator), body).await;
-            assert_eq!(r.status, StatusCode::FORBIDDEN, "operator {method} {uri}: {}", r.body);
+            let r = app
+                .call(method.clone(), uri, As::Cookie(&operator), body)
+                .await;
+            assert_eq!(
+                r.status,
+                StatusCode::FORBIDDEN,
+                "operator {method} {uri}: {}",
+                r.body
+            );
         }
     }
-    assert_eq!(app.call(Method::GET, "/api/v1/audit", As::Cookie(&operator), None).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(app.call(Method::GET, "/api/v1/devices", As::Cookie(&viewer), None).await.status, StatusCode::OK);
+    assert_eq!(
+        app.call(Method::GET, "/api/v1/audit", As::Cookie(&operator), None)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        app.call(Method::GET, "/api/v1/devices", As::Cookie(&viewer), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
     // A viewer cannot mint a token with more rights than their own.
-    let r = app.call(Method::POST, "/api/v1/tokens", As::Cookie(&viewer), Some(json!({"name": "x", "role": "admin"}))).await;
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/tokens",
+            As::Cookie(&viewer),
+            Some(json!({"name": "x", "role": "admin"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     // Nothing the refused calls tried is in the inventory.
-    let r = app.call(Method::GET, "/api/v1/devices", As::Cookie(&admin), None).await;
+    let r = app
+        .call(Method::GET, "/api/v1/devices", As::Cookie(&admin), None)
+        .await;
     assert_eq!(r.body["total"], 0);
 }
 
@@ -245,60 +428,130 @@ async fn viewers_cannot_write_and_operators_cannot_administer() {
 async fn admin_and_token_writes_succeed_and_are_audited() {
     let app = App::new();
     let admin = app.setup_admin().await;
-    let r = app.call(Method::POST, "/api/v1/devices", As::Cookie(&admin), Some(json!({"mac": "02-00-00-00-00-01", "name": "rack1-node1"}))).await;
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/devices",
+            As::Cookie(&admin),
+            Some(json!({"mac": "02-00-00-00-00-01", "name": "rack1-node1"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     assert_eq!(r.body["mac"], "02:00:00:00:00:01");
 
-    let r = app.call(Method::POST, "/api/v1/tokens", As::Cookie(&admin), Some(json!({"name": "ansible", "role": "operator"}))).await;
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/tokens",
+            As::Cookie(&admin),
+            Some(json!({"name": "ansible", "role": "operator"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let secret = r.body["secret"].as_str().expect("secret").to_owned();
     let token_id = r.body["token"]["id"].as_i64().expect("id");
     assert!(secret.starts_with("nbt_"));
-    assert!(r.body["token"].get("secret_hash").is_none(), "the hash is never shown");
+    assert!(
+        r.body["token"].get("secret_hash").is_none(),
+        "the hash is never shown"
+    );
 
-    let r = app.call(Method::PATCH, "/api/v1/devices/020000000001", As::Bearer(&secret), Some(json!({"boot_policy": "local"}))).await;
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/devices/020000000001",
+            As::Bearer(&secret),
+            Some(json!({"boot_policy": "local"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["boot_policy"], "local");
     // The token is an operator: administration stays closed to it.
-    let r = app.call(Method::PATCH, "/api/v1/settings", As::Bearer(&secret), Some(json!({"menu_timeout_secs": 3}))).await;
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/settings",
+            As::Bearer(&secret),
+            Some(json!({"menu_timeout_secs": 3})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
 
     let audit = app.audit(&admin).await;
     let find = |action: &str| audit.iter().find(|e| e["action"] == action).cloned();
     let create = find("device.create").expect("device.create audited");
-    assert_eq!((create["actor"].as_str(), create["via"].as_str()), (Some("admin"), Some("session")));
+    assert_eq!(
+        (create["actor"].as_str(), create["via"].as_str()),
+        (Some("admin"), Some("session"))
+    );
     assert_eq!(create["target"], "02:00:00:00:00:01");
     assert_eq!(create["ip"], "127.0.0.1");
     let update = find("device.update").expect("device.update audited");
     assert_eq!(update["actor"], "admin");
     assert_eq!(update["via"], format!("token:{token_id}"));
     assert_eq!(update["detail"]["boot_policy"], json!(["menu", "local"]));
-    assert!(find("token.create").is_some() && find("auth.login").is_some() && find("user.create").is_some());
+    assert!(
+        find("token.create").is_some()
+            && find("auth.login").is_some()
+            && find("user.create").is_some()
+    );
 
     // Revoked tokens stop working.
-    let r = app.call(Method::DELETE, &format!("/api/v1/tokens/{token_id}"), As::Cookie(&admin), None).await;
+    let r = app
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/tokens/{token_id}"),
+            As::Cookie(&admin),
+            None,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = app.call(Method::GET, "/api/v1/devices", As::Bearer(&secret), None).await;
+    let r = app
+        .call(Method::GET, "/api/v1/devices", As::Bearer(&secret), None)
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
 async fn setup_only_while_no_admin_exists() {
     let app = App::new();
-    let r = app.call(Method::GET, "/api/v1/auth/status", As::Anonymous, None).await;
+    let r = app
+        .call(Method::GET, "/api/v1/auth/status", As::Anonymous, None)
+        .await;
     assert_eq!(r.body["needs_setup"], true);
     let admin = app.setup_admin().await;
     let r = app
-        .call(Method::POST, "/api/v1/auth/setup", As::Anonymous, Some(json!({"username": "mallory", "password": "mallory-pass"})))
+        .call(
+            Method::POST,
+            "/api/v1/auth/setup",
+            As::Anonymous,
+            Some(json!({"username": "mallory", "password": "mallory-pass"})),
+        )
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT);
-    let r = app.call(Method::GET, "/api/v1/auth/status", As::Cookie(&admin), None).await;
+    let r = app
+        .call(Method::GET, "/api/v1/auth/status", As::Cookie(&admin), None)
+        .await;
     assert_eq!(r.body["needs_setup"], false);
     assert_eq!(r.body["user"]["username"], "admin");
     // The last administrator can neither be deleted nor demoted.
-    let r = app.call(Method::DELETE, "/api/v1/users/admin", As::Cookie(&admin), None).await;
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/users/admin",
+            As::Cookie(&admin),
+            None,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CONFLICT);
-    let r = app.call(Method::PATCH, "/api/v1/users/admin", As::Cookie(&admin), Some(json!({"role": "viewer"}))).await;
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/users/admin",
+            As::Cookie(&admin),
+            Some(json!({"role": "viewer"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CONFLICT);
 }
 
@@ -307,14 +560,39 @@ async fn failed_logins_are_uniform_throttled_and_audited() {
     let app = App::new();
     let admin = app.setup_admin().await;
     let bad = |user: &'static str| json!({"username": user, "password": "wrong-password"});
-    let unknown = app.call(Method::POST, "/api/v1/auth/login", As::Anonymous, Some(bad("nobody"))).await;
-    let wrong = app.call_from(Method::POST, "/api/v1/auth/login", As::Anonymous, Some(bad("admin")), "10.9.9.9:1", &[]).await;
+    let unknown = app
+        .call(
+            Method::POST,
+            "/api/v1/auth/login",
+            As::Anonymous,
+            Some(bad("nobody")),
+        )
+        .await;
+    let wrong = app
+        .call_from(
+            Method::POST,
+            "/api/v1/auth/login",
+            As::Anonymous,
+            Some(bad("admin")),
+            "10.9.9.9:1",
+            &[],
+        )
+        .await;
     assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
     assert_eq!(unknown.body, wrong.body, "no user enumeration");
     // Four more failures for admin from other addresses: the user name locks.
     for i in 0..4 {
         let peer = format!("10.9.9.{}:1", 10 + i);
-        let r = app.call_from(Method::POST, "/api/v1/auth/login", As::Anonymous, Some(bad("admin")), &peer, &[]).await;
+        let r = app
+            .call_from(
+                Method::POST,
+                "/api/v1/auth/login",
+                As::Anonymous,
+                Some(bad("admin")),
+                &peer,
+                &[],
+            )
+            .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "attempt {i}");
     }
     let r = app
@@ -327,29 +605,79 @@ async fn failed_logins_are_uniform_throttled_and_audited() {
             &[],
         )
         .await;
-    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "even the right password waits: {}", r.body);
-    let retry: u64 = r.headers[header::RETRY_AFTER].to_str().expect("ascii").parse().expect("seconds");
+    assert_eq!(
+        r.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "even the right password waits: {}",
+        r.body
+    );
+    let retry: u64 = r.headers[header::RETRY_AFTER]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
     assert!((1..=60).contains(&retry), "{retry}");
     let audit = app.audit(&admin).await;
-    assert_eq!(audit.iter().filter(|e| e["action"] == "auth.login_failed").count(), 6);
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|e| e["action"] == "auth.login_failed")
+            .count(),
+        6
+    );
 }
 
 #[tokio::test]
 async fn mac_spellings_are_one_device() {
     let app = App::new();
     let admin = app.setup_admin().await;
-    let r = app.call(Method::POST, "/api/v1/devices", As::Cookie(&admin), Some(json!({"mac": "AA-BB-CC-00-11-22"}))).await;
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/devices",
+            As::Cookie(&admin),
+            Some(json!({"mac": "AA-BB-CC-00-11-22"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED);
-    for spelling in ["aa:bb:cc:00:11:22", "aabbcc001122", "AA-BB-CC-00-11-22", "aabb.cc00.1122"] {
-        let r = app.call(Method::GET, &format!("/api/v1/devices/{spelling}"), As::Cookie(&admin), None).await;
+    for spelling in [
+        "aa:bb:cc:00:11:22",
+        "aabbcc001122",
+        "AA-BB-CC-00-11-22",
+        "aabb.cc00.1122",
+    ] {
+        let r = app
+            .call(
+                Method::GET,
+                &format!("/api/v1/devices/{spelling}"),
+                As::Cookie(&admin),
+                None,
+            )
+            .await;
         assert_eq!(r.status, StatusCode::OK, "{spelling}");
         assert_eq!(r.body["mac"], "aa:bb:cc:00:11:22");
-        let r = app.call(Method::POST, "/api/v1/devices", As::Cookie(&admin), Some(json!({"mac": spelling}))).await;
+        let r = app
+            .call(
+                Method::POST,
+                "/api/v1/devices",
+                As::Cookie(&admin),
+                Some(json!({"mac": spelling})),
+            )
+            .await;
         assert_eq!(r.status, StatusCode::CONFLICT, "{spelling}");
     }
-    let r = app.call(Method::GET, "/api/v1/devices", As::Cookie(&admin), None).await;
+    let r = app
+        .call(Method::GET, "/api/v1/devices", As::Cookie(&admin), None)
+        .await;
     assert_eq!(r.body["total"], 1);
-    let r = app.call(Method::GET, "/api/v1/devices/aa:bb:cc", As::Cookie(&admin), None).await;
+    let r = app
+        .call(
+            Method::GET,
+            "/api/v1/devices/aa:bb:cc",
+            As::Cookie(&admin),
+            None,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.body["error"]["code"], "bad_request");
 }
@@ -360,11 +688,25 @@ async fn cookie_writes_from_another_origin_are_refused() {
     let admin = app.setup_admin().await;
     let body = Some(json!({"mac": "02:00:00:00:00:05"}));
     let r = app
-        .call_from(Method::POST, "/api/v1/devices", As::Cookie(&admin), body.clone(), "127.0.0.1:1", &[("origin", "https://evil.example")])
+        .call_from(
+            Method::POST,
+            "/api/v1/devices",
+            As::Cookie(&admin),
+            body.clone(),
+            "127.0.0.1:1",
+            &[("origin", "https://evil.example")],
+        )
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     let r = app
-        .call_from(Method::POST, "/api/v1/devices", As::Cookie(&admin), body, "127.0.0.1:1", &[("origin", "http://netboot.test")])
+        .call_from(
+            Method::POST,
+            "/api/v1/devices",
+            As::Cookie(&admin),
+            body,
+            "127.0.0.1:1",
+            &[("origin", "http://netboot.test")],
+        )
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
 }
@@ -373,19 +715,69 @@ async fn cookie_writes_from_another_origin_are_refused() {
 async fn errors_are_json_with_the_right_status() {
     let app = App::new();
     let admin = app.setup_admin().await;
-    let r = app.call(Method::GET, "/api/v1/nope", As::Anonymous, None).await;
-    assert_eq!((r.status, r.body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
-    let r = app.call(Method::POST, "/api/v1/devices", As::Cookie(&admin), Some(json!({"mac": "02:00:00:00:00:01", "colour": "red"}))).await;
-    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "unknown fields are refused: {}", r.body);
-    let r = app.call(Method::GET, "/api/v1/devices/02:00:00:00:00:07", As::Cookie(&admin), None).await;
+    let r = app
+        .call(Method::GET, "/api/v1/nope", As::Anonymous, None)
+        .await;
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/devices",
+            As::Cookie(&admin),
+            Some(json!({"mac": "02:00:00:00:00:01", "colour": "red"})),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown fields are refused: {}",
+        r.body
+    );
+    let r = app
+        .call(
+            Method::GET,
+            "/api/v1/devices/02:00:00:00:00:07",
+            As::Cookie(&admin),
+            None,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    let r = app.call(Method::GET, "/api/v1/devices?sort=colour", As::Cookie(&admin), None).await;
+    let r = app
+        .call(
+            Method::GET,
+            "/api/v1/devices?sort=colour",
+            As::Cookie(&admin),
+            None,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = app.call(Method::POST, "/api/v1/images", As::Cookie(&admin), Some(json!({"name": "../etc", "size_bytes": 512}))).await;
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/images",
+            As::Cookie(&admin),
+            Some(json!({"name": "../etc", "size_bytes": 512})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
-    let r = app.call(Method::POST, "/api/v1/installers", As::Cookie(&admin), Some(json!({"path": "../../etc/passwd", "kind": "iso"}))).await;
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/installers",
+            As::Cookie(&admin),
+            Some(json!({"path": "../../etc/passwd", "kind": "iso"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(!r.body.to_string().contains(app.cfg.paths.installers.to_str().expect("utf8")), "no server paths leak");
+    assert!(
+        !r.body
+            .to_string()
+            .contains(app.cfg.paths.installers.to_str().expect("utf8")),
+        "no server paths leak"
+    );
 }
 
 #[tokio::test]
@@ -393,22 +785,80 @@ async fn images_link_to_one_device_and_cannot_be_deleted_while_linked() {
     let app = App::new();
     let admin = app.setup_admin().await;
     let a = As::Cookie(&admin);
-    assert_eq!(app.call(Method::POST, "/api/v1/images", a, Some(json!({"name": "win11", "size_bytes": 64u64 << 30}))).await.status, StatusCode::CREATED);
+    assert_eq!(
+        app.call(
+            Method::POST,
+            "/api/v1/images",
+            a,
+            Some(json!({"name": "win11", "size_bytes": 64u64 << 30}))
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
     for mac in ["02:00:00:00:00:01", "02:00:00:00:00:02"] {
-        assert_eq!(app.call(Method::POST, "/api/v1/devices", a, Some(json!({"mac": mac}))).await.status, StatusCode::CREATED);
+        assert_eq!(
+            app.call(
+                Method::POST,
+                "/api/v1/devices",
+                a,
+                Some(json!({"mac": mac}))
+            )
+            .await
+            .status,
+            StatusCode::CREATED
+        );
     }
-    let r = app.call(Method::PATCH, "/api/v1/devices/02:00:00:00:00:01", a, Some(json!({"image": "win11"}))).await;
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/devices/02:00:00:00:00:01",
+            a,
+            Some(json!({"image": "win11"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
-    let r = app.call(Method::PATCH, "/api/v1/devices/02:00:00:00:00:02", a, Some(json!({"image": "win11"}))).await;
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/devices/02:00:00:00:00:02",
+            a,
+            Some(json!({"image": "win11"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     let r = app.call(Method::GET, "/api/v1/images/win11", a, None).await;
     assert_eq!(r.body["linked_mac"], "02:00:00:00:00:01");
-    assert_eq!(app.call(Method::DELETE, "/api/v1/images/win11", a, None).await.status, StatusCode::CONFLICT);
-    let r = app.call(Method::PATCH, "/api/v1/images/win11", a, Some(json!({"size_bytes": 1u64 << 30}))).await;
+    assert_eq!(
+        app.call(Method::DELETE, "/api/v1/images/win11", a, None)
+            .await
+            .status,
+        StatusCode::CONFLICT
+    );
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/images/win11",
+            a,
+            Some(json!({"size_bytes": 1u64 << 30})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "no shrinking");
-    let r = app.call(Method::PATCH, "/api/v1/devices/02:00:00:00:00:01", a, Some(json!({"image": null}))).await;
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/devices/02:00:00:00:00:01",
+            a,
+            Some(json!({"image": null})),
+        )
+        .await;
     assert_eq!(r.body["image"], Value::Null);
-    assert_eq!(app.call(Method::DELETE, "/api/v1/images/win11", a, None).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.call(Method::DELETE, "/api/v1/images/win11", a, None)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
 }
 
 #[tokio::test]
@@ -424,18 +874,53 @@ async fn unknown_devices_register_into_the_inventory() {
         ip: Some("10.0.0.7".into()),
         vendor_class: Some("PXEClient:Arch:00007:UNDI:003016".into()),
     };
-    tokio::task::spawn_blocking(move || store.record_sighting(&sighting)).await.expect("join").expect("sighting");
-    let r = app.call(Method::GET, "/api/v1/unknown-devices", As::Cookie(&admin), None).await;
+    tokio::task::spawn_blocking(move || store.record_sighting(&sighting))
+        .await
+        .expect("join")
+        .expect("sighting");
+    let r = app
+        .call(
+            Method::GET,
+            "/api/v1/unknown-devices",
+            As::Cookie(&admin),
+            None,
+        )
+        .await;
     assert_eq!(r.body["total"], 1);
     assert_eq!(r.body["items"][0]["arch"], "uefi_x64");
-    let r = app.call(Method::POST, "/api/v1/unknown-devices/525400AABBCC/register", As::Cookie(&admin), Some(json!({}))).await;
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/unknown-devices/525400AABBCC/register",
+            As::Cookie(&admin),
+            Some(json!({})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     assert_eq!(r.body["name"], "uefi_x64-aabbcc");
     assert_eq!(r.body["last_ip"], "10.0.0.7");
-    let r = app.call(Method::GET, "/api/v1/unknown-devices", As::Cookie(&admin), None).await;
+    let r = app
+        .call(
+            Method::GET,
+            "/api/v1/unknown-devices",
+            As::Cookie(&admin),
+            None,
+        )
+        .await;
     assert_eq!(r.body["total"], 0);
-    let r = app.call(Method::POST, "/api/v1/unknown-devices/02:00:00:00:00:09/register", As::Cookie(&admin), Some(json!({}))).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND, "only seen clients register this way");
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/unknown-devices/02:00:00:00:00:09/register",
+            As::Cookie(&admin),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "only seen clients register this way"
+    );
 }
 
 #[tokio::test]
@@ -443,41 +928,110 @@ async fn events_filter_paginate_and_keep_a_per_device_history() {
     let app = App::new();
     let admin = app.setup_admin().await;
     let a = As::Cookie(&admin);
-    let r = app.call(Method::PATCH, "/api/v1/settings", a, Some(json!({"events_per_device": 10}))).await;
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/settings",
+            a,
+            Some(json!({"events_per_device": 10})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     for i in 0..25 {
-        let r = app.call(Method::POST, "/api/v1/events", a, Some(json!({"mac": "02:00:00:00:00:01", "kind": "note", "detail": format!("n{i}")}))).await;
+        let r = app
+            .call(
+                Method::POST,
+                "/api/v1/events",
+                a,
+                Some(
+                    json!({"mac": "02:00:00:00:00:01", "kind": "note", "detail": format!("n{i}")}),
+                ),
+            )
+            .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     }
     for kind in ["dhcp_offer", "note", "note"] {
-        app.call(Method::POST, "/api/v1/events", a, Some(json!({"mac": "02:00:00:00:00:02", "kind": kind}))).await;
+        app.call(
+            Method::POST,
+            "/api/v1/events",
+            a,
+            Some(json!({"mac": "02:00:00:00:00:02", "kind": kind})),
+        )
+        .await;
     }
     // The noisy device keeps its 10 newest; the quiet one keeps all of its 3.
-    let r = app.call(Method::GET, "/api/v1/devices/020000000001/events?limit=4", a, None).await;
+    let r = app
+        .call(
+            Method::GET,
+            "/api/v1/devices/020000000001/events?limit=4",
+            a,
+            None,
+        )
+        .await;
     assert_eq!(r.body["total"], 10);
-    let first: Vec<_> = r.body["items"].as_array().expect("items").iter().map(|e| e["detail"].clone()).collect();
-    assert_eq!(first, [json!("n24"), json!("n23"), json!("n22"), json!("n21")]);
+    let first: Vec<_> = r.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|e| e["detail"].clone())
+        .collect();
+    assert_eq!(
+        first,
+        [json!("n24"), json!("n23"), json!("n22"), json!("n21")]
+    );
     let cursor = r.body["next_cursor"].as_i64().expect("more pages");
-    let r = app.call(Method::GET, &format!("/api/v1/devices/020000000001/events?limit=4&before={cursor}"), a, None).await;
+    let r = app
+        .call(
+            Method::GET,
+            &format!("/api/v1/devices/020000000001/events?limit=4&before={cursor}"),
+            a,
+            None,
+        )
+        .await;
     assert_eq!(r.body["items"][0]["detail"], "n20");
-    let r = app.call(Method::GET, "/api/v1/events?mac=02:00:00:00:00:02&kind=note", a, None).await;
+    let r = app
+        .call(
+            Method::GET,
+            "/api/v1/events?mac=02:00:00:00:00:02&kind=note",
+            a,
+            None,
+        )
+        .await;
     assert_eq!(r.body["total"], 2);
     assert_eq!(r.body["next_cursor"], Value::Null);
-    let r = app.call(Method::GET, "/api/v1/events?since=2000-01-01T00:00:00Z&source=api", a, None).await;
+    let r = app
+        .call(
+            Method::GET,
+            "/api/v1/events?since=2000-01-01T00:00:00Z&source=api",
+            a,
+            None,
+        )
+        .await;
     assert_eq!(r.body["total"], 13);
-    let r = app.call(Method::GET, "/api/v1/events?since=yesterday", a, None).await;
+    let r = app
+        .call(Method::GET, "/api/v1/events?since=yesterday", a, None)
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
 async fn health_reports_a_missing_data_directory() {
     let app = App::new();
-    let r = app.call(Method::GET, "/api/v1/health", As::Anonymous, None).await;
+    let r = app
+        .call(Method::GET, "/api/v1/health", As::Anonymous, None)
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     std::fs::remove_dir(&app.cfg.paths.logs).expect("remove logs dir");
-    let r = app.call(Method::GET, "/api/v1/health", As::Anonymous, None).await;
+    let r = app
+        .call(Method::GET, "/api/v1/health", As::Anonymous, None)
+        .await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    let failing: Vec<_> = r.body["checks"].as_array().expect("checks").iter().filter(|c| c["ok"] == false).collect();
+    let failing: Vec<_> = r.body["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .collect();
     assert_eq!(failing.len(), 1);
     assert_eq!(failing[0]["name"], "dir:logs");
 }
@@ -486,7 +1040,9 @@ async fn health_reports_a_missing_data_directory() {
 async fn the_openapi_document_covers_the_routes() {
     let app = App::new();
     let admin = app.setup_admin().await;
-    let r = app.call(Method::GET, "/api/v1/openapi.json", As::Anonymous, None).await;
+    let r = app
+        .call(Method::GET, "/api/v1/openapi.json", As::Anonymous, None)
+        .await;
     assert_eq!(r.body["info"]["version"], api::VERSION);
     let paths = r.body["paths"].as_object().expect("paths");
     assert!(paths.len() >= 25, "{} paths", paths.len());
@@ -499,10 +1055,15 @@ async fn the_openapi_document_covers_the_routes() {
             .replace("{username}", "admin");
         for method in ops.as_object().expect("ops").keys() {
             let m: Method = method.to_uppercase().parse().expect("method");
-            let r = app.call(m.clone(), &concrete, As::Cookie(&admin), Some(json!({}))).await;
+            let r = app
+                .call(m.clone(), &concrete, As::Cookie(&admin), Some(json!({})))
+                .await;
             assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
             if r.status == StatusCode::NOT_FOUND {
-                assert_ne!(r.body["error"]["message"], "no such API endpoint", "{method} {path} is not routed");
+                assert_ne!(
+                    r.body["error"]["message"], "no such API endpoint",
+                    "{method} {path} is not routed"
+                );
             }
         }
     }
@@ -513,7 +1074,9 @@ async fn the_openapi_document_covers_the_routes() {
 async fn real_socket_with_curl() {
     let dir = TestDir::new("socket");
     let cfg = config(&dir);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(netboot_daemon::daemon::serve(cfg, listener, async {
@@ -527,7 +1090,11 @@ async fn real_socket_with_curl() {
             .output()
             .await
             .expect("curl runs");
-        assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8(out.stdout).expect("utf8");
         let (body, code) = text.rsplit_once('\n').expect("status line");
         (code.parse::<u16>().expect("code"), body.to_owned())
@@ -536,25 +1103,51 @@ async fn real_socket_with_curl() {
     let (code, body) = curl(vec![format!("{base}/api/v1/version")]).await;
     assert_eq!(code, 200);
     let v: Value = serde_json::from_str(&body).expect("json");
-    let version_file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../VERSION")).expect("VERSION");
+    let version_file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../VERSION"))
+        .expect("VERSION");
     assert_eq!(v["version"], version_file.trim());
 
     let json_hdr = s("content-type: application/json");
     let dev = s(r#"{"mac":"AA-BB-CC-DD-EE-01"}"#);
-    let (code, _) = curl(vec![s("-X"), s("POST"), s("-H"), json_hdr.clone(), s("-d"), dev.clone(), format!("{base}/api/v1/devices")]).await;
+    let (code, _) = curl(vec![
+        s("-X"),
+        s("POST"),
+        s("-H"),
+        json_hdr.clone(),
+        s("-d"),
+        dev.clone(),
+        format!("{base}/api/v1/devices"),
+    ])
+    .await;
     assert_eq!(code, 401);
     let (code, _) = curl(vec![
-        s("-c"), jar.display().to_string(), s("-H"), json_hdr.clone(),
-        s("-d"), s(r#"{"username":"admin","password":"admin-pass-1"}"#), format!("{base}/api/v1/auth/setup"),
+        s("-c"),
+        jar.display().to_string(),
+        s("-H"),
+        json_hdr.clone(),
+        s("-d"),
+        s(r#"{"username":"admin","password":"admin-pass-1"}"#),
+        format!("{base}/api/v1/auth/setup"),
     ])
     .await;
     assert_eq!(code, 201);
     let (code, body) = curl(vec![
-        s("-b"), jar.display().to_string(), s("-H"), json_hdr.clone(), s("-d"), dev, format!("{base}/api/v1/devices"),
+        s("-b"),
+        jar.display().to_string(),
+        s("-H"),
+        json_hdr.clone(),
+        s("-d"),
+        dev,
+        format!("{base}/api/v1/devices"),
     ])
     .await;
     assert_eq!(code, 201, "{body}");
-    let (code, body) = curl(vec![s("-b"), jar.display().to_string(), format!("{base}/api/v1/audit?action=device.")]).await;
+    let (code, body) = curl(vec![
+        s("-b"),
+        jar.display().to_string(),
+        format!("{base}/api/v1/audit?action=device."),
+    ])
+    .await;
     assert_eq!(code, 200);
     let audit: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(audit["items"][0]["target"], "aa:bb:cc:dd:ee:01");

@@ -1,1 +1,346 @@
-fn main() {}
+//! Project automation for what cargo cannot do on its own.
+//!
+//! - `cargo xtask setup`: installs what a fresh Debian 12 machine lacks to build and
+//!   test netboot (apt packages, the nightly toolchain with `rust-src` for the eBPF
+//!   program, `bpf-linker` built against LLVM 22), saying what it does.
+//! - `cargo xtask run [-- ARGS]`: setup, then netbootd (release build) with ARGS.
+//! - `cargo xtask test`: setup, then rustfmt, clippy and the whole test suite, the
+//!   privileged tests included when running as root.
+
+use std::env;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, bail};
+
+/// bpf-linker version known to work with LLVM 22 (docs in shared/ebpf-toolchain.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the build and the tests need.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "curl",
+    "ca-certificates",
+    "llvm-22-dev",
+    "libllvm22",
+];
+/// Name of the toolchain linked from Debian's rustc-web when rustup cannot fetch rust-src.
+const DEBIAN_TOOLCHAIN: &str = "debian-web";
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("xtask: {}", msg.as_ref());
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(std::process::Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| OsString::from("/root")))
+                .join(".cargo")
+        })
+}
+
+/// What the build needs in its environment, found or installed by [`setup`].
+struct Toolchain {
+    /// Name passed to aya-build through NETBOOT_EBPF_TOOLCHAIN.
+    ebpf_toolchain: String,
+    /// Whether the eBPF toolchain is Debian's stable compiler (needs RUSTC_BOOTSTRAP).
+    bootstrap: bool,
+}
+
+impl Toolchain {
+    fn apply(&self, cmd: &mut Command) {
+        cmd.env("NETBOOT_EBPF_TOOLCHAIN", &self.ebpf_toolchain);
+        if self.bootstrap {
+            cmd.env("RUSTC_BOOTSTRAP", "1");
+        }
+        let bin = cargo_home().join("bin");
+        let path = env::var_os("PATH").unwrap_or_default();
+        let mut paths: Vec<PathBuf> = env::split_paths(&path).collect();
+        if !paths.contains(&bin) {
+            paths.insert(0, bin);
+        }
+        if let Ok(p) = env::join_paths(paths) {
+            cmd.env("PATH", p);
+        }
+    }
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; run as root or: sudo apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    say(format!("installing Debian packages: {}", missing.join(" ")));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn has_rust_src(toolchain: &str) -> bool {
+    output(Command::new("rustup").args(["run", toolchain, "rustc", "--print", "sysroot"]))
+        .is_some_and(|root| {
+            Path::new(root.trim())
+                .join("lib/rustlib/src/rust/library/Cargo.lock")
+                .exists()
+        })
+}
+
+/// The nightly toolchain with rust-src, or Debian's rustc-web with rust-web-src.
+fn ebpf_toolchain() -> anyhow::Result<Toolchain> {
+    let wanted = env::var("NETBOOT_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".to_owned());
+    if wanted == DEBIAN_TOOLCHAIN {
+        return debian_toolchain();
+    }
+    if !succeeds(Command::new("rustup").args(["run", &wanted, "rustc", "-V"])) {
+        say(format!(
+            "installing the {wanted} toolchain (for the eBPF program)"
+        ));
+        if let Err(e) = run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            &wanted,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ])) {
+            say(format!(
+                "cannot install {wanted} ({e}); falling back to Debian's rustc-web"
+            ));
+            return debian_toolchain();
+        }
+    }
+    if !has_rust_src(&wanted) {
+        say(format!(
+            "adding rust-src to {wanted} (the eBPF build compiles core from source)"
+        ));
+        if let Err(e) = run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            &wanted,
+        ])) {
+            say(format!(
+                "cannot add rust-src ({e}); falling back to Debian's rustc-web"
+            ));
+            return debian_toolchain();
+        }
+    }
+    Ok(Toolchain {
+        ebpf_toolchain: wanted,
+        bootstrap: false,
+    })
+}
+
+/// Debian's rustc-web (built with LLVM 22) and its sources, linked into rustup.
+fn debian_toolchain() -> anyhow::Result<Toolchain> {
+    apt_install(&["rustc-web", "rust-web-src"])?;
+    if !succeeds(Command::new("rustup").args(["run", DEBIAN_TOOLCHAIN, "rustc", "-V"])) {
+        // rustup wants a directory with bin/rustc and bin/cargo; cargo is borrowed from stable.
+        let cargo =
+            output(Command::new("rustup").args(["which", "cargo", "--toolchain", "stable"]))
+                .context("locating stable cargo")?;
+        let dir = workspace_root().join(".tools").join(DEBIAN_TOOLCHAIN);
+        std::fs::create_dir_all(dir.join("bin"))
+            .context("creating the Debian toolchain directory")?;
+        for (link, target) in [
+            ("rustc", "/usr/bin/rustc"),
+            ("rustdoc", "/usr/bin/rustdoc"),
+            ("cargo", cargo.trim()),
+        ] {
+            let l = dir.join("bin").join(link);
+            let _ = std::fs::remove_file(&l);
+            std::os::unix::fs::symlink(target, &l)
+                .with_context(|| format!("linking {}", l.display()))?;
+        }
+        say(format!(
+            "linking Debian's rustc-web as the rustup toolchain {DEBIAN_TOOLCHAIN}"
+        ));
+        run(Command::new("rustup")
+            .arg("toolchain")
+            .arg("link")
+            .arg(DEBIAN_TOOLCHAIN)
+            .arg(&dir))?;
+    }
+    Ok(Toolchain {
+        ebpf_toolchain: DEBIAN_TOOLCHAIN.to_owned(),
+        bootstrap: true,
+    })
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let local = cargo_home().join("bin/bpf-linker");
+    if succeeds(Command::new("bpf-linker").arg("--version"))
+        || succeeds(Command::new(&local).arg("--version"))
+    {
+        return Ok(());
+    }
+    say(format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes about 4 minutes, once)"
+    ));
+    let llvm = "/usr/lib/llvm-22";
+    let path = format!("{llvm}/bin:{}", env::var("PATH").unwrap_or_default());
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("PATH", path)
+        .env("LLVM_PREFIX", llvm)
+        .env("LLVM_SYS_221_PREFIX", llvm))
+}
+
+fn stable_components() -> anyhow::Result<()> {
+    for (component, probe) in [("clippy", "clippy"), ("rustfmt", "fmt")] {
+        if !succeeds(Command::new("cargo").args([probe, "--version"])) {
+            say(format!("adding the {component} component"));
+            run(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+    Ok(())
+}
+
+/// Installs whatever is missing; cheap when nothing is.
+fn setup() -> anyhow::Result<Toolchain> {
+    say("checking build and test dependencies");
+    apt_install(APT_PACKAGES)?;
+    stable_components()?;
+    let tc = ebpf_toolchain()?;
+    bpf_linker()?;
+    say(format!(
+        "ready (eBPF toolchain: {}{})",
+        tc.ebpf_toolchain,
+        if tc.bootstrap {
+            ", RUSTC_BOOTSTRAP=1"
+        } else {
+            ""
+        }
+    ));
+    Ok(tc)
+}
+
+fn cargo(tc: &Toolchain, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    cmd.args(args).current_dir(workspace_root());
+    tc.apply(&mut cmd);
+    cmd
+}
+
+fn test(tc: &Toolchain) -> anyhow::Result<()> {
+    if !is_root() {
+        say(
+            "NOTE: not root: the privileged tests (network namespaces, eBPF) will report themselves SKIPPED",
+        );
+    }
+    say("rustfmt");
+    run(&mut cargo(tc, &["fmt", "--all", "--check"]))?;
+    say("clippy (all targets, warnings are errors)");
+    run(&mut cargo(
+        tc,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    ))?;
+    say("tests (unit, API, store, privileged eBPF)");
+    run(&mut cargo(tc, &["test", "--workspace", "--locked"]))
+}
+
+fn main() -> ExitCode {
+    let mut args = env::args().skip(1);
+    let cmd = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.skip_while(|a| a == "--").collect();
+    let result = match cmd.as_str() {
+        "setup" => setup().map(|_| ()),
+        "run" => setup().and_then(|tc| {
+            say("building and starting netbootd (release)");
+            let mut c = cargo(
+                &tc,
+                &[
+                    "run",
+                    "--release",
+                    "--locked",
+                    "-p",
+                    "netboot-daemon",
+                    "--bin",
+                    "netbootd",
+                    "--",
+                ],
+            );
+            run(c.args(&rest))
+        }),
+        "test" => setup().and_then(|tc| test(&tc)),
+        _ => {
+            eprintln!("usage: cargo xtask <setup | run [-- NETBOOTD-ARGS] | test>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -19,7 +19,9 @@ use utoipa::ToSchema;
 use super::error::{ApiError, Json};
 use super::{AppState, blocking};
 use crate::auth::{self as creds, MIN_PASSWORD_LEN, TOKEN_PREFIX};
-use crate::store::{ApiToken, Audit, NewSession, NewToken, NewUser, Role, StoreError, User, UserPatch};
+use crate::store::{
+    ApiToken, Audit, NewSession, NewToken, NewUser, Role, StoreError, User, UserPatch,
+};
 use crate::time::Timestamp;
 
 /// Name of the session cookie.
@@ -54,7 +56,10 @@ impl Auth {
         if self.role.allows(role) {
             Ok(())
         } else {
-            Err(ApiError::forbidden(format!("this needs the {role} role; you are {}", self.role)))
+            Err(ApiError::forbidden(format!(
+                "this needs the {role} role; you are {}",
+                self.role
+            )))
         }
     }
 
@@ -64,12 +69,19 @@ impl Auth {
             Via::Session(_) => "session".to_owned(),
             Via::Token(id) => format!("token:{id}"),
         };
-        Audit { actor: self.username.clone(), via, ip: self.ip.clone() }
+        Audit {
+            actor: self.username.clone(),
+            via,
+            ip: self.ip.clone(),
+        }
     }
 }
 
 fn client_ip(parts: &Parts) -> Option<String> {
-    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string())
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -88,8 +100,13 @@ fn same_origin(headers: &HeaderMap) -> bool {
         // every cross-origin and every non-GET request.
         return true;
     };
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    origin.split_once("://").is_some_and(|(_, rest)| rest == host)
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest == host)
 }
 
 /// Authenticates a request, if it carries credentials.
@@ -111,10 +128,21 @@ async fn authenticate(
         let hash = creds::secret_hash(bearer);
         let found = blocking(state, move |s| s.authenticate_token(&hash, now)).await?;
         let (token, user) = found.ok_or_else(ApiError::unauthorized)?;
-        let role = if user.role.allows(token.role) { token.role } else { user.role };
-        return Ok(Some(Auth { username: user.username, role, via: Via::Token(token.id), ip }));
+        let role = if user.role.allows(token.role) {
+            token.role
+        } else {
+            user.role
+        };
+        return Ok(Some(Auth {
+            username: user.username,
+            role,
+            via: Via::Token(token.id),
+            ip,
+        }));
     }
-    let Some(secret) = cookie(headers, SESSION_COOKIE) else { return Ok(None) };
+    let Some(secret) = cookie(headers, SESSION_COOKIE) else {
+        return Ok(None);
+    };
     let hash = creds::secret_hash(secret);
     let h = hash.clone();
     let Some((_, user)) = blocking(state, move |s| s.get_session(&h, now)).await? else {
@@ -123,15 +151,25 @@ async fn authenticate(
     if !method.is_safe() && !same_origin(headers) {
         return Err(ApiError::forbidden("cross-origin request refused"));
     }
-    Ok(Some(Auth { username: user.username, role: user.role, via: Via::Session(hash), ip }))
+    Ok(Some(Auth {
+        username: user.username,
+        role: user.role,
+        via: Via::Session(hash),
+        ip,
+    }))
 }
 
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let ip = client_ip(parts);
-        authenticate(state, &parts.headers, &parts.method, ip).await?.ok_or_else(ApiError::unauthorized)
+        authenticate(state, &parts.headers, &parts.method, ip)
+            .await?
+            .ok_or_else(ApiError::unauthorized)
     }
 }
 
@@ -148,9 +186,16 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
 }
 
 fn session_cookie(state: &AppState, secret: &str, max_age_secs: u64) -> HeaderValue {
-    let secure = if state.config().http.secure_cookies { "; Secure" } else { "" };
-    let v = format!("{SESSION_COOKIE}={secret}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_secs}{secure}");
-    HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("netboot_session=; Max-Age=0; Path=/"))
+    let secure = if state.config().http.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
+    let v = format!(
+        "{SESSION_COOKIE}={secret}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_secs}{secure}"
+    );
+    HeaderValue::from_str(&v)
+        .unwrap_or_else(|_| HeaderValue::from_static("netboot_session=; Max-Age=0; Path=/"))
 }
 
 /// Whether setup is needed and who the caller is.
@@ -175,7 +220,11 @@ pub struct Me {
 
 impl From<&Auth> for Me {
     fn from(a: &Auth) -> Self {
-        Self { username: a.username.clone(), role: a.role, via: a.audit().via }
+        Self {
+            username: a.username.clone(),
+            role: a.role,
+            via: a.audit().via,
+        }
     }
 }
 
@@ -188,8 +237,14 @@ pub(super) async fn status(
     headers: HeaderMap,
 ) -> Result<axum::Json<AuthStatus>, ApiError> {
     let needs_setup = blocking(&state, |s| s.needs_setup()).await?;
-    let user = authenticate(&state, &headers, &method, ip).await.ok().flatten();
-    Ok(axum::Json(AuthStatus { needs_setup, user: user.as_ref().map(Me::from) }))
+    let user = authenticate(&state, &headers, &method, ip)
+        .await
+        .ok()
+        .flatten();
+    Ok(axum::Json(AuthStatus {
+        needs_setup,
+        user: user.as_ref().map(Me::from),
+    }))
 }
 
 /// User name and password.
@@ -214,7 +269,12 @@ pub struct LoginResponse {
     pub expires_at: Timestamp,
 }
 
-async fn start_session(state: &AppState, user: &User, ip: Option<String>, headers: &HeaderMap) -> Result<Response, ApiError> {
+async fn start_session(
+    state: &AppState,
+    user: &User,
+    ip: Option<String>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     let secret = creds::new_secret();
     let ttl = state.config().auth.session_ttl();
     let now = Timestamp::now();
@@ -225,20 +285,36 @@ async fn start_session(state: &AppState, user: &User, ip: Option<String>, header
         created_at: now,
         expires_at: now.add_secs(ttl_secs),
         ip: ip.clone(),
-        user_agent: headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(200).collect()),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(200).collect()),
     };
     let expires_at = session.expires_at;
-    let audit = Audit { actor: user.username.clone(), via: "session".into(), ip };
+    let audit = Audit {
+        actor: user.username.clone(),
+        via: "session".into(),
+        ip,
+    };
     blocking(state, move |s| s.create_session(&audit, &session)).await?;
-    let body = LoginResponse { username: user.username.clone(), role: user.role, expires_at };
+    let body = LoginResponse {
+        username: user.username.clone(),
+        role: user.role,
+        expires_at,
+    };
     let mut res = axum::Json(body).into_response();
-    res.headers_mut().insert(header::SET_COOKIE, session_cookie(state, &secret, ttl.as_secs()));
+    res.headers_mut().insert(
+        header::SET_COOKIE,
+        session_cookie(state, &secret, ttl.as_secs()),
+    );
     Ok(res)
 }
 
 fn check_new_password(password: &str) -> Result<(), ApiError> {
     if password.chars().count() < MIN_PASSWORD_LEN {
-        return Err(ApiError::unprocessable(format!("passwords need at least {MIN_PASSWORD_LEN} characters")));
+        return Err(ApiError::unprocessable(format!(
+            "passwords need at least {MIN_PASSWORD_LEN} characters"
+        )));
     }
     Ok(())
 }
@@ -260,15 +336,22 @@ pub(super) async fn setup(
     Json(body): Json<Credentials>,
 ) -> Result<Response, ApiError> {
     if !creds::valid_username(&body.username) {
-        return Err(ApiError::unprocessable("user names are 1-64 letters, digits, '.', '_', '-' or '@'"));
+        return Err(ApiError::unprocessable(
+            "user names are 1-64 letters, digits, '.', '_', '-' or '@'",
+        ));
     }
     check_new_password(&body.password)?;
     if !blocking(&state, |s| s.needs_setup()).await? {
-        return Err(ApiError::conflict("setup is complete: an administrator exists"));
+        return Err(ApiError::conflict(
+            "setup is complete: an administrator exists",
+        ));
     }
     let password_hash = hash(body.password).await?;
     let (name, ip2) = (body.username.clone(), ip.clone());
-    let user = blocking(&state, move |s| s.create_first_admin(&name, &password_hash, ip2.as_deref())).await?;
+    let user = blocking(&state, move |s| {
+        s.create_first_admin(&name, &password_hash, ip2.as_deref())
+    })
+    .await?;
     tracing::info!(user = %user.username, "first administrator created");
     let mut res = start_session(&state, &user, ip, &headers).await?;
     *res.status_mut() = StatusCode::CREATED;
@@ -297,7 +380,9 @@ pub(super) async fn login(
         Err(e) if e.status() == StatusCode::NOT_FOUND => None,
         Err(e) => return Err(e),
     };
-    let phc = found.as_ref().map_or_else(|| creds::dummy_hash().to_owned(), |(_, h)| h.clone());
+    let phc = found
+        .as_ref()
+        .map_or_else(|| creds::dummy_hash().to_owned(), |(_, h)| h.clone());
     let password = body.password;
     let ok = tokio::task::spawn_blocking(move || creds::verify_password(&password, &phc))
         .await
@@ -309,9 +394,20 @@ pub(super) async fn login(
         }
         _ => {
             state.throttle().fail(&keys, Instant::now());
-            let audit = Audit { actor: username.clone(), via: "login".into(), ip };
-            blocking(&state, move |s| s.record_audit(&audit, "auth.login_failed", &username, &serde_json::Value::Null))
-                .await?;
+            let audit = Audit {
+                actor: username.clone(),
+                via: "login".into(),
+                ip,
+            };
+            blocking(&state, move |s| {
+                s.record_audit(
+                    &audit,
+                    "auth.login_failed",
+                    &username,
+                    &serde_json::Value::Null,
+                )
+            })
+            .await?;
             Err(ApiError::bad_credentials())
         }
     }
@@ -319,13 +415,17 @@ pub(super) async fn login(
 
 /// Ends the caller's session.
 #[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", responses((status = 204), (status = 401)))]
-pub(super) async fn logout(State(state): State<AppState>, auth: Auth) -> Result<Response, ApiError> {
+pub(super) async fn logout(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Response, ApiError> {
     if let Via::Session(hash) = &auth.via {
         let (a, h) = (auth.audit(), hash.clone());
         blocking(&state, move |s| s.delete_session(&a, &h)).await?;
     }
     let mut res = StatusCode::NO_CONTENT.into_response();
-    res.headers_mut().insert(header::SET_COOKIE, session_cookie(&state, "", 0));
+    res.headers_mut()
+        .insert(header::SET_COOKIE, session_cookie(&state, "", 0));
     Ok(res)
 }
 
@@ -363,17 +463,24 @@ pub(super) async fn change_password(
     if !ok {
         return Err(ApiError::forbidden("the current password is wrong"));
     }
-    let patch = UserPatch { password_hash: Some(hash(body.new_password).await?), ..UserPatch::default() };
+    let patch = UserPatch {
+        password_hash: Some(hash(body.new_password).await?),
+        ..UserPatch::default()
+    };
     let (a, name) = (auth.audit(), auth.username.clone());
     blocking(&state, move |s| s.update_user(&a, &name, &patch)).await?;
     let mut res = StatusCode::NO_CONTENT.into_response();
-    res.headers_mut().insert(header::SET_COOKIE, session_cookie(&state, "", 0));
+    res.headers_mut()
+        .insert(header::SET_COOKIE, session_cookie(&state, "", 0));
     Ok(res)
 }
 
 /// Lists users (admin).
 #[utoipa::path(get, path = "/api/v1/users", tag = "users", responses((status = 200, body = Vec<User>), (status = 403)))]
-pub(super) async fn list_users(State(state): State<AppState>, auth: Auth) -> Result<axum::Json<Vec<User>>, ApiError> {
+pub(super) async fn list_users(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<axum::Json<Vec<User>>, ApiError> {
     auth.require(Role::Admin)?;
     Ok(axum::Json(blocking(&state, |s| s.list_users()).await?))
 }
@@ -400,10 +507,16 @@ pub(super) async fn create_user(
 ) -> Result<(StatusCode, axum::Json<User>), ApiError> {
     auth.require(Role::Admin)?;
     if !creds::valid_username(&body.username) {
-        return Err(ApiError::unprocessable("user names are 1-64 letters, digits, '.', '_', '-' or '@'"));
+        return Err(ApiError::unprocessable(
+            "user names are 1-64 letters, digits, '.', '_', '-' or '@'",
+        ));
     }
     check_new_password(&body.password)?;
-    let new = NewUser { username: body.username, role: body.role, password_hash: hash(body.password).await? };
+    let new = NewUser {
+        username: body.username,
+        role: body.role,
+        password_hash: hash(body.password).await?,
+    };
     let a = auth.audit();
     let user = blocking(&state, move |s| s.create_user(&a, &new)).await?;
     Ok((StatusCode::CREATED, axum::Json(user)))
@@ -441,9 +554,15 @@ pub(super) async fn update_user(
         }
         None => None,
     };
-    let patch = UserPatch { role: body.role, enabled: body.enabled, password_hash };
+    let patch = UserPatch {
+        role: body.role,
+        enabled: body.enabled,
+        password_hash,
+    };
     let a = auth.audit();
-    Ok(axum::Json(blocking(&state, move |s| s.update_user(&a, &username, &patch)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.update_user(&a, &username, &patch)).await?,
+    ))
 }
 
 /// Deletes a user with their sessions and tokens (admin). The last administrator stays.
@@ -462,9 +581,14 @@ pub(super) async fn delete_user(
 
 /// Lists API tokens: an administrator's call lists all, anyone else's their own.
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", responses((status = 200, body = Vec<ApiToken>)))]
-pub(super) async fn list_tokens(State(state): State<AppState>, auth: Auth) -> Result<axum::Json<Vec<ApiToken>>, ApiError> {
+pub(super) async fn list_tokens(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<axum::Json<Vec<ApiToken>>, ApiError> {
     let owner = (!auth.role.allows(Role::Admin)).then(|| auth.username.clone());
-    Ok(axum::Json(blocking(&state, move |s| s.list_tokens(owner.as_deref())).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.list_tokens(owner.as_deref())).await?,
+    ))
 }
 
 /// A new API token.
@@ -502,7 +626,9 @@ pub(super) async fn create_token(
     auth.require(role)?;
     let name = body.name.trim();
     if name.is_empty() || name.len() > 100 {
-        return Err(ApiError::unprocessable("a token needs a name of 1-100 characters"));
+        return Err(ApiError::unprocessable(
+            "a token needs a name of 1-100 characters",
+        ));
     }
     let secret = format!("{TOKEN_PREFIX}{}", creds::new_secret());
     let new = NewToken {
@@ -510,11 +636,16 @@ pub(super) async fn create_token(
         owner: auth.username.clone(),
         role,
         secret_hash: creds::secret_hash(&secret),
-        expires_at: body.expires_in_days.map(|d| Timestamp::now().add_secs(i64::from(d) * 86_400)),
+        expires_at: body
+            .expires_in_days
+            .map(|d| Timestamp::now().add_secs(i64::from(d) * 86_400)),
     };
     let a = auth.audit();
     let token = blocking(&state, move |s| s.create_token(&a, &new)).await?;
-    Ok((StatusCode::CREATED, axum::Json(CreatedToken { token, secret })))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(CreatedToken { token, secret }),
+    ))
 }
 
 /// Revokes an API token (its owner or an administrator).
@@ -528,7 +659,12 @@ pub(super) async fn delete_token(
     let token = blocking(&state, move |s| s.get_token(id)).await?;
     if token.owner != auth.username {
         // Do not reveal other users' token ids to non-administrators.
-        auth.require(Role::Admin).map_err(|_| ApiError::from(StoreError::NotFound { kind: "token", key: id.to_string() }))?;
+        auth.require(Role::Admin).map_err(|_| {
+            ApiError::from(StoreError::NotFound {
+                kind: "token",
+                key: id.to_string(),
+            })
+        })?;
     }
     let a = auth.audit();
     blocking(&state, move |s| s.delete_token(&a, id)).await?;

@@ -10,20 +10,24 @@ use super::{AppState, Auth, blocking};
 use crate::jail::{self, JailError};
 use crate::mac::MacAddr;
 use crate::store::{
-    BootProfile, Device, DevicePatch, DeviceQuery, DeviceSort, Image, ImagePatch, Installer, InstallerPatch, NewDevice,
-    NewImage, NewInstaller, NewProfile, Page, PageQuery, ProfilePatch, Role, UnknownDevice,
+    BootProfile, Device, DevicePatch, DeviceQuery, DeviceSort, Image, ImagePatch, Installer,
+    InstallerPatch, NewDevice, NewImage, NewInstaller, NewProfile, Page, PageQuery, ProfilePatch,
+    Role, UnknownDevice,
 };
 
 /// Parses a MAC from a path segment.
 pub(super) fn parse_mac(s: &str) -> Result<MacAddr, ApiError> {
-    s.parse().map_err(|e| ApiError::bad_request(format!("{s:?} is not a MAC address: {e}")))
+    s.parse()
+        .map_err(|e| ApiError::bad_request(format!("{s:?} is not a MAC address: {e}")))
 }
 
 /// Checks an image or profile name: 1-64 of letters, digits, `.`, `_`, `-`, not starting
 /// with `.` or `-` (it becomes a file name and part of an IQN).
 fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     let ok = (1..=64).contains(&name.len())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         && !name.starts_with(['.', '-']);
     if ok {
         Ok(())
@@ -36,7 +40,9 @@ fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
 
 fn check_text(what: &str, s: &str, max: usize) -> Result<(), ApiError> {
     if s.chars().count() > max || s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-        return Err(ApiError::unprocessable(format!("{what}: at most {max} characters, no control characters")));
+        return Err(ApiError::unprocessable(format!(
+            "{what}: at most {max} characters, no control characters"
+        )));
     }
     Ok(())
 }
@@ -80,16 +86,25 @@ pub(super) async fn list_devices(
     let desc = match p.order.as_deref() {
         None | Some("asc") => false,
         Some("desc") => true,
-        Some(o) => return Err(ApiError::bad_request(format!("order must be asc or desc, not {o:?}"))),
+        Some(o) => {
+            return Err(ApiError::bad_request(format!(
+                "order must be asc or desc, not {o:?}"
+            )));
+        }
     };
     let q = DeviceQuery {
         search: p.search,
         enabled: p.enabled,
         sort: p.sort.unwrap_or_default(),
         desc,
-        page: PageQuery { limit: p.limit.unwrap_or(100), offset: p.offset.unwrap_or(0) },
+        page: PageQuery {
+            limit: p.limit.unwrap_or(100),
+            offset: p.offset.unwrap_or(0),
+        },
     };
-    Ok(axum::Json(blocking(&state, move |s| s.list_devices(&q)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.list_devices(&q)).await?,
+    ))
 }
 
 /// One device.
@@ -101,7 +116,9 @@ pub(super) async fn get_device(
     Path(mac): Path<String>,
 ) -> Result<axum::Json<Device>, ApiError> {
     let mac = parse_mac(&mac)?;
-    Ok(axum::Json(blocking(&state, move |s| s.get_device(mac)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.get_device(mac)).await?,
+    ))
 }
 
 /// Registers a device (operator).
@@ -115,10 +132,15 @@ pub(super) async fn create_device(
     auth.require(Role::Operator)?;
     check_device_fields(new.name.as_deref(), new.notes.as_deref())?;
     if new.mac.is_multicast() || new.mac == MacAddr::ZERO {
-        return Err(ApiError::unprocessable("a device needs a unicast MAC address"));
+        return Err(ApiError::unprocessable(
+            "a device needs a unicast MAC address",
+        ));
     }
     let a = auth.audit();
-    Ok((StatusCode::CREATED, axum::Json(blocking(&state, move |s| s.create_device(&a, &new)).await?)))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(blocking(&state, move |s| s.create_device(&a, &new)).await?),
+    ))
 }
 
 /// Changes a device (operator). `image: null` unlinks the image.
@@ -134,7 +156,9 @@ pub(super) async fn update_device(
     let mac = parse_mac(&mac)?;
     check_device_fields(patch.name.as_deref(), patch.notes.as_deref())?;
     let a = auth.audit();
-    Ok(axum::Json(blocking(&state, move |s| s.update_device(&a, mac, &patch)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.update_device(&a, mac, &patch)).await?,
+    ))
 }
 
 /// Deletes a device (operator).
@@ -160,7 +184,9 @@ pub(super) async fn list_unknown(
     _auth: Auth,
     Query(page): Query<PageQuery>,
 ) -> Result<axum::Json<Page<UnknownDevice>>, ApiError> {
-    Ok(axum::Json(blocking(&state, move |s| s.list_unknown_devices(&page)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.list_unknown_devices(&page)).await?,
+    ))
 }
 
 /// Registration of an unknown device; every field is optional.
@@ -232,15 +258,20 @@ pub(super) async fn delete_unknown(
 const MAX_IMAGE_BYTES: u64 = 64 << 40;
 
 fn check_size(size: u64) -> Result<(), ApiError> {
-    if size == 0 || size % 512 != 0 || size > MAX_IMAGE_BYTES {
-        return Err(ApiError::unprocessable("size_bytes must be a non-zero multiple of 512, at most 64 TiB"));
+    if size == 0 || !size.is_multiple_of(512) || size > MAX_IMAGE_BYTES {
+        return Err(ApiError::unprocessable(
+            "size_bytes must be a non-zero multiple of 512, at most 64 TiB",
+        ));
     }
     Ok(())
 }
 
 /// Lists disk images.
 #[utoipa::path(get, path = "/api/v1/images", tag = "images", responses((status = 200, body = Vec<Image>)))]
-pub(super) async fn list_images(State(state): State<AppState>, _auth: Auth) -> Result<axum::Json<Vec<Image>>, ApiError> {
+pub(super) async fn list_images(
+    State(state): State<AppState>,
+    _auth: Auth,
+) -> Result<axum::Json<Vec<Image>>, ApiError> {
     Ok(axum::Json(blocking(&state, |s| s.list_images()).await?))
 }
 
@@ -252,7 +283,9 @@ pub(super) async fn get_image(
     _auth: Auth,
     Path(name): Path<String>,
 ) -> Result<axum::Json<Image>, ApiError> {
-    Ok(axum::Json(blocking(&state, move |s| s.get_image(&name)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.get_image(&name)).await?,
+    ))
 }
 
 /// Records a disk image (operator).
@@ -268,7 +301,10 @@ pub(super) async fn create_image(
     check_size(new.size_bytes)?;
     check_text("description", &new.description, 1000)?;
     let a = auth.audit();
-    Ok((StatusCode::CREATED, axum::Json(blocking(&state, move |s| s.create_image(&a, &new)).await?)))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(blocking(&state, move |s| s.create_image(&a, &new)).await?),
+    ))
 }
 
 /// Changes an image's description or grows it (operator).
@@ -291,7 +327,9 @@ pub(super) async fn update_image(
     let img = blocking(&state, move |s| {
         let before = s.get_image(&name)?;
         if patch.size_bytes.is_some_and(|n| n < before.size_bytes) {
-            return Ok(Err(ApiError::unprocessable("images can grow but not shrink")));
+            return Ok(Err(ApiError::unprocessable(
+                "images can grow but not shrink",
+            )));
         }
         s.update_image(&a, &name, &patch).map(Ok)
     })
@@ -330,7 +368,9 @@ pub(super) async fn get_installer(
     _auth: Auth,
     Path(id): Path<i64>,
 ) -> Result<axum::Json<Installer>, ApiError> {
-    Ok(axum::Json(blocking(&state, move |s| s.get_installer(id)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.get_installer(id)).await?,
+    ))
 }
 
 /// Records installer media that exist under the installers directory (operator).
@@ -356,11 +396,19 @@ pub(super) async fn create_installer(
     })
     .await
     .map_err(ApiError::internal)?
-    .map_err(|e| ApiError::unprocessable(format!("path {:?}: {e} in the installers directory", new.path)))?;
+    .map_err(|e| {
+        ApiError::unprocessable(format!(
+            "path {:?}: {e} in the installers directory",
+            new.path
+        ))
+    })?;
     new.path = rel;
     new.size_bytes = size;
     let a = auth.audit();
-    Ok((StatusCode::CREATED, axum::Json(blocking(&state, move |s| s.create_installer(&a, &new)).await?)))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(blocking(&state, move |s| s.create_installer(&a, &new)).await?),
+    ))
 }
 
 /// Changes installer metadata (operator).
@@ -380,7 +428,9 @@ pub(super) async fn update_installer(
         check_text("description", d, 1000)?;
     }
     let a = auth.audit();
-    Ok(axum::Json(blocking(&state, move |s| s.update_installer(&a, id, &patch)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.update_installer(&a, id, &patch)).await?,
+    ))
 }
 
 /// Deletes an installer record (operator); the file stays.
@@ -414,7 +464,9 @@ pub(super) async fn get_profile(
     _auth: Auth,
     Path(name): Path<String>,
 ) -> Result<axum::Json<BootProfile>, ApiError> {
-    Ok(axum::Json(blocking(&state, move |s| s.get_profile(&name)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.get_profile(&name)).await?,
+    ))
 }
 
 fn check_profile_paths<'a>(paths: impl IntoIterator<Item = &'a str>) -> Result<(), ApiError> {
@@ -436,9 +488,18 @@ pub(super) async fn create_profile(
     check_name("profile", &new.name)?;
     check_text("cmdline", &new.cmdline, 4000)?;
     check_text("description", &new.description, 1000)?;
-    check_profile_paths(new.kernel.iter().chain(new.iso.iter()).chain(new.initrd.iter()).map(String::as_str))?;
+    check_profile_paths(
+        new.kernel
+            .iter()
+            .chain(new.iso.iter())
+            .chain(new.initrd.iter())
+            .map(String::as_str),
+    )?;
     let a = auth.audit();
-    Ok((StatusCode::CREATED, axum::Json(blocking(&state, move |s| s.create_profile(&a, &new)).await?)))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(blocking(&state, move |s| s.create_profile(&a, &new)).await?),
+    ))
 }
 
 /// Changes a boot profile (operator).
@@ -459,9 +520,16 @@ pub(super) async fn update_profile(
     }
     let kernel = patch.kernel.iter().flatten();
     let iso = patch.iso.iter().flatten();
-    check_profile_paths(kernel.chain(iso).chain(patch.initrd.iter().flatten()).map(String::as_str))?;
+    check_profile_paths(
+        kernel
+            .chain(iso)
+            .chain(patch.initrd.iter().flatten())
+            .map(String::as_str),
+    )?;
     let a = auth.audit();
-    Ok(axum::Json(blocking(&state, move |s| s.update_profile(&a, &name, &patch)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.update_profile(&a, &name, &patch)).await?,
+    ))
 }
 
 /// Deletes a boot profile (operator); refused while a device uses it.

@@ -7,9 +7,15 @@
 
 mod auth;
 mod error;
-#[allow(unused_qualifications, reason = "utoipa's path macro expands `params(T)` into qualified paths")]
+#[allow(
+    unused_qualifications,
+    reason = "utoipa's path macro expands `params(T)` into qualified paths"
+)]
 mod inventory;
-#[allow(unused_qualifications, reason = "utoipa's path macro expands `params(T)` into qualified paths")]
+#[allow(
+    unused_qualifications,
+    reason = "utoipa's path macro expands `params(T)` into qualified paths"
+)]
 mod system;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -22,8 +28,8 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 pub use self::auth::{
-    Auth, AuthStatus, ClientIp, CreatedToken, Credentials, LoginResponse, Me, NewTokenBody, NewUserBody, PasswordChange,
-    SESSION_COOKIE, UserPatchBody, Via,
+    Auth, AuthStatus, ClientIp, CreatedToken, Credentials, LoginResponse, Me, NewTokenBody,
+    NewUserBody, PasswordChange, SESSION_COOKIE, UserPatchBody, Via,
 };
 pub use self::error::{ApiError, ErrorBody, ErrorDetail, Json, Query};
 pub use self::inventory::{DeviceListParams, RegisterBody};
@@ -46,8 +52,15 @@ impl AppState {
     /// State over a store and a validated configuration.
     pub fn new(store: Arc<dyn Store>, config: Validated) -> Self {
         let auth = &config.config.auth;
-        let throttle = LoginThrottle::new(auth.max_failures, Duration::from_secs(u64::from(auth.lockout_secs)));
-        Self(Arc::new(Inner { store, config, throttle: Mutex::new(throttle) }))
+        let throttle = LoginThrottle::new(
+            auth.max_failures,
+            Duration::from_secs(u64::from(auth.lockout_secs)),
+        );
+        Self(Arc::new(Inner {
+            store,
+            config,
+            throttle: Mutex::new(throttle),
+        }))
     }
 
     /// The store.
@@ -70,7 +83,10 @@ impl AppState {
     }
 
     fn throttle(&self) -> MutexGuard<'_, LoginThrottle> {
-        self.0.throttle.lock().unwrap_or_else(PoisonError::into_inner)
+        self.0
+            .throttle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -81,26 +97,64 @@ where
     F: FnOnce(&dyn Store) -> crate::store::Result<T> + Send + 'static,
 {
     let store = state.store_arc();
-    tokio::task::spawn_blocking(move || f(store.as_ref())).await.map_err(ApiError::internal)?.map_err(ApiError::from)
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::from)
 }
 
 /// The OpenAPI description of the API.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "netboot API", description = "REST API of netbootd. Reads need a viewer, changes an operator; users, tokens of others, settings and the audit log an admin. Authenticate with the session cookie from /api/v1/auth/login or `Authorization: Bearer nbt_...`."),
+    info(
+        title = "netboot API",
+        description = "REST API of netbootd. Reads need a viewer, changes an operator; users, tokens of others, settings and the audit log an admin. Authenticate with the session cookie from /api/v1/auth/login or `Authorization: Bearer nbt_...`."
+    ),
     paths(
-        system::version, system::health,
-        auth::status, auth::setup, auth::login, auth::logout, auth::me, auth::change_password,
-        auth::list_users, auth::create_user, auth::update_user, auth::delete_user,
-        auth::list_tokens, auth::create_token, auth::delete_token,
-        inventory::list_devices, inventory::get_device, inventory::create_device, inventory::update_device,
-        inventory::delete_device, inventory::list_unknown, inventory::register_unknown, inventory::delete_unknown,
-        inventory::list_images, inventory::get_image, inventory::create_image, inventory::update_image,
-        inventory::delete_image, inventory::list_installers, inventory::get_installer, inventory::create_installer,
-        inventory::update_installer, inventory::delete_installer, inventory::list_profiles, inventory::get_profile,
-        inventory::create_profile, inventory::update_profile, inventory::delete_profile,
-        system::list_events, system::device_events, system::create_event,
-        system::get_settings, system::patch_settings, system::list_audit,
+        system::version,
+        system::health,
+        auth::status,
+        auth::setup,
+        auth::login,
+        auth::logout,
+        auth::me,
+        auth::change_password,
+        auth::list_users,
+        auth::create_user,
+        auth::update_user,
+        auth::delete_user,
+        auth::list_tokens,
+        auth::create_token,
+        auth::delete_token,
+        inventory::list_devices,
+        inventory::get_device,
+        inventory::create_device,
+        inventory::update_device,
+        inventory::delete_device,
+        inventory::list_unknown,
+        inventory::register_unknown,
+        inventory::delete_unknown,
+        inventory::list_images,
+        inventory::get_image,
+        inventory::create_image,
+        inventory::update_image,
+        inventory::delete_image,
+        inventory::list_installers,
+        inventory::get_installer,
+        inventory::create_installer,
+        inventory::update_installer,
+        inventory::delete_installer,
+        inventory::list_profiles,
+        inventory::get_profile,
+        inventory::create_profile,
+        inventory::update_profile,
+        inventory::delete_profile,
+        system::list_events,
+        system::device_events,
+        system::create_event,
+        system::get_settings,
+        system::patch_settings,
+        system::list_audit,
     ),
     components(schemas(ErrorBody))
 )]
@@ -130,28 +184,74 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/me", get(auth::me))
         .route("/auth/password", post(auth::change_password))
         .route("/users", get(auth::list_users).post(auth::create_user))
-        .route("/users/{username}", axum::routing::patch(auth::update_user).delete(auth::delete_user))
+        .route(
+            "/users/{username}",
+            axum::routing::patch(auth::update_user).delete(auth::delete_user),
+        )
         .route("/tokens", get(auth::list_tokens).post(auth::create_token))
         .route("/tokens/{id}", axum::routing::delete(auth::delete_token))
         .route("/devices", get(inv::list_devices).post(inv::create_device))
-        .route("/devices/{mac}", get(inv::get_device).patch(inv::update_device).delete(inv::delete_device))
+        .route(
+            "/devices/{mac}",
+            get(inv::get_device)
+                .patch(inv::update_device)
+                .delete(inv::delete_device),
+        )
         .route("/devices/{mac}/events", get(system::device_events))
         .route("/unknown-devices", get(inv::list_unknown))
-        .route("/unknown-devices/{mac}", axum::routing::delete(inv::delete_unknown))
-        .route("/unknown-devices/{mac}/register", post(inv::register_unknown))
+        .route(
+            "/unknown-devices/{mac}",
+            axum::routing::delete(inv::delete_unknown),
+        )
+        .route(
+            "/unknown-devices/{mac}/register",
+            post(inv::register_unknown),
+        )
         .route("/images", get(inv::list_images).post(inv::create_image))
-        .route("/images/{name}", get(inv::get_image).patch(inv::update_image).delete(inv::delete_image))
-        .route("/installers", get(inv::list_installers).post(inv::create_installer))
-        .route("/installers/{id}", get(inv::get_installer).patch(inv::update_installer).delete(inv::delete_installer))
-        .route("/profiles", get(inv::list_profiles).post(inv::create_profile))
-        .route("/profiles/{name}", get(inv::get_profile).patch(inv::update_profile).delete(inv::delete_profile))
-        .route("/events", get(system::list_events).post(system::create_event))
-        .route("/settings", get(system::get_settings).patch(system::patch_settings))
+        .route(
+            "/images/{name}",
+            get(inv::get_image)
+                .patch(inv::update_image)
+                .delete(inv::delete_image),
+        )
+        .route(
+            "/installers",
+            get(inv::list_installers).post(inv::create_installer),
+        )
+        .route(
+            "/installers/{id}",
+            get(inv::get_installer)
+                .patch(inv::update_installer)
+                .delete(inv::delete_installer),
+        )
+        .route(
+            "/profiles",
+            get(inv::list_profiles).post(inv::create_profile),
+        )
+        .route(
+            "/profiles/{name}",
+            get(inv::get_profile)
+                .patch(inv::update_profile)
+                .delete(inv::delete_profile),
+        )
+        .route(
+            "/events",
+            get(system::list_events).post(system::create_event),
+        )
+        .route(
+            "/settings",
+            get(system::get_settings).patch(system::patch_settings),
+        )
         .route("/audit", get(system::list_audit))
         .fallback(api_not_found)
         .with_state(state);
-    Router::new().nest("/api/v1", api).layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-        let route = req.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str);
-        tracing::debug_span!("http", method = %req.method(), route)
-    }))
+    Router::new()
+        .nest("/api/v1", api)
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("unmatched", MatchedPath::as_str);
+            tracing::debug_span!("http", method = %req.method(), route)
+        }))
 }

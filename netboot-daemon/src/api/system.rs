@@ -10,7 +10,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiError, Json, Query};
 use super::inventory::parse_mac;
 use super::{AppState, Auth, blocking};
-use crate::store::{AuditEntry, AuditQuery, BootEvent, EventQuery, EventSource, NewBootEvent, Page, Role, Settings};
+use crate::store::{
+    AuditEntry, AuditQuery, BootEvent, EventQuery, EventSource, NewBootEvent, Page, Role, Settings,
+};
 use crate::time::Timestamp;
 
 /// The release version: the content of the repository's `VERSION` file.
@@ -28,7 +30,10 @@ pub struct VersionInfo {
 /// The daemon's name and version.
 #[utoipa::path(get, path = "/api/v1/version", tag = "system", responses((status = 200, body = VersionInfo)))]
 pub(super) async fn version() -> axum::Json<VersionInfo> {
-    axum::Json(VersionInfo { name: "netboot".into(), version: VERSION.into() })
+    axum::Json(VersionInfo {
+        name: "netboot".into(),
+        version: VERSION.into(),
+    })
 }
 
 /// One health check.
@@ -60,9 +65,21 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
     let store = state.store_arc();
     let write = tokio::task::spawn_blocking(move || store.check_writable()).await;
     checks.push(match write {
-        Ok(Ok(())) => Check { name: "store".into(), ok: true, detail: "writable".into() },
-        Ok(Err(e)) => Check { name: "store".into(), ok: false, detail: e.to_string() },
-        Err(e) => Check { name: "store".into(), ok: false, detail: e.to_string() },
+        Ok(Ok(())) => Check {
+            name: "store".into(),
+            ok: true,
+            detail: "writable".into(),
+        },
+        Ok(Err(e)) => Check {
+            name: "store".into(),
+            ok: false,
+            detail: e.to_string(),
+        },
+        Err(e) => Check {
+            name: "store".into(),
+            ok: false,
+            detail: e.to_string(),
+        },
     });
     for (name, dir) in state.paths().dirs() {
         let (ok, detail) = match tokio::fs::metadata(dir).await {
@@ -70,11 +87,22 @@ pub(super) async fn health(State(state): State<AppState>) -> Response {
             Ok(_) => (false, "not a directory".to_owned()),
             Err(e) => (false, e.kind().to_string()),
         };
-        checks.push(Check { name: format!("dir:{name}"), ok, detail });
+        checks.push(Check {
+            name: format!("dir:{name}"),
+            ok,
+            detail,
+        });
     }
     let ok = checks.iter().all(|c| c.ok);
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = Health { status: if ok { "ok" } else { "failing" }.into(), checks };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Health {
+        status: if ok { "ok" } else { "failing" }.into(),
+        checks,
+    };
     (status, axum::Json(body)).into_response()
 }
 
@@ -100,8 +128,11 @@ pub struct EventParams {
 
 fn parse_time(field: &str, v: Option<String>) -> Result<Option<Timestamp>, ApiError> {
     v.map(|s| {
-        Timestamp::parse_rfc3339(&s)
-            .ok_or_else(|| ApiError::bad_request(format!("{field} must be an RFC 3339 time, e.g. 2026-11-25T21:00:00Z")))
+        Timestamp::parse_rfc3339(&s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{field} must be an RFC 3339 time, e.g. 2026-11-25T21:00:00Z"
+            ))
+        })
     })
     .transpose()
 }
@@ -127,7 +158,9 @@ pub(super) async fn list_events(
     Query(p): Query<EventParams>,
 ) -> Result<axum::Json<Page<BootEvent>>, ApiError> {
     let q = event_query(p, None)?;
-    Ok(axum::Json(blocking(&state, move |s| s.list_events(&q)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.list_events(&q)).await?,
+    ))
 }
 
 /// Boot events of one device, newest first.
@@ -140,7 +173,9 @@ pub(super) async fn device_events(
     Query(p): Query<EventParams>,
 ) -> Result<axum::Json<Page<BootEvent>>, ApiError> {
     let q = event_query(p, Some(mac))?;
-    Ok(axum::Json(blocking(&state, move |s| s.list_events(&q)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.list_events(&q)).await?,
+    ))
 }
 
 /// Records a boot event by hand or from a script (operator).
@@ -153,15 +188,21 @@ pub(super) async fn create_event(
 ) -> Result<(StatusCode, axum::Json<BootEvent>), ApiError> {
     auth.require(Role::Operator)?;
     let kind_ok = (1..=64).contains(&ev.kind.len())
-        && ev.kind.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+        && ev
+            .kind
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
     if !kind_ok {
-        return Err(ApiError::unprocessable("kind: 1-64 of a-z, 0-9, '_' and '.'"));
+        return Err(ApiError::unprocessable(
+            "kind: 1-64 of a-z, 0-9, '_' and '.'",
+        ));
     }
     if ev.detail.chars().count() > 2000 {
         return Err(ApiError::unprocessable("detail: at most 2000 characters"));
     }
     if let Some(ip) = &ev.ip {
-        ip.parse::<std::net::IpAddr>().map_err(|_| ApiError::unprocessable("ip must be an IP address"))?;
+        ip.parse::<std::net::IpAddr>()
+            .map_err(|_| ApiError::unprocessable("ip must be an IP address"))?;
     }
     ev.at = Timestamp::now();
     ev.source = EventSource::Api;
@@ -175,7 +216,10 @@ pub(super) async fn create_event(
 
 /// The run-time settings.
 #[utoipa::path(get, path = "/api/v1/settings", tag = "settings", responses((status = 200, body = Settings)))]
-pub(super) async fn get_settings(State(state): State<AppState>, _auth: Auth) -> Result<axum::Json<Settings>, ApiError> {
+pub(super) async fn get_settings(
+    State(state): State<AppState>,
+    _auth: Auth,
+) -> Result<axum::Json<Settings>, ApiError> {
     Ok(axum::Json(blocking(&state, |s| s.get_settings()).await?))
 }
 
@@ -199,10 +243,14 @@ fn check_settings(s: &Settings) -> Result<(), ApiError> {
                 && b[4] == b'-'
                 && b[5..7].iter().all(u8::is_ascii_digit)
                 && b[7] == b'.'
-                && rest[8..].chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+                && rest[8..]
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
         });
     if !ok {
-        return Err(ApiError::unprocessable("iqn_prefix must look like iqn.2026-01.org.example"));
+        return Err(ApiError::unprocessable(
+            "iqn_prefix must look like iqn.2026-01.org.example",
+        ));
     }
     Ok(())
 }
@@ -220,7 +268,9 @@ pub(super) async fn patch_settings(
     let out = blocking(&state, move |s| {
         let current = s.get_settings()?;
         let Value::Object(mut merged) = serde_json::to_value(&current).unwrap_or_default() else {
-            return Ok(Err(ApiError::internal("settings do not serialise to an object")));
+            return Ok(Err(ApiError::internal(
+                "settings do not serialise to an object",
+            )));
         };
         merged.extend(patch);
         let new: Settings = match serde_json::from_value(Value::Object(merged)) {
@@ -268,5 +318,7 @@ pub(super) async fn list_audit(
         before: p.before,
         limit: p.limit.unwrap_or(100),
     };
-    Ok(axum::Json(blocking(&state, move |s| s.list_audit(&q)).await?))
+    Ok(axum::Json(
+        blocking(&state, move |s| s.list_audit(&q)).await?,
+    ))
 }

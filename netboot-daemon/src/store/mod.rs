@@ -120,7 +120,11 @@ pub struct Audit {
 impl Audit {
     /// A change made by the daemon itself.
     pub fn system() -> Self {
-        Self { actor: "system".into(), via: "system".into(), ip: None }
+        Self {
+            actor: "system".into(),
+            via: "system".into(),
+            ip: None,
+        }
     }
 }
 
@@ -173,7 +177,8 @@ pub trait Store: Send + Sync + 'static {
     /// Records installer media.
     fn create_installer(&self, audit: &Audit, new: &NewInstaller) -> Result<Installer>;
     /// Changes installer metadata.
-    fn update_installer(&self, audit: &Audit, id: i64, patch: &InstallerPatch) -> Result<Installer>;
+    fn update_installer(&self, audit: &Audit, id: i64, patch: &InstallerPatch)
+    -> Result<Installer>;
     /// Removes an installer record.
     fn delete_installer(&self, audit: &Audit, id: i64) -> Result<()>;
 
@@ -185,7 +190,12 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a boot profile.
     fn create_profile(&self, audit: &Audit, new: &NewProfile) -> Result<BootProfile>;
     /// Changes a boot profile.
-    fn update_profile(&self, audit: &Audit, name: &str, patch: &ProfilePatch) -> Result<BootProfile>;
+    fn update_profile(
+        &self,
+        audit: &Audit,
+        name: &str,
+        patch: &ProfilePatch,
+    ) -> Result<BootProfile>;
     /// Removes a boot profile; refused while a device uses it.
     fn delete_profile(&self, audit: &Audit, name: &str) -> Result<()>;
 
@@ -207,7 +217,12 @@ pub trait Store: Send + Sync + 'static {
     /// True while no enabled administrator exists (first-run setup is open).
     fn needs_setup(&self) -> Result<bool>;
     /// Creates the first administrator; refused once one exists.
-    fn create_first_admin(&self, username: &str, password_hash: &str, ip: Option<&str>) -> Result<User>;
+    fn create_first_admin(
+        &self,
+        username: &str,
+        password_hash: &str,
+        ip: Option<&str>,
+    ) -> Result<User>;
     /// Lists users.
     fn list_users(&self) -> Result<Vec<User>>;
     /// A user and their password hash.
@@ -228,7 +243,13 @@ pub trait Store: Send + Sync + 'static {
     /// Removes expired sessions.
     fn prune_sessions(&self, now: Timestamp) -> Result<u64>;
     /// Writes an audit entry that accompanies no other change (a failed login).
-    fn record_audit(&self, audit: &Audit, action: &str, target: &str, detail: &serde_json::Value) -> Result<()>;
+    fn record_audit(
+        &self,
+        audit: &Audit,
+        action: &str,
+        target: &str,
+        detail: &serde_json::Value,
+    ) -> Result<()>;
 
     // API tokens.
     /// Stores a new API token (its secret only as a hash).
@@ -238,7 +259,11 @@ pub trait Store: Send + Sync + 'static {
     /// One token.
     fn get_token(&self, id: i64) -> Result<ApiToken>;
     /// The token with this secret hash and its owner, if valid; records its use.
-    fn authenticate_token(&self, secret_hash: &str, now: Timestamp) -> Result<Option<(ApiToken, User)>>;
+    fn authenticate_token(
+        &self,
+        secret_hash: &str,
+        now: Timestamp,
+    ) -> Result<Option<(ApiToken, User)>>;
     /// Revokes a token.
     fn delete_token(&self, audit: &Audit, id: i64) -> Result<()>;
 

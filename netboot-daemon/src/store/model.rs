@@ -194,7 +194,10 @@ pub struct PageQuery {
 
 impl Default for PageQuery {
     fn default() -> Self {
-        Self { limit: 100, offset: 0 }
+        Self {
+            limit: 100,
+            offset: 0,
+        }
     }
 }
 

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use rusqlite::types::{ToSql, Type};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior, params,
+};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
@@ -30,7 +32,9 @@ pub struct Sqlite {
 
 impl std::fmt::Debug for Sqlite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sqlite").field("readers", &self.readers.len()).finish_non_exhaustive()
+        f.debug_struct("Sqlite")
+            .field("readers", &self.readers.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -64,7 +68,11 @@ impl Sqlite {
                 Ok(Mutex::new(c))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) })
+        Ok(Self {
+            writer: Mutex::new(writer),
+            readers,
+            next_reader: AtomicUsize::new(0),
+        })
     }
 
     /// A private in-memory database with the current schema, for tests.
@@ -72,7 +80,11 @@ impl Sqlite {
         let mut writer = Connection::open_in_memory()?;
         configure(&writer)?;
         migrate(&mut writer)?;
-        Ok(Self { writer: Mutex::new(writer), readers: Vec::new(), next_reader: AtomicUsize::new(0) })
+        Ok(Self {
+            writer: Mutex::new(writer),
+            readers: Vec::new(),
+            next_reader: AtomicUsize::new(0),
+        })
     }
 
     /// The schema version (`PRAGMA user_version`).
@@ -111,11 +123,15 @@ fn migrate(c: &mut Connection) -> Result<()> {
     let current: u32 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let latest = Sqlite::latest_schema_version();
     if current > latest {
-        return Err(StoreError::TooNew { found: current, supported: latest });
+        return Err(StoreError::TooNew {
+            found: current,
+            supported: latest,
+        });
     }
     for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
         let tx = c.transaction_with_behavior(TransactionBehavior::Exclusive)?;
-        tx.execute_batch(sql).map_err(|source| StoreError::Migration { version, source })?;
+        tx.execute_batch(sql)
+            .map_err(|source| StoreError::Migration { version, source })?;
         tx.pragma_update(None, "user_version", version)
             .map_err(|source| StoreError::Migration { version, source })?;
         tx.commit()?;
@@ -145,7 +161,8 @@ where
     T::Err: std::error::Error + Send + Sync + 'static,
 {
     let s: Option<String> = row.get(idx)?;
-    s.map(|s| s.parse().map_err(|e| conv_err(idx, e))).transpose()
+    s.map(|s| s.parse().map_err(|e| conv_err(idx, e)))
+        .transpose()
 }
 
 fn col_ts(row: &Row<'_>, idx: usize) -> rusqlite::Result<Timestamp> {
@@ -167,11 +184,17 @@ fn sql_u64(v: u64) -> i64 {
 }
 
 fn not_found(kind: &'static str, key: impl ToString) -> StoreError {
-    StoreError::NotFound { kind, key: key.to_string() }
+    StoreError::NotFound {
+        kind,
+        key: key.to_string(),
+    }
 }
 
 fn exists(kind: &'static str, key: impl ToString) -> StoreError {
-    StoreError::Conflict(ConflictReason::Exists { kind, key: key.to_string() })
+    StoreError::Conflict(ConflictReason::Exists {
+        kind,
+        key: key.to_string(),
+    })
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -214,7 +237,13 @@ fn diff(before: &impl Serialize, after: &impl Serialize) -> Value {
     Value::Object(out)
 }
 
-fn audit(tx: &Transaction<'_>, a: &Audit, action: &str, target: &str, detail: &Value) -> Result<()> {
+fn audit(
+    tx: &Transaction<'_>,
+    a: &Audit,
+    action: &str,
+    target: &str,
+    detail: &Value,
+) -> Result<()> {
     tx.execute(
         "INSERT INTO audit_log (at, actor, via, ip, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![Timestamp::now().0, a.actor, a.via, a.ip, action, target, detail.to_string()],
@@ -258,7 +287,8 @@ fn unknown_row(r: &Row<'_>) -> rusqlite::Result<UnknownDevice> {
     })
 }
 
-const IMAGE_COLS: &str = "i.name, i.size_bytes, i.description, i.cloned_from, d.mac, i.created_at, i.updated_at";
+const IMAGE_COLS: &str =
+    "i.name, i.size_bytes, i.description, i.cloned_from, d.mac, i.created_at, i.updated_at";
 
 fn image_row(r: &Row<'_>) -> rusqlite::Result<Image> {
     Ok(Image {
@@ -272,7 +302,8 @@ fn image_row(r: &Row<'_>) -> rusqlite::Result<Image> {
     })
 }
 
-const INSTALLER_COLS: &str = "id, path, name, kind, arch, size_bytes, description, created_at, updated_at";
+const INSTALLER_COLS: &str =
+    "id, path, name, kind, arch, size_bytes, description, created_at, updated_at";
 
 fn installer_row(r: &Row<'_>) -> rusqlite::Result<Installer> {
     Ok(Installer {
@@ -288,7 +319,8 @@ fn installer_row(r: &Row<'_>) -> rusqlite::Result<Installer> {
     })
 }
 
-const PROFILE_COLS: &str = "name, kind, arch, kernel, initrd, cmdline, iso, description, created_at, updated_at";
+const PROFILE_COLS: &str =
+    "name, kind, arch, kernel, initrd, cmdline, iso, description, created_at, updated_at";
 
 fn profile_row(r: &Row<'_>) -> rusqlite::Result<BootProfile> {
     let initrd: String = r.get(4)?;
@@ -332,7 +364,8 @@ fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
     })
 }
 
-const TOKEN_COLS: &str = "t.id, t.name, t.owner, t.role, t.created_at, t.expires_at, t.last_used_at";
+const TOKEN_COLS: &str =
+    "t.id, t.name, t.owner, t.role, t.created_at, t.expires_at, t.last_used_at";
 
 fn token_row(r: &Row<'_>) -> rusqlite::Result<ApiToken> {
     Ok(ApiToken {
@@ -363,9 +396,13 @@ fn audit_row(r: &Row<'_>) -> rusqlite::Result<AuditEntry> {
 // Queries shared by several methods.
 
 fn device_in(c: &Connection, mac: MacAddr) -> Result<Device> {
-    c.query_row(&format!("SELECT {DEVICE_COLS} FROM devices WHERE mac = ?1"), [mac.to_string()], device_row)
-        .optional()?
-        .ok_or_else(|| not_found("device", mac))
+    c.query_row(
+        &format!("SELECT {DEVICE_COLS} FROM devices WHERE mac = ?1"),
+        [mac.to_string()],
+        device_row,
+    )
+    .optional()?
+    .ok_or_else(|| not_found("device", mac))
 }
 
 fn image_in(c: &Connection, name: &str) -> Result<Image> {
@@ -379,21 +416,33 @@ fn image_in(c: &Connection, name: &str) -> Result<Image> {
 }
 
 fn profile_in(c: &Connection, name: &str) -> Result<BootProfile> {
-    c.query_row(&format!("SELECT {PROFILE_COLS} FROM boot_profiles WHERE name = ?1"), [name], profile_row)
-        .optional()?
-        .ok_or_else(|| not_found("profile", name))
+    c.query_row(
+        &format!("SELECT {PROFILE_COLS} FROM boot_profiles WHERE name = ?1"),
+        [name],
+        profile_row,
+    )
+    .optional()?
+    .ok_or_else(|| not_found("profile", name))
 }
 
 fn installer_in(c: &Connection, id: i64) -> Result<Installer> {
-    c.query_row(&format!("SELECT {INSTALLER_COLS} FROM installers WHERE id = ?1"), [id], installer_row)
-        .optional()?
-        .ok_or_else(|| not_found("installer", id))
+    c.query_row(
+        &format!("SELECT {INSTALLER_COLS} FROM installers WHERE id = ?1"),
+        [id],
+        installer_row,
+    )
+    .optional()?
+    .ok_or_else(|| not_found("installer", id))
 }
 
 fn user_in(c: &Connection, username: &str) -> Result<User> {
-    c.query_row(&format!("SELECT {USER_COLS} FROM users WHERE username = ?1"), [username], user_row)
-        .optional()?
-        .ok_or_else(|| not_found("user", username))
+    c.query_row(
+        &format!("SELECT {USER_COLS} FROM users WHERE username = ?1"),
+        [username],
+        user_row,
+    )
+    .optional()?
+    .ok_or_else(|| not_found("user", username))
 }
 
 fn settings_in(c: &Connection) -> Result<Settings> {
@@ -407,7 +456,8 @@ fn settings_in(c: &Connection) -> Result<Settings> {
         let (k, v) = row?;
         // Keys written by a newer netbootd are kept in the table but not interpreted.
         if known.contains_key(&k) {
-            let v = serde_json::from_str(&v).map_err(|_| StoreError::Corrupt { what: "settings" })?;
+            let v =
+                serde_json::from_str(&v).map_err(|_| StoreError::Corrupt { what: "settings" })?;
             map.insert(k, v);
         }
     }
@@ -416,11 +466,19 @@ fn settings_in(c: &Connection) -> Result<Settings> {
 
 /// Checks that the links of a device point at existing objects and that the image is
 /// not linked to another device.
-fn check_links(tx: &Transaction<'_>, mac: MacAddr, image: Option<&str>, profile: Option<&str>) -> Result<()> {
+fn check_links(
+    tx: &Transaction<'_>,
+    mac: MacAddr,
+    image: Option<&str>,
+    profile: Option<&str>,
+) -> Result<()> {
     if let Some(image) = image {
         let img = image_in(tx, image)?;
         if let Some(other) = img.linked_mac.filter(|m| *m != mac) {
-            return Err(StoreError::Conflict(ConflictReason::ImageLinked { image: image.into(), mac: other }));
+            return Err(StoreError::Conflict(ConflictReason::ImageLinked {
+                image: image.into(),
+                mac: other,
+            }));
         }
     }
     if let Some(profile) = profile {
@@ -448,11 +506,16 @@ struct Filter {
 impl Filter {
     fn push(&mut self, clause: &str, v: impl ToSql + 'static) {
         self.params.push(Box::new(v));
-        self.clauses.push(clause.replace('?', &format!("?{}", self.params.len())));
+        self.clauses
+            .push(clause.replace('?', &format!("?{}", self.params.len())));
     }
 
     fn sql(&self) -> String {
-        if self.clauses.is_empty() { String::new() } else { format!("WHERE {}", self.clauses.join(" AND ")) }
+        if self.clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", self.clauses.join(" AND "))
+        }
     }
 
     fn refs(&self) -> Vec<&dyn ToSql> {
@@ -655,18 +718,32 @@ impl Store for Sqlite {
 
     fn get_unknown_device(&self, mac: MacAddr) -> Result<UnknownDevice> {
         self.read(|c| {
-            c.query_row(&format!("SELECT {UNKNOWN_COLS} FROM unknown_devices WHERE mac = ?1"), [mac.to_string()], unknown_row)
-                .optional()?
-                .ok_or_else(|| not_found("unknown device", mac))
+            c.query_row(
+                &format!("SELECT {UNKNOWN_COLS} FROM unknown_devices WHERE mac = ?1"),
+                [mac.to_string()],
+                unknown_row,
+            )
+            .optional()?
+            .ok_or_else(|| not_found("unknown device", mac))
         })
     }
 
     fn delete_unknown_device(&self, a: &Audit, mac: MacAddr) -> Result<()> {
         self.write(|tx| {
-            if tx.execute("DELETE FROM unknown_devices WHERE mac = ?1", [mac.to_string()])? == 0 {
+            if tx.execute(
+                "DELETE FROM unknown_devices WHERE mac = ?1",
+                [mac.to_string()],
+            )? == 0
+            {
                 return Err(not_found("unknown device", mac));
             }
-            audit(tx, a, "unknown_device.delete", &mac.to_string(), &Value::Null)
+            audit(
+                tx,
+                a,
+                "unknown_device.delete",
+                &mac.to_string(),
+                &Value::Null,
+            )
         })
     }
 
@@ -736,8 +813,12 @@ impl Store for Sqlite {
 
     fn list_installers(&self) -> Result<Vec<Installer>> {
         self.read(|c| {
-            let mut stmt = c.prepare(&format!("SELECT {INSTALLER_COLS} FROM installers ORDER BY path"))?;
-            Ok(stmt.query_map([], installer_row)?.collect::<rusqlite::Result<Vec<_>>>()?)
+            let mut stmt = c.prepare(&format!(
+                "SELECT {INSTALLER_COLS} FROM installers ORDER BY path"
+            ))?;
+            Ok(stmt
+                .query_map([], installer_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
         })
     }
 
@@ -797,8 +878,12 @@ impl Store for Sqlite {
 
     fn list_profiles(&self) -> Result<Vec<BootProfile>> {
         self.read(|c| {
-            let mut stmt = c.prepare(&format!("SELECT {PROFILE_COLS} FROM boot_profiles ORDER BY name"))?;
-            Ok(stmt.query_map([], profile_row)?.collect::<rusqlite::Result<Vec<_>>>()?)
+            let mut stmt = c.prepare(&format!(
+                "SELECT {PROFILE_COLS} FROM boot_profiles ORDER BY name"
+            ))?;
+            Ok(stmt
+                .query_map([], profile_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
         })
     }
 
@@ -876,10 +961,18 @@ impl Store for Sqlite {
         self.write(|tx| {
             let p = profile_in(tx, name)?;
             let user: Option<String> = tx
-                .query_row("SELECT mac FROM devices WHERE profile = ?1 ORDER BY mac LIMIT 1", [name], |r| r.get(0))
+                .query_row(
+                    "SELECT mac FROM devices WHERE profile = ?1 ORDER BY mac LIMIT 1",
+                    [name],
+                    |r| r.get(0),
+                )
                 .optional()?;
             if let Some(mac) = user {
-                return Err(StoreError::Conflict(ConflictReason::InUse { kind: "profile", key: name.into(), by: mac }));
+                return Err(StoreError::Conflict(ConflictReason::InUse {
+                    kind: "profile",
+                    key: name.into(),
+                    by: mac,
+                }));
             }
             tx.execute("DELETE FROM boot_profiles WHERE name = ?1", [name])?;
             audit(tx, a, "profile.delete", name, &to_json(&p))
@@ -945,11 +1038,21 @@ impl Store for Sqlite {
                 f.sql(),
                 limit + 1
             ))?;
-            let mut items = stmt.query_map(f.refs().as_slice(), event_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut items = stmt
+                .query_map(f.refs().as_slice(), event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             let more = items.len() > limit as usize;
             items.truncate(limit as usize);
-            let next_cursor = if more { items.last().map(|e| e.id) } else { None };
-            Ok(Page { items, total: u64::try_from(total).unwrap_or(0), next_cursor })
+            let next_cursor = if more {
+                items.last().map(|e| e.id)
+            } else {
+                None
+            };
+            Ok(Page {
+                items,
+                total: u64::try_from(total).unwrap_or(0),
+                next_cursor,
+            })
         })
     }
 
@@ -983,7 +1086,12 @@ impl Store for Sqlite {
         self.read(|c| Ok(enabled_admins(c, None)? == 0))
     }
 
-    fn create_first_admin(&self, username: &str, password_hash: &str, ip: Option<&str>) -> Result<User> {
+    fn create_first_admin(
+        &self,
+        username: &str,
+        password_hash: &str,
+        ip: Option<&str>,
+    ) -> Result<User> {
         self.write(|tx| {
             if enabled_admins(tx, None)? > 0 {
                 return Err(StoreError::Conflict(ConflictReason::SetupDone));
@@ -1001,15 +1109,22 @@ impl Store for Sqlite {
 
     fn list_users(&self) -> Result<Vec<User>> {
         self.read(|c| {
-            let mut stmt = c.prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY username"))?;
-            Ok(stmt.query_map([], user_row)?.collect::<rusqlite::Result<Vec<_>>>()?)
+            let mut stmt =
+                c.prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY username"))?;
+            Ok(stmt
+                .query_map([], user_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
         })
     }
 
     fn get_user_credentials(&self, username: &str) -> Result<(User, String)> {
         self.read(|c| {
             let hash: Option<String> = c
-                .query_row("SELECT password_hash FROM users WHERE username = ?1", [username], |r| r.get(0))
+                .query_row(
+                    "SELECT password_hash FROM users WHERE username = ?1",
+                    [username],
+                    |r| r.get(0),
+                )
                 .optional()?;
             let hash = hash.ok_or_else(|| not_found("user", username))?;
             Ok((user_in(c, username)?, hash))
@@ -1100,10 +1215,15 @@ impl Store for Sqlite {
             )
             .optional()?)
         })?;
-        let Some((session, last_seen, user)) = found else { return Ok(None) };
+        let Some((session, last_seen, user)) = found else {
+            return Ok(None);
+        };
         if now.0 - last_seen > TOUCH_INTERVAL_MS {
             self.write(|tx| {
-                tx.execute("UPDATE sessions SET last_seen = ?2 WHERE token_hash = ?1", params![token_hash, now.0])?;
+                tx.execute(
+                    "UPDATE sessions SET last_seen = ?2 WHERE token_hash = ?1",
+                    params![token_hash, now.0],
+                )?;
                 Ok(())
             })?;
         }
@@ -1120,7 +1240,9 @@ impl Store for Sqlite {
     }
 
     fn prune_sessions(&self, now: Timestamp) -> Result<u64> {
-        self.write(|tx| Ok(tx.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now.0])? as u64))
+        self.write(|tx| {
+            Ok(tx.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now.0])? as u64)
+        })
     }
 
     fn record_audit(&self, a: &Audit, action: &str, target: &str, detail: &Value) -> Result<()> {
@@ -1152,13 +1274,21 @@ impl Store for Sqlite {
 
     fn get_token(&self, id: i64) -> Result<ApiToken> {
         self.read(|c| {
-            c.query_row(&format!("SELECT {TOKEN_COLS} FROM api_tokens t WHERE t.id = ?1"), [id], token_row)
-                .optional()?
-                .ok_or_else(|| not_found("token", id))
+            c.query_row(
+                &format!("SELECT {TOKEN_COLS} FROM api_tokens t WHERE t.id = ?1"),
+                [id],
+                token_row,
+            )
+            .optional()?
+            .ok_or_else(|| not_found("token", id))
         })
     }
 
-    fn authenticate_token(&self, secret_hash: &str, now: Timestamp) -> Result<Option<(ApiToken, User)>> {
+    fn authenticate_token(
+        &self,
+        secret_hash: &str,
+        now: Timestamp,
+    ) -> Result<Option<(ApiToken, User)>> {
         let found = self.read(|c| {
             Ok(c.query_row(
                 &format!(
@@ -1182,10 +1312,18 @@ impl Store for Sqlite {
             )
             .optional()?)
         })?;
-        let Some((token, user)) = found else { return Ok(None) };
-        if token.last_used_at.is_none_or(|t| now.0 - t.0 > TOUCH_INTERVAL_MS) {
+        let Some((token, user)) = found else {
+            return Ok(None);
+        };
+        if token
+            .last_used_at
+            .is_none_or(|t| now.0 - t.0 > TOUCH_INTERVAL_MS)
+        {
             self.write(|tx| {
-                tx.execute("UPDATE api_tokens SET last_used_at = ?2 WHERE id = ?1", params![token.id, now.0])?;
+                tx.execute(
+                    "UPDATE api_tokens SET last_used_at = ?2 WHERE id = ?1",
+                    params![token.id, now.0],
+                )?;
                 Ok(())
             })?;
         }
@@ -1194,11 +1332,20 @@ impl Store for Sqlite {
 
     fn delete_token(&self, a: &Audit, id: i64) -> Result<()> {
         self.write(|tx| {
-            let name: Option<String> =
-                tx.query_row("SELECT name FROM api_tokens WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+            let name: Option<String> = tx
+                .query_row("SELECT name FROM api_tokens WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
             let name = name.ok_or_else(|| not_found("token", id))?;
             tx.execute("DELETE FROM api_tokens WHERE id = ?1", [id])?;
-            audit(tx, a, "token.delete", &format!("token:{id}"), &json!({"name": name}))
+            audit(
+                tx,
+                a,
+                "token.delete",
+                &format!("token:{id}"),
+                &json!({"name": name}),
+            )
         })
     }
 
@@ -1208,7 +1355,10 @@ impl Store for Sqlite {
             f.push("actor = ?", actor.clone());
         }
         if let Some(action) = &q.action {
-            f.push("action LIKE ? ESCAPE '\\'", format!("{}%", like_escape(action)));
+            f.push(
+                "action LIKE ? ESCAPE '\\'",
+                format!("{}%", like_escape(action)),
+            );
         }
         if let Some(target) = &q.target {
             f.push("target = ?", target.clone());

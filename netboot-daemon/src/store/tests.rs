@@ -26,7 +26,11 @@ impl Drop for TempDb {
 }
 
 fn admin() -> Audit {
-    Audit { actor: "admin".into(), via: "session".into(), ip: Some("127.0.0.1".into()) }
+    Audit {
+        actor: "admin".into(),
+        via: "session".into(),
+        ip: Some("127.0.0.1".into()),
+    }
 }
 
 fn mac(s: &str) -> MacAddr {
@@ -47,21 +51,38 @@ fn device(m: &str) -> NewDevice {
 }
 
 fn audit_actions(s: &dyn Store) -> Vec<String> {
-    let q = AuditQuery { limit: 1000, ..AuditQuery::default() };
-    s.list_audit(&q).expect("audit").items.into_iter().map(|e| e.action).collect()
+    let q = AuditQuery {
+        limit: 1000,
+        ..AuditQuery::default()
+    };
+    s.list_audit(&q)
+        .expect("audit")
+        .items
+        .into_iter()
+        .map(|e| e.action)
+        .collect()
 }
 
 #[test]
 fn migrates_from_empty_and_reopens() {
     let db = TempDb::new("migrate");
     let s = Sqlite::open(&db.path()).expect("open new");
-    assert_eq!(s.schema_version().expect("version"), Sqlite::latest_schema_version());
+    assert_eq!(
+        s.schema_version().expect("version"),
+        Sqlite::latest_schema_version()
+    );
     s.check_writable().expect("writable");
-    s.create_device(&admin(), &device("02:00:00:00:00:01")).expect("create");
+    s.create_device(&admin(), &device("02:00:00:00:00:01"))
+        .expect("create");
     drop(s);
     let s = Sqlite::open(&db.path()).expect("reopen");
-    assert_eq!(s.get_device(mac("02:00:00:00:00:01")).expect("kept").name, "unknown-000001");
-    let mode: String = s.read(|c| Ok(c.pragma_query_value(None, "journal_mode", |r| r.get(0))?)).expect("pragma");
+    assert_eq!(
+        s.get_device(mac("02:00:00:00:00:01")).expect("kept").name,
+        "unknown-000001"
+    );
+    let mode: String = s
+        .read(|c| Ok(c.pragma_query_value(None, "journal_mode", |r| r.get(0))?))
+        .expect("pragma");
     assert_eq!(mode, "wal");
 }
 
@@ -81,13 +102,20 @@ fn refuses_a_database_from_a_newer_version() {
 #[test]
 fn a_refused_change_leaves_no_audit_entry() {
     let s = Sqlite::in_memory().expect("store");
-    s.create_device(&admin(), &device("02:00:00:00:00:01")).expect("create");
+    s.create_device(&admin(), &device("02:00:00:00:00:01"))
+        .expect("create");
     assert!(matches!(
         s.create_device(&admin(), &device("02:00:00:00:00:01")),
         Err(StoreError::Conflict(ConflictReason::Exists { .. }))
     ));
-    let patch = DevicePatch { image: Some(Some("missing".into())), ..DevicePatch::default() };
-    assert!(matches!(s.update_device(&admin(), mac("02:00:00:00:00:01"), &patch), Err(StoreError::NotFound { .. })));
+    let patch = DevicePatch {
+        image: Some(Some("missing".into())),
+        ..DevicePatch::default()
+    };
+    assert!(matches!(
+        s.update_device(&admin(), mac("02:00:00:00:00:01"), &patch),
+        Err(StoreError::NotFound { .. })
+    ));
     assert_eq!(audit_actions(&s), ["device.create"]);
 }
 
@@ -95,15 +123,36 @@ fn a_refused_change_leaves_no_audit_entry() {
 fn the_last_enabled_admin_stays() {
     let s = Sqlite::in_memory().expect("store");
     assert!(s.needs_setup().expect("q"));
-    s.create_first_admin("root", "$hash", None).expect("first admin");
+    s.create_first_admin("root", "$hash", None)
+        .expect("first admin");
     assert!(!s.needs_setup().expect("q"));
-    assert!(matches!(s.create_first_admin("again", "$hash", None), Err(StoreError::Conflict(ConflictReason::SetupDone))));
-    let disable = UserPatch { enabled: Some(false), ..UserPatch::default() };
-    assert!(matches!(s.update_user(&admin(), "root", &disable), Err(StoreError::Conflict(ConflictReason::LastAdmin))));
-    s.create_user(&admin(), &NewUser { username: "second".into(), role: Role::Admin, password_hash: "$h".into() })
-        .expect("second admin");
-    s.update_user(&admin(), "root", &disable).expect("now allowed");
-    assert!(matches!(s.delete_user(&admin(), "second"), Err(StoreError::Conflict(ConflictReason::LastAdmin))));
+    assert!(matches!(
+        s.create_first_admin("again", "$hash", None),
+        Err(StoreError::Conflict(ConflictReason::SetupDone))
+    ));
+    let disable = UserPatch {
+        enabled: Some(false),
+        ..UserPatch::default()
+    };
+    assert!(matches!(
+        s.update_user(&admin(), "root", &disable),
+        Err(StoreError::Conflict(ConflictReason::LastAdmin))
+    ));
+    s.create_user(
+        &admin(),
+        &NewUser {
+            username: "second".into(),
+            role: Role::Admin,
+            password_hash: "$h".into(),
+        },
+    )
+    .expect("second admin");
+    s.update_user(&admin(), "root", &disable)
+        .expect("now allowed");
+    assert!(matches!(
+        s.delete_user(&admin(), "second"),
+        Err(StoreError::Conflict(ConflictReason::LastAdmin))
+    ));
 }
 
 #[test]
@@ -121,18 +170,36 @@ fn sessions_end_when_the_password_changes_and_expire() {
     };
     s.create_session(&admin(), &session("a")).expect("session");
     assert!(s.get_session("a", now).expect("q").is_some());
-    assert!(s.get_session("a", now.add_secs(61)).expect("q").is_none(), "expired");
+    assert!(
+        s.get_session("a", now.add_secs(61)).expect("q").is_none(),
+        "expired"
+    );
     assert!(s.get_session("b", now).expect("q").is_none());
-    let pw = UserPatch { password_hash: Some("$new".into()), ..UserPatch::default() };
-    s.update_user(&admin(), "root", &pw).expect("change password");
-    assert!(s.get_session("a", now).expect("q").is_none(), "ended by the password change");
-    let detail = s.list_audit(&AuditQuery { action: Some("user.update".into()), limit: 10, ..AuditQuery::default() })
+    let pw = UserPatch {
+        password_hash: Some("$new".into()),
+        ..UserPatch::default()
+    };
+    s.update_user(&admin(), "root", &pw)
+        .expect("change password");
+    assert!(
+        s.get_session("a", now).expect("q").is_none(),
+        "ended by the password change"
+    );
+    let detail = s
+        .list_audit(&AuditQuery {
+            action: Some("user.update".into()),
+            limit: 10,
+            ..AuditQuery::default()
+        })
         .expect("audit")
         .items[0]
         .detail
         .clone();
     assert_eq!(detail["password"], "changed");
-    assert!(!detail.to_string().contains("$new"), "hashes never reach the audit log");
+    assert!(
+        !detail.to_string().contains("$new"),
+        "hashes never reach the audit log"
+    );
 }
 
 #[test]
@@ -140,16 +207,45 @@ fn sightings_fill_unknown_devices_then_registration_takes_them_over() {
     let s = Sqlite::in_memory().expect("store");
     let m = mac("52:54:00:00:00:01");
     let at = Timestamp(1_000);
-    let sight = |at: Timestamp, arch: Option<Arch>| Sighting { mac: m, at, arch, ip: Some("10.0.0.9".into()), vendor_class: None };
-    assert_eq!(s.record_sighting(&sight(at, Some(Arch::BiosX86))).expect("s"), SightingOutcome::Unknown { first: true });
-    assert_eq!(s.record_sighting(&sight(Timestamp(2_000), None)).expect("s"), SightingOutcome::Unknown { first: false });
+    let sight = |at: Timestamp, arch: Option<Arch>| Sighting {
+        mac: m,
+        at,
+        arch,
+        ip: Some("10.0.0.9".into()),
+        vendor_class: None,
+    };
+    assert_eq!(
+        s.record_sighting(&sight(at, Some(Arch::BiosX86)))
+            .expect("s"),
+        SightingOutcome::Unknown { first: true }
+    );
+    assert_eq!(
+        s.record_sighting(&sight(Timestamp(2_000), None))
+            .expect("s"),
+        SightingOutcome::Unknown { first: false }
+    );
     let u = s.get_unknown_device(m).expect("unknown");
-    assert_eq!((u.seen_count, u.arch, u.first_seen, u.last_seen), (2, Arch::BiosX86, at, Timestamp(2_000)));
-    let d = s.create_device(&admin(), &device("52:54:00:00:00:01")).expect("register");
-    assert_eq!((d.arch, d.first_seen, d.last_seen), (Arch::BiosX86, Some(at), Some(Timestamp(2_000))));
+    assert_eq!(
+        (u.seen_count, u.arch, u.first_seen, u.last_seen),
+        (2, Arch::BiosX86, at, Timestamp(2_000))
+    );
+    let d = s
+        .create_device(&admin(), &device("52:54:00:00:00:01"))
+        .expect("register");
+    assert_eq!(
+        (d.arch, d.first_seen, d.last_seen),
+        (Arch::BiosX86, Some(at), Some(Timestamp(2_000)))
+    );
     assert!(s.get_unknown_device(m).is_err());
-    assert_eq!(s.record_sighting(&sight(Timestamp(3_000), None)).expect("s"), SightingOutcome::Known);
-    assert_eq!(s.get_device(m).expect("d").last_seen, Some(Timestamp(3_000)));
+    assert_eq!(
+        s.record_sighting(&sight(Timestamp(3_000), None))
+            .expect("s"),
+        SightingOutcome::Known
+    );
+    assert_eq!(
+        s.get_device(m).expect("d").last_seen,
+        Some(Timestamp(3_000))
+    );
 }
 
 #[test]
@@ -164,51 +260,132 @@ fn event_retention_is_per_device_and_by_age() {
         ip: None,
     };
     for i in 0..50 {
-        s.add_event(&ev("02:00:00:00:00:01", 10_000 + i), 20).expect("add");
+        s.add_event(&ev("02:00:00:00:00:01", 10_000 + i), 20)
+            .expect("add");
     }
     s.add_event(&ev("02:00:00:00:00:02", 1), 20).expect("add");
-    let q = |m: &str| EventQuery { mac: Some(mac(m)), limit: 1000, ..EventQuery::default() };
+    let q = |m: &str| EventQuery {
+        mac: Some(mac(m)),
+        limit: 1000,
+        ..EventQuery::default()
+    };
     let noisy = s.list_events(&q("02:00:00:00:00:01")).expect("list");
     assert_eq!(noisy.total, 20);
-    assert_eq!(noisy.items.last().map(|e| e.at), Some(Timestamp(10_030)), "oldest trimmed first");
-    assert_eq!(s.list_events(&q("02:00:00:00:00:02")).expect("list").total, 1, "a quiet device keeps its history");
+    assert_eq!(
+        noisy.items.last().map(|e| e.at),
+        Some(Timestamp(10_030)),
+        "oldest trimmed first"
+    );
+    assert_eq!(
+        s.list_events(&q("02:00:00:00:00:02")).expect("list").total,
+        1,
+        "a quiet device keeps its history"
+    );
     assert_eq!(s.prune_events(Timestamp(10_000)).expect("prune"), 1);
-    assert_eq!(s.list_events(&q("02:00:00:00:00:02")).expect("list").total, 0);
+    assert_eq!(
+        s.list_events(&q("02:00:00:00:00:02")).expect("list").total,
+        0
+    );
 }
 
 #[test]
 fn device_search_sort_and_paging() {
     let s = Sqlite::in_memory().expect("store");
-    for (m, name) in [("02:00:00:00:00:03", "Gamma"), ("02:00:00:00:00:01", "alpha"), ("02:00:00:00:00:02", "beta_100%")] {
+    for (m, name) in [
+        ("02:00:00:00:00:03", "Gamma"),
+        ("02:00:00:00:00:01", "alpha"),
+        ("02:00:00:00:00:02", "beta_100%"),
+    ] {
         let mut d = device(m);
         d.name = Some(name.into());
         s.create_device(&admin(), &d).expect("create");
     }
     let names = |q: &DeviceQuery| -> Vec<String> {
-        s.list_devices(q).expect("list").items.into_iter().map(|d| d.name).collect()
+        s.list_devices(q)
+            .expect("list")
+            .items
+            .into_iter()
+            .map(|d| d.name)
+            .collect()
     };
-    let all = DeviceQuery { page: PageQuery { limit: 10, offset: 0 }, ..DeviceQuery::default() };
-    assert_eq!(names(&all), ["alpha", "beta_100%", "Gamma"], "case-insensitive name order");
-    assert_eq!(names(&DeviceQuery { desc: true, sort: DeviceSort::Mac, ..all.clone() }), ["Gamma", "beta_100%", "alpha"]);
-    assert_eq!(names(&DeviceQuery { search: Some("0%".into()), ..all.clone() }), ["beta_100%"], "% is literal");
-    assert_eq!(names(&DeviceQuery { search: Some("00:03".into()), ..all.clone() }), ["Gamma"]);
-    let page = s.list_devices(&DeviceQuery { page: PageQuery { limit: 1, offset: 1 }, ..all }).expect("page");
-    assert_eq!((page.total, page.items.len(), page.items[0].name.as_str()), (3, 1, "beta_100%"));
+    let all = DeviceQuery {
+        page: PageQuery {
+            limit: 10,
+            offset: 0,
+        },
+        ..DeviceQuery::default()
+    };
+    assert_eq!(
+        names(&all),
+        ["alpha", "beta_100%", "Gamma"],
+        "case-insensitive name order"
+    );
+    assert_eq!(
+        names(&DeviceQuery {
+            desc: true,
+            sort: DeviceSort::Mac,
+            ..all.clone()
+        }),
+        ["Gamma", "beta_100%", "alpha"]
+    );
+    assert_eq!(
+        names(&DeviceQuery {
+            search: Some("0%".into()),
+            ..all.clone()
+        }),
+        ["beta_100%"],
+        "% is literal"
+    );
+    assert_eq!(
+        names(&DeviceQuery {
+            search: Some("00:03".into()),
+            ..all.clone()
+        }),
+        ["Gamma"]
+    );
+    let page = s
+        .list_devices(&DeviceQuery {
+            page: PageQuery {
+                limit: 1,
+                offset: 1,
+            },
+            ..all
+        })
+        .expect("page");
+    assert_eq!(
+        (page.total, page.items.len(), page.items[0].name.as_str()),
+        (3, 1, "beta_100%")
+    );
 }
 
 #[test]
 fn settings_round_trip_and_keep_unknown_keys_out() {
     let s = Sqlite::in_memory().expect("store");
     assert_eq!(s.get_settings().expect("get"), Settings::default());
-    let new = Settings { menu_timeout_secs: 3, allow_console_registration: true, ..Settings::default() };
+    let new = Settings {
+        menu_timeout_secs: 3,
+        allow_console_registration: true,
+        ..Settings::default()
+    };
     assert_eq!(s.put_settings(&admin(), &new).expect("put"), new);
     s.write(|tx| {
-        tx.execute("INSERT INTO settings (key, value) VALUES ('from_the_future', '1')", [])?;
+        tx.execute(
+            "INSERT INTO settings (key, value) VALUES ('from_the_future', '1')",
+            [],
+        )?;
         Ok(())
     })
     .expect("insert");
-    assert_eq!(s.get_settings().expect("get"), new, "keys of newer versions are ignored");
-    let q = AuditQuery { action: Some("settings.".into()), limit: 10, ..AuditQuery::default() };
+    assert_eq!(
+        s.get_settings().expect("get"),
+        new,
+        "keys of newer versions are ignored"
+    );
+    let q = AuditQuery {
+        action: Some("settings.".into()),
+        limit: 10,
+        ..AuditQuery::default()
+    };
     let detail = s.list_audit(&q).expect("audit").items[0].detail.clone();
     assert_eq!(detail["menu_timeout_secs"], serde_json::json!([10, 3]));
 }
