@@ -26,12 +26,7 @@ pub fn normalise(raw: &str) -> Result<String, JailError> {
         return Err(JailError::NotRelative);
     }
     let unified = raw.replace('\\', "/");
-    if unified.starts_with('/')
-        || unified
-            .split('/')
-            .next()
-            .is_some_and(|c| c.len() == 2 && c.ends_with(':'))
-    {
+    if unified.starts_with('/') {
         return Err(JailError::NotRelative);
     }
     let mut parts = Vec::new();
@@ -44,7 +39,8 @@ pub fn normalise(raw: &str) -> Result<String, JailError> {
             }
         }
     }
-    if parts.is_empty() {
+    let drive = |c: &str| c.len() == 2 && c.as_bytes()[0].is_ascii_alphabetic() && c.ends_with(':');
+    if parts.first().is_none_or(|c| drive(c)) {
         return Err(JailError::NotRelative);
     }
     Ok(parts.join("/"))
@@ -105,5 +101,16 @@ mod tests {
         assert_eq!(resolve(&root, "link"), Err(JailError::Escapes));
         assert_eq!(resolve(&root, "missing"), Err(JailError::NotFound));
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn normalised_paths_never_escape(raw in "[a-z./\\\\:]{0,30}") {
+            if let Ok(p) = normalise(&raw) {
+                proptest::prop_assert!(!p.starts_with('/'));
+                proptest::prop_assert!(p.split('/').all(|c| !c.is_empty() && c != ".." && c != "."));
+                proptest::prop_assert_eq!(normalise(&p), Ok(p.clone()), "idempotent");
+            }
+        }
     }
 }

@@ -172,4 +172,25 @@ mod tests {
         );
         assert!(MacAddr([1, 0, 0, 0, 0, 0]).is_multicast());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(s in ".{0,40}") {
+            let _ = s.parse::<MacAddr>();
+        }
+
+        #[test]
+        fn every_spelling_round_trips(octets in proptest::array::uniform6(0u8..), upper: bool, style in 0usize..4) {
+            let m = MacAddr(octets);
+            let raw = m.to_hexraw();
+            let text = match style {
+                0 => m.to_string(),
+                1 => m.to_string().replace(':', "-"),
+                2 => raw,
+                _ => format!("{}.{}.{}", &raw[..4], &raw[4..8], &raw[8..]),
+            };
+            let text = if upper { text.to_uppercase() } else { text };
+            proptest::prop_assert_eq!(text.parse::<MacAddr>(), Ok(m));
+        }
+    }
 }
