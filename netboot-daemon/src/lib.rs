@@ -21,4 +21,5 @@ pub mod jail;
 pub mod mac;
 pub mod store;
 pub mod telemetry;
+pub mod tftp;
 pub mod time;

@@ -1,0 +1,523 @@
+//! One read transfer as a sans-IO state machine (RFC 1350, 2347-2349, 7440).
+//!
+//! Call order, as in quinn-proto: feed inputs with [`Transfer::handle_datagram`],
+//! [`Transfer::handle_read`] and [`Transfer::handle_timeout`]; after each input drain
+//! [`Transfer::poll_read`] (file data to fetch), [`Transfer::poll_transmit`] (packets to
+//! send, until `None`), [`Transfer::poll_event`], and arm a timer for
+//! [`Transfer::poll_timeout`]. The transfer never reads a clock, a file or a socket.
+//!
+//! Sorcerer's Apprentice avoidance (RFC 1350 errata, RFC 1123 §4.2.3.1): a duplicate ACK
+//! never triggers a retransmission; only the timer or (with windowsize > 1) an ACK that
+//! acknowledges part of the window does, and then the window resumes from the block after
+//! the last acknowledged one (RFC 7440 §4).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::wire::{self, ErrorCode, Mode, Packet, Request};
+
+/// Largest blksize (RFC 2348: 65464 = 65535 - 20 - 8 - 4 - 39 of slack used by everyone).
+pub const MAX_BLKSIZE: u16 = 65464;
+
+/// Limits and defaults of the transfers.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest blksize granted; larger requests are clamped to it.
+    pub max_blksize: u16,
+    /// Largest windowsize granted; larger requests are clamped to it.
+    pub max_windowsize: u16,
+    /// Retransmission timeout when the client asks for none.
+    pub default_timeout: Duration,
+    /// Retransmissions of one window before the transfer is abandoned.
+    pub max_retries: u32,
+    /// Bytes fetched per file read (at least one window is always fetched).
+    pub read_chunk: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_blksize: MAX_BLKSIZE,
+            max_windowsize: 64,
+            default_timeout: Duration::from_secs(1),
+            max_retries: 5,
+            read_chunk: 256 * 1024,
+        }
+    }
+}
+
+/// What was negotiated for a transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Block size.
+    pub blksize: u16,
+    /// Window size (1 is lock-step).
+    pub windowsize: u16,
+    /// Retransmission timeout.
+    pub timeout: Duration,
+    /// The OACK to send, empty when no option was accepted (then DATA 1 goes first).
+    pub oack: Vec<(&'static str, String)>,
+}
+
+fn number(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok()?.trim().parse().ok()
+}
+
+/// Negotiates the options of `req` (RFC 2347 §4): unknown and invalid options are
+/// ignored, blksize and windowsize are clamped to the configured maxima, tsize is
+/// answered in octet mode when the size is known.
+pub fn negotiate(req: &Request<'_>, cfg: &Config, size: Option<u64>) -> Negotiated {
+    let mut n = Negotiated {
+        blksize: 512,
+        windowsize: 1,
+        timeout: cfg.default_timeout,
+        oack: Vec::new(),
+    };
+    for (name, value) in &req.options {
+        let Ok(name) = std::str::from_utf8(name) else {
+            continue;
+        };
+        let name = name.to_ascii_lowercase();
+        if n.oack.iter().any(|(k, _)| *k == name) {
+            continue; // The first occurrence wins.
+        }
+        match (name.as_str(), number(value)) {
+            ("blksize", Some(v)) if v >= 8 => {
+                n.blksize = u16::try_from(v)
+                    .unwrap_or(u16::MAX)
+                    .min(cfg.max_blksize.max(8));
+                n.oack.push(("blksize", n.blksize.to_string()));
+            }
+            ("windowsize", Some(v)) if v >= 1 => {
+                n.windowsize = u16::try_from(v)
+                    .unwrap_or(u16::MAX)
+                    .min(cfg.max_windowsize.max(1));
+                n.oack.push(("windowsize", n.windowsize.to_string()));
+            }
+            ("timeout", Some(v)) if (1..=255).contains(&v) => {
+                n.timeout = Duration::from_secs(v);
+                n.oack.push(("timeout", v.to_string()));
+            }
+            ("tsize", Some(_)) if req.mode == Mode::Octet => {
+                if let Some(size) = size {
+                    n.oack.push(("tsize", size.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+/// A request for file data: bytes `offset..offset + len` of the source file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadRequest {
+    /// Source offset.
+    pub offset: u64,
+    /// Bytes wanted; fewer means end of file.
+    pub len: usize,
+}
+
+/// How a transfer ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The client acknowledged the last block.
+    Done(Summary),
+    /// The transfer was abandoned.
+    Failed(Failure, Summary),
+}
+
+/// Figures of a finished transfer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// File bytes the client acknowledged (after netascii translation).
+    pub bytes: u64,
+    /// DATA packets sent, retransmissions included.
+    pub packets: u64,
+    /// DATA and OACK packets sent again.
+    pub retransmits: u64,
+    /// Time from the request to the end.
+    pub duration: Duration,
+}
+
+/// Why a transfer failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// No acknowledgement after the last retry.
+    TimedOut,
+    /// The client sent an ERROR.
+    ClientError(ErrorCode),
+    /// The file became shorter while it was being sent.
+    FileChanged,
+    /// Reading the file failed.
+    ReadFailed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// OACK sent (or to be sent); waiting for ACK 0.
+    ExpectOackAck,
+    /// Sending windows; waiting for ACKs.
+    Sending,
+    /// Finished; nothing more to do.
+    Closed,
+}
+
+/// One read transfer.
+#[derive(Debug)]
+pub struct Transfer {
+    blksize: usize,
+    window: u64,
+    base_rto: Duration,
+    max_retries: u32,
+    read_chunk: usize,
+    netascii: bool,
+    oack: Option<Vec<u8>>,
+    state: State,
+    // The outgoing stream (after netascii translation) from `buf_start`.
+    buf: VecDeque<u8>,
+    buf_start: u64,
+    src_pos: u64,
+    src_size: Option<u64>,
+    src_eof: bool,
+    read_pending: bool,
+    // Windows: `base` is the first unacknowledged block, `next` the next to transmit.
+    base: u64,
+    next: u64,
+    oack_sent: bool,
+    rewound_at: u64,
+    retries: u32,
+    rto: Duration,
+    deadline: Option<Instant>,
+    started: Instant,
+    summary: Summary,
+    error_out: Option<Vec<u8>>,
+    events: VecDeque<Event>,
+}
+
+impl Transfer {
+    /// Starts a transfer of a source of `size` bytes (`None` when unknown) negotiated as
+    /// `neg`, in `mode` (octet or netascii).
+    pub fn new(
+        now: Instant,
+        neg: &Negotiated,
+        mode: Mode,
+        size: Option<u64>,
+        cfg: &Config,
+    ) -> Self {
+        let oack = (!neg.oack.is_empty()).then(|| {
+            let mut b = vec![0u8; 512];
+            let n = wire::emit_oack(&mut b, &neg.oack).unwrap_or(0);
+            b.truncate(n);
+            b
+        });
+        let state = if oack.is_some() {
+            State::ExpectOackAck
+        } else {
+            State::Sending
+        };
+        Self {
+            blksize: usize::from(neg.blksize),
+            window: u64::from(neg.windowsize.max(1)),
+            base_rto: neg.timeout,
+            max_retries: cfg.max_retries,
+            read_chunk: cfg.read_chunk,
+            netascii: mode == Mode::Netascii,
+            oack,
+            state,
+            buf: VecDeque::new(),
+            buf_start: 0,
+            src_pos: 0,
+            src_size: size,
+            src_eof: size == Some(0),
+            read_pending: false,
+            base: 1,
+            next: 1,
+            oack_sent: false,
+            rewound_at: 0,
+            retries: 0,
+            rto: neg.timeout,
+            deadline: None,
+            started: now,
+            summary: Summary::default(),
+            error_out: None,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// True once the transfer has ended (its event is queued).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Negotiated block size.
+    pub fn blksize(&self) -> usize {
+        self.blksize
+    }
+
+    /// The buffer size [`Transfer::poll_transmit`] needs: a DATA packet, an OACK or an
+    /// ERROR, whichever is largest.
+    pub fn buffer_len(&self) -> usize {
+        (self.blksize + 4).max(516)
+    }
+
+    /// Stream length once known (octet: the file size; netascii: at end of file).
+    fn stream_len(&self) -> Option<u64> {
+        if self.src_eof {
+            Some(self.buf_start + self.buf.len() as u64)
+        } else {
+            None
+        }
+    }
+
+    /// Index of the final block, once known.
+    fn last_block(&self) -> Option<u64> {
+        self.stream_len().map(|len| len / self.blksize as u64 + 1)
+    }
+
+    fn block_range(&self, block: u64) -> (u64, u64) {
+        let start = (block - 1) * self.blksize as u64;
+        (start, start + self.blksize as u64)
+    }
+
+    fn finish(&mut self, now: Instant, failure: Option<Failure>) {
+        self.state = State::Closed;
+        self.deadline = None;
+        self.summary.duration = now.saturating_duration_since(self.started);
+        let s = self.summary.clone();
+        self.events.push_back(match failure {
+            None => Event::Done(s),
+            Some(f) => Event::Failed(f, s),
+        });
+    }
+
+    fn fail_with_error(&mut self, now: Instant, failure: Failure, code: ErrorCode, msg: &str) {
+        let mut b = vec![0u8; 4 + msg.len() + 1];
+        if let Some(n) = wire::emit_error(&mut b, code, msg) {
+            b.truncate(n);
+            self.error_out = Some(b);
+        }
+        self.finish(now, Some(failure));
+    }
+
+    /// Handles a datagram from the client's transfer port.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+        if self.state == State::Closed {
+            return;
+        }
+        match Packet::parse(datagram) {
+            Ok(Packet::Ack { block }) => self.handle_ack(now, block),
+            Ok(Packet::Error { code, .. }) => self.finish(now, Some(Failure::ClientError(code))),
+            // Anything else on a read transfer is ignored (and counted by the driver).
+            Ok(_) | Err(_) => {}
+        }
+    }
+
+    fn handle_ack(&mut self, now: Instant, block: u16) {
+        if self.state == State::ExpectOackAck {
+            if block == 0 && self.oack_sent {
+                self.state = State::Sending;
+                self.retries = 0;
+                self.rto = self.base_rto;
+                self.deadline = None;
+            }
+            return;
+        }
+        // The acknowledged block is the one in [base - 1, next - 1] with these low 16 bits.
+        let Some(acked) = (self.base - 1..self.next)
+            .rev()
+            .find(|b| (*b & 0xffff) as u16 == block)
+        else {
+            return; // Stale or bogus: ignore.
+        };
+        if acked < self.base {
+            // A repeated ACK of the previous window. In lock-step this is the Sorcerer's
+            // Apprentice case: ignore it. With a window, the client lost the window's first
+            // block and tells us once: resume at once, but only once per window.
+            if self.window > 1 && self.next > self.base && self.rewound_at != self.base {
+                self.rewound_at = self.base;
+                self.summary.retransmits += self.next - self.base;
+                self.next = self.base;
+                self.deadline = None;
+            }
+            return;
+        }
+        let (_, end) = self.block_range(acked);
+        let acked_bytes = end.min(self.stream_len().unwrap_or(u64::MAX));
+        let drop = usize::try_from(acked_bytes.saturating_sub(self.buf_start))
+            .unwrap_or(usize::MAX)
+            .min(self.buf.len());
+        self.buf.drain(..drop);
+        self.buf_start += drop as u64;
+        self.summary.bytes = acked_bytes;
+        self.base = acked + 1;
+        self.retries = 0;
+        self.rto = self.base_rto;
+        self.deadline = None;
+        if self.last_block() == Some(acked) {
+            self.finish(now, None);
+            return;
+        }
+        if self.next > self.base {
+            // Part of the window was lost: resume after the last acknowledged block.
+            self.summary.retransmits += self.next - self.base;
+            self.next = self.base;
+        }
+    }
+
+    /// Handles file data for the last [`ReadRequest`]; fewer bytes than asked means end
+    /// of file. `Err` aborts the transfer.
+    pub fn handle_read(&mut self, now: Instant, data: Result<&[u8], ()>) {
+        self.read_pending = false;
+        if self.state == State::Closed {
+            return;
+        }
+        let Ok(data) = data else {
+            self.fail_with_error(now, Failure::ReadFailed, ErrorCode::UNDEFINED, "read error");
+            return;
+        };
+        if self.netascii {
+            for &c in data {
+                match c {
+                    b'\n' => self.buf.extend([b'\r', b'\n']),
+                    b'\r' => self.buf.extend([b'\r', 0]),
+                    c => self.buf.push_back(c),
+                }
+            }
+        } else {
+            self.buf.extend(data);
+        }
+        self.src_pos += data.len() as u64;
+        match self.src_size {
+            Some(size) if self.src_pos >= size => self.src_eof = true,
+            Some(_) if data.is_empty() => {
+                self.fail_with_error(
+                    now,
+                    Failure::FileChanged,
+                    ErrorCode::UNDEFINED,
+                    "file changed during transfer",
+                );
+            }
+            None if data.is_empty() => self.src_eof = true,
+            _ => {}
+        }
+    }
+
+    /// Handles the timer set by [`Transfer::poll_timeout`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(deadline) = self.deadline else {
+            return;
+        };
+        if now < deadline || self.state == State::Closed {
+            return;
+        }
+        self.deadline = None;
+        self.retries += 1;
+        if self.retries > self.max_retries {
+            self.fail_with_error(now, Failure::TimedOut, ErrorCode::UNDEFINED, "timed out");
+            return;
+        }
+        self.rto = (self.rto * 2).min(self.base_rto * 8);
+        match self.state {
+            State::ExpectOackAck => {
+                self.oack_sent = false;
+                self.summary.retransmits += 1;
+            }
+            State::Sending => {
+                self.summary.retransmits += self.next - self.base;
+                self.next = self.base;
+            }
+            State::Closed => {}
+        }
+    }
+
+    /// The file data needed next, if any (at most one read is outstanding).
+    pub fn poll_read(&mut self) -> Option<ReadRequest> {
+        if self.read_pending || self.src_eof || self.state == State::Closed {
+            return None;
+        }
+        let want_end = (self.base - 1 + self.window) * self.blksize as u64 + 1;
+        let have_end = self.buf_start + self.buf.len() as u64;
+        if have_end >= want_end {
+            return None;
+        }
+        let mut len = usize::try_from(want_end - have_end)
+            .unwrap_or(usize::MAX)
+            .max(self.read_chunk);
+        if let Some(size) = self.src_size {
+            len = len.min(usize::try_from(size.saturating_sub(self.src_pos)).unwrap_or(usize::MAX));
+            if len == 0 {
+                return None;
+            }
+        }
+        self.read_pending = true;
+        Some(ReadRequest {
+            offset: self.src_pos,
+            len,
+        })
+    }
+
+    /// Writes the next packet to send into `buf` (at least [`Transfer::buffer_len`]
+    /// bytes); returns its length.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        if let Some(e) = self.error_out.take() {
+            let b = buf.get_mut(..e.len())?;
+            b.copy_from_slice(&e);
+            return Some(e.len());
+        }
+        match self.state {
+            State::Closed => None,
+            State::ExpectOackAck => {
+                if self.oack_sent {
+                    return None;
+                }
+                let oack = self.oack.as_deref()?;
+                buf.get_mut(..oack.len())?.copy_from_slice(oack);
+                self.oack_sent = true;
+                self.deadline = Some(now + self.rto);
+                Some(oack.len())
+            }
+            State::Sending => {
+                let window_end = self.base + self.window;
+                let last = self.last_block();
+                if self.next >= window_end || last.is_some_and(|l| self.next > l) {
+                    return None;
+                }
+                let (start, end) = self.block_range(self.next);
+                let have_end = self.buf_start + self.buf.len() as u64;
+                let end = match self.stream_len() {
+                    Some(len) => end.min(len),
+                    None if have_end >= end => end,
+                    None => return None, // Waiting for data.
+                };
+                if have_end < end {
+                    return None;
+                }
+                let len = usize::try_from(end - start).unwrap_or(0);
+                let from = usize::try_from(start - self.buf_start).unwrap_or(0);
+                let out = buf.get_mut(..4 + len)?;
+                wire::emit_data_header(out, (self.next & 0xffff) as u16)?;
+                out[4..].copy_from_slice(self.buf.make_contiguous().get(from..from + len)?);
+                self.next += 1;
+                self.summary.packets += 1;
+                if self.next >= window_end || last.is_some_and(|l| self.next > l) {
+                    self.deadline = Some(now + self.rto);
+                }
+                Some(4 + len)
+            }
+        }
+    }
+
+    /// When [`Transfer::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// How the transfer ended, once.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,497 @@
+//! Deterministic simulation of transfers against a model client over a lossy,
+//! duplicating, reordering network with a virtual clock.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+
+use super::*;
+use crate::tftp::wire::{Opcode, emit_ack, emit_request};
+
+/// A client as RFC 7440 §4 describes it: ACK every `window` blocks or the last one; on a
+/// gap, ACK the last block received in order; on silence, repeat the last ACK.
+struct Client {
+    blksize: usize,
+    window: u64,
+    expected: u64,
+    since_ack: u64,
+    data: Vec<u8>,
+    done: bool,
+    last_ack: Option<u16>,
+    last_heard: Instant,
+}
+
+impl Client {
+    fn on_packet(&mut self, now: Instant, p: &[u8]) -> Option<u16> {
+        self.last_heard = now;
+        match Packet::parse(p).expect("server sends valid packets") {
+            Packet::Oack { .. } => {
+                if self.expected == 1 {
+                    self.last_ack = Some(0);
+                    return Some(0);
+                }
+                None
+            }
+            Packet::Data { block, data } => {
+                if self.done {
+                    return self.last_ack;
+                }
+                if block == (self.expected & 0xffff) as u16 {
+                    self.data.extend_from_slice(data);
+                    self.expected += 1;
+                    self.since_ack += 1;
+                    if data.len() < self.blksize {
+                        self.done = true;
+                    }
+                    if self.done || self.since_ack >= self.window {
+                        self.since_ack = 0;
+                        let b = ((self.expected - 1) & 0xffff) as u16;
+                        self.last_ack = Some(b);
+                        return Some(b);
+                    }
+                    None
+                } else {
+                    // Out of order: acknowledge the last block received in order.
+                    self.since_ack = 0;
+                    let b = ((self.expected - 1) & 0xffff) as u16;
+                    self.last_ack = Some(b);
+                    Some(b)
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+struct Net {
+    rng: StdRng,
+    loss: f64,
+    dup: f64,
+    jitter_us: u64,
+}
+
+impl Net {
+    /// Delivery times of a packet sent at `now`: none (lost), one, or two (duplicated).
+    fn deliveries(&mut self, now: Instant) -> Vec<Instant> {
+        let mut out = Vec::new();
+        if !self.rng.random_bool(self.loss) {
+            out.push(now + Duration::from_micros(50 + self.rng.random_range(0..=self.jitter_us)));
+            if self.rng.random_bool(self.dup) {
+                out.push(
+                    now + Duration::from_micros(
+                        50 + self.rng.random_range(0..=self.jitter_us * 3 + 100),
+                    ),
+                );
+            }
+        }
+        out
+    }
+}
+
+struct Outcome {
+    event: Event,
+    received: Vec<u8>,
+    client_done: bool,
+}
+
+fn file(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+fn run(
+    source: &[u8],
+    mode: Mode,
+    options: &[(&str, &str)],
+    net: &mut Net,
+    cfg: &Config,
+) -> Outcome {
+    let t0 = Instant::now();
+    let mut rq = vec![0u8; 512];
+    let n = emit_request(
+        &mut rq,
+        Opcode::RRQ,
+        "f",
+        if mode == Mode::Netascii {
+            "netascii"
+        } else {
+            "octet"
+        },
+        options,
+    )
+    .expect("request fits");
+    let Ok(Packet::Rrq(req)) = Packet::parse(&rq[..n]) else {
+        panic!("rrq")
+    };
+    let size = Some(source.len() as u64);
+    let neg = negotiate(&req, cfg, size);
+    let mut t = Transfer::new(t0, &neg, mode, size, cfg);
+    let mut client = Client {
+        blksize: usize::from(neg.blksize),
+        window: u64::from(neg.windowsize),
+        expected: 1,
+        since_ack: 0,
+        data: Vec::new(),
+        done: false,
+        last_ack: None,
+        last_heard: t0,
+    };
+    // In-flight packets keyed by (delivery time, sequence): to the client or to the server.
+    let mut to_client: BTreeMap<(Instant, u64), Vec<u8>> = BTreeMap::new();
+    let mut to_server: BTreeMap<(Instant, u64), Vec<u8>> = BTreeMap::new();
+    let mut seq = 0u64;
+    let mut now = t0;
+    let mut buf = vec![0u8; t.buffer_len()];
+    let client_timeout = Duration::from_millis(1500);
+    for _step in 0..2_000_000 {
+        // Server side: serve reads, transmit.
+        while let Some(r) = t.poll_read() {
+            let start = usize::try_from(r.offset).expect("offset");
+            let end = (start + r.len).min(source.len());
+            t.handle_read(now, Ok(&source[start..end]));
+        }
+        while let Some(n) = t.poll_transmit(now, &mut buf) {
+            for at in net.deliveries(now) {
+                seq += 1;
+                to_client.insert((at, seq), buf[..n].to_vec());
+            }
+        }
+        if let Some(ev) = t.poll_event() {
+            // Let the client drain what is in flight so its view is complete.
+            for (_, p) in std::mem::take(&mut to_client) {
+                client.on_packet(now, &p);
+            }
+            return Outcome {
+                event: ev,
+                received: client.data,
+                client_done: client.done,
+            };
+        }
+        // Next thing to happen on the virtual clock.
+        let next_client = to_client.keys().next().map(|k| k.0);
+        let next_server = to_server.keys().next().map(|k| k.0);
+        let client_timer = (!client.done).then(|| client.last_heard + client_timeout);
+        let next = [next_client, next_server, t.poll_timeout(), client_timer]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("something pending");
+        now = now.max(next);
+        if next_client == Some(next) {
+            let (_, p) = to_client.pop_first().expect("packet");
+            if let Some(ack) = client.on_packet(now, &p) {
+                let mut a = [0u8; 4];
+                emit_ack(&mut a, ack).expect("ack");
+                for at in net.deliveries(now) {
+                    seq += 1;
+                    to_server.insert((at, seq), a.to_vec());
+                }
+            }
+        } else if next_server == Some(next) {
+            let (_, p) = to_server.pop_first().expect("packet");
+            t.handle_datagram(now, &p);
+        } else if t.poll_timeout() == Some(next) {
+            t.handle_timeout(now);
+        } else {
+            // Client timer: repeat the last ACK (RRQ retransmission is out of scope here).
+            client.last_heard = now;
+            if let Some(ack) = client.last_ack {
+                let mut a = [0u8; 4];
+                emit_ack(&mut a, ack).expect("ack");
+                for at in net.deliveries(now) {
+                    seq += 1;
+                    to_server.insert((at, seq), a.to_vec());
+                }
+            }
+        }
+    }
+    panic!("simulation did not finish");
+}
+
+fn clean() -> Net {
+    Net {
+        rng: StdRng::seed_from_u64(1),
+        loss: 0.0,
+        dup: 0.0,
+        jitter_us: 0,
+    }
+}
+
+fn assert_done(o: &Outcome, want: &[u8]) {
+    match &o.event {
+        Event::Done(s) => assert_eq!(s.bytes, want.len() as u64),
+        other => panic!("transfer failed: {other:?}"),
+    }
+    assert!(o.client_done);
+    assert!(
+        o.received == want,
+        "received {} bytes, want {}",
+        o.received.len(),
+        want.len()
+    );
+}
+
+#[test]
+fn lock_step_without_options_sends_512_byte_blocks() {
+    for len in [0, 1, 511, 512, 513, 1024, 5000] {
+        let f = file(len);
+        let o = run(&f, Mode::Octet, &[], &mut clean(), &Config::default());
+        assert_done(&o, &f);
+        let Event::Done(s) = o.event else {
+            unreachable!()
+        };
+        assert_eq!(
+            s.packets,
+            len as u64 / 512 + 1,
+            "len {len}: a multiple of 512 ends with an empty block"
+        );
+        assert_eq!(s.retransmits, 0);
+    }
+}
+
+#[test]
+fn options_are_negotiated_clamped_or_ignored() {
+    let cfg = Config {
+        max_blksize: 1468,
+        max_windowsize: 16,
+        ..Config::default()
+    };
+    let req_with = |opts: &[(&str, &str)], mode: &str| {
+        let mut b = vec![0u8; 300];
+        let n = emit_request(&mut b, Opcode::RRQ, "f", mode, opts).expect("fits");
+        b.truncate(n);
+        b
+    };
+    let neg = |b: &[u8]| {
+        let Ok(Packet::Rrq(r)) = Packet::parse(b) else {
+            panic!()
+        };
+        negotiate(&r, &cfg, Some(1000))
+    };
+    let n = neg(&req_with(
+        &[
+            ("BlkSize", "65464"),
+            ("windowsize", "64"),
+            ("tsize", "0"),
+            ("timeout", "3"),
+            ("x-vendor", "1"),
+        ],
+        "octet",
+    ));
+    assert_eq!(
+        (n.blksize, n.windowsize, n.timeout),
+        (1468, 16, Duration::from_secs(3))
+    );
+    let names: Vec<_> = n.oack.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    assert_eq!(
+        names,
+        ["blksize=1468", "windowsize=16", "tsize=1000", "timeout=3"]
+    );
+    let n = neg(&req_with(
+        &[
+            ("blksize", "7"),
+            ("timeout", "0"),
+            ("windowsize", "0"),
+            ("blksize", "1024"),
+        ],
+        "octet",
+    ));
+    assert_eq!(
+        (n.blksize, n.windowsize),
+        (1024, 1),
+        "invalid values are ignored; the next occurrence counts"
+    );
+    let n = neg(&req_with(&[("tsize", "0")], "netascii"));
+    assert!(
+        n.oack.is_empty(),
+        "no tsize in netascii: the translated size is unknown"
+    );
+}
+
+#[test]
+fn windowed_transfers_with_rollover_are_exact() {
+    // 70000 blocks of 8 bytes: the block number wraps past 65535.
+    let f = file(8 * 70_000 + 3);
+    let cfg = Config::default();
+    let o = run(
+        &f,
+        Mode::Octet,
+        &[("blksize", "8"), ("windowsize", "16")],
+        &mut clean(),
+        &cfg,
+    );
+    assert_done(&o, &f);
+    let f = file(100_000);
+    let o = run(
+        &f,
+        Mode::Octet,
+        &[("blksize", "1468"), ("windowsize", "64"), ("tsize", "0")],
+        &mut clean(),
+        &cfg,
+    );
+    assert_done(&o, &f);
+}
+
+#[test]
+fn netascii_translates_line_ends() {
+    let src = b"line one\nline two\r\nbare cr\r end\n".repeat(40);
+    let o = run(&src, Mode::Netascii, &[], &mut clean(), &Config::default());
+    let mut want = Vec::new();
+    for &c in &src {
+        match c {
+            b'\n' => want.extend_from_slice(b"\r\n"),
+            b'\r' => want.extend_from_slice(b"\r\0"),
+            c => want.push(c),
+        }
+    }
+    assert_done(&o, &want);
+}
+
+#[test]
+fn loss_duplication_and_reordering_never_corrupt_a_transfer() {
+    let cfg = Config {
+        max_retries: 50,
+        ..Config::default()
+    };
+    for seed in 0..40 {
+        for (opts, len) in [
+            (&[][..], 20_000),
+            (&[("blksize", "1432")][..], 60_000),
+            (&[("blksize", "1468"), ("windowsize", "4")][..], 120_000),
+            (&[("blksize", "512"), ("windowsize", "64")][..], 150_000),
+        ] {
+            let mut net = Net {
+                rng: StdRng::seed_from_u64(seed),
+                loss: 0.05,
+                dup: 0.05,
+                jitter_us: 400,
+            };
+            let f = file(len);
+            let o = run(&f, Mode::Octet, opts, &mut net, &cfg);
+            assert_done(&o, &f);
+        }
+    }
+}
+
+#[test]
+fn duplicate_acks_do_not_cause_retransmissions_in_lock_step() {
+    // Sorcerer's Apprentice: every ACK duplicated, nothing lost, no retransmission.
+    let mut net = Net {
+        rng: StdRng::seed_from_u64(7),
+        loss: 0.0,
+        dup: 1.0,
+        jitter_us: 0,
+    };
+    let f = file(50_000);
+    let o = run(
+        &f,
+        Mode::Octet,
+        &[("blksize", "1432")],
+        &mut net,
+        &Config::default(),
+    );
+    assert_done(&o, &f);
+    let Event::Done(s) = o.event else {
+        unreachable!()
+    };
+    assert_eq!(s.retransmits, 0);
+    assert_eq!(s.packets, 50_000 / 1432 + 1);
+}
+
+#[test]
+fn a_silent_client_times_out_after_the_retry_limit() {
+    let t0 = Instant::now();
+    let cfg = Config {
+        max_retries: 3,
+        ..Config::default()
+    };
+    let neg = Negotiated {
+        blksize: 512,
+        windowsize: 1,
+        timeout: Duration::from_secs(1),
+        oack: Vec::new(),
+    };
+    let mut t = Transfer::new(t0, &neg, Mode::Octet, Some(2000), &cfg);
+    let mut buf = [0u8; 516];
+    let mut now = t0;
+    let mut sends = 0;
+    let mut timeouts = Vec::new();
+    loop {
+        if let Some(r) = t.poll_read() {
+            t.handle_read(now, Ok(&vec![1u8; r.len]));
+        }
+        while let Some(n) = t.poll_transmit(now, &mut buf) {
+            if Packet::parse(&buf[..n]).is_ok_and(|p| matches!(p, Packet::Data { .. })) {
+                sends += 1;
+            }
+        }
+        if let Some(ev) = t.poll_event() {
+            assert!(matches!(ev, Event::Failed(Failure::TimedOut, _)), "{ev:?}");
+            break;
+        }
+        let d = t.poll_timeout().expect("armed");
+        timeouts.push(d - now);
+        now = d;
+        t.handle_timeout(now);
+    }
+    assert_eq!(sends, 4, "the first send and three retries");
+    assert_eq!(
+        timeouts,
+        [1, 2, 4, 8].map(Duration::from_secs),
+        "exponential backoff"
+    );
+    assert!(t.is_closed());
+}
+
+#[test]
+fn a_file_that_shrinks_aborts_with_an_error() {
+    let t0 = Instant::now();
+    let cfg = Config::default();
+    let neg = Negotiated {
+        blksize: 512,
+        windowsize: 1,
+        timeout: Duration::from_secs(1),
+        oack: Vec::new(),
+    };
+    let mut t = Transfer::new(t0, &neg, Mode::Octet, Some(10_000), &cfg);
+    let r = t.poll_read().expect("read");
+    assert_eq!(r.offset, 0);
+    t.handle_read(t0, Ok(&[]));
+    let mut buf = [0u8; 516];
+    let n = t.poll_transmit(t0, &mut buf).expect("error packet");
+    assert!(matches!(
+        Packet::parse(&buf[..n]),
+        Ok(Packet::Error {
+            code: ErrorCode::UNDEFINED,
+            ..
+        })
+    ));
+    assert!(matches!(
+        t.poll_event(),
+        Some(Event::Failed(Failure::FileChanged, _))
+    ));
+}
+
+#[test]
+fn a_client_error_ends_the_transfer() {
+    let t0 = Instant::now();
+    let neg = Negotiated {
+        blksize: 512,
+        windowsize: 1,
+        timeout: Duration::from_secs(1),
+        oack: vec![("tsize", "9".into())],
+    };
+    let mut t = Transfer::new(t0, &neg, Mode::Octet, Some(9), &Config::default());
+    let mut buf = [0u8; 516];
+    assert!(t.poll_transmit(t0, &mut buf).is_some(), "OACK");
+    t.handle_datagram(t0, b"\0\x05\0\x08option refused\0");
+    assert!(matches!(
+        t.poll_event(),
+        Some(Event::Failed(
+            Failure::ClientError(ErrorCode::BAD_OPTIONS),
+            _
+        ))
+    ));
+    assert!(t.poll_transmit(t0, &mut buf).is_none());
+}
