@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, VERSION};
 use crate::config::Validated;
+use crate::ebpf::Accounting;
 use crate::store::{Sqlite, Store};
 use crate::time::Timestamp;
 
@@ -78,6 +79,7 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || s.needs_setup()).await??
     };
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&store)));
+    let accounting = start_accounting(&cfg).map(|a| tokio::spawn(forward_kernel_logs(a)));
 
     let url = display_url(addr);
     let data_dir = cfg
@@ -101,8 +103,52 @@ pub async fn serve(
         .await
         .context("serving HTTP")?;
     housekeeping.abort();
+    if let Some(task) = accounting {
+        // Dropping the task's Accounting detaches the programs.
+        task.abort();
+        let _ = task.await;
+    }
     tracing::info!("netbootd stopped");
     Ok(())
+}
+
+/// Loads the eBPF program and attaches it to the configured interfaces. Failure is not
+/// fatal: the daemon runs on without kernel counters and says so.
+fn start_accounting(cfg: &Validated) -> Option<Accounting> {
+    let ebpf = &cfg.config.ebpf;
+    if ebpf.interfaces.is_empty() {
+        tracing::info!("eBPF accounting off: no ebpf.interfaces configured");
+        return None;
+    }
+    let mut acc = match Accounting::load(ebpf.max_entries) {
+        Ok(a) => a,
+        Err(error) => {
+            tracing::warn!(%error, "eBPF accounting unavailable: per-client kernel byte counters are off");
+            return None;
+        }
+    };
+    let mut attached = 0;
+    for iface in &ebpf.interfaces {
+        match acc.attach(iface) {
+            Ok(mode) => {
+                attached += 1;
+                tracing::info!(iface = %iface, %mode, "eBPF accounting attached");
+            }
+            Err(error) => {
+                tracing::warn!(iface = %iface, %error, "eBPF accounting could not attach")
+            }
+        }
+    }
+    (attached > 0).then_some(acc)
+}
+
+/// Owns the accounting programs and forwards their kernel log lines.
+async fn forward_kernel_logs(mut acc: Accounting) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        acc.drain_logs();
+    }
 }
 
 async fn housekeeping(store: Arc<dyn Store>) {

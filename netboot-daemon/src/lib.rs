@@ -7,6 +7,8 @@
 //! - [`store`]: the SQLite inventory behind the [`store::Store`] trait;
 //! - [`api`]: the REST API (axum) with authentication and the OpenAPI document;
 //! - [`auth`]: password hashing, secrets and the login throttle;
+//! - [`ebpf`]: the embedded eBPF accounting program: load, attach (TCX), read counters;
+//! - [`tftp`]: the TFTP protocol core (wire format, transfers, admission);
 //! - [`jail`]: resolving client paths inside a served directory;
 //! - [`mac`], [`time`]: identifiers and timestamps;
 //! - [`telemetry`]: log output;
@@ -17,6 +19,11 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod daemon;
+#[allow(
+    unsafe_code,
+    reason = "bpf syscalls and setns; each block has a SAFETY comment"
+)]
+pub mod ebpf;
 pub mod jail;
 pub mod mac;
 pub mod store;

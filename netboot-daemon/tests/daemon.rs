@@ -11,6 +11,8 @@ struct Daemon {
     child: Child,
     lines: std::io::Lines<BufReader<std::process::ChildStderr>>,
     dir: PathBuf,
+    /// Log records before the "listening" line.
+    startup: Vec<Value>,
 }
 
 impl Daemon {
@@ -30,6 +32,7 @@ impl Daemon {
         }
         let mut child = cmd.spawn().expect("spawn netbootd");
         let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let mut startup = Vec::new();
         let addr = loop {
             let line = lines
                 .next()
@@ -39,8 +42,17 @@ impl Daemon {
             if v["message"] == "netbootd listening" {
                 break v["addr"].as_str().expect("addr field").to_owned();
             }
+            startup.push(v);
         };
-        (Self { child, lines, dir }, addr)
+        (
+            Self {
+                child,
+                lines,
+                dir,
+                startup,
+            },
+            addr,
+        )
     }
 
     fn signal(&mut self, sig: &str) -> Vec<Value> {
@@ -142,4 +154,21 @@ fn a_bad_configuration_is_a_clear_error() {
         err.contains("configuration error") && err.contains("port") && err.contains("netboot.toml"),
         "{err}"
     );
+}
+
+#[test]
+fn runs_on_when_ebpf_accounting_cannot_attach() {
+    let (mut d, addr) = Daemon::start("ebpf", &[("NETBOOT_EBPF_INTERFACES", "nbt-absent0")]);
+    let v: Value =
+        serde_json::from_str(&curl(&format!("http://{addr}/api/v1/version"))).expect("json");
+    assert_eq!(v["name"], "netboot");
+    let warned = d.startup.iter().any(|v| {
+        v["level"] == "WARN"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("eBPF accounting"))
+    });
+    assert!(warned, "a warning says accounting is off: {:?}", d.startup);
+    let rest = d.signal("-TERM");
+    assert!(rest.iter().any(|v| v["message"] == "netbootd stopped"));
 }

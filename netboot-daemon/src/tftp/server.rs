@@ -1,0 +1,337 @@
+//! Admission of read requests arriving on port 69 (sans-IO).
+//!
+//! [`Server::handle_request`] turns a datagram into a [`Decision`]: start a transfer,
+//! answer with an ERROR, or drop it. It enforces the session limits, refuses writes, and
+//! keeps a retransmitted RRQ from starting a second transfer: while a transfer to a
+//! client port runs, and for a short while after it ends, an identical request from that
+//! port is dropped (every peer server starts a new transfer for each duplicate, which is
+//! how a boot storm wedges them).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::wire::{self, ErrorCode, Mode, Packet, Request};
+
+/// Session limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Transfers at once, all clients together.
+    pub max_sessions: usize,
+    /// Transfers at once from one client address.
+    pub per_client: usize,
+    /// How long a finished transfer still absorbs duplicate requests.
+    pub linger: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 2000,
+            per_client: 8,
+            linger: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A read request that was admitted, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    /// The client's transfer ID (address and port).
+    pub peer: SocketAddr,
+    /// The requested file name, normalised: `\` became `/`; not yet jailed.
+    pub filename: String,
+    /// Transfer mode (octet or netascii).
+    pub mode: Mode,
+    /// Options as sent.
+    pub options: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Admitted {
+    /// The request as a borrowed [`Request`], for [`super::transfer::negotiate`].
+    pub fn as_request(&self) -> Request<'_> {
+        Request {
+            filename: self.filename.as_bytes(),
+            mode: self.mode,
+            options: self
+                .options
+                .iter()
+                .map(|(n, v)| (n.as_slice(), v.as_slice()))
+                .collect(),
+        }
+    }
+}
+
+/// Why a datagram was dropped without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// Not a TFTP packet.
+    Malformed,
+    /// A retransmission of a request that is being (or was just) served.
+    Duplicate,
+    /// A packet that has no business on port 69 (DATA, ACK, ...).
+    Unexpected,
+}
+
+impl Drop {
+    /// Label for the dropped-packets counter.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Duplicate => "duplicate",
+            Self::Unexpected => "unexpected",
+        }
+    }
+}
+
+/// What to do with a datagram that arrived on the listening port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Open the file and start a transfer; report its end with [`Server::finished`].
+    Start(Admitted),
+    /// Send this ERROR packet to the client and forget the request.
+    Refuse {
+        /// The ERROR packet.
+        packet: Vec<u8>,
+        /// Label for the refusals counter.
+        reason: &'static str,
+    },
+    /// Ignore the datagram.
+    Drop(Drop),
+}
+
+/// Builds an ERROR packet.
+pub fn error_packet(code: ErrorCode, message: &str) -> Vec<u8> {
+    let mut b = vec![0u8; 5 + message.len()];
+    let n = wire::emit_error(&mut b, code, message).unwrap_or(0);
+    b.truncate(n);
+    b
+}
+
+/// Admission state: who is being served.
+#[derive(Debug, Default)]
+pub struct Server {
+    limits: Limits,
+    active: HashMap<SocketAddr, String>,
+    per_ip: HashMap<IpAddr, usize>,
+    recent: HashMap<(SocketAddr, String), Instant>,
+}
+
+impl Server {
+    /// A server with these limits.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    /// Transfers running now.
+    pub fn active(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Decides what to do with a datagram from `peer` to the listening port.
+    pub fn handle_request(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) -> Decision {
+        let req = match Packet::parse(datagram) {
+            Ok(Packet::Rrq(r)) => r,
+            Ok(Packet::Wrq(_)) => {
+                return Decision::Refuse {
+                    packet: error_packet(ErrorCode::ACCESS_VIOLATION, "this server is read-only"),
+                    reason: "write",
+                };
+            }
+            Ok(_) => return Decision::Drop(Drop::Unexpected),
+            Err(_) => return Decision::Drop(Drop::Malformed),
+        };
+        let Ok(name) = std::str::from_utf8(req.filename) else {
+            return Decision::Refuse {
+                packet: error_packet(ErrorCode::FILE_NOT_FOUND, "file not found"),
+                reason: "name",
+            };
+        };
+        let filename = name.replace('\\', "/");
+        match req.mode {
+            Mode::Octet | Mode::Netascii => {}
+            Mode::Mail | Mode::Unknown => {
+                return Decision::Refuse {
+                    packet: error_packet(ErrorCode::ILLEGAL_OPERATION, "unsupported mode"),
+                    reason: "mode",
+                };
+            }
+        }
+        self.recent
+            .retain(|_, at| now.saturating_duration_since(*at) < self.limits.linger);
+        if self.active.contains_key(&peer) || self.recent.contains_key(&(peer, filename.clone())) {
+            return Decision::Drop(Drop::Duplicate);
+        }
+        if self.active.len() >= self.limits.max_sessions {
+            return Decision::Refuse {
+                packet: error_packet(ErrorCode::UNDEFINED, "server busy, try again"),
+                reason: "busy",
+            };
+        }
+        let n = self.per_ip.entry(peer.ip()).or_insert(0);
+        if *n >= self.limits.per_client {
+            return Decision::Refuse {
+                packet: error_packet(ErrorCode::UNDEFINED, "too many transfers from this client"),
+                reason: "per_client",
+            };
+        }
+        *n += 1;
+        self.active.insert(peer, filename.clone());
+        Decision::Start(Admitted {
+            peer,
+            filename,
+            mode: req.mode,
+            options: req
+                .options
+                .iter()
+                .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                .collect(),
+        })
+    }
+
+    /// Records that the transfer to `peer` ended (successfully or not).
+    pub fn finished(&mut self, now: Instant, peer: SocketAddr) {
+        if let Some(name) = self.active.remove(&peer) {
+            if let Some(n) = self.per_ip.get_mut(&peer.ip()) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_ip.remove(&peer.ip());
+                }
+            }
+            self.recent.insert((peer, name), now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tftp::wire::{Opcode, emit_request};
+
+    fn rrq(name: &str, mode: &str) -> Vec<u8> {
+        let mut b = vec![0u8; 200];
+        let n =
+            emit_request(&mut b, Opcode::RRQ, name, mode, &[("blksize", "1432")]).expect("fits");
+        b.truncate(n);
+        b
+    }
+
+    fn peer(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 5], port))
+    }
+
+    #[test]
+    fn duplicate_requests_do_not_start_a_second_transfer() {
+        let t0 = Instant::now();
+        let mut s = Server::new(Limits::default());
+        let Decision::Start(a) =
+            s.handle_request(t0, peer(2000), &rrq("boot\\x64\\wdsnbp.com", "octet"))
+        else {
+            panic!("admitted")
+        };
+        assert_eq!(a.filename, "boot/x64/wdsnbp.com");
+        assert_eq!(a.as_request().option("blksize"), Some(&b"1432"[..]));
+        assert_eq!(
+            s.handle_request(t0, peer(2000), &rrq("boot\\x64\\wdsnbp.com", "octet")),
+            Decision::Drop(Drop::Duplicate)
+        );
+        s.finished(t0, peer(2000));
+        assert_eq!(s.active(), 0);
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(
+            s.handle_request(later, peer(2000), &rrq("boot\\x64\\wdsnbp.com", "octet")),
+            Decision::Drop(Drop::Duplicate),
+            "a late retransmission after the end is absorbed too"
+        );
+        assert!(matches!(
+            s.handle_request(later, peer(2000), &rrq("other", "octet")),
+            Decision::Start(_)
+        ));
+        let much_later = t0 + Duration::from_secs(60);
+        s.finished(much_later, peer(2000));
+        assert!(matches!(
+            s.handle_request(
+                much_later + Duration::from_secs(6),
+                peer(2000),
+                &rrq("boot/x64/wdsnbp.com", "octet")
+            ),
+            Decision::Start(_)
+        ));
+    }
+
+    #[test]
+    fn limits_refuse_cleanly_and_writes_are_refused() {
+        let t0 = Instant::now();
+        let mut s = Server::new(Limits {
+            max_sessions: 3,
+            per_client: 2,
+            linger: Duration::from_secs(5),
+        });
+        assert!(matches!(
+            s.handle_request(t0, peer(1), &rrq("a", "octet")),
+            Decision::Start(_)
+        ));
+        assert!(matches!(
+            s.handle_request(t0, peer(2), &rrq("a", "octet")),
+            Decision::Start(_)
+        ));
+        assert!(matches!(
+            s.handle_request(t0, peer(3), &rrq("a", "octet")),
+            Decision::Refuse {
+                reason: "per_client",
+                ..
+            }
+        ));
+        let other = SocketAddr::from(([10, 0, 0, 6], 1));
+        assert!(matches!(
+            s.handle_request(t0, other, &rrq("a", "octet")),
+            Decision::Start(_)
+        ));
+        let third = SocketAddr::from(([10, 0, 0, 7], 1));
+        let Decision::Refuse {
+            packet,
+            reason: "busy",
+        } = s.handle_request(t0, third, &rrq("a", "octet"))
+        else {
+            panic!("busy")
+        };
+        assert!(matches!(
+            Packet::parse(&packet),
+            Ok(Packet::Error {
+                code: ErrorCode::UNDEFINED,
+                ..
+            })
+        ));
+        let mut w = vec![0u8; 100];
+        let n = emit_request(&mut w, Opcode::WRQ, "x", "octet", &[]).expect("fits");
+        let Decision::Refuse {
+            packet,
+            reason: "write",
+        } = s.handle_request(t0, third, &w[..n])
+        else {
+            panic!("wrq")
+        };
+        assert!(matches!(
+            Packet::parse(&packet),
+            Ok(Packet::Error {
+                code: ErrorCode::ACCESS_VIOLATION,
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.handle_request(t0, third, &rrq("a", "mail")),
+            Decision::Refuse { reason: "mode", .. }
+        ));
+        assert_eq!(
+            s.handle_request(t0, third, b"\0\x04\0\x01"),
+            Decision::Drop(Drop::Unexpected)
+        );
+        assert_eq!(
+            s.handle_request(t0, third, b"\xff"),
+            Decision::Drop(Drop::Malformed)
+        );
+    }
+}

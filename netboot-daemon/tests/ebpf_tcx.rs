@@ -1,0 +1,760 @@
+//! Privileged end-to-end test of the eBPF accounting over a veth pair between two namespaces.
+//!
+//! It loads the embedded object, attaches it with TCX to the server end of the veth (from the
+//! host namespace, through `in_netns`), sends known raw Ethernet frames with AF_PACKET sockets
+//! in both directions, and checks that every (MAC, direction, service) row equals what was sent
+//! and that the sums over all rows equal the veth's own rx/tx counter deltas exactly.
+//! A second copy with room for only two entries checks that the frames it cannot keep are
+//! counted as overflow, so that its rows plus its overflow again equal the veth's counters.
+//! A second test does the same with the netlink/clsact fallback and checks that detaching from
+//! the host namespace removes the filters inside the server namespace.
+//!
+//! Needs root, iproute2 (`ip`, `tc`) and a build with the eBPF object (not `AYA_BUILD_SKIP=1`).
+//! Without them it prints a loud SKIPPED line, except under `CI=true`, where it fails.
+//! Network traffic stays inside the namespaces each test creates; a guard deletes them (and so
+//! the veth pair) even when the test panics. No sleeps: asynchronous counts are polled.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use netboot_common::Counters;
+use netboot_daemon::ebpf::{
+    Accounting, AttachMode, Direction, EbpfError, MacCounters, Service, in_netns,
+};
+use netboot_daemon::mac::MacAddr;
+
+const SRV_MAC: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x01];
+const CLI_MAC: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x02];
+/// Ingress sources (clients) and the unicast destination they send to, which is not the
+/// server veth's MAC, so the server's stack drops the frames without answering.
+const MAC_A: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x0a];
+const MAC_B: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x0b];
+const MAC_C: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x0c];
+const ELSEWHERE: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0xee];
+/// Egress destinations (clients).
+const MAC_D: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x0d];
+const MAC_E: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x0e];
+
+/// How long to wait for the kernel to run the ingress program on frames already counted by
+/// the veth (ingress runs from the receive backlog, possibly after `sendto` returned).
+const POLL_LIMIT: Duration = Duration::from_secs(10);
+
+#[test]
+fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
+    if let Err(why) = can_run() {
+        return skip(&why);
+    }
+    let mut accounting = match Accounting::load(1024) {
+        Ok(accounting) => accounting,
+        Err(EbpfError::NotBuilt) => return skip("built with AYA_BUILD_SKIP=1, no eBPF object"),
+        Err(e) => panic!("load the eBPF object: {e:?}"),
+    };
+
+    let topo = Topology::create('t');
+    let mode = in_netns(&topo.srv_path(), || accounting.attach(&topo.srv_if))
+        .expect("enter the server namespace")
+        .expect("attach to the server veth");
+    assert_eq!(mode, AttachMode::Tcx, "TCX is expected on this kernel");
+
+    // Room for two entries: A and B fill it, C and everything sent by the server overflow.
+    let mut small = Accounting::load(2).expect("load the eBPF object again");
+    let small_mode = in_netns(&topo.srv_path(), || small.attach(&topo.srv_if))
+        .expect("enter the server namespace")
+        .expect("attach the small copy");
+    assert_eq!(small_mode, AttachMode::Tcx);
+    eprintln!("attached with {mode} to {} in {}", topo.srv_if, topo.srv_ns);
+
+    let if_before = topo.srv_stats();
+    let map_before = rows(&accounting);
+    let small_before = rows(&small);
+    let overflow_before = small.error_counters().expect("read errors").map_full;
+
+    // Ingress: client frames arrive at the server veth. A and B first, so that they are the
+    // two entries the small table keeps.
+    let a = Flow {
+        mac: MAC_A,
+        direction: Direction::Ingress,
+        service: Service::Dhcp,
+        frames: 37,
+        frame: ipv4(ELSEWHERE, MAC_A, None, UDP, 68, 67, 100),
+    };
+    let b = Flow {
+        mac: MAC_B,
+        direction: Direction::Ingress,
+        service: Service::Iscsi,
+        frames: 53,
+        frame: ipv6_tcp(ELSEWHERE, MAC_B, 50_000, 3260, 300),
+    };
+    send(&topo.cli_path(), &topo.cli_if, &[&a, &b]);
+    let mut sent = totals(&[&a, &b]);
+    wait_for(&accounting, sent, &map_before, Counters::default());
+    wait_for(&small, sent, &small_before, overflow_before);
+
+    // C's frames carry an 802.1Q tag, which the receive path moves out of the data before TC
+    // runs; the veth counted the tagged frame, and so must the program.
+    let c = Flow {
+        mac: MAC_C,
+        direction: Direction::Ingress,
+        service: Service::Tftp,
+        frames: 11,
+        frame: ipv4(ELSEWHERE, MAC_C, Some(7), UDP, 40_000, 69, 200),
+    };
+    send(&topo.cli_path(), &topo.cli_if, &[&c]);
+    let ingress_sent = totals(&[&a, &b, &c]);
+
+    // Egress: the server veth sends to clients D (TFTP, and non-IP frames) and E (tagged HTTP).
+    let d_tftp = Flow {
+        mac: MAC_D,
+        direction: Direction::Egress,
+        service: Service::Tftp,
+        frames: 29,
+        frame: ipv4(MAC_D, SRV_MAC, None, UDP, 69, 40_000, 150),
+    };
+    let d_other = Flow {
+        mac: MAC_D,
+        direction: Direction::Egress,
+        service: Service::Other,
+        frames: 5,
+        frame: raw(MAC_D, SRV_MAC, 0x88b5, 60),
+    };
+    let e = Flow {
+        mac: MAC_E,
+        direction: Direction::Egress,
+        service: Service::Http,
+        frames: 41,
+        frame: ipv4(MAC_E, SRV_MAC, Some(42), TCP, 8080, 50_001, 250),
+    };
+    send(&topo.srv_path(), &topo.srv_if, &[&d_tftp, &d_other, &e]);
+    let egress_sent = totals(&[&d_tftp, &d_other, &e]);
+    sent = add(ingress_sent, egress_sent);
+    wait_for(&accounting, sent, &map_before, Counters::default());
+    wait_for(&small, sent, &small_before, overflow_before);
+
+    let if_delta = topo.srv_stats() - if_before;
+    let map = delta(&rows(&accounting), &map_before);
+    let small_rows = delta(&rows(&small), &small_before);
+    let overflow = small.error_counters().expect("read errors").map_full;
+    let overflow = (
+        overflow.packets - overflow_before.packets,
+        overflow.bytes - overflow_before.bytes,
+    );
+
+    eprintln!(
+        "veth {}: rx {} frames / {} bytes, tx {} frames / {} bytes",
+        topo.srv_if, if_delta.rx_packets, if_delta.rx_bytes, if_delta.tx_packets, if_delta.tx_bytes
+    );
+    for ((mac, direction, service), (packets, bytes)) in &map {
+        eprintln!("map {mac} {direction} {service}: {packets} frames / {bytes} bytes");
+    }
+
+    // Every row is exactly what was sent, and there are no other rows.
+    let flows = [&a, &b, &c, &d_tftp, &d_other, &e];
+    let expected: BTreeMap<_, _> = flows
+        .iter()
+        .map(|f| ((MacAddr(f.mac), f.direction, f.service), f.totals()))
+        .collect();
+    assert_eq!(map, expected, "per-client rows differ from what was sent");
+
+    // The sums over all rows are exactly the veth's own counters.
+    let (rx, tx) = (sum(&map, Direction::Ingress), sum(&map, Direction::Egress));
+    eprintln!(
+        "map sums: rx {} frames / {} bytes, tx {} frames / {} bytes",
+        rx.0, rx.1, tx.0, tx.1
+    );
+    assert_eq!(rx, ingress_sent, "ingress sum differs from what was sent");
+    assert_eq!(tx, egress_sent, "egress sum differs from what was sent");
+    assert_eq!(
+        rx,
+        (if_delta.rx_packets, if_delta.rx_bytes),
+        "ingress sum != veth rx"
+    );
+    assert_eq!(
+        tx,
+        (if_delta.tx_packets, if_delta.tx_bytes),
+        "egress sum != veth tx"
+    );
+    assert_eq!(
+        accounting.error_counters().expect("read errors"),
+        Default::default(),
+        "no frame may go uncounted in the big table"
+    );
+
+    // The small table kept the first two clients; everything else is counted as overflow,
+    // so its rows plus its overflow are again exactly the veth's counters.
+    let small_expected: BTreeMap<_, _> = [&a, &b]
+        .iter()
+        .map(|f| ((MacAddr(f.mac), f.direction, f.service), f.totals()))
+        .collect();
+    eprintln!(
+        "small table: {} rows, overflow {} frames / {} bytes",
+        small_rows.len(),
+        overflow.0,
+        overflow.1
+    );
+    assert_eq!(small_rows, small_expected, "the small table's rows");
+    let overflowed = add(totals(&[&c]), egress_sent);
+    assert_eq!(overflow, overflowed, "overflow is everything but A and B");
+    assert_eq!(
+        small.overflow_count().expect("read overflow") - overflow_before.packets,
+        overflowed.0
+    );
+    let small_all = add(
+        sum(&small_rows, Direction::Ingress),
+        sum(&small_rows, Direction::Egress),
+    );
+    assert_eq!(
+        add(small_all, overflow),
+        (
+            if_delta.rx_packets + if_delta.tx_packets,
+            if_delta.rx_bytes + if_delta.tx_bytes
+        ),
+        "small table rows plus overflow != veth rx + tx"
+    );
+
+    accounting.detach_all();
+    small.detach_all();
+}
+
+/// The clsact fallback: filters attached inside the server namespace count exactly too, and
+/// `detach_all` called from the host namespace really removes them (aya alone would send the
+/// netlink request in the caller's namespace and leave them behind).
+#[test]
+fn netlink_filters_count_and_are_detached_in_their_namespace() {
+    if let Err(why) = can_run() {
+        return skip(&why);
+    }
+    let mut accounting = match Accounting::load(64) {
+        Ok(accounting) => accounting,
+        Err(EbpfError::NotBuilt) => return skip("built with AYA_BUILD_SKIP=1, no eBPF object"),
+        Err(e) => panic!("load the eBPF object: {e:?}"),
+    };
+    let topo = Topology::create('n');
+    in_netns(&topo.srv_path(), || {
+        accounting.attach_with_mode(&topo.srv_if, AttachMode::Netlink)
+    })
+    .expect("enter the server namespace")
+    .expect("attach with netlink");
+    let filters = topo.srv_filters();
+    eprintln!("netlink filters on {}: {filters:?}", topo.srv_if);
+    assert_eq!(
+        filters,
+        ["tc_egress", "tc_ingress"],
+        "one filter per direction"
+    );
+
+    let if_before = topo.srv_stats();
+    let before = rows(&accounting);
+    let a = Flow {
+        mac: MAC_A,
+        direction: Direction::Ingress,
+        service: Service::Http,
+        frames: 17,
+        frame: ipv4(ELSEWHERE, MAC_A, None, TCP, 50_002, 80, 120),
+    };
+    let d = Flow {
+        mac: MAC_D,
+        direction: Direction::Egress,
+        service: Service::Dhcp,
+        frames: 19,
+        frame: ipv4(MAC_D, SRV_MAC, None, UDP, 4011, 68, 342),
+    };
+    send(&topo.cli_path(), &topo.cli_if, &[&a]);
+    send(&topo.srv_path(), &topo.srv_if, &[&d]);
+    let sent = totals(&[&a, &d]);
+    wait_for(&accounting, sent, &before, Counters::default());
+    let if_delta = topo.srv_stats() - if_before;
+    let map = delta(&rows(&accounting), &before);
+    eprintln!(
+        "netlink: veth rx {} / {} bytes, tx {} / {} bytes; map {map:?}",
+        if_delta.rx_packets, if_delta.rx_bytes, if_delta.tx_packets, if_delta.tx_bytes
+    );
+    let expected: BTreeMap<_, _> = [&a, &d]
+        .iter()
+        .map(|f| ((MacAddr(f.mac), f.direction, f.service), f.totals()))
+        .collect();
+    assert_eq!(map, expected);
+    assert_eq!(
+        sum(&map, Direction::Ingress),
+        (if_delta.rx_packets, if_delta.rx_bytes)
+    );
+    assert_eq!(
+        sum(&map, Direction::Egress),
+        (if_delta.tx_packets, if_delta.tx_bytes)
+    );
+
+    // From the host namespace, as a daemon would at shutdown.
+    accounting.detach_all();
+    assert_eq!(
+        topo.srv_filters(),
+        Vec::<String>::new(),
+        "filters left behind"
+    );
+}
+
+/// Reports why the test cannot run: loudly, and as a failure under `CI=true`.
+fn skip(why: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "the privileged eBPF test cannot run under CI=true: {why}"
+    );
+    eprintln!();
+    eprintln!("********************************************************************");
+    eprintln!("*** SKIPPED: ebpf_tcx needs root, iproute2 and the eBPF object ({why})");
+    eprintln!("********************************************************************");
+    eprintln!();
+}
+
+/// Why the test cannot run here, if it cannot.
+fn can_run() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(format!("not root (euid {euid})"));
+    }
+    for tool in ["ip", "tc"] {
+        match Command::new(tool).arg("-V").output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => return Err(format!("`{tool} -V` failed: {}", out.status)),
+            Err(e) => return Err(format!("`{tool}` not found: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// Two namespaces joined by a veth pair; dropping it deletes both (and so the pair).
+struct Topology {
+    srv_ns: String,
+    cli_ns: String,
+    srv_if: String,
+    cli_if: String,
+}
+
+impl Topology {
+    /// `tag` tells apart the topologies of tests running at the same time.
+    fn create(tag: char) -> Self {
+        let pid = std::process::id();
+        // The guard exists before anything is created, so a failure halfway cleans up too.
+        let topo = Self {
+            srv_ns: format!("nbt-srv-{pid}-{tag}"),
+            cli_ns: format!("nbt-cli-{pid}-{tag}"),
+            srv_if: format!("nbs{pid}{tag}"),
+            cli_if: format!("nbc{pid}{tag}"),
+        };
+        for ns in [&topo.srv_ns, &topo.cli_ns] {
+            ip(&["netns", "add", ns]);
+            // Before the veth exists, so it inherits the default: no IPv6, hence no
+            // router or neighbour solicitations, MLD reports or other background frames.
+            in_netns(&netns_path(ns), || {
+                for conf in ["all", "default"] {
+                    let path = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+                    std::fs::write(&path, "1").unwrap_or_else(|e| panic!("write {path}: {e}"));
+                }
+            })
+            .expect("enter the new namespace");
+        }
+        ip(&[
+            "link",
+            "add",
+            &topo.srv_if,
+            "netns",
+            &topo.srv_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &topo.cli_if,
+            "netns",
+            &topo.cli_ns,
+        ]);
+        for (ns, iface, mac) in [
+            (&topo.srv_ns, &topo.srv_if, SRV_MAC),
+            (&topo.cli_ns, &topo.cli_if, CLI_MAC),
+        ] {
+            let mac = MacAddr(mac).to_string();
+            ip(&["-n", ns, "link", "set", "dev", iface, "address", &mac, "up"]);
+            let ipv6_off = in_netns(&netns_path(ns), || {
+                std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6"))
+            })
+            .expect("enter the namespace")
+            .expect("read disable_ipv6");
+            assert_eq!(ipv6_off.trim(), "1", "IPv6 must be off on {iface}");
+        }
+        // No IPv4 address either, so no ARP: the only frames on the veth are ours.
+        topo
+    }
+
+    fn srv_path(&self) -> PathBuf {
+        netns_path(&self.srv_ns)
+    }
+
+    fn cli_path(&self) -> PathBuf {
+        netns_path(&self.cli_ns)
+    }
+
+    /// Names of the BPF filters on the server veth's clsact qdisc, sorted.
+    fn srv_filters(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for parent in ["ingress", "egress"] {
+            let out = Command::new("tc")
+                .args([
+                    "-n",
+                    &self.srv_ns,
+                    "-j",
+                    "filter",
+                    "show",
+                    "dev",
+                    &self.srv_if,
+                    parent,
+                ])
+                .output()
+                .expect("run tc filter show");
+            assert!(
+                out.status.success(),
+                "tc: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if out.stdout.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let json: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("tc -j output");
+            for filter in json.as_array().expect("a list of filters") {
+                if let Some(name) = filter["options"]["bpf_name"].as_str() {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        names.sort();
+        names
+    }
+
+    /// The server veth's own counters, read with `ip -s` inside its namespace
+    /// (this process's /sys shows the host namespace's interfaces).
+    fn srv_stats(&self) -> IfStats {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                &self.srv_ns,
+                "-j",
+                "-s",
+                "link",
+                "show",
+                "dev",
+                &self.srv_if,
+            ])
+            .output()
+            .expect("run ip -s link");
+        assert!(
+            out.status.success(),
+            "ip -s link: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+        let stats = &json[0]["stats64"];
+        let field = |dir: &str, what: &str| {
+            stats[dir][what]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no stats64.{dir}.{what} in {json}"))
+        };
+        IfStats {
+            rx_packets: field("rx", "packets"),
+            rx_bytes: field("rx", "bytes"),
+            tx_packets: field("tx", "packets"),
+            tx_bytes: field("tx", "bytes"),
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in [&self.srv_ns, &self.cli_ns] {
+            // Deleting a namespace destroys the veth end inside it, and with it the pair.
+            // It may not exist if creation failed early; nothing to report then.
+            let _status = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from("/var/run/netns").join(name)
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[derive(Clone, Copy, Debug)]
+struct IfStats {
+    rx_packets: u64,
+    rx_bytes: u64,
+    tx_packets: u64,
+    tx_bytes: u64,
+}
+
+impl std::ops::Sub for IfStats {
+    type Output = Self;
+
+    fn sub(self, before: Self) -> Self {
+        Self {
+            rx_packets: self.rx_packets - before.rx_packets,
+            rx_bytes: self.rx_bytes - before.rx_bytes,
+            tx_packets: self.tx_packets - before.tx_packets,
+            tx_bytes: self.tx_bytes - before.tx_bytes,
+        }
+    }
+}
+
+/// Frames of one (client, direction, service): `frames` copies of `frame`.
+struct Flow {
+    mac: [u8; 6],
+    direction: Direction,
+    service: Service,
+    frames: u64,
+    frame: Vec<u8>,
+}
+
+impl Flow {
+    fn totals(&self) -> (u64, u64) {
+        let len = u64::try_from(self.frame.len()).expect("frame length fits u64");
+        (self.frames, self.frames * len)
+    }
+}
+
+fn totals(flows: &[&Flow]) -> (u64, u64) {
+    flows.iter().map(|f| f.totals()).fold((0, 0), add)
+}
+
+type Key = (MacAddr, Direction, Service);
+type Table = BTreeMap<Key, (u64, u64)>;
+
+fn rows(accounting: &Accounting) -> Table {
+    accounting
+        .mac_counters()
+        .expect("read MAC_STATS")
+        .into_iter()
+        .map(
+            |MacCounters {
+                 mac,
+                 direction,
+                 service,
+                 packets,
+                 bytes,
+             }| { ((mac, direction, service), (packets, bytes)) },
+        )
+        .collect()
+}
+
+/// Rows that changed since `before`, with their increase.
+fn delta(after: &Table, before: &Table) -> Table {
+    after
+        .iter()
+        .filter_map(|(key, &(packets, bytes))| {
+            let (p0, b0) = before.get(key).copied().unwrap_or_default();
+            (packets != p0 || bytes != b0).then_some((*key, (packets - p0, bytes - b0)))
+        })
+        .collect()
+}
+
+fn sum(table: &Table, direction: Direction) -> (u64, u64) {
+    table
+        .iter()
+        .filter(|((_, d, _), _)| *d == direction)
+        .fold((0, 0), |acc, (_, v)| add(acc, *v))
+}
+
+/// Polls until the rows plus the overflow have grown by `want` since `before`/`overflow_before`.
+///
+/// The veth counts a frame when the sender's `sendto` hands it over; the ingress program runs
+/// when the receive backlog is processed, which may be after `sendto` returned.
+fn wait_for(accounting: &Accounting, want: (u64, u64), before: &Table, overflow_before: Counters) {
+    let deadline = Instant::now() + POLL_LIMIT;
+    loop {
+        let table = delta(&rows(accounting), before);
+        let overflow = accounting.error_counters().expect("read errors").map_full;
+        let got = add(
+            add(
+                sum(&table, Direction::Ingress),
+                sum(&table, Direction::Egress),
+            ),
+            (
+                overflow.packets - overflow_before.packets,
+                overflow.bytes - overflow_before.bytes,
+            ),
+        );
+        if got >= want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counted {got:?} of {want:?} after {POLL_LIMIT:?}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+fn add(a: (u64, u64), b: (u64, u64)) -> (u64, u64) {
+    (a.0 + b.0, a.1 + b.1)
+}
+
+/// Sends every flow's frames from `iface` in the namespace at `netns`, on a thread of its own
+/// that enters the namespace, so the test's thread never switches.
+fn send(netns: &std::path::Path, iface: &str, flows: &[&Flow]) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            in_netns(netns, || {
+                let socket = PacketSocket::open(iface).expect("open an AF_PACKET socket");
+                for flow in flows {
+                    for _ in 0..flow.frames {
+                        socket.send(&flow.frame);
+                    }
+                }
+            })
+            .expect("enter the sender's namespace");
+        })
+        .join()
+        .expect("sender thread");
+    });
+}
+
+/// A raw AF_PACKET socket bound to nothing, sending on one interface.
+struct PacketSocket {
+    fd: OwnedFd,
+    ifindex: i32,
+}
+
+impl PacketSocket {
+    fn open(iface: &str) -> io::Result<Self> {
+        // SAFETY: socket(2) with constant arguments; the result is checked before use.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let name = CString::new(iface)?;
+        // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let ifindex = i32::try_from(ifindex).expect("ifindex fits i32");
+        Ok(Self { fd, ifindex })
+    }
+
+    /// Sends one complete Ethernet frame (no FCS) and checks that all of it went out.
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: sockaddr_ll is plain integers, for which all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = u16::try_from(libc::AF_PACKET).expect("AF_PACKET fits u16");
+        addr.sll_ifindex = self.ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let addr_len = u32::try_from(size_of::<libc::sockaddr_ll>()).expect("fits u32");
+        // SAFETY: the buffer and length describe `frame`, and `addr`/`addr_len` describe a valid
+        // sockaddr_ll; all outlive the call.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                addr_len,
+            )
+        };
+        assert_eq!(
+            usize::try_from(sent)
+                .map_err(|_| io::Error::last_os_error())
+                .expect("sendto"),
+            frame.len(),
+            "short send"
+        );
+    }
+}
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// Ethernet header, with an optional 802.1Q tag, for `ethertype`.
+fn ethernet(dst: [u8; 6], src: [u8; 6], vlan: Option<u16>, ethertype: u16) -> Vec<u8> {
+    let mut f = Vec::with_capacity(1514);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    if let Some(vid) = vlan {
+        f.extend_from_slice(&0x8100u16.to_be_bytes());
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// The first bytes of a TCP or UDP header: ports, then zeros (TCP with data offset 5).
+fn l4(protocol: u8, src_port: u16, dst_port: u16) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20);
+    h.extend_from_slice(&src_port.to_be_bytes());
+    h.extend_from_slice(&dst_port.to_be_bytes());
+    if protocol == TCP {
+        h.extend_from_slice(&[0; 8]);
+        h.extend_from_slice(&[0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        h.extend_from_slice(&[0; 4]);
+    }
+    h
+}
+
+/// An IPv4 frame of exactly `len` bytes to or from the given ports.
+fn ipv4(
+    dst: [u8; 6],
+    src: [u8; 6],
+    vlan: Option<u16>,
+    protocol: u8,
+    src_port: u16,
+    dst_port: u16,
+    len: usize,
+) -> Vec<u8> {
+    let mut f = ethernet(dst, src, vlan, 0x0800);
+    let ip_len = u16::try_from(len - f.len()).expect("frame fits one IPv4 packet");
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&ip_len.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0x40, 0, 64, protocol, 0, 0]);
+    f.extend_from_slice(&[192, 0, 2, 1, 192, 0, 2, 2]);
+    f.extend_from_slice(&l4(protocol, src_port, dst_port));
+    f.resize(len, 0xa5);
+    f
+}
+
+/// An IPv6 TCP frame of exactly `len` bytes.
+fn ipv6_tcp(dst: [u8; 6], src: [u8; 6], src_port: u16, dst_port: u16, len: usize) -> Vec<u8> {
+    let mut f = ethernet(dst, src, None, 0x86dd);
+    let payload_len = u16::try_from(len - f.len() - 40).expect("frame fits one IPv6 packet");
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&payload_len.to_be_bytes());
+    f.extend_from_slice(&[TCP, 64]);
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+    addr[15] = 1;
+    f.extend_from_slice(&addr);
+    addr[15] = 2;
+    f.extend_from_slice(&addr);
+    f.extend_from_slice(&l4(TCP, src_port, dst_port));
+    f.resize(len, 0xa5);
+    f
+}
+
+/// A non-IP frame of exactly `len` bytes (0x88b5 is the IEEE local experimental EtherType).
+fn raw(dst: [u8; 6], src: [u8; 6], ethertype: u16, len: usize) -> Vec<u8> {
+    let mut f = ethernet(dst, src, None, ethertype);
+    f.resize(len, 0xa5);
+    f
+}
