@@ -70,6 +70,8 @@ pub struct Config {
     pub paths: PathsConfig,
     /// Authentication.
     pub auth: AuthConfig,
+    /// TFTP server.
+    pub tftp: TftpConfig,
     /// eBPF accounting.
     pub ebpf: EbpfConfig,
     /// Logging.
@@ -84,6 +86,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             paths: PathsConfig::default(),
             auth: AuthConfig::default(),
+            tftp: TftpConfig::default(),
             ebpf: EbpfConfig::default(),
             log: LogConfig::default(),
         }
@@ -163,6 +166,52 @@ impl AuthConfig {
     /// Session lifetime.
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(u64::from(self.session_minutes) * 60)
+    }
+}
+
+/// TFTP server settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TftpConfig {
+    /// Serve TFTP at all.
+    pub enabled: bool,
+    /// Listening address (port 69 for PXE firmware).
+    pub listen: SocketAddr,
+    /// Largest blksize granted (RFC 2348); larger requests are clamped.
+    pub max_blksize: u16,
+    /// Largest windowsize granted (RFC 7440); larger requests are clamped.
+    pub max_windowsize: u16,
+    /// Retransmission timeout when the client asks for none, in milliseconds.
+    pub timeout_ms: u32,
+    /// Retransmissions of a window before a transfer is abandoned.
+    pub max_retries: u32,
+    /// Transfers at once.
+    pub max_sessions: usize,
+    /// Transfers at once from one client address.
+    pub per_client: usize,
+    /// Match file names case-insensitively when the exact name does not exist.
+    pub case_insensitive: bool,
+    /// Files up to this size (MiB) are kept in memory once read.
+    pub cache_file_max_mib: u64,
+    /// Memory for cached files (MiB).
+    pub cache_total_mib: u64,
+}
+
+impl Default for TftpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 69)),
+            max_blksize: 65464,
+            max_windowsize: 64,
+            timeout_ms: 1000,
+            max_retries: 5,
+            max_sessions: 2000,
+            per_client: 8,
+            case_insensitive: false,
+            cache_file_max_mib: 64,
+            cache_total_mib: 512,
+        }
     }
 }
 
@@ -357,6 +406,14 @@ impl Config {
                 .listen
                 .set_port(parse_env(k, v, "expected a port number")?);
         }
+        if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_LISTEN") {
+            self.tftp.listen = parse_env(k, v, "expected address:port, e.g. 0.0.0.0:69")?;
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_PORT") {
+            self.tftp
+                .listen
+                .set_port(parse_env(k, v, "expected a port number")?);
+        }
         for (name, field) in [
             ("NETBOOT_DATABASE", &mut self.paths.database),
             ("NETBOOT_TFTP_DIR", &mut self.paths.tftp),
@@ -410,6 +467,19 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "auth.max_failures",
                 why: "must be at least 1".into(),
+            });
+        }
+        if !(8..=65464).contains(&self.tftp.max_blksize) {
+            return Err(ConfigError::Invalid {
+                field: "tftp.max_blksize",
+                why: "must be 8 to 65464 (RFC 2348)".into(),
+            });
+        }
+        if self.tftp.max_windowsize == 0 || self.tftp.timeout_ms == 0 || self.tftp.max_sessions == 0
+        {
+            return Err(ConfigError::Invalid {
+                field: "tftp",
+                why: "max_windowsize, timeout_ms and max_sessions must be at least 1".into(),
             });
         }
         if self.ebpf.max_entries < 64 {

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState, VERSION};
 use crate::config::Validated;
 use crate::ebpf::Accounting;
+use crate::service::tftp::Tftp;
 use crate::store::{Sqlite, Store};
 use crate::time::Timestamp;
 
@@ -73,6 +74,23 @@ pub async fn serve(
         .local_addr()
         .context("reading the HTTP listener address")?;
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tftp = if cfg.config.tftp.enabled {
+        let listen = cfg.config.tftp.listen;
+        let socket = tokio::net::UdpSocket::bind(listen).await.with_context(|| {
+            format!("binding TFTP on {listen} (set tftp.listen, or tftp.enabled = false if another TFTP server runs here)")
+        })?;
+        let tftp_addr = socket
+            .local_addr()
+            .context("reading the TFTP listener address")?;
+        let service = Arc::new(Tftp::new(&cfg.config.tftp, cfg.paths.tftp.clone()));
+        tracing::info!(addr = %tftp_addr, root = %cfg.paths.tftp.display(), "TFTP listening");
+        Some(tokio::spawn(service.serve(socket, stop_rx.clone())))
+    } else {
+        tracing::info!("TFTP off (tftp.enabled = false)");
+        None
+    };
+
     let state = AppState::new(Arc::clone(&store), cfg.clone());
     let needs_setup = {
         let s = Arc::clone(&store);
@@ -98,10 +116,20 @@ pub async fn serve(
     }
 
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let mut http_stop = stop_rx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            let _ = http_stop.changed().await;
+        })
         .await
         .context("serving HTTP")?;
+    if let Some(task) = tftp {
+        let _ = task.await;
+    }
     housekeeping.abort();
     if let Some(task) = accounting {
         // Dropping the task's Accounting detaches the programs.

@@ -9,6 +9,7 @@
 //! - [`auth`]: password hashing, secrets and the login throttle;
 //! - [`ebpf`]: the embedded eBPF accounting program: load, attach (TCX), read counters;
 //! - [`tftp`]: the TFTP protocol core (wire format, transfers, admission);
+//! - [`service`]: drivers that run the protocol cores on sockets and files;
 //! - [`jail`]: resolving client paths inside a served directory;
 //! - [`mac`], [`time`]: identifiers and timestamps;
 //! - [`telemetry`]: log output;
@@ -26,6 +27,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod jail;
 pub mod mac;
+pub mod service;
 pub mod store;
 pub mod telemetry;
 pub mod tftp;

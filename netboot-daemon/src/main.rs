@@ -24,6 +24,9 @@ struct Args {
     /// HTTP listening address, e.g. 0.0.0.0:8080.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// TFTP listening address, e.g. 0.0.0.0:69.
+    #[arg(long)]
+    tftp_listen: Option<std::net::SocketAddr>,
     /// Log filter, e.g. info or netboot_daemon=debug.
     #[arg(long)]
     log_level: Option<String>,
@@ -46,6 +49,9 @@ fn load(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(l) = args.listen {
         cfg.http.listen = l;
+    }
+    if let Some(l) = args.tftp_listen {
+        cfg.tftp.listen = l;
     }
     if let Some(l) = &args.log_level {
         cfg.log.level.clone_from(l);

@@ -22,11 +22,18 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_netbootd"));
-        cmd.args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-            .current_dir(&dir)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--tftp-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .current_dir(&dir)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         for (k, v) in extra_env {
             cmd.env(k, v);
         }

@@ -1,0 +1,3 @@
+//! Services: the glue between a protocol core and a driver (sockets, files, timers).
+
+pub mod tftp;
