@@ -6,6 +6,7 @@
 //! - [`config`]: the typed configuration (file, environment, flags);
 //! - [`store`]: the SQLite inventory behind the [`store::Store`] trait;
 //! - [`api`]: the REST API (axum) with authentication and the OpenAPI document;
+//! - [`boot`]: boot flows: iPXE scripts generated from the inventory, with escaping;
 //! - [`auth`]: password hashing, secrets and the login throttle;
 //! - [`ebpf`]: the embedded eBPF accounting program: load, attach (TCX), read counters;
 //! - [`tftp`]: the TFTP protocol core (wire format, transfers, admission);
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod boot;
 pub mod config;
 pub mod daemon;
 #[allow(

@@ -1,11 +1,16 @@
 //! Project automation for what cargo cannot do on its own.
+#![allow(
+    clippy::print_stdout,
+    reason = "test output and its summary go to stdout, as cargo's do"
+)]
 //!
 //! - `cargo xtask setup`: installs what a fresh Debian 12 machine lacks to build and
 //!   test netboot (apt packages, the nightly toolchain with `rust-src` for the eBPF
 //!   program, `bpf-linker` built against LLVM 22), saying what it does.
 //! - `cargo xtask run [-- ARGS]`: setup, then netbootd (release build) with ARGS.
 //! - `cargo xtask test`: setup, then rustfmt, clippy and the whole test suite, the
-//!   privileged tests included when running as root.
+//!   privileged tests included when running as root, and a short run of every fuzz target.
+//! - `cargo xtask fuzz [--seconds N] [TARGET]`: the fuzz targets in netboot-daemon/fuzz.
 
 use std::env;
 use std::ffi::OsString;
@@ -303,8 +308,94 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
             "warnings",
         ],
     ))?;
-    say("tests (unit, API, store, privileged eBPF)");
-    run(&mut cargo(tc, &["test", "--workspace", "--locked"]))
+    say("tests (unit, API, store, TFTP with real clients, privileged eBPF)");
+    let counts = run_counting(&mut cargo(tc, &["test", "--workspace", "--locked"]))?;
+    // One closing line for the whole suite (cargo prints one per test binary).
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        counts.passed, counts.failed, counts.ignored
+    );
+    if counts.failed > 0 || counts.passed == 0 {
+        bail!("the test suite did not pass");
+    }
+    Ok(())
+}
+
+/// The fuzz targets in netboot-daemon/fuzz.
+const FUZZ_TARGETS: &[&str] = &[
+    "tftp_packet",
+    "tftp_transfer",
+    "tftp_admission",
+    "text_inputs",
+];
+
+/// Runs each fuzz target for `seconds` (libFuzzer through cargo-fuzz, on nightly).
+fn fuzz(tc: &Toolchain, seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
+    if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        say("installing cargo-fuzz (once)");
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    for target in FUZZ_TARGETS
+        .iter()
+        .filter(|t| only.is_none_or(|o| o == **t))
+    {
+        say(format!("fuzzing {target} for {seconds} s"));
+        let mut cmd = Command::new("cargo");
+        tc.apply(&mut cmd);
+        cmd.arg(format!("+{}", tc.ebpf_toolchain))
+            .args(["fuzz", "run", "--sanitizer", "none", target])
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .current_dir(workspace_root().join("netboot-daemon"))
+            // The fuzz build does not need the eBPF object.
+            .env("AYA_BUILD_SKIP", "1");
+        run(&mut cmd)?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs a `cargo test`, passing its output through and adding up its result lines.
+fn run_counting(cmd: &mut Command) -> anyhow::Result<Counts> {
+    use std::io::BufRead as _;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let stdout = child.stdout.take().context("test output")?;
+    let mut counts = Counts::default();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading test output")?;
+        println!("{line}");
+        // "test result: ok. 15 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ..."
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (
+                    words.next().and_then(|n| n.parse::<u64>().ok()),
+                    words.next(),
+                ) {
+                    match what {
+                        "passed" => counts.passed += n,
+                        "failed" => counts.failed += n,
+                        "ignored" => counts.ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() && counts.failed == 0 {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(counts)
 }
 
 fn main() -> ExitCode {
@@ -331,8 +422,23 @@ fn main() -> ExitCode {
             run(c.args(&rest))
         }),
         "test" => setup().and_then(|tc| test(&tc)),
+        "fuzz" => {
+            let seconds = rest
+                .iter()
+                .position(|a| a == "--seconds")
+                .and_then(|i| rest.get(i + 1))
+                .map_or(Ok(60), |s| s.parse::<u64>())
+                .map_err(anyhow::Error::from);
+            let only = rest
+                .iter()
+                .find(|a| FUZZ_TARGETS.contains(&a.as_str()))
+                .cloned();
+            seconds.and_then(|secs| setup().and_then(|tc| fuzz(&tc, secs, only.as_deref())))
+        }
         _ => {
-            eprintln!("usage: cargo xtask <setup | run [-- NETBOOTD-ARGS] | test>");
+            eprintln!(
+                "usage: cargo xtask <setup | run [-- NETBOOTD-ARGS] | test | fuzz [--seconds N] [TARGET]>"
+            );
             return ExitCode::from(2);
         }
     };

@@ -6,6 +6,7 @@
 //! last-use times of the caller's own session or token.
 
 mod auth;
+mod boot;
 mod error;
 #[allow(
     unused_qualifications,
@@ -244,9 +245,15 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/audit", get(system::list_audit))
         .fallback(api_not_found)
+        .with_state(state.clone());
+    let boot = Router::new()
+        .route("/boot/ipxe", get(boot::bootstrap))
+        .route("/boot/ipxe/device", get(boot::device_script))
+        .route("/files/installers/{*path}", get(boot::installer_file))
         .with_state(state);
     Router::new()
         .nest("/api/v1", api)
+        .merge(boot)
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let route = req
                 .extensions()

@@ -1,0 +1,326 @@
+//! What booting clients fetch over HTTP: the iPXE bootstrap and device scripts, and the
+//! installer files (kernels, initrds, ISOs, WinPE) with HEAD and byte ranges.
+//!
+//! These routes are open: firmware cannot log in. They only read, except that a request
+//! is recorded as a sighting and a boot event of the client that made it.
+
+use std::io::SeekFrom;
+use std::path::Path;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+
+use super::auth::ClientIp;
+use super::error::{ApiError, Query};
+use super::{AppState, VERSION, blocking};
+use crate::boot::ipxe::{self, Plan};
+use crate::jail::{self, JailError};
+use crate::mac::MacAddr;
+use crate::store::{EventSource, NewBootEvent, Sighting, StoreError};
+use crate::time::Timestamp;
+
+/// `http://host[:port]` as the client addressed us, and the bare host for other services.
+fn base_url(state: &AppState, headers: &HeaderMap) -> (String, String) {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-' | '[' | ']'))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            let ip = state
+                .config()
+                .boot_server_ip
+                .map_or_else(|| "127.0.0.1".to_owned(), |ip| ip.to_string());
+            format!("{ip}:{}", state.config().http.listen.port())
+        });
+    let bare = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') => {
+            h.to_owned()
+        }
+        _ => host.clone(),
+    };
+    let iscsi_host = state
+        .config()
+        .boot_server_ip
+        .map_or(bare, |ip| ip.to_string());
+    (format!("http://{host}"), iscsi_host)
+}
+
+fn script(body: String) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=us-ascii"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The first script iPXE fetches: it chains to the device script with the client's MAC.
+pub(super) async fn bootstrap(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let (base, _) = base_url(&state, &headers);
+    script(ipxe::bootstrap_script(&base))
+}
+
+/// Facts iPXE reports about itself.
+#[derive(Debug, Deserialize)]
+pub(super) struct DeviceParams {
+    mac: String,
+    #[serde(default)]
+    platform: Option<String>,
+    #[serde(default)]
+    arch: Option<String>,
+}
+
+/// The script of one client, following its device's boot policy.
+pub(super) async fn device_script(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    Query(p): Query<DeviceParams>,
+) -> Result<Response, ApiError> {
+    let mac: MacAddr = p
+        .mac
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("mac: {e}")))?;
+    let platform = p.platform.unwrap_or_default();
+    let arch = ipxe::arch_from_ipxe(&platform, p.arch.as_deref().unwrap_or_default());
+    let efi = platform == "efi";
+    let (base, iscsi_host) = base_url(&state, &headers);
+    let (device, profile, settings) = blocking(&state, move |s| {
+        let now = Timestamp::now();
+        s.record_sighting(&Sighting {
+            mac,
+            at: now,
+            arch,
+            ip: ip.clone(),
+            vendor_class: None,
+        })?;
+        let device = match s.get_device(mac) {
+            Ok(d) => Some(d),
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let profile = match device.as_ref().and_then(|d| d.profile.clone()) {
+            Some(name) => Some(s.get_profile(&name)?),
+            None => None,
+        };
+        let settings = s.get_settings()?;
+        let detail = match &device {
+            Some(d) => format!(
+                "iPXE script ({} firmware), policy {}",
+                if efi { "EFI" } else { "BIOS" },
+                d.boot_policy
+            ),
+            None => "iPXE script for an unregistered client".to_owned(),
+        };
+        let ev = NewBootEvent {
+            mac,
+            at: now,
+            source: EventSource::Http,
+            kind: "ipxe_script".into(),
+            detail,
+            ip,
+        };
+        s.add_event(&ev, settings.events_per_device)?;
+        Ok((device, profile, settings))
+    })
+    .await?;
+    let plan = Plan {
+        base: &base,
+        mac,
+        device: device.as_ref(),
+        profile: profile.as_ref(),
+        iscsi_host: &iscsi_host,
+        settings: &settings,
+        efi,
+        version: VERSION,
+    };
+    Ok(script(ipxe::device_script(&plan)))
+}
+
+/// The MAC a file request may carry (added by the generated scripts).
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct FileParams {
+    #[serde(default)]
+    mac: Option<String>,
+}
+
+fn content_type(path: &Path) -> &'static str {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("iso") => "application/x-iso9660-image",
+        Some("efi") => "application/efi",
+        Some("ipxe" | "txt" | "cfg" | "cmd" | "ini" | "sh" | "ks" | "seed") => {
+            "text/plain; charset=utf-8"
+        }
+        Some("xml") => "application/xml",
+        Some("json") => "application/json",
+        Some("gz" | "tgz") => "application/gzip",
+        Some("xz") => "application/x-xz",
+        _ => "application/octet-stream",
+    }
+}
+
+/// A single byte range of a file of `size` bytes (RFC 9110 §14.1.2). `Ok(None)` means
+/// the header is absent or not one we honour (several ranges): send the whole file.
+fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(v) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| ())?;
+        if n == 0 || size == 0 {
+            return Err(());
+        }
+        (size.saturating_sub(n), size - 1)
+    } else {
+        let start: u64 = a.parse().map_err(|_| ())?;
+        let end = if b.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            b.parse::<u64>()
+                .map_err(|_| ())?
+                .min(size.saturating_sub(1))
+        };
+        if start >= size || end < start {
+            return Err(());
+        }
+        (start, end)
+    };
+    Ok(Some(range))
+}
+
+/// Serves a file under the installers directory, with `Range` and `HEAD`.
+pub(super) async fn installer_file(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    UrlPath(path): UrlPath<String>,
+    Query(p): Query<FileParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let root = state.paths().installers.clone();
+    let full = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || jail::resolve(&root, &path))
+            .await
+            .map_err(ApiError::internal)?
+    };
+    let full = match full {
+        Ok(f) => f,
+        Err(JailError::NotFound) => return Err(ApiError::not_found("no such file")),
+        Err(_) => return Err(ApiError::forbidden("path outside the installers directory")),
+    };
+    let mut file = tokio::fs::File::open(&full)
+        .await
+        .map_err(|_| ApiError::not_found("no such file"))?;
+    let meta = file.metadata().await.map_err(ApiError::internal)?;
+    if !meta.is_file() {
+        return Err(ApiError::not_found("not a file"));
+    }
+    let size = meta.len();
+    let Ok(range) = parse_range(&headers, size) else {
+        let mut res = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+            res.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+        return Ok(res);
+    };
+
+    // The first request of a download goes on the device's timeline (not every range of
+    // an ISO that iPXE reads block by block).
+    let mac = p.mac.as_deref().and_then(|m| m.parse::<MacAddr>().ok());
+    if let Some(mac) = mac.filter(|_| range.is_none_or(|(start, _)| start == 0)) {
+        let detail = format!("HTTP {path} ({size} bytes)");
+        let ev = NewBootEvent {
+            mac,
+            at: Timestamp::now(),
+            source: EventSource::Http,
+            kind: "http_file".into(),
+            detail,
+            ip,
+        };
+        let r = blocking(&state, move |s| {
+            let keep = s.get_settings()?.events_per_device;
+            s.add_event(&ev, keep)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(status = %e.status(), "recording a file download failed");
+        }
+    }
+    let (status, start, len) = match range {
+        Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+        None => (StatusCode::OK, 0, size),
+    };
+    if start > 0 {
+        file.seek(SeekFrom::Start(start))
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file.take(len),
+        256 * 1024,
+    ));
+    let mut res = Response::new(body);
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type(&full)),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Some(v) =
+        range.and_then(|(a, b)| HeaderValue::from_str(&format!("bytes {a}-{b}/{size}")).ok())
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(v: &str, size: u64) -> Result<Option<(u64, u64)>, ()> {
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, HeaderValue::from_str(v).expect("ascii"));
+        parse_range(&h, size)
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(range("bytes=0-99", 1000), Ok(Some((0, 99))));
+        assert_eq!(range("bytes=900-", 1000), Ok(Some((900, 999))));
+        assert_eq!(range("bytes=-100", 1000), Ok(Some((900, 999))));
+        assert_eq!(range("bytes=0-5000", 1000), Ok(Some((0, 999))));
+        assert_eq!(range("bytes=1000-", 1000), Err(()));
+        assert_eq!(range("bytes=5-4", 1000), Err(()));
+        assert_eq!(range("bytes=a-b", 1000), Err(()));
+        assert_eq!(range("bytes=0-1,5-6", 1000), Ok(None));
+        assert_eq!(range("items=0-1", 1000), Ok(None));
+        assert_eq!(parse_range(&HeaderMap::new(), 1000), Ok(None));
+    }
+}

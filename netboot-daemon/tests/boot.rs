@@ -1,0 +1,197 @@
+//! Boot scripts and installer files over a real socket, fetched with curl the way iPXE
+//! fetches them (iPXE's `sanboot` reads ISOs with HEAD and Range requests).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use netboot_daemon::config::Config;
+use serde_json::{Value, json};
+
+struct Daemon {
+    base: String,
+    dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Daemon {
+    async fn start(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("netboot-boot-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cfg = Config {
+            data_dir: dir.clone(),
+            ..Config::default()
+        };
+        cfg.tftp.enabled = false;
+        let cfg = cfg.validate().expect("config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(netboot_daemon::daemon::serve(cfg, listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            base,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("join").expect("clean shutdown");
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs curl; returns (status, headers, body).
+fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
+    let out = Command::new("curl")
+        .args(["-sS", "-D", "/dev/stderr", "-o", "-"])
+        .args(args)
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let head = String::from_utf8_lossy(&out.stderr).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    (status, head.to_lowercase(), out.stdout)
+}
+
+fn json_call(method: &str, url: &str, jar: &str, body: Option<Value>) -> Value {
+    let mut args = vec![
+        "-X",
+        method,
+        "-b",
+        jar,
+        "-c",
+        jar,
+        "-H",
+        "content-type: application/json",
+    ];
+    let b = body.map(|b| b.to_string());
+    if let Some(b) = &b {
+        args.extend(["-d", b.as_str()]);
+    }
+    args.push(url);
+    let (_, _, body) = curl(&args);
+    serde_json::from_slice(&body).unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipxe_scripts_follow_the_inventory() {
+    let d = Daemon::start("scripts").await;
+    let b = d.base.clone();
+    let jar = d.dir.join("jar").display().to_string();
+    tokio::task::spawn_blocking(move || {
+        let (status, head, body) = curl(&[&format!("{b}/boot/ipxe")]);
+        assert_eq!(status, 200);
+        assert!(head.contains("content-type: text/plain"));
+        let text = String::from_utf8(body).expect("ascii");
+        assert!(text.starts_with("#!ipxe\n"));
+        assert!(text.contains(&format!("chain {b}/boot/ipxe/device?mac=${{net0/mac:hexhyp}}&platform=${{platform}}&arch=${{buildarch}}")));
+
+        // An unregistered client gets the unregistered menu and becomes an unknown device.
+        let url = format!("{b}/boot/ipxe/device?mac=52-54-00-aa-bb-01&platform=efi&arch=x86_64");
+        let (_, _, body) = curl(&[&url]);
+        let text = String::from_utf8(body).expect("ascii");
+        assert!(text.contains("unregistered client"), "{text}");
+        json_call("POST", &format!("{b}/api/v1/auth/setup"), &jar, Some(json!({"username": "admin", "password": "admin-pass-1"})));
+        let unknown = json_call("GET", &format!("{b}/api/v1/unknown-devices"), &jar, None);
+        assert_eq!(unknown["items"][0]["mac"], "52:54:00:aa:bb:01");
+        assert_eq!(unknown["items"][0]["arch"], "uefi_x64");
+
+        // Registered with a Linux profile and the profile policy: the script boots it.
+        let profile = json!({"name": "debian-12", "kind": "linux", "kernel": "debian/linux", "initrd": ["debian/initrd.gz"], "cmdline": "auto=true"});
+        json_call("POST", &format!("{b}/api/v1/profiles"), &jar, Some(profile));
+        let dev = json!({"boot_policy": "profile", "profile": "debian-12"});
+        let r = json_call("POST", &format!("{b}/api/v1/unknown-devices/525400aabb01/register"), &jar, Some(dev));
+        assert_eq!(r["boot_policy"], "profile", "{r}");
+        let (_, _, body) = curl(&[&url]);
+        let text = String::from_utf8(body).expect("ascii");
+        assert!(text.starts_with("#!ipxe\ngoto profile\n"), "{text}");
+        assert!(text.contains(&format!("kernel {b}/files/installers/debian/linux?mac=${{net0/mac:hexhyp}} initrd=initrd0 auto=true || goto failed")), "{text}");
+
+        // Both requests are on the device's timeline.
+        let ev = json_call("GET", &format!("{b}/api/v1/devices/52:54:00:aa:bb:01/events?kind=ipxe_script"), &jar, None);
+        assert_eq!(ev["total"], 2, "{ev}");
+        assert_eq!(ev["items"][0]["source"], "http");
+        let (status, _, _) = curl(&[&format!("{b}/boot/ipxe/device?mac=nonsense")]);
+        assert_eq!(status, 400);
+    })
+    .await
+    .expect("join");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installer_files_support_head_and_ranges() {
+    let d = Daemon::start("files").await;
+    let inst = d.dir.join("installers");
+    std::fs::create_dir_all(inst.join("isos")).expect("mkdir");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(inst.join("isos/big image.iso"), &data).expect("write");
+    std::fs::write(d.dir.join("outside.txt"), b"secret").expect("write");
+    std::os::unix::fs::symlink(d.dir.join("outside.txt"), inst.join("link.txt")).expect("symlink");
+    let b = d.base.clone();
+    tokio::task::spawn_blocking(move || {
+        let url = format!("{b}/files/installers/isos/big%20image.iso");
+        let (status, head, body) = curl(&["-I", &url]);
+        assert_eq!(status, 200);
+        assert!(head.contains("content-length: 3000000"), "{head}");
+        assert!(head.contains("accept-ranges: bytes"));
+        assert!(head.contains("content-type: application/x-iso9660-image"));
+        assert!(
+            body.len() < 1000,
+            "HEAD sends headers only (curl -I prints them as its output)"
+        );
+
+        let (status, head, body) = curl(&["-H", "range: bytes=1000000-1000099", &url]);
+        assert_eq!(status, 206);
+        assert!(
+            head.contains("content-range: bytes 1000000-1000099/3000000"),
+            "{head}"
+        );
+        assert_eq!(body, &data[1_000_000..1_000_100]);
+        let (status, _, body) = curl(&["-H", "range: bytes=-10", &url]);
+        assert_eq!((status, body.as_slice()), (206, &data[2_999_990..]));
+        let (status, head, _) = curl(&["-H", "range: bytes=3000000-", &url]);
+        assert_eq!(status, 416);
+        assert!(head.contains("content-range: bytes */3000000"));
+        let (status, _, body) = curl(&[&url]);
+        assert_eq!(status, 200);
+        assert!(body == data, "the whole file, streamed");
+
+        let (status, _, _) = curl(&[&format!("{b}/files/installers/link.txt")]);
+        assert_eq!(status, 403, "a symlink out of the directory is refused");
+        let (status, _, _) = curl(&[
+            "--path-as-is",
+            &format!("{b}/files/installers/../outside.txt"),
+        ]);
+        assert!(status == 403 || status == 404, "{status}");
+        let (status, _, _) = curl(&[&format!("{b}/files/installers/missing.iso")]);
+        assert_eq!(status, 404);
+    })
+    .await
+    .expect("join");
+    d.stop().await;
+}
