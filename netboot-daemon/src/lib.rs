@@ -9,6 +9,7 @@
 //! - [`boot`]: boot flows: iPXE scripts generated from the inventory, with escaping;
 //! - [`auth`]: password hashing, secrets and the login throttle;
 //! - [`ebpf`]: the embedded eBPF accounting program: load, attach (TCX), read counters;
+//! - [`dhcp`]: the DHCP/proxyDHCP core for PXE clients (sans-IO);
 //! - [`tftp`]: the TFTP protocol core (wire format, transfers, admission);
 //! - [`service`]: drivers that run the protocol cores on sockets and files;
 //! - [`jail`]: resolving client paths inside a served directory;
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod boot;
 pub mod config;
 pub mod daemon;
+pub mod dhcp;
 #[allow(
     unsafe_code,
     reason = "bpf syscalls and setns; each block has a SAFETY comment"

@@ -215,12 +215,36 @@ fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()>
 /// Serves a file under the installers directory, with `Range` and `HEAD`.
 pub(super) async fn installer_file(
     State(state): State<AppState>,
-    ClientIp(ip): ClientIp,
+    ip: ClientIp,
     UrlPath(path): UrlPath<String>,
     Query(p): Query<FileParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let root = state.paths().installers.clone();
+    serve_file(&state, &root, path, p, ip, &headers).await
+}
+
+/// Serves a file under the TFTP root over HTTP (UEFI HTTP Boot fetches iPXE this way).
+pub(super) async fn tftp_file(
+    State(state): State<AppState>,
+    ip: ClientIp,
+    UrlPath(path): UrlPath<String>,
+    Query(p): Query<FileParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let root = state.paths().tftp.clone();
+    serve_file(&state, &root, path, p, ip, &headers).await
+}
+
+async fn serve_file(
+    state: &AppState,
+    root: &Path,
+    path: String,
+    p: FileParams,
+    ClientIp(ip): ClientIp,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let root = root.to_path_buf();
     let full = {
         let path = path.clone();
         tokio::task::spawn_blocking(move || jail::resolve(&root, &path))
@@ -230,7 +254,7 @@ pub(super) async fn installer_file(
     let full = match full {
         Ok(f) => f,
         Err(JailError::NotFound) => return Err(ApiError::not_found("no such file")),
-        Err(_) => return Err(ApiError::forbidden("path outside the installers directory")),
+        Err(_) => return Err(ApiError::forbidden("path outside the served directory")),
     };
     let mut file = tokio::fs::File::open(&full)
         .await
@@ -240,7 +264,7 @@ pub(super) async fn installer_file(
         return Err(ApiError::not_found("not a file"));
     }
     let size = meta.len();
-    let Ok(range) = parse_range(&headers, size) else {
+    let Ok(range) = parse_range(headers, size) else {
         let mut res = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
         if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
             res.headers_mut().insert(header::CONTENT_RANGE, v);
@@ -261,7 +285,7 @@ pub(super) async fn installer_file(
             detail,
             ip,
         };
-        let r = blocking(&state, move |s| {
+        let r = blocking(state, move |s| {
             let keep = s.get_settings()?.events_per_device;
             s.add_event(&ev, keep)
         })

@@ -250,6 +250,7 @@ pub fn router(state: AppState) -> Router {
         .route("/boot/ipxe", get(boot::bootstrap))
         .route("/boot/ipxe/device", get(boot::device_script))
         .route("/files/installers/{*path}", get(boot::installer_file))
+        .route("/files/tftp/{*path}", get(boot::tftp_file))
         .with_state(state);
     Router::new()
         .nest("/api/v1", api)

@@ -1,0 +1,12 @@
+//! DHCP for PXE (RFC 2131/2132, RFC 4578, PXE 2.1), as a sans-IO core over dhcproto's
+//! wire format.
+//!
+//! - [`pxe`]: what a request says about its client: architecture (option 93), vendor
+//!   class (`PXEClient` / `HTTPClient`), iPXE (user class or option 175);
+//! - [`proxy`]: proxyDHCP answers (ports 67 and 4011) next to an existing DHCP server:
+//!   boot server and boot file only, never an address.
+//!
+//! The UDP driver (IP_PKTINFO, broadcast) and full server mode come next.
+
+pub mod proxy;
+pub mod pxe;

@@ -1,0 +1,168 @@
+//! proxyDHCP (PXE 2.1 §2.2.5): answers PXE clients with the boot server and boot file,
+//! next to a DHCP server that hands out the addresses.
+//!
+//! A DHCPDISCOVER on port 67 from a `PXEClient`/`HTTPClient` gets a DHCPOFFER without an
+//! address; a DHCPREQUEST on port 4011 gets a DHCPACK. Both carry the boot file:
+//! - firmware PXE: the stock iPXE binary for its architecture, over TFTP;
+//! - iPXE itself: the HTTP URL of its script, so it never loads iPXE again (no loop);
+//! - UEFI HTTP Boot: the iPXE EFI binary as an HTTP URL.
+//!
+//! Option 43 sets PXE discovery control to 8 ("boot the file in this offer"), so firmware
+//! does not wait for boot server discovery.
+
+use std::net::Ipv4Addr;
+
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode};
+
+use super::pxe::{Client, ClientArch, Vendor};
+
+/// Boot files for firmware PXE, relative to the TFTP root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootFiles {
+    /// x86 BIOS (undionly.kpxe or ipxe.pxe).
+    pub bios: String,
+    /// x64 UEFI (ipxe.efi or snponly.efi).
+    pub uefi_x64: String,
+    /// x86 32-bit UEFI.
+    pub uefi_ia32: Option<String>,
+    /// ARM64 UEFI.
+    pub uefi_arm64: Option<String>,
+}
+
+impl Default for BootFiles {
+    fn default() -> Self {
+        Self {
+            bios: "undionly.kpxe".into(),
+            uefi_x64: "ipxe.efi".into(),
+            uefi_ia32: None,
+            uefi_arm64: Some("ipxe-arm64.efi".into()),
+        }
+    }
+}
+
+/// Where the reply comes from and what it offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    /// Our address on the interface the request arrived on.
+    pub server: Ipv4Addr,
+    /// HTTP port of netbootd.
+    pub http_port: u16,
+    /// Firmware boot files.
+    pub files: BootFiles,
+}
+
+/// The port a request arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// 67: DHCPDISCOVER (and DHCPREQUEST meant for the real server).
+    Dhcp,
+    /// 4011: PXE boot server DHCPREQUEST.
+    Pxe,
+}
+
+/// Why a request got no answer (counted by the driver).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ignored {
+    /// Not a BOOTREQUEST, or not Ethernet.
+    NotARequest,
+    /// Not a PXE or HTTP Boot client.
+    NotPxe,
+    /// A message type proxyDHCP does not answer on this port.
+    MessageType,
+    /// An architecture we have no boot file for.
+    Arch,
+}
+
+/// A reply to send, and what the request told about the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The message.
+    pub message: Message,
+    /// Send it to the broadcast address (the client has no address yet, or asked for it).
+    pub broadcast: bool,
+    /// The client.
+    pub client: Client,
+    /// The boot file offered.
+    pub boot_file: String,
+}
+
+/// The boot file for a client, or `None` if there is nothing to boot it with.
+pub fn boot_file(client: &Client, ctx: &Context) -> Option<String> {
+    let http = format!("http://{}:{}", ctx.server, ctx.http_port);
+    if client.ipxe {
+        return Some(format!("{http}/boot/ipxe"));
+    }
+    let arch = client.arch.unwrap_or(ClientArch::BIOS);
+    let file = match arch {
+        ClientArch::BIOS => Some(ctx.files.bios.clone()),
+        ClientArch::EFI_X64 | ClientArch::EFI_BC | ClientArch::EFI_X64_HTTP => {
+            Some(ctx.files.uefi_x64.clone())
+        }
+        ClientArch::EFI_IA32 | ClientArch::EFI_IA32_HTTP => ctx.files.uefi_ia32.clone(),
+        ClientArch::EFI_ARM64 | ClientArch::EFI_ARM64_HTTP => ctx.files.uefi_arm64.clone(),
+        _ => None,
+    }?;
+    if client.vendor == Some(Vendor::Http) {
+        Some(format!("{http}/files/tftp/{file}"))
+    } else {
+        Some(file)
+    }
+}
+
+/// Decides the proxyDHCP answer to `req`, which arrived on `port`.
+pub fn handle(req: &Message, port: Port, ctx: &Context) -> Result<Reply, Ignored> {
+    if req.opcode() != Opcode::BootRequest {
+        return Err(Ignored::NotARequest);
+    }
+    let client = Client::from_message(req).ok_or(Ignored::NotARequest)?;
+    let vendor = client.vendor.ok_or(Ignored::NotPxe)?;
+    let reply_type = match (req.opts().msg_type(), port) {
+        (Some(MessageType::Discover), Port::Dhcp) => MessageType::Offer,
+        (Some(MessageType::Request), Port::Pxe) => MessageType::Ack,
+        // Requests on 4011 may also come as DISCOVER-less INFORMs from some firmware.
+        (Some(MessageType::Inform), Port::Pxe) => MessageType::Ack,
+        _ => return Err(Ignored::MessageType),
+    };
+    let file = boot_file(&client, ctx).ok_or(Ignored::Arch)?;
+
+    let mut m = Message::default();
+    m.set_opcode(Opcode::BootReply)
+        .set_htype(req.htype())
+        .set_xid(req.xid())
+        .set_flags(req.flags())
+        .set_chaddr(req.chaddr())
+        .set_giaddr(req.giaddr())
+        .set_siaddr(ctx.server)
+        .set_fname_str(&file);
+    let opts = m.opts_mut();
+    opts.insert(DhcpOption::MessageType(reply_type));
+    opts.insert(DhcpOption::ServerIdentifier(ctx.server));
+    opts.insert(DhcpOption::ClassIdentifier(match vendor {
+        Vendor::Pxe => b"PXEClient".to_vec(),
+        Vendor::Http => b"HTTPClient".to_vec(),
+    }));
+    if let Some(uuid) = &client.uuid {
+        opts.insert(DhcpOption::ClientMachineIdentifier(uuid.clone()));
+    }
+    if vendor == Vendor::Pxe {
+        // PXE_DISCOVERY_CONTROL (sub-option 6) = 8: use the boot file in this reply.
+        opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+        opts.insert(DhcpOption::TFTPServerName(
+            ctx.server.to_string().into_bytes(),
+        ));
+    }
+    opts.insert(DhcpOption::BootfileName(file.clone().into_bytes()));
+    let broadcast = req.flags().broadcast() || req.ciaddr().is_unspecified();
+    if broadcast {
+        m.set_flags(Flags::default().set_broadcast());
+    }
+    Ok(Reply {
+        message: m,
+        broadcast,
+        client,
+        boot_file: file,
+    })
+}
+
+#[cfg(test)]
+mod tests;

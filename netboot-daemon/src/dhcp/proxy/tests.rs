@@ -1,0 +1,250 @@
+//! proxyDHCP decisions for the clients that matter: BIOS and UEFI firmware, iPXE, UEFI
+//! HTTP Boot, ARM64, and ordinary DHCP clients that must be left alone. Messages go
+//! through dhcproto's encoder and decoder both ways, as on the wire.
+
+use dhcproto::v4::{Architecture, Decodable, Decoder, Encodable, Encoder, UnknownOption};
+
+use super::*;
+use dhcproto::v4::OptionCode;
+
+fn ctx() -> Context {
+    Context {
+        server: Ipv4Addr::new(10, 0, 0, 1),
+        http_port: 8080,
+        files: BootFiles::default(),
+    }
+}
+
+/// A request as firmware builds it, encoded and decoded again.
+fn request(
+    kind: MessageType,
+    vendor: Option<&str>,
+    arch: Option<u16>,
+    extra: &[DhcpOption],
+) -> Message {
+    let mut m = Message::default();
+    m.set_xid(0x1234_5678)
+        .set_chaddr(&[0x52, 0x54, 0, 0x12, 0x34, 0x56])
+        .set_flags(Flags::default().set_broadcast());
+    let o = m.opts_mut();
+    o.insert(DhcpOption::MessageType(kind));
+    if let Some(v) = vendor {
+        o.insert(DhcpOption::ClassIdentifier(v.as_bytes().to_vec()));
+    }
+    if let Some(a) = arch {
+        o.insert(DhcpOption::ClientSystemArchitecture(Architecture::from(a)));
+    }
+    o.insert(DhcpOption::ClientMachineIdentifier(vec![0; 17]));
+    for e in extra {
+        o.insert(e.clone());
+    }
+    round_trip(&m)
+}
+
+fn round_trip(m: &Message) -> Message {
+    let mut buf = Vec::new();
+    m.encode(&mut Encoder::new(&mut buf)).expect("encode");
+    Message::decode(&mut Decoder::new(&buf)).expect("decode")
+}
+
+fn file_of(r: &Reply) -> String {
+    let m = round_trip(&r.message);
+    assert_eq!(m.opcode(), Opcode::BootReply);
+    assert_eq!(m.xid(), 0x1234_5678);
+    assert_eq!(
+        m.yiaddr(),
+        Ipv4Addr::UNSPECIFIED,
+        "proxyDHCP never hands out addresses"
+    );
+    assert_eq!(m.siaddr(), Ipv4Addr::new(10, 0, 0, 1));
+    assert!(
+        matches!(m.opts().get(OptionCode::ServerIdentifier), Some(DhcpOption::ServerIdentifier(ip)) if *ip == Ipv4Addr::new(10, 0, 0, 1))
+    );
+    assert!(
+        matches!(
+            m.opts().get(OptionCode::ClientMachineIdentifier),
+            Some(DhcpOption::ClientMachineIdentifier(_))
+        ),
+        "UUID echoed"
+    );
+    // The fixed `file` field is NUL-terminated on the wire.
+    let fname = m
+        .fname_str()
+        .expect("fname")
+        .expect("utf8")
+        .trim_end_matches('\0')
+        .to_owned();
+    assert!(
+        matches!(m.opts().get(OptionCode::BootfileName), Some(DhcpOption::BootfileName(b)) if *b == fname.as_bytes())
+    );
+    fname
+}
+
+#[test]
+fn firmware_gets_the_ipxe_binary_for_its_architecture() {
+    let cases = [
+        ("PXEClient:Arch:00000:UNDI:002001", 0, "undionly.kpxe"),
+        ("PXEClient:Arch:00007:UNDI:003016", 7, "ipxe.efi"),
+        ("PXEClient:Arch:00009:UNDI:003016", 9, "ipxe.efi"),
+        ("PXEClient:Arch:00011:UNDI:003000", 11, "ipxe-arm64.efi"),
+    ];
+    for (vendor, arch, want) in cases {
+        let r = handle(
+            &request(MessageType::Discover, Some(vendor), Some(arch), &[]),
+            Port::Dhcp,
+            &ctx(),
+        )
+        .expect("answered");
+        assert!(matches!(
+            r.message.opts().msg_type(),
+            Some(MessageType::Offer)
+        ));
+        assert_eq!(file_of(&r), want, "{vendor}");
+        assert!(
+            matches!(r.message.opts().get(OptionCode::VendorExtensions), Some(DhcpOption::VendorExtensions(v)) if v == &vec![6, 1, 8, 255])
+        );
+        assert!(r.broadcast);
+        let r = handle(
+            &request(MessageType::Request, Some(vendor), Some(arch), &[]),
+            Port::Pxe,
+            &ctx(),
+        )
+        .expect("ack");
+        assert!(matches!(
+            r.message.opts().msg_type(),
+            Some(MessageType::Ack)
+        ));
+        assert_eq!(file_of(&r), want);
+    }
+}
+
+#[test]
+fn ipxe_gets_its_script_url_and_never_ipxe_again() {
+    let user_class = DhcpOption::UserClass(b"iPXE".to_vec());
+    let r = handle(
+        &request(
+            MessageType::Discover,
+            Some("PXEClient:Arch:00000:UNDI:002001"),
+            Some(0),
+            &[user_class],
+        ),
+        Port::Dhcp,
+        &ctx(),
+    )
+    .expect("answered");
+    assert_eq!(file_of(&r), "http://10.0.0.1:8080/boot/ipxe");
+    assert!(r.client.ipxe);
+    let opt175 = DhcpOption::Unknown(UnknownOption::new(OptionCode::Unknown(175), vec![19, 1, 1]));
+    let r = handle(
+        &request(
+            MessageType::Discover,
+            Some("PXEClient:Arch:00007:UNDI:003016"),
+            Some(7),
+            &[opt175],
+        ),
+        Port::Dhcp,
+        &ctx(),
+    )
+    .expect("answered");
+    assert_eq!(file_of(&r), "http://10.0.0.1:8080/boot/ipxe");
+}
+
+#[test]
+fn uefi_http_boot_gets_a_url() {
+    let r = handle(
+        &request(
+            MessageType::Discover,
+            Some("HTTPClient:Arch:00016:UNDI:003001"),
+            Some(16),
+            &[],
+        ),
+        Port::Dhcp,
+        &ctx(),
+    )
+    .expect("answered");
+    assert_eq!(file_of(&r), "http://10.0.0.1:8080/files/tftp/ipxe.efi");
+    assert!(
+        matches!(r.message.opts().get(OptionCode::ClassIdentifier), Some(DhcpOption::ClassIdentifier(v)) if v == b"HTTPClient")
+    );
+    assert!(r.message.opts().get(OptionCode::VendorExtensions).is_none());
+}
+
+#[test]
+fn ordinary_clients_and_other_messages_are_left_to_the_real_server() {
+    let c = ctx();
+    assert_eq!(
+        handle(
+            &request(MessageType::Discover, None, None, &[]),
+            Port::Dhcp,
+            &c
+        )
+        .unwrap_err(),
+        Ignored::NotPxe
+    );
+    assert_eq!(
+        handle(
+            &request(MessageType::Discover, Some("MSFT 5.0"), None, &[]),
+            Port::Dhcp,
+            &c
+        )
+        .unwrap_err(),
+        Ignored::NotPxe
+    );
+    let pxe = Some("PXEClient:Arch:00000:UNDI:002001");
+    assert_eq!(
+        handle(
+            &request(MessageType::Request, pxe, Some(0), &[]),
+            Port::Dhcp,
+            &c
+        )
+        .unwrap_err(),
+        Ignored::MessageType
+    );
+    assert_eq!(
+        handle(
+            &request(MessageType::Release, pxe, Some(0), &[]),
+            Port::Pxe,
+            &c
+        )
+        .unwrap_err(),
+        Ignored::MessageType
+    );
+    assert_eq!(
+        handle(
+            &request(
+                MessageType::Discover,
+                Some("PXEClient:Arch:00010"),
+                Some(10),
+                &[]
+            ),
+            Port::Dhcp,
+            &c
+        )
+        .unwrap_err(),
+        Ignored::Arch
+    );
+    let mut reply = request(MessageType::Discover, pxe, Some(0), &[]);
+    reply.set_opcode(Opcode::BootReply);
+    assert_eq!(
+        handle(&reply, Port::Dhcp, &c).unwrap_err(),
+        Ignored::NotARequest
+    );
+}
+
+#[test]
+fn client_facts_are_read_for_the_inventory() {
+    let m = request(
+        MessageType::Discover,
+        Some("PXEClient:Arch:00007:UNDI:003016"),
+        Some(7),
+        &[],
+    );
+    let c = Client::from_message(&m).expect("client");
+    assert_eq!(c.mac.to_string(), "52:54:00:12:34:56");
+    assert_eq!(
+        c.arch.and_then(ClientArch::arch),
+        Some(crate::store::Arch::UefiX64)
+    );
+    assert_eq!(c.vendor, Some(Vendor::Pxe));
+    assert!(!c.ipxe);
+}
