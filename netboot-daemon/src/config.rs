@@ -70,6 +70,8 @@ pub struct Config {
     pub paths: PathsConfig,
     /// Authentication.
     pub auth: AuthConfig,
+    /// DHCP for PXE clients.
+    pub dhcp: DhcpConfig,
     /// TFTP server.
     pub tftp: TftpConfig,
     /// eBPF accounting.
@@ -86,6 +88,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             paths: PathsConfig::default(),
             auth: AuthConfig::default(),
+            dhcp: DhcpConfig::default(),
             tftp: TftpConfig::default(),
             ebpf: EbpfConfig::default(),
             log: LogConfig::default(),
@@ -166,6 +169,48 @@ impl AuthConfig {
     /// Session lifetime.
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(u64::from(self.session_minutes) * 60)
+    }
+}
+
+/// What the DHCP service does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DhcpMode {
+    /// No DHCP at all.
+    Off,
+    /// proxyDHCP: answer PXE clients with the boot file only, next to an existing DHCP
+    /// server that hands out addresses.
+    Proxy,
+}
+
+/// DHCP settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DhcpConfig {
+    /// `proxy` or `off`.
+    pub mode: DhcpMode,
+    /// Boot interfaces; empty means every interface that is up and has IPv4.
+    pub interfaces: Vec<String>,
+    /// iPXE binary for x86 BIOS firmware, in the TFTP root.
+    pub bios_file: String,
+    /// iPXE binary for x64 UEFI firmware.
+    pub uefi_x64_file: String,
+    /// iPXE binary for 32-bit x86 UEFI firmware ("" for none).
+    pub uefi_ia32_file: String,
+    /// iPXE binary for ARM64 UEFI firmware ("" for none).
+    pub uefi_arm64_file: String,
+}
+
+impl Default for DhcpConfig {
+    fn default() -> Self {
+        Self {
+            mode: DhcpMode::Proxy,
+            interfaces: Vec::new(),
+            bios_file: "undionly.kpxe".into(),
+            uefi_x64_file: "ipxe.efi".into(),
+            uefi_ia32_file: String::new(),
+            uefi_arm64_file: "ipxe-arm64.efi".into(),
+        }
     }
 }
 
@@ -405,6 +450,27 @@ impl Config {
             self.http
                 .listen
                 .set_port(parse_env(k, v, "expected a port number")?);
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_DHCP_MODE") {
+            self.dhcp.mode = match v.as_str() {
+                "proxy" => DhcpMode::Proxy,
+                "off" => DhcpMode::Off,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: k,
+                        value: v,
+                        why: "expected proxy or off",
+                    });
+                }
+            };
+        }
+        if let Some((_, v)) = lookup(env, "NETBOOT_DHCP_INTERFACES") {
+            self.dhcp.interfaces = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
         }
         if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_LISTEN") {
             self.tftp.listen = parse_env(k, v, "expected address:port, e.g. 0.0.0.0:69")?;

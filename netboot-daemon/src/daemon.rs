@@ -10,8 +10,11 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, VERSION};
+use crate::config::DhcpMode;
 use crate::config::Validated;
+use crate::dhcp::proxy::BootFiles;
 use crate::ebpf::Accounting;
+use crate::service::dhcp::{self as dhcp_service, ProxyDhcp};
 use crate::service::tftp::Tftp;
 use crate::store::{Sqlite, Store};
 use crate::time::Timestamp;
@@ -91,6 +94,8 @@ pub async fn serve(
         None
     };
 
+    let dhcp = start_dhcp(&cfg, &store, addr.port(), stop_rx.clone());
+
     let state = AppState::new(Arc::clone(&store), cfg.clone());
     let needs_setup = {
         let s = Arc::clone(&store);
@@ -130,6 +135,9 @@ pub async fn serve(
     if let Some(task) = tftp {
         let _ = task.await;
     }
+    if let Some(task) = dhcp {
+        let _ = task.await;
+    }
     housekeeping.abort();
     if let Some(task) = accounting {
         // Dropping the task's Accounting detaches the programs.
@@ -138,6 +146,44 @@ pub async fn serve(
     }
     tracing::info!("netbootd stopped");
     Ok(())
+}
+
+/// Starts proxyDHCP on the boot interfaces. Failing to bind is not fatal: netbootd also
+/// works behind a DHCP server that hands out its boot file itself.
+fn start_dhcp(
+    cfg: &Validated,
+    store: &Arc<dyn Store>,
+    http_port: u16,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let d = &cfg.config.dhcp;
+    if d.mode == DhcpMode::Off {
+        tracing::info!("DHCP off (dhcp.mode = \"off\")");
+        return None;
+    }
+    let listeners = match dhcp_service::bind(&d.interfaces, 67, 4011) {
+        Ok(l) if !l.is_empty() => l,
+        Ok(_) => {
+            tracing::warn!(interfaces = ?d.interfaces, "proxyDHCP has no interface to listen on");
+            return None;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "proxyDHCP cannot enumerate interfaces");
+            return None;
+        }
+    };
+    for l in &listeners {
+        tracing::info!(iface = %l.iface, ip = %l.ip, "proxyDHCP listening (ports 67 and 4011)");
+    }
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let files = BootFiles {
+        bios: d.bios_file.clone(),
+        uefi_x64: d.uefi_x64_file.clone(),
+        uefi_ia32: opt(&d.uefi_ia32_file),
+        uefi_arm64: opt(&d.uefi_arm64_file),
+    };
+    let service = Arc::new(ProxyDhcp::new(Arc::clone(store), http_port, files, 68));
+    Some(tokio::spawn(service.serve(listeners, stop)))
 }
 
 /// Loads the eBPF program and attaches it to the configured interfaces. Failure is not

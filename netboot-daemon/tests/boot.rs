@@ -23,6 +23,7 @@ impl Daemon {
             ..Config::default()
         };
         cfg.tftp.enabled = false;
+        cfg.dhcp.mode = netboot_daemon::config::DhcpMode::Off;
         let cfg = cfg.validate().expect("config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
