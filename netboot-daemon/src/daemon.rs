@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, VERSION};
 use crate::config::Validated;
+use crate::driver;
 use crate::ebpf::Accounting;
 use crate::service::tftp::Tftp;
 use crate::store::{Sqlite, Store};
@@ -85,7 +86,11 @@ pub async fn serve(
             .context("reading the TFTP listener address")?;
         let service = Arc::new(Tftp::new(&cfg.config.tftp, cfg.paths.tftp.clone()));
         tracing::info!(addr = %tftp_addr, root = %cfg.paths.tftp.display(), "TFTP listening");
-        Some(tokio::spawn(service.serve(socket, stop_rx.clone())))
+        Some(tokio::spawn(driver::tokio::serve(
+            service,
+            socket,
+            stop_rx.clone(),
+        )))
     } else {
         tracing::info!("TFTP off (tftp.enabled = false)");
         None

@@ -27,7 +27,11 @@ impl Server {
         let addr = socket.local_addr().expect("addr");
         let tftp = Arc::new(Tftp::new(&cfg, root.join("srv")));
         let (stop, rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(Arc::clone(&tftp).serve(socket, rx));
+        let task = tokio::spawn(netboot_daemon::driver::tokio::serve(
+            Arc::clone(&tftp),
+            socket,
+            rx,
+        ));
         Self {
             addr,
             root,
