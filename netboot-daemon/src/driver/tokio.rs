@@ -1,6 +1,8 @@
 //! The TFTP driver on tokio: one task per transfer, each with its own connected socket.
 //!
-//! The shared, non-I/O parts are in [`crate::service::tftp`].
+//! It serves development, tests and the fallback when io_uring is not available
+//! ([`super::uring`] is the default). The shared, non-I/O parts are in
+//! [`crate::service::tftp`].
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};

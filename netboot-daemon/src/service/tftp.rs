@@ -4,7 +4,8 @@
 //! files inside the served directory (the path jail, optional case-insensitive lookup),
 //! keeps a cache of hot files in memory, builds the [`Transfer`] of each admitted request
 //! and keeps the counters ([`Stats`]). The drivers own the sockets, the file reads and the
-//! timers: [`crate::driver::tokio`] (tokio tasks).
+//! timers: [`crate::driver::tokio`] (tokio tasks) and [`crate::driver::uring`] (one
+//! io_uring on a dedicated thread).
 //!
 //! All protocol decisions are the core's ([`crate::tftp`]); this module and the drivers
 //! only move bytes between sockets, files and the core, and count.
@@ -46,6 +47,10 @@ pub struct Stats {
     pub dropped: AtomicU64,
     /// Served from the in-memory cache.
     pub cache_hits: AtomicU64,
+    /// Sends that carried several datagrams at once with UDP GSO (io_uring driver).
+    pub gso_sends: AtomicU64,
+    /// Datagrams sent inside those GSO sends.
+    pub gso_segments: AtomicU64,
 }
 
 /// The bytes of a file being sent.
