@@ -179,6 +179,18 @@ impl Drop for Handle {
 /// Fails (returning the listener) when the ring cannot be set up: io_uring disabled,
 /// or a kernel older than 6.0 (multishot receive, provided-buffer rings).
 pub fn spawn(tftp: Arc<Tftp>, listener: UdpSocket) -> Result<Handle, SpawnError> {
+    spawn_inner(tftp, listener, Options::default())
+}
+
+/// Knobs of the driver that only tests turn.
+#[derive(Debug, Clone, Copy, Default)]
+struct Options {
+    /// Set `SO_NO_CHECK` on transfer sockets: the kernel then refuses every GSO send with
+    /// `EINVAL`, which exercises the fallback to single datagrams.
+    no_udp_checksum: bool,
+}
+
+fn spawn_inner(tftp: Arc<Tftp>, listener: UdpSocket, opts: Options) -> Result<Handle, SpawnError> {
     let spare = match listener.try_clone() {
         Ok(s) => s,
         Err(error) => return Err(SpawnError { error, listener }),
@@ -195,7 +207,7 @@ pub fn spawn(tftp: Arc<Tftp>, listener: UdpSocket) -> Result<Handle, SpawnError>
             listener.local_addr().map_or(0, |a| a.port())
         ))
         .spawn(move || {
-            let mut driver = match Driver::new(tftp, listener, stop_rx) {
+            let mut driver = match Driver::new(tftp, listener, stop_rx, opts) {
                 Ok(d) => d,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -272,12 +284,18 @@ struct Driver {
     /// Submitted requests whose last CQE has not arrived.
     inflight: usize,
     gso: Gso,
+    opts: Options,
     stopping: bool,
     scratch: Vec<u8>,
 }
 
 impl Driver {
-    fn new(tftp: Arc<Tftp>, listener: UdpSocket, stop: PipeReader) -> io::Result<Self> {
+    fn new(
+        tftp: Arc<Tftp>,
+        listener: UdpSocket,
+        stop: PipeReader,
+        opts: Options,
+    ) -> io::Result<Self> {
         let ring = build_ring()?;
         if !ring.params().is_feature_ext_arg() {
             return Err(io::Error::new(
@@ -344,6 +362,7 @@ impl Driver {
             to_close: Vec::new(),
             inflight: 0,
             gso: Gso::Untested,
+            opts,
             stopping: false,
             scratch: Vec::new(),
         })
@@ -578,6 +597,9 @@ impl Driver {
                 return;
             }
         };
+        if self.opts.no_udp_checksum {
+            let _ = msg::set_no_udp_checksum(&socket);
+        }
         let gso_max = msg::max_unfragmented_payload(&socket).unwrap_or(0);
         let transfer = self.tftp.new_transfer(now, &req, &opened.source);
         drop(entered);
@@ -1103,6 +1125,68 @@ mod tests {
         let rest = fill_train(&mut t, now, &mut buf, 65_000).expect("train");
         assert_eq!((rest.segment, rest.segments, rest.spill), (516, 2, None));
         assert_eq!(buf.len(), 516 + 104, "the short last block ends the train");
+    }
+
+    /// A windowed read by hand: RRQ, ACK 0 after the OACK, one ACK per window.
+    fn fetch_windowed(server: SocketAddr, name: &str, blksize: usize, window: u16) -> Vec<u8> {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let rrq = format!("\0\x01{name}\0octet\0blksize\0{blksize}\0windowsize\0{window}\0");
+        sock.send_to(rrq.as_bytes(), server).expect("RRQ");
+        let mut buf = vec![0u8; blksize + 4];
+        let (_, peer) = sock.recv_from(&mut buf).expect("OACK");
+        assert_eq!(&buf[..2], &[0, 6]);
+        sock.connect(peer).expect("connect");
+        sock.send(&[0, 4, 0, 0]).expect("ACK 0");
+        let mut out = Vec::new();
+        let mut expect: u16 = 1;
+        let mut in_window = 0;
+        loop {
+            let n = sock.recv(&mut buf).expect("DATA");
+            assert_eq!(&buf[..2], &[0, 3]);
+            if u16::from_be_bytes([buf[2], buf[3]]) != expect {
+                continue;
+            }
+            out.extend_from_slice(&buf[4..n]);
+            expect = expect.wrapping_add(1);
+            in_window += 1;
+            let last = n < blksize + 4;
+            if last || in_window == window {
+                sock.send(&[0, 4, buf[2], buf[3]]).expect("ACK");
+                in_window = 0;
+            }
+            if last {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn when_the_kernel_refuses_gso_windows_go_as_single_datagrams() {
+        let dir = std::env::temp_dir().join(format!("netboot-uring-nogso-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let want: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        std::fs::write(dir.join("f.bin"), &want).expect("write");
+        let tftp = Arc::new(Tftp::new(
+            &crate::config::TftpConfig::default(),
+            dir.clone(),
+        ));
+        let listener = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let opts = Options {
+            no_udp_checksum: true,
+        };
+        let handle = spawn_inner(Arc::clone(&tftp), listener, opts).expect("ring");
+        assert_eq!(fetch_windowed(addr, "f.bin", 1468, 16), want);
+        assert_eq!(
+            fetch_windowed(addr, "f.bin", 512, 8),
+            want,
+            "and again, GSO off"
+        );
+        handle.stop();
+        assert_eq!(tftp.stats.gso_sends.load(Ordering::Relaxed), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
