@@ -240,6 +240,20 @@ pub struct TftpConfig {
     pub cache_file_max_mib: u64,
     /// Memory for cached files (MiB).
     pub cache_total_mib: u64,
+    /// Which driver runs TFTP: io_uring (falls back to tokio when a ring cannot be set
+    /// up) or tokio.
+    pub driver: TftpDriver,
+}
+
+/// The TFTP driver (`tftp.driver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TftpDriver {
+    /// One io_uring on a dedicated thread (`crate::driver::uring`).
+    #[default]
+    Uring,
+    /// tokio tasks (`crate::driver::tokio`).
+    Tokio,
 }
 
 impl Default for TftpConfig {
@@ -256,6 +270,7 @@ impl Default for TftpConfig {
             case_insensitive: false,
             cache_file_max_mib: 64,
             cache_total_mib: 512,
+            driver: TftpDriver::Uring,
         }
     }
 }

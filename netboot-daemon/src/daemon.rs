@@ -13,6 +13,7 @@ use crate::api::{self, AppState, VERSION};
 use crate::config::DhcpMode;
 use crate::config::Validated;
 use crate::dhcp::proxy::BootFiles;
+use crate::driver;
 use crate::ebpf::Accounting;
 use crate::service::dhcp::{self as dhcp_service, ProxyDhcp};
 use crate::service::tftp::Tftp;
@@ -80,15 +81,17 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let tftp = if cfg.config.tftp.enabled {
         let listen = cfg.config.tftp.listen;
-        let socket = tokio::net::UdpSocket::bind(listen).await.with_context(|| {
+        let socket = std::net::UdpSocket::bind(listen).with_context(|| {
             format!("binding TFTP on {listen} (set tftp.listen, or tftp.enabled = false if another TFTP server runs here)")
         })?;
         let tftp_addr = socket
             .local_addr()
             .context("reading the TFTP listener address")?;
         let service = Arc::new(Tftp::new(&cfg.config.tftp, cfg.paths.tftp.clone()));
-        tracing::info!(addr = %tftp_addr, root = %cfg.paths.tftp.display(), "TFTP listening");
-        Some(tokio::spawn(service.serve(socket, stop_rx.clone())))
+        let running = driver::start_tftp(service, socket, cfg.config.tftp.driver, stop_rx.clone())
+            .context("starting the TFTP driver")?;
+        tracing::info!(addr = %tftp_addr, root = %cfg.paths.tftp.display(), driver = ?running.kind(), "TFTP listening");
+        Some(running)
     } else {
         tracing::info!("TFTP off (tftp.enabled = false)");
         None
@@ -132,8 +135,8 @@ pub async fn serve(
         })
         .await
         .context("serving HTTP")?;
-    if let Some(task) = tftp {
-        let _ = task.await;
+    if let Some(running) = tftp {
+        running.stop().await;
     }
     if let Some(task) = dhcp {
         let _ = task.await;

@@ -11,7 +11,8 @@
 //! - [`ebpf`]: the embedded eBPF accounting program: load, attach (TCX), read counters;
 //! - [`dhcp`]: the DHCP/proxyDHCP core for PXE clients (sans-IO);
 //! - [`tftp`]: the TFTP protocol core (wire format, transfers, admission);
-//! - [`service`]: drivers that run the protocol cores on sockets and files;
+//! - [`service`]: the glue between protocol cores and drivers (files, cache, counters);
+//! - [`driver`]: the drivers that own sockets, rings and timers (io_uring, tokio);
 //! - [`jail`]: resolving client paths inside a served directory;
 //! - [`mac`], [`time`]: identifiers and timestamps;
 //! - [`telemetry`]: log output;
@@ -24,6 +25,7 @@ pub mod boot;
 pub mod config;
 pub mod daemon;
 pub mod dhcp;
+pub mod driver;
 #[allow(
     unsafe_code,
     reason = "bpf syscalls and setns; each block has a SAFETY comment"

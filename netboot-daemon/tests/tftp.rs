@@ -1,12 +1,16 @@
-//! The TFTP service against real clients: tftp-hpa, atftp, curl and busybox.
+//! The TFTP service against real clients: tftp-hpa, atftp, curl and busybox, with both
+//! drivers: every scenario runs once on the io_uring driver and once on the tokio driver
+//! (modules `uring` and `tokio` at the end).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
-use netboot_daemon::config::TftpConfig;
+use netboot_daemon::config::{TftpConfig, TftpDriver};
+use netboot_daemon::driver::{self, Running};
 use netboot_daemon::service::tftp::Tftp;
 use tokio::net::UdpSocket;
 
@@ -15,25 +19,30 @@ struct Server {
     root: PathBuf,
     tftp: Arc<Tftp>,
     stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    running: Running,
 }
 
 impl Server {
-    async fn start(tag: &str, cfg: TftpConfig) -> Self {
-        let root = std::env::temp_dir().join(format!("netboot-tftp-{tag}-{}", std::process::id()));
+    async fn start(tag: &str, cfg: TftpConfig, driver: TftpDriver) -> Self {
+        let root = std::env::temp_dir().join(format!(
+            "netboot-tftp-{tag}-{driver:?}-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(root.join("srv/sub")).expect("mkdir");
-        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = socket.local_addr().expect("addr");
         let tftp = Arc::new(Tftp::new(&cfg, root.join("srv")));
         let (stop, rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(Arc::clone(&tftp).serve(socket, rx));
+        let running =
+            driver::start_tftp(Arc::clone(&tftp), socket, driver, rx).expect("start driver");
+        assert_eq!(running.kind(), driver, "the requested driver runs");
         Self {
             addr,
             root,
             tftp,
             stop,
-            task,
+            running,
         }
     }
 
@@ -47,7 +56,7 @@ impl Server {
 
     async fn stop(self) {
         let _ = self.stop.send(true);
-        self.task.await.expect("serve task");
+        self.running.stop().await;
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -108,9 +117,8 @@ fn s(x: impl ToString) -> String {
     x.to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_clients_fetch_exact_files() {
-    let srv = Server::start("clients", TftpConfig::default()).await;
+async fn real_clients_fetch_exact_files(driver: TftpDriver) {
+    let srv = Server::start("clients", TftpConfig::default(), driver).await;
     let big = data(1 << 20, 1);
     let exact = data(512 * 40, 2);
     srv.put("f1M.bin", &big);
@@ -231,9 +239,8 @@ async fn real_clients_fetch_exact_files() {
     srv.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn netascii_is_translated_and_read_back_by_tftp_hpa() {
-    let srv = Server::start("ascii", TftpConfig::default()).await;
+async fn netascii_is_translated_and_read_back_by_tftp_hpa(driver: TftpDriver) {
+    let srv = Server::start("ascii", TftpConfig::default(), driver).await;
     let text = b"#!ipxe\nchain http://10.0.0.1/boot.ipxe\r\nend\n".repeat(50);
     srv.put("script.txt", &text);
     let o = srv.out("ascii.txt");
@@ -258,9 +265,8 @@ async fn netascii_is_translated_and_read_back_by_tftp_hpa() {
     srv.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn block_numbers_roll_over_past_65535() {
-    let srv = Server::start("rollover", TftpConfig::default()).await;
+async fn block_numbers_roll_over_past_65535(driver: TftpDriver) {
+    let srv = Server::start("rollover", TftpConfig::default(), driver).await;
     // 70 000 blocks of 512 bytes plus a short one.
     let big = data(512 * 70_000 + 100, 3);
     srv.put("big.bin", &big);
@@ -282,9 +288,8 @@ async fn block_numbers_roll_over_past_65535() {
     srv.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_jail_holds_and_errors_reveal_no_paths() {
-    let srv = Server::start("jail", TftpConfig::default()).await;
+async fn the_jail_holds_and_errors_reveal_no_paths(driver: TftpDriver) {
+    let srv = Server::start("jail", TftpConfig::default(), driver).await;
     std::fs::write(srv.root.join("secret"), b"outside").expect("write");
     std::os::unix::fs::symlink(srv.root.join("secret"), srv.root.join("srv/escape"))
         .expect("symlink");
@@ -371,9 +376,8 @@ async fn the_jail_holds_and_errors_reveal_no_paths() {
     srv.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retransmitted_rrq_does_not_start_a_second_transfer() {
-    let srv = Server::start("dup", TftpConfig::default()).await;
+async fn a_retransmitted_rrq_does_not_start_a_second_transfer(driver: TftpDriver) {
+    let srv = Server::start("dup", TftpConfig::default(), driver).await;
     srv.put("f.bin", &data(5000, 4));
     let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let rrq = b"\0\x01f.bin\0octet\0";
@@ -405,4 +409,249 @@ async fn a_retransmitted_rrq_does_not_start_a_second_transfer() {
     assert_eq!(st.started.load(Ordering::Relaxed), 1);
     assert_eq!(st.dropped.load(Ordering::Relaxed), 2);
     srv.stop().await;
+}
+
+async fn atftp(srv: &Server, file: &str, out: &Path, blk: u32, win: u32) -> (bool, String) {
+    client(
+        "atftp",
+        vec![
+            s("-g"),
+            s("-r"),
+            s(file),
+            s("-l"),
+            s(out.display()),
+            s("--option"),
+            format!("blksize {blk}"),
+            s("--option"),
+            format!("windowsize {win}"),
+            s(srv.addr.ip()),
+            s(srv.addr.port()),
+        ],
+    )
+    .await
+}
+
+async fn files_too_large_for_the_cache_are_read_by_the_driver(driver: TftpDriver) {
+    let cfg = TftpConfig {
+        cache_file_max_mib: 0,
+        ..TftpConfig::default()
+    };
+    let srv = Server::start("uncached", cfg, driver).await;
+    let big = data(3 << 20, 5);
+    srv.put("f3M.bin", &big);
+    let o = srv.out("curl.bin");
+    let (ok, log) = client(
+        "curl",
+        vec![
+            s("-sS"),
+            s("--tftp-blksize"),
+            s("1432"),
+            s("-o"),
+            s(o.display()),
+            format!("tftp://{}/f3M.bin", srv.addr),
+        ],
+    )
+    .await;
+    assert!(ok, "{log}");
+    same(&o, &big);
+    let o = srv.out("atftp.bin");
+    let (ok, log) = atftp(&srv, "f3M.bin", &o, 1468, 64).await;
+    assert!(ok, "{log}");
+    if log != "skipped" {
+        same(&o, &big);
+    }
+    let st = &srv.tftp.stats;
+    assert_eq!(st.cache_hits.load(Ordering::Relaxed), 0);
+    assert_eq!(st.failed.load(Ordering::Relaxed), 0);
+    srv.stop().await;
+}
+
+async fn a_vanished_client_ends_the_transfer_at_once(driver: TftpDriver) {
+    let srv = Server::start("vanished", TftpConfig::default(), driver).await;
+    srv.put("f.bin", &data(100_000, 6));
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    sock.send_to(b"\0\x01f.bin\0octet\0", srv.addr)
+        .await
+        .expect("send");
+    let mut buf = [0u8; 600];
+    let (_, from) = sock.recv_from(&mut buf).await.expect("DATA 1");
+    assert_ne!(from.port(), srv.addr.port());
+    // The client goes away; the retransmission after the 1 s timeout meets an ICMP port
+    // unreachable, and ECONNREFUSED ends the transfer instead of 5 more retries (31 s).
+    drop(sock);
+    let start = Instant::now();
+    while srv.tftp.stats.failed.load(Ordering::Relaxed) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the transfer did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(srv.tftp.stats.completed.load(Ordering::Relaxed), 0);
+    srv.stop().await;
+}
+
+async fn concurrent_clients_all_get_exact_files(driver: TftpDriver) {
+    let cfg = TftpConfig {
+        per_client: 64,
+        cache_file_max_mib: 1,
+        ..TftpConfig::default()
+    };
+    let srv = Server::start("concurrent", cfg, driver).await;
+    let small = data(700_000, 9);
+    let large = data(3 << 20, 10);
+    srv.put("small.bin", &small);
+    srv.put("large.bin", &large);
+    let mut runs = Vec::new();
+    for i in 0..16 {
+        let (file, want) = if i % 2 == 0 {
+            ("small.bin", &small)
+        } else {
+            ("large.bin", &large)
+        };
+        let o = srv.out(&format!("c{i}.bin"));
+        let args = if i % 4 < 2 {
+            (
+                "curl",
+                vec![
+                    s("-sS"),
+                    s("--tftp-blksize"),
+                    s("1432"),
+                    s("-o"),
+                    s(o.display()),
+                    format!("tftp://{}/{file}", srv.addr),
+                ],
+            )
+        } else {
+            (
+                "atftp",
+                vec![
+                    s("-g"),
+                    s("-r"),
+                    s(file),
+                    s("-l"),
+                    s(o.display()),
+                    s("--option"),
+                    s("blksize 1468"),
+                    s("--option"),
+                    format!("windowsize {}", 4 << (i % 3)),
+                    s(srv.addr.ip()),
+                    s(srv.addr.port()),
+                ],
+            )
+        };
+        runs.push((o, want.clone(), tokio::spawn(client(args.0, args.1))));
+    }
+    for (o, want, run) in runs {
+        let (ok, log) = run.await.expect("client task");
+        assert!(ok, "{}: {log}", o.display());
+        if log != "skipped" {
+            same(&o, &want);
+        }
+    }
+    assert_eq!(srv.tftp.stats.failed.load(Ordering::Relaxed), 0);
+    srv.stop().await;
+}
+
+/// Runs each scenario with both drivers.
+macro_rules! with_both_drivers {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(TftpDriver::Uring).await;
+                }
+            )*
+        }
+        mod tokio_driver {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(TftpDriver::Tokio).await;
+                }
+            )*
+        }
+    };
+}
+
+with_both_drivers!(
+    real_clients_fetch_exact_files,
+    netascii_is_translated_and_read_back_by_tftp_hpa,
+    block_numbers_roll_over_past_65535,
+    the_jail_holds_and_errors_reveal_no_paths,
+    a_retransmitted_rrq_does_not_start_a_second_transfer,
+    files_too_large_for_the_cache_are_read_by_the_driver,
+    a_vanished_client_ends_the_transfer_at_once,
+    concurrent_clients_all_get_exact_files,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uring_driver_sends_windows_with_gso_and_the_data_stays_exact() {
+    let srv = Server::start("gso", TftpConfig::default(), TftpDriver::Uring).await;
+    let big = data(2 << 20, 7);
+    srv.put("f2M.bin", &big);
+    for (blk, win) in [(1468, 16), (512, 64), (1468, 64)] {
+        let o = srv.out(&format!("gso-{blk}-{win}.bin"));
+        let (ok, log) = atftp(&srv, "f2M.bin", &o, blk, win).await;
+        assert!(ok, "atftp {blk}/{win}: {log}");
+        if log == "skipped" {
+            srv.stop().await;
+            return;
+        }
+        same(&o, &big);
+    }
+    let st = &srv.tftp.stats;
+    let sends = st.gso_sends.load(Ordering::Relaxed);
+    let segments = st.gso_segments.load(Ordering::Relaxed);
+    assert!(sends > 0, "no GSO send");
+    assert!(
+        segments >= 2 * sends,
+        "every GSO send carries several datagrams: {segments} in {sends}"
+    );
+    assert_eq!(st.failed.load(Ordering::Relaxed), 0);
+    srv.stop().await;
+}
+
+/// Threads of this process with this name.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(Result::ok)
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uring_thread_stops_and_joins_promptly_during_transfers() {
+    let cfg = TftpConfig {
+        cache_file_max_mib: 0,
+        ..TftpConfig::default()
+    };
+    let srv = Server::start("shutdown", cfg, TftpDriver::Uring).await;
+    let thread = format!("tftp-ring-{}", srv.addr.port());
+    assert_eq!(threads_named(&thread), 1, "the ring runs on its own thread");
+    srv.put("f.bin", &data(1 << 20, 8));
+    // A transfer that waits for an ACK that never comes (a read from disk in between).
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    sock.send_to(b"\0\x01f.bin\0octet\0windowsize\x004\0", srv.addr)
+        .await
+        .expect("send");
+    let mut buf = [0u8; 600];
+    sock.recv_from(&mut buf).await.expect("OACK");
+    let t0 = Instant::now();
+    srv.stop().await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_millis(500), "stop took {took:?}");
+    // The thread has been joined; the kernel removes its /proc entry a moment later.
+    let t1 = Instant::now();
+    while threads_named(&thread) > 0 {
+        assert!(
+            t1.elapsed() < Duration::from_secs(1),
+            "the ring thread is still there"
+        );
+        std::thread::yield_now();
+    }
 }

@@ -1,26 +1,33 @@
-//! The TFTP service on tokio: the listening socket, one connected socket per transfer
-//! (its own port, RFC 1350 TID), the path jail and a cache of hot files.
+//! The TFTP service: what both TFTP drivers share and that is not I/O.
 //!
-//! All protocol decisions are the core's ([`crate::tftp`]); this module only moves bytes
-//! between sockets, files and the core, and keeps the counters.
+//! [`Tftp`] holds the admission state ([`crate::tftp::server::Server`]), resolves and opens
+//! files inside the served directory (the path jail, optional case-insensitive lookup),
+//! keeps a cache of hot files in memory, builds the [`Transfer`] of each admitted request
+//! and keeps the counters ([`Stats`]). The drivers own the sockets, the file reads and the
+//! timers: [`crate::driver::tokio`] (tokio tasks) and [`crate::driver::uring`] (one
+//! io_uring on a dedicated thread).
+//!
+//! All protocol decisions are the core's ([`crate::tftp`]); this module and the drivers
+//! only move bytes between sockets, files and the core, and count.
+//!
+//! A driver's call order for one request: [`Tftp::handle_request`] on the datagram that
+//! arrived on the listening port; on [`Request::Start`], [`Tftp::open`] (blocking: jail,
+//! `open`, `fstat`, cache lookup), then [`Tftp::new_transfer`]; feed the transfer, and at
+//! its end call [`Tftp::finished`] exactly once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
-
-use tokio::net::UdpSocket;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tracing::Instrument as _;
 
 use crate::config::TftpConfig;
 use crate::jail::{self, JailError};
 use crate::tftp::server::{Admitted, Decision, Limits, Server, error_packet};
-use crate::tftp::transfer::{self, Event, Transfer};
+use crate::tftp::transfer::{self, Event, ReadRequest, Transfer};
 use crate::tftp::wire::{ErrorCode, Mode};
 
 /// Counters of the TFTP service.
@@ -40,22 +47,38 @@ pub struct Stats {
     pub dropped: AtomicU64,
     /// Served from the in-memory cache.
     pub cache_hits: AtomicU64,
+    /// Sends that carried several datagrams at once with UDP GSO (io_uring driver).
+    pub gso_sends: AtomicU64,
+    /// Datagrams sent inside those GSO sends.
+    pub gso_segments: AtomicU64,
 }
 
 /// The bytes of a file being sent.
 #[derive(Debug, Clone)]
-enum Source {
+pub(crate) enum Source {
+    /// The whole file, in memory (from the cache).
     Memory(Arc<[u8]>),
-    File(Arc<std::fs::File>, u64),
+    /// An open file and its length at open time.
+    File(Arc<File>, u64),
 }
 
 impl Source {
-    fn len(&self) -> u64 {
+    /// Length of the file.
+    pub(crate) fn len(&self) -> u64 {
         match self {
             Self::Memory(b) => b.len() as u64,
             Self::File(_, len) => *len,
         }
     }
+}
+
+/// The bytes `r` asks for out of `data` (fewer at the end, empty past it).
+pub(crate) fn slice_of(data: &[u8], r: ReadRequest) -> &[u8] {
+    let start = usize::try_from(r.offset)
+        .unwrap_or(usize::MAX)
+        .min(data.len());
+    let end = start.saturating_add(r.len).min(data.len());
+    &data[start..end]
 }
 
 struct Cached {
@@ -64,30 +87,41 @@ struct Cached {
     last_used: Instant,
 }
 
+#[derive(Default)]
+struct CacheState {
+    entries: HashMap<PathBuf, Cached>,
+    /// Files being read into the cache right now, so that one reader fills each.
+    filling: HashSet<PathBuf>,
+}
+
 /// Whole files kept in memory: iPXE binaries and kernels are fetched by every client.
 struct FileCache {
     max_file: u64,
     max_total: u64,
-    entries: Mutex<HashMap<PathBuf, Cached>>,
+    state: Mutex<CacheState>,
 }
 
 impl FileCache {
+    fn lock(&self) -> MutexGuard<'_, CacheState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn get(&self, path: &Path, meta: &std::fs::Metadata) -> Option<Arc<[u8]>> {
         let modified = meta.modified().ok()?;
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let e = entries.get_mut(path)?;
+        let mut state = self.lock();
+        let e = state.entries.get_mut(path)?;
         if e.modified == modified && e.data.len() as u64 == meta.len() {
             e.last_used = Instant::now();
             Some(Arc::clone(&e.data))
         } else {
-            entries.remove(path);
+            state.entries.remove(path);
             None
         }
     }
 
     fn insert(&self, path: PathBuf, modified: SystemTime, data: Arc<[u8]>) {
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        entries.insert(
+        let mut state = self.lock();
+        state.entries.insert(
             path,
             Cached {
                 modified,
@@ -95,27 +129,115 @@ impl FileCache {
                 last_used: Instant::now(),
             },
         );
-        let mut total: u64 = entries.values().map(|e| e.data.len() as u64).sum();
+        let mut total: u64 = state.entries.values().map(|e| e.data.len() as u64).sum();
         while total > self.max_total {
-            let Some(oldest) = entries
+            let Some(oldest) = state
+                .entries
                 .iter()
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(p, _)| p.clone())
             else {
                 break;
             };
-            if let Some(e) = entries.remove(&oldest) {
+            if let Some(e) = state.entries.remove(&oldest) {
                 total -= e.data.len() as u64;
             }
         }
     }
 }
 
-/// Why a request could not be opened, as the client will hear it.
+/// A file that is being read for a transfer and will go into the cache once all of it
+/// has been read in order. Dropping it unfinished lets another transfer fill the cache.
+pub(crate) struct CacheFill {
+    cache: Arc<FileCache>,
+    path: PathBuf,
+    modified: SystemTime,
+    len: u64,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for CacheFill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheFill")
+            .field("len", &self.len)
+            .field("have", &self.data.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheFill {
+    /// The file's length at open time.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Records the bytes read at `offset`; false if they do not continue what was
+    /// collected (then the fill is useless and should be dropped).
+    pub(crate) fn push(&mut self, offset: u64, bytes: &[u8]) -> bool {
+        if offset != self.data.len() as u64
+            || self.data.len() as u64 + bytes.len() as u64 > self.len
+        {
+            return false;
+        }
+        self.data.extend_from_slice(bytes);
+        true
+    }
+
+    /// True once the whole file has been collected.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.data.len() as u64 == self.len
+    }
+
+    /// Puts the collected file into the cache (if complete) and returns it.
+    pub(crate) fn finish(mut self) -> Option<Arc<[u8]>> {
+        if !self.is_complete() {
+            return None;
+        }
+        let data: Arc<[u8]> = std::mem::take(&mut self.data).into();
+        self.cache
+            .insert(self.path.clone(), self.modified, Arc::clone(&data));
+        Some(data)
+    }
+}
+
+impl Drop for CacheFill {
+    fn drop(&mut self) {
+        self.cache.lock().filling.remove(&self.path);
+    }
+}
+
+/// A file opened for a transfer.
 #[derive(Debug)]
-enum OpenError {
-    NotFound,
-    Denied,
+pub(crate) struct Opened {
+    /// Where its bytes come from.
+    pub(crate) source: Source,
+    /// Set when the file is small enough for the cache, not yet in it, and no other
+    /// transfer is filling it: the driver collects what it reads into it.
+    pub(crate) fill: Option<CacheFill>,
+}
+
+/// What a driver does with a datagram that arrived on the listening port (already
+/// counted and logged).
+#[derive(Debug)]
+pub(crate) enum Request {
+    /// Open the file ([`Tftp::open`]) and start a transfer; call [`Tftp::finished`] at
+    /// its end.
+    Start(Admitted),
+    /// Send this ERROR packet to the sender from the listening port.
+    Reply(Vec<u8>),
+    /// Nothing to do.
+    Ignore,
+}
+
+/// How a transfer ended, as the driver saw it.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The core finished it.
+    Event(Event),
+    /// The file could not be opened (the ERROR was sent and counted).
+    Refused,
+    /// The socket failed (e.g. `ECONNREFUSED`: the client's port is gone).
+    Io(io::Error),
 }
 
 /// The TFTP service.
@@ -123,7 +245,7 @@ pub struct Tftp {
     root: PathBuf,
     core: transfer::Config,
     admission: Mutex<Server>,
-    cache: FileCache,
+    cache: Arc<FileCache>,
     case_insensitive: bool,
     /// Counters.
     pub stats: Stats,
@@ -156,126 +278,121 @@ impl Tftp {
             root,
             core,
             admission: Mutex::new(Server::new(limits)),
-            cache: FileCache {
+            cache: Arc::new(FileCache {
                 max_file: cfg.cache_file_max_mib << 20,
                 max_total: cfg.cache_total_mib << 20,
-                entries: Mutex::new(HashMap::new()),
-            },
+                state: Mutex::new(CacheState::default()),
+            }),
             case_insensitive: cfg.case_insensitive,
             stats: Stats::default(),
         }
     }
 
-    fn admission(&self) -> std::sync::MutexGuard<'_, Server> {
+    fn admission(&self) -> MutexGuard<'_, Server> {
         self.admission
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Serves requests arriving on `listener` until `shutdown` turns true; running
-    /// transfers are then abandoned.
-    pub async fn serve(self: Arc<Self>, listener: UdpSocket, mut shutdown: watch::Receiver<bool>) {
-        let listener = Arc::new(listener);
-        let local_ip = match listener.local_addr() {
-            Ok(a) if !a.ip().is_unspecified() => a.ip(),
-            Ok(a) if a.is_ipv6() => IpAddr::from([0u16; 8]),
-            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    /// Runs admission on a datagram from `peer` to the listening port, and counts.
+    pub(crate) fn handle_request(
+        &self,
+        now: Instant,
+        peer: SocketAddr,
+        datagram: &[u8],
+    ) -> Request {
+        let decision = self.admission().handle_request(now, peer, datagram);
+        match decision {
+            Decision::Start(req) => {
+                self.stats.started.fetch_add(1, Ordering::Relaxed);
+                Request::Start(req)
+            }
+            Decision::Refuse { packet, reason } => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, reason, "tftp request refused");
+                Request::Reply(packet)
+            }
+            Decision::Drop(why) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(%peer, reason = why.as_str(), "tftp datagram dropped");
+                Request::Ignore
+            }
+        }
+    }
+
+    /// Resolves a request inside the root and opens it (blocking: path lookup, `open`,
+    /// `fstat`, no file data is read). On failure the returned ERROR packet is for the
+    /// client, and the refusal is counted.
+    pub(crate) fn open(&self, filename: &str) -> Result<Opened, Vec<u8>> {
+        let (path, file, meta) = self.resolve(filename).map_err(|e| {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let (code, msg) = match e {
+                OpenError::NotFound => (ErrorCode::FILE_NOT_FOUND, "file not found"),
+                OpenError::Denied => (ErrorCode::ACCESS_VIOLATION, "access violation"),
+            };
+            error_packet(code, msg)
+        })?;
+        let len = meta.len();
+        let file = Source::File(Arc::new(file), len);
+        if len > self.cache.max_file {
+            return Ok(Opened {
+                source: file,
+                fill: None,
+            });
+        }
+        if let Some(data) = self.cache.get(&path, &meta) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Opened {
+                source: Source::Memory(data),
+                fill: None,
+            });
+        }
+        let fill = match meta.modified() {
+            Ok(modified) if self.cache.lock().filling.insert(path.clone()) => Some(CacheFill {
+                cache: Arc::clone(&self.cache),
+                path,
+                modified,
+                len,
+                data: Vec::with_capacity(usize::try_from(len).unwrap_or(0)),
+            }),
+            _ => None,
         };
-        let mut transfers = JoinSet::new();
-        let mut buf = vec![0u8; 2048];
-        loop {
-            tokio::select! {
-                r = listener.recv_from(&mut buf) => {
-                    let (n, peer) = match r {
-                        Ok(x) => x,
-                        Err(error) => {
-                            // ICMP errors from earlier replies surface here; they are not fatal.
-                            tracing::debug!(%error, "tftp listener receive error");
-                            continue;
-                        }
-                    };
-                    let decision = self.admission().handle_request(Instant::now(), peer, &buf[..n]);
-                    match decision {
-                        Decision::Start(req) => {
-                            self.stats.started.fetch_add(1, Ordering::Relaxed);
-                            let span = tracing::debug_span!("tftp", %peer, file = %req.filename);
-                            let this = Arc::clone(&self);
-                            let listener = Arc::clone(&listener);
-                            transfers.spawn(async move { this.transfer(local_ip, req, &listener).await }.instrument(span));
-                        }
-                        Decision::Refuse { packet, reason } => {
-                            self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(%peer, reason, "tftp request refused");
-                            let _ = listener.send_to(&packet, peer).await;
-                        }
-                        Decision::Drop(why) => {
-                            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                            tracing::trace!(%peer, reason = why.as_str(), "tftp datagram dropped");
-                        }
-                    }
-                }
-                Some(_) = transfers.join_next(), if !transfers.is_empty() => {}
-                _ = shutdown.changed() => break,
-            }
-        }
-        transfers.abort_all();
-        while transfers.join_next().await.is_some() {}
+        Ok(Opened { source: file, fill })
     }
 
-    /// Resolves a request inside the root and opens it.
-    async fn open(&self, filename: &str) -> Result<Source, OpenError> {
-        let root = self.root.clone();
-        let name = filename.to_owned();
-        let ci = self.case_insensitive;
-        let resolved = tokio::task::spawn_blocking(
-            move || -> Result<(PathBuf, std::fs::File, std::fs::Metadata), OpenError> {
-                let path = match jail::resolve(&root, &name) {
-                    Ok(p) => p,
-                    Err(JailError::NotFound) if ci => resolve_case_insensitive(&root, &name)?,
-                    Err(JailError::NotFound) => return Err(OpenError::NotFound),
-                    Err(_) => return Err(OpenError::Denied),
-                };
-                let file = std::fs::File::open(&path).map_err(|_| OpenError::NotFound)?;
-                let meta = file.metadata().map_err(|_| OpenError::NotFound)?;
-                if !meta.is_file() {
-                    return Err(OpenError::NotFound);
-                }
-                Ok((path, file, meta))
-            },
-        )
-        .await
-        .map_err(|_| OpenError::NotFound)??;
-        let (path, file, meta) = resolved;
-        if meta.len() <= self.cache.max_file {
-            if let Some(data) = self.cache.get(&path, &meta) {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(Source::Memory(data));
+    fn resolve(&self, name: &str) -> Result<(PathBuf, File, std::fs::Metadata), OpenError> {
+        let path = match jail::resolve(&self.root, name) {
+            Ok(p) => p,
+            Err(JailError::NotFound) if self.case_insensitive => {
+                resolve_case_insensitive(&self.root, name)?
             }
-            let len = meta.len();
-            let data = tokio::task::spawn_blocking(move || {
-                use std::io::Read as _;
-                let mut v = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-                (&file).read_to_end(&mut v).map(|_| v)
-            })
-            .await
-            .map_err(|_| OpenError::NotFound)?
-            .map_err(|_| OpenError::NotFound)?;
-            let data: Arc<[u8]> = data.into();
-            if let Ok(modified) = meta.modified() {
-                self.cache.insert(path, modified, Arc::clone(&data));
-            }
-            return Ok(Source::Memory(data));
+            Err(JailError::NotFound) => return Err(OpenError::NotFound),
+            Err(_) => return Err(OpenError::Denied),
+        };
+        let file = File::open(&path).map_err(|_| OpenError::NotFound)?;
+        let meta = file.metadata().map_err(|_| OpenError::NotFound)?;
+        if !meta.is_file() {
+            return Err(OpenError::NotFound);
         }
-        Ok(Source::File(Arc::new(file), meta.len()))
+        Ok((path, file, meta))
     }
 
-    async fn transfer(&self, local_ip: IpAddr, req: Admitted, listener: &UdpSocket) {
-        let peer = req.peer;
-        let outcome = self.run_transfer(local_ip, &req, listener).await;
-        let now = Instant::now();
+    /// Negotiates the options of `req` and starts its transfer of `source`.
+    pub(crate) fn new_transfer(&self, now: Instant, req: &Admitted, source: &Source) -> Transfer {
+        let size = source.len();
+        let neg = transfer::negotiate(
+            &req.as_request(),
+            &self.core,
+            (req.mode == Mode::Octet).then_some(size),
+        );
+        Transfer::new(now, &neg, req.mode, Some(size), &self.core)
+    }
+
+    /// Records the end of the transfer to `peer` (admitted by [`Tftp::handle_request`]).
+    pub(crate) fn finished(&self, now: Instant, peer: SocketAddr, outcome: Outcome) {
         self.admission().finished(now, peer);
         match outcome {
-            Ok(Event::Done(s)) => {
+            Outcome::Event(Event::Done(s)) => {
                 self.stats.completed.fetch_add(1, Ordering::Relaxed);
                 self.stats.bytes.fetch_add(s.bytes, Ordering::Relaxed);
                 tracing::debug!(
@@ -286,104 +403,37 @@ impl Tftp {
                     "tftp transfer done"
                 );
             }
-            Ok(Event::Failed(why, s)) => {
+            Outcome::Event(Event::Failed(why, s)) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 self.stats.bytes.fetch_add(s.bytes, Ordering::Relaxed);
                 tracing::debug!(?why, bytes = s.bytes, "tftp transfer failed");
             }
-            Err(error) => {
+            Outcome::Refused => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("tftp transfer refused");
+            }
+            Outcome::Io(error) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%error, "tftp transfer ended");
             }
         }
     }
+}
 
-    async fn run_transfer(
-        &self,
-        local_ip: IpAddr,
-        req: &Admitted,
-        listener: &UdpSocket,
-    ) -> io::Result<Event> {
-        let source = match self.open(&req.filename).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                let (code, msg) = match e {
-                    OpenError::NotFound => (ErrorCode::FILE_NOT_FOUND, "file not found"),
-                    OpenError::Denied => (ErrorCode::ACCESS_VIOLATION, "access violation"),
-                };
-                listener.send_to(&error_packet(code, msg), req.peer).await?;
-                return Err(io::Error::new(io::ErrorKind::NotFound, msg));
-            }
-        };
-        let size = source.len();
-        let neg = transfer::negotiate(
-            &req.as_request(),
-            &self.core,
-            (req.mode == Mode::Octet).then_some(size),
-        );
-        let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
-        socket.connect(req.peer).await?;
-        let mut t = Transfer::new(Instant::now(), &neg, req.mode, Some(size), &self.core);
-        let mut out = vec![0u8; t.buffer_len()];
-        let mut inp = vec![0u8; 1024];
-        loop {
-            while let Some(r) = t.poll_read() {
-                match &source {
-                    Source::Memory(data) => {
-                        let start = usize::try_from(r.offset)
-                            .unwrap_or(usize::MAX)
-                            .min(data.len());
-                        let end = start.saturating_add(r.len).min(data.len());
-                        t.handle_read(Instant::now(), Ok(&data[start..end]));
-                    }
-                    Source::File(file, _) => {
-                        let file = Arc::clone(file);
-                        let data = tokio::task::spawn_blocking(move || {
-                            use std::os::unix::fs::FileExt as _;
-                            let mut v = vec![0u8; r.len];
-                            let mut got = 0;
-                            while got < v.len() {
-                                match file.read_at(&mut v[got..], r.offset + got as u64) {
-                                    Ok(0) => break,
-                                    Ok(n) => got += n,
-                                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                                    Err(e) => return Err(e),
-                                }
-                            }
-                            v.truncate(got);
-                            Ok(v)
-                        })
-                        .await
-                        .map_err(io::Error::other)?;
-                        t.handle_read(Instant::now(), data.as_deref().map_err(|_| ()));
-                    }
-                }
-            }
-            while let Some(n) = t.poll_transmit(Instant::now(), &mut out) {
-                socket.send(&out[..n]).await?;
-            }
-            if let Some(ev) = t.poll_event() {
-                return Ok(ev);
-            }
-            let deadline = t.poll_timeout();
-            tokio::select! {
-                r = socket.recv(&mut inp) => {
-                    // ECONNREFUSED: the client's port is gone (ICMP port unreachable).
-                    let n = r?;
-                    t.handle_datagram(Instant::now(), &inp[..n]);
-                }
-                () = sleep_until(deadline) => t.handle_timeout(Instant::now()),
-            }
-        }
+/// The address transfer sockets bind to: the listener's, unless it is a wildcard.
+pub(crate) fn transfer_ip(listener: SocketAddr) -> IpAddr {
+    match listener {
+        a if !a.ip().is_unspecified() => a.ip(),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
+/// Why a request could not be opened, as the client will hear it.
+#[derive(Debug)]
+enum OpenError {
+    NotFound,
+    Denied,
 }
 
 /// Finds `name` under `root` comparing each component case-insensitively (for clients

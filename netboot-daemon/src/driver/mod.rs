@@ -1,0 +1,81 @@
+//! Drivers: they own sockets, rings, files and timers, feed the protocol cores and carry
+//! out what the cores ask for. They make no protocol decision.
+//!
+//! - [`uring`]: TFTP on one io_uring, on a dedicated thread (the default);
+//! - [`tokio`]: TFTP on tokio tasks (development, tests, and the fallback when a ring
+//!   cannot be set up).
+//!
+//! [`start_tftp`] picks one as configured (`tftp.driver`).
+
+use std::io;
+use std::sync::Arc;
+
+use ::tokio::sync::watch;
+use ::tokio::task::JoinHandle;
+
+use crate::config::TftpDriver;
+use crate::service::tftp::Tftp;
+
+pub mod tokio;
+#[allow(
+    unsafe_code,
+    reason = "io_uring submissions, provided-buffer rings and socket options; each block has a SAFETY comment"
+)]
+pub mod uring;
+
+/// A running TFTP driver.
+#[derive(Debug)]
+pub enum Running {
+    /// The io_uring driver's thread.
+    Uring(uring::Handle),
+    /// The tokio driver's task; it stops when the shutdown channel turns true.
+    Tokio(JoinHandle<()>),
+}
+
+impl Running {
+    /// Which driver runs.
+    pub fn kind(&self) -> TftpDriver {
+        match self {
+            Self::Uring(_) => TftpDriver::Uring,
+            Self::Tokio(_) => TftpDriver::Tokio,
+        }
+    }
+
+    /// Stops the driver (the tokio one once `shutdown` has turned true) and waits for it.
+    pub async fn stop(self) {
+        match self {
+            Self::Uring(handle) => {
+                let _ = ::tokio::task::spawn_blocking(move || handle.stop()).await;
+            }
+            Self::Tokio(task) => {
+                let _ = task.await;
+            }
+        }
+    }
+}
+
+/// Starts serving TFTP on `listener` with the driver `choice`; when the io_uring driver
+/// cannot be set up (old kernel, io_uring disabled by sysctl or seccomp), warns and falls
+/// back to the tokio driver. Must be called inside a tokio runtime.
+pub fn start_tftp(
+    tftp: Arc<Tftp>,
+    listener: std::net::UdpSocket,
+    choice: TftpDriver,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<Running> {
+    let listener = match choice {
+        TftpDriver::Uring => match uring::spawn(Arc::clone(&tftp), listener) {
+            Ok(handle) => return Ok(Running::Uring(handle)),
+            Err(e) => {
+                tracing::warn!(error = %e.error, "io_uring unavailable for TFTP; using the tokio driver");
+                e.listener
+            }
+        },
+        TftpDriver::Tokio => listener,
+    };
+    listener.set_nonblocking(true)?;
+    let listener = ::tokio::net::UdpSocket::from_std(listener)?;
+    Ok(Running::Tokio(::tokio::spawn(tokio::serve(
+        tftp, listener, shutdown,
+    ))))
+}

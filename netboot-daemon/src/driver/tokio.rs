@@ -1,0 +1,180 @@
+//! The TFTP driver on tokio: one task per transfer, each with its own connected socket.
+//!
+//! It serves development, tests and the fallback when io_uring is not available
+//! ([`super::uring`] is the default). The shared, non-I/O parts are in
+//! [`crate::service::tftp`].
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument as _;
+
+use crate::service::tftp::{Opened, Outcome, Request, Source, Tftp, slice_of, transfer_ip};
+use crate::tftp::server::Admitted;
+use crate::tftp::transfer::Event;
+
+/// Serves requests arriving on `listener` until `shutdown` turns true; running transfers
+/// are then abandoned.
+pub async fn serve(tftp: Arc<Tftp>, listener: UdpSocket, mut shutdown: watch::Receiver<bool>) {
+    let listener = Arc::new(listener);
+    let local_ip = listener
+        .local_addr()
+        .map_or(IpAddr::from([0, 0, 0, 0]), transfer_ip);
+    let mut transfers = JoinSet::new();
+    let mut buf = vec![0u8; 2048];
+    loop {
+        tokio::select! {
+            r = listener.recv_from(&mut buf) => {
+                let (n, peer) = match r {
+                    Ok(x) => x,
+                    Err(error) => {
+                        // ICMP errors from earlier replies surface here; they are not fatal.
+                        tracing::debug!(%error, "tftp listener receive error");
+                        continue;
+                    }
+                };
+                match tftp.handle_request(Instant::now(), peer, &buf[..n]) {
+                    Request::Start(req) => {
+                        let span = tracing::debug_span!("tftp", %peer, file = %req.filename);
+                        let tftp = Arc::clone(&tftp);
+                        let listener = Arc::clone(&listener);
+                        transfers.spawn(
+                            async move {
+                                let outcome = run_transfer(&tftp, local_ip, &req, &listener).await;
+                                tftp.finished(Instant::now(), req.peer, outcome);
+                            }
+                            .instrument(span),
+                        );
+                    }
+                    Request::Reply(packet) => {
+                        let _ = listener.send_to(&packet, peer).await;
+                    }
+                    Request::Ignore => {}
+                }
+            }
+            Some(_) = transfers.join_next(), if !transfers.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    transfers.abort_all();
+    while transfers.join_next().await.is_some() {}
+}
+
+/// Opens the file on the blocking pool; reads a file meant for the cache whole.
+async fn open(tftp: &Arc<Tftp>, filename: &str) -> Result<Source, Vec<u8>> {
+    let t = Arc::clone(tftp);
+    let name = filename.to_owned();
+    let opened = tokio::task::spawn_blocking(move || t.open(&name))
+        .await
+        .map_err(|_| Vec::new())??;
+    let Opened { source, fill } = opened;
+    let (Source::File(file, _), Some(mut fill)) = (&source, fill) else {
+        return Ok(source);
+    };
+    let file = Arc::clone(file);
+    let len = usize::try_from(fill.len()).unwrap_or(0);
+    let read = tokio::task::spawn_blocking(move || {
+        read_at(&file, 0, len).map(|data| {
+            fill.push(0, &data);
+            fill.finish()
+        })
+    })
+    .await;
+    // A file that could not be read whole is sent from disk, like a large one.
+    Ok(match read {
+        Ok(Ok(Some(data))) => Source::Memory(data),
+        _ => source,
+    })
+}
+
+/// Reads up to `len` bytes at `offset` (fewer only at end of file).
+fn read_at(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt as _;
+    let mut v = vec![0u8; len];
+    let mut got = 0;
+    while got < v.len() {
+        match file.read_at(&mut v[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    v.truncate(got);
+    Ok(v)
+}
+
+async fn run_transfer(
+    tftp: &Arc<Tftp>,
+    local_ip: IpAddr,
+    req: &Admitted,
+    listener: &UdpSocket,
+) -> Outcome {
+    let source = match open(tftp, &req.filename).await {
+        Ok(s) => s,
+        Err(packet) => {
+            if !packet.is_empty() {
+                let _ = listener.send_to(&packet, req.peer).await;
+            }
+            return Outcome::Refused;
+        }
+    };
+    match drive(tftp, local_ip, req, &source).await {
+        Ok(ev) => Outcome::Event(ev),
+        Err(e) => Outcome::Io(e),
+    }
+}
+
+async fn drive(
+    tftp: &Tftp,
+    local_ip: IpAddr,
+    req: &Admitted,
+    source: &Source,
+) -> io::Result<Event> {
+    let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
+    socket.connect(req.peer).await?;
+    let mut t = tftp.new_transfer(Instant::now(), req, source);
+    let mut out = vec![0u8; t.buffer_len()];
+    let mut inp = vec![0u8; 1024];
+    loop {
+        while let Some(r) = t.poll_read() {
+            match source {
+                Source::Memory(data) => t.handle_read(Instant::now(), Ok(slice_of(data, r))),
+                Source::File(file, _) => {
+                    let file = Arc::clone(file);
+                    let data = tokio::task::spawn_blocking(move || read_at(&file, r.offset, r.len))
+                        .await
+                        .map_err(io::Error::other)?;
+                    t.handle_read(Instant::now(), data.as_deref().map_err(|_| ()));
+                }
+            }
+        }
+        while let Some(n) = t.poll_transmit(Instant::now(), &mut out) {
+            socket.send(&out[..n]).await?;
+        }
+        if let Some(ev) = t.poll_event() {
+            return Ok(ev);
+        }
+        let deadline = t.poll_timeout();
+        tokio::select! {
+            r = socket.recv(&mut inp) => {
+                // ECONNREFUSED: the client's port is gone (ICMP port unreachable).
+                let n = r?;
+                t.handle_datagram(Instant::now(), &inp[..n]);
+            }
+            () = sleep_until(deadline) => t.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,1197 @@
+//! The TFTP driver on io_uring: one ring on one dedicated thread serves every transfer.
+//!
+//! Ring layout (all on one `IoUring`, one `io_uring_enter` per loop iteration):
+//! - the listening socket: one multishot `RECVMSG` on buffer group 0 (2 KiB buffers; the
+//!   peer's address comes with each datagram);
+//! - one UDP socket per transfer (its own port, the RFC 1350 TID), `connect()`ed to the
+//!   client: one multishot `RECV` on buffer group 1 (small buffers: ACKs are 4 bytes).
+//!   An ICMP port unreachable ends it with `ECONNREFUSED`, which ends the transfer;
+//! - `SENDMSG` for every datagram the transfers emit in an iteration, all submitted with
+//!   the next wait; a run of equal-sized datagrams from one transfer (a window) goes as one
+//!   `SENDMSG` with a `UDP_SEGMENT` control message (UDP GSO);
+//! - `READ` for file data of files that are not in memory (never a blocking read on this
+//!   thread); files small enough for the cache are collected while they are read and go
+//!   into the cache once complete;
+//! - a `POLL_ADD` on a pipe whose write end the [`Handle`] holds: dropping it stops the
+//!   loop;
+//! - timers live in user space: a binary heap of the transfers' deadlines; the wait
+//!   carries a timeout (`IORING_ENTER_EXT_ARG`) up to the earliest one.
+//!
+//! Buffer ownership: receive buffers belong to the kernel's provided-buffer rings
+//! ([`bufring`]) until a CQE hands one over, and are given back in the same iteration.
+//! Every `SENDMSG` owns a boxed [`msg::SendBuf`] (data, iovec, msghdr, control message),
+//! every `READ` its `Vec` and an `Arc` of the file, in the `ops` slab until their CQE,
+//! whatever happens to the transfer meanwhile. Sockets of ended transfers are closed only
+//! after the submission that names them. At shutdown every request is cancelled and
+//! awaited before any buffer is freed.
+//!
+//! The driver makes no protocol decision: it feeds [`crate::tftp::transfer::Transfer`]
+//! and carries out its outputs; admission, files, the cache and counters are
+//! [`crate::service::tftp::Tftp`]'s.
+
+mod bufring;
+mod msg;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fs::File;
+use std::io::{self, PipeReader, PipeWriter};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd as _, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use io_uring::types::{CancelBuilder, Fd, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
+use slab::Slab;
+
+use self::bufring::BufRing;
+use self::msg::SendBuf;
+use crate::service::tftp::{CacheFill, Outcome, Request, Source, Tftp, slice_of, transfer_ip};
+use crate::tftp::server::Admitted;
+use crate::tftp::transfer::{ReadRequest, Transfer};
+
+const SQ_ENTRIES: u32 = 1024;
+const CQ_ENTRIES: u32 = 8192;
+const LISTEN_GROUP: u16 = 0;
+const LISTEN_BUFS: u16 = 128;
+const LISTEN_BUF_SIZE: usize = 2048;
+const SESSION_GROUP: u16 = 1;
+const SESSION_BUFS: u16 = 4096;
+const SESSION_BUF_SIZE: usize = 128;
+/// Datagrams per GSO send (the kernel's `UDP_MAX_SEGMENTS` was 64 before 5.15).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Bytes per GSO send: the largest UDP payload over IPv4.
+const GSO_MAX_BYTES: usize = 65_507;
+/// Idle send buffers kept for reuse.
+const POOL_MAX: usize = 256;
+/// Receives on the listener that may fail in a row before the driver gives up.
+const MAX_LISTEN_FAILURES: u32 = 1000;
+/// How long shutdown waits for cancelled requests.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// What a CQE's `user_data` refers to: the tag in the top byte, then a 24-bit generation
+/// and a 32-bit slab index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Tag {
+    Stop = 1,
+    Listen = 2,
+    Recv = 3,
+    Op = 4,
+    Cancel = 5,
+}
+
+fn user_data(tag: Tag, idx: usize, generation: u32) -> u64 {
+    (tag as u64) << 56 | (u64::from(generation) & 0xff_ffff) << 32 | (idx as u64 & 0xffff_ffff)
+}
+
+fn split_user_data(ud: u64) -> (u8, usize, u32) {
+    (
+        (ud >> 56) as u8,
+        (ud & 0xffff_ffff) as usize,
+        ((ud >> 32) & 0xff_ffff) as u32,
+    )
+}
+
+/// A transfer: which slab slot and which occupant of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key {
+    idx: usize,
+    generation: u32,
+}
+
+struct Session {
+    generation: u32,
+    peer: SocketAddr,
+    socket: UdpSocket,
+    transfer: Transfer,
+    source: Source,
+    fill: Option<CacheFill>,
+    read_buf: Vec<u8>,
+    recv_armed: bool,
+    /// Largest datagram that may go in a GSO train to this peer (path MTU); 0: none.
+    gso_max: usize,
+    /// The earliest deadline of this transfer in the timer heap.
+    timer: Option<Instant>,
+    dirty: bool,
+    span: tracing::Span,
+}
+
+/// A request in flight that owns memory the kernel uses.
+enum Op {
+    Send {
+        owner: Option<Key>,
+        buf: Box<SendBuf>,
+        gso: Option<u16>,
+    },
+    Read {
+        owner: Key,
+        offset: u64,
+        buf: Vec<u8>,
+        _file: Arc<File>,
+    },
+}
+
+/// Whether the kernel takes UDP GSO sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gso {
+    Untested,
+    Works,
+    Off,
+}
+
+/// The io_uring driver could not start; the listener is handed back for a fallback.
+#[derive(Debug)]
+pub struct SpawnError {
+    /// Why.
+    pub error: io::Error,
+    /// The listening socket, unused.
+    pub listener: UdpSocket,
+}
+
+/// The running driver's thread. Stopping (or dropping) it stops the loop, abandons the
+/// running transfers and joins the thread.
+#[derive(Debug)]
+pub struct Handle {
+    stop: Option<PipeWriter>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Stops the driver and waits for its thread.
+    pub fn stop(self) {}
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // Closing the write end wakes the ring's poll on the read end.
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the driver on its own thread, serving requests that arrive on `listener`.
+/// Fails (returning the listener) when the ring cannot be set up: io_uring disabled,
+/// or a kernel older than 6.0 (multishot receive, provided-buffer rings).
+pub fn spawn(tftp: Arc<Tftp>, listener: UdpSocket) -> Result<Handle, SpawnError> {
+    spawn_inner(tftp, listener, Options::default())
+}
+
+/// Knobs of the driver that only tests turn.
+#[derive(Debug, Clone, Copy, Default)]
+struct Options {
+    /// Set `SO_NO_CHECK` on transfer sockets: the kernel then refuses every GSO send with
+    /// `EINVAL`, which exercises the fallback to single datagrams.
+    no_udp_checksum: bool,
+}
+
+fn spawn_inner(tftp: Arc<Tftp>, listener: UdpSocket, opts: Options) -> Result<Handle, SpawnError> {
+    let spare = match listener.try_clone() {
+        Ok(s) => s,
+        Err(error) => return Err(SpawnError { error, listener }),
+    };
+    let fail = |error: io::Error, listener: UdpSocket| SpawnError { error, listener };
+    let (stop_rx, stop_tx) = match io::pipe() {
+        Ok(p) => p,
+        Err(e) => return Err(fail(e, spare)),
+    };
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
+        .name(format!(
+            "tftp-ring-{}",
+            listener.local_addr().map_or(0, |a| a.port())
+        ))
+        .spawn(move || {
+            let mut driver = match Driver::new(tftp, listener, stop_rx, opts) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            if let Err(error) = driver.run() {
+                tracing::error!(%error, "TFTP io_uring driver failed; TFTP is stopped");
+            }
+            driver.shutdown();
+        });
+    let thread = match thread {
+        Ok(t) => t,
+        Err(e) => return Err(fail(e, spare)),
+    };
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(Handle {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(fail(e, spare))
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(fail(io::Error::other("io_uring thread ended"), spare))
+        }
+    }
+}
+
+fn build_ring() -> io::Result<IoUring> {
+    // Deferred task work suits one thread that owns the ring (Linux 6.1); without it the
+    // ring still works.
+    IoUring::builder()
+        .setup_cqsize(CQ_ENTRIES)
+        .setup_submit_all()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(SQ_ENTRIES)
+        .or_else(|_| {
+            IoUring::builder()
+                .setup_cqsize(CQ_ENTRIES)
+                .build(SQ_ENTRIES)
+        })
+}
+
+struct Driver {
+    // Declared first, so dropped first: the ring goes before any memory it used.
+    ring: IoUring,
+    tftp: Arc<Tftp>,
+    listener: UdpSocket,
+    local_ip: IpAddr,
+    stop: PipeReader,
+    listen_msg: Box<libc::msghdr>,
+    listen_armed: bool,
+    /// Receives on the listener that ended in an error since the last datagram.
+    listen_failures: u32,
+    listen_bufs: BufRing,
+    session_bufs: BufRing,
+    sessions: Slab<Session>,
+    next_generation: u32,
+    ops: Slab<Op>,
+    #[allow(
+        clippy::vec_box,
+        reason = "the kernel reads through pointers into each SendBuf: it must not move"
+    )]
+    pool: Vec<Box<SendBuf>>,
+    timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
+    dirty: Vec<Key>,
+    rearm: Vec<Key>,
+    to_close: Vec<UdpSocket>,
+    /// Submitted requests whose last CQE has not arrived.
+    inflight: usize,
+    gso: Gso,
+    opts: Options,
+    stopping: bool,
+    scratch: Vec<u8>,
+}
+
+impl Driver {
+    fn new(
+        tftp: Arc<Tftp>,
+        listener: UdpSocket,
+        stop: PipeReader,
+        opts: Options,
+    ) -> io::Result<Self> {
+        let ring = build_ring()?;
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring without IORING_FEAT_EXT_ARG",
+            ));
+        }
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        // SEND_ZC came with Linux 6.0, as did multishot receive, which a probe cannot see.
+        for (code, name) in [
+            (opcode::SendMsg::CODE, "SENDMSG"),
+            (opcode::RecvMsg::CODE, "RECVMSG"),
+            (opcode::Recv::CODE, "RECV"),
+            (opcode::Read::CODE, "READ"),
+            (opcode::PollAdd::CODE, "POLL_ADD"),
+            (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+            (opcode::SendZc::CODE, "SEND_ZC (Linux 6.0)"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("io_uring lacks {name}"),
+                ));
+            }
+        }
+        let listen_bufs = BufRing::new(
+            &ring.submitter(),
+            LISTEN_GROUP,
+            LISTEN_BUFS,
+            LISTEN_BUF_SIZE,
+        )?;
+        let session_bufs = match BufRing::new(
+            &ring.submitter(),
+            SESSION_GROUP,
+            SESSION_BUFS,
+            SESSION_BUF_SIZE,
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = ring.submitter().unregister_buf_ring(LISTEN_GROUP);
+                return Err(e);
+            }
+        };
+        let local_ip = transfer_ip(listener.local_addr()?);
+        Ok(Self {
+            ring,
+            tftp,
+            listener,
+            local_ip,
+            stop,
+            listen_msg: msg::recv_template(),
+            listen_armed: false,
+            listen_failures: 0,
+            listen_bufs,
+            session_bufs,
+            sessions: Slab::new(),
+            next_generation: 0,
+            ops: Slab::new(),
+            pool: Vec::new(),
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            rearm: Vec::new(),
+            to_close: Vec::new(),
+            inflight: 0,
+            gso: Gso::Untested,
+            opts,
+            stopping: false,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Queues an SQE, flushing the submission queue once if it is full.
+    ///
+    /// # Safety
+    ///
+    /// Every buffer and descriptor the entry points to must stay valid, and unmoved, until
+    /// the request's last CQE.
+    unsafe fn push(&mut self, sqe: &squeue::Entry) -> bool {
+        for attempt in 0..2 {
+            // SAFETY: the caller guarantees what the entry points to (see above).
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                self.inflight += 1;
+                return true;
+            }
+            if attempt == 0 {
+                let _ = self.ring.submit();
+            }
+        }
+        tracing::debug!("io_uring submission queue full");
+        false
+    }
+
+    fn arm_stop(&mut self) -> io::Result<()> {
+        let sqe = opcode::PollAdd::new(Fd(self.stop.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(user_data(Tag::Stop, 0, 0));
+        // SAFETY: a poll points at no memory; the pipe lives as long as the driver.
+        if unsafe { self.push(&sqe) } {
+            Ok(())
+        } else {
+            Err(io::Error::other("cannot queue the stop poll"))
+        }
+    }
+
+    fn arm_listener(&mut self) {
+        let sqe = opcode::RecvMsgMulti::new(
+            Fd(self.listener.as_raw_fd()),
+            &raw const *self.listen_msg,
+            self.listen_bufs.bgid(),
+        )
+        .build()
+        .user_data(user_data(Tag::Listen, 0, 0));
+        // SAFETY: the msghdr is boxed in the driver and never changes; the buffers are the
+        // registered group; the socket lives as long as the driver.
+        self.listen_armed = unsafe { self.push(&sqe) };
+    }
+
+    fn arm_recv(&mut self, key: Key) {
+        let Some(s) = self
+            .sessions
+            .get(key.idx)
+            .filter(|s| s.generation == key.generation)
+        else {
+            return;
+        };
+        if s.recv_armed {
+            return;
+        }
+        let sqe = opcode::RecvMulti::new(Fd(s.socket.as_raw_fd()), self.session_bufs.bgid())
+            .build()
+            .user_data(user_data(Tag::Recv, key.idx, key.generation));
+        // SAFETY: the buffers are the registered group; the socket is closed only after
+        // the submission that cancels this request.
+        let armed = unsafe { self.push(&sqe) };
+        if let Some(s) = self.sessions.get_mut(key.idx) {
+            s.recv_armed = armed;
+        }
+        if !armed {
+            self.rearm.push(key);
+        }
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        self.arm_stop()?;
+        self.arm_listener();
+        let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(CQ_ENTRIES as usize);
+        loop {
+            self.wait()?;
+            if self.ring.submission().is_empty() {
+                // Every SQE that named these sockets has reached the kernel, which holds
+                // its own reference to the file from then on.
+                self.to_close.clear();
+            }
+            cqes.clear();
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            let now = Instant::now();
+            for &(ud, res, flags) in &cqes {
+                self.complete(now, ud, res, flags);
+            }
+            self.listen_bufs.publish();
+            self.session_bufs.publish();
+            if self.stopping {
+                return Ok(());
+            }
+            self.run_timers(now);
+            while !self.dirty.is_empty() {
+                let mut batch = std::mem::take(&mut self.dirty);
+                for &key in &batch {
+                    self.service(key, now);
+                }
+                batch.clear();
+                if self.dirty.is_empty() {
+                    self.dirty = batch;
+                }
+            }
+            for key in std::mem::take(&mut self.rearm) {
+                self.arm_recv(key);
+            }
+            if !self.listen_armed {
+                if self.listen_failures > MAX_LISTEN_FAILURES {
+                    return Err(io::Error::other("the TFTP listener keeps failing"));
+                }
+                self.arm_listener();
+            }
+        }
+    }
+
+    /// Submits what is queued and waits for a completion or the earliest timer.
+    fn wait(&mut self) -> io::Result<()> {
+        let deadline = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        let r = match deadline {
+            None => self.ring.submit_and_wait(1),
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    self.ring.submit()
+                } else {
+                    let ts = Timespec::from(left);
+                    let args = SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+            }
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn complete(&mut self, now: Instant, ud: u64, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        if !more {
+            self.inflight = self.inflight.saturating_sub(1);
+        }
+        let (tag, idx, generation) = split_user_data(ud);
+        match tag {
+            t if t == Tag::Stop as u8 => self.stopping = true,
+            t if t == Tag::Listen as u8 => self.on_listen(now, res, flags, more),
+            t if t == Tag::Recv as u8 => {
+                self.on_recv(now, Key { idx, generation }, res, flags, more)
+            }
+            t if t == Tag::Op as u8 => self.on_op(now, idx, res),
+            _ => {}
+        }
+    }
+
+    fn on_listen(&mut self, now: Instant, res: i32, flags: u32, more: bool) {
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            let mut datagram = std::mem::take(&mut self.scratch);
+            datagram.clear();
+            let mut peer = None;
+            if let Ok(len) = usize::try_from(res) {
+                let buf = self.listen_bufs.get(bid, len);
+                if let Ok(out) = RecvMsgOut::parse(buf, &self.listen_msg)
+                    && !out.is_name_data_truncated()
+                {
+                    peer = msg::parse_sockaddr(out.name_data());
+                    datagram.extend_from_slice(out.payload_data());
+                }
+            }
+            self.listen_bufs.recycle(bid);
+            if let Some(peer) = peer {
+                self.listen_failures = 0;
+                self.on_request(now, peer, &datagram);
+            }
+            self.scratch = datagram;
+        }
+        if !more {
+            self.listen_armed = false;
+            if res < 0 && res != -libc::ENOBUFS {
+                self.listen_failures += 1;
+                tracing::debug!(
+                    error = %io::Error::from_raw_os_error(-res),
+                    "tftp listener receive ended"
+                );
+            }
+        }
+    }
+
+    fn on_request(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) {
+        match self.tftp.handle_request(now, peer, datagram) {
+            Request::Start(req) => self.start(now, req),
+            Request::Reply(packet) => self.send_listener(peer, &packet),
+            Request::Ignore => {}
+        }
+    }
+
+    fn start(&mut self, now: Instant, req: Admitted) {
+        let peer = req.peer;
+        let span = tracing::debug_span!("tftp", %peer, file = %req.filename);
+        let entered = span.enter();
+        let opened = match self.tftp.open(&req.filename) {
+            Ok(o) => o,
+            Err(packet) => {
+                self.send_listener(peer, &packet);
+                self.tftp.finished(now, peer, Outcome::Refused);
+                return;
+            }
+        };
+        let socket = match UdpSocket::bind(SocketAddr::new(self.local_ip, 0))
+            .and_then(|s| s.connect(peer).map(|()| s))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.tftp.finished(now, peer, Outcome::Io(e));
+                return;
+            }
+        };
+        if self.opts.no_udp_checksum {
+            let _ = msg::set_no_udp_checksum(&socket);
+        }
+        let gso_max = msg::max_unfragmented_payload(&socket).unwrap_or(0);
+        let transfer = self.tftp.new_transfer(now, &req, &opened.source);
+        drop(entered);
+        let generation = self.next_generation;
+        self.next_generation = (generation + 1) & 0xff_ffff;
+        let idx = self.sessions.insert(Session {
+            generation,
+            peer,
+            socket,
+            transfer,
+            source: opened.source,
+            fill: opened.fill,
+            read_buf: Vec::new(),
+            recv_armed: false,
+            gso_max,
+            timer: None,
+            dirty: true,
+            span,
+        });
+        let key = Key { idx, generation };
+        self.dirty.push(key);
+        self.arm_recv(key);
+    }
+
+    fn on_recv(&mut self, now: Instant, key: Key, res: i32, flags: u32, more: bool) {
+        let bid = cqueue::buffer_select(flags);
+        let session = self
+            .sessions
+            .get_mut(key.idx)
+            .filter(|s| s.generation == key.generation);
+        let Some(s) = session else {
+            if let Some(bid) = bid {
+                self.session_bufs.recycle(bid);
+            }
+            return;
+        };
+        if let (Some(bid), Ok(len)) = (bid, usize::try_from(res)) {
+            s.transfer
+                .handle_datagram(now, self.session_bufs.get(bid, len));
+            if !s.dirty {
+                s.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+        if let Some(bid) = bid {
+            self.session_bufs.recycle(bid);
+        }
+        if more {
+            return;
+        }
+        s.recv_armed = false;
+        match -res {
+            libc::ENOBUFS | libc::ECANCELED => self.rearm.push(key),
+            e if e > 0 => self.end(now, key, Outcome::Io(io::Error::from_raw_os_error(e))),
+            _ => self.rearm.push(key),
+        }
+    }
+
+    fn on_op(&mut self, now: Instant, idx: usize, res: i32) {
+        let Some(op) = self.ops.try_remove(idx) else {
+            return;
+        };
+        match op {
+            Op::Send { owner, buf, gso } => {
+                if res >= 0 {
+                    if let Some(seg) = gso {
+                        self.gso = Gso::Works;
+                        let st = &self.tftp.stats;
+                        st.gso_sends.fetch_add(1, Ordering::Relaxed);
+                        st.gso_segments.fetch_add(
+                            buf.data.len().div_ceil(usize::from(seg)) as u64,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    self.recycle(buf);
+                    return;
+                }
+                let err = -res;
+                match (gso, owner) {
+                    (Some(seg), Some(owner)) if err == libc::EIO || err == libc::EINVAL => {
+                        if self.gso == Gso::Untested {
+                            self.gso = Gso::Off;
+                            tracing::warn!(
+                                error = %io::Error::from_raw_os_error(err),
+                                "the kernel refuses UDP GSO; TFTP sends datagrams one by one"
+                            );
+                        } else {
+                            tracing::debug!(error = %io::Error::from_raw_os_error(err), "GSO send refused");
+                        }
+                        if let Some(s) = self.sessions.get_mut(owner.idx)
+                            && s.generation == owner.generation
+                        {
+                            s.gso_max = 0;
+                        }
+                        self.resend_singly(owner, &buf, usize::from(seg));
+                        self.recycle(buf);
+                    }
+                    (_, Some(owner)) if err == libc::ECONNREFUSED => {
+                        self.recycle(buf);
+                        self.end(now, owner, Outcome::Io(io::Error::from_raw_os_error(err)));
+                    }
+                    _ => {
+                        // Lost like a datagram on the wire; the transfer retransmits.
+                        tracing::debug!(error = %io::Error::from_raw_os_error(err), "tftp send failed");
+                        self.recycle(buf);
+                    }
+                }
+            }
+            Op::Read {
+                owner, offset, buf, ..
+            } => {
+                let Some(s) = self
+                    .sessions
+                    .get_mut(owner.idx)
+                    .filter(|s| s.generation == owner.generation)
+                else {
+                    return;
+                };
+                let data = usize::try_from(res)
+                    .ok()
+                    .and_then(|n| buf.get(..n))
+                    .ok_or(());
+                if let (Ok(d), Some(fill)) = (data, s.fill.as_mut()) {
+                    if !fill.push(offset, d) {
+                        s.fill = None;
+                    } else if fill.is_complete()
+                        && let Some(fill) = s.fill.take()
+                    {
+                        fill.finish();
+                    }
+                }
+                if data.is_err() {
+                    tracing::debug!(parent: &s.span, error = %io::Error::from_raw_os_error(-res), "tftp file read failed");
+                }
+                s.transfer.handle_read(now, data);
+                s.read_buf = buf;
+                if !s.dirty {
+                    s.dirty = true;
+                    self.dirty.push(owner);
+                }
+            }
+        }
+    }
+
+    fn recycle(&mut self, mut buf: Box<SendBuf>) {
+        if self.pool.len() < POOL_MAX {
+            buf.data.clear();
+            self.pool.push(buf);
+        }
+    }
+
+    fn take_buf(&mut self) -> Box<SendBuf> {
+        self.pool.pop().unwrap_or_else(SendBuf::new)
+    }
+
+    /// Sends a GSO train the kernel refused as separate datagrams.
+    fn resend_singly(&mut self, owner: Key, train: &SendBuf, seg: usize) {
+        let Some(fd) = self.socket_of(owner) else {
+            return;
+        };
+        for chunk in train.data.chunks(seg.max(1)) {
+            let mut b = self.take_buf();
+            b.data.extend_from_slice(chunk);
+            self.send(Some(owner), fd, b, None, None);
+        }
+    }
+
+    fn socket_of(&self, key: Key) -> Option<RawFd> {
+        self.sessions
+            .get(key.idx)
+            .filter(|s| s.generation == key.generation)
+            .map(|s| s.socket.as_raw_fd())
+    }
+
+    /// Queues a `SENDMSG` of `buf` on `fd` (to `to` when not connected).
+    fn send(
+        &mut self,
+        owner: Option<Key>,
+        fd: RawFd,
+        mut buf: Box<SendBuf>,
+        to: Option<SocketAddr>,
+        gso: Option<u16>,
+    ) {
+        let msg = buf.prepare(to, gso);
+        let entry = self.ops.vacant_entry();
+        let sqe = opcode::SendMsg::new(Fd(fd), msg)
+            .build()
+            .user_data(user_data(Tag::Op, entry.key(), 0));
+        let idx = entry.key();
+        entry.insert(Op::Send { owner, buf, gso });
+        // SAFETY: the msghdr, iovec, control message, address and data are in the boxed
+        // SendBuf, which stays in `ops` (moving the box does not move them) until this
+        // request's CQE; `fd` is the listener or a transfer socket, closed only after the
+        // submission of this entry.
+        if !unsafe { self.push(&sqe) }
+            && let Some(Op::Send { buf, .. }) = self.ops.try_remove(idx)
+        {
+            self.recycle(buf);
+        }
+    }
+
+    fn send_listener(&mut self, peer: SocketAddr, packet: &[u8]) {
+        if packet.is_empty() {
+            return;
+        }
+        let mut b = self.take_buf();
+        b.data.extend_from_slice(packet);
+        let fd = self.listener.as_raw_fd();
+        self.send(None, fd, b, Some(peer), None);
+    }
+
+    /// Feeds a transfer that had input and carries out what it asks for.
+    fn service(&mut self, key: Key, now: Instant) {
+        let Some(s) = self
+            .sessions
+            .get_mut(key.idx)
+            .filter(|s| s.generation == key.generation)
+        else {
+            return;
+        };
+        s.dirty = false;
+        let mut disk_read = None;
+        while let Some(r) = s.transfer.poll_read() {
+            match &s.source {
+                Source::Memory(data) => s.transfer.handle_read(now, Ok(slice_of(data, r))),
+                Source::File(file, _) => {
+                    // At most one read is outstanding: the core asks again after it.
+                    disk_read = Some((Arc::clone(file), r));
+                    break;
+                }
+            }
+        }
+        if let Some((file, r)) = disk_read {
+            self.read(key, file, r, now);
+        }
+        self.transmit(key, now);
+        let Some(s) = self.sessions.get_mut(key.idx) else {
+            return;
+        };
+        if let Some(ev) = s.transfer.poll_event() {
+            self.end(now, key, Outcome::Event(ev));
+            return;
+        }
+        if let Some(at) = s.transfer.poll_timeout()
+            && s.timer.is_none_or(|t| at < t)
+        {
+            s.timer = Some(at);
+            self.timers.push(Reverse((at, key.idx, key.generation)));
+        }
+    }
+
+    fn read(&mut self, key: Key, file: Arc<File>, r: ReadRequest, now: Instant) {
+        let Some(s) = self.sessions.get_mut(key.idx) else {
+            return;
+        };
+        let mut buf = std::mem::take(&mut s.read_buf);
+        if buf.len() < r.len {
+            buf.resize(r.len, 0);
+        }
+        let len = u32::try_from(r.len).unwrap_or(u32::MAX);
+        let sqe = opcode::Read::new(Fd(file.as_raw_fd()), buf.as_mut_ptr(), len)
+            .offset(r.offset)
+            .build();
+        let entry = self.ops.vacant_entry();
+        let idx = entry.key();
+        let sqe = sqe.user_data(user_data(Tag::Op, idx, 0));
+        entry.insert(Op::Read {
+            owner: key,
+            offset: r.offset,
+            buf,
+            _file: file,
+        });
+        // SAFETY: the Vec's heap block (at least `len` bytes) and the file are owned by
+        // the op in `ops` until this request's CQE; moving the Vec does not move its heap
+        // block, and nothing resizes it meanwhile.
+        if !unsafe { self.push(&sqe) } {
+            if let Some(s) = self.sessions.get_mut(key.idx) {
+                s.transfer.handle_read(now, Err(()));
+            }
+            self.ops.try_remove(idx);
+        }
+    }
+
+    /// Drains the transfer's datagrams into sends: runs of equal size become GSO trains.
+    fn transmit(&mut self, key: Key, now: Instant) {
+        loop {
+            let mut buf = self.take_buf();
+            let gso_on = self.gso != Gso::Off;
+            let Some(s) = self.sessions.get_mut(key.idx) else {
+                self.recycle(buf);
+                return;
+            };
+            let fd = s.socket.as_raw_fd();
+            let max_seg = if gso_on { s.gso_max } else { 0 };
+            let Some(train) = fill_train(&mut s.transfer, now, &mut buf.data, max_seg) else {
+                self.recycle(buf);
+                return;
+            };
+            let spill = train.spill.map(|at| {
+                let mut b = self.take_buf();
+                b.data.extend_from_slice(&buf.data[at..]);
+                buf.data.truncate(at);
+                b
+            });
+            let gso = (train.segments > 1)
+                .then(|| u16::try_from(train.segment).ok())
+                .flatten();
+            if train.segments > 1 && gso.is_none() {
+                self.resend_singly(key, &buf, train.segment);
+                self.recycle(buf);
+            } else {
+                self.send(Some(key), fd, buf, None, gso);
+            }
+            if let Some(b) = spill {
+                self.send(Some(key), fd, b, None, None);
+            }
+        }
+    }
+
+    fn run_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((at, idx, generation))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let key = Key { idx, generation };
+            let Some(s) = self
+                .sessions
+                .get_mut(idx)
+                .filter(|s| s.generation == generation && s.timer == Some(at))
+            else {
+                continue; // Stale: the transfer ended or has an earlier entry.
+            };
+            s.timer = None;
+            s.transfer.handle_timeout(now);
+            if !s.dirty {
+                s.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    /// Ends a transfer: cancels its receive and closes its socket after the next submit.
+    fn end(&mut self, now: Instant, key: Key, outcome: Outcome) {
+        if self
+            .sessions
+            .get(key.idx)
+            .is_none_or(|s| s.generation != key.generation)
+        {
+            return;
+        }
+        let s = self.sessions.remove(key.idx);
+        if s.recv_armed {
+            let sqe = opcode::AsyncCancel::new(user_data(Tag::Recv, key.idx, key.generation))
+                .build()
+                .user_data(user_data(Tag::Cancel, 0, 0));
+            // SAFETY: a cancellation points at no memory.
+            unsafe { self.push(&sqe) };
+        }
+        s.span.in_scope(|| self.tftp.finished(now, s.peer, outcome));
+        self.to_close.push(s.socket);
+    }
+
+    /// Cancels every request and waits for all of them, so that no buffer is freed
+    /// while the kernel may still use it. Running transfers are abandoned.
+    fn shutdown(mut self) {
+        let sqe = opcode::AsyncCancel2::new(CancelBuilder::any())
+            .build()
+            .user_data(user_data(Tag::Cancel, 0, 0));
+        // SAFETY: a cancellation points at no memory.
+        unsafe { self.push(&sqe) };
+        let limit = Instant::now() + DRAIN_LIMIT;
+        while self.inflight > 0 && Instant::now() < limit {
+            let ts = Timespec::from(Duration::from_millis(50));
+            let args = SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            let done: Vec<u32> = self.ring.completion().map(|c| c.flags()).collect();
+            for flags in done {
+                if !cqueue::more(flags) {
+                    self.inflight = self.inflight.saturating_sub(1);
+                }
+            }
+        }
+        if self.inflight > 0 {
+            tracing::warn!(
+                requests = self.inflight,
+                "io_uring requests still running at shutdown; leaking their buffers"
+            );
+            let Self {
+                ring,
+                listen_bufs,
+                session_bufs,
+                ops,
+                ..
+            } = self;
+            drop(ring);
+            std::mem::forget(listen_bufs);
+            std::mem::forget(session_bufs);
+            std::mem::forget(ops);
+            return;
+        }
+        let _ = self.ring.submitter().unregister_buf_ring(LISTEN_GROUP);
+        let _ = self.ring.submitter().unregister_buf_ring(SESSION_GROUP);
+        tracing::debug!("TFTP io_uring driver stopped");
+    }
+}
+
+/// A run of datagrams written back to back by [`fill_train`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Train {
+    /// Size of each datagram but the last, which may be shorter.
+    segment: usize,
+    /// Datagrams in the train.
+    segments: usize,
+    /// Offset of one more datagram, longer than `segment`, that ends the buffer and must
+    /// go on its own.
+    spill: Option<usize>,
+}
+
+/// Drains the transfer's next datagrams into `data`: one, or, when `max_seg` allows GSO
+/// for the first one's size, every following datagram of the same size (the last may be
+/// shorter) up to the GSO limits. No protocol knowledge: only sizes count.
+fn fill_train(t: &mut Transfer, now: Instant, data: &mut Vec<u8>, max_seg: usize) -> Option<Train> {
+    let room = t.buffer_len();
+    data.clear();
+    data.resize(room, 0);
+    let Some(n) = t.poll_transmit(now, data) else {
+        data.clear();
+        return None;
+    };
+    data.truncate(n);
+    let mut train = Train {
+        segment: n,
+        segments: 1,
+        spill: None,
+    };
+    if n == 0 || n > max_seg {
+        return Some(train);
+    }
+    while train.segments < GSO_MAX_SEGMENTS && (train.segments + 1) * n <= GSO_MAX_BYTES {
+        let at = train.segments * n;
+        data.resize(at + room, 0);
+        let Some(m) = t.poll_transmit(now, &mut data[at..]) else {
+            data.truncate(at);
+            break;
+        };
+        data.truncate(at + m);
+        if m > n {
+            train.spill = Some(at);
+            break;
+        }
+        train.segments += 1;
+        if m < n {
+            break;
+        }
+    }
+    Some(train)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tftp::transfer::{Config, negotiate};
+    use crate::tftp::wire::{Mode, Opcode, Packet, emit_request};
+
+    fn transfer(blksize: u16, window: u16, size: usize) -> (Transfer, Vec<u8>) {
+        let mut b = vec![0u8; 200];
+        let n = emit_request(
+            &mut b,
+            Opcode::RRQ,
+            "f",
+            "octet",
+            &[
+                ("blksize", &blksize.to_string()),
+                ("windowsize", &window.to_string()),
+            ],
+        )
+        .expect("fits");
+        let Ok(Packet::Rrq(req)) = Packet::parse(&b[..n]) else {
+            panic!("rrq")
+        };
+        let cfg = Config::default();
+        let neg = negotiate(&req, &cfg, Some(size as u64));
+        let now = Instant::now();
+        let mut t = Transfer::new(now, &neg, Mode::Octet, Some(size as u64), &cfg);
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let mut out = vec![0u8; t.buffer_len()];
+        // OACK, then ACK 0.
+        assert!(t.poll_transmit(now, &mut out).is_some());
+        t.handle_datagram(now, &[0, 4, 0, 0]);
+        while let Some(r) = t.poll_read() {
+            t.handle_read(now, Ok(slice_of(&data, r)));
+        }
+        (t, data)
+    }
+
+    #[test]
+    fn a_window_becomes_gso_trains_within_the_limits() {
+        let (mut t, data) = transfer(1468, 64, 1468 * 100 + 10);
+        let now = Instant::now();
+        let mut buf = Vec::new();
+        let a = fill_train(&mut t, now, &mut buf, 65_000).expect("first train");
+        assert_eq!(a.segment, 1472);
+        assert_eq!(a.segments, GSO_MAX_BYTES / 1472, "44 datagrams fit 64 KiB");
+        assert_eq!(buf.len(), a.segments * 1472);
+        assert_eq!(&buf[4..1472], &data[..1468]);
+        assert_eq!(&buf[1472..1476], &[0, 3, 0, 2]);
+        let b = fill_train(&mut t, now, &mut buf, 65_000).expect("rest of the window");
+        assert_eq!(b.segments, 64 - 44);
+        assert!(
+            fill_train(&mut t, now, &mut buf, 65_000).is_none(),
+            "window full"
+        );
+    }
+
+    #[test]
+    fn without_gso_room_datagrams_go_one_by_one_and_short_ones_end_a_train() {
+        let (mut t, _) = transfer(512, 4, 512 * 2 + 100);
+        let now = Instant::now();
+        let mut buf = Vec::new();
+        let one = fill_train(&mut t, now, &mut buf, 100).expect("datagram");
+        assert_eq!((one.segment, one.segments), (516, 1));
+        let rest = fill_train(&mut t, now, &mut buf, 65_000).expect("train");
+        assert_eq!((rest.segment, rest.segments, rest.spill), (516, 2, None));
+        assert_eq!(buf.len(), 516 + 104, "the short last block ends the train");
+    }
+
+    /// A windowed read by hand: RRQ, ACK 0 after the OACK, one ACK per window.
+    fn fetch_windowed(server: SocketAddr, name: &str, blksize: usize, window: u16) -> Vec<u8> {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let rrq = format!("\0\x01{name}\0octet\0blksize\0{blksize}\0windowsize\0{window}\0");
+        sock.send_to(rrq.as_bytes(), server).expect("RRQ");
+        let mut buf = vec![0u8; blksize + 4];
+        let (_, peer) = sock.recv_from(&mut buf).expect("OACK");
+        assert_eq!(&buf[..2], &[0, 6]);
+        sock.connect(peer).expect("connect");
+        sock.send(&[0, 4, 0, 0]).expect("ACK 0");
+        let mut out = Vec::new();
+        let mut expect: u16 = 1;
+        let mut in_window = 0;
+        loop {
+            let n = sock.recv(&mut buf).expect("DATA");
+            assert_eq!(&buf[..2], &[0, 3]);
+            if u16::from_be_bytes([buf[2], buf[3]]) != expect {
+                continue;
+            }
+            out.extend_from_slice(&buf[4..n]);
+            expect = expect.wrapping_add(1);
+            in_window += 1;
+            let last = n < blksize + 4;
+            if last || in_window == window {
+                sock.send(&[0, 4, buf[2], buf[3]]).expect("ACK");
+                in_window = 0;
+            }
+            if last {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn when_the_kernel_refuses_gso_windows_go_as_single_datagrams() {
+        let dir = std::env::temp_dir().join(format!("netboot-uring-nogso-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let want: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        std::fs::write(dir.join("f.bin"), &want).expect("write");
+        let tftp = Arc::new(Tftp::new(
+            &crate::config::TftpConfig::default(),
+            dir.clone(),
+        ));
+        let listener = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let opts = Options {
+            no_udp_checksum: true,
+        };
+        let handle = spawn_inner(Arc::clone(&tftp), listener, opts).expect("ring");
+        assert_eq!(fetch_windowed(addr, "f.bin", 1468, 16), want);
+        assert_eq!(
+            fetch_windowed(addr, "f.bin", 512, 8),
+            want,
+            "and again, GSO off"
+        );
+        handle.stop();
+        assert_eq!(tftp.stats.gso_sends.load(Ordering::Relaxed), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn user_data_round_trips() {
+        let ud = user_data(Tag::Recv, 123_456, 0xab_cdef);
+        assert_eq!(split_user_data(ud), (Tag::Recv as u8, 123_456, 0xab_cdef));
+    }
+}
