@@ -178,10 +178,15 @@ fn say(msg: impl AsRef<str>) {
     eprintln!("tftp-compare: {}", msg.as_ref());
 }
 
+fn banner(label: &str, msg: &str) {
+    eprintln!("tftp-compare: ************************************************************");
+    eprintln!("tftp-compare: {label}: {msg}");
+    eprintln!("tftp-compare: ************************************************************");
+}
+
+/// Something is left out of the comparison, said so that nobody misses it.
 fn loud(msg: impl AsRef<str>) {
-    eprintln!("tftp-compare: ************************************************************");
-    eprintln!("tftp-compare: SKIPPED: {}", msg.as_ref());
-    eprintln!("tftp-compare: ************************************************************");
+    banner("SKIPPED", msg.as_ref());
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {
@@ -351,8 +356,20 @@ fn probe(
 /// Starts `kind` and waits until it serves a small file.
 fn start(kind: Kind, ctx: &Ctx<'_>) -> anyhow::Result<Running> {
     let (cgroup, addr) = if let Some(ns) = ctx.netns {
-        let cg = Cgroup::create(&format!("{}-{}", ns.name, kind.name()))?;
-        (Some(cg), SocketAddr::from(([127, 0, 0, 1], kind.port())))
+        let cg = match Cgroup::create(&format!("{}-{}", ns.name, kind.name())) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                banner(
+                    "WARNING",
+                    &format!(
+                        "no cgroup v2 ({e:#}): {} CPU from /proc/<pid>/stat, which misses forked children (tftpd-hpa)",
+                        kind.name()
+                    ),
+                );
+                None
+            }
+        };
+        (cg, SocketAddr::from(([127, 0, 0, 1], kind.port())))
     } else {
         // The host's loopback: any free port.
         let s = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free port")?;
@@ -375,20 +392,21 @@ fn start(kind: Kind, ctx: &Ctx<'_>) -> anyhow::Result<Running> {
 
 /// A note when the server died during the last measurement.
 fn died(s: &mut Running) -> String {
-    if s.process.alive() {
-        String::new()
-    } else {
-        let why = tail(&s.log).lines().last().unwrap_or_default().to_owned();
-        format!(" SERVER DIED during this run: {why}")
+    match s.process.exit_status() {
+        None => String::new(),
+        Some(st) => {
+            let why = tail(&s.log).lines().last().unwrap_or_default().to_owned();
+            format!(" SERVER DIED during this run ({st}): {why}")
+        }
     }
 }
 
 /// Restarts a server that died (atftpd aborts beyond 1024 descriptors); returns a note.
 fn ensure_running(s: &mut Running, ctx: &Ctx<'_>) -> anyhow::Result<String> {
-    if s.process.alive() {
+    let Some(st) = s.process.exit_status() else {
         return Ok(String::new());
-    }
-    let why = tail(&s.log).lines().last().unwrap_or_default().to_owned();
+    };
+    let why = format!("{st}: {}", tail(&s.log).lines().last().unwrap_or_default());
     say(format!(
         "WARNING: {} had exited ({why}); restarting it",
         s.kind.name()
@@ -588,7 +606,16 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<bool> {
     make_dir(&outputs_dir, 0o700)?;
     let _outputs = (outputs_dir != scratch_dir.join("out")).then(|| Scratch(outputs_dir.clone()));
     let netns = if root_user {
-        Some(Netns::create(format!("nbbench-{pid}"))?)
+        match Netns::create(format!("nbbench-{pid}")) {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                loud(format!(
+                    "no network namespace ({e:#}): netboot runs alone on the host's loopback"
+                ));
+                kinds.retain(|k| *k == Kind::Netboot);
+                None
+            }
+        }
     } else {
         loud("not root: netboot runs alone on the host's loopback, CPU from /proc/<pid>/stat");
         None
@@ -959,7 +986,7 @@ fn report(
         );
         let _ = writeln!(
             r,
-            "| server | failed clients per run | wall s | client p50 s | client p99 s | goodput MB/s | server CPU s | CPU ms per transfer | wall netboot/peer | CPU netboot/peer |"
+            "| server | failed clients per run | wall s | client p50 s | client p99 s | goodput MB/s | server CPU s | CPU ms per transfer | wall netboot/peer (runs without failures) | CPU netboot/peer (same) |"
         );
         let _ = writeln!(r, "|---|---|---|---|---|---|---|---|---|---|");
         let storm = |k: Kind| -> Vec<&Sample> {
@@ -968,16 +995,20 @@ fn report(
                 .filter(|s| s.scenario == "storm" && s.server == k.name())
                 .collect()
         };
-        // A storm run counts even with failed clients: the failures are its own column.
+        // A storm run with failed clients still shows its figures (the failures are their
+        // own column), but only runs in which every client succeeded enter the ratios.
         let all = |v: &[&Sample], f: fn(&Sample) -> f64| -> Vec<f64> {
             v.iter()
                 .filter(|s| s.load.is_some())
                 .map(|s| f(s))
                 .collect()
         };
+        let clean = |v: &[&Sample], f: fn(&Sample) -> f64| -> Vec<f64> {
+            v.iter().filter(|s| s.ok).map(|s| f(s)).collect()
+        };
         let nb = storm(Kind::Netboot);
-        let mut nb_wall = all(&nb, |s| s.wall_s);
-        let mut nb_cpu = all(&nb, |s| s.server_cpu_s);
+        let mut nb_wall = clean(&nb, |s| s.wall_s);
+        let mut nb_cpu = clean(&nb, |s| s.server_cpu_s);
         let (nb_wall, nb_cpu) = (median(&mut nb_wall), median(&mut nb_cpu));
         for &k in servers {
             let v = storm(k);
@@ -1002,8 +1033,8 @@ fn report(
                 ("–".to_owned(), "–".to_owned())
             } else {
                 (
-                    ratio(nb_wall, median(&mut wall.clone())),
-                    ratio(nb_cpu, median(&mut cpu.clone())),
+                    ratio(nb_wall, median(&mut clean(&v, |s| s.wall_s))),
+                    ratio(nb_cpu, median(&mut clean(&v, |s| s.server_cpu_s))),
                 )
             };
             let _ = writeln!(

@@ -221,6 +221,8 @@ pub(crate) fn command(cgroup: Option<&Cgroup>, netns: Option<&Netns>, program: &
     }
     c.arg(program);
     c.stdin(Stdio::null());
+    // glibc writes fatal errors (e.g. a fortify abort) to the terminal unless told otherwise.
+    c.env("LIBC_FATAL_STDERR_", "1");
     c
 }
 
@@ -254,6 +256,11 @@ impl Server {
     /// Whether it is still running.
     pub(crate) fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// How it ended, if it did.
+    pub(crate) fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 }
 
