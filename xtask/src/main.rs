@@ -5,7 +5,8 @@
 //!   program, `bpf-linker` built against LLVM 22), saying what it does.
 //! - `cargo xtask run [-- ARGS]`: setup, then netbootd (release build) with ARGS.
 //! - `cargo xtask test`: setup, then rustfmt, clippy and the whole test suite, the
-//!   privileged tests included when running as root.
+//!   privileged tests included when running as root, then the TFTP smoke benchmark
+//!   (`netboot-bench tftp-compare --quick`, peers that are absent are skipped loudly).
 
 use std::env;
 use std::ffi::OsString;
@@ -304,7 +305,23 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
         ],
     ))?;
     say("tests (unit, API, store, privileged eBPF)");
-    run(&mut cargo(tc, &["test", "--workspace", "--locked"]))
+    run(&mut cargo(tc, &["test", "--workspace", "--locked"]))?;
+    // Fails only on a failed or corrupted netboot transfer; absent peers (or no root)
+    // are reported as SKIPPED. Builds netbootd in release first (once).
+    say("TFTP smoke benchmark: netbootd side by side with the peers (bench tftp-compare --quick)");
+    run(&mut cargo(
+        tc,
+        &[
+            "run",
+            "--release",
+            "--locked",
+            "-p",
+            "bench",
+            "--",
+            "tftp-compare",
+            "--quick",
+        ],
+    ))
 }
 
 fn main() -> ExitCode {
