@@ -986,7 +986,7 @@ fn report(
         );
         let _ = writeln!(
             r,
-            "| server | failed clients per run | wall s | client p50 s | client p99 s | goodput MB/s | server CPU s | CPU ms per transfer | wall netboot/peer (runs without failures) | CPU netboot/peer (same) |"
+            "| server | failed clients per run | wall s | client p50 s | client p99 s | goodput MB/s | server CPU s | CPU ms per completed transfer | wall netboot/peer (runs without failures) | CPU netboot/peer (same) |"
         );
         let _ = writeln!(r, "|---|---|---|---|---|---|---|---|---|---|");
         let storm = |k: Kind| -> Vec<&Sample> {
@@ -1020,14 +1020,20 @@ fn report(
                     None => "run failed".to_owned(),
                 })
                 .collect();
+            // Latencies exist only for runs in which some client succeeded.
             let lf = |f: fn(&LoadReport) -> f64| -> Vec<f64> {
-                v.iter().filter_map(|s| s.load.as_ref().map(f)).collect()
+                v.iter()
+                    .filter_map(|s| s.load.as_ref().filter(|l| l.ok > 0).map(f))
+                    .collect()
             };
             let wall = all(&v, |s| s.wall_s);
             let cpu = all(&v, |s| s.server_cpu_s);
-            let per: Vec<f64> = cpu
+            let per: Vec<f64> = v
                 .iter()
-                .map(|c| c * 1000.0 / plan.clients.max(1) as f64)
+                .filter_map(|s| {
+                    let ok = s.load.as_ref()?.ok;
+                    (ok > 0).then(|| s.server_cpu_s * 1000.0 / ok as f64)
+                })
                 .collect();
             let (ratio_wall, ratio_cpu) = if k == Kind::Netboot {
                 ("–".to_owned(), "–".to_owned())
