@@ -1,93 +1,65 @@
 //! `netboot-bench`: benchmarks that run netboot's components and report medians.
 //!
-//! `netboot-bench store [--events N] [--rounds R]` measures the boot-event path of the
-//! store (every DHCP, TFTP, HTTP and iSCSI step of every client writes one event):
-//! inserts per second with per-device retention, and the latency of the newest-first
-//! page that the UI's live view reads, on a WAL file database in a temporary directory.
-//! Protocol benchmarks against peer servers arrive with the protocol issues.
+//! - `store`: the boot-event path of the store ([`store`]);
+//! - `tftp-load`: a lock-step TFTP load generator, N clients on one thread, every byte
+//!   verified ([`tftp::load`]);
+//! - `tftp-compare [--quick]`: netbootd against tftpd-hpa, atftpd and dnsmasq, side by
+//!   side, in a network namespace and cgroups of its own ([`tftp::compare`]).
+//!
+//! Results and the exact commands are in `docs/benchmarks.md`.
 
-use std::time::{Duration, Instant};
+mod store;
+mod tftp;
 
-use anyhow::Context as _;
-use netboot_daemon::mac::MacAddr;
-use netboot_daemon::store::{EventQuery, EventSource, NewBootEvent, Sqlite, Store};
-use netboot_daemon::time::Timestamp;
+use std::process::ExitCode;
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "netboot-bench",
+    about = "netboot benchmarks and load generators"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
 }
 
-fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .context("missing value")?
-            .parse()
-            .with_context(|| format!("{name} needs a number")),
-        None => Ok(default),
-    }
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Boot-event inserts and the newest-first page of the store.
+    Store(store::StoreArgs),
+    /// N concurrent lock-step TFTP clients against one server, every byte verified.
+    TftpLoad(tftp::load::LoadArgs),
+    /// netbootd side by side with tftpd-hpa, atftpd and dnsmasq (root for the peers).
+    TftpCompare(tftp::compare::CompareArgs),
 }
 
-fn store(args: &[String]) -> anyhow::Result<()> {
-    let events = arg(args, "--events", 20_000)?;
-    let rounds = arg(args, "--rounds", 5)?.max(1);
-    let dir = std::env::temp_dir().join(format!("netboot-bench-{}", std::process::id()));
-    let mut insert = Vec::new();
-    let mut page = Vec::new();
-    for round in 0..rounds {
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let s = Sqlite::open(&dir.join("bench.db"))?;
-        let t = Instant::now();
-        let mut for_device_7 = 0u64;
-        for i in 0..events {
-            let n = u8::try_from(i % 200).context("device index")?;
-            for_device_7 += u64::from(n == 7);
-            let ev = NewBootEvent {
-                mac: MacAddr([2, 0, 0, 0, 0, n]),
-                at: Timestamp::now(),
-                source: EventSource::Tftp,
-                kind: "tftp_block".into(),
-                detail: format!("event {i}"),
-                ip: None,
-            };
-            s.add_event(&ev, 50)?;
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Cmd::Store(a) => store::run(a).map(|()| true),
+        Cmd::TftpLoad(a) => tftp::load::run(a).map(|r| {
+            eprintln!("tftp-load: {}", tftp::load::summary(&r));
+            if a.json {
+                #[allow(
+                    clippy::print_stdout,
+                    reason = "the JSON report is the requested output"
+                )]
+                {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                }
+            }
+            r.ok == r.clients
+        }),
+        Cmd::TftpCompare(a) => tftp::compare::run(a),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("netboot-bench: error: {e:#}");
+            ExitCode::from(2)
         }
-        insert.push(t.elapsed() / u32::try_from(events).context("events")?);
-        let t = Instant::now();
-        let q = EventQuery {
-            mac: Some(MacAddr([2, 0, 0, 0, 0, 7])),
-            limit: 50,
-            ..EventQuery::default()
-        };
-        let p = s.list_events(&q)?;
-        page.push(t.elapsed());
-        let kept = for_device_7.min(50);
-        anyhow::ensure!(
-            p.total == kept,
-            "retention kept {} events, expected {kept}",
-            p.total
-        );
-        eprintln!(
-            "round {round}: insert {:?}/event, page {:?}",
-            insert[round], page[round]
-        );
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    let ins = median(insert);
-    eprintln!(
-        "store: {events} events x {rounds} rounds: median {ins:?} per insert ({:.0} events/s), newest-first page of 50 in {:?}",
-        1.0 / ins.as_secs_f64(),
-        median(page)
-    );
-    Ok(())
-}
-
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("store") => store(&args[1..]),
-        _ => anyhow::bail!("usage: netboot-bench store [--events N] [--rounds R]"),
     }
 }

@@ -9,7 +9,9 @@
 //!   program, `bpf-linker` built against LLVM 22), saying what it does.
 //! - `cargo xtask run [-- ARGS]`: setup, then netbootd (release build) with ARGS.
 //! - `cargo xtask test`: setup, then rustfmt, clippy and the whole test suite, the
-//!   privileged tests included when running as root, and a short run of every fuzz target.
+//!   privileged tests included when running as root, a short run of every fuzz target,
+//!   then the TFTP smoke benchmark (`netboot-bench tftp-compare --quick`; peers that are
+//!   absent are skipped loudly).
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`: the fuzz targets in netboot-daemon/fuzz.
 
 use std::env;
@@ -318,8 +320,27 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
     if counts.failed > 0 || counts.passed == 0 {
         bail!("the test suite did not pass");
     }
-    Ok(())
+    fuzz(tc, FUZZ_SMOKE_SECONDS, None)?;
+    // Fails only on a failed or corrupted netboot transfer; absent peers (or no root)
+    // are reported as SKIPPED. Builds netbootd in release first (once).
+    say("TFTP smoke benchmark: netbootd side by side with the peers (bench tftp-compare --quick)");
+    run(&mut cargo(
+        tc,
+        &[
+            "run",
+            "--release",
+            "--locked",
+            "-p",
+            "bench",
+            "--",
+            "tftp-compare",
+            "--quick",
+        ],
+    ))
 }
+
+/// How long `cargo xtask test` runs each fuzz target.
+const FUZZ_SMOKE_SECONDS: u64 = 15;
 
 /// The fuzz targets in netboot-daemon/fuzz.
 const FUZZ_TARGETS: &[&str] = &[
