@@ -9,15 +9,16 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
-use crate::api::{self, AppState, VERSION};
+use crate::api::{self, AppState, Services, VERSION};
+use crate::bindings::Bindings;
 use crate::config::DhcpMode;
 use crate::config::Validated;
 use crate::dhcp::proxy::BootFiles;
 use crate::driver;
 use crate::ebpf::Accounting;
 use crate::service::dhcp::{self as dhcp_service, ProxyDhcp};
-use crate::service::tftp::Tftp;
-use crate::store::{Sqlite, Store};
+use crate::service::tftp::{Tftp, TransferRecord, TransferState};
+use crate::store::{EventSource, NewBootEvent, Sighting, Sqlite, Store};
 use crate::time::Timestamp;
 
 /// How often expired sessions and old boot events are removed.
@@ -79,6 +80,8 @@ pub async fn serve(
         .context("reading the HTTP listener address")?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let bindings = Arc::new(Bindings::default());
+    let mut tftp_service = None;
     let tftp = if cfg.config.tftp.enabled {
         let listen = cfg.config.tftp.listen;
         let socket = std::net::UdpSocket::bind(listen).with_context(|| {
@@ -88,6 +91,14 @@ pub async fn serve(
             .local_addr()
             .context("reading the TFTP listener address")?;
         let service = Arc::new(Tftp::new(&cfg.config.tftp, cfg.paths.tftp.clone()));
+        if let Some(records) = service.observe() {
+            tokio::spawn(record_tftp_transfers(
+                Arc::clone(&store),
+                Arc::clone(&bindings),
+                records,
+            ));
+        }
+        tftp_service = Some(Arc::clone(&service));
         let running = driver::start_tftp(service, socket, cfg.config.tftp.driver, stop_rx.clone())
             .context("starting the TFTP driver")?;
         tracing::info!(addr = %tftp_addr, root = %cfg.paths.tftp.display(), driver = ?running.kind(), "TFTP listening");
@@ -97,9 +108,16 @@ pub async fn serve(
         None
     };
 
-    let dhcp = start_dhcp(&cfg, &store, addr.port(), stop_rx.clone());
+    let dhcp = start_dhcp(&cfg, &store, &bindings, addr.port(), stop_rx.clone());
 
-    let state = AppState::new(Arc::clone(&store), cfg.clone());
+    let state = AppState::with_services(
+        Arc::clone(&store),
+        cfg.clone(),
+        Services {
+            tftp: tftp_service,
+            bindings,
+        },
+    );
     let needs_setup = {
         let s = Arc::clone(&store);
         tokio::task::spawn_blocking(move || s.needs_setup()).await??
@@ -156,6 +174,7 @@ pub async fn serve(
 fn start_dhcp(
     cfg: &Validated,
     store: &Arc<dyn Store>,
+    bindings: &Arc<Bindings>,
     http_port: u16,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -185,8 +204,80 @@ fn start_dhcp(
         uefi_ia32: opt(&d.uefi_ia32_file),
         uefi_arm64: opt(&d.uefi_arm64_file),
     };
-    let service = Arc::new(ProxyDhcp::new(Arc::clone(store), http_port, files, 68));
+    let service = Arc::new(
+        ProxyDhcp::new(Arc::clone(store), http_port, files, 68).with_bindings(Arc::clone(bindings)),
+    );
     Some(tokio::spawn(service.serve(listeners, stop)))
+}
+
+/// Puts each ended TFTP transfer on the timeline of the device it was for: the client's
+/// address is resolved to a MAC through the bindings (DHCP, HTTP, neighbour table).
+/// Transfers of clients whose MAC is unknown stay in the TFTP transfer list only.
+async fn record_tftp_transfers(
+    store: Arc<dyn Store>,
+    bindings: Arc<Bindings>,
+    mut records: tokio::sync::mpsc::Receiver<TransferRecord>,
+) {
+    while let Some(r) = records.recv().await {
+        let Some(binding) = bindings.lookup(r.client.ip()) else {
+            tracing::debug!(client = %r.client, file = %r.file, "TFTP transfer of a client whose MAC is unknown");
+            continue;
+        };
+        let store = Arc::clone(&store);
+        let res = tokio::task::spawn_blocking(move || {
+            let at = Timestamp::now();
+            store.record_sighting(&Sighting {
+                mac: binding.mac,
+                at,
+                arch: None,
+                ip: Some(r.client.ip().to_string()),
+                vendor_class: None,
+            })?;
+            let keep = store.get_settings()?.events_per_device;
+            store
+                .add_event(&tftp_event(binding.mac, at, &r), keep)
+                .map(|_| ())
+        })
+        .await;
+        if let Ok(Err(error)) = res {
+            tracing::warn!(%error, "recording a TFTP transfer failed");
+        }
+    }
+}
+
+/// The boot event of an ended TFTP transfer.
+fn tftp_event(mac: crate::mac::MacAddr, at: Timestamp, r: &TransferRecord) -> NewBootEvent {
+    let kind = match r.state {
+        TransferState::Done => "tftp_done",
+        TransferState::Refused => "tftp_refused",
+        _ => "tftp_failed",
+    };
+    let mut detail = format!(
+        "{} ({}): {} bytes in {} ms, blksize {}, windowsize {}",
+        r.file,
+        r.state.as_str(),
+        r.bytes,
+        r.duration_ms.unwrap_or(0),
+        r.blksize,
+        r.windowsize
+    );
+    if r.retransmits > 0 {
+        detail.push_str(&format!(", {} retransmits", r.retransmits));
+    }
+    if let Some(server) = r.server {
+        detail.push_str(&format!(", server port {}", server.port()));
+    }
+    if let Some(why) = &r.detail {
+        detail.push_str(&format!(": {why}"));
+    }
+    NewBootEvent {
+        mac,
+        at,
+        source: EventSource::Tftp,
+        kind: kind.into(),
+        detail,
+        ip: Some(r.client.ip().to_string()),
+    }
 }
 
 /// Loads the eBPF program and attaches it to the configured interfaces. Failure is not

@@ -7,6 +7,7 @@
 //! - [`store`]: the SQLite inventory behind the [`store::Store`] trait;
 //! - [`api`]: the REST API (axum) with authentication and the OpenAPI document;
 //! - [`boot`]: boot flows: iPXE scripts generated from the inventory, with escaping;
+//! - [`bindings`]: which MAC an IP address belongs to (learned, or the neighbour table);
 //! - [`auth`]: password hashing, secrets and the login throttle;
 //! - [`ebpf`]: the embedded eBPF accounting program: load, attach (TCX), read counters;
 //! - [`dhcp`]: the DHCP/proxyDHCP core for PXE clients (sans-IO);
@@ -14,6 +15,7 @@
 //! - [`service`]: the glue between protocol cores and drivers (files, cache, counters);
 //! - [`driver`]: the drivers that own sockets, rings and timers (io_uring, tokio);
 //! - [`jail`]: resolving client paths inside a served directory;
+//! - [`metrics`]: the `/metrics` exposition (OpenMetrics and Prometheus text) and histograms;
 //! - [`mac`], [`time`]: identifiers and timestamps;
 //! - [`telemetry`]: log output;
 //! - [`daemon`]: startup, housekeeping and shutdown.
@@ -21,6 +23,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod bindings;
 pub mod boot;
 pub mod config;
 pub mod daemon;
@@ -33,6 +36,7 @@ pub mod driver;
 pub mod ebpf;
 pub mod jail;
 pub mod mac;
+pub mod metrics;
 pub mod service;
 pub mod store;
 pub mod telemetry;

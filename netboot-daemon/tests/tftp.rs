@@ -554,6 +554,231 @@ async fn concurrent_clients_all_get_exact_files(driver: TftpDriver) {
 }
 
 /// Runs each scenario with both drivers.
+/// A scrape of `/metrics` over HTTP (curl), in the format `accept` asks for.
+async fn scrape(http: SocketAddr, accept: &str) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--fail", "-H"])
+        .arg(format!("Accept: {accept}"))
+        .arg(format!("http://{http}/metrics"))
+        .output()
+        .await
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl /metrics: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 metrics")
+}
+
+/// The value of the sample `name` (with its labels, exactly as written) in `text`.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+        .parse()
+        .expect("a number")
+}
+
+/// Runs a checker on `input`; `None` when the checker is not installed (and not in CI).
+async fn check_with(program: &str, args: &[&str], input: &str) -> Option<(bool, String)> {
+    use tokio::io::AsyncWriteExt as _;
+    if !have(program) && !Path::new(program).exists() {
+        let msg = format!("SKIPPED: {program} is not installed (cargo xtask test provides it)");
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("{msg}");
+        return None;
+    }
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn checker");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).await.expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().await.expect("checker");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success(), text))
+}
+
+/// Python's strict OpenMetrics parser (the reference implementation's).
+const OPENMETRICS_PARSE: &str = "import sys\n\
+from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+families = list(text_string_to_metric_families(sys.stdin.read()))\n\
+print(len(families), 'families')\n";
+
+async fn next_record(
+    records: &mut tokio::sync::mpsc::Receiver<netboot_daemon::service::tftp::TransferRecord>,
+) -> netboot_daemon::service::tftp::TransferRecord {
+    tokio::time::timeout(Duration::from_secs(10), records.recv())
+        .await
+        .expect("a record within 10 s")
+        .expect("the channel is open")
+}
+
+async fn transfers_are_recorded_and_exposed_as_metrics(driver: TftpDriver) {
+    let srv = Server::start("metrics", TftpConfig::default(), driver).await;
+    let mut records = srv.tftp.observe().expect("the first observer");
+    let file = data(300_000, 11);
+    srv.put("f.bin", &file);
+    let o = srv.out("f.out");
+    let (ok, log) = atftp(&srv, "f.bin", &o, 1432, 4).await;
+    assert!(ok, "atftp: {log}");
+    if log == "skipped" {
+        srv.stop().await;
+        return;
+    }
+    same(&o, &file);
+    let (ok, _) = client(
+        "tftp",
+        vec![
+            s(srv.addr.ip()),
+            s(srv.addr.port()),
+            s("-c"),
+            s("get"),
+            s("missing.bin"),
+            s(srv.out("m.out").display()),
+        ],
+    )
+    .await;
+    let _ = ok; // tftp-hpa's exit status does not tell a server ERROR apart.
+
+    // The two transfers as the timeline gets them, in the order they ended.
+    let done = next_record(&mut records).await;
+    assert_eq!(done.state.as_str(), "done");
+    assert_eq!(
+        (done.file.as_str(), done.bytes, done.size),
+        ("f.bin", 300_000, Some(300_000))
+    );
+    assert_eq!((done.blksize, done.windowsize), (1432, 4));
+    assert_eq!(done.client.ip(), srv.addr.ip());
+    let server = done.server.expect("the transfer's socket");
+    assert_eq!(server.ip(), srv.addr.ip());
+    assert!(
+        server.port() != 0 && server.port() != srv.addr.port(),
+        "own port: {server}"
+    );
+    assert!(done.packets >= 300_000u64.div_ceil(1432) && done.duration_ms.is_some());
+    let refused = next_record(&mut records).await;
+    assert_eq!(refused.state.as_str(), "refused");
+    assert_eq!(refused.file, "missing.bin");
+    assert_eq!(refused.detail.as_deref(), Some("file not found"));
+    assert!(refused.id > done.id);
+
+    // The HTTP side: /metrics and the transfer list, through the daemon's router.
+    let dir = srv.root.join("data");
+    let cfg = netboot_daemon::config::Config {
+        data_dir: dir,
+        ..netboot_daemon::config::Config::default()
+    }
+    .validate()
+    .expect("valid config");
+    netboot_daemon::daemon::prepare_dirs(&cfg).expect("dirs");
+    let store: Arc<dyn netboot_daemon::store::Store> =
+        Arc::new(netboot_daemon::store::Sqlite::in_memory().expect("store"));
+    let state = netboot_daemon::api::AppState::with_services(
+        store,
+        cfg,
+        netboot_daemon::api::Services {
+            tftp: Some(Arc::clone(&srv.tftp)),
+            ..Default::default()
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let http = listener.local_addr().expect("addr");
+    let app =
+        netboot_daemon::api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let server_task = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let text = scrape(http, "text/plain").await;
+    assert_eq!(
+        sample(&text, "netboot_tftp_transfers_total{outcome=\"done\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "netboot_tftp_transfers_total{outcome=\"refused\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "netboot_tftp_transfers_total{outcome=\"timed_out\"}"),
+        0.0
+    );
+    assert_eq!(sample(&text, "netboot_tftp_sent_bytes_total"), 300_000.0);
+    assert_eq!(sample(&text, "netboot_tftp_active_transfers"), 0.0);
+    assert_eq!(
+        sample(&text, "netboot_tftp_transfer_duration_seconds_count"),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "netboot_tftp_transfer_duration_seconds_bucket{le=\"+Inf\"}"
+        ),
+        1.0
+    );
+    let sum = sample(&text, "netboot_tftp_transfer_duration_seconds_sum");
+    assert!(sum > 0.0 && sum < 10.0, "duration sum {sum}");
+    assert_eq!(sample(&text, "netboot_build_info{version=\"0.1.0\"}"), 1.0);
+    let promtool = std::env::var("NETBOOT_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    if let Some((ok, out)) = check_with(&promtool, &["check", "metrics"], &text).await {
+        assert!(
+            ok && out.trim().is_empty(),
+            "promtool check metrics:\n{out}\n{text}"
+        );
+    }
+
+    let om = scrape(
+        http,
+        "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+    )
+    .await;
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(
+        om.contains("# TYPE netboot_tftp_transfers counter\n"),
+        "{om}"
+    );
+    assert_eq!(sample(&om, "netboot_tftp_sent_bytes_total"), 300_000.0);
+    // Debian's interpreter, where python3-prometheus-client installs (not a pyenv one).
+    let has_parser = Command::new("/usr/bin/python3")
+        .args(["-c", "import prometheus_client"])
+        .status()
+        .is_ok_and(|st| st.success());
+    if has_parser || std::env::var_os("CI").is_some() {
+        let (ok, out) = check_with("/usr/bin/python3", &["-c", OPENMETRICS_PARSE], &om)
+            .await
+            .expect("python3");
+        assert!(ok, "the OpenMetrics parser rejects /metrics:\n{out}\n{om}");
+    } else {
+        eprintln!(
+            "SKIPPED: python3-prometheus-client is not installed (cargo xtask test installs it)"
+        );
+    }
+
+    // The transfer list needs a login.
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{http}/api/v1/tftp/transfers"))
+        .output()
+        .await
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    let (active, recent) = srv.tftp.transfers_snapshot();
+    assert!(active.is_empty());
+    assert_eq!(recent, vec![refused, done], "newest first");
+
+    server_task.abort();
+    srv.stop().await;
+}
+
 macro_rules! with_both_drivers {
     ($($name:ident),* $(,)?) => {
         mod uring {
@@ -586,6 +811,7 @@ with_both_drivers!(
     files_too_large_for_the_cache_are_read_by_the_driver,
     a_vanished_client_ends_the_transfer_at_once,
     concurrent_clients_all_get_exact_files,
+    transfers_are_recorded_and_exposed_as_metrics,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,16 @@ const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libllvm22",
 ];
+/// Debian packages the tests drive as real peers: TFTP clients (tftp-hpa, atftp), a DHCP
+/// client (busybox udhcpc), dnsmasq for the TFTP benchmark smoke, and the strict
+/// OpenMetrics parser of the Prometheus client library.
+const TEST_PACKAGES: &[&str] = &[
+    "tftp-hpa",
+    "atftp",
+    "busybox",
+    "dnsmasq-base",
+    "python3-prometheus-client",
+];
 /// Name of the toolchain linked from Debian's rustc-web when rustup cannot fetch rust-src.
 const DEBIAN_TOOLCHAIN: &str = "debian-web";
 
@@ -130,6 +140,54 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// `promtool` from PATH, or from Debian's prometheus package extracted under
+/// `target/tools/` (installing the package would also start a Prometheus server).
+fn promtool() -> anyhow::Result<PathBuf> {
+    if let Some(found) = output(Command::new("sh").args(["-c", "command -v promtool"])) {
+        return Ok(PathBuf::from(found.trim()));
+    }
+    let tools = workspace_root().join("target/tools");
+    let bin = tools.join("prometheus/usr/bin/promtool");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    say(
+        "fetching promtool: apt-get download prometheus, extracted under target/tools (not installed)",
+    );
+    let debs = tools.join("debs");
+    std::fs::create_dir_all(&debs).context("creating target/tools/debs")?;
+    let download = || {
+        succeeds(
+            Command::new("apt-get")
+                .args(["download", "prometheus"])
+                .current_dir(&debs),
+        )
+    };
+    if !download() {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["download", "prometheus"])
+            .current_dir(&debs))?;
+    }
+    let deb = std::fs::read_dir(&debs)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("prometheus_") && n.ends_with(".deb"))
+        })
+        .context("apt-get download prometheus left no .deb")?;
+    run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(tools.join("prometheus")))?;
+    if !bin.exists() {
+        bail!("{} has no usr/bin/promtool", deb.display());
+    }
+    Ok(bin)
 }
 
 fn has_rust_src(toolchain: &str) -> bool {
@@ -295,6 +353,8 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
             "NOTE: not root: the privileged tests (network namespaces, eBPF) will report themselves SKIPPED",
         );
     }
+    apt_install(TEST_PACKAGES)?;
+    let promtool = promtool()?;
     say("rustfmt");
     run(&mut cargo(tc, &["fmt", "--all", "--check"]))?;
     say("clippy (all targets, warnings are errors)");
@@ -311,7 +371,9 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
         ],
     ))?;
     say("tests (unit, API, store, TFTP with real clients, privileged eBPF)");
-    let counts = run_counting(&mut cargo(tc, &["test", "--workspace", "--locked"]))?;
+    let counts = run_counting(
+        cargo(tc, &["test", "--workspace", "--locked"]).env("NETBOOT_PROMTOOL", &promtool),
+    )?;
     // One closing line for the whole suite (cargo prints one per test binary).
     println!(
         "tests: {} passed, {} failed, {} skipped",
@@ -335,6 +397,7 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
             "--",
             "tftp-compare",
             "--quick",
+            "--fetch-peers",
         ],
     ))
 }

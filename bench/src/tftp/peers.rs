@@ -130,6 +130,13 @@ impl Binaries {
 
 /// Downloads and extracts the peer packages into `cache` (nothing is installed).
 pub(crate) fn fetch(cache: &Path) -> anyhow::Result<()> {
+    let root = cache.join("root");
+    if ["usr/sbin/in.tftpd", "usr/sbin/atftpd"]
+        .iter()
+        .all(|bin| root.join(bin).exists())
+    {
+        return Ok(());
+    }
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
     eprintln!(
@@ -145,7 +152,6 @@ pub(crate) fn fetch(cache: &Path) -> anyhow::Result<()> {
         .status()
         .context("running apt-get download")?;
     anyhow::ensure!(st.success(), "apt-get download failed with {st}");
-    let root = cache.join("root");
     for entry in std::fs::read_dir(&debs).context("listing the downloaded packages")? {
         let path = entry.context("reading the download directory")?.path();
         if path.extension().is_some_and(|e| e == "deb") {

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use super::auth::ClientIp;
 use super::error::{ApiError, Query};
 use super::{AppState, VERSION, blocking};
+use crate::bindings::Source as BindingSource;
 use crate::boot::ipxe::{self, Plan};
 use crate::jail::{self, JailError};
 use crate::mac::MacAddr;
@@ -96,6 +97,11 @@ pub(super) async fn device_script(
     let arch = ipxe::arch_from_ipxe(&platform, p.arch.as_deref().unwrap_or_default());
     let efi = platform == "efi";
     let (base, iscsi_host) = base_url(&state, &headers);
+    if let Some(addr) = ip.as_deref().and_then(|i| i.parse().ok()) {
+        state
+            .bindings()
+            .learn(addr, mac, BindingSource::Http, Timestamp::now());
+    }
     let (device, profile, settings) = blocking(&state, move |s| {
         let now = Timestamp::now();
         s.record_sighting(&Sighting {

@@ -13,6 +13,7 @@ mod error;
     reason = "utoipa's path macro expands `params(T)` into qualified paths"
 )]
 mod inventory;
+mod metrics;
 #[allow(
     unused_qualifications,
     reason = "utoipa's path macro expands `params(T)` into qualified paths"
@@ -36,7 +37,9 @@ pub use self::error::{ApiError, ErrorBody, ErrorDetail, Json, Query};
 pub use self::inventory::{DeviceListParams, RegisterBody};
 pub use self::system::{AuditParams, Check, EventParams, Health, VERSION, VersionInfo};
 use crate::auth::LoginThrottle;
+use crate::bindings::Bindings;
 use crate::config::{Config, Paths, Validated};
+use crate::service::tftp::Tftp;
 use crate::store::Store;
 
 /// Shared state of all handlers.
@@ -47,11 +50,26 @@ struct Inner {
     store: Arc<dyn Store>,
     config: Validated,
     throttle: Mutex<LoginThrottle>,
+    services: Services,
+}
+
+/// The running services the API reports on, and what they share with it.
+#[derive(Debug, Clone, Default)]
+pub struct Services {
+    /// The TFTP service, when it runs (transfers, metrics).
+    pub tftp: Option<Arc<Tftp>>,
+    /// Client address → MAC bindings (the boot routes learn them).
+    pub bindings: Arc<Bindings>,
 }
 
 impl AppState {
     /// State over a store and a validated configuration.
     pub fn new(store: Arc<dyn Store>, config: Validated) -> Self {
+        Self::with_services(store, config, Services::default())
+    }
+
+    /// State over a store, a configuration and the running services.
+    pub fn with_services(store: Arc<dyn Store>, config: Validated, services: Services) -> Self {
         let auth = &config.config.auth;
         let throttle = LoginThrottle::new(
             auth.max_failures,
@@ -61,6 +79,7 @@ impl AppState {
             store,
             config,
             throttle: Mutex::new(throttle),
+            services,
         }))
     }
 
@@ -81,6 +100,16 @@ impl AppState {
     /// Resolved paths.
     pub fn paths(&self) -> &Paths {
         &self.0.config.paths
+    }
+
+    /// The TFTP service, when it runs.
+    pub fn tftp(&self) -> Option<&Arc<Tftp>> {
+        self.0.services.tftp.as_ref()
+    }
+
+    /// Client address → MAC bindings.
+    pub fn bindings(&self) -> &Bindings {
+        &self.0.services.bindings
     }
 
     fn throttle(&self) -> MutexGuard<'_, LoginThrottle> {
@@ -156,6 +185,7 @@ where
         system::get_settings,
         system::patch_settings,
         system::list_audit,
+        metrics::tftp_transfers,
     ),
     components(schemas(ErrorBody))
 )]
@@ -244,6 +274,7 @@ pub fn router(state: AppState) -> Router {
             get(system::get_settings).patch(system::patch_settings),
         )
         .route("/audit", get(system::list_audit))
+        .route("/tftp/transfers", get(metrics::tftp_transfers))
         .fallback(api_not_found)
         .with_state(state.clone());
     let boot = Router::new()
@@ -251,6 +282,7 @@ pub fn router(state: AppState) -> Router {
         .route("/boot/ipxe/device", get(boot::device_script))
         .route("/files/installers/{*path}", get(boot::installer_file))
         .route("/files/tftp/{*path}", get(boot::tftp_file))
+        .route("/metrics", get(metrics::metrics))
         .with_state(state);
     Router::new()
         .nest("/api/v1", api)

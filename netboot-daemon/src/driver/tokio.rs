@@ -66,10 +66,10 @@ pub async fn serve(tftp: Arc<Tftp>, listener: UdpSocket, mut shutdown: watch::Re
 }
 
 /// Opens the file on the blocking pool; reads a file meant for the cache whole.
-async fn open(tftp: &Arc<Tftp>, filename: &str) -> Result<Source, Vec<u8>> {
+async fn open(tftp: &Arc<Tftp>, peer: SocketAddr, filename: &str) -> Result<Source, Vec<u8>> {
     let t = Arc::clone(tftp);
     let name = filename.to_owned();
-    let opened = tokio::task::spawn_blocking(move || t.open(&name))
+    let opened = tokio::task::spawn_blocking(move || t.open(peer, &name))
         .await
         .map_err(|_| Vec::new())??;
     let Opened { source, fill } = opened;
@@ -115,7 +115,7 @@ async fn run_transfer(
     req: &Admitted,
     listener: &UdpSocket,
 ) -> Outcome {
-    let source = match open(tftp, &req.filename).await {
+    let source = match open(tftp, req.peer, &req.filename).await {
         Ok(s) => s,
         Err(packet) => {
             if !packet.is_empty() {
@@ -138,7 +138,7 @@ async fn drive(
 ) -> io::Result<Event> {
     let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
     socket.connect(req.peer).await?;
-    let mut t = tftp.new_transfer(Instant::now(), req, source);
+    let mut t = tftp.new_transfer(Instant::now(), req, source, socket.local_addr().ok());
     let mut out = vec![0u8; t.buffer_len()];
     let mut inp = vec![0u8; 1024];
     loop {

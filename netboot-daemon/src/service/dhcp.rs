@@ -14,6 +14,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
+use crate::bindings::{Bindings, Source as BindingSource};
 use crate::dhcp::proxy::{self, BootFiles, Context, Port};
 use crate::store::{EventSource, NewBootEvent, Sighting, Store};
 use crate::time::Timestamp;
@@ -94,6 +95,7 @@ pub struct ProxyDhcp {
     http_port: u16,
     files: BootFiles,
     client_port: u16,
+    bindings: Option<Arc<Bindings>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -116,8 +118,16 @@ impl ProxyDhcp {
             http_port,
             files,
             client_port,
+            bindings: None,
             stats: Stats::default(),
         }
+    }
+
+    /// Records the client address → MAC bindings this service learns into `bindings`.
+    #[must_use]
+    pub fn with_bindings(mut self, bindings: Arc<Bindings>) -> Self {
+        self.bindings = Some(bindings);
+        self
     }
 
     /// Serves every listener until `shutdown` turns true.
@@ -170,6 +180,26 @@ impl ProxyDhcp {
                     continue;
                 }
             };
+            if let Some(b) = &self.bindings {
+                // A client that already has its address sends from it (port 4011) or
+                // names it in ciaddr.
+                let client_ip = match msg.ciaddr() {
+                    ip if !ip.is_unspecified() => Some(ip),
+                    _ if giaddr_unset(&msg) => match from {
+                        SocketAddr::V4(v4) if !v4.ip().is_unspecified() => Some(*v4.ip()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some(ip) = client_ip {
+                    b.learn(
+                        ip.into(),
+                        reply.client.mac,
+                        BindingSource::Dhcp,
+                        Timestamp::now(),
+                    );
+                }
+            }
             let mut out = Vec::with_capacity(600);
             if reply.message.encode(&mut Encoder::new(&mut out)).is_err() {
                 continue;
@@ -235,4 +265,10 @@ impl ProxyDhcp {
             tracing::warn!(error = %e, "recording a DHCP exchange failed");
         }
     }
+}
+
+/// True when the request came straight from the client, not through a relay (whose
+/// address is then the datagram's source).
+fn giaddr_unset(msg: &Message) -> bool {
+    msg.giaddr().is_unspecified()
 }

@@ -15,7 +15,7 @@
 //! `open`, `fstat`, cache lookup), then [`Tftp::new_transfer`]; feed the transfer, and at
 //! its end call [`Tftp::finished`] exactly once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -24,11 +24,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use serde::Serialize;
+use tokio::sync::mpsc;
+use utoipa::ToSchema;
+
 use crate::config::TftpConfig;
 use crate::jail::{self, JailError};
+use crate::metrics::{DurationHistogram, Exposition, Kind};
 use crate::tftp::server::{Admitted, Decision, Limits, Server, error_packet};
-use crate::tftp::transfer::{self, Event, ReadRequest, Transfer};
+use crate::tftp::transfer::{self, Event, Failure, ReadRequest, Transfer};
 use crate::tftp::wire::{ErrorCode, Mode};
+use crate::time::Timestamp;
 
 /// Counters of the TFTP service.
 #[derive(Debug, Default)]
@@ -51,6 +57,129 @@ pub struct Stats {
     pub gso_sends: AtomicU64,
     /// Datagrams sent inside those GSO sends.
     pub gso_segments: AtomicU64,
+    /// Ended transfers by how they ended (indexed by [`TransferState::index`]).
+    outcomes: [AtomicU64; TransferState::ENDED.len()],
+    /// DATA packets sent (retransmissions included).
+    pub packets: AtomicU64,
+    /// DATA and OACK packets sent again.
+    pub retransmits: AtomicU64,
+    /// Transfer records the observer could not take (its queue was full).
+    pub records_dropped: AtomicU64,
+    /// Durations of completed transfers.
+    pub duration: DurationHistogram,
+}
+
+impl Stats {
+    /// Ended transfers that ended in `state`.
+    pub fn ended(&self, state: TransferState) -> u64 {
+        self.outcomes[state.index()].load(Ordering::Relaxed)
+    }
+}
+
+/// Where a transfer is, or how it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferState {
+    /// Still sending.
+    Running,
+    /// The client acknowledged the last block.
+    Done,
+    /// No acknowledgement after the last retry.
+    TimedOut,
+    /// The client sent an ERROR.
+    ClientError,
+    /// The file became shorter while it was being sent.
+    FileChanged,
+    /// Reading the file failed.
+    ReadFailed,
+    /// The file was missing or outside the root (ERROR sent).
+    Refused,
+    /// The transfer's socket failed (e.g. the client's port is gone).
+    IoError,
+}
+
+impl TransferState {
+    /// The states a transfer ends in.
+    pub const ENDED: [Self; 7] = [
+        Self::Done,
+        Self::TimedOut,
+        Self::ClientError,
+        Self::FileChanged,
+        Self::ReadFailed,
+        Self::Refused,
+        Self::IoError,
+    ];
+
+    fn index(self) -> usize {
+        Self::ENDED.iter().position(|s| *s == self).unwrap_or(0)
+    }
+
+    /// The name used in the API and as the `outcome` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::TimedOut => "timed_out",
+            Self::ClientError => "client_error",
+            Self::FileChanged => "file_changed",
+            Self::ReadFailed => "read_failed",
+            Self::Refused => "refused",
+            Self::IoError => "io_error",
+        }
+    }
+}
+
+/// One TFTP transfer as an operator sees it: who asked for what, what was negotiated,
+/// and, once it ended, how it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct TransferRecord {
+    /// Increasing identifier, unique while the daemon runs.
+    pub id: u64,
+    /// The client's address and port (its transfer ID).
+    #[schema(value_type = String)]
+    pub client: SocketAddr,
+    /// The server side of the transfer: its own socket, on an ephemeral port. With
+    /// `client` it is the flow's 4-tuple, under which the kernel counts its bytes.
+    #[schema(value_type = Option<String>)]
+    pub server: Option<SocketAddr>,
+    /// The file as requested (`\` turned into `/`).
+    pub file: String,
+    /// `octet` or `netascii`.
+    pub mode: String,
+    /// Negotiated block size (512 until negotiated).
+    pub blksize: u16,
+    /// Negotiated window size (1 is lock-step).
+    pub windowsize: u16,
+    /// The file's size, once opened.
+    pub size: Option<u64>,
+    /// When the request arrived.
+    #[schema(value_type = String)]
+    pub started_at: Timestamp,
+    /// Where it is, or how it ended.
+    pub state: TransferState,
+    /// What went wrong, when something did.
+    pub detail: Option<String>,
+    /// File bytes the client acknowledged.
+    pub bytes: u64,
+    /// DATA packets sent, retransmissions included.
+    pub packets: u64,
+    /// DATA and OACK packets sent again.
+    pub retransmits: u64,
+    /// From the request to the end, once ended.
+    pub duration_ms: Option<u64>,
+}
+
+/// How many ended transfers [`Tftp::transfers`] keeps.
+const RECENT_TRANSFERS: usize = 256;
+/// How many ended transfers wait for the observer before new ones are dropped.
+const OBSERVER_QUEUE: usize = 4096;
+
+#[derive(Default)]
+struct Transfers {
+    next_id: u64,
+    /// Running transfers by client address (admission allows one per address and port).
+    active: HashMap<SocketAddr, (TransferRecord, Instant)>,
+    recent: VecDeque<TransferRecord>,
 }
 
 /// The bytes of a file being sent.
@@ -247,6 +376,8 @@ pub struct Tftp {
     admission: Mutex<Server>,
     cache: Arc<FileCache>,
     case_insensitive: bool,
+    transfers: Mutex<Transfers>,
+    observer: std::sync::OnceLock<mpsc::Sender<TransferRecord>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -284,8 +415,146 @@ impl Tftp {
                 state: Mutex::new(CacheState::default()),
             }),
             case_insensitive: cfg.case_insensitive,
+            transfers: Mutex::new(Transfers::default()),
+            observer: std::sync::OnceLock::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// Every transfer that ends from now on, for the boot timeline. Only the first call
+    /// gets a receiver. When the receiver falls behind, records are dropped and counted.
+    pub fn observe(&self) -> Option<mpsc::Receiver<TransferRecord>> {
+        let (tx, rx) = mpsc::channel(OBSERVER_QUEUE);
+        self.observer.set(tx).ok().map(|()| rx)
+    }
+
+    fn transfers(&self) -> MutexGuard<'_, Transfers> {
+        self.transfers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The running transfers and the most recent ended ones (newest first).
+    pub fn transfers_snapshot(&self) -> (Vec<TransferRecord>, Vec<TransferRecord>) {
+        let now = Instant::now();
+        let t = self.transfers();
+        let mut active: Vec<TransferRecord> = t
+            .active
+            .values()
+            .map(|(r, started)| TransferRecord {
+                duration_ms: Some(now.saturating_duration_since(*started).as_millis() as u64),
+                ..r.clone()
+            })
+            .collect();
+        active.sort_by_key(|r| r.id);
+        (active, t.recent.iter().rev().cloned().collect())
+    }
+
+    /// Writes the service's metric families.
+    pub fn write_metrics(&self, e: &mut Exposition) {
+        let st = &self.stats;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        e.family("netboot_tftp_requests", Kind::Counter, None, "Requests on the TFTP port by what became of them: started a transfer, refused with an ERROR (limits, writes, bad modes, missing files), dropped (malformed, duplicate).");
+        e.counter(
+            "netboot_tftp_requests",
+            &[("result", "started")],
+            load(&st.started),
+        );
+        e.counter(
+            "netboot_tftp_requests",
+            &[("result", "refused")],
+            load(&st.refused),
+        );
+        e.counter(
+            "netboot_tftp_requests",
+            &[("result", "dropped")],
+            load(&st.dropped),
+        );
+        e.family(
+            "netboot_tftp_transfers",
+            Kind::Counter,
+            None,
+            "Ended TFTP transfers by outcome.",
+        );
+        for state in TransferState::ENDED {
+            e.counter(
+                "netboot_tftp_transfers",
+                &[("outcome", state.as_str())],
+                st.ended(state),
+            );
+        }
+        e.family(
+            "netboot_tftp_active_transfers",
+            Kind::Gauge,
+            None,
+            "TFTP transfers running now.",
+        );
+        e.gauge(
+            "netboot_tftp_active_transfers",
+            &[],
+            self.transfers().active.len() as f64,
+        );
+        e.family(
+            "netboot_tftp_sent_bytes",
+            Kind::Counter,
+            Some("bytes"),
+            "File bytes TFTP clients acknowledged (ended transfers).",
+        );
+        e.counter("netboot_tftp_sent_bytes", &[], load(&st.bytes));
+        e.family(
+            "netboot_tftp_data_packets",
+            Kind::Counter,
+            None,
+            "DATA packets sent by ended transfers, retransmissions included.",
+        );
+        e.counter("netboot_tftp_data_packets", &[], load(&st.packets));
+        e.family(
+            "netboot_tftp_retransmits",
+            Kind::Counter,
+            None,
+            "DATA and OACK packets sent again after a timeout.",
+        );
+        e.counter("netboot_tftp_retransmits", &[], load(&st.retransmits));
+        e.family(
+            "netboot_tftp_cache_hits",
+            Kind::Counter,
+            None,
+            "Transfers served from the in-memory file cache.",
+        );
+        e.counter("netboot_tftp_cache_hits", &[], load(&st.cache_hits));
+        e.family(
+            "netboot_tftp_gso_sends",
+            Kind::Counter,
+            None,
+            "Sends that carried several datagrams with UDP GSO.",
+        );
+        e.counter("netboot_tftp_gso_sends", &[], load(&st.gso_sends));
+        e.family(
+            "netboot_tftp_gso_segments",
+            Kind::Counter,
+            None,
+            "Datagrams sent inside GSO sends.",
+        );
+        e.counter("netboot_tftp_gso_segments", &[], load(&st.gso_segments));
+        e.family(
+            "netboot_tftp_records_dropped",
+            Kind::Counter,
+            None,
+            "Transfer records not put on the boot timeline because its queue was full.",
+        );
+        e.counter(
+            "netboot_tftp_records_dropped",
+            &[],
+            load(&st.records_dropped),
+        );
+        e.family(
+            "netboot_tftp_transfer_duration_seconds",
+            Kind::Histogram,
+            Some("seconds"),
+            "Duration of completed TFTP transfers, from the request to the last acknowledgement.",
+        );
+        st.duration
+            .write(e, "netboot_tftp_transfer_duration_seconds", &[]);
     }
 
     fn admission(&self) -> MutexGuard<'_, Server> {
@@ -305,6 +574,32 @@ impl Tftp {
         match decision {
             Decision::Start(req) => {
                 self.stats.started.fetch_add(1, Ordering::Relaxed);
+                let mut t = self.transfers();
+                t.next_id += 1;
+                let record = TransferRecord {
+                    id: t.next_id,
+                    client: peer,
+                    server: None,
+                    file: req.filename.clone(),
+                    mode: match req.mode {
+                        Mode::Netascii => "netascii",
+                        // Admission starts transfers only in octet and netascii.
+                        Mode::Octet | Mode::Mail | Mode::Unknown => "octet",
+                    }
+                    .to_owned(),
+                    blksize: 512,
+                    windowsize: 1,
+                    size: None,
+                    started_at: Timestamp::now(),
+                    state: TransferState::Running,
+                    detail: None,
+                    bytes: 0,
+                    packets: 0,
+                    retransmits: 0,
+                    duration_ms: None,
+                };
+                t.active.insert(peer, (record, now));
+                drop(t);
                 Request::Start(req)
             }
             Decision::Refuse { packet, reason } => {
@@ -323,13 +618,16 @@ impl Tftp {
     /// Resolves a request inside the root and opens it (blocking: path lookup, `open`,
     /// `fstat`, no file data is read). On failure the returned ERROR packet is for the
     /// client, and the refusal is counted.
-    pub(crate) fn open(&self, filename: &str) -> Result<Opened, Vec<u8>> {
+    pub(crate) fn open(&self, peer: SocketAddr, filename: &str) -> Result<Opened, Vec<u8>> {
         let (path, file, meta) = self.resolve(filename).map_err(|e| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             let (code, msg) = match e {
                 OpenError::NotFound => (ErrorCode::FILE_NOT_FOUND, "file not found"),
                 OpenError::Denied => (ErrorCode::ACCESS_VIOLATION, "access violation"),
             };
+            if let Some((r, _)) = self.transfers().active.get_mut(&peer) {
+                r.detail = Some(msg.to_owned());
+            }
             error_packet(code, msg)
         })?;
         let len = meta.len();
@@ -377,45 +675,94 @@ impl Tftp {
         Ok((path, file, meta))
     }
 
-    /// Negotiates the options of `req` and starts its transfer of `source`.
-    pub(crate) fn new_transfer(&self, now: Instant, req: &Admitted, source: &Source) -> Transfer {
+    /// Negotiates the options of `req` and starts its transfer of `source` from the
+    /// transfer's own socket, bound at `local`.
+    pub(crate) fn new_transfer(
+        &self,
+        now: Instant,
+        req: &Admitted,
+        source: &Source,
+        local: Option<SocketAddr>,
+    ) -> Transfer {
         let size = source.len();
         let neg = transfer::negotiate(
             &req.as_request(),
             &self.core,
             (req.mode == Mode::Octet).then_some(size),
         );
+        if let Some((r, _)) = self.transfers().active.get_mut(&req.peer) {
+            r.server = local;
+            r.blksize = neg.blksize;
+            r.windowsize = neg.windowsize;
+            r.size = Some(size);
+        }
         Transfer::new(now, &neg, req.mode, Some(size), &self.core)
     }
 
     /// Records the end of the transfer to `peer` (admitted by [`Tftp::handle_request`]).
     pub(crate) fn finished(&self, now: Instant, peer: SocketAddr, outcome: Outcome) {
         self.admission().finished(now, peer);
-        match outcome {
-            Outcome::Event(Event::Done(s)) => {
-                self.stats.completed.fetch_add(1, Ordering::Relaxed);
-                self.stats.bytes.fetch_add(s.bytes, Ordering::Relaxed);
-                tracing::debug!(
-                    bytes = s.bytes,
-                    packets = s.packets,
-                    retransmits = s.retransmits,
-                    ms = s.duration.as_millis() as u64,
-                    "tftp transfer done"
-                );
-            }
+        let (state, summary, detail) = match outcome {
+            Outcome::Event(Event::Done(s)) => (TransferState::Done, s, None),
             Outcome::Event(Event::Failed(why, s)) => {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                self.stats.bytes.fetch_add(s.bytes, Ordering::Relaxed);
-                tracing::debug!(?why, bytes = s.bytes, "tftp transfer failed");
+                let (state, detail) = match why {
+                    Failure::TimedOut => (TransferState::TimedOut, None),
+                    Failure::ClientError(code) => (
+                        TransferState::ClientError,
+                        Some(format!("client sent ERROR {}", code.0)),
+                    ),
+                    Failure::FileChanged => (TransferState::FileChanged, None),
+                    Failure::ReadFailed => (TransferState::ReadFailed, None),
+                };
+                (state, s, detail)
             }
-            Outcome::Refused => {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("tftp transfer refused");
-            }
-            Outcome::Io(error) => {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%error, "tftp transfer ended");
-            }
+            Outcome::Refused => (TransferState::Refused, transfer::Summary::default(), None),
+            Outcome::Io(error) => (
+                TransferState::IoError,
+                transfer::Summary::default(),
+                Some(error.to_string()),
+            ),
+        };
+        let st = &self.stats;
+        if state == TransferState::Done {
+            st.completed.fetch_add(1, Ordering::Relaxed);
+            st.duration.record(summary.duration);
+        } else {
+            st.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        st.outcomes[state.index()].fetch_add(1, Ordering::Relaxed);
+        st.bytes.fetch_add(summary.bytes, Ordering::Relaxed);
+        st.packets.fetch_add(summary.packets, Ordering::Relaxed);
+        st.retransmits
+            .fetch_add(summary.retransmits, Ordering::Relaxed);
+        tracing::debug!(
+            outcome = state.as_str(),
+            detail = detail.as_deref().unwrap_or(""),
+            bytes = summary.bytes,
+            packets = summary.packets,
+            retransmits = summary.retransmits,
+            ms = summary.duration.as_millis() as u64,
+            "tftp transfer ended"
+        );
+        let mut t = self.transfers();
+        let Some((mut record, started)) = t.active.remove(&peer) else {
+            return;
+        };
+        record.state = state;
+        record.detail = detail.or(record.detail);
+        record.bytes = summary.bytes;
+        record.packets = summary.packets;
+        record.retransmits = summary.retransmits;
+        record.duration_ms = Some(now.saturating_duration_since(started).as_millis() as u64);
+        if t.recent.len() == RECENT_TRANSFERS {
+            t.recent.pop_front();
+        }
+        t.recent.push_back(record.clone());
+        drop(t);
+        if let Some(tx) = self.observer.get()
+            && tx.try_send(record).is_err()
+        {
+            st.records_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

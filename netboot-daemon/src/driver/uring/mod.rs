@@ -580,7 +580,7 @@ impl Driver {
         let peer = req.peer;
         let span = tracing::debug_span!("tftp", %peer, file = %req.filename);
         let entered = span.enter();
-        let opened = match self.tftp.open(&req.filename) {
+        let opened = match self.tftp.open(peer, &req.filename) {
             Ok(o) => o,
             Err(packet) => {
                 self.send_listener(peer, &packet);
@@ -601,7 +601,9 @@ impl Driver {
             let _ = msg::set_no_udp_checksum(&socket);
         }
         let gso_max = msg::max_unfragmented_payload(&socket).unwrap_or(0);
-        let transfer = self.tftp.new_transfer(now, &req, &opened.source);
+        let transfer = self
+            .tftp
+            .new_transfer(now, &req, &opened.source, socket.local_addr().ok());
         drop(entered);
         let generation = self.next_generation;
         self.next_generation = (generation + 1) & 0xff_ffff;

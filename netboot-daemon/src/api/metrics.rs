@@ -1,0 +1,88 @@
+//! `/metrics` for Prometheus (open, like every exporter: it reveals counts, not
+//! inventory) and the TFTP transfer listing under `/api/v1`.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::{ApiError, AppState, Auth, VERSION, blocking};
+use crate::metrics::{Exposition, Format, Kind};
+use crate::service::tftp::TransferRecord;
+use crate::store::{DeviceQuery, PageQuery};
+
+/// The daemon's metrics, as OpenMetrics when the scraper asks for it (Prometheus does),
+/// otherwise in the Prometheus text format.
+pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let format = Format::from_accept(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
+    );
+    let inventory = blocking(&state, |s| {
+        let one = PageQuery {
+            limit: 1,
+            offset: 0,
+        };
+        let devices = s.list_devices(&DeviceQuery {
+            page: one,
+            ..DeviceQuery::default()
+        })?;
+        let unknown = s.list_unknown_devices(&one)?;
+        Ok((devices.total, unknown.total))
+    })
+    .await;
+    let mut e = Exposition::new(format);
+    e.family("netboot_build", Kind::Info, None, "The running netbootd.");
+    e.info("netboot_build", &[("version", VERSION)]);
+    if let Ok((devices, unknown)) = inventory {
+        e.family(
+            "netboot_devices",
+            Kind::Gauge,
+            None,
+            "Devices in the inventory: registered, and seen but not registered.",
+        );
+        e.gauge(
+            "netboot_devices",
+            &[("state", "registered")],
+            devices as f64,
+        );
+        e.gauge("netboot_devices", &[("state", "unknown")], unknown as f64);
+    }
+    if let Some(tftp) = state.tftp() {
+        tftp.write_metrics(&mut e);
+    }
+    ([(header::CONTENT_TYPE, format.content_type())], e.finish()).into_response()
+}
+
+/// Running and recent TFTP transfers.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct TftpTransfers {
+    /// Whether the TFTP server runs.
+    enabled: bool,
+    /// Transfers running now, oldest first; `duration_ms` is the time so far.
+    active: Vec<TransferRecord>,
+    /// The most recent ended transfers (up to 256), newest first.
+    recent: Vec<TransferRecord>,
+}
+
+/// Running and recent TFTP transfers: client, file, negotiated options, the transfer's
+/// own server socket, bytes, outcome.
+#[utoipa::path(get, path = "/api/v1/tftp/transfers", tag = "tftp",
+    responses((status = 200, body = TftpTransfers)))]
+pub(super) async fn tftp_transfers(
+    State(state): State<AppState>,
+    _auth: Auth,
+) -> Result<axum::Json<TftpTransfers>, ApiError> {
+    let (active, recent) = state
+        .tftp()
+        .map(|t| t.transfers_snapshot())
+        .unwrap_or_default();
+    Ok(axum::Json(TftpTransfers {
+        enabled: state.tftp().is_some(),
+        active,
+        recent,
+    }))
+}
