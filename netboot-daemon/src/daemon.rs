@@ -17,8 +17,9 @@ use crate::dhcp::proxy::BootFiles;
 use crate::driver;
 use crate::ebpf::Accounting;
 use crate::service::dhcp::{self as dhcp_service, ProxyDhcp};
-use crate::service::tftp::{Tftp, TransferRecord, TransferState};
-use crate::store::{EventSource, NewBootEvent, Sighting, Sqlite, Store};
+use crate::service::tftp::Tftp;
+use crate::service::timeline;
+use crate::store::{Sqlite, Store};
 use crate::time::Timestamp;
 
 /// How often expired sessions and old boot events are removed.
@@ -92,7 +93,7 @@ pub async fn serve(
             .context("reading the TFTP listener address")?;
         let service = Arc::new(Tftp::new(&cfg.config.tftp, cfg.paths.tftp.clone()));
         if let Some(records) = service.observe() {
-            tokio::spawn(record_tftp_transfers(
+            tokio::spawn(timeline::record_tftp_transfers(
                 Arc::clone(&store),
                 Arc::clone(&bindings),
                 records,
@@ -208,76 +209,6 @@ fn start_dhcp(
         ProxyDhcp::new(Arc::clone(store), http_port, files, 68).with_bindings(Arc::clone(bindings)),
     );
     Some(tokio::spawn(service.serve(listeners, stop)))
-}
-
-/// Puts each ended TFTP transfer on the timeline of the device it was for: the client's
-/// address is resolved to a MAC through the bindings (DHCP, HTTP, neighbour table).
-/// Transfers of clients whose MAC is unknown stay in the TFTP transfer list only.
-async fn record_tftp_transfers(
-    store: Arc<dyn Store>,
-    bindings: Arc<Bindings>,
-    mut records: tokio::sync::mpsc::Receiver<TransferRecord>,
-) {
-    while let Some(r) = records.recv().await {
-        let Some(binding) = bindings.lookup(r.client.ip()) else {
-            tracing::debug!(client = %r.client, file = %r.file, "TFTP transfer of a client whose MAC is unknown");
-            continue;
-        };
-        let store = Arc::clone(&store);
-        let res = tokio::task::spawn_blocking(move || {
-            let at = Timestamp::now();
-            store.record_sighting(&Sighting {
-                mac: binding.mac,
-                at,
-                arch: None,
-                ip: Some(r.client.ip().to_string()),
-                vendor_class: None,
-            })?;
-            let keep = store.get_settings()?.events_per_device;
-            store
-                .add_event(&tftp_event(binding.mac, at, &r), keep)
-                .map(|_| ())
-        })
-        .await;
-        if let Ok(Err(error)) = res {
-            tracing::warn!(%error, "recording a TFTP transfer failed");
-        }
-    }
-}
-
-/// The boot event of an ended TFTP transfer.
-fn tftp_event(mac: crate::mac::MacAddr, at: Timestamp, r: &TransferRecord) -> NewBootEvent {
-    let kind = match r.state {
-        TransferState::Done => "tftp_done",
-        TransferState::Refused => "tftp_refused",
-        _ => "tftp_failed",
-    };
-    let mut detail = format!(
-        "{} ({}): {} bytes in {} ms, blksize {}, windowsize {}",
-        r.file,
-        r.state.as_str(),
-        r.bytes,
-        r.duration_ms.unwrap_or(0),
-        r.blksize,
-        r.windowsize
-    );
-    if r.retransmits > 0 {
-        detail.push_str(&format!(", {} retransmits", r.retransmits));
-    }
-    if let Some(server) = r.server {
-        detail.push_str(&format!(", server port {}", server.port()));
-    }
-    if let Some(why) = &r.detail {
-        detail.push_str(&format!(": {why}"));
-    }
-    NewBootEvent {
-        mac,
-        at,
-        source: EventSource::Tftp,
-        kind: kind.into(),
-        detail,
-        ip: Some(r.client.ip().to_string()),
-    }
 }
 
 /// Loads the eBPF program and attaches it to the configured interfaces. Failure is not
