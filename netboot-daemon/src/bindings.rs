@@ -26,6 +26,8 @@ pub enum Source {
     Dhcp,
     /// An HTTP request that carried the MAC (iPXE's device script).
     Http,
+    /// A TFTP request for a path under a MAC directory (`<mac>/...`).
+    Tftp,
     /// The kernel's neighbour (ARP) table.
     Neighbour,
 }

@@ -243,6 +243,9 @@ pub struct TftpConfig {
     /// Which driver runs TFTP: io_uring (falls back to tokio when a ring cannot be set
     /// up) or tokio.
     pub driver: TftpDriver,
+    /// Name of the iPXE script netbootd generates for TFTP clients (also under a MAC
+    /// directory, `<mac>/boot.ipxe`); a real file of that name wins. Empty: none.
+    pub ipxe_script: String,
 }
 
 /// The TFTP driver (`tftp.driver`).
@@ -271,6 +274,7 @@ impl Default for TftpConfig {
             cache_file_max_mib: 64,
             cache_total_mib: 512,
             driver: TftpDriver::Uring,
+            ipxe_script: "boot.ipxe".to_owned(),
         }
     }
 }

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, Services, VERSION};
 use crate::bindings::Bindings;
+use crate::boot::tftp::BootScripts;
 use crate::config::DhcpMode;
 use crate::config::Validated;
 use crate::dhcp::proxy::BootFiles;
@@ -91,7 +92,16 @@ pub async fn serve(
         let tftp_addr = socket
             .local_addr()
             .context("reading the TFTP listener address")?;
-        let service = Arc::new(Tftp::new(&cfg.config.tftp, cfg.paths.tftp.clone()));
+        let scripts = BootScripts {
+            name: cfg.config.tftp.ipxe_script.clone(),
+            server_ip: cfg.config.boot_server_ip,
+            http_port: addr.port(),
+        };
+        let service = Arc::new(
+            Tftp::new(&cfg.config.tftp, cfg.paths.tftp.clone())
+                .with_virtual_files(Arc::new(scripts))
+                .with_bindings(Arc::clone(&bindings)),
+        );
         if let Some(records) = service.observe() {
             tokio::spawn(timeline::record_tftp_transfers(
                 Arc::clone(&store),

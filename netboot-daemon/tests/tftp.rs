@@ -24,6 +24,16 @@ struct Server {
 
 impl Server {
     async fn start(tag: &str, cfg: TftpConfig, driver: TftpDriver) -> Self {
+        Self::start_with(tag, cfg, driver, |t| t).await
+    }
+
+    /// Starts a service that `build` completes (virtual files, bindings).
+    async fn start_with(
+        tag: &str,
+        cfg: TftpConfig,
+        driver: TftpDriver,
+        build: impl FnOnce(Tftp) -> Tftp,
+    ) -> Self {
         let root = std::env::temp_dir().join(format!(
             "netboot-tftp-{tag}-{driver:?}-{}",
             std::process::id()
@@ -32,7 +42,7 @@ impl Server {
         std::fs::create_dir_all(root.join("srv/sub")).expect("mkdir");
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = socket.local_addr().expect("addr");
-        let tftp = Arc::new(Tftp::new(&cfg, root.join("srv")));
+        let tftp = Arc::new(build(Tftp::new(&cfg, root.join("srv"))));
         let (stop, rx) = tokio::sync::watch::channel(false);
         let running =
             driver::start_tftp(Arc::clone(&tftp), socket, driver, rx).expect("start driver");
@@ -779,6 +789,100 @@ async fn transfers_are_recorded_and_exposed_as_metrics(driver: TftpDriver) {
     srv.stop().await;
 }
 
+/// tftp-hpa fetches `file` into `out`; returns whether the output exists afterwards.
+async fn hpa_get(srv: &Server, file: &str, out: &Path) -> Option<bool> {
+    let _ = std::fs::remove_file(out);
+    let (_, log) = client(
+        "tftp",
+        vec![
+            s(srv.addr.ip()),
+            s(srv.addr.port()),
+            s("-m"),
+            s("binary"),
+            s("-c"),
+            s("get"),
+            s(file),
+            s(out.display()),
+        ],
+    )
+    .await;
+    (log != "skipped").then(|| std::fs::metadata(out).is_ok_and(|m| m.len() > 0))
+}
+
+async fn mac_directories_and_the_generated_script(driver: TftpDriver) {
+    let bindings = Arc::new(netboot_daemon::bindings::Bindings::default());
+    let b = Arc::clone(&bindings);
+    let srv = Server::start_with("virtual", TftpConfig::default(), driver, move |t| {
+        t.with_virtual_files(Arc::new(netboot_daemon::boot::tftp::BootScripts {
+            name: "boot.ipxe".into(),
+            server_ip: None,
+            http_port: 8080,
+        }))
+        .with_bindings(b)
+    })
+    .await;
+    let common = data(5000, 21);
+    let own = data(7000, 22);
+    srv.put("ipxe.efi", &common);
+    std::fs::create_dir_all(srv.root.join("srv/52-54-00-12-34-56")).expect("mkdir");
+    srv.put("52-54-00-12-34-56/ipxe.efi", &own);
+
+    // A MAC directory that does not exist: the common file, whatever the MAC spelling
+    // (not with colons here: tftp-hpa reads `get a:b` as host `a`, file `b`).
+    for name in [
+        "52-54-00-aa-bb-cc/ipxe.efi",
+        "01-52-54-00-aa-bb-cc/ipxe.efi",
+        "525400AABBCC\\ipxe.efi",
+    ] {
+        let o = srv.out("c.out");
+        let Some(got) = hpa_get(&srv, name, &o).await else {
+            srv.stop().await;
+            return;
+        };
+        assert!(got, "{name}");
+        same(&o, &common);
+    }
+    // The device's own file wins.
+    let o = srv.out("own.out");
+    assert_eq!(
+        hpa_get(&srv, "52-54-00-12-34-56/ipxe.efi", &o).await,
+        Some(true)
+    );
+    same(&o, &own);
+    // The generated script, plain and under a MAC directory.
+    for name in ["boot.ipxe", "52-54-00-12-34-56/boot.ipxe"] {
+        let o = srv.out("boot.out");
+        assert_eq!(hpa_get(&srv, name, &o).await, Some(true), "{name}");
+        let text = std::fs::read_to_string(&o).expect("script");
+        assert!(text.starts_with("#!ipxe\n"), "{text}");
+        assert!(
+            text.contains("chain http://127.0.0.1:8080/boot/ipxe/device?mac=${net0/mac:hexhyp}"),
+            "{text}"
+        );
+    }
+    // The jail still holds under a MAC directory, and other names are not generated.
+    for name in [
+        "52-54-00-12-34-56/../../etc/passwd",
+        "52-54-00-12-34-56/other.ipxe",
+    ] {
+        let o = srv.out("x.out");
+        assert_eq!(hpa_get(&srv, name, &o).await, Some(false), "{name}");
+    }
+    let (_, recent) = srv.tftp.transfers_snapshot();
+    assert_eq!(
+        recent.iter().filter(|r| r.state.as_str() == "done").count(),
+        6
+    );
+    assert_eq!(
+        recent
+            .iter()
+            .filter(|r| r.state.as_str() == "refused")
+            .count(),
+        2
+    );
+    srv.stop().await;
+}
+
 macro_rules! with_both_drivers {
     ($($name:ident),* $(,)?) => {
         mod uring {
@@ -812,6 +916,7 @@ with_both_drivers!(
     a_vanished_client_ends_the_transfer_at_once,
     concurrent_clients_all_get_exact_files,
     transfers_are_recorded_and_exposed_as_metrics,
+    mac_directories_and_the_generated_script,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,8 +28,10 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use utoipa::ToSchema;
 
+use crate::bindings::{Bindings, Source as BindingSource};
 use crate::config::TftpConfig;
 use crate::jail::{self, JailError};
+use crate::mac::MacAddr;
 use crate::metrics::{DurationHistogram, Exposition, Kind};
 use crate::tftp::server::{Admitted, Decision, Limits, Server, error_packet};
 use crate::tftp::transfer::{self, Event, Failure, ReadRequest, Transfer};
@@ -369,6 +371,27 @@ pub(crate) enum Outcome {
     Io(io::Error),
 }
 
+/// Files the daemon generates per client instead of reading them from the root (the
+/// boot flow's iPXE script). Called on the driver's thread: it must not block for long.
+pub trait VirtualFiles: Send + Sync {
+    /// The content of `path` (relative, `/`-separated, any MAC directory removed) for the
+    /// client at `client`, whose MAC is `mac` when known; `None` when `path` is not one.
+    fn generate(&self, client: SocketAddr, mac: Option<MacAddr>, path: &str) -> Option<Vec<u8>>;
+}
+
+/// Splits a leading MAC directory off a normalised path: `52-54-00-12-34-56/ipxe.efi`
+/// (any MAC spelling, and PXELINUX's `01-` hardware-type prefix) gives the MAC and
+/// `ipxe.efi`.
+pub fn split_mac_dir(path: &str) -> Option<(MacAddr, &str)> {
+    let (first, rest) = path.split_once('/')?;
+    let first = first
+        .strip_prefix("01-")
+        .filter(|f| f.len() == 17)
+        .unwrap_or(first);
+    let mac = first.parse::<MacAddr>().ok()?;
+    (!rest.is_empty()).then_some((mac, rest))
+}
+
 /// The TFTP service.
 pub struct Tftp {
     root: PathBuf,
@@ -378,6 +401,8 @@ pub struct Tftp {
     case_insensitive: bool,
     transfers: Mutex<Transfers>,
     observer: std::sync::OnceLock<mpsc::Sender<TransferRecord>>,
+    virtual_files: Option<Arc<dyn VirtualFiles>>,
+    bindings: Option<Arc<Bindings>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -417,8 +442,25 @@ impl Tftp {
             case_insensitive: cfg.case_insensitive,
             transfers: Mutex::new(Transfers::default()),
             observer: std::sync::OnceLock::new(),
+            virtual_files: None,
+            bindings: None,
             stats: Stats::default(),
         }
+    }
+
+    /// Serves the files `files` generates (when no real file has the name).
+    #[must_use]
+    pub fn with_virtual_files(mut self, files: Arc<dyn VirtualFiles>) -> Self {
+        self.virtual_files = Some(files);
+        self
+    }
+
+    /// Resolves clients' MACs through `bindings` for virtual files, and records the MACs
+    /// that request paths carry.
+    #[must_use]
+    pub fn with_bindings(mut self, bindings: Arc<Bindings>) -> Self {
+        self.bindings = Some(bindings);
+        self
     }
 
     /// Every transfer that ends from now on, for the boot timeline. Only the first call
@@ -619,7 +661,38 @@ impl Tftp {
     /// `fstat`, no file data is read). On failure the returned ERROR packet is for the
     /// client, and the refusal is counted.
     pub(crate) fn open(&self, peer: SocketAddr, filename: &str) -> Result<Opened, Vec<u8>> {
-        let (path, file, meta) = self.resolve(filename).map_err(|e| {
+        let normalised = jail::normalise(filename).ok();
+        let mac_dir = normalised.as_deref().and_then(split_mac_dir);
+        if let (Some((mac, _)), Some(b)) = (mac_dir, &self.bindings) {
+            b.learn(peer.ip(), mac, BindingSource::Tftp, Timestamp::now());
+        }
+        // The path as asked (a per-device file under <root>/<mac>/), else without the
+        // MAC directory, else a generated file.
+        let mut found = self.resolve(filename);
+        if let (Err(OpenError::NotFound), Some((_, rest))) = (&found, mac_dir) {
+            found = self.resolve(rest);
+        }
+        if let (Err(OpenError::NotFound), Some(files), Some(name)) =
+            (&found, &self.virtual_files, &normalised)
+        {
+            let (mac, rest) = match mac_dir {
+                Some((mac, rest)) => (Some(mac), rest),
+                None => (
+                    self.bindings
+                        .as_ref()
+                        .and_then(|b| b.lookup(peer.ip()))
+                        .map(|b| b.mac),
+                    name.as_str(),
+                ),
+            };
+            if let Some(data) = files.generate(peer, mac, rest) {
+                return Ok(Opened {
+                    source: Source::Memory(data.into()),
+                    fill: None,
+                });
+            }
+        }
+        let (path, file, meta) = found.map_err(|e| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             let (code, msg) = match e {
                 OpenError::NotFound => (ErrorCode::FILE_NOT_FOUND, "file not found"),
@@ -777,7 +850,7 @@ pub(crate) fn transfer_ip(listener: SocketAddr) -> IpAddr {
 }
 
 /// Why a request could not be opened, as the client will hear it.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 enum OpenError {
     NotFound,
     Denied,
@@ -814,4 +887,35 @@ fn resolve_case_insensitive(root: &Path, name: &str) -> Result<PathBuf, OpenErro
         JailError::NotFound => OpenError::NotFound,
         _ => OpenError::Denied,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_directories_are_recognised_in_every_spelling() {
+        let mac: MacAddr = "52:54:00:aa:bb:cc".parse().expect("mac");
+        for path in [
+            "52:54:00:aa:bb:cc/ipxe.efi",
+            "52-54-00-AA-BB-CC/ipxe.efi",
+            "525400aabbcc/ipxe.efi",
+            "01-52-54-00-aa-bb-cc/ipxe.efi",
+        ] {
+            assert_eq!(split_mac_dir(path), Some((mac, "ipxe.efi")), "{path}");
+        }
+        assert_eq!(
+            split_mac_dir("52-54-00-aa-bb-cc/efi/boot.ipxe"),
+            Some((mac, "efi/boot.ipxe"))
+        );
+        for path in [
+            "ipxe.efi",
+            "52-54-00-aa-bb-cc/",
+            "efi/ipxe.efi",
+            "52-54-00-aa-bb/x",
+            "01-525400aabbcc/x",
+        ] {
+            assert_eq!(split_mac_dir(path), None, "{path}");
+        }
+    }
 }
