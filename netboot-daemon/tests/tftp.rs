@@ -204,18 +204,7 @@ async fn real_clients_fetch_exact_files(driver: TftpDriver) {
 
     // curl asks for tsize, blksize and timeout, like iPXE's blksize 1432.
     let o = srv.out("curl.bin");
-    let (ok, log) = client(
-        "curl",
-        vec![
-            s("-sS"),
-            s("--tftp-blksize"),
-            s("1432"),
-            s("-o"),
-            s(o.display()),
-            format!("tftp://{host}:{port}/f1M.bin"),
-        ],
-    )
-    .await;
+    let (ok, log) = client("curl", curl_args(&srv, "f1M.bin", &o, 1432)).await;
     assert!(ok, "{log}");
     same(&o, &big);
 
@@ -281,18 +270,7 @@ async fn block_numbers_roll_over_past_65535(driver: TftpDriver) {
     let big = data(512 * 70_000 + 100, 3);
     srv.put("big.bin", &big);
     let o = srv.out("big.out");
-    let (ok, log) = client(
-        "curl",
-        vec![
-            s("-sS"),
-            s("--tftp-blksize"),
-            s("512"),
-            s("-o"),
-            s(o.display()),
-            format!("tftp://{}/big.bin", srv.addr),
-        ],
-    )
-    .await;
+    let (ok, log) = client("curl", curl_args(&srv, "big.bin", &o, 512)).await;
     assert!(ok, "{log}");
     same(&o, &big);
     srv.stop().await;
@@ -421,6 +399,18 @@ async fn a_retransmitted_rrq_does_not_start_a_second_transfer(driver: TftpDriver
     srv.stop().await;
 }
 
+/// curl's TFTP client arguments: tsize, `blksize` and timeout, as iPXE asks.
+fn curl_args(srv: &Server, file: &str, out: &Path, blksize: u32) -> Vec<String> {
+    vec![
+        s("-sS"),
+        s("--tftp-blksize"),
+        s(blksize),
+        s("-o"),
+        s(out.display()),
+        format!("tftp://{}/{file}", srv.addr),
+    ]
+}
+
 async fn atftp(srv: &Server, file: &str, out: &Path, blk: u32, win: u32) -> (bool, String) {
     client(
         "atftp",
@@ -450,18 +440,7 @@ async fn files_too_large_for_the_cache_are_read_by_the_driver(driver: TftpDriver
     let big = data(3 << 20, 5);
     srv.put("f3M.bin", &big);
     let o = srv.out("curl.bin");
-    let (ok, log) = client(
-        "curl",
-        vec![
-            s("-sS"),
-            s("--tftp-blksize"),
-            s("1432"),
-            s("-o"),
-            s(o.display()),
-            format!("tftp://{}/f3M.bin", srv.addr),
-        ],
-    )
-    .await;
+    let (ok, log) = client("curl", curl_args(&srv, "f3M.bin", &o, 1432)).await;
     assert!(ok, "{log}");
     same(&o, &big);
     let o = srv.out("atftp.bin");
@@ -521,17 +500,7 @@ async fn concurrent_clients_all_get_exact_files(driver: TftpDriver) {
         };
         let o = srv.out(&format!("c{i}.bin"));
         let args = if i % 4 < 2 {
-            (
-                "curl",
-                vec![
-                    s("-sS"),
-                    s("--tftp-blksize"),
-                    s("1432"),
-                    s("-o"),
-                    s(o.display()),
-                    format!("tftp://{}/{file}", srv.addr),
-                ],
-            )
+            ("curl", curl_args(&srv, file, &o, 1432))
         } else {
             (
                 "atftp",
