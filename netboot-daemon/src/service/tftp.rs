@@ -43,10 +43,6 @@ use crate::time::Timestamp;
 pub struct Stats {
     /// Transfers started.
     pub started: AtomicU64,
-    /// Transfers the client acknowledged completely.
-    pub completed: AtomicU64,
-    /// Transfers abandoned (timeout, client error, client gone, read error).
-    pub failed: AtomicU64,
     /// File bytes acknowledged by clients.
     pub bytes: AtomicU64,
     /// Requests answered with an ERROR (missing file, jail, limits, writes, modes).
@@ -75,6 +71,21 @@ impl Stats {
     /// Ended transfers that ended in `state`.
     pub fn ended(&self, state: TransferState) -> u64 {
         self.outcomes[state.index()].load(Ordering::Relaxed)
+    }
+
+    /// Transfers the client acknowledged completely.
+    pub fn completed(&self) -> u64 {
+        self.ended(TransferState::Done)
+    }
+
+    /// Transfers that ended any other way (refused, timed out, client error or gone,
+    /// read error).
+    pub fn failed(&self) -> u64 {
+        TransferState::ENDED
+            .iter()
+            .filter(|s| **s != TransferState::Done)
+            .map(|s| self.ended(*s))
+            .sum()
     }
 }
 
@@ -798,10 +809,7 @@ impl Tftp {
         };
         let st = &self.stats;
         if state == TransferState::Done {
-            st.completed.fetch_add(1, Ordering::Relaxed);
             st.duration.record(summary.duration);
-        } else {
-            st.failed.fetch_add(1, Ordering::Relaxed);
         }
         st.outcomes[state.index()].fetch_add(1, Ordering::Relaxed);
         st.bytes.fetch_add(summary.bytes, Ordering::Relaxed);
@@ -850,7 +858,7 @@ pub(crate) fn transfer_ip(listener: SocketAddr) -> IpAddr {
 }
 
 /// Why a request could not be opened, as the client will hear it.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum OpenError {
     NotFound,
     Denied,
