@@ -11,6 +11,7 @@ use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
@@ -137,7 +138,7 @@ pub(super) async fn device_script(
             detail,
             ip,
         };
-        s.add_event(&ev, settings.events_per_device)?;
+        s.add_event(&ev)?;
         Ok((device, profile, settings))
     })
     .await?;
@@ -218,28 +219,30 @@ fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()>
     Ok(Some(range))
 }
 
-/// Serves a file under the installers directory, with `Range` and `HEAD`.
-pub(super) async fn installer_file(
-    State(state): State<AppState>,
-    ip: ClientIp,
-    UrlPath(path): UrlPath<String>,
-    Query(p): Query<FileParams>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let root = state.paths().installers.clone();
-    serve_file(&state, &root, path, p, ip, &headers).await
+/// The directories served over HTTP.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum FileRoot {
+    /// Installer media: kernels, initrds, ISOs, WinPE.
+    Installers,
+    /// The TFTP root (UEFI HTTP Boot fetches iPXE this way).
+    Tftp,
 }
 
-/// Serves a file under the TFTP root over HTTP (UEFI HTTP Boot fetches iPXE this way).
-pub(super) async fn tftp_file(
-    State(state): State<AppState>,
-    ip: ClientIp,
-    UrlPath(path): UrlPath<String>,
-    Query(p): Query<FileParams>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let root = state.paths().tftp.clone();
-    serve_file(&state, &root, path, p, ip, &headers).await
+/// The route serving the files under `root`, with `Range` and `HEAD`.
+pub(super) fn file_route(root: FileRoot) -> MethodRouter<AppState> {
+    get(
+        move |State(state): State<AppState>,
+              ip: ClientIp,
+              UrlPath(path): UrlPath<String>,
+              Query(p): Query<FileParams>,
+              headers: HeaderMap| async move {
+            let dir = match root {
+                FileRoot::Installers => state.paths().installers.clone(),
+                FileRoot::Tftp => state.paths().tftp.clone(),
+            };
+            serve_file(&state, &dir, path, p, ip, &headers).await
+        },
+    )
 }
 
 async fn serve_file(
@@ -291,11 +294,7 @@ async fn serve_file(
             detail,
             ip,
         };
-        let r = blocking(state, move |s| {
-            let keep = s.get_settings()?.events_per_device;
-            s.add_event(&ev, keep)
-        })
-        .await;
+        let r = blocking(state, move |s| s.add_event(&ev)).await;
         if let Err(e) = r {
             tracing::warn!(status = %e.status(), "recording a file download failed");
         }

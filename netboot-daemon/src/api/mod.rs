@@ -280,8 +280,14 @@ pub fn router(state: AppState) -> Router {
     let boot = Router::new()
         .route("/boot/ipxe", get(boot::bootstrap))
         .route("/boot/ipxe/device", get(boot::device_script))
-        .route("/files/installers/{*path}", get(boot::installer_file))
-        .route("/files/tftp/{*path}", get(boot::tftp_file))
+        .route(
+            "/files/installers/{*path}",
+            boot::file_route(boot::FileRoot::Installers),
+        )
+        .route(
+            "/files/tftp/{*path}",
+            boot::file_route(boot::FileRoot::Tftp),
+        )
         .route("/metrics", get(metrics::metrics))
         .with_state(state);
     Router::new()

@@ -206,11 +206,7 @@ pub(super) async fn create_event(
     }
     ev.at = Timestamp::now();
     ev.source = EventSource::Api;
-    let ev = blocking(&state, move |s| {
-        let keep = s.get_settings()?.events_per_device;
-        s.add_event(&ev, keep)
-    })
-    .await?;
+    let ev = blocking(&state, move |s| s.add_event(&ev)).await?;
     Ok((StatusCode::CREATED, axum::Json(ev)))
 }
 

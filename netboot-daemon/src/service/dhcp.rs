@@ -249,7 +249,6 @@ impl ProxyDhcp {
                 ip: None,
                 vendor_class: c.vendor_class.clone(),
             })?;
-            let keep = store.get_settings()?.events_per_device;
             let ev = NewBootEvent {
                 mac: c.mac,
                 at,
@@ -258,7 +257,7 @@ impl ProxyDhcp {
                 detail,
                 ip: None,
             };
-            store.add_event(&ev, keep).map(|_| ())
+            store.add_event(&ev).map(|_| ())
         })
         .await;
         if let Ok(Err(e)) = r {

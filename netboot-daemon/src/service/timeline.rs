@@ -33,9 +33,8 @@ pub async fn record_tftp_transfers(
                 ip: Some(r.client.ip().to_string()),
                 vendor_class: None,
             })?;
-            let keep = store.get_settings()?.events_per_device;
             store
-                .add_event(&tftp_event(binding.mac, at, &r), keep)
+                .add_event(&tftp_event(binding.mac, at, &r))
                 .map(|_| ())
         })
         .await;

@@ -200,8 +200,9 @@ pub trait Store: Send + Sync + 'static {
     fn delete_profile(&self, audit: &Audit, name: &str) -> Result<()>;
 
     // Boot events.
-    /// Appends a boot event and trims that device's history to `keep_per_device`.
-    fn add_event(&self, ev: &NewBootEvent, keep_per_device: u32) -> Result<BootEvent>;
+    /// Appends a boot event and trims that device's history to the
+    /// `events_per_device` setting, in one transaction.
+    fn add_event(&self, ev: &NewBootEvent) -> Result<BootEvent>;
     /// Boot events, newest first.
     fn list_events(&self, q: &EventQuery) -> Result<Page<BootEvent>>;
     /// Removes events older than `before`; returns how many went.

@@ -979,8 +979,9 @@ impl Store for Sqlite {
         })
     }
 
-    fn add_event(&self, ev: &NewBootEvent, keep_per_device: u32) -> Result<BootEvent> {
+    fn add_event(&self, ev: &NewBootEvent) -> Result<BootEvent> {
         self.write(|tx| {
+            let keep_per_device = settings_in(tx)?.events_per_device;
             let mac = ev.mac.to_string();
             tx.execute(
                 "INSERT INTO boot_events (mac, at, source, kind, detail, ip) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

@@ -259,11 +259,16 @@ fn event_retention_is_per_device_and_by_age() {
         detail: String::new(),
         ip: None,
     };
+    let settings = Settings {
+        events_per_device: 20,
+        ..Settings::default()
+    };
+    s.put_settings(&admin(), &settings).expect("settings");
     for i in 0..50 {
-        s.add_event(&ev("02:00:00:00:00:01", 10_000 + i), 20)
+        s.add_event(&ev("02:00:00:00:00:01", 10_000 + i))
             .expect("add");
     }
-    s.add_event(&ev("02:00:00:00:00:02", 1), 20).expect("add");
+    s.add_event(&ev("02:00:00:00:00:02", 1)).expect("add");
     let q = |m: &str| EventQuery {
         mac: Some(mac(m)),
         limit: 1000,
