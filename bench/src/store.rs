@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use netboot_daemon::mac::MacAddr;
-use netboot_daemon::store::{EventQuery, EventSource, NewBootEvent, Sqlite, Store};
+use netboot_daemon::store::{
+    Audit, EventQuery, EventSource, NewBootEvent, Settings, Sqlite, Store,
+};
 use netboot_daemon::time::Timestamp;
 
 /// Options of `store`.
@@ -36,6 +38,11 @@ pub(crate) fn run(args: &StoreArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let s = Sqlite::open(&dir.join("bench.db"))?;
+        let settings = Settings {
+            events_per_device: 50,
+            ..Settings::default()
+        };
+        s.put_settings(&Audit::system(), &settings)?;
         let t = Instant::now();
         let mut for_device_7 = 0u64;
         for i in 0..events {
@@ -49,7 +56,7 @@ pub(crate) fn run(args: &StoreArgs) -> anyhow::Result<()> {
                 detail: format!("event {i}"),
                 ip: None,
             };
-            s.add_event(&ev, 50)?;
+            s.add_event(&ev)?;
         }
         insert.push(t.elapsed() / u32::try_from(events).context("events")?);
         let t = Instant::now();
