@@ -366,6 +366,26 @@ pub const ENV_VARS: &[EnvVar] = &[
         help: "port of http.listen",
     },
     EnvVar {
+        name: "NETBOOT_DHCP_MODE",
+        aliases: &[],
+        help: "dhcp.mode (proxy or off)",
+    },
+    EnvVar {
+        name: "NETBOOT_DHCP_INTERFACES",
+        aliases: &[],
+        help: "dhcp.interfaces (comma-separated)",
+    },
+    EnvVar {
+        name: "NETBOOT_TFTP_LISTEN",
+        aliases: &[],
+        help: "tftp.listen (address:port)",
+    },
+    EnvVar {
+        name: "NETBOOT_TFTP_PORT",
+        aliases: &["TFTP_PORT"],
+        help: "port of tftp.listen",
+    },
+    EnvVar {
         name: "NETBOOT_DATABASE",
         aliases: &[],
         help: "paths.database",
@@ -416,7 +436,10 @@ pub const ENV_VARS: &[EnvVar] = &[
 /// defines `BOOT_SERVER_IP` with a trailing tab and its docs with a trailing space, so
 /// those spellings are accepted too.
 fn lookup(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<(String, String)> {
-    let var = ENV_VARS.iter().find(|v| v.name == name)?;
+    let var = ENV_VARS
+        .iter()
+        .find(|v| v.name == name)
+        .expect("invariant: every variable apply_env reads is listed in ENV_VARS");
     std::iter::once(var.name)
         .chain(var.aliases.iter().copied())
         .find_map(|n| {
@@ -424,6 +447,29 @@ fn lookup(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<(String, S
                 .into_iter()
                 .find_map(|k| env(&k).map(|v| (k.trim_end().to_owned(), v.trim().to_owned())))
         })
+}
+
+/// A comma-separated list, blanks dropped.
+fn list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One of the named `choices`.
+fn choice<T: Copy>(
+    var: String,
+    value: String,
+    choices: &[(&str, T)],
+    why: &'static str,
+) -> Result<T, ConfigError> {
+    choices
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or(ConfigError::Env { var, value, why })
 }
 
 fn parse_env<T: std::str::FromStr>(
@@ -471,25 +517,15 @@ impl Config {
                 .set_port(parse_env(k, v, "expected a port number")?);
         }
         if let Some((k, v)) = lookup(env, "NETBOOT_DHCP_MODE") {
-            self.dhcp.mode = match v.as_str() {
-                "proxy" => DhcpMode::Proxy,
-                "off" => DhcpMode::Off,
-                _ => {
-                    return Err(ConfigError::Env {
-                        var: k,
-                        value: v,
-                        why: "expected proxy or off",
-                    });
-                }
-            };
+            self.dhcp.mode = choice(
+                k,
+                v,
+                &[("proxy", DhcpMode::Proxy), ("off", DhcpMode::Off)],
+                "expected proxy or off",
+            )?;
         }
         if let Some((_, v)) = lookup(env, "NETBOOT_DHCP_INTERFACES") {
-            self.dhcp.interfaces = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect();
+            self.dhcp.interfaces = list(&v);
         }
         if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_LISTEN") {
             self.tftp.listen = parse_env(k, v, "expected address:port, e.g. 0.0.0.0:69")?;
@@ -514,28 +550,18 @@ impl Config {
             self.auth.session_minutes = parse_env(k, v, "expected minutes")?;
         }
         if let Some((_, v)) = lookup(env, "NETBOOT_EBPF_INTERFACES") {
-            self.ebpf.interfaces = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect();
+            self.ebpf.interfaces = list(&v);
         }
         if let Some((_, v)) = lookup(env, "NETBOOT_LOG") {
             self.log.level = v;
         }
         if let Some((k, v)) = lookup(env, "NETBOOT_LOG_FORMAT") {
-            self.log.format = match v.as_str() {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                _ => {
-                    return Err(ConfigError::Env {
-                        var: k,
-                        value: v,
-                        why: "expected text or json",
-                    });
-                }
-            };
+            self.log.format = choice(
+                k,
+                v,
+                &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+                "expected text or json",
+            )?;
         }
         Ok(())
     }

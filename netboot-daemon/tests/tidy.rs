@@ -58,6 +58,20 @@ fn readme_documents_every_environment_variable() {
 }
 
 #[test]
+fn every_variable_the_readme_documents_is_read() {
+    let readme = read("README.md");
+    for row in readme.lines().filter(|l| l.starts_with("| `NETBOOT_")) {
+        let name = row.split('`').nth(1).expect("a variable name");
+        assert!(
+            netboot_daemon::config::ENV_VARS
+                .iter()
+                .any(|v| v.name == name),
+            "README.md documents `{name}`, but config::ENV_VARS does not list it"
+        );
+    }
+}
+
+#[test]
 fn readme_opens_with_the_two_commands_that_ci_uses() {
     let readme = read("README.md");
     let head: String = readme.lines().take(12).collect::<Vec<_>>().join("\n");
