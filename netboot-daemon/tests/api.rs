@@ -2,7 +2,6 @@
 //! listening socket driven by curl.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -11,40 +10,18 @@ use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body_util::BodyExt as _;
 use netboot_daemon::api::{self, AppState};
-use netboot_daemon::config::{Config, Validated};
+use netboot_daemon::config::Validated;
 use netboot_daemon::store::{Sighting, Sqlite, Store};
 use netboot_daemon::time::Timestamp;
 use serde_json::{Value, json};
 use tower::ServiceExt as _;
 
-struct TestDir(PathBuf);
+mod common;
 
-impl TestDir {
-    fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("netboot-api-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create test dir");
-        Self(p)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{Served, TestDir, http_only_config, version_file};
 
 fn config(dir: &TestDir) -> Validated {
-    let cfg = Config {
-        data_dir: dir.0.clone(),
-        ..Config::default()
-    }
-    .validate()
-    .expect("valid config");
-    netboot_daemon::daemon::prepare_dirs(&cfg).expect("dirs");
-    cfg
+    http_only_config(dir.path())
 }
 
 /// An API over an in-memory store, called through `oneshot`.
@@ -71,7 +48,7 @@ struct Res {
 
 impl App {
     fn new() -> Self {
-        let dir = TestDir::new("oneshot");
+        let dir = TestDir::new("api-oneshot");
         let cfg = config(&dir);
         let store: Arc<dyn Store> = Arc::new(Sqlite::in_memory().expect("store"));
         let router = api::router(AppState::new(Arc::clone(&store), cfg.clone()));
@@ -1072,16 +1049,9 @@ async fn the_openapi_document_covers_the_routes() {
 /// The daemon on a real socket, driven by curl.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_socket_with_curl() {
-    let dir = TestDir::new("socket");
-    let cfg = config(&dir);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(netboot_daemon::daemon::serve(cfg, listener, async {
-        let _ = stopped.await;
-    }));
+    let dir = TestDir::new("api-socket");
+    let served = Served::start(config(&dir)).await;
+    let base = served.base.clone();
     let jar = dir.0.join("cookies");
     let curl = |args: Vec<String>| async move {
         let out = tokio::process::Command::new("curl")
@@ -1103,9 +1073,7 @@ async fn real_socket_with_curl() {
     let (code, body) = curl(vec![format!("{base}/api/v1/version")]).await;
     assert_eq!(code, 200);
     let v: Value = serde_json::from_str(&body).expect("json");
-    let version_file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../VERSION"))
-        .expect("VERSION");
-    assert_eq!(v["version"], version_file.trim());
+    assert_eq!(v["version"], version_file());
 
     let json_hdr = s("content-type: application/json");
     let dev = s(r#"{"mac":"AA-BB-CC-DD-EE-01"}"#);
@@ -1153,6 +1121,5 @@ async fn real_socket_with_curl() {
     assert_eq!(audit["items"][0]["target"], "aa:bb:cc:dd:ee:01");
     assert_eq!(audit["items"][0]["actor"], "admin");
 
-    stop.send(()).expect("server alive");
-    server.await.expect("join").expect("clean shutdown");
+    served.stop().await;
 }

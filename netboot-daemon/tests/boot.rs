@@ -1,59 +1,34 @@
 //! Boot scripts and installer files over a real socket, fetched with curl the way iPXE
 //! fetches them (iPXE's `sanboot` reads ISOs with HEAD and Range requests).
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use netboot_daemon::config::Config;
 use serde_json::{Value, json};
 
+mod common;
+
+use common::{Served, TestDir, http_only_config};
+
+/// netbootd serving HTTP in this process, with its data in `dir`.
 struct Daemon {
     base: String,
-    dir: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    served: Served,
+    dir: TestDir,
 }
 
 impl Daemon {
     async fn start(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("netboot-boot-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut cfg = Config {
-            data_dir: dir.clone(),
-            ..Config::default()
-        };
-        cfg.tftp.enabled = false;
-        cfg.dhcp.mode = netboot_daemon::config::DhcpMode::Off;
-        let cfg = cfg.validate().expect("config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(netboot_daemon::daemon::serve(cfg, listener, async {
-            let _ = stopped.await;
-        }));
+        let dir = TestDir::new(&format!("boot-{tag}"));
+        let served = Served::start(http_only_config(dir.path())).await;
         Self {
-            base,
+            base: served.base.clone(),
+            served,
             dir,
-            stop: Some(stop),
-            task: Some(task),
         }
     }
 
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await.expect("join").expect("clean shutdown");
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+    async fn stop(self) {
+        self.served.stop().await;
     }
 }
 
@@ -102,7 +77,7 @@ fn json_call(method: &str, url: &str, jar: &str, body: Option<Value>) -> Value {
 async fn ipxe_scripts_follow_the_inventory() {
     let d = Daemon::start("scripts").await;
     let b = d.base.clone();
-    let jar = d.dir.join("jar").display().to_string();
+    let jar = d.dir.path().join("jar").display().to_string();
     tokio::task::spawn_blocking(move || {
         let (status, head, body) = curl(&[&format!("{b}/boot/ipxe")]);
         assert_eq!(status, 200);
@@ -147,12 +122,13 @@ async fn ipxe_scripts_follow_the_inventory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installer_files_support_head_and_ranges() {
     let d = Daemon::start("files").await;
-    let inst = d.dir.join("installers");
+    let inst = d.dir.path().join("installers");
     std::fs::create_dir_all(inst.join("isos")).expect("mkdir");
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
     std::fs::write(inst.join("isos/big image.iso"), &data).expect("write");
-    std::fs::write(d.dir.join("outside.txt"), b"secret").expect("write");
-    std::os::unix::fs::symlink(d.dir.join("outside.txt"), inst.join("link.txt")).expect("symlink");
+    std::fs::write(d.dir.path().join("outside.txt"), b"secret").expect("write");
+    std::os::unix::fs::symlink(d.dir.path().join("outside.txt"), inst.join("link.txt"))
+        .expect("symlink");
     let b = d.base.clone();
     tokio::task::spawn_blocking(move || {
         let url = format!("{b}/files/installers/isos/big%20image.iso");

@@ -2,15 +2,18 @@
 //! directory; then SIGTERM or SIGINT.
 
 use std::io::{BufRead as _, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
+mod common;
+
+use common::{TestDir, version_file};
+
 struct Daemon {
     child: Child,
     lines: std::io::Lines<BufReader<std::process::ChildStderr>>,
-    dir: PathBuf,
+    dir: TestDir,
     /// Log records before the "listening" line.
     startup: Vec<Value>,
 }
@@ -18,9 +21,7 @@ struct Daemon {
 impl Daemon {
     /// Starts netbootd in a fresh directory and waits for its "listening" line.
     fn start(tag: &str, extra_env: &[(&str, &str)]) -> (Self, String) {
-        let dir = std::env::temp_dir().join(format!("netboot-daemon-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("mkdir");
+        let dir = TestDir::new(&format!("daemon-{tag}"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_netbootd"));
         cmd.args([
             "--listen",
@@ -30,8 +31,10 @@ impl Daemon {
             "--log-format",
             "json",
         ])
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .env_remove("RUST_LOG")
+        // proxyDHCP would listen on the host's interfaces.
+        .env("NETBOOT_DHCP_MODE", "off")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         for (k, v) in extra_env {
@@ -84,7 +87,6 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -104,15 +106,13 @@ fn curl(url: &str) -> String {
 #[test]
 fn starts_on_defaults_and_stops_on_sigterm() {
     let (mut d, addr) = Daemon::start("term", &[]);
-    let data = d.dir.join("netboot-data");
+    let data = d.dir.path().join("netboot-data");
     for sub in ["netboot.db", "tftp", "images", "installers", "logs"] {
         assert!(data.join(sub).exists(), "{sub} created in ./netboot-data");
     }
     let v: Value =
         serde_json::from_str(&curl(&format!("http://{addr}/api/v1/version"))).expect("json");
-    let version = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../VERSION"))
-        .expect("VERSION");
-    assert_eq!(v["version"], version.trim());
+    assert_eq!(v["version"], version_file());
     let h: Value =
         serde_json::from_str(&curl(&format!("http://{addr}/api/v1/health"))).expect("json");
     assert_eq!(h["status"], "ok");
@@ -129,7 +129,7 @@ fn starts_on_defaults_and_stops_on_sigterm() {
 fn stops_on_sigint_and_keeps_its_data() {
     let (mut d, addr) = Daemon::start("int", &[("IMAGES_PATH", "disks")]);
     assert!(
-        d.dir.join("netboot-data/disks").is_dir(),
+        d.dir.path().join("netboot-data/disks").is_dir(),
         "the original system's IMAGES_PATH is honoured"
     );
     let status: Value =
@@ -140,7 +140,7 @@ fn stops_on_sigint_and_keeps_its_data() {
         rest.iter()
             .any(|v| v["message"] == "SIGINT received, shutting down")
     );
-    assert!(d.dir.join("netboot-data/netboot.db").exists());
+    assert!(d.dir.path().join("netboot-data/netboot.db").exists());
 }
 
 #[test]
