@@ -51,15 +51,46 @@ pub fn normalise(raw: &str) -> Result<String, JailError> {
 pub fn resolve(root: &Path, raw: &str) -> Result<PathBuf, JailError> {
     let rel = normalise(raw)?;
     let root = root.canonicalize().map_err(|_| JailError::NotFound)?;
-    let full = root
-        .join(&rel)
+    resolve_in(&root, &rel)
+}
+
+/// [`resolve`] for a root that is already canonical and a path already [`normalise`]d
+/// (callers that serve many requests do both once).
+pub fn resolve_in(canonical_root: &Path, rel: &str) -> Result<PathBuf, JailError> {
+    let full = canonical_root
+        .join(rel)
         .canonicalize()
         .map_err(|_| JailError::NotFound)?;
-    if full.starts_with(&root) {
+    if full.starts_with(canonical_root) {
         Ok(full)
     } else {
         Err(JailError::Escapes)
     }
+}
+
+/// Opens the regular file at the normalised `rel` inside `canonical_root` (blocking):
+/// its path, the open file and its metadata. Anything but a regular file is `NotFound`.
+pub fn open_in(
+    canonical_root: &Path,
+    rel: &str,
+) -> Result<(PathBuf, std::fs::File, std::fs::Metadata), JailError> {
+    let path = resolve_in(canonical_root, rel)?;
+    let file = std::fs::File::open(&path).map_err(|_| JailError::NotFound)?;
+    let meta = file.metadata().map_err(|_| JailError::NotFound)?;
+    if !meta.is_file() {
+        return Err(JailError::NotFound);
+    }
+    Ok((path, file, meta))
+}
+
+/// [`open_in`] for a client path under a root given as configured.
+pub fn open(
+    root: &Path,
+    raw: &str,
+) -> Result<(PathBuf, std::fs::File, std::fs::Metadata), JailError> {
+    let rel = normalise(raw)?;
+    let root = root.canonicalize().map_err(|_| JailError::NotFound)?;
+    open_in(&root, &rel)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! is recorded as a sighting and a boot event of the client that made it.
 
 use std::io::SeekFrom;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
@@ -240,38 +240,31 @@ pub(super) fn file_route(root: FileRoot) -> MethodRouter<AppState> {
                 FileRoot::Installers => state.paths().installers.clone(),
                 FileRoot::Tftp => state.paths().tftp.clone(),
             };
-            serve_file(&state, &dir, path, p, ip, &headers).await
+            serve_file(&state, dir, path, p, ip, &headers).await
         },
     )
 }
 
 async fn serve_file(
     state: &AppState,
-    root: &Path,
+    root: PathBuf,
     path: String,
     p: FileParams,
     ClientIp(ip): ClientIp,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let root = root.to_path_buf();
-    let full = {
+    let opened = {
         let path = path.clone();
-        tokio::task::spawn_blocking(move || jail::resolve(&root, &path))
+        tokio::task::spawn_blocking(move || jail::open(&root, &path))
             .await
             .map_err(ApiError::internal)?
     };
-    let full = match full {
+    let (full, file, meta) = match opened {
         Ok(f) => f,
         Err(JailError::NotFound) => return Err(ApiError::not_found("no such file")),
         Err(_) => return Err(ApiError::forbidden("path outside the served directory")),
     };
-    let mut file = tokio::fs::File::open(&full)
-        .await
-        .map_err(|_| ApiError::not_found("no such file"))?;
-    let meta = file.metadata().await.map_err(ApiError::internal)?;
-    if !meta.is_file() {
-        return Err(ApiError::not_found("not a file"));
-    }
+    let mut file = tokio::fs::File::from_std(file);
     let size = meta.len();
     let Ok(range) = parse_range(headers, size) else {
         let mut res = StatusCode::RANGE_NOT_SATISFIABLE.into_response();

@@ -405,6 +405,7 @@ pub fn split_mac_dir(path: &str) -> Option<(MacAddr, &str)> {
 
 /// The TFTP service.
 pub struct Tftp {
+    /// The served directory, canonical (resolved once, not per request).
     root: PathBuf,
     core: transfer::Config,
     admission: Mutex<Server>,
@@ -427,7 +428,7 @@ impl std::fmt::Debug for Tftp {
 }
 
 impl Tftp {
-    /// A service serving `root` as configured.
+    /// A service serving `root` (an existing directory) as configured.
     pub fn new(cfg: &TftpConfig, root: PathBuf) -> Self {
         let core = transfer::Config {
             max_blksize: cfg.max_blksize,
@@ -442,7 +443,9 @@ impl Tftp {
             ..Limits::default()
         };
         Self {
-            root,
+            // Created before the service starts; if it is not there yet, requests fail
+            // with "file not found" until it is, as before.
+            root: root.canonicalize().unwrap_or(root),
             core,
             admission: Mutex::new(Server::new(limits)),
             cache: Arc::new(FileCache {
@@ -672,19 +675,22 @@ impl Tftp {
     /// `fstat`, no file data is read). On failure the returned ERROR packet is for the
     /// client, and the refusal is counted.
     pub(crate) fn open(&self, peer: SocketAddr, filename: &str) -> Result<Opened, Vec<u8>> {
-        let normalised = jail::normalise(filename).ok();
-        let mac_dir = normalised.as_deref().and_then(split_mac_dir);
+        let rel = jail::normalise(filename);
+        let mac_dir = rel.as_deref().ok().and_then(split_mac_dir);
         if let (Some((mac, _)), Some(b)) = (mac_dir, &self.bindings) {
             b.learn(peer.ip(), mac, BindingSource::Tftp, Timestamp::now());
         }
         // The path as asked (a per-device file under <root>/<mac>/), else without the
         // MAC directory, else a generated file.
-        let mut found = self.resolve(filename);
+        let mut found = match &rel {
+            Ok(rel) => self.resolve(rel),
+            Err(_) => Err(OpenError::Denied),
+        };
         if let (Err(OpenError::NotFound), Some((_, rest))) = (&found, mac_dir) {
             found = self.resolve(rest);
         }
-        if let (Err(OpenError::NotFound), Some(files), Some(name)) =
-            (&found, &self.virtual_files, &normalised)
+        if let (Err(OpenError::NotFound), Some(files), Ok(rel)) =
+            (&found, &self.virtual_files, &rel)
         {
             let (mac, rest) = match mac_dir {
                 Some((mac, rest)) => (Some(mac), rest),
@@ -693,7 +699,7 @@ impl Tftp {
                         .as_ref()
                         .and_then(|b| b.lookup(peer.ip()))
                         .map(|b| b.mac),
-                    name.as_str(),
+                    rel.as_str(),
                 ),
             };
             if let Some(data) = files.generate(peer, mac, rest) {
@@ -742,21 +748,16 @@ impl Tftp {
         Ok(Opened { source: file, fill })
     }
 
-    fn resolve(&self, name: &str) -> Result<(PathBuf, File, std::fs::Metadata), OpenError> {
-        let path = match jail::resolve(&self.root, name) {
-            Ok(p) => p,
+    /// Opens the normalised `rel` inside the root (case-insensitively as a fallback when
+    /// configured).
+    fn resolve(&self, rel: &str) -> Result<(PathBuf, File, std::fs::Metadata), OpenError> {
+        match jail::open_in(&self.root, rel) {
             Err(JailError::NotFound) if self.case_insensitive => {
-                resolve_case_insensitive(&self.root, name)?
+                let found = find_case_insensitive(&self.root, rel)?;
+                jail::open_in(&self.root, &found).map_err(OpenError::from)
             }
-            Err(JailError::NotFound) => return Err(OpenError::NotFound),
-            Err(_) => return Err(OpenError::Denied),
-        };
-        let file = File::open(&path).map_err(|_| OpenError::NotFound)?;
-        let meta = file.metadata().map_err(|_| OpenError::NotFound)?;
-        if !meta.is_file() {
-            return Err(OpenError::NotFound);
+            r => r.map_err(OpenError::from),
         }
-        Ok((path, file, meta))
     }
 
     /// Negotiates the options of `req` and starts its transfer of `source` from the
@@ -864,10 +865,18 @@ enum OpenError {
     Denied,
 }
 
-/// Finds `name` under `root` comparing each component case-insensitively (for clients
-/// that ask for `PXELINUX.0` or `Boot\BCD`), then jails the result.
-fn resolve_case_insensitive(root: &Path, name: &str) -> Result<PathBuf, OpenError> {
-    let rel = jail::normalise(name).map_err(|_| OpenError::Denied)?;
+impl From<JailError> for OpenError {
+    fn from(e: JailError) -> Self {
+        match e {
+            JailError::NotFound => Self::NotFound,
+            _ => Self::Denied,
+        }
+    }
+}
+
+/// Finds the normalised `rel` under `root` comparing each component case-insensitively
+/// (for clients that ask for `PXELINUX.0` or `Boot\BCD`); the caller jails the result.
+fn find_case_insensitive(root: &Path, rel: &str) -> Result<String, OpenError> {
     let mut found = String::new();
     let mut dir = root.to_path_buf();
     for part in rel.split('/') {
@@ -891,10 +900,7 @@ fn resolve_case_insensitive(root: &Path, name: &str) -> Result<PathBuf, OpenErro
         }
         found.push_str(&n);
     }
-    jail::resolve(root, &found).map_err(|e| match e {
-        JailError::NotFound => OpenError::NotFound,
-        _ => OpenError::Denied,
-    })
+    Ok(found)
 }
 
 #[cfg(test)]
