@@ -858,6 +858,34 @@ async fn mac_directories_and_the_generated_script(driver: TftpDriver) {
     srv.stop().await;
 }
 
+async fn case_insensitive_lookup_stays_in_the_jail(driver: TftpDriver) {
+    let cfg = TftpConfig {
+        case_insensitive: true,
+        ..TftpConfig::default()
+    };
+    let srv = Server::start("nocase", cfg, driver).await;
+    let want = data(3000, 31);
+    std::fs::create_dir_all(srv.root.join("srv/Boot")).expect("mkdir");
+    srv.put("Boot/BCD", &want);
+    std::fs::write(srv.root.join("secret"), b"secret").expect("write");
+    std::os::unix::fs::symlink(srv.root.join("secret"), srv.root.join("srv/Escape"))
+        .expect("symlink");
+    let o = srv.out("bcd.out");
+    let Some(got) = hpa_get(&srv, "boot\\bcd", &o).await else {
+        srv.stop().await;
+        return;
+    };
+    assert!(got, "BOOT\\BCD found case-insensitively");
+    same(&o, &want);
+    let o = srv.out("escape.out");
+    assert_eq!(
+        hpa_get(&srv, "ESCAPE", &o).await,
+        Some(false),
+        "a symlink out of the root"
+    );
+    srv.stop().await;
+}
+
 macro_rules! with_both_drivers {
     ($($name:ident),* $(,)?) => {
         mod uring {
@@ -892,6 +920,7 @@ with_both_drivers!(
     concurrent_clients_all_get_exact_files,
     transfers_are_recorded_and_exposed_as_metrics,
     mac_directories_and_the_generated_script,
+    case_insensitive_lookup_stays_in_the_jail,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
