@@ -41,7 +41,7 @@ fuzz_target!(|c: Case| {
     let file: Vec<u8> = (0..c.size).map(|i| (i % 251) as u8).collect();
     let mode = if c.netascii { Mode::Netascii } else { Mode::Octet };
     let cfg = Config { max_retries: 3, ..Config::default() };
-    let mut t = Transfer::new(t0, &neg, mode, Some(file.len() as u64), &cfg);
+    let mut t = Transfer::new(&neg, mode, file.len() as u64, &cfg);
     let mut now = t0;
     let mut buf = vec![0u8; t.buffer_len()];
     let mut last_data: u16 = 0;
@@ -54,7 +54,7 @@ fuzz_target!(|c: Case| {
                 end = start;
                 short_read = false;
             }
-            t.handle_read(now, Ok(&file[start..end]));
+            t.handle_read(Ok(&file[start..end]));
         }
         while let Some(n) = t.poll_transmit(now, &mut buf) {
             match Packet::parse(&buf[..n]).expect("the transfer emits valid packets") {
@@ -80,14 +80,14 @@ fuzz_target!(|c: Case| {
             Input::Ack(b) => {
                 let mut a = [0u8; 4];
                 emit_ack(&mut a, b).expect("fits");
-                t.handle_datagram(now, &a);
+                t.handle_datagram(&a);
             }
             Input::AckNext => {
                 let mut a = [0u8; 4];
                 emit_ack(&mut a, last_data).expect("fits");
-                t.handle_datagram(now, &a);
+                t.handle_datagram(&a);
             }
-            Input::Datagram(d) => t.handle_datagram(now, &d),
+            Input::Datagram(d) => t.handle_datagram(&d),
             Input::Advance(ms) => now += Duration::from_millis(u64::from(ms)),
             Input::Timeout => {
                 if let Some(d) = t.poll_timeout() {

@@ -138,19 +138,19 @@ async fn drive(
 ) -> io::Result<Event> {
     let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
     socket.connect(req.peer).await?;
-    let mut t = tftp.new_transfer(Instant::now(), req, source, socket.local_addr().ok());
+    let mut t = tftp.new_transfer(req, source, socket.local_addr().ok());
     let mut out = vec![0u8; t.buffer_len()];
     let mut inp = vec![0u8; 1024];
     loop {
         while let Some(r) = t.poll_read() {
             match source {
-                Source::Memory(data) => t.handle_read(Instant::now(), Ok(slice_of(data, r))),
+                Source::Memory(data) => t.handle_read(Ok(slice_of(data, r))),
                 Source::File(file, _) => {
                     let file = Arc::clone(file);
                     let data = tokio::task::spawn_blocking(move || read_at(&file, r.offset, r.len))
                         .await
                         .map_err(io::Error::other)?;
-                    t.handle_read(Instant::now(), data.as_deref().map_err(|_| ()));
+                    t.handle_read(data.as_deref().map_err(|_| ()));
                 }
             }
         }
@@ -165,7 +165,7 @@ async fn drive(
             r = socket.recv(&mut inp) => {
                 // ECONNREFUSED: the client's port is gone (ICMP port unreachable).
                 let n = r?;
-                t.handle_datagram(Instant::now(), &inp[..n]);
+                t.handle_datagram(&inp[..n]);
             }
             () = sleep_until(deadline) => t.handle_timeout(Instant::now()),
         }

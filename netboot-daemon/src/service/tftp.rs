@@ -764,24 +764,19 @@ impl Tftp {
     /// transfer's own socket, bound at `local`.
     pub(crate) fn new_transfer(
         &self,
-        now: Instant,
         req: &Admitted,
         source: &Source,
         local: Option<SocketAddr>,
     ) -> Transfer {
         let size = source.len();
-        let neg = transfer::negotiate(
-            &req.as_request(),
-            &self.core,
-            (req.mode == Mode::Octet).then_some(size),
-        );
+        let neg = transfer::negotiate(&req.as_request(), &self.core, Some(size));
         if let Some((r, _)) = self.transfers().active.get_mut(&req.peer) {
             r.server = local;
             r.blksize = neg.blksize;
             r.windowsize = neg.windowsize;
             r.size = Some(size);
         }
-        Transfer::new(now, &neg, req.mode, Some(size), &self.core)
+        Transfer::new(&neg, req.mode, size, &self.core)
     }
 
     /// Records the end of the transfer to `peer` (admitted by [`Tftp::handle_request`]).
@@ -808,9 +803,15 @@ impl Tftp {
                 Some(error.to_string()),
             ),
         };
+        let mut t = self.transfers();
+        let active = t.active.remove(&peer);
+        // From the request on the listening port (the open included) to the end.
+        let elapsed = active.as_ref().map_or(Duration::ZERO, |(_, started)| {
+            now.saturating_duration_since(*started)
+        });
         let st = &self.stats;
         if state == TransferState::Done {
-            st.duration.record(summary.duration);
+            st.duration.record(elapsed);
         }
         st.outcomes[state.index()].fetch_add(1, Ordering::Relaxed);
         st.bytes.fetch_add(summary.bytes, Ordering::Relaxed);
@@ -823,11 +824,10 @@ impl Tftp {
             bytes = summary.bytes,
             packets = summary.packets,
             retransmits = summary.retransmits,
-            ms = summary.duration.as_millis() as u64,
+            ms = elapsed.as_millis() as u64,
             "tftp transfer ended"
         );
-        let mut t = self.transfers();
-        let Some((mut record, started)) = t.active.remove(&peer) else {
+        let Some((mut record, _)) = active else {
             return;
         };
         record.state = state;
@@ -835,7 +835,7 @@ impl Tftp {
         record.bytes = summary.bytes;
         record.packets = summary.packets;
         record.retransmits = summary.retransmits;
-        record.duration_ms = Some(now.saturating_duration_since(started).as_millis() as u64);
+        record.duration_ms = Some(elapsed.as_millis() as u64);
         if t.recent.len() == RECENT_TRANSFERS {
             t.recent.pop_front();
         }

@@ -136,8 +136,6 @@ pub struct Summary {
     pub packets: u64,
     /// DATA and OACK packets sent again.
     pub retransmits: u64,
-    /// Time from the request to the end.
-    pub duration: Duration,
 }
 
 /// Why a transfer failed.
@@ -178,8 +176,7 @@ pub struct Transfer {
     buf: VecDeque<u8>,
     buf_start: u64,
     src_pos: u64,
-    src_size: Option<u64>,
-    src_eof: bool,
+    src_size: u64,
     read_pending: bool,
     // Windows: `base` is the first unacknowledged block, `next` the next to transmit.
     base: u64,
@@ -189,22 +186,15 @@ pub struct Transfer {
     retries: u32,
     rto: Duration,
     deadline: Option<Instant>,
-    started: Instant,
     summary: Summary,
     error_out: Option<Vec<u8>>,
     events: VecDeque<Event>,
 }
 
 impl Transfer {
-    /// Starts a transfer of a source of `size` bytes (`None` when unknown) negotiated as
-    /// `neg`, in `mode` (octet or netascii).
-    pub fn new(
-        now: Instant,
-        neg: &Negotiated,
-        mode: Mode,
-        size: Option<u64>,
-        cfg: &Config,
-    ) -> Self {
+    /// Starts a transfer of a source of `size` bytes negotiated as `neg`, in `mode`
+    /// (octet or netascii).
+    pub fn new(neg: &Negotiated, mode: Mode, size: u64, cfg: &Config) -> Self {
         let oack = (!neg.oack.is_empty()).then(|| {
             let mut b = vec![0u8; 512];
             let n = wire::emit_oack(&mut b, &neg.oack).unwrap_or(0);
@@ -229,7 +219,6 @@ impl Transfer {
             buf_start: 0,
             src_pos: 0,
             src_size: size,
-            src_eof: size == Some(0),
             read_pending: false,
             base: 1,
             next: 1,
@@ -238,7 +227,6 @@ impl Transfer {
             retries: 0,
             rto: neg.timeout,
             deadline: None,
-            started: now,
             summary: Summary::default(),
             error_out: None,
             events: VecDeque::new(),
@@ -250,20 +238,20 @@ impl Transfer {
         self.state == State::Closed
     }
 
-    /// Negotiated block size.
-    pub fn blksize(&self) -> usize {
-        self.blksize
-    }
-
     /// The buffer size [`Transfer::poll_transmit`] needs: a DATA packet, an OACK or an
     /// ERROR, whichever is largest.
     pub fn buffer_len(&self) -> usize {
         (self.blksize + 4).max(516)
     }
 
+    /// True once the whole source has been read.
+    fn src_eof(&self) -> bool {
+        self.src_pos >= self.src_size
+    }
+
     /// Stream length once known (octet: the file size; netascii: at end of file).
     fn stream_len(&self) -> Option<u64> {
-        if self.src_eof {
+        if self.src_eof() {
             Some(self.buf_start + self.buf.len() as u64)
         } else {
             None
@@ -280,10 +268,9 @@ impl Transfer {
         (start, start + self.blksize as u64)
     }
 
-    fn finish(&mut self, now: Instant, failure: Option<Failure>) {
+    fn finish(&mut self, failure: Option<Failure>) {
         self.state = State::Closed;
         self.deadline = None;
-        self.summary.duration = now.saturating_duration_since(self.started);
         let s = self.summary.clone();
         self.events.push_back(match failure {
             None => Event::Done(s),
@@ -291,29 +278,29 @@ impl Transfer {
         });
     }
 
-    fn fail_with_error(&mut self, now: Instant, failure: Failure, code: ErrorCode, msg: &str) {
+    fn fail_with_error(&mut self, failure: Failure, code: ErrorCode, msg: &str) {
         let mut b = vec![0u8; 4 + msg.len() + 1];
         if let Some(n) = wire::emit_error(&mut b, code, msg) {
             b.truncate(n);
             self.error_out = Some(b);
         }
-        self.finish(now, Some(failure));
+        self.finish(Some(failure));
     }
 
     /// Handles a datagram from the client's transfer port.
-    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+    pub fn handle_datagram(&mut self, datagram: &[u8]) {
         if self.state == State::Closed {
             return;
         }
         match Packet::parse(datagram) {
-            Ok(Packet::Ack { block }) => self.handle_ack(now, block),
-            Ok(Packet::Error { code, .. }) => self.finish(now, Some(Failure::ClientError(code))),
+            Ok(Packet::Ack { block }) => self.handle_ack(block),
+            Ok(Packet::Error { code, .. }) => self.finish(Some(Failure::ClientError(code))),
             // Anything else on a read transfer is ignored (and counted by the driver).
             Ok(_) | Err(_) => {}
         }
     }
 
-    fn handle_ack(&mut self, now: Instant, block: u16) {
+    fn handle_ack(&mut self, block: u16) {
         if self.state == State::ExpectOackAck {
             if block == 0 && self.oack_sent {
                 self.state = State::Sending;
@@ -355,7 +342,7 @@ impl Transfer {
         self.rto = self.base_rto;
         self.deadline = None;
         if self.last_block() == Some(acked) {
-            self.finish(now, None);
+            self.finish(None);
             return;
         }
         if self.next > self.base {
@@ -367,13 +354,13 @@ impl Transfer {
 
     /// Handles file data for the last [`ReadRequest`]; fewer bytes than asked means end
     /// of file. `Err` aborts the transfer.
-    pub fn handle_read(&mut self, now: Instant, data: Result<&[u8], ()>) {
+    pub fn handle_read(&mut self, data: Result<&[u8], ()>) {
         self.read_pending = false;
         if self.state == State::Closed {
             return;
         }
         let Ok(data) = data else {
-            self.fail_with_error(now, Failure::ReadFailed, ErrorCode::UNDEFINED, "read error");
+            self.fail_with_error(Failure::ReadFailed, ErrorCode::UNDEFINED, "read error");
             return;
         };
         if self.netascii {
@@ -388,18 +375,12 @@ impl Transfer {
             self.buf.extend(data);
         }
         self.src_pos += data.len() as u64;
-        match self.src_size {
-            Some(size) if self.src_pos >= size => self.src_eof = true,
-            Some(_) if data.is_empty() => {
-                self.fail_with_error(
-                    now,
-                    Failure::FileChanged,
-                    ErrorCode::UNDEFINED,
-                    "file changed during transfer",
-                );
-            }
-            None if data.is_empty() => self.src_eof = true,
-            _ => {}
+        if data.is_empty() && !self.src_eof() {
+            self.fail_with_error(
+                Failure::FileChanged,
+                ErrorCode::UNDEFINED,
+                "file changed during transfer",
+            );
         }
     }
 
@@ -414,7 +395,7 @@ impl Transfer {
         self.deadline = None;
         self.retries += 1;
         if self.retries > self.max_retries {
-            self.fail_with_error(now, Failure::TimedOut, ErrorCode::UNDEFINED, "timed out");
+            self.fail_with_error(Failure::TimedOut, ErrorCode::UNDEFINED, "timed out");
             return;
         }
         self.rto = (self.rto * 2).min(self.base_rto * 8);
@@ -433,7 +414,7 @@ impl Transfer {
 
     /// The file data needed next, if any (at most one read is outstanding).
     pub fn poll_read(&mut self) -> Option<ReadRequest> {
-        if self.read_pending || self.src_eof || self.state == State::Closed {
+        if self.read_pending || self.src_eof() || self.state == State::Closed {
             return None;
         }
         let want_end = (self.base - 1 + self.window) * self.blksize as u64 + 1;
@@ -441,15 +422,11 @@ impl Transfer {
         if have_end >= want_end {
             return None;
         }
-        let mut len = usize::try_from(want_end - have_end)
+        // Not past the end: `src_eof` is false, so at least one byte remains.
+        let len = usize::try_from(want_end - have_end)
             .unwrap_or(usize::MAX)
-            .max(self.read_chunk);
-        if let Some(size) = self.src_size {
-            len = len.min(usize::try_from(size.saturating_sub(self.src_pos)).unwrap_or(usize::MAX));
-            if len == 0 {
-                return None;
-            }
-        }
+            .max(self.read_chunk)
+            .min(usize::try_from(self.src_size - self.src_pos).unwrap_or(usize::MAX));
         self.read_pending = true;
         Some(ReadRequest {
             offset: self.src_pos,

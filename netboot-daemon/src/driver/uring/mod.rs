@@ -603,7 +603,7 @@ impl Driver {
         let gso_max = msg::max_unfragmented_payload(&socket).unwrap_or(0);
         let transfer = self
             .tftp
-            .new_transfer(now, &req, &opened.source, socket.local_addr().ok());
+            .new_transfer(&req, &opened.source, socket.local_addr().ok());
         drop(entered);
         let generation = self.next_generation;
         self.next_generation = (generation + 1) & 0xff_ffff;
@@ -639,8 +639,7 @@ impl Driver {
             return;
         };
         if let (Some(bid), Ok(len)) = (bid, usize::try_from(res)) {
-            s.transfer
-                .handle_datagram(now, self.session_bufs.get(bid, len));
+            s.transfer.handle_datagram(self.session_bufs.get(bid, len));
             if !s.dirty {
                 s.dirty = true;
                 self.dirty.push(key);
@@ -736,7 +735,7 @@ impl Driver {
                 if data.is_err() {
                     tracing::debug!(parent: &s.span, error = %io::Error::from_raw_os_error(-res), "tftp file read failed");
                 }
-                s.transfer.handle_read(now, data);
+                s.transfer.handle_read(data);
                 s.read_buf = buf;
                 if !s.dirty {
                     s.dirty = true;
@@ -826,7 +825,7 @@ impl Driver {
         let mut disk_read = None;
         while let Some(r) = s.transfer.poll_read() {
             match &s.source {
-                Source::Memory(data) => s.transfer.handle_read(now, Ok(slice_of(data, r))),
+                Source::Memory(data) => s.transfer.handle_read(Ok(slice_of(data, r))),
                 Source::File(file, _) => {
                     // At most one read is outstanding: the core asks again after it.
                     disk_read = Some((Arc::clone(file), r));
@@ -835,7 +834,7 @@ impl Driver {
             }
         }
         if let Some((file, r)) = disk_read {
-            self.read(key, file, r, now);
+            self.read(key, file, r);
         }
         self.transmit(key, now);
         let Some(s) = self.sessions.get_mut(key.idx) else {
@@ -853,7 +852,7 @@ impl Driver {
         }
     }
 
-    fn read(&mut self, key: Key, file: Arc<File>, r: ReadRequest, now: Instant) {
+    fn read(&mut self, key: Key, file: Arc<File>, r: ReadRequest) {
         let Some(s) = self.sessions.get_mut(key.idx) else {
             return;
         };
@@ -879,7 +878,7 @@ impl Driver {
         // block, and nothing resizes it meanwhile.
         if !unsafe { self.push(&sqe) } {
             if let Some(s) = self.sessions.get_mut(key.idx) {
-                s.transfer.handle_read(now, Err(()));
+                s.transfer.handle_read(Err(()));
             }
             self.ops.try_remove(idx);
         }
@@ -1086,14 +1085,14 @@ mod tests {
         let cfg = Config::default();
         let neg = negotiate(&req, &cfg, Some(size as u64));
         let now = Instant::now();
-        let mut t = Transfer::new(now, &neg, Mode::Octet, Some(size as u64), &cfg);
+        let mut t = Transfer::new(&neg, Mode::Octet, size as u64, &cfg);
         let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         let mut out = vec![0u8; t.buffer_len()];
         // OACK, then ACK 0.
         assert!(t.poll_transmit(now, &mut out).is_some());
-        t.handle_datagram(now, &[0, 4, 0, 0]);
+        t.handle_datagram(&[0, 4, 0, 0]);
         while let Some(r) = t.poll_read() {
-            t.handle_read(now, Ok(slice_of(&data, r)));
+            t.handle_read(Ok(slice_of(&data, r)));
         }
         (t, data)
     }

@@ -126,7 +126,7 @@ fn run(
     };
     let size = Some(source.len() as u64);
     let neg = negotiate(&req, cfg, size);
-    let mut t = Transfer::new(t0, &neg, mode, size, cfg);
+    let mut t = Transfer::new(&neg, mode, source.len() as u64, cfg);
     let mut client = Client {
         blksize: usize::from(neg.blksize),
         window: u64::from(neg.windowsize),
@@ -149,7 +149,7 @@ fn run(
         while let Some(r) = t.poll_read() {
             let start = usize::try_from(r.offset).expect("offset");
             let end = (start + r.len).min(source.len());
-            t.handle_read(now, Ok(&source[start..end]));
+            t.handle_read(Ok(&source[start..end]));
         }
         while let Some(n) = t.poll_transmit(now, &mut buf) {
             for at in net.deliveries(now) {
@@ -190,7 +190,7 @@ fn run(
             }
         } else if next_server == Some(next) {
             let (_, p) = to_server.pop_first().expect("packet");
-            t.handle_datagram(now, &p);
+            t.handle_datagram(&p);
         } else if t.poll_timeout() == Some(next) {
             t.handle_timeout(now);
         } else {
@@ -412,14 +412,14 @@ fn a_silent_client_times_out_after_the_retry_limit() {
         timeout: Duration::from_secs(1),
         oack: Vec::new(),
     };
-    let mut t = Transfer::new(t0, &neg, Mode::Octet, Some(2000), &cfg);
+    let mut t = Transfer::new(&neg, Mode::Octet, 2000, &cfg);
     let mut buf = [0u8; 516];
     let mut now = t0;
     let mut sends = 0;
     let mut timeouts = Vec::new();
     loop {
         if let Some(r) = t.poll_read() {
-            t.handle_read(now, Ok(&vec![1u8; r.len]));
+            t.handle_read(Ok(&vec![1u8; r.len]));
         }
         while let Some(n) = t.poll_transmit(now, &mut buf) {
             if Packet::parse(&buf[..n]).is_ok_and(|p| matches!(p, Packet::Data { .. })) {
@@ -454,10 +454,10 @@ fn a_file_that_shrinks_aborts_with_an_error() {
         timeout: Duration::from_secs(1),
         oack: Vec::new(),
     };
-    let mut t = Transfer::new(t0, &neg, Mode::Octet, Some(10_000), &cfg);
+    let mut t = Transfer::new(&neg, Mode::Octet, 10_000, &cfg);
     let r = t.poll_read().expect("read");
     assert_eq!(r.offset, 0);
-    t.handle_read(t0, Ok(&[]));
+    t.handle_read(Ok(&[]));
     let mut buf = [0u8; 516];
     let n = t.poll_transmit(t0, &mut buf).expect("error packet");
     assert!(matches!(
@@ -482,10 +482,10 @@ fn a_client_error_ends_the_transfer() {
         timeout: Duration::from_secs(1),
         oack: vec![("tsize", "9".into())],
     };
-    let mut t = Transfer::new(t0, &neg, Mode::Octet, Some(9), &Config::default());
+    let mut t = Transfer::new(&neg, Mode::Octet, 9, &Config::default());
     let mut buf = [0u8; 516];
     assert!(t.poll_transmit(t0, &mut buf).is_some(), "OACK");
-    t.handle_datagram(t0, b"\0\x05\0\x08option refused\0");
+    t.handle_datagram(b"\0\x05\0\x08option refused\0");
     assert!(matches!(
         t.poll_event(),
         Some(Event::Failed(
