@@ -14,7 +14,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
-use crate::service::tftp::{Opened, Outcome, Request, Source, Tftp, slice_of, transfer_ip};
+use crate::service::tftp::{
+    Opened, Outcome, Request, Source, Tftp, send_error_ends_transfer, transfer_ip,
+};
 use crate::tftp::server::Admitted;
 use crate::tftp::transfer::Event;
 
@@ -142,20 +144,19 @@ async fn drive(
     let mut out = vec![0u8; t.buffer_len()];
     let mut inp = vec![0u8; 1024];
     loop {
-        while let Some(r) = t.poll_read() {
-            match source {
-                Source::Memory(data) => t.handle_read(Ok(slice_of(data, r))),
-                Source::File(file, _) => {
-                    let file = Arc::clone(file);
-                    let data = tokio::task::spawn_blocking(move || read_at(&file, r.offset, r.len))
-                        .await
-                        .map_err(io::Error::other)?;
-                    t.handle_read(data.as_deref().map_err(|_| ()));
-                }
-            }
+        while let Some((file, r)) = source.feed(&mut t) {
+            let data = tokio::task::spawn_blocking(move || read_at(&file, r.offset, r.len))
+                .await
+                .map_err(io::Error::other)?;
+            t.handle_read(data.as_deref().map_err(|_| ()));
         }
         while let Some(n) = t.poll_transmit(Instant::now(), &mut out) {
-            socket.send(&out[..n]).await?;
+            if let Err(e) = socket.send(&out[..n]).await {
+                if e.raw_os_error().is_some_and(send_error_ends_transfer) {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, "tftp send failed");
+            }
         }
         if let Some(ev) = t.poll_event() {
             return Ok(ev);

@@ -212,6 +212,18 @@ impl Source {
             Self::File(_, len) => *len,
         }
     }
+
+    /// Answers the reads `t` asks for from memory; returns the read the driver must do
+    /// from the file, if any (the core has at most one outstanding and asks again after).
+    pub(crate) fn feed(&self, t: &mut Transfer) -> Option<(Arc<File>, ReadRequest)> {
+        while let Some(r) = t.poll_read() {
+            match self {
+                Self::Memory(data) => t.handle_read(Ok(slice_of(data, r))),
+                Self::File(file, _) => return Some((Arc::clone(file), r)),
+            }
+        }
+        None
+    }
 }
 
 /// The bytes `r` asks for out of `data` (fewer at the end, empty past it).
@@ -847,6 +859,14 @@ impl Tftp {
             st.records_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Whether a failed send (`errno`) ends the transfer: only when the client's port is
+/// gone (`ECONNREFUSED`, from an ICMP port unreachable). Any other error counts as a
+/// datagram lost on the wire, which the transfer's timer retransmits. Both drivers
+/// follow this one rule.
+pub(crate) fn send_error_ends_transfer(errno: i32) -> bool {
+    errno == libc::ECONNREFUSED
 }
 
 /// The address transfer sockets bind to: the listener's, unless it is a wildcard.

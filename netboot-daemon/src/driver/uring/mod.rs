@@ -49,7 +49,9 @@ use slab::Slab;
 
 use self::bufring::BufRing;
 use self::msg::SendBuf;
-use crate::service::tftp::{CacheFill, Outcome, Request, Source, Tftp, slice_of, transfer_ip};
+use crate::service::tftp::{
+    CacheFill, Outcome, Request, Source, Tftp, send_error_ends_transfer, transfer_ip,
+};
 use crate::tftp::server::Admitted;
 use crate::tftp::transfer::{ReadRequest, Transfer};
 
@@ -698,7 +700,7 @@ impl Driver {
                         self.resend_singly(owner, &buf, usize::from(seg));
                         self.recycle(buf);
                     }
-                    (_, Some(owner)) if err == libc::ECONNREFUSED => {
+                    (_, Some(owner)) if send_error_ends_transfer(err) => {
                         self.recycle(buf);
                         self.end(now, owner, Outcome::Io(io::Error::from_raw_os_error(err)));
                     }
@@ -822,18 +824,7 @@ impl Driver {
             return;
         };
         s.dirty = false;
-        let mut disk_read = None;
-        while let Some(r) = s.transfer.poll_read() {
-            match &s.source {
-                Source::Memory(data) => s.transfer.handle_read(Ok(slice_of(data, r))),
-                Source::File(file, _) => {
-                    // At most one read is outstanding: the core asks again after it.
-                    disk_read = Some((Arc::clone(file), r));
-                    break;
-                }
-            }
-        }
-        if let Some((file, r)) = disk_read {
+        if let Some((file, r)) = s.source.feed(&mut s.transfer) {
             self.read(key, file, r);
         }
         self.transmit(key, now);
@@ -1091,9 +1082,7 @@ mod tests {
         // OACK, then ACK 0.
         assert!(t.poll_transmit(now, &mut out).is_some());
         t.handle_datagram(&[0, 4, 0, 0]);
-        while let Some(r) = t.poll_read() {
-            t.handle_read(Ok(slice_of(&data, r)));
-        }
+        assert!(Source::Memory(data.clone().into()).feed(&mut t).is_none());
         (t, data)
     }
 
