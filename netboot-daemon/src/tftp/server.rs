@@ -114,7 +114,10 @@ pub struct Server {
     limits: Limits,
     active: HashMap<SocketAddr, String>,
     per_ip: HashMap<IpAddr, usize>,
+    /// Ended transfers by client and file, for `linger` after their end.
     recent: HashMap<(SocketAddr, String), Instant>,
+    /// When `recent` is next swept of entries older than `linger`.
+    next_sweep: Option<Instant>,
 }
 
 impl Server {
@@ -160,9 +163,11 @@ impl Server {
                 };
             }
         }
-        self.recent
-            .retain(|_, at| now.saturating_duration_since(*at) < self.limits.linger);
-        if self.active.contains_key(&peer) || self.recent.contains_key(&(peer, filename.clone())) {
+        let lingering = self
+            .recent
+            .get(&(peer, filename.clone()))
+            .is_some_and(|at| now.saturating_duration_since(*at) < self.limits.linger);
+        if self.active.contains_key(&peer) || lingering {
             return Decision::Drop(Drop::Duplicate);
         }
         if self.active.len() >= self.limits.max_sessions {
@@ -202,6 +207,14 @@ impl Server {
                 }
             }
             self.recent.insert((peer, name), now);
+        }
+        // Sweep at most once per `linger`, not on every request: a storm must not make
+        // admission quadratic.
+        if self.next_sweep.is_none_or(|at| now >= at) {
+            let linger = self.limits.linger;
+            self.recent
+                .retain(|_, at| now.saturating_duration_since(*at) < linger);
+            self.next_sweep = Some(now + linger);
         }
     }
 }
