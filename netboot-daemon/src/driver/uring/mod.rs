@@ -896,15 +896,7 @@ impl Driver {
                 buf.data.truncate(at);
                 b
             });
-            let gso = (train.segments > 1)
-                .then(|| u16::try_from(train.segment).ok())
-                .flatten();
-            if train.segments > 1 && gso.is_none() {
-                self.resend_singly(key, &buf, train.segment);
-                self.recycle(buf);
-            } else {
-                self.send(Some(key), fd, buf, None, gso);
-            }
+            self.send(Some(key), fd, buf, None, train.gso);
             if let Some(b) = spill {
                 self.send(Some(key), fd, b, None, None);
             }
@@ -1009,6 +1001,8 @@ struct Train {
     /// Offset of one more datagram, longer than `segment`, that ends the buffer and must
     /// go on its own.
     spill: Option<usize>,
+    /// The UDP GSO segment size when the train holds several datagrams.
+    gso: Option<u16>,
 }
 
 /// Drains the transfer's next datagrams into `data`: one, or, when `max_seg` allows GSO
@@ -1027,10 +1021,11 @@ fn fill_train(t: &mut Transfer, now: Instant, data: &mut Vec<u8>, max_seg: usize
         segment: n,
         segments: 1,
         spill: None,
+        gso: None,
     };
-    if n == 0 || n > max_seg {
+    let Some(seg) = u16::try_from(n).ok().filter(|_| n > 0 && n <= max_seg) else {
         return Some(train);
-    }
+    };
     while train.segments < GSO_MAX_SEGMENTS && (train.segments + 1) * n <= GSO_MAX_BYTES {
         let at = train.segments * n;
         data.resize(at + room, 0);
@@ -1048,6 +1043,7 @@ fn fill_train(t: &mut Transfer, now: Instant, data: &mut Vec<u8>, max_seg: usize
             break;
         }
     }
+    train.gso = (train.segments > 1).then_some(seg);
     Some(train)
 }
 
