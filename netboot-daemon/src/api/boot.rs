@@ -5,6 +5,7 @@
 //! is recorded as a sighting and a boot event of the client that made it.
 
 use std::io::SeekFrom;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use axum::body::Body;
@@ -17,6 +18,7 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use super::auth::ClientIp;
 use super::error::{ApiError, Query};
+use super::inventory::parse_mac;
 use super::{AppState, VERSION, blocking};
 use crate::bindings::Source as BindingSource;
 use crate::boot::ipxe::{self, Plan};
@@ -40,8 +42,9 @@ fn base_url(state: &AppState, headers: &HeaderMap) -> (String, String) {
             let ip = state
                 .config()
                 .boot_server_ip
-                .map_or_else(|| "127.0.0.1".to_owned(), |ip| ip.to_string());
-            format!("{ip}:{}", state.config().http.listen.port())
+                .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            // IPv6 in brackets.
+            SocketAddr::new(ip, state.config().http.listen.port()).to_string()
         });
     let bare = match host.rsplit_once(':') {
         Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') => {
@@ -90,10 +93,7 @@ pub(super) async fn device_script(
     headers: HeaderMap,
     Query(p): Query<DeviceParams>,
 ) -> Result<Response, ApiError> {
-    let mac: MacAddr = p
-        .mac
-        .parse()
-        .map_err(|e| ApiError::bad_request(format!("mac: {e}")))?;
+    let mac = parse_mac(&p.mac)?;
     let platform = p.platform.unwrap_or_default();
     let arch = ipxe::arch_from_ipxe(&platform, p.arch.as_deref().unwrap_or_default());
     let efi = platform == "efi";

@@ -376,6 +376,11 @@ fn write_tail(s: &mut Script, p: &Plan<'_>) {
     s.line("goto menu");
 }
 
+/// The base URL of the HTTP server at `ip` and `port` (IPv6 in brackets).
+pub fn http_base(ip: std::net::IpAddr, port: u16) -> String {
+    format!("http://{}", std::net::SocketAddr::new(ip, port))
+}
+
 /// The first script: asks the client for its MAC and firmware, then chains to its
 /// device script (iPXE expands the settings in the URL).
 pub fn bootstrap_script(base: &str) -> String {

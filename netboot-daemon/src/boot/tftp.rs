@@ -2,7 +2,7 @@
 //! behind a DHCP server configured with `boot.ipxe` as iPXE's boot file): it chains to
 //! the device's script over HTTP, where the boot policy is decided.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 
 use crate::boot::ipxe;
 use crate::mac::MacAddr;
@@ -13,38 +13,28 @@ use crate::service::tftp::VirtualFiles;
 pub struct BootScripts {
     /// The script's file name, compared case-insensitively.
     pub name: String,
-    /// The address clients reach the HTTP server at; when unset, the address this host
-    /// uses towards the client.
+    /// The address clients reach the HTTP server at; when unset, the address the client
+    /// reached the TFTP server at.
     pub server_ip: Option<IpAddr>,
     /// The HTTP port.
     pub http_port: u16,
 }
 
 impl VirtualFiles for BootScripts {
-    fn generate(&self, client: SocketAddr, _mac: Option<MacAddr>, path: &str) -> Option<Vec<u8>> {
+    fn generate(
+        &self,
+        _client: SocketAddr,
+        server: Option<IpAddr>,
+        _mac: Option<MacAddr>,
+        path: &str,
+    ) -> Option<Vec<u8>> {
         if self.name.is_empty() || !path.eq_ignore_ascii_case(&self.name) {
             return None;
         }
-        let ip = self.server_ip.or_else(|| source_address(client))?;
-        let host = match ip {
-            IpAddr::V6(v6) => format!("[{v6}]"),
-            IpAddr::V4(v4) => v4.to_string(),
-        };
+        let ip = self.server_ip.or(server)?;
         // iPXE fills in its own MAC (`${net0/mac}`): the script is the same for all.
-        Some(ipxe::bootstrap_script(&format!("http://{host}:{}", self.http_port)).into_bytes())
+        Some(ipxe::bootstrap_script(&ipxe::http_base(ip, self.http_port)).into_bytes())
     }
-}
-
-/// The local address the kernel picks to reach `client` (a connected UDP socket; no
-/// packet is sent).
-fn source_address(client: SocketAddr) -> Option<IpAddr> {
-    let bind: SocketAddr = match client {
-        SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let s = UdpSocket::bind(bind).ok()?;
-    s.connect(client).ok()?;
-    s.local_addr().ok().map(|a| a.ip())
 }
 
 #[cfg(test)]
@@ -59,28 +49,50 @@ mod tests {
             http_port: 8080,
         };
         let client: SocketAddr = "127.0.0.1:2070".parse().expect("addr");
-        let text = String::from_utf8(scripts.generate(client, None, "BOOT.iPXE").expect("script"))
-            .expect("ASCII");
+        let here = Some(IpAddr::from([127, 0, 0, 1]));
+        let text = String::from_utf8(
+            scripts
+                .generate(client, here, None, "BOOT.iPXE")
+                .expect("script"),
+        )
+        .expect("ASCII");
         assert!(text.starts_with("#!ipxe\n"), "{text}");
         assert!(
             text.contains("chain http://127.0.0.1:8080/boot/ipxe/device?mac=${net0/mac:hexhyp}"),
             "{text}"
         );
-        assert!(scripts.generate(client, None, "ipxe.efi").is_none());
+        assert!(scripts.generate(client, here, None, "ipxe.efi").is_none());
         let pinned = BootScripts {
             server_ip: Some("192.0.2.1".parse().expect("ip")),
             ..scripts.clone()
         };
-        let text = String::from_utf8(pinned.generate(client, None, "boot.ipxe").expect("script"))
-            .expect("ASCII");
+        let text = String::from_utf8(
+            pinned
+                .generate(client, here, None, "boot.ipxe")
+                .expect("script"),
+        )
+        .expect("ASCII");
         assert!(
             text.contains("http://192.0.2.1:8080/boot/ipxe/device"),
+            "{text}"
+        );
+        let v6 = BootScripts {
+            server_ip: Some("2001:db8::1".parse().expect("ip")),
+            ..scripts.clone()
+        };
+        let text = String::from_utf8(
+            v6.generate(client, here, None, "boot.ipxe")
+                .expect("script"),
+        )
+        .expect("ASCII");
+        assert!(
+            text.contains("http://[2001:db8::1]:8080/boot/ipxe/device"),
             "{text}"
         );
         let off = BootScripts {
             name: String::new(),
             ..scripts
         };
-        assert!(off.generate(client, None, "boot.ipxe").is_none());
+        assert!(off.generate(client, here, None, "boot.ipxe").is_none());
     }
 }

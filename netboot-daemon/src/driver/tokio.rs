@@ -68,10 +68,15 @@ pub async fn serve(tftp: Arc<Tftp>, listener: UdpSocket, mut shutdown: watch::Re
 }
 
 /// Opens the file on the blocking pool; reads a file meant for the cache whole.
-async fn open(tftp: &Arc<Tftp>, peer: SocketAddr, filename: &str) -> Result<Source, Vec<u8>> {
+async fn open(
+    tftp: &Arc<Tftp>,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    filename: &str,
+) -> Result<Source, Vec<u8>> {
     let t = Arc::clone(tftp);
     let name = filename.to_owned();
-    let opened = tokio::task::spawn_blocking(move || t.open(peer, &name))
+    let opened = tokio::task::spawn_blocking(move || t.open(peer, local, &name))
         .await
         .map_err(|_| Vec::new())??;
     let Opened { source, fill } = opened;
@@ -117,7 +122,14 @@ async fn run_transfer(
     req: &Admitted,
     listener: &UdpSocket,
 ) -> Outcome {
-    let source = match open(tftp, req.peer, &req.filename).await {
+    // The transfer's own socket first: its address is the one the client reaches us at,
+    // which a generated file may name.
+    let socket = match bind_connected(local_ip, req.peer).await {
+        Ok(s) => s,
+        Err(e) => return Outcome::Io(e),
+    };
+    let local = socket.local_addr().ok();
+    let source = match open(tftp, req.peer, local, &req.filename).await {
         Ok(s) => s,
         Err(packet) => {
             if !packet.is_empty() {
@@ -126,21 +138,26 @@ async fn run_transfer(
             return Outcome::Refused;
         }
     };
-    match drive(tftp, local_ip, req, &source).await {
+    match drive(tftp, socket, local, req, &source).await {
         Ok(ev) => Outcome::Event(ev),
         Err(e) => Outcome::Io(e),
     }
 }
 
+async fn bind_connected(local_ip: IpAddr, peer: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
+    socket.connect(peer).await?;
+    Ok(socket)
+}
+
 async fn drive(
     tftp: &Tftp,
-    local_ip: IpAddr,
+    socket: UdpSocket,
+    local: Option<SocketAddr>,
     req: &Admitted,
     source: &Source,
 ) -> io::Result<Event> {
-    let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
-    socket.connect(req.peer).await?;
-    let mut t = tftp.new_transfer(req, source, socket.local_addr().ok());
+    let mut t = tftp.new_transfer(req, source, local);
     let mut out = vec![0u8; t.buffer_len()];
     let mut inp = vec![0u8; 1024];
     loop {

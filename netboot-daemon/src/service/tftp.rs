@@ -398,8 +398,15 @@ pub(crate) enum Outcome {
 /// boot flow's iPXE script). Called on the driver's thread: it must not block for long.
 pub trait VirtualFiles: Send + Sync {
     /// The content of `path` (relative, `/`-separated, any MAC directory removed) for the
-    /// client at `client`, whose MAC is `mac` when known; `None` when `path` is not one.
-    fn generate(&self, client: SocketAddr, mac: Option<MacAddr>, path: &str) -> Option<Vec<u8>>;
+    /// client at `client`, whose MAC is `mac` when known, reaching this host at `server`;
+    /// `None` when `path` is not one.
+    fn generate(
+        &self,
+        client: SocketAddr,
+        server: Option<IpAddr>,
+        mac: Option<MacAddr>,
+        path: &str,
+    ) -> Option<Vec<u8>>;
 }
 
 /// Splits a leading MAC directory off a normalised path: `52-54-00-12-34-56/ipxe.efi`
@@ -686,7 +693,13 @@ impl Tftp {
     /// Resolves a request inside the root and opens it (blocking: path lookup, `open`,
     /// `fstat`, no file data is read). On failure the returned ERROR packet is for the
     /// client, and the refusal is counted.
-    pub(crate) fn open(&self, peer: SocketAddr, filename: &str) -> Result<Opened, Vec<u8>> {
+    /// `local` is the transfer socket's address, the one the client reaches us at.
+    pub(crate) fn open(
+        &self,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        filename: &str,
+    ) -> Result<Opened, Vec<u8>> {
         let rel = jail::normalise(filename);
         let mac_dir = rel.as_deref().ok().and_then(split_mac_dir);
         if let (Some((mac, _)), Some(b)) = (mac_dir, &self.bindings) {
@@ -714,7 +727,7 @@ impl Tftp {
                     rel.as_str(),
                 ),
             };
-            if let Some(data) = files.generate(peer, mac, rest) {
+            if let Some(data) = files.generate(peer, local.map(|a| a.ip()), mac, rest) {
                 return Ok(Opened {
                     source: Source::Memory(data.into()),
                     fill: None,

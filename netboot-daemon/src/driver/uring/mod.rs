@@ -582,14 +582,8 @@ impl Driver {
         let peer = req.peer;
         let span = tracing::debug_span!("tftp", %peer, file = %req.filename);
         let entered = span.enter();
-        let opened = match self.tftp.open(peer, &req.filename) {
-            Ok(o) => o,
-            Err(packet) => {
-                self.send_listener(peer, &packet);
-                self.tftp.finished(now, peer, Outcome::Refused);
-                return;
-            }
-        };
+        // The transfer's own socket first: its address is the one the client reaches us
+        // at, which a generated file may name.
         let socket = match UdpSocket::bind(SocketAddr::new(self.local_ip, 0))
             .and_then(|s| s.connect(peer).map(|()| s))
         {
@@ -599,13 +593,20 @@ impl Driver {
                 return;
             }
         };
+        let local = socket.local_addr().ok();
+        let opened = match self.tftp.open(peer, local, &req.filename) {
+            Ok(o) => o,
+            Err(packet) => {
+                self.send_listener(peer, &packet);
+                self.tftp.finished(now, peer, Outcome::Refused);
+                return;
+            }
+        };
         if self.opts.no_udp_checksum {
             let _ = msg::set_no_udp_checksum(&socket);
         }
         let gso_max = msg::max_unfragmented_payload(&socket).unwrap_or(0);
-        let transfer = self
-            .tftp
-            .new_transfer(&req, &opened.source, socket.local_addr().ok());
+        let transfer = self.tftp.new_transfer(&req, &opened.source, local);
         drop(entered);
         let generation = self.next_generation;
         self.next_generation = (generation + 1) & 0xff_ffff;
