@@ -13,14 +13,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Mutex, PoisonError};
 
-use serde::Serialize;
-
 use crate::mac::MacAddr;
 use crate::time::Timestamp;
 
 /// Where a binding comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// A DHCP/proxyDHCP request sent from, or naming, the address.
     Dhcp,
@@ -33,7 +30,7 @@ pub enum Source {
 }
 
 /// One IP → MAC binding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Binding {
     /// The client.
     pub mac: MacAddr,
@@ -137,22 +134,12 @@ mod tests {
     fn the_newest_observation_wins_and_says_where_it_came_from() {
         let b = Bindings::default();
         let ip: IpAddr = "192.0.2.10".parse().expect("ip");
-        b.learn(
-            ip,
-            mac("52:54:00:00:00:01"),
-            Source::Dhcp,
-            Timestamp::from_unix_millis(1),
-        );
-        b.learn(
-            ip,
-            mac("52:54:00:00:00:02"),
-            Source::Http,
-            Timestamp::from_unix_millis(2),
-        );
+        b.learn(ip, mac("52:54:00:00:00:01"), Source::Dhcp, Timestamp(1));
+        b.learn(ip, mac("52:54:00:00:00:02"), Source::Http, Timestamp(2));
         let got = b.lookup(ip).expect("bound");
         assert_eq!(got.mac, mac("52:54:00:00:00:02"));
         assert_eq!(got.source, Source::Http);
-        assert_eq!(got.since, Timestamp::from_unix_millis(2));
+        assert_eq!(got.since, Timestamp(2));
         let mapped: IpAddr = "::ffff:192.0.2.10".parse().expect("ip");
         assert_eq!(
             b.lookup(mapped).map(|b| b.mac),
@@ -162,7 +149,7 @@ mod tests {
             "127.0.0.1".parse().expect("ip"),
             mac("52:54:00:00:00:03"),
             Source::Http,
-            Timestamp::from_unix_millis(3),
+            Timestamp(3),
         );
         assert!(
             b.map.lock().expect("lock").len() == 1,

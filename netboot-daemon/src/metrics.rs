@@ -83,15 +83,20 @@ impl Exposition {
             unit.is_none_or(|u| name.ends_with(u)),
             "{name}: unit {unit:?}"
         );
-        let (typ, exposed) = match (self.format, kind) {
-            (Format::OpenMetrics, Kind::Counter) => ("counter", name.to_owned()),
-            (Format::OpenMetrics, Kind::Gauge) => ("gauge", name.to_owned()),
-            (Format::OpenMetrics, Kind::Histogram) => ("histogram", name.to_owned()),
-            (Format::OpenMetrics, Kind::Info) => ("info", name.to_owned()),
-            (Format::Prometheus, Kind::Counter) => ("counter", format!("{name}_total")),
-            (Format::Prometheus, Kind::Gauge) => ("gauge", name.to_owned()),
-            (Format::Prometheus, Kind::Histogram) => ("histogram", name.to_owned()),
-            (Format::Prometheus, Kind::Info) => ("gauge", format!("{name}_info")),
+        let prometheus = self.format == Format::Prometheus;
+        let typ = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+            // The Prometheus text format has no info type: a gauge of 1.
+            Kind::Info if prometheus => "gauge",
+            Kind::Info => "info",
+        };
+        // Prometheus text names a family by its sample name; OpenMetrics without suffix.
+        let exposed = match kind {
+            Kind::Counter if prometheus => format!("{name}_total"),
+            Kind::Info if prometheus => format!("{name}_info"),
+            _ => name.to_owned(),
         };
         let _ = writeln!(self.out, "# HELP {exposed} {}", escape_help(help));
         let _ = writeln!(self.out, "# TYPE {exposed} {typ}");
@@ -200,7 +205,7 @@ pub const DURATION_BUCKETS: &[f64] = &[
 ];
 
 /// Durations recorded in an HDR histogram (microseconds, 3 significant digits, up to an
-/// hour, longer values clamped), exposed as Prometheus buckets and as quantiles.
+/// hour, longer values clamped), exposed as Prometheus buckets.
 #[derive(Debug)]
 pub struct DurationHistogram {
     hdr: Mutex<hdrhistogram::Histogram<u64>>,
@@ -232,14 +237,6 @@ impl DurationHistogram {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .saturating_record(us.clamp(1, MAX_US));
-    }
-
-    /// Number of recorded durations.
-    pub fn count(&self) -> u64 {
-        self.hdr
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
     }
 
     /// The duration at quantile `q` (0..=1), or `None` when nothing was recorded.

@@ -19,11 +19,6 @@ impl Timestamp {
         Self(i64::try_from(ns / 1_000_000).unwrap_or(i64::MAX))
     }
 
-    /// The time `ms` milliseconds after the Unix epoch.
-    pub const fn from_unix_millis(ms: i64) -> Self {
-        Self(ms)
-    }
-
     /// Milliseconds since the Unix epoch.
     pub const fn as_millis(self) -> i64 {
         self.0

@@ -7,10 +7,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::{ApiError, AppState, Auth, VERSION, blocking};
+use super::{AppState, Auth, VERSION, blocking};
 use crate::metrics::{Exposition, Format, Kind};
 use crate::service::tftp::TransferRecord;
-use crate::store::{DeviceQuery, PageQuery};
 
 /// The daemon's metrics, as OpenMetrics when the scraper asks for it (Prometheus does),
 /// otherwise in the Prometheus text format.
@@ -21,19 +20,7 @@ pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default(),
     );
-    let inventory = blocking(&state, |s| {
-        let one = PageQuery {
-            limit: 1,
-            offset: 0,
-        };
-        let devices = s.list_devices(&DeviceQuery {
-            page: one,
-            ..DeviceQuery::default()
-        })?;
-        let unknown = s.list_unknown_devices(&one)?;
-        Ok((devices.total, unknown.total))
-    })
-    .await;
+    let inventory = blocking(&state, |s| s.device_counts()).await;
     let mut e = Exposition::new(format);
     e.family("netboot_build", Kind::Info, None, "The running netbootd.");
     e.info("netboot_build", &[("version", VERSION)]);
@@ -75,14 +62,12 @@ pub(super) struct TftpTransfers {
 pub(super) async fn tftp_transfers(
     State(state): State<AppState>,
     _auth: Auth,
-) -> Result<axum::Json<TftpTransfers>, ApiError> {
-    let (active, recent) = state
-        .tftp()
-        .map(|t| t.transfers_snapshot())
-        .unwrap_or_default();
-    Ok(axum::Json(TftpTransfers {
-        enabled: state.tftp().is_some(),
+) -> axum::Json<TftpTransfers> {
+    let tftp = state.tftp();
+    let (active, recent) = tftp.map(|t| t.transfers_snapshot()).unwrap_or_default();
+    axum::Json(TftpTransfers {
+        enabled: tftp.is_some(),
         active,
         recent,
-    }))
+    })
 }

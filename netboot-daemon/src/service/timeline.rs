@@ -95,7 +95,7 @@ mod tests {
             blksize: 1468,
             windowsize: 4,
             size: Some(1_048_576),
-            started_at: Timestamp::from_unix_millis(1),
+            started_at: Timestamp(1),
             state,
             detail: None,
             bytes: if state == TransferState::Done {

@@ -150,6 +150,8 @@ pub trait Store: Send + Sync + 'static {
     fn record_sighting(&self, s: &Sighting) -> Result<SightingOutcome>;
 
     // Unknown devices.
+    /// How many devices are registered, and how many seen but not registered.
+    fn device_counts(&self) -> Result<(u64, u64)>;
     /// Clients seen on the network that are not registered.
     fn list_unknown_devices(&self, page: &PageQuery) -> Result<Page<UnknownDevice>>;
     /// One unknown device.

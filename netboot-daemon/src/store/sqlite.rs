@@ -703,6 +703,17 @@ impl Store for Sqlite {
         })
     }
 
+    fn device_counts(&self) -> Result<(u64, u64)> {
+        self.read(|c| {
+            let (known, unknown): (i64, i64) = c.query_row(
+                "SELECT (SELECT count(*) FROM devices), (SELECT count(*) FROM unknown_devices)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            Ok((known.unsigned_abs(), unknown.unsigned_abs()))
+        })
+    }
+
     fn list_unknown_devices(&self, page: &PageQuery) -> Result<Page<UnknownDevice>> {
         self.read(|c| {
             let total: i64 = c.query_row("SELECT count(*) FROM unknown_devices", [], |r| r.get(0))?;

@@ -224,6 +224,7 @@ fn sightings_fill_unknown_devices_then_registration_takes_them_over() {
             .expect("s"),
         SightingOutcome::Unknown { first: false }
     );
+    assert_eq!(s.device_counts().expect("counts"), (0, 1));
     let u = s.get_unknown_device(m).expect("unknown");
     assert_eq!(
         (u.seen_count, u.arch, u.first_seen, u.last_seen),
@@ -237,6 +238,7 @@ fn sightings_fill_unknown_devices_then_registration_takes_them_over() {
         (Arch::BiosX86, Some(at), Some(Timestamp(2_000)))
     );
     assert!(s.get_unknown_device(m).is_err());
+    assert_eq!(s.device_counts().expect("counts"), (1, 0));
     assert_eq!(
         s.record_sighting(&sight(Timestamp(3_000), None))
             .expect("s"),
