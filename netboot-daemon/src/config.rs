@@ -264,7 +264,7 @@ impl Default for TftpConfig {
         Self {
             enabled: true,
             listen: SocketAddr::from(([0, 0, 0, 0], 69)),
-            max_blksize: 65464,
+            max_blksize: crate::tftp::transfer::MAX_BLKSIZE,
             max_windowsize: 64,
             timeout_ms: 1000,
             max_retries: 5,
@@ -293,7 +293,7 @@ impl Default for EbpfConfig {
     fn default() -> Self {
         Self {
             interfaces: Vec::new(),
-            max_entries: 16_384,
+            max_entries: netboot_common::DEFAULT_MAX_MACS,
         }
     }
 }

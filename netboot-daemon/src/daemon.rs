@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use netboot_common::{PORT_DHCP_CLIENT, PORT_DHCP_SERVER, PORT_PXE_PROXY};
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, Services, VERSION};
@@ -194,7 +195,7 @@ fn start_dhcp(
         tracing::info!("DHCP off (dhcp.mode = \"off\")");
         return None;
     }
-    let listeners = match dhcp_service::bind(&d.interfaces, 67, 4011) {
+    let listeners = match dhcp_service::bind(&d.interfaces, PORT_DHCP_SERVER, PORT_PXE_PROXY) {
         Ok(l) if !l.is_empty() => l,
         Ok(_) => {
             tracing::warn!(interfaces = ?d.interfaces, "proxyDHCP has no interface to listen on");
@@ -216,7 +217,8 @@ fn start_dhcp(
         uefi_arm64: opt(&d.uefi_arm64_file),
     };
     let service = Arc::new(
-        ProxyDhcp::new(Arc::clone(store), http_port, files, 68).with_bindings(Arc::clone(bindings)),
+        ProxyDhcp::new(Arc::clone(store), http_port, files, PORT_DHCP_CLIENT)
+            .with_bindings(Arc::clone(bindings)),
     );
     Some(tokio::spawn(service.serve(listeners, stop)))
 }

@@ -73,12 +73,27 @@ pub enum Ignored {
     Arch,
 }
 
+/// Where a reply goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// To the relay agent that forwarded the request (`giaddr`), on the server port.
+    Relay(Ipv4Addr),
+    /// Back to where the request came from: a client that has its address (a request on
+    /// port 4011, or with `ciaddr` set).
+    Source,
+    /// Broadcast on the client port (the client has no address yet).
+    Broadcast,
+}
+
 /// A reply to send, and what the request told about the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     /// The message.
     pub message: Message,
-    /// Send it to the broadcast address (the client has no address yet, or asked for it).
+    /// Where to send it.
+    pub to: Destination,
+    /// The broadcast flag is set in the reply (the client has no address yet, or asked
+    /// for it).
     pub broadcast: bool,
     /// The client.
     pub client: Client,
@@ -106,6 +121,23 @@ pub fn boot_file(client: &Client, ctx: &Context) -> Option<String> {
         Some(format!("{http}/files/tftp/{file}"))
     } else {
         Some(file)
+    }
+}
+
+/// The address a request shows its client has, if any: `ciaddr`, else the datagram's
+/// `source` when the request did not come through a relay.
+pub fn client_address(req: &Message, source: Ipv4Addr) -> Option<Ipv4Addr> {
+    match req.ciaddr() {
+        ip if !ip.is_unspecified() => Some(ip),
+        _ if req.giaddr().is_unspecified() && !source.is_unspecified() => Some(source),
+        _ => None,
+    }
+}
+
+impl Reply {
+    /// True for a DHCPACK (port 4011), false for a DHCPOFFER.
+    pub fn is_ack(&self) -> bool {
+        self.message.opts().msg_type() == Some(MessageType::Ack)
     }
 }
 
@@ -156,8 +188,16 @@ pub fn handle(req: &Message, port: Port, ctx: &Context) -> Result<Reply, Ignored
     if broadcast {
         m.set_flags(Flags::default().set_broadcast());
     }
+    let to = if !req.giaddr().is_unspecified() {
+        Destination::Relay(req.giaddr())
+    } else if port == Port::Pxe || !req.ciaddr().is_unspecified() {
+        Destination::Source
+    } else {
+        Destination::Broadcast
+    };
     Ok(Reply {
         message: m,
+        to,
         broadcast,
         client,
         boot_file: file,

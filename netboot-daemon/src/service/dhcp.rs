@@ -9,13 +9,14 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dhcproto::v4::{Decodable as _, Decoder, Encodable as _, Encoder, Message, MessageType};
+use dhcproto::v4::{Decodable as _, Decoder, Encodable as _, Encoder, Message};
+use netboot_common::PORT_DHCP_SERVER;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::bindings::{Bindings, Source as BindingSource};
-use crate::dhcp::proxy::{self, BootFiles, Context, Port};
+use crate::dhcp::proxy::{self, BootFiles, Context, Destination, Port};
 use crate::store::{EventSource, NewBootEvent, Sighting, Store};
 use crate::time::Timestamp;
 
@@ -154,6 +155,11 @@ impl ProxyDhcp {
             Port::Pxe => &l.pxe,
         };
         let mut buf = vec![0u8; 1500];
+        let ctx = Context {
+            server: l.ip,
+            http_port: self.http_port,
+            files: self.files.clone(),
+        };
         loop {
             let (n, from) = match socket.recv_from(&mut buf).await {
                 Ok(x) => x,
@@ -167,11 +173,6 @@ impl ProxyDhcp {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let ctx = Context {
-                server: l.ip,
-                http_port: self.http_port,
-                files: self.files.clone(),
-            };
             let reply = match proxy::handle(&msg, port, &ctx) {
                 Ok(r) => r,
                 Err(why) => {
@@ -180,37 +181,28 @@ impl ProxyDhcp {
                     continue;
                 }
             };
-            if let Some(b) = &self.bindings {
-                // A client that already has its address sends from it (port 4011) or
-                // names it in ciaddr.
-                let client_ip = match msg.ciaddr() {
-                    ip if !ip.is_unspecified() => Some(ip),
-                    _ if giaddr_unset(&msg) => match from {
-                        SocketAddr::V4(v4) if !v4.ip().is_unspecified() => Some(*v4.ip()),
-                        _ => None,
-                    },
-                    _ => None,
-                };
-                if let Some(ip) = client_ip {
-                    b.learn(
-                        ip.into(),
-                        reply.client.mac,
-                        BindingSource::Dhcp,
-                        Timestamp::now(),
-                    );
-                }
+            if let (Some(b), SocketAddr::V4(source)) = (&self.bindings, from)
+                && let Some(ip) = proxy::client_address(&msg, *source.ip())
+            {
+                b.learn(
+                    ip.into(),
+                    reply.client.mac,
+                    BindingSource::Dhcp,
+                    Timestamp::now(),
+                );
             }
             let mut out = Vec::with_capacity(600);
             if reply.message.encode(&mut Encoder::new(&mut out)).is_err() {
                 continue;
             }
-            let giaddr = msg.giaddr();
-            let to = if !giaddr.is_unspecified() {
-                SocketAddr::V4(SocketAddrV4::new(giaddr, 67))
-            } else if port == Port::Pxe || !msg.ciaddr().is_unspecified() {
-                from
-            } else {
-                SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::BROADCAST, self.client_port))
+            let to = match reply.to {
+                Destination::Relay(relay) => {
+                    SocketAddr::V4(SocketAddrV4::new(relay, PORT_DHCP_SERVER))
+                }
+                Destination::Source => from,
+                Destination::Broadcast => {
+                    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::BROADCAST, self.client_port))
+                }
             };
             match socket.send_to(&out, to).await {
                 Ok(_) => {
@@ -219,12 +211,12 @@ impl ProxyDhcp {
                 Err(e) => tracing::debug!(error = %e, %to, "dhcp send failed"),
             }
             tracing::debug!(mac = %reply.client.mac, iface = %l.iface, file = %reply.boot_file, "proxyDHCP answered");
-            self.record(&reply, msg.opts().msg_type(), l).await;
+            self.record(&reply, l).await;
         }
     }
 
     /// Records the client as seen and puts the exchange on its timeline.
-    async fn record(&self, reply: &proxy::Reply, kind: Option<MessageType>, l: &Listener) {
+    async fn record(&self, reply: &proxy::Reply, l: &Listener) {
         let store = Arc::clone(&self.store);
         let c = reply.client.clone();
         let detail = format!(
@@ -234,7 +226,7 @@ impl ProxyDhcp {
             c.arch.map_or_else(|| "-".to_owned(), |a| a.0.to_string()),
             reply.boot_file
         );
-        let kind = if kind == Some(MessageType::Request) {
+        let kind = if reply.is_ack() {
             "dhcp_pxe_ack"
         } else {
             "dhcp_proxy_offer"
@@ -264,10 +256,4 @@ impl ProxyDhcp {
             tracing::warn!(error = %e, "recording a DHCP exchange failed");
         }
     }
-}
-
-/// True when the request came straight from the client, not through a relay (whose
-/// address is then the datagram's source).
-fn giaddr_unset(msg: &Message) -> bool {
-    msg.giaddr().is_unspecified()
 }

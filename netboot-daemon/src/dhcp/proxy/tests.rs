@@ -248,3 +248,47 @@ fn client_facts_are_read_for_the_inventory() {
     assert_eq!(c.vendor, Some(Vendor::Pxe));
     assert!(!c.ipxe);
 }
+
+#[test]
+fn replies_go_to_the_relay_the_client_or_the_link() {
+    let pxe = Some("PXEClient:Arch:00007:UNDI:003016");
+    let discover = request(MessageType::Discover, pxe, Some(7), &[]);
+    let r = handle(&discover, Port::Dhcp, &ctx()).expect("offer");
+    assert_eq!((r.to, r.is_ack()), (Destination::Broadcast, false));
+    let r = handle(
+        &request(MessageType::Request, pxe, Some(7), &[]),
+        Port::Pxe,
+        &ctx(),
+    )
+    .expect("ack");
+    assert_eq!((r.to, r.is_ack()), (Destination::Source, true));
+    // An INFORM on 4011 is answered with an ACK too.
+    let r = handle(
+        &request(MessageType::Inform, pxe, Some(7), &[]),
+        Port::Pxe,
+        &ctx(),
+    )
+    .expect("ack");
+    assert!(r.is_ack());
+    let relay = Ipv4Addr::new(10, 9, 0, 1);
+    let mut relayed = discover.clone();
+    relayed.set_giaddr(relay);
+    let r = handle(&relayed, Port::Dhcp, &ctx()).expect("offer");
+    assert_eq!(r.to, Destination::Relay(relay));
+
+    // The client's own address: ciaddr, else the source unless relayed.
+    let source = Ipv4Addr::new(10, 0, 0, 50);
+    assert_eq!(client_address(&discover, source), Some(source));
+    assert_eq!(client_address(&discover, Ipv4Addr::UNSPECIFIED), None);
+    assert_eq!(client_address(&relayed, relay), None);
+    let mut with_ciaddr = discover;
+    with_ciaddr.set_ciaddr(Ipv4Addr::new(10, 0, 0, 77));
+    assert_eq!(
+        client_address(&with_ciaddr, source),
+        Some(Ipv4Addr::new(10, 0, 0, 77))
+    );
+    assert_eq!(
+        handle(&with_ciaddr, Port::Dhcp, &ctx()).expect("offer").to,
+        Destination::Source
+    );
+}
