@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::bindings::{Bindings, Source as BindingSource};
 use crate::dhcp::proxy::{self, BootFiles, Context, Destination, Port};
+use crate::service::timeline;
 use crate::store::{EventSource, NewBootEvent, Sighting, Store};
 use crate::time::Timestamp;
 
@@ -217,8 +218,7 @@ impl ProxyDhcp {
 
     /// Records the client as seen and puts the exchange on its timeline.
     async fn record(&self, reply: &proxy::Reply, l: &Listener) {
-        let store = Arc::clone(&self.store);
-        let c = reply.client.clone();
+        let c = &reply.client;
         let detail = format!(
             "proxyDHCP on {}: {} (arch {}), boot file {}",
             l.iface,
@@ -231,29 +231,22 @@ impl ProxyDhcp {
         } else {
             "dhcp_proxy_offer"
         };
-        let r = tokio::task::spawn_blocking(move || {
-            let at = Timestamp::now();
-            let arch = c.arch.and_then(crate::dhcp::pxe::ClientArch::arch);
-            store.record_sighting(&Sighting {
-                mac: c.mac,
-                at,
-                arch,
-                ip: None,
-                vendor_class: c.vendor_class.clone(),
-            })?;
-            let ev = NewBootEvent {
-                mac: c.mac,
-                at,
-                source: EventSource::Dhcp,
-                kind: kind.into(),
-                detail,
-                ip: None,
-            };
-            store.add_event(&ev).map(|_| ())
-        })
-        .await;
-        if let Ok(Err(e)) = r {
-            tracing::warn!(error = %e, "recording a DHCP exchange failed");
-        }
+        let at = Timestamp::now();
+        let sighting = Sighting {
+            mac: c.mac,
+            at,
+            arch: c.arch.and_then(crate::dhcp::pxe::ClientArch::arch),
+            ip: None,
+            vendor_class: c.vendor_class.clone(),
+        };
+        let event = NewBootEvent {
+            mac: c.mac,
+            at,
+            source: EventSource::Dhcp,
+            kind: kind.into(),
+            detail,
+            ip: None,
+        };
+        timeline::record(Arc::clone(&self.store), sighting, event).await;
     }
 }

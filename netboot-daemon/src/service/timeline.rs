@@ -7,8 +7,30 @@ use tokio::sync::mpsc;
 use crate::bindings::Bindings;
 use crate::mac::MacAddr;
 use crate::service::tftp::{TransferRecord, TransferState};
-use crate::store::{EventSource, NewBootEvent, Sighting, Store};
+use crate::store::{self, EventSource, NewBootEvent, Sighting, Store};
 use crate::time::Timestamp;
+
+/// Records a client as seen and puts `event` on its timeline (blocking: the store).
+pub(crate) fn record_blocking(
+    store: &dyn Store,
+    sighting: &Sighting,
+    event: &NewBootEvent,
+) -> store::Result<()> {
+    store.record_sighting(sighting)?;
+    store.add_event(event).map(|_| ())
+}
+
+/// [`record_blocking`] on the blocking pool; a failure is logged, not returned (the
+/// service goes on).
+pub(crate) async fn record(store: Arc<dyn Store>, sighting: Sighting, event: NewBootEvent) {
+    let kind = event.kind.clone();
+    let res =
+        tokio::task::spawn_blocking(move || record_blocking(store.as_ref(), &sighting, &event))
+            .await;
+    if let Ok(Err(error)) = res {
+        tracing::warn!(%error, kind, "recording a boot event failed");
+    }
+}
 
 /// Puts each ended TFTP transfer on the timeline of the device it was for: the client's
 /// address is resolved to a MAC through the bindings (DHCP, HTTP, neighbour table).
@@ -19,23 +41,22 @@ pub async fn record_tftp_transfers(
     mut records: mpsc::Receiver<TransferRecord>,
 ) {
     while let Some(r) = records.recv().await {
-        let Some(binding) = bindings.lookup(r.client.ip()) else {
-            tracing::debug!(client = %r.client, file = %r.file, "TFTP transfer of a client whose MAC is unknown");
-            continue;
-        };
-        let store = Arc::clone(&store);
+        let (store, bindings) = (Arc::clone(&store), Arc::clone(&bindings));
+        // The lookup may read the kernel's neighbour table: blocking too.
         let res = tokio::task::spawn_blocking(move || {
+            let Some(binding) = bindings.lookup(r.client.ip()) else {
+                tracing::debug!(client = %r.client, file = %r.file, "TFTP transfer of a client whose MAC is unknown");
+                return Ok(());
+            };
             let at = Timestamp::now();
-            store.record_sighting(&Sighting {
+            let sighting = Sighting {
                 mac: binding.mac,
                 at,
                 arch: None,
                 ip: Some(r.client.ip().to_string()),
                 vendor_class: None,
-            })?;
-            store
-                .add_event(&tftp_event(binding.mac, at, &r))
-                .map(|_| ())
+            };
+            record_blocking(store.as_ref(), &sighting, &tftp_event(binding.mac, at, &r))
         })
         .await;
         if let Ok(Err(error)) = res {
