@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dhcp::proxy::BootFiles;
+
 /// The sample configuration shipped in `docs/netboot.toml`; a test parses it.
 pub const SAMPLE: &str = include_str!("../../docs/netboot.toml");
 
@@ -203,13 +205,27 @@ pub struct DhcpConfig {
 
 impl Default for DhcpConfig {
     fn default() -> Self {
+        let files = BootFiles::default();
         Self {
             mode: DhcpMode::Proxy,
             interfaces: Vec::new(),
-            bios_file: "undionly.kpxe".into(),
-            uefi_x64_file: "ipxe.efi".into(),
-            uefi_ia32_file: String::new(),
-            uefi_arm64_file: "ipxe-arm64.efi".into(),
+            bios_file: files.bios,
+            uefi_x64_file: files.uefi_x64,
+            uefi_ia32_file: files.uefi_ia32.unwrap_or_default(),
+            uefi_arm64_file: files.uefi_arm64.unwrap_or_default(),
+        }
+    }
+}
+
+impl DhcpConfig {
+    /// The firmware boot files ("" is none).
+    pub fn boot_files(&self) -> BootFiles {
+        let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        BootFiles {
+            bios: self.bios_file.clone(),
+            uefi_x64: self.uefi_x64_file.clone(),
+            uefi_ia32: opt(&self.uefi_ia32_file),
+            uefi_arm64: opt(&self.uefi_arm64_file),
         }
     }
 }

@@ -15,7 +15,6 @@ use crate::bindings::Bindings;
 use crate::boot::tftp::BootScripts;
 use crate::config::DhcpMode;
 use crate::config::Validated;
-use crate::dhcp::proxy::BootFiles;
 use crate::driver;
 use crate::ebpf::Accounting;
 use crate::service::dhcp::{self as dhcp_service, ProxyDhcp};
@@ -127,6 +126,7 @@ pub async fn serve(
         cfg.clone(),
         Services {
             tftp: tftp_service,
+            dhcp: dhcp.as_ref().map(|(service, _)| Arc::clone(service)),
             bindings,
         },
     );
@@ -168,7 +168,7 @@ pub async fn serve(
     if let Some(running) = tftp {
         running.stop().await;
     }
-    if let Some(task) = dhcp {
+    if let Some((_, task)) = dhcp {
         let _ = task.await;
     }
     housekeeping.abort();
@@ -189,7 +189,7 @@ fn start_dhcp(
     bindings: &Arc<Bindings>,
     http_port: u16,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> Option<tokio::task::JoinHandle<()>> {
+) -> Option<(Arc<ProxyDhcp>, tokio::task::JoinHandle<()>)> {
     let d = &cfg.config.dhcp;
     if d.mode == DhcpMode::Off {
         tracing::info!("DHCP off (dhcp.mode = \"off\")");
@@ -209,18 +209,17 @@ fn start_dhcp(
     for l in &listeners {
         tracing::info!(iface = %l.iface, ip = %l.ip, "proxyDHCP listening (ports 67 and 4011)");
     }
-    let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-    let files = BootFiles {
-        bios: d.bios_file.clone(),
-        uefi_x64: d.uefi_x64_file.clone(),
-        uefi_ia32: opt(&d.uefi_ia32_file),
-        uefi_arm64: opt(&d.uefi_arm64_file),
-    };
     let service = Arc::new(
-        ProxyDhcp::new(Arc::clone(store), http_port, files, PORT_DHCP_CLIENT)
-            .with_bindings(Arc::clone(bindings)),
+        ProxyDhcp::new(
+            Arc::clone(store),
+            http_port,
+            d.boot_files(),
+            PORT_DHCP_CLIENT,
+        )
+        .with_bindings(Arc::clone(bindings)),
     );
-    Some(tokio::spawn(service.serve(listeners, stop)))
+    let task = tokio::spawn(Arc::clone(&service).serve(listeners, stop));
+    Some((service, task))
 }
 
 /// Loads the eBPF program and attaches it to the configured interfaces. Failure is not

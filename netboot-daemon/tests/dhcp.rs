@@ -257,6 +257,19 @@ async fn proxy_dhcp_answers_pxe_clients_in_a_namespace() {
             "PXEClient:Arch:00007:UNDI:003016"
         })
     );
+    // The counters as /metrics exposes them.
+    let mut e =
+        netboot_daemon::metrics::Exposition::new(netboot_daemon::metrics::Format::Prometheus);
+    service.write_metrics(&mut e);
+    let text = e.finish();
+    let answered = service.stats.replies.load(Ordering::Relaxed);
+    assert!(answered >= 2, "{answered}");
+    assert!(
+        text.contains(&format!(
+            "netboot_dhcp_datagrams_total{{result=\"answered\"}} {answered}\n"
+        )),
+        "{text}"
+    );
     let _ = stop.send(true);
     task.await.expect("serve task");
     drop(lab);

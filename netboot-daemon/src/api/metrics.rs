@@ -38,6 +38,9 @@ pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
         );
         e.gauge("netboot_devices", &[("state", "unknown")], unknown as f64);
     }
+    if let Some(dhcp) = state.dhcp() {
+        dhcp.write_metrics(&mut e);
+    }
     if let Some(tftp) = state.tftp() {
         tftp.write_metrics(&mut e);
     }

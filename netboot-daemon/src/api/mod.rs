@@ -39,6 +39,7 @@ pub use self::system::{AuditParams, Check, EventParams, Health, VERSION, Version
 use crate::auth::LoginThrottle;
 use crate::bindings::Bindings;
 use crate::config::{Config, Paths, Validated};
+use crate::service::dhcp::ProxyDhcp;
 use crate::service::tftp::Tftp;
 use crate::store::Store;
 
@@ -58,6 +59,8 @@ struct Inner {
 pub struct Services {
     /// The TFTP service, when it runs (transfers, metrics).
     pub tftp: Option<Arc<Tftp>>,
+    /// The proxyDHCP service, when it runs (metrics).
+    pub dhcp: Option<Arc<ProxyDhcp>>,
     /// Client address → MAC bindings (the boot routes learn them).
     pub bindings: Arc<Bindings>,
 }
@@ -105,6 +108,11 @@ impl AppState {
     /// The TFTP service, when it runs.
     pub fn tftp(&self) -> Option<&Arc<Tftp>> {
         self.0.services.tftp.as_ref()
+    }
+
+    /// The proxyDHCP service, when it runs.
+    pub fn dhcp(&self) -> Option<&Arc<ProxyDhcp>> {
+        self.0.services.dhcp.as_ref()
     }
 
     /// Client address → MAC bindings.

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::bindings::{Bindings, Source as BindingSource};
 use crate::dhcp::proxy::{self, BootFiles, Context, Destination, Port};
+use crate::metrics::{Exposition, Kind};
 use crate::service::timeline;
 use crate::store::{EventSource, NewBootEvent, Sighting, Store};
 use crate::time::Timestamp;
@@ -123,6 +124,35 @@ impl ProxyDhcp {
             bindings: None,
             stats: Stats::default(),
         }
+    }
+
+    /// Writes the service's metric families.
+    pub fn write_metrics(&self, e: &mut Exposition) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let st = &self.stats;
+        e.family("netboot_dhcp_datagrams", Kind::Counter, None, "Datagrams on the proxyDHCP ports (67, 4011) by what became of them: answered, ignored (not PXE or not for proxyDHCP, left to the DHCP server), malformed.");
+        e.counter(
+            "netboot_dhcp_datagrams",
+            &[("result", "answered")],
+            load(&st.replies),
+        );
+        e.counter(
+            "netboot_dhcp_datagrams",
+            &[("result", "ignored")],
+            load(&st.ignored),
+        );
+        e.counter(
+            "netboot_dhcp_datagrams",
+            &[("result", "malformed")],
+            load(&st.malformed),
+        );
+        e.family(
+            "netboot_dhcp_received_datagrams",
+            Kind::Counter,
+            None,
+            "Datagrams received on the proxyDHCP ports.",
+        );
+        e.counter("netboot_dhcp_received_datagrams", &[], load(&st.received));
     }
 
     /// Records the client address → MAC bindings this service learns into `bindings`.
