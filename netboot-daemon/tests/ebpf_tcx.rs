@@ -200,7 +200,12 @@ fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
     let overflowed = add(totals(&[&c]), egress_sent);
     assert_eq!(overflow, overflowed, "overflow is everything but A and B");
     assert_eq!(
-        small.overflow_count().expect("read overflow") - overflow_before.packets,
+        small
+            .error_counters()
+            .expect("read overflow")
+            .map_full
+            .packets
+            - overflow_before.packets,
         overflowed.0
     );
     let small_all = add(

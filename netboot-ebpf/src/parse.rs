@@ -21,7 +21,7 @@ pub(crate) const ETH_SRC: usize = 6;
 /// Offset of the EtherType.
 const ETH_TYPE: usize = 12;
 /// Length of one VLAN tag (IEEE 802.1Q clause 9).
-const VLAN_HLEN: usize = 4;
+pub(crate) const VLAN_HLEN: usize = 4;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;

@@ -14,11 +14,8 @@ use netboot_common::{Counters, EGRESS, INGRESS, MacKey};
 
 use crate::{
     maps::{Error, MAC_STATS, record_error},
-    parse::{self, ETH_DST, ETH_SRC},
+    parse::{self, ETH_DST, ETH_SRC, VLAN_HLEN},
 };
-
-/// Length of an 802.1Q tag.
-const VLAN_HLEN: u64 = 4;
 
 /// `E2BIG`: what a hash map update returns when the map is full.
 const E2BIG: i32 = 7;
@@ -51,7 +48,11 @@ fn frame_bytes(ctx: &TcContext) -> u64 {
     // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to this program, valid for
     // the whole run; `vlan_present` is a readable `__sk_buff` field (the verifier checks it).
     let vlan_present = unsafe { (*ctx.skb.skb).vlan_present };
-    let tag = if vlan_present == 0 { 0 } else { VLAN_HLEN };
+    let tag = if vlan_present == 0 {
+        0
+    } else {
+        VLAN_HLEN as u64
+    };
     u64::from(ctx.len()) + tag
 }
 

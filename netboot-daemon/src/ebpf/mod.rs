@@ -161,8 +161,9 @@ impl Direction {
         }
     }
 
-    /// The value of `MacKey::direction` in the kernel map.
-    pub const fn to_raw(self) -> u8 {
+    /// The value of `MacKey::direction` in the kernel map (the kernel side writes it).
+    #[cfg(test)]
+    const fn to_raw(self) -> u8 {
         match self {
             Self::Ingress => INGRESS,
             Self::Egress => EGRESS,
@@ -218,8 +219,9 @@ impl Service {
         }
     }
 
-    /// The value of `MacKey::service` in the kernel map.
-    pub const fn to_raw(self) -> u8 {
+    /// The value of `MacKey::service` in the kernel map (the kernel side writes it).
+    #[cfg(test)]
+    const fn to_raw(self) -> u8 {
         match self {
             Self::Dhcp => SERVICE_DHCP,
             Self::Tftp => SERVICE_TFTP,
@@ -489,24 +491,12 @@ impl Accounting {
         })
     }
 
-    /// Frames of new clients that were not counted because the per-client table was full.
-    pub fn overflow_count(&self) -> Result<u64, EbpfError> {
-        Ok(self.error_counters()?.map_full.packets)
-    }
-
-    /// Forwards pending kernel log lines to `tracing` (target `netboot_daemon::ebpf::kernel`).
-    ///
-    /// Call it when [`Accounting::log_fd`] is readable, or periodically.
+    /// Forwards pending kernel log lines to `tracing` (target `netboot_daemon::ebpf::kernel`);
+    /// call it periodically.
     pub fn drain_logs(&mut self) {
         if let Some(logger) = &mut self.logger {
             logger.flush();
         }
-    }
-
-    /// The kernel log ring buffer, readable when [`Accounting::drain_logs`] has work;
-    /// `None` if log forwarding is unavailable.
-    pub fn log_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.logger.as_ref().map(|logger| logger.as_fd())
     }
 }
 
