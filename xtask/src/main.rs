@@ -166,10 +166,9 @@ fn promtool() -> anyhow::Result<PathBuf> {
         )
     };
     if !download() {
+        // Package lists may be missing on a fresh machine.
         run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .args(["download", "prometheus"])
-            .current_dir(&debs))?;
+        anyhow::ensure!(download(), "apt-get download prometheus failed");
     }
     let deb = std::fs::read_dir(&debs)?
         .filter_map(Result::ok)
@@ -415,7 +414,10 @@ const FUZZ_TARGETS: &[&str] = &[
 
 /// Runs each fuzz target for `seconds` (libFuzzer through cargo-fuzz, on nightly).
 fn fuzz(tc: &Toolchain, seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
-    if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+    // With the toolchain's PATH (~/.cargo/bin), where `cargo install` puts it.
+    let mut probe = Command::new("cargo");
+    tc.apply(&mut probe);
+    if !succeeds(probe.args(["fuzz", "--version"])) {
         say("installing cargo-fuzz (once)");
         run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
