@@ -83,49 +83,14 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let bindings = Arc::new(Bindings::default());
-    let mut tftp_service = None;
-    let tftp = if cfg.config.tftp.enabled {
-        let listen = cfg.config.tftp.listen;
-        let socket = std::net::UdpSocket::bind(listen).with_context(|| {
-            format!("binding TFTP on {listen} (set tftp.listen, or tftp.enabled = false if another TFTP server runs here)")
-        })?;
-        let tftp_addr = socket
-            .local_addr()
-            .context("reading the TFTP listener address")?;
-        let scripts = BootScripts {
-            name: cfg.config.tftp.ipxe_script.clone(),
-            server_ip: cfg.config.boot_server_ip,
-            http_port: addr.port(),
-        };
-        let service = Arc::new(
-            Tftp::new(&cfg.config.tftp, cfg.paths.tftp.clone())
-                .with_virtual_files(Arc::new(scripts))
-                .with_bindings(Arc::clone(&bindings)),
-        );
-        if let Some(records) = service.observe() {
-            tokio::spawn(timeline::record_tftp_transfers(
-                Arc::clone(&store),
-                Arc::clone(&bindings),
-                records,
-            ));
-        }
-        tftp_service = Some(Arc::clone(&service));
-        let running = driver::start_tftp(service, socket, cfg.config.tftp.driver, stop_rx.clone())
-            .context("starting the TFTP driver")?;
-        tracing::info!(addr = %tftp_addr, root = %cfg.paths.tftp.display(), driver = ?running.kind(), "TFTP listening");
-        Some(running)
-    } else {
-        tracing::info!("TFTP off (tftp.enabled = false)");
-        None
-    };
-
+    let tftp = start_tftp(&cfg, &store, &bindings, addr.port(), stop_rx.clone())?;
     let dhcp = start_dhcp(&cfg, &store, &bindings, addr.port(), stop_rx.clone());
 
     let state = AppState::with_services(
         Arc::clone(&store),
         cfg.clone(),
         Services {
-            tftp: tftp_service,
+            tftp: tftp.as_ref().map(|(service, _)| Arc::clone(service)),
             dhcp: dhcp.as_ref().map(|(service, _)| Arc::clone(service)),
             bindings,
         },
@@ -165,7 +130,7 @@ pub async fn serve(
         })
         .await
         .context("serving HTTP")?;
-    if let Some(running) = tftp {
+    if let Some((_, running)) = tftp {
         running.stop().await;
     }
     if let Some((_, task)) = dhcp {
@@ -179,6 +144,52 @@ pub async fn serve(
     }
     tracing::info!("netbootd stopped");
     Ok(())
+}
+
+/// Starts TFTP when enabled, with the generated iPXE script and the timeline recorder.
+/// Failing to bind the port is fatal: the configuration asked for it.
+fn start_tftp(
+    cfg: &Validated,
+    store: &Arc<dyn Store>,
+    bindings: &Arc<Bindings>,
+    http_port: u16,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<(Arc<Tftp>, driver::Running)>> {
+    let t = &cfg.config.tftp;
+    if !t.enabled {
+        tracing::info!("TFTP off (tftp.enabled = false)");
+        return Ok(None);
+    }
+    let socket = std::net::UdpSocket::bind(t.listen).with_context(|| {
+        format!(
+            "binding TFTP on {} (set tftp.listen, or tftp.enabled = false if another TFTP server runs here)",
+            t.listen
+        )
+    })?;
+    let tftp_addr = socket
+        .local_addr()
+        .context("reading the TFTP listener address")?;
+    let scripts = BootScripts {
+        name: t.ipxe_script.clone(),
+        server_ip: cfg.config.boot_server_ip,
+        http_port,
+    };
+    let service = Arc::new(
+        Tftp::new(t, cfg.paths.tftp.clone())
+            .with_virtual_files(Arc::new(scripts))
+            .with_bindings(Arc::clone(bindings)),
+    );
+    if let Some(records) = service.observe() {
+        tokio::spawn(timeline::record_tftp_transfers(
+            Arc::clone(store),
+            Arc::clone(bindings),
+            records,
+        ));
+    }
+    let running = driver::start_tftp(Arc::clone(&service), socket, t.driver, stop)
+        .context("starting the TFTP driver")?;
+    tracing::info!(addr = %tftp_addr, root = %cfg.paths.tftp.display(), driver = ?running.kind(), "TFTP listening");
+    Ok(Some((service, running)))
 }
 
 /// Starts proxyDHCP on the boot interfaces. Failing to bind is not fatal: netbootd also
