@@ -28,10 +28,17 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::load::own_cpu_seconds;
+use super::load::{own_cpu_seconds, proc_cpu_seconds};
 use super::peers::{self, Binaries, Kind, Launch};
 use super::sandbox::{self, Cgroup, Netns, Server, command, pause, run_timed};
 use super::{DEFAULT_SEED, LoadReport, content};
+
+/// Block sizes of the single-transfer scenario (lock-step).
+const SINGLE_BLKSIZES: [u16; 4] = [512, 1432, 1468, 65464];
+/// Window sizes of the windowed scenario, at [`WINDOW_BLKSIZE`].
+const WINDOWS: [u16; 3] = [4, 16, 64];
+/// Block size of the windowed scenario.
+const WINDOW_BLKSIZE: u16 = 1468;
 
 /// Options of `tftp-compare`.
 #[derive(Debug, Clone, clap::Args)]
@@ -86,6 +93,7 @@ enum Scenario {
 
 /// One measurement.
 #[derive(Debug, Clone, Serialize)]
+
 struct Sample {
     scenario: &'static str,
     server: &'static str,
@@ -114,17 +122,7 @@ impl CpuMeter {
     fn seconds(&self) -> anyhow::Result<f64> {
         match self {
             Self::Cgroup(c) => c.cpu_seconds(),
-            Self::Pid(pid) => {
-                let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .with_context(|| format!("reading /proc/{pid}/stat"))?;
-                let rest = s.rsplit_once(')').map(|(_, r)| r).context("stat format")?;
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let ticks: u64 = [11, 12]
-                    .iter()
-                    .filter_map(|&i| f.get(i)?.parse::<u64>().ok())
-                    .sum();
-                Ok(ticks as f64 / 100.0)
-            }
+            Self::Pid(pid) => proc_cpu_seconds(&pid.to_string()),
         }
     }
 }
@@ -390,23 +388,27 @@ fn start(kind: Kind, ctx: &Ctx<'_>) -> anyhow::Result<Running> {
     })
 }
 
+/// How the server ended, with its last log line, if it has exited.
+fn exit_note(s: &mut Running) -> Option<String> {
+    let st = s.process.exit_status()?;
+    Some(format!(
+        "{st}: {}",
+        tail(&s.log).lines().last().unwrap_or_default()
+    ))
+}
+
 /// A note when the server died during the last measurement.
 fn died(s: &mut Running) -> String {
-    match s.process.exit_status() {
-        None => String::new(),
-        Some(st) => {
-            let why = tail(&s.log).lines().last().unwrap_or_default().to_owned();
-            format!(" SERVER DIED during this run ({st}): {why}")
-        }
-    }
+    exit_note(s).map_or_else(String::new, |why| {
+        format!(" SERVER DIED during this run ({why})")
+    })
 }
 
 /// Restarts a server that died (atftpd aborts beyond 1024 descriptors); returns a note.
 fn ensure_running(s: &mut Running, ctx: &Ctx<'_>) -> anyhow::Result<String> {
-    let Some(st) = s.process.exit_status() else {
+    let Some(why) = exit_note(s) else {
         return Ok(String::new());
     };
-    let why = format!("{st}: {}", tail(&s.log).lines().last().unwrap_or_default());
     say(format!(
         "WARNING: {} had exited ({why}); restarting it",
         s.kind.name()
@@ -664,10 +666,10 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<bool> {
         if wants_atftp && let Some(atftp) = &bins.atftp {
             let mut configs: Vec<(u16, Option<u16>)> = Vec::new();
             if args.scenarios.contains(&Scenario::Single) {
-                configs.extend([512, 1432, 1468, 65464].map(|b| (b, None)));
+                configs.extend(SINGLE_BLKSIZES.map(|b| (b, None)));
             }
             if args.scenarios.contains(&Scenario::Window) {
-                configs.extend([4, 16, 64].map(|w| (1468, Some(w))));
+                configs.extend(WINDOWS.map(|w| (WINDOW_BLKSIZE, Some(w))));
             }
             for &(blksize, windowsize) in &configs {
                 for &i in &order {
@@ -951,7 +953,7 @@ fn report(
             }
         }
     };
-    let rows: Vec<(u16, Option<u16>)> = [512, 1432, 1468, 65464].map(|b| (b, None)).to_vec();
+    let rows: Vec<(u16, Option<u16>)> = SINGLE_BLKSIZES.map(|b| (b, None)).to_vec();
     single_like(
         &mut r,
         "single",
@@ -960,7 +962,7 @@ fn report(
         servers,
     );
     let wcols: Vec<Kind> = servers.iter().copied().filter(|k| k.windowsize()).collect();
-    let rows: Vec<(u16, Option<u16>)> = [4, 16, 64].map(|w| (1468, Some(w))).to_vec();
+    let rows: Vec<(u16, Option<u16>)> = WINDOWS.map(|w| (WINDOW_BLKSIZE, Some(w))).to_vec();
     single_like(
         &mut r,
         "window",

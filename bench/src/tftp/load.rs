@@ -312,22 +312,27 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// CPU time (user + system) this process used so far, seconds.
-pub(crate) fn own_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
+/// CPU time (user + system) of process `pid` (`self` for this one) so far, seconds.
+pub(crate) fn proc_cpu_seconds(pid: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("stat format")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = [11, 12]
         .iter()
         .filter_map(|&i| f.get(i)?.parse::<u64>().ok())
         .sum();
     // USER_HZ is 100 on every Linux architecture this runs on.
-    ticks as f64 / 100.0
+    Ok(ticks as f64 / 100.0)
+}
+
+/// CPU time (user + system) this process used so far, seconds.
+pub(crate) fn own_cpu_seconds() -> f64 {
+    proc_cpu_seconds("self").unwrap_or(0.0)
 }
 
 /// Runs the clients and summarises them.
