@@ -60,6 +60,22 @@ impl App {
         }
     }
 
+    async fn get(&self, uri: &str, who: As<'_>) -> Res {
+        self.call(Method::GET, uri, who, None).await
+    }
+
+    async fn post(&self, uri: &str, who: As<'_>, body: Value) -> Res {
+        self.call(Method::POST, uri, who, Some(body)).await
+    }
+
+    async fn patch(&self, uri: &str, who: As<'_>, body: Value) -> Res {
+        self.call(Method::PATCH, uri, who, Some(body)).await
+    }
+
+    async fn delete(&self, uri: &str, who: As<'_>) -> Res {
+        self.call(Method::DELETE, uri, who, None).await
+    }
+
     async fn call(&self, method: Method, uri: &str, who: As<'_>, body: Option<Value>) -> Res {
         self.call_from(method, uri, who, body, "127.0.0.1:40000", &[])
             .await
@@ -117,11 +133,10 @@ impl App {
     /// Runs first-run setup and returns the admin's session secret.
     async fn setup_admin(&self) -> String {
         let r = self
-            .call(
-                Method::POST,
+            .post(
                 "/api/v1/auth/setup",
                 As::Anonymous,
-                Some(json!({"username": "admin", "password": "admin-pass-1"})),
+                json!({"username": "admin", "password": "admin-pass-1"}),
             )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
@@ -131,11 +146,10 @@ impl App {
     /// Creates a user with `role` and logs them in.
     async fn user(&self, admin: &str, name: &str, role: &str) -> String {
         let r = self
-            .call(
-                Method::POST,
+            .post(
                 "/api/v1/users",
                 As::Cookie(admin),
-                Some(json!({"username": name, "password": "user-pass-1", "role": role})),
+                json!({"username": name, "password": "user-pass-1", "role": role}),
             )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
@@ -144,11 +158,10 @@ impl App {
 
     async fn login(&self, name: &str, password: &str) -> String {
         let r = self
-            .call(
-                Method::POST,
+            .post(
                 "/api/v1/auth/login",
                 As::Anonymous,
-                Some(json!({"username": name, "password": password})),
+                json!({"username": name, "password": password}),
             )
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
@@ -157,12 +170,7 @@ impl App {
 
     async fn audit(&self, admin: &str) -> Vec<Value> {
         let r = self
-            .call(
-                Method::GET,
-                "/api/v1/audit?limit=1000",
-                As::Cookie(admin),
-                None,
-            )
+            .get("/api/v1/audit?limit=1000", As::Cookie(admin))
             .await;
         assert_eq!(r.status, StatusCode::OK);
         r.body["items"].as_array().expect("items").clone()
@@ -291,20 +299,18 @@ async fn unauthenticated_writes_are_401() {
     }
     // A forged or unknown token is no better.
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/devices",
             As::Bearer("nbt_forged"),
-            Some(json!({"mac": "02:00:00:00:00:98"})),
+            json!({"mac": "02:00:00:00:00:98"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/devices",
             As::Cookie("forged"),
-            Some(json!({"mac": "02:00:00:00:00:98"})),
+            json!({"mac": "02:00:00:00:00:98"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
@@ -320,7 +326,7 @@ async fn reads_need_a_login_but_version_health_and_status_do_not() {
         "/api/v1/openapi.json",
     ] {
         assert_eq!(
-            app.call(Method::GET, uri, As::Anonymous, None).await.status,
+            app.get(uri, As::Anonymous).await.status,
             StatusCode::OK,
             "{uri}"
         );
@@ -333,7 +339,7 @@ async fn reads_need_a_login_but_version_health_and_status_do_not() {
         "/api/v1/unknown-devices",
     ] {
         assert_eq!(
-            app.call(Method::GET, uri, As::Anonymous, None).await.status,
+            app.get(uri, As::Anonymous).await.status,
             StatusCode::UNAUTHORIZED,
             "{uri}"
         );
@@ -373,31 +379,24 @@ async fn viewers_cannot_write_and_operators_cannot_administer() {
         }
     }
     assert_eq!(
-        app.call(Method::GET, "/api/v1/audit", As::Cookie(&operator), None)
-            .await
-            .status,
+        app.get("/api/v1/audit", As::Cookie(&operator)).await.status,
         StatusCode::FORBIDDEN
     );
     assert_eq!(
-        app.call(Method::GET, "/api/v1/devices", As::Cookie(&viewer), None)
-            .await
-            .status,
+        app.get("/api/v1/devices", As::Cookie(&viewer)).await.status,
         StatusCode::OK
     );
     // A viewer cannot mint a token with more rights than their own.
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/tokens",
             As::Cookie(&viewer),
-            Some(json!({"name": "x", "role": "admin"})),
+            json!({"name": "x", "role": "admin"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     // Nothing the refused calls tried is in the inventory.
-    let r = app
-        .call(Method::GET, "/api/v1/devices", As::Cookie(&admin), None)
-        .await;
+    let r = app.get("/api/v1/devices", As::Cookie(&admin)).await;
     assert_eq!(r.body["total"], 0);
 }
 
@@ -406,22 +405,20 @@ async fn admin_and_token_writes_succeed_and_are_audited() {
     let app = App::new();
     let admin = app.setup_admin().await;
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/devices",
             As::Cookie(&admin),
-            Some(json!({"mac": "02-00-00-00-00-01", "name": "rack1-node1"})),
+            json!({"mac": "02-00-00-00-00-01", "name": "rack1-node1"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     assert_eq!(r.body["mac"], "02:00:00:00:00:01");
 
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/tokens",
             As::Cookie(&admin),
-            Some(json!({"name": "ansible", "role": "operator"})),
+            json!({"name": "ansible", "role": "operator"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
@@ -434,22 +431,20 @@ async fn admin_and_token_writes_succeed_and_are_audited() {
     );
 
     let r = app
-        .call(
-            Method::PATCH,
+        .patch(
             "/api/v1/devices/020000000001",
             As::Bearer(&secret),
-            Some(json!({"boot_policy": "local"})),
+            json!({"boot_policy": "local"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["boot_policy"], "local");
     // The token is an operator: administration stays closed to it.
     let r = app
-        .call(
-            Method::PATCH,
+        .patch(
             "/api/v1/settings",
             As::Bearer(&secret),
-            Some(json!({"menu_timeout_secs": 3})),
+            json!({"menu_timeout_secs": 3}),
         )
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
@@ -475,58 +470,38 @@ async fn admin_and_token_writes_succeed_and_are_audited() {
 
     // Revoked tokens stop working.
     let r = app
-        .call(
-            Method::DELETE,
-            &format!("/api/v1/tokens/{token_id}"),
-            As::Cookie(&admin),
-            None,
-        )
+        .delete(&format!("/api/v1/tokens/{token_id}"), As::Cookie(&admin))
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = app
-        .call(Method::GET, "/api/v1/devices", As::Bearer(&secret), None)
-        .await;
+    let r = app.get("/api/v1/devices", As::Bearer(&secret)).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
 async fn setup_only_while_no_admin_exists() {
     let app = App::new();
-    let r = app
-        .call(Method::GET, "/api/v1/auth/status", As::Anonymous, None)
-        .await;
+    let r = app.get("/api/v1/auth/status", As::Anonymous).await;
     assert_eq!(r.body["needs_setup"], true);
     let admin = app.setup_admin().await;
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/auth/setup",
             As::Anonymous,
-            Some(json!({"username": "mallory", "password": "mallory-pass"})),
+            json!({"username": "mallory", "password": "mallory-pass"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT);
-    let r = app
-        .call(Method::GET, "/api/v1/auth/status", As::Cookie(&admin), None)
-        .await;
+    let r = app.get("/api/v1/auth/status", As::Cookie(&admin)).await;
     assert_eq!(r.body["needs_setup"], false);
     assert_eq!(r.body["user"]["username"], "admin");
     // The last administrator can neither be deleted nor demoted.
-    let r = app
-        .call(
-            Method::DELETE,
-            "/api/v1/users/admin",
-            As::Cookie(&admin),
-            None,
-        )
-        .await;
+    let r = app.delete("/api/v1/users/admin", As::Cookie(&admin)).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     let r = app
-        .call(
-            Method::PATCH,
+        .patch(
             "/api/v1/users/admin",
             As::Cookie(&admin),
-            Some(json!({"role": "viewer"})),
+            json!({"role": "viewer"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT);
@@ -538,12 +513,7 @@ async fn failed_logins_are_uniform_throttled_and_audited() {
     let admin = app.setup_admin().await;
     let bad = |user: &'static str| json!({"username": user, "password": "wrong-password"});
     let unknown = app
-        .call(
-            Method::POST,
-            "/api/v1/auth/login",
-            As::Anonymous,
-            Some(bad("nobody")),
-        )
+        .post("/api/v1/auth/login", As::Anonymous, bad("nobody"))
         .await;
     let wrong = app
         .call_from(
@@ -609,11 +579,10 @@ async fn mac_spellings_are_one_device() {
     let app = App::new();
     let admin = app.setup_admin().await;
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/devices",
             As::Cookie(&admin),
-            Some(json!({"mac": "AA-BB-CC-00-11-22"})),
+            json!({"mac": "AA-BB-CC-00-11-22"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
@@ -624,36 +593,23 @@ async fn mac_spellings_are_one_device() {
         "aabb.cc00.1122",
     ] {
         let r = app
-            .call(
-                Method::GET,
-                &format!("/api/v1/devices/{spelling}"),
-                As::Cookie(&admin),
-                None,
-            )
+            .get(&format!("/api/v1/devices/{spelling}"), As::Cookie(&admin))
             .await;
         assert_eq!(r.status, StatusCode::OK, "{spelling}");
         assert_eq!(r.body["mac"], "aa:bb:cc:00:11:22");
         let r = app
-            .call(
-                Method::POST,
+            .post(
                 "/api/v1/devices",
                 As::Cookie(&admin),
-                Some(json!({"mac": spelling})),
+                json!({"mac": spelling}),
             )
             .await;
         assert_eq!(r.status, StatusCode::CONFLICT, "{spelling}");
     }
-    let r = app
-        .call(Method::GET, "/api/v1/devices", As::Cookie(&admin), None)
-        .await;
+    let r = app.get("/api/v1/devices", As::Cookie(&admin)).await;
     assert_eq!(r.body["total"], 1);
     let r = app
-        .call(
-            Method::GET,
-            "/api/v1/devices/aa:bb:cc",
-            As::Cookie(&admin),
-            None,
-        )
+        .get("/api/v1/devices/aa:bb:cc", As::Cookie(&admin))
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.body["error"]["code"], "bad_request");
@@ -692,19 +648,16 @@ async fn cookie_writes_from_another_origin_are_refused() {
 async fn errors_are_json_with_the_right_status() {
     let app = App::new();
     let admin = app.setup_admin().await;
-    let r = app
-        .call(Method::GET, "/api/v1/nope", As::Anonymous, None)
-        .await;
+    let r = app.get("/api/v1/nope", As::Anonymous).await;
     assert_eq!(
         (r.status, r.body["error"]["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/devices",
             As::Cookie(&admin),
-            Some(json!({"mac": "02:00:00:00:00:01", "colour": "red"})),
+            json!({"mac": "02:00:00:00:00:01", "colour": "red"}),
         )
         .await;
     assert_eq!(
@@ -714,38 +667,26 @@ async fn errors_are_json_with_the_right_status() {
         r.body
     );
     let r = app
-        .call(
-            Method::GET,
-            "/api/v1/devices/02:00:00:00:00:07",
-            As::Cookie(&admin),
-            None,
-        )
+        .get("/api/v1/devices/02:00:00:00:00:07", As::Cookie(&admin))
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = app
-        .call(
-            Method::GET,
-            "/api/v1/devices?sort=colour",
-            As::Cookie(&admin),
-            None,
-        )
+        .get("/api/v1/devices?sort=colour", As::Cookie(&admin))
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/images",
             As::Cookie(&admin),
-            Some(json!({"name": "../etc", "size_bytes": 512})),
+            json!({"name": "../etc", "size_bytes": 512}),
         )
         .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/installers",
             As::Cookie(&admin),
-            Some(json!({"path": "../../etc/passwd", "kind": "iso"})),
+            json!({"path": "../../etc/passwd", "kind": "iso"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -763,11 +704,10 @@ async fn images_link_to_one_device_and_cannot_be_deleted_while_linked() {
     let admin = app.setup_admin().await;
     let a = As::Cookie(&admin);
     assert_eq!(
-        app.call(
-            Method::POST,
+        app.post(
             "/api/v1/images",
             a,
-            Some(json!({"name": "win11", "size_bytes": 64u64 << 30}))
+            json!({"name": "win11", "size_bytes": 64u64 << 30})
         )
         .await
         .status,
@@ -775,65 +715,48 @@ async fn images_link_to_one_device_and_cannot_be_deleted_while_linked() {
     );
     for mac in ["02:00:00:00:00:01", "02:00:00:00:00:02"] {
         assert_eq!(
-            app.call(
-                Method::POST,
-                "/api/v1/devices",
-                a,
-                Some(json!({"mac": mac}))
-            )
-            .await
-            .status,
+            app.post("/api/v1/devices", a, json!({"mac": mac}))
+                .await
+                .status,
             StatusCode::CREATED
         );
     }
     let r = app
-        .call(
-            Method::PATCH,
+        .patch(
             "/api/v1/devices/02:00:00:00:00:01",
             a,
-            Some(json!({"image": "win11"})),
+            json!({"image": "win11"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::OK);
     let r = app
-        .call(
-            Method::PATCH,
+        .patch(
             "/api/v1/devices/02:00:00:00:00:02",
             a,
-            Some(json!({"image": "win11"})),
+            json!({"image": "win11"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
-    let r = app.call(Method::GET, "/api/v1/images/win11", a, None).await;
+    let r = app.get("/api/v1/images/win11", a).await;
     assert_eq!(r.body["linked_mac"], "02:00:00:00:00:01");
     assert_eq!(
-        app.call(Method::DELETE, "/api/v1/images/win11", a, None)
-            .await
-            .status,
+        app.delete("/api/v1/images/win11", a).await.status,
         StatusCode::CONFLICT
     );
     let r = app
-        .call(
-            Method::PATCH,
-            "/api/v1/images/win11",
-            a,
-            Some(json!({"size_bytes": 1u64 << 30})),
-        )
+        .patch("/api/v1/images/win11", a, json!({"size_bytes": 1u64 << 30}))
         .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "no shrinking");
     let r = app
-        .call(
-            Method::PATCH,
+        .patch(
             "/api/v1/devices/02:00:00:00:00:01",
             a,
-            Some(json!({"image": null})),
+            json!({"image": null}),
         )
         .await;
     assert_eq!(r.body["image"], Value::Null);
     assert_eq!(
-        app.call(Method::DELETE, "/api/v1/images/win11", a, None)
-            .await
-            .status,
+        app.delete("/api/v1/images/win11", a).await.status,
         StatusCode::NO_CONTENT
     );
 }
@@ -855,42 +778,26 @@ async fn unknown_devices_register_into_the_inventory() {
         .await
         .expect("join")
         .expect("sighting");
-    let r = app
-        .call(
-            Method::GET,
-            "/api/v1/unknown-devices",
-            As::Cookie(&admin),
-            None,
-        )
-        .await;
+    let r = app.get("/api/v1/unknown-devices", As::Cookie(&admin)).await;
     assert_eq!(r.body["total"], 1);
     assert_eq!(r.body["items"][0]["arch"], "uefi_x64");
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/unknown-devices/525400AABBCC/register",
             As::Cookie(&admin),
-            Some(json!({})),
+            json!({}),
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     assert_eq!(r.body["name"], "uefi_x64-aabbcc");
     assert_eq!(r.body["last_ip"], "10.0.0.7");
-    let r = app
-        .call(
-            Method::GET,
-            "/api/v1/unknown-devices",
-            As::Cookie(&admin),
-            None,
-        )
-        .await;
+    let r = app.get("/api/v1/unknown-devices", As::Cookie(&admin)).await;
     assert_eq!(r.body["total"], 0);
     let r = app
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/unknown-devices/02:00:00:00:00:09/register",
             As::Cookie(&admin),
-            Some(json!({})),
+            json!({}),
         )
         .await;
     assert_eq!(
@@ -906,44 +813,30 @@ async fn events_filter_paginate_and_keep_a_per_device_history() {
     let admin = app.setup_admin().await;
     let a = As::Cookie(&admin);
     let r = app
-        .call(
-            Method::PATCH,
-            "/api/v1/settings",
-            a,
-            Some(json!({"events_per_device": 10})),
-        )
+        .patch("/api/v1/settings", a, json!({"events_per_device": 10}))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     for i in 0..25 {
         let r = app
-            .call(
-                Method::POST,
+            .post(
                 "/api/v1/events",
                 a,
-                Some(
-                    json!({"mac": "02:00:00:00:00:01", "kind": "note", "detail": format!("n{i}")}),
-                ),
+                json!({"mac": "02:00:00:00:00:01", "kind": "note", "detail": format!("n{i}")}),
             )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     }
     for kind in ["dhcp_offer", "note", "note"] {
-        app.call(
-            Method::POST,
+        app.post(
             "/api/v1/events",
             a,
-            Some(json!({"mac": "02:00:00:00:00:02", "kind": kind})),
+            json!({"mac": "02:00:00:00:00:02", "kind": kind}),
         )
         .await;
     }
     // The noisy device keeps its 10 newest; the quiet one keeps all of its 3.
     let r = app
-        .call(
-            Method::GET,
-            "/api/v1/devices/020000000001/events?limit=4",
-            a,
-            None,
-        )
+        .get("/api/v1/devices/020000000001/events?limit=4", a)
         .await;
     assert_eq!(r.body["total"], 10);
     let first: Vec<_> = r.body["items"]
@@ -958,50 +851,32 @@ async fn events_filter_paginate_and_keep_a_per_device_history() {
     );
     let cursor = r.body["next_cursor"].as_i64().expect("more pages");
     let r = app
-        .call(
-            Method::GET,
+        .get(
             &format!("/api/v1/devices/020000000001/events?limit=4&before={cursor}"),
             a,
-            None,
         )
         .await;
     assert_eq!(r.body["items"][0]["detail"], "n20");
     let r = app
-        .call(
-            Method::GET,
-            "/api/v1/events?mac=02:00:00:00:00:02&kind=note",
-            a,
-            None,
-        )
+        .get("/api/v1/events?mac=02:00:00:00:00:02&kind=note", a)
         .await;
     assert_eq!(r.body["total"], 2);
     assert_eq!(r.body["next_cursor"], Value::Null);
     let r = app
-        .call(
-            Method::GET,
-            "/api/v1/events?since=2000-01-01T00:00:00Z&source=api",
-            a,
-            None,
-        )
+        .get("/api/v1/events?since=2000-01-01T00:00:00Z&source=api", a)
         .await;
     assert_eq!(r.body["total"], 13);
-    let r = app
-        .call(Method::GET, "/api/v1/events?since=yesterday", a, None)
-        .await;
+    let r = app.get("/api/v1/events?since=yesterday", a).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
 async fn health_reports_a_missing_data_directory() {
     let app = App::new();
-    let r = app
-        .call(Method::GET, "/api/v1/health", As::Anonymous, None)
-        .await;
+    let r = app.get("/api/v1/health", As::Anonymous).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     std::fs::remove_dir(&app.cfg.paths.logs).expect("remove logs dir");
-    let r = app
-        .call(Method::GET, "/api/v1/health", As::Anonymous, None)
-        .await;
+    let r = app.get("/api/v1/health", As::Anonymous).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     let failing: Vec<_> = r.body["checks"]
         .as_array()
@@ -1017,9 +892,7 @@ async fn health_reports_a_missing_data_directory() {
 async fn the_openapi_document_covers_the_routes() {
     let app = App::new();
     let admin = app.setup_admin().await;
-    let r = app
-        .call(Method::GET, "/api/v1/openapi.json", As::Anonymous, None)
-        .await;
+    let r = app.get("/api/v1/openapi.json", As::Anonymous).await;
     assert_eq!(r.body["info"]["version"], api::VERSION);
     let paths = r.body["paths"].as_object().expect("paths");
     assert!(paths.len() >= 25, "{} paths", paths.len());
