@@ -123,6 +123,13 @@ fn same(path: &Path, want: &[u8]) {
     );
 }
 
+/// Compares like [`same`] unless the client was skipped (not installed, outside CI).
+fn same_unless_skipped(log: &str, path: &Path, want: &[u8]) {
+    if log != "skipped" {
+        same(path, want);
+    }
+}
+
 fn s(x: impl ToString) -> String {
     x.to_string()
 }
@@ -137,69 +144,21 @@ async fn real_clients_fetch_exact_files(driver: TftpDriver) {
 
     // tftp-hpa: no options at all, lock-step 512-byte blocks.
     let o = srv.out("hpa.bin");
-    let (ok, log) = client(
-        "tftp",
-        vec![
-            s("-m"),
-            s("binary"),
-            host.clone(),
-            port.clone(),
-            s("-c"),
-            s("get"),
-            s("f1M.bin"),
-            s(o.display()),
-        ],
-    )
-    .await;
+    let (ok, log) = client("tftp", hpa_args(&srv, Some("binary"), "f1M.bin", &o)).await;
     assert!(ok, "{log}");
-    if log != "skipped" {
-        same(&o, &big);
-    }
+    same_unless_skipped(&log, &o, &big);
     // A file that is an exact multiple of the block size ends with an empty block.
     let o = srv.out("hpa-exact.bin");
-    let (ok, log) = client(
-        "tftp",
-        vec![
-            s("-m"),
-            s("binary"),
-            host.clone(),
-            port.clone(),
-            s("-c"),
-            s("get"),
-            s("exact.bin"),
-            s(o.display()),
-        ],
-    )
-    .await;
+    let (ok, log) = client("tftp", hpa_args(&srv, Some("binary"), "exact.bin", &o)).await;
     assert!(ok, "{log}");
-    if log != "skipped" {
-        same(&o, &exact);
-    }
+    same_unless_skipped(&log, &o, &exact);
 
     // atftp with blksize and windowsize (RFC 7440).
-    for (blk, win) in [("1468", "16"), ("512", "64"), ("8192", "4")] {
+    for (blk, win) in [(1468, 16), (512, 64), (8192, 4)] {
         let o = srv.out(&format!("atftp-{blk}-{win}.bin"));
-        let (ok, log) = client(
-            "atftp",
-            vec![
-                s("-g"),
-                s("-r"),
-                s("f1M.bin"),
-                s("-l"),
-                s(o.display()),
-                s("--option"),
-                format!("blksize {blk}"),
-                s("--option"),
-                format!("windowsize {win}"),
-                host.clone(),
-                port.clone(),
-            ],
-        )
-        .await;
+        let (ok, log) = client("atftp", atftp_args(&srv, "f1M.bin", &o, blk, win)).await;
         assert!(ok, "atftp {blk}/{win}: {log}");
-        if log != "skipped" {
-            same(&o, &big);
-        }
+        same_unless_skipped(&log, &o, &big);
     }
 
     // curl asks for tsize, blksize and timeout, like iPXE's blksize 1432.
@@ -227,9 +186,7 @@ async fn real_clients_fetch_exact_files(driver: TftpDriver) {
     )
     .await;
     assert!(ok, "{log}");
-    if log != "skipped" {
-        same(&o, &big);
-    }
+    same_unless_skipped(&log, &o, &big);
     assert_eq!(srv.tftp.stats.failed(), 0);
     assert!(
         srv.tftp.stats.cache_hits.load(Ordering::Relaxed) >= 5,
@@ -243,24 +200,9 @@ async fn netascii_is_translated_and_read_back_by_tftp_hpa(driver: TftpDriver) {
     let text = b"#!ipxe\nchain http://10.0.0.1/boot.ipxe\r\nend\n".repeat(50);
     srv.put("script.txt", &text);
     let o = srv.out("ascii.txt");
-    let (ok, log) = client(
-        "tftp",
-        vec![
-            s("-m"),
-            s("ascii"),
-            s(srv.addr.ip()),
-            s(srv.addr.port()),
-            s("-c"),
-            s("get"),
-            s("script.txt"),
-            s(o.display()),
-        ],
-    )
-    .await;
+    let (ok, log) = client("tftp", hpa_args(&srv, Some("ascii"), "script.txt", &o)).await;
     assert!(ok, "{log}");
-    if log != "skipped" {
-        same(&o, &text);
-    }
+    same_unless_skipped(&log, &o, &text);
     srv.stop().await;
 }
 
@@ -290,20 +232,7 @@ async fn the_jail_holds_and_errors_reveal_no_paths(driver: TftpDriver) {
         ("missing.bin", "error code 1: file not found"),
     ] {
         let o = srv.out("x");
-        let (_, log) = client(
-            "tftp",
-            vec![
-                s("-m"),
-                s("binary"),
-                s(srv.addr.ip()),
-                s(srv.addr.port()),
-                s("-c"),
-                s("get"),
-                s(path),
-                s(o.display()),
-            ],
-        )
-        .await;
+        let (_, log) = client("tftp", hpa_args(&srv, Some("binary"), path, &o)).await;
         if log != "skipped" {
             assert!(log.to_lowercase().contains(says), "{path}: {log}");
             assert!(
@@ -327,22 +256,11 @@ async fn the_jail_holds_and_errors_reveal_no_paths(driver: TftpDriver) {
     let o = srv.out("inside.out");
     let (ok, log) = client(
         "tftp",
-        vec![
-            s("-m"),
-            s("binary"),
-            s(srv.addr.ip()),
-            s(srv.addr.port()),
-            s("-c"),
-            s("get"),
-            s("sub\\inside.bin"),
-            s(o.display()),
-        ],
+        hpa_args(&srv, Some("binary"), "sub\\inside.bin", &o),
     )
     .await;
     assert!(ok, "{log}");
-    if log != "skipped" {
-        same(&o, b"inside");
-    }
+    same_unless_skipped(&log, &o, b"inside");
     // Writes are refused.
     std::fs::write(srv.out("up.bin"), b"upload").expect("write");
     let (_, log) = client(
@@ -411,24 +329,36 @@ fn curl_args(srv: &Server, file: &str, out: &Path, blksize: u32) -> Vec<String> 
     ]
 }
 
+/// tftp-hpa's arguments to get `file` into `out`, in `mode` (`binary`, `ascii`) or, with
+/// `None`, its default.
+fn hpa_args(srv: &Server, mode: Option<&str>, file: &str, out: &Path) -> Vec<String> {
+    let mut v = vec![s(srv.addr.ip()), s(srv.addr.port())];
+    if let Some(mode) = mode {
+        v.extend([s("-m"), s(mode)]);
+    }
+    v.extend([s("-c"), s("get"), s(file), s(out.display())]);
+    v
+}
+
+/// atftp's arguments to get `file` into `out` with blksize `blk` and windowsize `win`.
+fn atftp_args(srv: &Server, file: &str, out: &Path, blk: u32, win: u32) -> Vec<String> {
+    vec![
+        s("-g"),
+        s("-r"),
+        s(file),
+        s("-l"),
+        s(out.display()),
+        s("--option"),
+        format!("blksize {blk}"),
+        s("--option"),
+        format!("windowsize {win}"),
+        s(srv.addr.ip()),
+        s(srv.addr.port()),
+    ]
+}
+
 async fn atftp(srv: &Server, file: &str, out: &Path, blk: u32, win: u32) -> (bool, String) {
-    client(
-        "atftp",
-        vec![
-            s("-g"),
-            s("-r"),
-            s(file),
-            s("-l"),
-            s(out.display()),
-            s("--option"),
-            format!("blksize {blk}"),
-            s("--option"),
-            format!("windowsize {win}"),
-            s(srv.addr.ip()),
-            s(srv.addr.port()),
-        ],
-    )
-    .await
+    client("atftp", atftp_args(srv, file, out, blk, win)).await
 }
 
 async fn files_too_large_for_the_cache_are_read_by_the_driver(driver: TftpDriver) {
@@ -446,9 +376,7 @@ async fn files_too_large_for_the_cache_are_read_by_the_driver(driver: TftpDriver
     let o = srv.out("atftp.bin");
     let (ok, log) = atftp(&srv, "f3M.bin", &o, 1468, 64).await;
     assert!(ok, "{log}");
-    if log != "skipped" {
-        same(&o, &big);
-    }
+    same_unless_skipped(&log, &o, &big);
     let st = &srv.tftp.stats;
     assert_eq!(st.cache_hits.load(Ordering::Relaxed), 0);
     assert_eq!(st.failed(), 0);
@@ -502,37 +430,19 @@ async fn concurrent_clients_all_get_exact_files(driver: TftpDriver) {
         let args = if i % 4 < 2 {
             ("curl", curl_args(&srv, file, &o, 1432))
         } else {
-            (
-                "atftp",
-                vec![
-                    s("-g"),
-                    s("-r"),
-                    s(file),
-                    s("-l"),
-                    s(o.display()),
-                    s("--option"),
-                    s("blksize 1468"),
-                    s("--option"),
-                    format!("windowsize {}", 4 << (i % 3)),
-                    s(srv.addr.ip()),
-                    s(srv.addr.port()),
-                ],
-            )
+            ("atftp", atftp_args(&srv, file, &o, 1468, 4 << (i % 3)))
         };
         runs.push((o, want.clone(), tokio::spawn(client(args.0, args.1))));
     }
     for (o, want, run) in runs {
         let (ok, log) = run.await.expect("client task");
         assert!(ok, "{}: {log}", o.display());
-        if log != "skipped" {
-            same(&o, &want);
-        }
+        same_unless_skipped(&log, &o, &want);
     }
     assert_eq!(srv.tftp.stats.failed(), 0);
     srv.stop().await;
 }
 
-/// Runs each scenario with both drivers.
 /// A scrape of `/metrics` over HTTP (curl), in the format `accept` asks for.
 async fn scrape(http: SocketAddr, accept: &str) -> String {
     let out = tokio::process::Command::new("curl")
@@ -617,14 +527,7 @@ async fn transfers_are_recorded_and_exposed_as_metrics(driver: TftpDriver) {
     same(&o, &file);
     let (ok, _) = client(
         "tftp",
-        vec![
-            s(srv.addr.ip()),
-            s(srv.addr.port()),
-            s("-c"),
-            s("get"),
-            s("missing.bin"),
-            s(srv.out("m.out").display()),
-        ],
+        hpa_args(&srv, None, "missing.bin", &srv.out("m.out")),
     )
     .await;
     let _ = ok; // tftp-hpa's exit status does not tell a server ERROR apart.
@@ -761,20 +664,7 @@ async fn transfers_are_recorded_and_exposed_as_metrics(driver: TftpDriver) {
 /// tftp-hpa fetches `file` into `out`; returns whether the output exists afterwards.
 async fn hpa_get(srv: &Server, file: &str, out: &Path) -> Option<bool> {
     let _ = std::fs::remove_file(out);
-    let (_, log) = client(
-        "tftp",
-        vec![
-            s(srv.addr.ip()),
-            s(srv.addr.port()),
-            s("-m"),
-            s("binary"),
-            s("-c"),
-            s("get"),
-            s(file),
-            s(out.display()),
-        ],
-    )
-    .await;
+    let (_, log) = client("tftp", hpa_args(srv, Some("binary"), file, out)).await;
     (log != "skipped").then(|| std::fs::metadata(out).is_ok_and(|m| m.len() > 0))
 }
 
@@ -886,6 +776,7 @@ async fn case_insensitive_lookup_stays_in_the_jail(driver: TftpDriver) {
     srv.stop().await;
 }
 
+/// Runs each scenario with both drivers.
 macro_rules! with_both_drivers {
     ($($name:ident),* $(,)?) => {
         mod uring {
