@@ -14,9 +14,16 @@ use netboot_daemon::driver::{self, Running};
 use netboot_daemon::service::tftp::Tftp;
 use tokio::net::UdpSocket;
 
+mod common;
+
+use common::{TestDir, have, http_only_config};
+
+/// A TFTP service on 127.0.0.1 serving `root/srv`; `root` goes when the server does,
+/// also when a test fails.
 struct Server {
     addr: SocketAddr,
     root: PathBuf,
+    _dir: TestDir,
     tftp: Arc<Tftp>,
     stop: tokio::sync::watch::Sender<bool>,
     running: Running,
@@ -34,11 +41,8 @@ impl Server {
         driver: TftpDriver,
         build: impl FnOnce(Tftp) -> Tftp,
     ) -> Self {
-        let root = std::env::temp_dir().join(format!(
-            "netboot-tftp-{tag}-{driver:?}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&root);
+        let dir = TestDir::new(&format!("tftp-{tag}-{driver:?}"));
+        let root = dir.path().to_path_buf();
         std::fs::create_dir_all(root.join("srv/sub")).expect("mkdir");
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = socket.local_addr().expect("addr");
@@ -50,6 +54,7 @@ impl Server {
         Self {
             addr,
             root,
+            _dir: dir,
             tftp,
             stop,
             running,
@@ -67,7 +72,6 @@ impl Server {
     async fn stop(self) {
         let _ = self.stop.send(true);
         self.running.stop().await;
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 
@@ -81,14 +85,6 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
             x.to_le_bytes()[0]
         })
         .collect()
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 /// Runs a client; returns (success, stderr+stdout).
@@ -555,14 +551,7 @@ async fn transfers_are_recorded_and_exposed_as_metrics(driver: TftpDriver) {
     assert!(refused.id > done.id);
 
     // The HTTP side: /metrics and the transfer list, through the daemon's router.
-    let dir = srv.root.join("data");
-    let cfg = netboot_daemon::config::Config {
-        data_dir: dir,
-        ..netboot_daemon::config::Config::default()
-    }
-    .validate()
-    .expect("valid config");
-    netboot_daemon::daemon::prepare_dirs(&cfg).expect("dirs");
+    let cfg = http_only_config(&srv.root.join("data"));
     let store: Arc<dyn netboot_daemon::store::Store> =
         Arc::new(netboot_daemon::store::Sqlite::in_memory().expect("store"));
     let state = netboot_daemon::api::AppState::with_services(
