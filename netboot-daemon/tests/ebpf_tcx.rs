@@ -46,13 +46,8 @@ const POLL_LIMIT: Duration = Duration::from_secs(10);
 
 #[test]
 fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
-    if let Err(why) = can_run() {
-        return skip(&why);
-    }
-    let mut accounting = match Accounting::load(1024) {
-        Ok(accounting) => accounting,
-        Err(EbpfError::NotBuilt) => return skip("built with AYA_BUILD_SKIP=1, no eBPF object"),
-        Err(e) => panic!("load the eBPF object: {e:?}"),
+    let Some(mut accounting) = load_or_skip(1024) else {
+        return;
     };
 
     let topo = Topology::create('t');
@@ -154,10 +149,7 @@ fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
 
     // Every row is exactly what was sent, and there are no other rows.
     let flows = [&a, &b, &c, &d_tftp, &d_other, &e];
-    let expected: BTreeMap<_, _> = flows
-        .iter()
-        .map(|f| ((MacAddr(f.mac), f.direction, f.service), f.totals()))
-        .collect();
+    let expected = expected_rows(&flows);
     assert_eq!(map, expected, "per-client rows differ from what was sent");
 
     // The sums over all rows are exactly the veth's own counters.
@@ -186,10 +178,7 @@ fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
 
     // The small table kept the first two clients; everything else is counted as overflow,
     // so its rows plus its overflow are again exactly the veth's counters.
-    let small_expected: BTreeMap<_, _> = [&a, &b]
-        .iter()
-        .map(|f| ((MacAddr(f.mac), f.direction, f.service), f.totals()))
-        .collect();
+    let small_expected = expected_rows(&[&a, &b]);
     eprintln!(
         "small table: {} rows, overflow {} frames / {} bytes",
         small_rows.len(),
@@ -230,13 +219,8 @@ fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
 /// netlink request in the caller's namespace and leave them behind).
 #[test]
 fn netlink_filters_count_and_are_detached_in_their_namespace() {
-    if let Err(why) = can_run() {
-        return skip(&why);
-    }
-    let mut accounting = match Accounting::load(64) {
-        Ok(accounting) => accounting,
-        Err(EbpfError::NotBuilt) => return skip("built with AYA_BUILD_SKIP=1, no eBPF object"),
-        Err(e) => panic!("load the eBPF object: {e:?}"),
+    let Some(mut accounting) = load_or_skip(64) else {
+        return;
     };
     let topo = Topology::create('n');
     in_netns(&topo.srv_path(), || {
@@ -278,10 +262,7 @@ fn netlink_filters_count_and_are_detached_in_their_namespace() {
         "netlink: veth rx {} / {} bytes, tx {} / {} bytes; map {map:?}",
         if_delta.rx_packets, if_delta.rx_bytes, if_delta.tx_packets, if_delta.tx_bytes
     );
-    let expected: BTreeMap<_, _> = [&a, &d]
-        .iter()
-        .map(|f| ((MacAddr(f.mac), f.direction, f.service), f.totals()))
-        .collect();
+    let expected = expected_rows(&[&a, &d]);
     assert_eq!(map, expected);
     assert_eq!(
         sum(&map, Direction::Ingress),
@@ -299,6 +280,31 @@ fn netlink_filters_count_and_are_detached_in_their_namespace() {
         Vec::<String>::new(),
         "filters left behind"
     );
+}
+
+/// Loads the eBPF object with room for `max_macs` clients, or says why the test is
+/// skipped (no privilege or tools, or built without the object).
+fn load_or_skip(max_macs: u32) -> Option<Accounting> {
+    if let Err(why) = can_run() {
+        skip(&why);
+        return None;
+    }
+    match Accounting::load(max_macs) {
+        Ok(accounting) => Some(accounting),
+        Err(EbpfError::NotBuilt) => {
+            skip("built with AYA_BUILD_SKIP=1, no eBPF object");
+            None
+        }
+        Err(e) => panic!("load the eBPF object: {e:?}"),
+    }
+}
+
+/// The rows the map must hold for `flows`: each flow's totals under its key.
+fn expected_rows(flows: &[&Flow]) -> Table {
+    flows
+        .iter()
+        .map(|f| ((MacAddr(f.mac), f.direction, f.service), f.totals()))
+        .collect()
 }
 
 /// Reports why the test cannot run: loudly, and as a failure under `CI=true`.
