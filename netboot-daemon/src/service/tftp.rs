@@ -33,9 +33,9 @@ use crate::config::TftpConfig;
 use crate::jail::{self, JailError};
 use crate::mac::MacAddr;
 use crate::metrics::{DurationHistogram, Exposition, Kind};
-use crate::tftp::server::{Admitted, Decision, Limits, Server, error_packet};
+use crate::tftp::server::{Admitted, Decision, Limits, Server};
 use crate::tftp::transfer::{self, Event, Failure, ReadRequest, Transfer};
-use crate::tftp::wire::{ErrorCode, Mode};
+use crate::tftp::wire::{ErrorCode, Mode, error_packet};
 use crate::time::Timestamp;
 
 /// Counters of the TFTP service.

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use super::wire::{self, ErrorCode, Mode, Packet, Request};
+use super::wire::{ErrorCode, Mode, Packet, Request, error_packet};
 
 /// Session limits.
 #[derive(Debug, Clone, Copy)]
@@ -98,14 +98,6 @@ pub enum Decision {
     },
     /// Ignore the datagram.
     Drop(Drop),
-}
-
-/// Builds an ERROR packet.
-pub fn error_packet(code: ErrorCode, message: &str) -> Vec<u8> {
-    let mut b = vec![0u8; 5 + message.len()];
-    let n = wire::emit_error(&mut b, code, message).unwrap_or(0);
-    b.truncate(n);
-    b
 }
 
 /// Admission state: who is being served.

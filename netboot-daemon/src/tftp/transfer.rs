@@ -279,11 +279,7 @@ impl Transfer {
     }
 
     fn fail_with_error(&mut self, failure: Failure, code: ErrorCode, msg: &str) {
-        let mut b = vec![0u8; 4 + msg.len() + 1];
-        if let Some(n) = wire::emit_error(&mut b, code, msg) {
-            b.truncate(n);
-            self.error_out = Some(b);
-        }
+        self.error_out = Some(wire::error_packet(code, msg));
         self.finish(Some(failure));
     }
 

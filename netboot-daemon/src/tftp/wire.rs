@@ -232,20 +232,22 @@ impl<'a> Packet<'a> {
     }
 }
 
-/// Writes a DATA header (opcode and block number) into `buf[..4]`.
-pub fn emit_data_header(buf: &mut [u8], block: u16) -> Option<usize> {
+/// Writes an opcode and a block number into `buf[..4]`.
+fn emit_block(buf: &mut [u8], op: Opcode, block: u16) -> Option<usize> {
     let h = buf.get_mut(..4)?;
-    h[..2].copy_from_slice(&Opcode::DATA.0.to_be_bytes());
+    h[..2].copy_from_slice(&op.0.to_be_bytes());
     h[2..].copy_from_slice(&block.to_be_bytes());
     Some(4)
 }
 
+/// Writes a DATA header (opcode and block number) into `buf[..4]`.
+pub fn emit_data_header(buf: &mut [u8], block: u16) -> Option<usize> {
+    emit_block(buf, Opcode::DATA, block)
+}
+
 /// Writes an ACK.
 pub fn emit_ack(buf: &mut [u8], block: u16) -> Option<usize> {
-    let h = buf.get_mut(..4)?;
-    h[..2].copy_from_slice(&Opcode::ACK.0.to_be_bytes());
-    h[2..].copy_from_slice(&block.to_be_bytes());
-    Some(4)
+    emit_block(buf, Opcode::ACK, block)
 }
 
 /// A writer that refuses to overflow its buffer.
@@ -261,6 +263,12 @@ impl Writer<'_> {
         self.len = end;
         Some(())
     }
+
+    /// A string and its terminating NUL.
+    fn cstr(&mut self, s: &str) -> Option<()> {
+        self.put(s.as_bytes())?;
+        self.put(&[0])
+    }
 }
 
 /// Writes an ERROR packet. The message is truncated to fit and never contains a NUL.
@@ -269,10 +277,19 @@ pub fn emit_error(buf: &mut [u8], code: ErrorCode, message: &str) -> Option<usiz
     w.put(&Opcode::ERROR.0.to_be_bytes())?;
     w.put(&code.0.to_be_bytes())?;
     let room = w.buf.len().checked_sub(w.len + 1)?;
-    let msg: Vec<u8> = message.bytes().filter(|&c| c != 0).take(room).collect();
-    w.put(&msg)?;
+    for c in message.bytes().filter(|&c| c != 0).take(room) {
+        w.put(&[c])?;
+    }
     w.put(&[0])?;
     Some(w.len)
+}
+
+/// An ERROR packet, sized to fit `message`.
+pub fn error_packet(code: ErrorCode, message: &str) -> Vec<u8> {
+    let mut b = vec![0u8; 5 + message.len()];
+    let n = emit_error(&mut b, code, message).unwrap_or(0);
+    b.truncate(n);
+    b
 }
 
 /// Writes an OACK with `options` as `name\0value\0` pairs.
@@ -280,15 +297,13 @@ pub fn emit_oack(buf: &mut [u8], options: &[(&str, String)]) -> Option<usize> {
     let mut w = Writer { buf, len: 0 };
     w.put(&Opcode::OACK.0.to_be_bytes())?;
     for (name, value) in options {
-        w.put(name.as_bytes())?;
-        w.put(&[0])?;
-        w.put(value.as_bytes())?;
-        w.put(&[0])?;
+        w.cstr(name)?;
+        w.cstr(value)?;
     }
     Some(w.len)
 }
 
-/// Writes a request (used by tests and the load generator).
+/// Writes a request (used by tests and fuzzing; the load generator has its own encoder).
 pub fn emit_request(
     buf: &mut [u8],
     op: Opcode,
@@ -298,15 +313,11 @@ pub fn emit_request(
 ) -> Option<usize> {
     let mut w = Writer { buf, len: 0 };
     w.put(&op.0.to_be_bytes())?;
-    for s in [filename, mode] {
-        w.put(s.as_bytes())?;
-        w.put(&[0])?;
-    }
+    w.cstr(filename)?;
+    w.cstr(mode)?;
     for (n, v) in options {
-        w.put(n.as_bytes())?;
-        w.put(&[0])?;
-        w.put(v.as_bytes())?;
-        w.put(&[0])?;
+        w.cstr(n)?;
+        w.cstr(v)?;
     }
     Some(w.len)
 }
