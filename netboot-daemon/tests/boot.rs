@@ -129,6 +129,7 @@ async fn installer_files_support_head_and_ranges() {
     std::fs::write(d.dir.path().join("outside.txt"), b"secret").expect("write");
     std::os::unix::fs::symlink(d.dir.path().join("outside.txt"), inst.join("link.txt"))
         .expect("symlink");
+    let dir = d.dir.path().to_path_buf();
     let b = d.base.clone();
     tokio::task::spawn_blocking(move || {
         let url = format!("{b}/files/installers/isos/big%20image.iso");
@@ -167,6 +168,35 @@ async fn installer_files_support_head_and_ranges() {
         assert!(status == 403 || status == 404, "{status}");
         let (status, _, _) = curl(&[&format!("{b}/files/installers/missing.iso")]);
         assert_eq!(status, 404);
+
+        // A download that carries the MAC goes on the timeline once: not its HEAD, not
+        // its later ranges.
+        let tagged = format!("{url}?mac=52-54-00-aa-bb-02");
+        let jar = dir.join("jar").display().to_string();
+        curl(&["-I", &tagged]);
+        curl(&["-H", "range: bytes=0-99", &tagged]);
+        curl(&["-H", "range: bytes=100-199", &tagged]);
+        json_call(
+            "POST",
+            &format!("{b}/api/v1/auth/setup"),
+            &jar,
+            Some(json!({"username": "admin", "password": "admin-pass-1"})),
+        );
+        // The event is written after the response starts: wait for it, within a limit.
+        let events = format!("{b}/api/v1/events?mac=52:54:00:aa:bb:02&kind=http_file");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let ev = loop {
+            let ev = json_call("GET", &events, &jar, None);
+            if ev["total"] != 0 || std::time::Instant::now() > deadline {
+                break ev;
+            }
+            std::thread::yield_now();
+        };
+        assert_eq!(ev["total"], 1, "{ev}");
+        assert_eq!(
+            ev["items"][0]["detail"], "HTTP isos/big image.iso (3000000 bytes)",
+            "{ev}"
+        );
     })
     .await
     .expect("join");

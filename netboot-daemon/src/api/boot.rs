@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use serde::Deserialize;
@@ -232,6 +232,7 @@ pub(super) enum FileRoot {
 pub(super) fn file_route(root: FileRoot) -> MethodRouter<AppState> {
     get(
         move |State(state): State<AppState>,
+              method: Method,
               ip: ClientIp,
               UrlPath(path): UrlPath<String>,
               Query(p): Query<FileParams>,
@@ -240,7 +241,9 @@ pub(super) fn file_route(root: FileRoot) -> MethodRouter<AppState> {
                 FileRoot::Installers => state.paths().installers.clone(),
                 FileRoot::Tftp => state.paths().tftp.clone(),
             };
-            serve_file(&state, dir, path, p, ip, &headers).await
+            // A HEAD (iPXE's sanboot asks for the size first) is not a download.
+            let record = method != Method::HEAD;
+            serve_file(&state, dir, path, p, ip, &headers, record).await
         },
     )
 }
@@ -252,6 +255,7 @@ async fn serve_file(
     p: FileParams,
     ClientIp(ip): ClientIp,
     headers: &HeaderMap,
+    record: bool,
 ) -> Result<Response, ApiError> {
     let opened = {
         let path = path.clone();
@@ -275,22 +279,29 @@ async fn serve_file(
     };
 
     // The first request of a download goes on the device's timeline (not every range of
-    // an ISO that iPXE reads block by block).
+    // an ISO that iPXE reads block by block), without holding up the download; the MAC it
+    // carries binds the client's address.
     let mac = p.mac.as_deref().and_then(|m| m.parse::<MacAddr>().ok());
-    if let Some(mac) = mac.filter(|_| range.is_none_or(|(start, _)| start == 0)) {
-        let detail = format!("HTTP {path} ({size} bytes)");
+    if let Some(mac) = mac.filter(|_| record && range.is_none_or(|(start, _)| start == 0)) {
+        if let Some(addr) = ip.as_deref().and_then(|i| i.parse().ok()) {
+            state
+                .bindings()
+                .learn(addr, mac, BindingSource::Http, Timestamp::now());
+        }
         let ev = NewBootEvent {
             mac,
             at: Timestamp::now(),
             source: EventSource::Http,
             kind: "http_file".into(),
-            detail,
+            detail: format!("HTTP {path} ({size} bytes)"),
             ip,
         };
-        let r = blocking(state, move |s| s.add_event(&ev)).await;
-        if let Err(e) = r {
-            tracing::warn!(status = %e.status(), "recording a file download failed");
-        }
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = blocking(&state, move |s| s.add_event(&ev)).await {
+                tracing::warn!(status = %e.status(), "recording a file download failed");
+            }
+        });
     }
     let (status, start, len) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
