@@ -259,8 +259,10 @@ fn write_info(s: &mut Script, p: &Plan<'_>) {
     s.line("prompt --timeout 30000 Press any key to continue ||");
 }
 
+/// The label a device's policy starts at.
 fn menu_choice(p: &Plan<'_>, d: &Device) -> &'static str {
     match d.boot_policy {
+        BootPolicy::Menu => "menu",
         BootPolicy::Iscsi if d.image.is_some() => "iscsi",
         BootPolicy::Profile if p.profile.is_some() => "profile",
         BootPolicy::Shell => "shell",
@@ -281,15 +283,7 @@ pub fn device_script(p: &Plan<'_>) -> String {
         s.line("item --gap This client is recorded as an unknown device.");
         s.line("item --gap Register it in the web UI or API, then choose Retry.");
         s.line("item retry Retry");
-        s.line("item local Boot from local disk");
-        s.line("item info Device information");
-        s.line("item shell iPXE shell");
-        s.line("item reboot Reboot");
-        s.line(format!(
-            "choose --default local --timeout {} selected || goto local",
-            u64::from(p.settings.menu_timeout_secs) * 1000
-        ));
-        s.line("goto ${selected}");
+        write_choose(&mut s, p, "local");
         s.line(":retry");
         s.line(format!("chain {}/boot/ipxe || goto menu", p.base));
         write_tail(&mut s, p);
@@ -303,19 +297,7 @@ pub fn device_script(p: &Plan<'_>) -> String {
         s.line("exit");
         return s.0;
     }
-    match d.boot_policy {
-        BootPolicy::Menu | BootPolicy::Info => {
-            s.line(format!(
-                "goto {}",
-                if d.boot_policy == BootPolicy::Info {
-                    "info"
-                } else {
-                    "menu"
-                }
-            ));
-        }
-        _ => s.line(format!("goto {}", menu_choice(p, d))),
-    }
+    s.line(format!("goto {}", menu_choice(p, d)));
     s.line(":menu");
     s.line(format!(
         "menu {title} - {} (${{net0/mac}})",
@@ -336,15 +318,7 @@ pub fn device_script(p: &Plan<'_>) -> String {
             profile.kind
         ));
     }
-    s.line("item local Boot from local disk");
-    s.line("item info Device information");
-    s.line("item shell iPXE shell");
-    s.line("item reboot Reboot");
-    s.line(format!(
-        "choose --default {default} --timeout {} selected || goto local",
-        u64::from(p.settings.menu_timeout_secs) * 1000
-    ));
-    s.line("goto ${selected}");
+    write_choose(&mut s, p, default);
     if let Some(image) = &d.image {
         s.line(":iscsi");
         write_iscsi(&mut s, p, image);
@@ -355,6 +329,19 @@ pub fn device_script(p: &Plan<'_>) -> String {
     }
     write_tail(&mut s, p);
     s.0
+}
+
+/// The menu items every menu ends with, and the choice with `default` preselected.
+fn write_choose(s: &mut Script, p: &Plan<'_>, default: &str) {
+    s.line("item local Boot from local disk");
+    s.line("item info Device information");
+    s.line("item shell iPXE shell");
+    s.line("item reboot Reboot");
+    s.line(format!(
+        "choose --default {default} --timeout {} selected || goto local",
+        u64::from(p.settings.menu_timeout_secs) * 1000
+    ));
+    s.line("goto ${selected}");
 }
 
 /// Labels every script ends with: local boot, info, shell, reboot, failure.
@@ -384,16 +371,15 @@ pub fn http_base(ip: std::net::IpAddr, port: u16) -> String {
 /// The first script: asks the client for its MAC and firmware, then chains to its
 /// device script (iPXE expands the settings in the URL).
 pub fn bootstrap_script(base: &str) -> String {
+    let url = format!(
+        "{base}/boot/ipxe/device?mac=${{net0/mac:hexhyp}}&platform=${{platform}}&arch=${{buildarch}}"
+    );
     let mut s = Script::new();
-    s.line(format!(
-        "chain {base}/boot/ipxe/device?mac=${{net0/mac:hexhyp}}&platform=${{platform}}&arch=${{buildarch}} || goto retry"
-    ));
+    s.line(format!("chain {url} || goto retry"));
     s.line(":retry");
     s.line("echo Could not reach the boot server; retrying in 5 seconds (Ctrl-B for a shell).");
     s.line("sleep 5");
-    s.line(format!(
-        "chain {base}/boot/ipxe/device?mac=${{net0/mac:hexhyp}}&platform=${{platform}}&arch=${{buildarch}} || shell"
-    ));
+    s.line(format!("chain {url} || shell"));
     s.0
 }
 
