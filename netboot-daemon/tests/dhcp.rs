@@ -5,7 +5,6 @@
 //! under CI=true).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,86 +19,27 @@ use netboot_daemon::ebpf::in_netns;
 use netboot_daemon::service::dhcp::{ProxyDhcp, bind};
 use netboot_daemon::store::{PageQuery, Sqlite, Store};
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+mod common;
 
-fn can_run() -> Result<(), String> {
-    let uid = Command::new("id")
-        .arg("-u")
-        .output()
-        .map_err(|e| e.to_string())?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        return Err("needs root (network namespaces)".into());
+use common::{Veth, ip, privileged, skip};
+
+/// Two namespaces joined by a veth pair: the server side has 10.77.0.1/24, the client
+/// side the MAC 52:54:00:77:00:02 (and its address only later); loopback up in both.
+fn lab() -> Veth {
+    let lab = Veth::create("nbd", 'd', "52:54:00:77:00:01", "52:54:00:77:00:02", false);
+    ip(&[
+        "-n",
+        &lab.srv_ns,
+        "addr",
+        "add",
+        "10.77.0.1/24",
+        "dev",
+        &lab.srv_if,
+    ]);
+    for ns in [&lab.srv_ns, &lab.cli_ns] {
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
     }
-    Command::new("ip")
-        .arg("-V")
-        .output()
-        .map_err(|_| "needs iproute2".to_owned())?;
-    Ok(())
-}
-
-/// Two namespaces joined by a veth pair; removed on drop, also after a panic.
-struct Lab {
-    srv: String,
-    cli: String,
-}
-
-impl Lab {
-    fn new() -> Self {
-        let id = std::process::id();
-        let lab = Self {
-            srv: format!("nbd-s-{id}"),
-            cli: format!("nbd-c-{id}"),
-        };
-        ip(&["netns", "add", &lab.srv]);
-        ip(&["netns", "add", &lab.cli]);
-        let (vs, vc) = (format!("nbds{id}"), format!("nbdc{id}"));
-        ip(&[
-            "link", "add", &vs, "netns", &lab.srv, "type", "veth", "peer", "name", &vc, "netns",
-            &lab.cli,
-        ]);
-        ip(&["-n", &lab.srv, "addr", "add", "10.77.0.1/24", "dev", &vs]);
-        for (ns, dev) in [(&lab.srv, &vs), (&lab.cli, &vc)] {
-            ip(&[
-                "-n",
-                ns,
-                "link",
-                "set",
-                dev,
-                "address",
-                if ns == &lab.cli {
-                    "52:54:00:77:00:02"
-                } else {
-                    "52:54:00:77:00:01"
-                },
-            ]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        lab
-    }
-
-    fn path(ns: &str) -> PathBuf {
-        PathBuf::from("/var/run/netns").join(ns)
-    }
-
-    fn cli_dev(&self) -> String {
-        format!("nbdc{}", std::process::id())
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in [&self.srv, &self.cli] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
+    lab
 }
 
 fn discover(kind: MessageType) -> Vec<u8> {
@@ -120,17 +60,12 @@ fn discover(kind: MessageType) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_dhcp_answers_pxe_clients_in_a_namespace() {
-    if let Err(why) = can_run() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "the proxyDHCP netns test cannot run under CI=true: {why}"
-        );
-        eprintln!("SKIPPED: proxy_dhcp_answers_pxe_clients_in_a_namespace: {why}");
-        return;
+    if let Err(why) = privileged(&["ip"]) {
+        return skip("proxy_dhcp_answers_pxe_clients_in_a_namespace", &why);
     }
-    let lab = Lab::new();
+    let lab = lab();
     let store: Arc<dyn Store> = Arc::new(Sqlite::in_memory().expect("store"));
-    let listeners = in_netns(&Lab::path(&lab.srv), || bind(&[], 67, 4011))
+    let listeners = in_netns(&lab.srv_path(), || bind(&[], 67, 4011))
         .expect("setns")
         .expect("bind");
     assert_eq!(listeners.len(), 1, "one interface with IPv4 besides lo");
@@ -145,8 +80,8 @@ async fn proxy_dhcp_answers_pxe_clients_in_a_namespace() {
     let task = tokio::spawn(Arc::clone(&service).serve(listeners, stop_rx));
 
     // A firmware-style client: broadcast DISCOVER from port 68.
-    let dev = lab.cli_dev();
-    let client = in_netns(&Lab::path(&lab.cli), || {
+    let dev = lab.cli_if.clone();
+    let client = in_netns(&lab.cli_path(), || {
         let s = socket2::Socket::new(
             socket2::Domain::IPV4,
             socket2::Type::DGRAM,
@@ -181,7 +116,15 @@ async fn proxy_dhcp_answers_pxe_clients_in_a_namespace() {
 
     // The PXE boot server request on port 4011, unicast (the client has its address by now;
     // here it has none, so it asks from 0.0.0.0 and gets the ACK back on its port).
-    ip(&["-n", &lab.cli, "addr", "add", "10.77.0.2/24", "dev", &dev]);
+    ip(&[
+        "-n",
+        &lab.cli_ns,
+        "addr",
+        "add",
+        "10.77.0.2/24",
+        "dev",
+        &dev,
+    ]);
     client
         .send_to(
             &discover(MessageType::Request),
@@ -203,8 +146,20 @@ async fn proxy_dhcp_answers_pxe_clients_in_a_namespace() {
     if udhcpc {
         let out = Command::new("ip")
             .args([
-                "netns", "exec", &lab.cli, "busybox", "udhcpc", "-i", &dev, "-f", "-q", "-n", "-t",
-                "2", "-T", "1",
+                "netns",
+                "exec",
+                &lab.cli_ns,
+                "busybox",
+                "udhcpc",
+                "-i",
+                &dev,
+                "-f",
+                "-q",
+                "-n",
+                "-t",
+                "2",
+                "-T",
+                "1",
             ])
             .args([
                 "-V",

@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,10 @@ use netboot_daemon::ebpf::{
     Accounting, AttachMode, Direction, EbpfError, MacCounters, Service, in_netns,
 };
 use netboot_daemon::mac::MacAddr;
+
+mod common;
+
+use common::{Veth, netns_path, privileged};
 
 const SRV_MAC: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x01];
 const CLI_MAC: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x02];
@@ -309,85 +312,37 @@ fn expected_rows(flows: &[&Flow]) -> Table {
 
 /// Reports why the test cannot run: loudly, and as a failure under `CI=true`.
 fn skip(why: &str) {
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "the privileged eBPF test cannot run under CI=true: {why}"
-    );
-    eprintln!();
-    eprintln!("********************************************************************");
-    eprintln!("*** SKIPPED: ebpf_tcx needs root, iproute2 and the eBPF object ({why})");
-    eprintln!("********************************************************************");
-    eprintln!();
+    common::skip("ebpf_tcx (needs root, iproute2 and the eBPF object)", why);
 }
 
 /// Why the test cannot run here, if it cannot.
 fn can_run() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
-        return Err(format!("not root (euid {euid})"));
-    }
-    for tool in ["ip", "tc"] {
-        match Command::new(tool).arg("-V").output() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => return Err(format!("`{tool} -V` failed: {}", out.status)),
-            Err(e) => return Err(format!("`{tool}` not found: {e}")),
-        }
-    }
-    Ok(())
+    privileged(&["ip", "tc"])
 }
 
-/// Two namespaces joined by a veth pair; dropping it deletes both (and so the pair).
-struct Topology {
-    srv_ns: String,
-    cli_ns: String,
-    srv_if: String,
-    cli_if: String,
+/// The test's two namespaces and veth pair, with IPv6 off and no IPv4 address: the only
+/// frames on the veth are the test's own.
+struct Topology(Veth);
+
+impl std::ops::Deref for Topology {
+    type Target = Veth;
+
+    fn deref(&self) -> &Veth {
+        &self.0
+    }
 }
 
 impl Topology {
     /// `tag` tells apart the topologies of tests running at the same time.
     fn create(tag: char) -> Self {
-        let pid = std::process::id();
-        // The guard exists before anything is created, so a failure halfway cleans up too.
-        let topo = Self {
-            srv_ns: format!("nbt-srv-{pid}-{tag}"),
-            cli_ns: format!("nbt-cli-{pid}-{tag}"),
-            srv_if: format!("nbs{pid}{tag}"),
-            cli_if: format!("nbc{pid}{tag}"),
-        };
-        for ns in [&topo.srv_ns, &topo.cli_ns] {
-            ip(&["netns", "add", ns]);
-            // Before the veth exists, so it inherits the default: no IPv6, hence no
-            // router or neighbour solicitations, MLD reports or other background frames.
-            in_netns(&netns_path(ns), || {
-                for conf in ["all", "default"] {
-                    let path = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
-                    std::fs::write(&path, "1").unwrap_or_else(|e| panic!("write {path}: {e}"));
-                }
-            })
-            .expect("enter the new namespace");
-        }
-        ip(&[
-            "link",
-            "add",
-            &topo.srv_if,
-            "netns",
-            &topo.srv_ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &topo.cli_if,
-            "netns",
-            &topo.cli_ns,
-        ]);
-        for (ns, iface, mac) in [
-            (&topo.srv_ns, &topo.srv_if, SRV_MAC),
-            (&topo.cli_ns, &topo.cli_if, CLI_MAC),
-        ] {
-            let mac = MacAddr(mac).to_string();
-            ip(&["-n", ns, "link", "set", "dev", iface, "address", &mac, "up"]);
+        let topo = Self(Veth::create(
+            "nbt",
+            tag,
+            &MacAddr(SRV_MAC).to_string(),
+            &MacAddr(CLI_MAC).to_string(),
+            true,
+        ));
+        for (ns, iface) in [(&topo.srv_ns, &topo.srv_if), (&topo.cli_ns, &topo.cli_if)] {
             let ipv6_off = in_netns(&netns_path(ns), || {
                 std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6"))
             })
@@ -395,16 +350,7 @@ impl Topology {
             .expect("read disable_ipv6");
             assert_eq!(ipv6_off.trim(), "1", "IPv6 must be off on {iface}");
         }
-        // No IPv4 address either, so no ARP: the only frames on the veth are ours.
         topo
-    }
-
-    fn srv_path(&self) -> PathBuf {
-        netns_path(&self.srv_ns)
-    }
-
-    fn cli_path(&self) -> PathBuf {
-        netns_path(&self.cli_ns)
     }
 
     /// Names of the BPF filters on the server veth's clsact qdisc, sorted.
@@ -479,30 +425,6 @@ impl Topology {
             tx_bytes: field("tx", "bytes"),
         }
     }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for ns in [&self.srv_ns, &self.cli_ns] {
-            // Deleting a namespace destroys the veth end inside it, and with it the pair.
-            // It may not exist if creation failed early; nothing to report then.
-            let _status = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn netns_path(name: &str) -> PathBuf {
-    PathBuf::from("/var/run/netns").join(name)
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[derive(Clone, Copy, Debug)]

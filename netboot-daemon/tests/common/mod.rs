@@ -102,3 +102,124 @@ pub(crate) fn have(tool: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+/// Runs `ip` with `args` and fails the test if it fails.
+pub(crate) fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The path `ip netns` gives a namespace.
+pub(crate) fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from("/var/run/netns").join(name)
+}
+
+/// Why a privileged test cannot run here (not root, or one of `tools` missing), if it
+/// cannot.
+pub(crate) fn privileged(tools: &[&str]) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(format!("not root (euid {euid})"));
+    }
+    for tool in tools {
+        match Command::new(tool).arg("-V").output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => return Err(format!("`{tool} -V` failed: {}", out.status)),
+            Err(e) => return Err(format!("`{tool}` not found: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// Reports loudly that `test` cannot run, and fails under `CI=true`.
+pub(crate) fn skip(test: &str, why: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} cannot run under CI=true: {why}"
+    );
+    eprintln!();
+    eprintln!("********************************************************************");
+    eprintln!("*** SKIPPED: {test}: {why}");
+    eprintln!("********************************************************************");
+    eprintln!();
+}
+
+/// Two network namespaces joined by a veth pair, with the given MACs, up; dropping it
+/// deletes both namespaces (and so the pair), also after a panic.
+pub(crate) struct Veth {
+    pub(crate) srv_ns: String,
+    pub(crate) cli_ns: String,
+    pub(crate) srv_if: String,
+    pub(crate) cli_if: String,
+}
+
+impl Veth {
+    /// Names start with `prefix` (three letters) and end with `tag`, which tells apart
+    /// pairs of tests running at the same time. With `ipv6_off`, IPv6 is disabled in both
+    /// namespaces before the veth exists, so no background frames (router or neighbour
+    /// solicitations, MLD reports) appear on it.
+    pub(crate) fn create(
+        prefix: &str,
+        tag: char,
+        srv_mac: &str,
+        cli_mac: &str,
+        ipv6_off: bool,
+    ) -> Self {
+        let pid = std::process::id();
+        // The guard exists before anything is created, so a failure halfway cleans up too.
+        let v = Self {
+            srv_ns: format!("{prefix}-srv-{pid}-{tag}"),
+            cli_ns: format!("{prefix}-cli-{pid}-{tag}"),
+            srv_if: format!("{prefix}s{pid}{tag}"),
+            cli_if: format!("{prefix}c{pid}{tag}"),
+        };
+        for ns in [&v.srv_ns, &v.cli_ns] {
+            ip(&["netns", "add", ns]);
+            if ipv6_off {
+                netboot_daemon::ebpf::in_netns(&netns_path(ns), || {
+                    for conf in ["all", "default"] {
+                        let path = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+                        std::fs::write(&path, "1").unwrap_or_else(|e| panic!("write {path}: {e}"));
+                    }
+                })
+                .expect("enter the new namespace");
+            }
+        }
+        ip(&[
+            "link", "add", &v.srv_if, "netns", &v.srv_ns, "type", "veth", "peer", "name",
+            &v.cli_if, "netns", &v.cli_ns,
+        ]);
+        for (ns, iface, mac) in [
+            (&v.srv_ns, &v.srv_if, srv_mac),
+            (&v.cli_ns, &v.cli_if, cli_mac),
+        ] {
+            ip(&["-n", ns, "link", "set", "dev", iface, "address", mac, "up"]);
+        }
+        v
+    }
+
+    /// The server namespace's path.
+    pub(crate) fn srv_path(&self) -> PathBuf {
+        netns_path(&self.srv_ns)
+    }
+
+    /// The client namespace's path.
+    pub(crate) fn cli_path(&self) -> PathBuf {
+        netns_path(&self.cli_ns)
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        for ns in [&self.srv_ns, &self.cli_ns] {
+            // It may not exist if creation failed early; nothing to report then.
+            let _status = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
