@@ -86,11 +86,6 @@ impl AppState {
         }))
     }
 
-    /// The store.
-    pub fn store(&self) -> &dyn Store {
-        self.0.store.as_ref()
-    }
-
     fn store_arc(&self) -> Arc<dyn Store> {
         Arc::clone(&self.0.store)
     }
