@@ -7,53 +7,110 @@
 //!
 //! The `user` feature adds the `aya::Pod` impls that the daemon needs to read the maps.
 //!
-//! Key types: [`MacKey`] and [`Counters`] for the per-client map [`MAC_STATS`],
-//! and the error slots of [`ERRORS`].
+//! # Attribution
+//!
+//! Every frame the programs see lands in exactly one bucket: a client's row of
+//! [`MAC_STATS`], or the interface's row of [`UNATTRIBUTED`] (or, when a map is full,
+//! an [`ERRORS`] slot). The client is, in this order:
+//! 1. for DHCP (IPv4 BOOTP with a 6-byte Ethernet `chaddr`): the `chaddr` in the packet;
+//! 2. the MAC the daemon bound to the client's IP address in [`BINDINGS`]
+//!    (the source address on ingress, the destination address on egress);
+//! 3. the frame's own MAC (source on ingress, destination on egress) when it is unicast and
+//!    not a router's ([`ROUTERS`]: the kernel side adds the sender of every relayed DHCP
+//!    request, the daemon adds configured routers);
+//! 4. nobody: the frame is counted in [`UNATTRIBUTED`].
+//!
+//! The service is found by port in [`PORTS`] (the server side's port first), which the
+//! daemon fills from its configuration and with each TFTP transfer's own server port.
+//! TFTP, HTTP and iSCSI packets are also counted per connection in [`FLOWS`].
+//!
+//! # Versions
+//!
+//! The daemon pins the maps so that counters survive its restart. Any change to a map's
+//! name, key, value or meaning must bump [`LAYOUT_VERSION`], which names the pin directory,
+//! so that a new daemon never reuses maps of an older layout.
 #![no_std]
 #![warn(missing_docs)]
 
 use core::mem::{align_of, size_of};
 
+/// Version of the map layout; part of the pin directory's name (see the crate documentation).
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// Name of the per-CPU hash map of per-client counters, keyed by [`MacKey`], valued [`Counters`].
 ///
 /// The map is a plain (never LRU) per-CPU hash, so a full map refuses new clients
-/// and counts them in [`ERRORS`] slot [`ERROR_MAP_FULL`] instead of evicting old ones.
+/// and counts them in [`ERRORS`] slot [`ERROR_MAC_FULL`] instead of evicting old ones.
 pub const MAC_STATS: &str = "MAC_STATS";
-
+/// Name of the per-CPU hash map of frames no client could be found for, keyed by [`IfKey`],
+/// valued [`Counters`].
+pub const UNATTRIBUTED: &str = "UNATTRIBUTED";
 /// Name of the per-CPU array of error counters, indexed by the `ERROR_*` constants, valued [`Counters`].
 pub const ERRORS: &str = "ERRORS";
+/// Name of the hash map of IP → MAC bindings, keyed by [`IpKey`], valued [`BindingValue`].
+/// Written by the daemon only.
+pub const BINDINGS: &str = "BINDINGS";
+/// Name of the hash map of router MACs, keyed by [`MacOnly`], valued `u8` (a [`ROUTER_*`](ROUTER_DHCP_RELAY) reason).
+pub const ROUTERS: &str = "ROUTERS";
+/// Name of the hash map of service ports, keyed by [`PortKey`], valued `u8` (a `SERVICE_*` constant).
+/// Written by the daemon only.
+pub const PORTS: &str = "PORTS";
+/// Name of the per-CPU hash map of per-connection counters, keyed by [`FlowKey`], valued [`FlowCounters`].
+pub const FLOWS: &str = "FLOWS";
 
 /// Default capacity of [`MAC_STATS`]; the daemon overrides it from its configuration.
 ///
-/// Every client uses one entry per direction and service it talks.
+/// Every client uses one entry per interface, direction and service it talks.
 pub const DEFAULT_MAX_MACS: u32 = 16384;
+/// Default capacity of [`FLOWS`]; the daemon overrides it from its configuration.
+pub const DEFAULT_MAX_FLOWS: u32 = 65536;
+/// Default capacity of [`BINDINGS`]; the daemon overrides it from its configuration.
+pub const DEFAULT_MAX_BINDINGS: u32 = 65536;
+/// Capacity of [`UNATTRIBUTED`]: interfaces × 2 directions × services.
+pub const MAX_UNATTRIBUTED: u32 = 4096;
+/// Capacity of [`ROUTERS`].
+pub const MAX_ROUTERS: u32 = 1024;
+/// Capacity of [`PORTS`]: configured service ports plus the TFTP transfers in flight.
+pub const MAX_PORTS: u32 = 16384;
 
 /// [`ERRORS`] slot: a frame could not be counted because [`MAC_STATS`] is full.
-pub const ERROR_MAP_FULL: u32 = 0;
-/// [`ERRORS`] slot: updating [`MAC_STATS`] failed for another reason than a full map.
+pub const ERROR_MAC_FULL: u32 = 0;
+/// [`ERRORS`] slot: updating [`MAC_STATS`] or [`UNATTRIBUTED`] failed for another reason than a full map.
 pub const ERROR_MAP_UPDATE: u32 = 1;
-/// [`ERRORS`] slot: the frame was too short to hold an Ethernet header.
-pub const ERROR_TRUNCATED: u32 = 2;
+/// [`ERRORS`] slot: a frame's connection could not be counted because [`FLOWS`] is full.
+/// The frame itself is still counted per client; this slot is not part of the reconciliation.
+pub const ERROR_FLOW_FULL: u32 = 2;
+/// [`ERRORS`] slot: a router could not be recorded because [`ROUTERS`] is full.
+/// The frame itself is still counted; this slot is not part of the reconciliation.
+pub const ERROR_ROUTERS_FULL: u32 = 3;
 /// Number of slots in [`ERRORS`].
-pub const ERROR_SLOTS: u32 = 3;
+pub const ERROR_SLOTS: u32 = 4;
 
-/// [`MacKey::direction`]: the frame was received by the interface; the key is its source MAC.
+/// A direction: the frame was received by the interface.
 pub const INGRESS: u8 = 0;
-/// [`MacKey::direction`]: the frame was sent by the interface; the key is its destination MAC.
+/// A direction: the frame was sent by the interface.
 pub const EGRESS: u8 = 1;
 
-/// [`MacKey::service`]: DHCP or PXE proxyDHCP (UDP 67, 68 or 4011, either port).
+/// [`MacKey::service`]: DHCP or PXE proxyDHCP.
 pub const SERVICE_DHCP: u8 = 0;
-/// [`MacKey::service`]: TFTP requests (UDP 69, either port).
-///
-/// Transfers continue on ephemeral ports (RFC 1350 TIDs) and are counted as [`SERVICE_OTHER`] for now.
+/// [`MacKey::service`]: TFTP requests on port 69 and the transfers on their own server ports.
 pub const SERVICE_TFTP: u8 = 1;
-/// [`MacKey::service`]: HTTP (TCP 80 or 8080, either port).
+/// [`MacKey::service`]: HTTP.
 pub const SERVICE_HTTP: u8 = 2;
-/// [`MacKey::service`]: iSCSI (TCP 3260, either port).
+/// [`MacKey::service`]: iSCSI.
 pub const SERVICE_ISCSI: u8 = 3;
 /// [`MacKey::service`]: everything else, including non-IP frames (ARP, LLDP) and IP fragments.
 pub const SERVICE_OTHER: u8 = 4;
+
+/// [`ROUTERS`] value: the MAC sent a relayed DHCP request (non-zero `giaddr`).
+pub const ROUTER_DHCP_RELAY: u8 = 1;
+/// [`ROUTERS`] value: the daemon's configuration names the MAC as a router.
+pub const ROUTER_CONFIGURED: u8 = 2;
+
+/// IP protocol number of TCP, as in [`PortKey::protocol`] and [`FlowKey::protocol`].
+pub const IPPROTO_TCP: u8 = 6;
+/// IP protocol number of UDP, as in [`PortKey::protocol`] and [`FlowKey::protocol`].
+pub const IPPROTO_UDP: u8 = 17;
 
 /// DHCP server port (RFC 2131 section 4.1).
 pub const PORT_DHCP_SERVER: u16 = 67;
@@ -63,28 +120,100 @@ pub const PORT_DHCP_CLIENT: u16 = 68;
 pub const PORT_PXE_PROXY: u16 = 4011;
 /// TFTP server port (RFC 1350 section 4).
 pub const PORT_TFTP: u16 = 69;
-/// HTTP port.
-pub const PORT_HTTP: u16 = 80;
-/// Alternative HTTP port, the daemon's default listener.
-pub const PORT_HTTP_ALT: u16 = 8080;
 /// iSCSI target port (RFC 7143 section 13.1).
 pub const PORT_ISCSI: u16 = 3260;
 
-/// Key of [`MAC_STATS`]: one client, one direction, one service.
-///
-/// Eight bytes with alignment 1, so there is no padding.
+/// Key of [`MAC_STATS`]: one client, on one interface, in one direction, of one service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MacKey {
-    /// The client's MAC: the source MAC on ingress, the destination MAC on egress.
+    /// The client's MAC (see the crate documentation for how it is found).
     pub mac: [u8; 6],
     /// [`INGRESS`] or [`EGRESS`].
     pub direction: u8,
     /// One of the `SERVICE_*` constants.
     pub service: u8,
+    /// The interface's index in its network namespace.
+    pub ifindex: u32,
 }
 
-/// Value of [`MAC_STATS`] and [`ERRORS`]: frames and bytes.
+/// Key of [`UNATTRIBUTED`]: one interface, one direction, one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IfKey {
+    /// The interface's index in its network namespace.
+    pub ifindex: u32,
+    /// [`INGRESS`] or [`EGRESS`].
+    pub direction: u8,
+    /// One of the `SERVICE_*` constants.
+    pub service: u8,
+    /// Always zero.
+    pub pad: [u8; 2],
+}
+
+/// Key of [`BINDINGS`]: an IPv6 address, or an IPv4 address mapped into IPv6 (`::ffff:a.b.c.d`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    /// The address in network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Value of [`BINDINGS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BindingValue {
+    /// The client the address belongs to.
+    pub mac: [u8; 6],
+    /// Always zero.
+    pub pad: [u8; 2],
+}
+
+/// Key of [`ROUTERS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacOnly {
+    /// The router's MAC.
+    pub mac: [u8; 6],
+    /// Always zero.
+    pub pad: [u8; 2],
+}
+
+/// Key of [`PORTS`]: a port of the server (this host) and its protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// The port, in host byte order.
+    pub port: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub protocol: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+/// Key of [`FLOWS`]: one connection (TCP) or socket pair (UDP) on one interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The client's address (IPv4 mapped into IPv6), network byte order.
+    pub client: [u8; 16],
+    /// The server's address (IPv4 mapped into IPv6), network byte order.
+    pub server: [u8; 16],
+    /// The client's port, host byte order.
+    pub client_port: u16,
+    /// The server's port, host byte order.
+    pub server_port: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub protocol: u8,
+    /// One of the `SERVICE_*` constants.
+    pub service: u8,
+    /// Always zero.
+    pub pad: [u8; 2],
+    /// The interface's index in its network namespace.
+    pub ifindex: u32,
+}
+
+/// Value of [`MAC_STATS`], [`UNATTRIBUTED`] and [`ERRORS`]: frames and bytes.
 ///
 /// Bytes are the frame as on the wire without FCS: `skb->len` (Ethernet header through
 /// payload), plus 4 when an 802.1Q tag was moved out of the data into `skb->vlan_tci`
@@ -100,22 +229,74 @@ pub struct Counters {
     pub bytes: u64,
 }
 
+/// Value of [`FLOWS`]: one connection's frames, wire bytes and L4 payload bytes, per direction.
+///
+/// Payload is what the sockets sent and received as it crossed the interface: the UDP
+/// payload, or the TCP segment data (so TCP retransmissions count again).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// Frames from the client.
+    pub rx_packets: u64,
+    /// Wire bytes from the client, as in [`Counters::bytes`].
+    pub rx_bytes: u64,
+    /// L4 payload bytes from the client.
+    pub rx_payload: u64,
+    /// Frames to the client.
+    pub tx_packets: u64,
+    /// Wire bytes to the client.
+    pub tx_bytes: u64,
+    /// L4 payload bytes to the client.
+    pub tx_payload: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last frame this CPU counted.
+    pub last_seen_ns: u64,
+}
+
 const _: () = {
-    assert!(size_of::<MacKey>() == 8);
-    assert!(align_of::<MacKey>() == 1);
+    assert!(size_of::<MacKey>() == 12);
+    assert!(align_of::<MacKey>() == 4);
+    assert!(size_of::<IfKey>() == 8);
+    assert!(size_of::<IpKey>() == 16);
+    assert!(size_of::<BindingValue>() == 8);
+    assert!(size_of::<MacOnly>() == 8);
+    assert!(size_of::<PortKey>() == 4);
+    assert!(size_of::<FlowKey>() == 44);
+    assert!(align_of::<FlowKey>() == 4);
     assert!(size_of::<Counters>() == 16);
     assert!(align_of::<Counters>() == 8);
-    assert!(ERROR_MAP_FULL < ERROR_SLOTS);
+    assert!(size_of::<FlowCounters>() == 56);
+    assert!(ERROR_MAC_FULL < ERROR_SLOTS);
     assert!(ERROR_MAP_UPDATE < ERROR_SLOTS);
-    assert!(ERROR_TRUNCATED < ERROR_SLOTS);
+    assert!(ERROR_FLOW_FULL < ERROR_SLOTS);
+    assert!(ERROR_ROUTERS_FULL < ERROR_SLOTS);
     // Kernel map names hold at most 15 bytes plus the terminating NUL.
     assert!(MAC_STATS.len() < 16);
+    assert!(UNATTRIBUTED.len() < 16);
     assert!(ERRORS.len() < 16);
+    assert!(BINDINGS.len() < 16);
+    assert!(ROUTERS.len() < 16);
+    assert!(PORTS.len() < 16);
+    assert!(FLOWS.len() < 16);
 };
 
-// SAFETY: `MacKey` is `repr(C)`, `Copy`, has no padding (asserted above) and every bit pattern is valid.
+/// Marks the shared types as plain old data for aya (userspace only).
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for MacKey {}
-// SAFETY: `Counters` is `repr(C)`, `Copy`, has no padding (asserted above) and every bit pattern is valid.
+macro_rules! pod {
+    ($($t:ty),*) => {$(
+        // SAFETY: the type is `repr(C)`, `Copy`, has no padding (its size is asserted above
+        // to equal the sum of its fields) and every bit pattern is valid.
+        unsafe impl aya::Pod for $t {}
+    )*};
+}
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for Counters {}
+pod!(
+    MacKey,
+    IfKey,
+    IpKey,
+    BindingValue,
+    MacOnly,
+    PortKey,
+    FlowKey,
+    Counters,
+    FlowCounters
+);

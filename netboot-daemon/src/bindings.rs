@@ -8,10 +8,13 @@
 //!
 //! A binding is replaced when the same address shows up with another MAC: the newest
 //! observation wins, and each binding says when and from what it was learned.
+//!
+//! A [`BindingSink`] (the eBPF accounting) hears of every change, so that the kernel side
+//! counts a routed client's frames for its own MAC, not its router's.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use crate::mac::MacAddr;
 use crate::time::Timestamp;
@@ -40,33 +43,70 @@ pub struct Binding {
     pub source: Source,
 }
 
+/// Told of every binding that is made, changed or dropped.
+pub trait BindingSink: Send + Sync {
+    /// `ip` now belongs to `mac`.
+    fn bound(&self, ip: IpAddr, mac: MacAddr);
+    /// `ip` is no longer bound.
+    fn unbound(&self, ip: IpAddr);
+}
+
 /// IP → MAC bindings, bounded.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Bindings {
     map: Mutex<HashMap<IpAddr, Binding>>,
+    sink: OnceLock<Arc<dyn BindingSink>>,
+}
+
+impl std::fmt::Debug for Bindings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bindings")
+            .field("sink", &self.sink.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// At most this many bindings are kept; the oldest go first.
 const MAX_BINDINGS: usize = 65_536;
 
 impl Bindings {
+    /// Sets the sink and tells it of every binding made so far. Only the first call counts.
+    pub fn set_sink(&self, sink: Arc<dyn BindingSink>) {
+        if self.sink.set(Arc::clone(&sink)).is_err() {
+            return;
+        }
+        let now: Vec<(IpAddr, MacAddr)> = self.lock().iter().map(|(ip, b)| (*ip, b.mac)).collect();
+        for (ip, mac) in now {
+            sink.bound(ip, mac);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Binding>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Records that `ip` belongs to `mac` (unspecified and loopback addresses are ignored).
     pub fn learn(&self, ip: IpAddr, mac: MacAddr, source: Source, at: Timestamp) {
         let ip = canonical(ip);
         if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
             return;
         }
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(old) = map.get(&ip)
-            && old.mac != mac
-        {
-            tracing::info!(%ip, old = %old.mac, new = %mac, ?source, "address moved to another MAC");
-        }
+        let mut map = self.lock();
+        let changed = match map.get(&ip) {
+            Some(old) if old.mac != mac => {
+                tracing::info!(%ip, old = %old.mac, new = %mac, ?source, "address moved to another MAC");
+                true
+            }
+            Some(_) => false,
+            None => true,
+        };
+        let mut evicted = None;
         if map.len() >= MAX_BINDINGS
             && !map.contains_key(&ip)
             && let Some(oldest) = map.iter().min_by_key(|(_, b)| b.since).map(|(ip, _)| *ip)
         {
             map.remove(&oldest);
+            evicted = Some(oldest);
         }
         map.insert(
             ip,
@@ -76,17 +116,26 @@ impl Bindings {
                 source,
             },
         );
+        // Told under the lock, so that the sink sees changes of one address in order.
+        if let Some(sink) = self.sink.get() {
+            if let Some(old) = evicted {
+                sink.unbound(old);
+            }
+            if changed {
+                sink.bound(ip, mac);
+            }
+        }
+    }
+
+    /// Every learned binding (not the neighbour table's).
+    pub fn all(&self) -> Vec<(IpAddr, Binding)> {
+        self.lock().iter().map(|(ip, b)| (*ip, *b)).collect()
     }
 
     /// The MAC of `ip`: a learned binding, else the kernel's neighbour table.
     pub fn lookup(&self, ip: IpAddr) -> Option<Binding> {
         let ip = canonical(ip);
-        if let Some(b) = self
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&ip)
-        {
+        if let Some(b) = self.lock().get(&ip) {
             return Some(*b);
         }
         let IpAddr::V4(v4) = ip else {
@@ -154,6 +203,42 @@ mod tests {
         assert!(
             b.map.lock().expect("lock").len() == 1,
             "loopback is not a client"
+        );
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(IpAddr, Option<MacAddr>)>>);
+
+    impl BindingSink for Recorder {
+        fn bound(&self, ip: IpAddr, mac: MacAddr) {
+            self.0.lock().expect("lock").push((ip, Some(mac)));
+        }
+        fn unbound(&self, ip: IpAddr) {
+            self.0.lock().expect("lock").push((ip, None));
+        }
+    }
+
+    #[test]
+    fn the_sink_hears_of_every_change_once_and_of_earlier_bindings() {
+        let b = Bindings::default();
+        let (ip1, ip2): (IpAddr, IpAddr) = (
+            "192.0.2.1".parse().expect("ip"),
+            "192.0.2.2".parse().expect("ip"),
+        );
+        b.learn(ip1, mac("52:54:00:00:00:01"), Source::Dhcp, Timestamp(1));
+        let sink = Arc::new(Recorder::default());
+        b.set_sink(Arc::clone(&sink) as Arc<dyn BindingSink>);
+        // Confirming a binding is no change; moving it and a new address are.
+        b.learn(ip1, mac("52:54:00:00:00:01"), Source::Http, Timestamp(2));
+        b.learn(ip1, mac("52:54:00:00:00:02"), Source::Tftp, Timestamp(3));
+        b.learn(ip2, mac("52:54:00:00:00:03"), Source::Dhcp, Timestamp(4));
+        assert_eq!(
+            *sink.0.lock().expect("lock"),
+            [
+                (ip1, Some(mac("52:54:00:00:00:01"))),
+                (ip1, Some(mac("52:54:00:00:00:02"))),
+                (ip2, Some(mac("52:54:00:00:00:03"))),
+            ]
         );
     }
 

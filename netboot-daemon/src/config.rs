@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::dhcp::proxy::BootFiles;
+use crate::mac::MacAddr;
 
 /// The sample configuration shipped in `docs/netboot.toml`; a test parses it.
 pub const SAMPLE: &str = include_str!("../../docs/netboot.toml");
@@ -301,8 +302,21 @@ impl Default for TftpConfig {
 pub struct EbpfConfig {
     /// Boot interfaces to count on; empty means accounting is off.
     pub interfaces: Vec<String>,
-    /// Capacity of the per-MAC counter map (entries, i.e. MAC × service × direction).
+    /// Capacity of the per-MAC counter map (entries, i.e. MAC × interface × service × direction).
     pub max_entries: u32,
+    /// Capacity of the per-connection map (TFTP transfers, HTTP and iSCSI connections).
+    pub max_flows: u32,
+    /// Capacity of the IP → MAC binding map.
+    pub max_bindings: u32,
+    /// MACs of routers in front of routed clients (relays of DHCP are found automatically):
+    /// their frames count for the client the IP address is bound to, never for the router.
+    pub routers: Vec<MacAddr>,
+    /// Directory in bpffs where the counter maps are pinned, so that counters survive a
+    /// restart of the daemon (bpffs is mounted at /sys/fs/bpf if needed); empty: no pinning.
+    pub pin_dir: PathBuf,
+    /// At most this many MACs get their own series in `/metrics`; the rest are summed
+    /// under `mac="other"`. Devices in the inventory come first.
+    pub metrics_max_macs: usize,
 }
 
 impl Default for EbpfConfig {
@@ -310,6 +324,11 @@ impl Default for EbpfConfig {
         Self {
             interfaces: Vec::new(),
             max_entries: netboot_common::DEFAULT_MAX_MACS,
+            max_flows: netboot_common::DEFAULT_MAX_FLOWS,
+            max_bindings: netboot_common::DEFAULT_MAX_BINDINGS,
+            routers: Vec::new(),
+            pin_dir: PathBuf::from("/sys/fs/bpf/netboot"),
+            metrics_max_macs: 10_000,
         }
     }
 }
@@ -435,6 +454,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         name: "NETBOOT_EBPF_INTERFACES",
         aliases: &[],
         help: "ebpf.interfaces (comma-separated)",
+    },
+    EnvVar {
+        name: "NETBOOT_EBPF_PIN_DIR",
+        aliases: &[],
+        help: "ebpf.pin_dir (empty: no pinning)",
     },
     EnvVar {
         name: "NETBOOT_LOG",
@@ -568,6 +592,9 @@ impl Config {
         if let Some((_, v)) = lookup(env, "NETBOOT_EBPF_INTERFACES") {
             self.ebpf.interfaces = list(&v);
         }
+        if let Some((_, v)) = lookup(env, "NETBOOT_EBPF_PIN_DIR") {
+            self.ebpf.pin_dir = v.into();
+        }
         if let Some((_, v)) = lookup(env, "NETBOOT_LOG") {
             self.log.level = v;
         }
@@ -609,10 +636,10 @@ impl Config {
                 why: "max_windowsize, timeout_ms and max_sessions must be at least 1".into(),
             });
         }
-        if self.ebpf.max_entries < 64 {
+        if self.ebpf.max_entries < 64 || self.ebpf.max_flows < 64 || self.ebpf.max_bindings < 64 {
             return Err(ConfigError::Invalid {
-                field: "ebpf.max_entries",
-                why: "must be at least 64".into(),
+                field: "ebpf",
+                why: "max_entries, max_flows and max_bindings must be at least 64".into(),
             });
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

@@ -16,7 +16,7 @@ use crate::boot::tftp::BootScripts;
 use crate::config::DhcpMode;
 use crate::config::Validated;
 use crate::driver;
-use crate::ebpf::Accounting;
+use crate::ebpf::{Accounting, Options, ServicePort};
 use crate::service::dhcp::{self as dhcp_service, ProxyDhcp};
 use crate::service::tftp::Tftp;
 use crate::service::timeline;
@@ -83,7 +83,15 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let bindings = Arc::new(Bindings::default());
+    // Before the services, so that the kernel knows every binding and transfer port.
+    let accounting = start_accounting(&cfg);
+    if let Some(acc) = &accounting {
+        bindings.set_sink(Arc::clone(acc) as Arc<dyn crate::bindings::BindingSink>);
+    }
     let tftp = start_tftp(&cfg, &store, &bindings, addr.port(), stop_rx.clone())?;
+    if let (Some(acc), Some((service, _))) = (&accounting, &tftp) {
+        service.set_transfer_ports(Arc::clone(acc) as Arc<dyn crate::service::tftp::TransferPorts>);
+    }
     let dhcp = start_dhcp(&cfg, &store, &bindings, addr.port(), stop_rx.clone());
 
     let state = AppState::with_services(
@@ -93,6 +101,7 @@ pub async fn serve(
             tftp: tftp.as_ref().map(|(service, _)| Arc::clone(service)),
             dhcp: dhcp.as_ref().map(|(service, _)| Arc::clone(service)),
             bindings,
+            accounting: accounting.clone(),
         },
     );
     let needs_setup = {
@@ -100,7 +109,12 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || s.needs_setup()).await??
     };
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&store)));
-    let accounting = start_accounting(&cfg).map(|a| tokio::spawn(forward_kernel_logs(a)));
+    let accounting = accounting.map(|a| {
+        tokio::spawn(crate::service::accounting::run(
+            a,
+            tftp.as_ref().map(|(service, _)| Arc::clone(service)),
+        ))
+    });
 
     let url = display_url(addr);
     let data_dir = cfg
@@ -235,13 +249,21 @@ fn start_dhcp(
 
 /// Loads the eBPF program and attaches it to the configured interfaces. Failure is not
 /// fatal: the daemon runs on without kernel counters and says so.
-fn start_accounting(cfg: &Validated) -> Option<Accounting> {
+fn start_accounting(cfg: &Validated) -> Option<Arc<Accounting>> {
     let ebpf = &cfg.config.ebpf;
     if ebpf.interfaces.is_empty() {
         tracing::info!("eBPF accounting off: no ebpf.interfaces configured");
         return None;
     }
-    let mut acc = match Accounting::load(ebpf.max_entries) {
+    let options = Options {
+        max_macs: ebpf.max_entries,
+        max_flows: ebpf.max_flows,
+        max_bindings: ebpf.max_bindings,
+        ports: ServicePort::standard(&[cfg.config.http.listen.port()], &[]),
+        routers: ebpf.routers.clone(),
+        pin_dir: (!ebpf.pin_dir.as_os_str().is_empty()).then(|| ebpf.pin_dir.clone()),
+    };
+    let acc = match Accounting::load(&options) {
         Ok(a) => a,
         Err(error) => {
             tracing::warn!(%error, "eBPF accounting unavailable: per-client kernel byte counters are off");
@@ -260,16 +282,10 @@ fn start_accounting(cfg: &Validated) -> Option<Accounting> {
             }
         }
     }
-    (attached > 0).then_some(acc)
-}
-
-/// Owns the accounting programs and forwards their kernel log lines.
-async fn forward_kernel_logs(mut acc: Accounting) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        acc.drain_logs();
+    if let Some(dir) = acc.pin_dir() {
+        tracing::info!(dir = %dir.display(), "eBPF counters are pinned and survive a restart");
     }
+    (attached > 0).then(|| Arc::new(acc))
 }
 
 async fn housekeeping(store: Arc<dyn Store>) {

@@ -110,6 +110,11 @@ impl Exposition {
         self.sample(name, "_total", labels, &value.to_string());
     }
 
+    /// A counter sample with a fractional value, e.g. seconds (written as `name_total`).
+    pub fn counter_f64(&mut self, name: &str, labels: Labels<'_>, value: f64) {
+        self.sample(name, "_total", labels, &fmt_f64(value));
+    }
+
     /// A gauge sample.
     pub fn gauge(&mut self, name: &str, labels: Labels<'_>, value: f64) {
         self.sample(name, "", labels, &fmt_f64(value));
@@ -159,6 +164,17 @@ impl Exposition {
         self.out.push(' ');
         self.out.push_str(value);
         self.out.push('\n');
+    }
+
+    /// The families written so far, without the end marker, to [`Exposition::append`]
+    /// to another exposition of the same format.
+    pub fn into_body(self) -> String {
+        self.out
+    }
+
+    /// Appends families from [`Exposition::into_body`].
+    pub fn append(&mut self, body: &str) {
+        self.out.push_str(body);
     }
 
     /// The finished text.

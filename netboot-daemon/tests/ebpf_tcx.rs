@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use netboot_common::Counters;
 use netboot_daemon::ebpf::{
-    Accounting, AttachMode, Direction, EbpfError, MacCounters, Service, in_netns,
+    Accounting, AttachMode, Direction, EbpfError, MacCounters, Options, Protocol, RouterReason,
+    Service, ServicePort, in_netns,
 };
 use netboot_daemon::mac::MacAddr;
 
@@ -42,6 +43,11 @@ const ELSEWHERE: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0xee];
 /// Egress destinations (clients).
 const MAC_D: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x0d];
 const MAC_E: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x0e];
+/// A router, and clients behind it.
+const MAC_R: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x00, 0x5a];
+const MAC_X: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x01, 0x01];
+const MAC_Y: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x01, 0x02];
+const MAC_Z: [u8; 6] = [0x02, 0x6e, 0x62, 0x00, 0x01, 0x03];
 
 /// How long to wait for the kernel to run the ingress program on frames already counted by
 /// the veth (ingress runs from the receive backlog, possibly after `sendto` returned).
@@ -49,7 +55,7 @@ const POLL_LIMIT: Duration = Duration::from_secs(10);
 
 #[test]
 fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
-    let Some(mut accounting) = load_or_skip(1024) else {
+    let Some(accounting) = load_or_skip(1024) else {
         return;
     };
 
@@ -60,7 +66,7 @@ fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
     assert_eq!(mode, AttachMode::Tcx, "TCX is expected on this kernel");
 
     // Room for two entries: A and B fill it, C and everything sent by the server overflow.
-    let mut small = Accounting::load(2).expect("load the eBPF object again");
+    let small = Accounting::load(&Options::new(2)).expect("load the eBPF object again");
     let small_mode = in_netns(&topo.srv_path(), || small.attach(&topo.srv_if))
         .expect("enter the server namespace")
         .expect("attach the small copy");
@@ -70,7 +76,7 @@ fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
     let if_before = topo.srv_stats();
     let map_before = rows(&accounting);
     let small_before = rows(&small);
-    let overflow_before = small.error_counters().expect("read errors").map_full;
+    let overflow_before = small.error_counters().expect("read errors").mac_full;
 
     // Ingress: client frames arrive at the server veth. A and B first, so that they are the
     // two entries the small table keeps.
@@ -136,7 +142,7 @@ fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
     let if_delta = topo.srv_stats() - if_before;
     let map = delta(&rows(&accounting), &map_before);
     let small_rows = delta(&rows(&small), &small_before);
-    let overflow = small.error_counters().expect("read errors").map_full;
+    let overflow = small.error_counters().expect("read errors").mac_full;
     let overflow = (
         overflow.packets - overflow_before.packets,
         overflow.bytes - overflow_before.bytes,
@@ -195,7 +201,7 @@ fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
         small
             .error_counters()
             .expect("read overflow")
-            .map_full
+            .mac_full
             .packets
             - overflow_before.packets,
         overflowed.0
@@ -222,7 +228,7 @@ fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
 /// netlink request in the caller's namespace and leave them behind).
 #[test]
 fn netlink_filters_count_and_are_detached_in_their_namespace() {
-    let Some(mut accounting) = load_or_skip(64) else {
+    let Some(accounting) = load_or_skip(64) else {
         return;
     };
     let topo = Topology::create('n');
@@ -285,6 +291,195 @@ fn netlink_filters_count_and_are_detached_in_their_namespace() {
     );
 }
 
+/// How the kernel side finds a frame's client beyond the frame's own MAC: the DHCP `chaddr`
+/// (and the relay that forwarded the request becomes a router), the daemon's IP → MAC
+/// bindings (and a binding that moves moves the bytes from then on), a registered transfer
+/// port, and the unattributed bucket for group addresses and a router's unbound traffic.
+/// Every byte lands in exactly one bucket, and the connection rows hold the L4 payload.
+#[test]
+fn clients_are_found_by_chaddr_binding_and_router() {
+    let Some(accounting) = load_or_skip(1024) else {
+        return;
+    };
+    let topo = Topology::create('a');
+    in_netns(&topo.srv_path(), || accounting.attach(&topo.srv_if))
+        .expect("enter the server namespace")
+        .expect("attach to the server veth");
+    accounting
+        .set_port(ServicePort {
+            protocol: Protocol::Udp,
+            port: 40_000,
+            service: Service::Tftp,
+        })
+        .expect("register a transfer port");
+    let if_before = topo.srv_stats();
+    let (server_ip, relay_ip) = ([10, 9, 0, 100], [10, 9, 0, 1]);
+    let (bound_ip, unbound_ip) = ([10, 9, 1, 5], [10, 9, 1, 6]);
+
+    // A relayed DHCP request arrives from the router, for MAC_Y.
+    let relayed = Flow {
+        mac: MAC_Y,
+        direction: Direction::Ingress,
+        service: Service::Dhcp,
+        frames: 3,
+        frame: ipv4_addr(
+            (ELSEWHERE, MAC_R),
+            (relay_ip, server_ip),
+            (UDP, 67, 67),
+            342,
+            &bootp_request(relay_ip, MAC_Y),
+        ),
+    };
+    send(&topo.cli_path(), &topo.cli_if, &[&relayed]);
+    poll(|| accounting.routers().expect("read ROUTERS").len() == 1);
+    assert_eq!(
+        accounting.routers().expect("read ROUTERS"),
+        [(MacAddr(MAC_R), RouterReason::DhcpRelay)],
+        "the relay is known as a router"
+    );
+
+    // A routed client the daemon bound, one it did not, TFTP on the transfer port, and a
+    // broadcast.
+    accounting
+        .bind(std::net::Ipv4Addr::from(bound_ip).into(), MacAddr(MAC_X))
+        .expect("bind");
+    let http = |from: [u8; 4], port: u16| {
+        ipv4_addr(
+            (ELSEWHERE, MAC_R),
+            (from, server_ip),
+            (TCP, port, 80),
+            300,
+            &[],
+        )
+    };
+    let bound = Flow {
+        mac: MAC_X,
+        direction: Direction::Ingress,
+        service: Service::Http,
+        frames: 7,
+        frame: http(bound_ip, 50_000),
+    };
+    let unbound_frames = 5;
+    let unbound = Flow {
+        mac: ELSEWHERE, // not counted under any MAC
+        direction: Direction::Ingress,
+        service: Service::Http,
+        frames: unbound_frames,
+        frame: http(unbound_ip, 50_001),
+    };
+    let transfer = Flow {
+        mac: MAC_D,
+        direction: Direction::Egress,
+        service: Service::Tftp,
+        frames: 9,
+        frame: ipv4_addr(
+            (MAC_D, SRV_MAC),
+            (server_ip, [10, 9, 0, 7]),
+            (UDP, 40_000, 2_000),
+            600,
+            &[],
+        ),
+    };
+    let broadcast = Flow {
+        mac: [0xff; 6],
+        direction: Direction::Egress,
+        service: Service::Other,
+        frames: 4,
+        frame: raw([0xff; 6], SRV_MAC, 0x88b5, 80),
+    };
+    send(&topo.cli_path(), &topo.cli_if, &[&bound, &unbound]);
+    send(&topo.srv_path(), &topo.srv_if, &[&transfer, &broadcast]);
+
+    // The address moves to MAC_Z: from now on its bytes are MAC_Z's.
+    accounting
+        .bind(std::net::Ipv4Addr::from(bound_ip).into(), MacAddr(MAC_Z))
+        .expect("rebind");
+    let moved = Flow {
+        mac: MAC_Z,
+        direction: Direction::Ingress,
+        service: Service::Http,
+        frames: 2,
+        frame: http(bound_ip, 50_000),
+    };
+    send(&topo.cli_path(), &topo.cli_if, &[&moved]);
+
+    let all = [&relayed, &bound, &unbound, &transfer, &broadcast, &moved];
+    let want = totals(&all);
+    poll(|| add(all_rows(&accounting), unattributed_total(&accounting)) == want);
+    let if_delta = topo.srv_stats() - if_before;
+
+    let map = rows(&accounting);
+    assert_eq!(
+        map,
+        expected_rows(&[&relayed, &bound, &transfer, &moved]),
+        "client rows"
+    );
+    let unattributed: BTreeMap<(Direction, Service), (u64, u64)> = accounting
+        .unattributed()
+        .expect("read UNATTRIBUTED")
+        .into_iter()
+        .map(|r| ((r.direction, r.service), (r.packets, r.bytes)))
+        .collect();
+    assert_eq!(
+        unattributed,
+        BTreeMap::from([
+            ((Direction::Ingress, Service::Http), unbound.totals()),
+            ((Direction::Egress, Service::Other), broadcast.totals()),
+        ]),
+        "unattributed rows"
+    );
+    assert_eq!(
+        add(sum(&map, Direction::Ingress), unbound.totals()),
+        (if_delta.rx_packets, if_delta.rx_bytes),
+        "ingress: client rows + unattributed != veth rx"
+    );
+    assert_eq!(
+        add(sum(&map, Direction::Egress), broadcast.totals()),
+        (if_delta.tx_packets, if_delta.tx_bytes),
+        "egress: client rows + unattributed != veth tx"
+    );
+
+    // Connection rows: wire bytes and payload (frame minus Ethernet, IPv4 and L4 headers).
+    let sock = |ip: [u8; 4], port: u16| std::net::SocketAddr::from((ip, port));
+    let http_flow = accounting
+        .flow(Protocol::Tcp, sock(bound_ip, 50_000), sock(server_ip, 80))
+        .expect("read FLOWS")
+        .expect("the bound client's connection is counted");
+    assert_eq!(http_flow.rx_packets, bound.frames + moved.frames);
+    assert_eq!(http_flow.rx_bytes, bound.totals().1 + moved.totals().1);
+    assert_eq!(
+        http_flow.rx_payload,
+        (bound.frames + moved.frames) * (300 - 14 - 20 - 20)
+    );
+    assert_eq!(http_flow.tx_packets, 0);
+    let tftp_flow = accounting
+        .flow(
+            Protocol::Udp,
+            sock([10, 9, 0, 7], 2_000),
+            sock(server_ip, 40_000),
+        )
+        .expect("read FLOWS")
+        .expect("the transfer is counted");
+    assert_eq!(
+        (
+            tftp_flow.tx_packets,
+            tftp_flow.tx_bytes,
+            tftp_flow.tx_payload
+        ),
+        (9, transfer.totals().1, 9 * (600 - 14 - 20 - 8))
+    );
+    assert_eq!(
+        accounting.flows().expect("read FLOWS").len(),
+        3,
+        "one row per connection: bound, unbound, transfer"
+    );
+    assert_eq!(
+        accounting.error_counters().expect("read errors"),
+        Default::default()
+    );
+    accounting.detach_all();
+}
+
 /// Loads the eBPF object with room for `max_macs` clients, or says why the test is
 /// skipped (no privilege or tools, or built without the object).
 fn load_or_skip(max_macs: u32) -> Option<Accounting> {
@@ -292,7 +487,7 @@ fn load_or_skip(max_macs: u32) -> Option<Accounting> {
         skip(&why);
         return None;
     }
-    match Accounting::load(max_macs) {
+    match Accounting::load(&Options::new(max_macs)) {
         Ok(accounting) => Some(accounting),
         Err(EbpfError::NotBuilt) => {
             skip("built with AYA_BUILD_SKIP=1, no eBPF object");
@@ -483,6 +678,7 @@ fn rows(accounting: &Accounting) -> Table {
                  service,
                  packets,
                  bytes,
+                 ..
              }| { ((mac, direction, service), (packets, bytes)) },
         )
         .collect()
@@ -514,7 +710,7 @@ fn wait_for(accounting: &Accounting, want: (u64, u64), before: &Table, overflow_
     let deadline = Instant::now() + POLL_LIMIT;
     loop {
         let table = delta(&rows(accounting), before);
-        let overflow = accounting.error_counters().expect("read errors").map_full;
+        let overflow = accounting.error_counters().expect("read errors").mac_full;
         let got = add(
             add(
                 sum(&table, Direction::Ingress),
@@ -656,15 +852,90 @@ fn ipv4(
     dst_port: u16,
     len: usize,
 ) -> Vec<u8> {
+    ipv4_frame(
+        (dst, src),
+        vlan,
+        ([192, 0, 2, 1], [192, 0, 2, 2]),
+        (protocol, src_port, dst_port),
+        len,
+        &[],
+    )
+}
+
+/// An untagged IPv4 frame of exactly `len` bytes between the given MACs (dst, src),
+/// addresses (src, dst) and ports (protocol, src, dst), whose L4 payload starts with `payload`.
+fn ipv4_addr(
+    macs: ([u8; 6], [u8; 6]),
+    ips: ([u8; 4], [u8; 4]),
+    ports: (u8, u16, u16),
+    len: usize,
+    payload: &[u8],
+) -> Vec<u8> {
+    ipv4_frame(macs, None, ips, ports, len, payload)
+}
+
+fn ipv4_frame(
+    (dst, src): ([u8; 6], [u8; 6]),
+    vlan: Option<u16>,
+    (src_ip, dst_ip): ([u8; 4], [u8; 4]),
+    (protocol, src_port, dst_port): (u8, u16, u16),
+    len: usize,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut f = ethernet(dst, src, vlan, 0x0800);
     let ip_len = u16::try_from(len - f.len()).expect("frame fits one IPv4 packet");
     f.extend_from_slice(&[0x45, 0]);
     f.extend_from_slice(&ip_len.to_be_bytes());
     f.extend_from_slice(&[0, 0, 0x40, 0, 64, protocol, 0, 0]);
-    f.extend_from_slice(&[192, 0, 2, 1, 192, 0, 2, 2]);
-    f.extend_from_slice(&l4(protocol, src_port, dst_port));
+    f.extend_from_slice(&src_ip);
+    f.extend_from_slice(&dst_ip);
+    let mut l4 = l4(protocol, src_port, dst_port);
+    if protocol == UDP {
+        let udp_len = u16::try_from(len - f.len()).expect("fits");
+        l4[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    }
+    f.extend_from_slice(&l4);
+    f.extend_from_slice(payload);
     f.resize(len, 0xa5);
     f
+}
+
+/// The fixed BOOTP header of a relayed DHCP request (RFC 2131 section 2) for `chaddr`.
+fn bootp_request(giaddr: [u8; 4], chaddr: [u8; 6]) -> Vec<u8> {
+    let mut b = vec![1, 1, 6, 1]; // op BOOTREQUEST, htype Ethernet, hlen 6, hops 1
+    b.extend_from_slice(&[0x12, 0x34, 0x56, 0x78, 0, 0, 0, 0]); // xid, secs, flags
+    b.extend_from_slice(&[0; 12]); // ciaddr, yiaddr, siaddr
+    b.extend_from_slice(&giaddr);
+    b.extend_from_slice(&chaddr);
+    b.extend_from_slice(&[0; 10]);
+    b
+}
+
+/// Polls `done` until it holds, for at most [`POLL_LIMIT`].
+fn poll(mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + POLL_LIMIT;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "not reached after {POLL_LIMIT:?}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Frames and bytes over all client rows.
+fn all_rows(accounting: &Accounting) -> (u64, u64) {
+    let map = rows(accounting);
+    add(sum(&map, Direction::Ingress), sum(&map, Direction::Egress))
+}
+
+/// Frames and bytes over all unattributed rows.
+fn unattributed_total(accounting: &Accounting) -> (u64, u64) {
+    accounting
+        .unattributed()
+        .expect("read UNATTRIBUTED")
+        .iter()
+        .fold((0, 0), |acc, r| add(acc, (r.packets, r.bytes)))
 }
 
 /// An IPv6 TCP frame of exactly `len` bytes.

@@ -1,23 +1,21 @@
-//! Bounds-checked header access and service classification.
+//! Bounds-checked header access: Ethernet (with one 802.1Q/802.1ad tag), IPv4, IPv6, TCP,
+//! UDP and the fixed BOOTP header of DHCP.
 //!
 //! Every read goes through [`load`], i.e. `bpf_skb_load_bytes` into a fixed-size stack
 //! value, which works for non-linear skbs and which the verifier accepts (a `load_bytes`
 //! into a slice fails on 6.18 with "invalid zero-sized read").
-//! Headers that are missing or malformed are data, not errors: the frame is then
-//! counted as [`SERVICE_OTHER`].
+//! Headers that are missing or malformed are data, not errors: such a frame has no [`L4`]
+//! part and is counted as `SERVICE_OTHER` under its L2 client.
 
 use aya_ebpf::programs::TcContext;
-use netboot_common::{
-    PORT_DHCP_CLIENT, PORT_DHCP_SERVER, PORT_HTTP, PORT_HTTP_ALT, PORT_ISCSI, PORT_PXE_PROXY,
-    PORT_TFTP, SERVICE_DHCP, SERVICE_HTTP, SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP,
-};
+use netboot_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Ethernet header length (IEEE 802.3 clause 3.1.1).
 const ETH_HLEN: usize = 14;
 /// Offset of the destination MAC.
-pub(crate) const ETH_DST: usize = 0;
+const ETH_DST: usize = 0;
 /// Offset of the source MAC.
-pub(crate) const ETH_SRC: usize = 6;
+const ETH_SRC: usize = 6;
 /// Offset of the EtherType.
 const ETH_TYPE: usize = 12;
 /// Length of one VLAN tag (IEEE 802.1Q clause 9).
@@ -28,14 +26,14 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-
 /// IPv4 header fields (RFC 791 section 3.1), as offsets from the start of the header.
 mod ipv4 {
     pub(super) const VERSION_IHL: usize = 0;
+    pub(super) const TOTAL_LENGTH: usize = 2;
     pub(super) const FLAGS_FRAGMENT: usize = 6;
     pub(super) const PROTOCOL: usize = 9;
+    pub(super) const SRC: usize = 12;
+    pub(super) const DST: usize = 16;
     pub(super) const MIN_LEN: usize = 20;
     /// Fragment offset bits of the flags/fragment field.
     pub(super) const FRAGMENT_MASK: u16 = 0x1fff;
@@ -43,8 +41,31 @@ mod ipv4 {
 
 /// IPv6 header fields (RFC 8200 section 3), as offsets from the start of the header.
 mod ipv6 {
+    pub(super) const PAYLOAD_LENGTH: usize = 4;
     pub(super) const NEXT_HEADER: usize = 6;
+    pub(super) const SRC: usize = 8;
+    pub(super) const DST: usize = 24;
     pub(super) const LEN: usize = 40;
+}
+
+/// UDP header length (RFC 768).
+const UDP_HLEN: usize = 8;
+/// Offset of TCP's data offset field (RFC 9293 section 3.1).
+const TCP_DATA_OFFSET: usize = 12;
+/// Minimum TCP header length.
+const TCP_MIN_HLEN: usize = 20;
+
+/// BOOTP fields (RFC 2131 section 2), as offsets from the start of the UDP payload.
+mod bootp {
+    /// op, htype, hlen, hops.
+    pub(super) const OP_HTYPE_HLEN: usize = 0;
+    pub(super) const GIADDR: usize = 24;
+    pub(super) const CHADDR: usize = 28;
+    /// `htype` of Ethernet (RFC 1700, ARP hardware types).
+    pub(super) const HTYPE_ETHERNET: u8 = 1;
+    pub(super) const HLEN_ETHERNET: u8 = 6;
+    /// `op` of a client's request.
+    pub(super) const BOOTREQUEST: u8 = 1;
 }
 
 /// Reads a `T` at `offset` from the start of the frame.
@@ -59,45 +80,113 @@ fn load_be16(ctx: &TcContext, offset: usize) -> Option<u16> {
     load::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
 }
 
-/// Classifies the frame into one of the `SERVICE_*` constants.
-///
-/// Parses Ethernet with at most one VLAN tag in the data, then IPv4 or IPv6, then the TCP or
-/// UDP ports. A tag the kernel already moved into `skb->vlan_tci` (always at ingress) is no
-/// longer in the data, so a QinQ frame's inner tag is the one seen here.
-#[inline(always)]
-pub(crate) fn service(ctx: &TcContext) -> u8 {
-    let Some(mut ethertype) = load_be16(ctx, ETH_TYPE) else {
-        return SERVICE_OTHER;
-    };
-    let mut l3 = ETH_HLEN;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let Some(inner) = load_be16(ctx, ETH_TYPE + VLAN_HLEN) else {
-            return SERVICE_OTHER;
-        };
-        ethertype = inner;
-        l3 += VLAN_HLEN;
-    }
-    let l4 = match ethertype {
-        ETH_P_IP => ipv4_l4(ctx, l3),
-        ETH_P_IPV6 => ipv6_l4(ctx, l3),
-        _ => None,
-    };
-    let Some((protocol, l4)) = l4 else {
-        return SERVICE_OTHER;
-    };
-    match load::<[u8; 4]>(ctx, l4) {
-        Some([s0, s1, d0, d1]) => classify(
-            protocol,
-            u16::from_be_bytes([s0, s1]),
-            u16::from_be_bytes([d0, d1]),
-        ),
-        None => SERVICE_OTHER,
-    }
+/// What the programs need to know of a frame beyond its addresses and ports, which
+/// [`frame`] writes into the caller's [`FlowKey`] (kept off the 512-byte BPF stack).
+pub(crate) struct Frame {
+    /// The client side's MAC: the source MAC on ingress, the destination MAC on egress.
+    pub(crate) l2_client: [u8; 6],
+    /// The transport part, if the frame is an unfragmented (or first-fragment) IPv4 packet,
+    /// or an IPv6 packet whose first header is TCP or UDP.
+    pub(crate) l4: Option<L4>,
 }
 
-/// Returns the protocol and the L4 offset of an unfragmented (or first-fragment) IPv4 packet.
+/// The transport part of a frame; addresses, ports and protocol are in the [`FlowKey`].
+#[derive(Clone, Copy)]
+pub(crate) struct L4 {
+    /// L4 payload bytes (UDP payload or TCP segment data); for a GSO/GRO super-packet, of all
+    /// its segments. Zero for protocols other than TCP and UDP.
+    pub(crate) payload: u64,
+    /// Offset of the L4 header in the frame.
+    pub(crate) offset: u32,
+    /// Whether the packet is IPv4.
+    pub(crate) ipv4: bool,
+    /// Whether the ports were read (TCP or UDP).
+    pub(crate) ports: bool,
+}
+
+/// Parses the frame, seen from the server: the client is the sender of a received frame and
+/// the receiver of a sent one. Writes the client and server address (IPv4 mapped into IPv6),
+/// ports and protocol into `key`, and zeroes them when there is no L4 part.
+/// `None` if the frame is shorter than an Ethernet header.
 #[inline(always)]
-fn ipv4_l4(ctx: &TcContext, l3: usize) -> Option<(u8, usize)> {
+pub(crate) fn frame(ctx: &TcContext, ingress: bool, key: &mut FlowKey) -> Option<Frame> {
+    let l2_client = load::<[u8; 6]>(ctx, if ingress { ETH_SRC } else { ETH_DST })?;
+    key.client = [0; 16];
+    key.server = [0; 16];
+    key.client_port = 0;
+    key.server_port = 0;
+    key.protocol = 0;
+    Some(Frame {
+        l2_client,
+        l4: l4(ctx, ingress, key),
+    })
+}
+
+#[inline(always)]
+fn l4(ctx: &TcContext, ingress: bool, key: &mut FlowKey) -> Option<L4> {
+    let mut ethertype = load_be16(ctx, ETH_TYPE)?;
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = load_be16(ctx, ETH_TYPE + VLAN_HLEN)?;
+        l3 += VLAN_HLEN;
+    }
+    let ipv4 = ethertype == ETH_P_IP;
+    let ip = match ethertype {
+        ETH_P_IP => ipv4_header(ctx, l3, ingress, key)?,
+        ETH_P_IPV6 => ipv6_header(ctx, l3, ingress, key)?,
+        _ => return None,
+    };
+    key.protocol = ip.protocol;
+    let mut l4 = L4 {
+        payload: 0,
+        offset: ip.l4 as u32,
+        ipv4,
+        ports: false,
+    };
+    let header_len = match ip.protocol {
+        IPPROTO_UDP => UDP_HLEN,
+        IPPROTO_TCP => {
+            let data_offset = usize::from(load::<u8>(ctx, ip.l4 + TCP_DATA_OFFSET)? >> 4) * 4;
+            if data_offset < TCP_MIN_HLEN {
+                return Some(l4);
+            }
+            data_offset
+        }
+        _ => return Some(l4),
+    };
+    let [s0, s1, d0, d1] = load::<[u8; 4]>(ctx, ip.l4)?;
+    let (src_port, dst_port) = (u16::from_be_bytes([s0, s1]), u16::from_be_bytes([d0, d1]));
+    (key.client_port, key.server_port) = if ingress {
+        (src_port, dst_port)
+    } else {
+        (dst_port, src_port)
+    };
+    l4.ports = true;
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to this program, valid for
+    // the whole run; `gso_segs` is a readable `__sk_buff` field (the verifier checks it).
+    let gso_segs = unsafe { (*ctx.skb.skb).gso_segs };
+    l4.payload = payload_len(
+        ip.payload_len,
+        gso_segs,
+        u64::from(ctx.len()),
+        ip.l4,
+        header_len,
+    );
+    Some(l4)
+}
+
+/// The fields of an IP header the programs use besides the addresses.
+struct IpHeader {
+    protocol: u8,
+    /// Offset of the L4 header.
+    l4: usize,
+    /// The header's own count of the bytes after it (0 when unknown, e.g. BIG TCP).
+    payload_len: u64,
+}
+
+/// An unfragmented (or first-fragment) IPv4 header; its addresses go into `key`.
+#[inline(always)]
+fn ipv4_header(ctx: &TcContext, l3: usize, ingress: bool, key: &mut FlowKey) -> Option<IpHeader> {
     let version_ihl = load::<u8>(ctx, l3 + ipv4::VERSION_IHL)?;
     if version_ihl >> 4 != 4 {
         return None;
@@ -110,44 +199,107 @@ fn ipv4_l4(ctx: &TcContext, l3: usize) -> Option<(u8, usize)> {
     if load_be16(ctx, l3 + ipv4::FLAGS_FRAGMENT)? & ipv4::FRAGMENT_MASK != 0 {
         return None;
     }
+    let total = u64::from(load_be16(ctx, l3 + ipv4::TOTAL_LENGTH)?);
     let protocol = load::<u8>(ctx, l3 + ipv4::PROTOCOL)?;
-    Some((protocol, l3 + header_len))
+    let (client, server) = if ingress {
+        (ipv4::SRC, ipv4::DST)
+    } else {
+        (ipv4::DST, ipv4::SRC)
+    };
+    map_into(&mut key.client, load::<[u8; 4]>(ctx, l3 + client)?);
+    map_into(&mut key.server, load::<[u8; 4]>(ctx, l3 + server)?);
+    Some(IpHeader {
+        protocol,
+        l4: l3 + header_len,
+        payload_len: total.saturating_sub(header_len as u64),
+    })
 }
 
-/// Returns the protocol and the L4 offset of an IPv6 packet whose first header is TCP or UDP.
-///
-/// Extension headers are not walked; such packets are [`SERVICE_OTHER`].
+/// An IPv6 header; extension headers are not walked (the protocol is then not TCP or UDP).
 #[inline(always)]
-fn ipv6_l4(ctx: &TcContext, l3: usize) -> Option<(u8, usize)> {
-    let protocol = load::<u8>(ctx, l3 + ipv6::NEXT_HEADER)?;
-    Some((protocol, l3 + ipv6::LEN))
+fn ipv6_header(ctx: &TcContext, l3: usize, ingress: bool, key: &mut FlowKey) -> Option<IpHeader> {
+    let (client, server) = if ingress {
+        (ipv6::SRC, ipv6::DST)
+    } else {
+        (ipv6::DST, ipv6::SRC)
+    };
+    key.client = load::<[u8; 16]>(ctx, l3 + client)?;
+    key.server = load::<[u8; 16]>(ctx, l3 + server)?;
+    Some(IpHeader {
+        protocol: load::<u8>(ctx, l3 + ipv6::NEXT_HEADER)?,
+        l4: l3 + ipv6::LEN,
+        payload_len: u64::from(load_be16(ctx, l3 + ipv6::PAYLOAD_LENGTH)?),
+    })
 }
 
-/// Maps an IP protocol and its ports to a `SERVICE_*` constant; either port may match.
+/// What a DHCP packet says about its client.
+pub(crate) struct Bootp {
+    /// `chaddr`, if `htype`/`hlen` say it is an Ethernet address.
+    pub(crate) chaddr: Option<[u8; 6]>,
+    /// Whether this is a request (`op` BOOTREQUEST) from an Ethernet client with `giaddr`
+    /// set, i.e. one a relay agent forwarded.
+    pub(crate) relayed: bool,
+}
+
+/// Reads the fixed BOOTP header of an IPv4 UDP packet.
 #[inline(always)]
-pub(crate) fn classify(protocol: u8, src_port: u16, dst_port: u16) -> u8 {
-    let either = |port: u16| src_port == port || dst_port == port;
-    match protocol {
-        IPPROTO_UDP => {
-            if either(PORT_DHCP_SERVER) || either(PORT_DHCP_CLIENT) || either(PORT_PXE_PROXY) {
-                SERVICE_DHCP
-            } else if either(PORT_TFTP) {
-                SERVICE_TFTP
-            } else {
-                SERVICE_OTHER
-            }
-        }
-        IPPROTO_TCP => {
-            if either(PORT_ISCSI) {
-                SERVICE_ISCSI
-            } else if either(PORT_HTTP) || either(PORT_HTTP_ALT) {
-                SERVICE_HTTP
-            } else {
-                SERVICE_OTHER
-            }
-        }
-        _ => SERVICE_OTHER,
+pub(crate) fn bootp(ctx: &TcContext, l4: &L4, protocol: u8) -> Option<Bootp> {
+    if !l4.ipv4 || protocol != IPPROTO_UDP {
+        return None;
     }
+    let base = l4.offset as usize + UDP_HLEN;
+    let [op, htype, hlen, _hops] = load::<[u8; 4]>(ctx, base + bootp::OP_HTYPE_HLEN)?;
+    if htype != bootp::HTYPE_ETHERNET || hlen != bootp::HLEN_ETHERNET {
+        return Some(Bootp {
+            chaddr: None,
+            relayed: false,
+        });
+    }
+    let giaddr = load::<[u8; 4]>(ctx, base + bootp::GIADDR)?;
+    Some(Bootp {
+        chaddr: Some(load::<[u8; 6]>(ctx, base + bootp::CHADDR)?),
+        relayed: op == bootp::BOOTREQUEST && giaddr != [0; 4],
+    })
+}
+
+/// Writes an IPv4 address mapped into IPv6 (`::ffff:a.b.c.d`, RFC 4291 section 2.5.5.2).
+#[inline(always)]
+fn map_into(out: &mut [u8; 16], v4: [u8; 4]) {
+    *out = [0; 16];
+    out[10] = 0xff;
+    out[11] = 0xff;
+    out[12] = v4[0];
+    out[13] = v4[1];
+    out[14] = v4[2];
+    out[15] = v4[3];
+}
+
+/// The L4 payload of a packet.
+///
+/// For a single packet, the IP header's length (which excludes Ethernet padding of short
+/// frames) minus the L4 header. For a GSO/GRO super-packet (`gso_segs > 1`), or when the IP
+/// length is 0 (BIG TCP), the bytes after the L4 header in the skb, which then hold the
+/// payload of all segments.
+#[inline(always)]
+pub(crate) fn payload_len(
+    ip_payload: u64,
+    gso_segs: u32,
+    frame_len: u64,
+    l4_offset: usize,
+    l4_header: usize,
+) -> u64 {
+    let headers = (l4_offset + l4_header) as u64;
+    if gso_segs > 1 || ip_payload == 0 {
+        frame_len.saturating_sub(headers)
+    } else {
+        ip_payload.saturating_sub(l4_header as u64)
+    }
+}
+
+/// Whether a MAC is a group (broadcast or multicast) address (IEEE 802, I/G bit).
+#[inline(always)]
+pub(crate) fn is_group(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 != 0
 }
 
 #[cfg(test)]
@@ -155,25 +307,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ports_map_to_services() {
-        assert_eq!(classify(IPPROTO_UDP, 68, 67), SERVICE_DHCP);
-        assert_eq!(classify(IPPROTO_UDP, 67, 68), SERVICE_DHCP);
-        assert_eq!(classify(IPPROTO_UDP, 40000, 4011), SERVICE_DHCP);
-        assert_eq!(classify(IPPROTO_UDP, 40000, 69), SERVICE_TFTP);
-        assert_eq!(classify(IPPROTO_UDP, 69, 40000), SERVICE_TFTP);
-        assert_eq!(classify(IPPROTO_TCP, 50000, 3260), SERVICE_ISCSI);
-        assert_eq!(classify(IPPROTO_TCP, 3260, 50000), SERVICE_ISCSI);
-        assert_eq!(classify(IPPROTO_TCP, 50000, 80), SERVICE_HTTP);
-        assert_eq!(classify(IPPROTO_TCP, 8080, 50000), SERVICE_HTTP);
+    fn payload_excludes_headers_and_ethernet_padding() {
+        // A 4-byte TFTP ACK in a 60-byte padded frame: IPv4 total 32, header 20.
+        assert_eq!(payload_len(12, 1, 60, 34, UDP_HLEN), 4);
+        // gso_segs 0 (not a GSO skb) is a single packet too.
+        assert_eq!(payload_len(12, 0, 60, 34, UDP_HLEN), 4);
     }
 
     #[test]
-    fn unrelated_traffic_is_other() {
-        // Right port, wrong protocol.
-        assert_eq!(classify(IPPROTO_TCP, 50000, 69), SERVICE_OTHER);
-        assert_eq!(classify(IPPROTO_UDP, 50000, 3260), SERVICE_OTHER);
-        assert_eq!(classify(IPPROTO_UDP, 50000, 53), SERVICE_OTHER);
-        // ICMP.
-        assert_eq!(classify(1, 0, 0), SERVICE_OTHER);
+    fn super_packets_count_every_segment() {
+        // Three 1468-byte UDP segments in one GSO skb: the header's length is unreliable.
+        let frame = 14 + 20 + 8 + 3 * 1468;
+        assert_eq!(payload_len(1, 3, frame, 34, UDP_HLEN), 3 * 1468);
+        // BIG TCP: IPv4 total length 0.
+        assert_eq!(payload_len(0, 1, 14 + 20 + 32 + 100, 34, 32), 100);
+    }
+
+    #[test]
+    fn group_addresses() {
+        assert!(is_group(&[0xff; 6]));
+        assert!(is_group(&[0x01, 0x00, 0x5e, 0, 0, 1]));
+        assert!(is_group(&[0x33, 0x33, 0, 0, 0, 1]));
+        assert!(!is_group(&[0x02, 0x6e, 0x62, 0, 0, 1]));
+    }
+
+    #[test]
+    fn ipv4_is_mapped_into_ipv6() {
+        let mut out = [7; 16];
+        map_into(&mut out, [192, 0, 2, 1]);
+        assert_eq!(
+            out,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 1]
+        );
     }
 }

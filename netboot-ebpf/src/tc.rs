@@ -1,40 +1,51 @@
-//! The TC/TCX classifiers: count every frame per (client MAC, direction, service).
+//! The TC/TCX classifiers: count every frame per (client MAC, interface, direction, service),
+//! or as unattributed, and TFTP, HTTP and iSCSI packets per connection.
 //!
 //! Both programs are attached either as TCX links (kernel 6.6 and later) or as
 //! direct-action filters on a clsact qdisc, and both always return `TC_ACT_UNSPEC`
 //! (-1, which TCX reads as `TCX_NEXT`): they observe and never change a packet's fate.
+//! How a frame's client is found is described in `netboot-common`'s crate documentation.
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the flow key and binding address are passed by reference on purpose: by value they would be copied to the 512-byte BPF stack"
+)]
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, TC_ACT_UNSPEC},
+    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use netboot_common::{Counters, EGRESS, INGRESS, MacKey};
+use netboot_common::{
+    Counters, EGRESS, FlowCounters, FlowKey, INGRESS, IfKey, IpKey, MacKey, MacOnly, PortKey,
+    ROUTER_DHCP_RELAY, SERVICE_DHCP, SERVICE_HTTP, SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP,
+};
 
 use crate::{
-    maps::{Error, MAC_STATS, record_error},
-    parse::{self, ETH_DST, ETH_SRC, VLAN_HLEN},
+    maps::{
+        BINDINGS, Error, FLOWS, MAC_STATS, PORTS, ROUTERS, SCRATCH, Scratch, UNATTRIBUTED,
+        record_error,
+    },
+    parse::{self, Frame, VLAN_HLEN},
 };
 
 /// `E2BIG`: what a hash map update returns when the map is full.
 const E2BIG: i32 = 7;
+/// `EEXIST`: what a `BPF_NOEXIST` update returns when the key is already there.
+const EEXIST: i32 = 17;
 
-/// Counts a received frame under its source MAC.
+/// Counts a received frame.
 #[classifier]
 fn tc_ingress(ctx: TcContext) -> i32 {
-    if let Err(err) = try_count(&ctx, INGRESS) {
-        record_error(err, frame_bytes(&ctx));
-    }
+    count(&ctx, INGRESS);
     TC_ACT_UNSPEC
 }
 
-/// Counts a sent frame under its destination MAC.
+/// Counts a sent frame.
 #[classifier]
 fn tc_egress(ctx: TcContext) -> i32 {
-    if let Err(err) = try_count(&ctx, EGRESS) {
-        record_error(err, frame_bytes(&ctx));
-    }
+    count(&ctx, EGRESS);
     TC_ACT_UNSPEC
 }
 
@@ -56,32 +67,143 @@ fn frame_bytes(ctx: &TcContext) -> u64 {
     u64::from(ctx.len()) + tag
 }
 
+/// The interface the program runs on.
 #[inline(always)]
-fn try_count(ctx: &TcContext, direction: u8) -> Result<(), Error> {
-    let mac_offset = if direction == INGRESS {
-        ETH_SRC
-    } else {
-        ETH_DST
-    };
-    let mac = parse::load::<[u8; 6]>(ctx, mac_offset).ok_or(Error::Truncated)?;
-    let key = MacKey {
-        mac,
-        direction,
-        service: parse::service(ctx),
-    };
-    let bytes = frame_bytes(ctx);
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: as in `frame_bytes`; `ifindex` is a readable `__sk_buff` field.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
 
+#[inline(always)]
+fn count(ctx: &TcContext, direction: u8) {
+    let bytes = frame_bytes(ctx);
+    let ifindex = ifindex(ctx);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        // A one-entry per-CPU array always has entry 0; this is for the verifier.
+        return;
+    };
+    // SAFETY: this CPU's entry of a per-CPU array, valid while the program runs; TC programs
+    // run with migration and bottom halves disabled, so nothing else uses it concurrently.
+    let scratch = unsafe { &mut *scratch };
+    let key = &mut scratch.flow;
+    let Some(frame) = parse::frame(ctx, direction == INGRESS, key) else {
+        // Shorter than an Ethernet header: nobody's frame.
+        unattributed(ifindex, direction, SERVICE_OTHER, bytes);
+        return;
+    };
+    let service = match &frame.l4 {
+        Some(l4) if l4.ports => service(key),
+        _ => SERVICE_OTHER,
+    };
+    let client = client(ctx, &frame, key, service, direction);
+    match client {
+        Some(mac) => {
+            let key = MacKey {
+                mac,
+                direction,
+                service,
+                ifindex,
+            };
+            if let Err(err) = add(ctx, key, bytes) {
+                record_error(err, bytes);
+            }
+        }
+        None => unattributed(ifindex, direction, service, bytes),
+    }
+    if let Some(l4) = &frame.l4
+        && (service == SERVICE_TFTP || service == SERVICE_HTTP || service == SERVICE_ISCSI)
+    {
+        scratch.flow.service = service;
+        scratch.flow.pad = [0; 2];
+        scratch.flow.ifindex = ifindex;
+        if let Err(err) = add_flow(scratch, l4.payload, direction, bytes) {
+            record_error(err, bytes);
+        }
+    }
+}
+
+/// The service of a packet: its server-side port in [`PORTS`], else its client-side port
+/// (so that, e.g., a DHCP relay's 67 → 67 and a client's 68 are recognised either way).
+#[inline(always)]
+fn service(flow: &FlowKey) -> u8 {
+    let lookup = |port: u16| {
+        let key = PortKey {
+            port,
+            protocol: flow.protocol,
+            pad: 0,
+        };
+        // SAFETY: the value is a plain `u8` copied out at once; the daemon may replace it
+        // concurrently, which only decides between two valid values.
+        unsafe { PORTS.get(key) }.copied()
+    };
+    lookup(flow.server_port)
+        .or_else(|| lookup(flow.client_port))
+        .unwrap_or(SERVICE_OTHER)
+}
+
+/// The frame's client, in the order described in `netboot-common`, or `None` (unattributed).
+#[inline(always)]
+fn client(
+    ctx: &TcContext,
+    frame: &Frame,
+    flow: &FlowKey,
+    service: u8,
+    direction: u8,
+) -> Option<[u8; 6]> {
+    if let Some(l4) = &frame.l4 {
+        if service == SERVICE_DHCP
+            && let Some(bootp) = parse::bootp(ctx, l4, flow.protocol)
+        {
+            if bootp.relayed && direction == INGRESS {
+                learn_router(frame.l2_client);
+            }
+            if let Some(chaddr) = bootp.chaddr {
+                return Some(chaddr);
+            }
+        }
+        // SAFETY: the value is copied out at once; a concurrent update by the daemon replaces
+        // the whole 8-byte value, and either the old or the new binding is a valid answer.
+        // `IpKey` is `repr(C)` around one `[u8; 16]`, so the client address is one.
+        let ip = (&raw const flow.client).cast::<IpKey>();
+        // SAFETY: see above; `ip` points into this CPU's scratch entry.
+        if let Some(binding) = unsafe { BINDINGS.get(&*ip) } {
+            return Some(binding.mac);
+        }
+    }
+    let mac = frame.l2_client;
+    let router = MacOnly { mac, pad: [0; 2] };
+    // SAFETY: only the presence of the key is used.
+    if parse::is_group(&mac) || unsafe { ROUTERS.get(router) }.is_some() {
+        return None;
+    }
+    Some(mac)
+}
+
+/// Records `mac` as a router: it relays DHCP, so the clients behind it share its MAC.
+#[inline(always)]
+fn learn_router(mac: [u8; 6]) {
+    let key = MacOnly { mac, pad: [0; 2] };
+    match ROUTERS.insert(key, ROUTER_DHCP_RELAY, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        Err(err) if err == -EEXIST => {}
+        Err(_) => record_error(Error::RoutersFull, 0),
+    }
+}
+
+/// Adds one frame to a client's row.
+#[inline(always)]
+fn add(ctx: &TcContext, key: MacKey, bytes: u64) -> Result<(), Error> {
     if let Some(counters) = MAC_STATS.get_ptr_mut(key) {
         // SAFETY: the pointer is this CPU's value of a per-CPU hash map entry, valid while the
-        // program runs (entries are never deleted by the kernel side). TC programs run with
-        // migration and bottom halves disabled, so nothing else writes this value concurrently.
+        // program runs (entries are deleted only by the daemon, and an RCU grace period keeps
+        // a deleted value alive until the program returns). TC programs run with migration
+        // and bottom halves disabled, so nothing else writes this value concurrently.
         unsafe {
             (*counters).packets += 1;
             (*counters).bytes += bytes;
         }
         return Ok(());
     }
-
     // A new client. With BPF_ANY, if another CPU inserted the same key since the lookup,
     // the update only writes this CPU's value, which is still zero, so nothing is lost.
     let first = Counters { packets: 1, bytes };
@@ -89,11 +211,81 @@ fn try_count(ctx: &TcContext, direction: u8) -> Result<(), Error> {
         Ok(()) => {
             debug!(
                 ctx,
-                "new client {:mac} direction {} service {}", mac, direction, key.service
+                "new client {:mac} ifindex {} direction {} service {}",
+                key.mac,
+                key.ifindex,
+                key.direction,
+                key.service
             );
             Ok(())
         }
-        Err(err) if err == -E2BIG => Err(Error::MapFull),
+        Err(err) if err == -E2BIG => Err(Error::MacFull),
+        Err(_) => Err(Error::MapUpdate),
+    }
+}
+
+/// Adds one frame to its interface's unattributed row.
+#[inline(always)]
+fn unattributed(ifindex: u32, direction: u8, service: u8, bytes: u64) {
+    let key = IfKey {
+        ifindex,
+        direction,
+        service,
+        pad: [0; 2],
+    };
+    if let Some(counters) = UNATTRIBUTED.get_ptr_mut(key) {
+        // SAFETY: as in `add`.
+        unsafe {
+            (*counters).packets += 1;
+            (*counters).bytes += bytes;
+        }
+        return;
+    }
+    let first = Counters { packets: 1, bytes };
+    if UNATTRIBUTED.insert(key, first, u64::from(BPF_ANY)).is_err() {
+        // Sized for every interface, direction and service, so this means a kernel failure.
+        record_error(Error::MapUpdate, bytes);
+    }
+}
+
+/// Adds one packet to the connection in `scratch.flow`.
+#[inline(always)]
+fn add_flow(scratch: &mut Scratch, payload: u64, direction: u8, bytes: u64) -> Result<(), Error> {
+    // SAFETY: reading the monotonic clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(flow) = FLOWS.get_ptr_mut(&scratch.flow) {
+        // SAFETY: as in `add`.
+        unsafe {
+            if direction == INGRESS {
+                (*flow).rx_packets += 1;
+                (*flow).rx_bytes += bytes;
+                (*flow).rx_payload += payload;
+            } else {
+                (*flow).tx_packets += 1;
+                (*flow).tx_bytes += bytes;
+                (*flow).tx_payload += payload;
+            }
+            (*flow).last_seen_ns = now;
+        }
+        return Ok(());
+    }
+    let first = &mut scratch.first;
+    *first = FlowCounters {
+        last_seen_ns: now,
+        ..FlowCounters::default()
+    };
+    if direction == INGRESS {
+        first.rx_packets = 1;
+        first.rx_bytes = bytes;
+        first.rx_payload = payload;
+    } else {
+        first.tx_packets = 1;
+        first.tx_bytes = bytes;
+        first.tx_payload = payload;
+    }
+    match FLOWS.insert(&scratch.flow, &scratch.first, u64::from(BPF_ANY)) {
+        Ok(()) => Ok(()),
+        Err(err) if err == -E2BIG => Err(Error::FlowFull),
         Err(_) => Err(Error::MapUpdate),
     }
 }

@@ -44,6 +44,32 @@ pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
     if let Some(tftp) = state.tftp() {
         tftp.write_metrics(&mut e);
     }
+    e.family(
+        "netboot_accounting",
+        Kind::Info,
+        None,
+        "Where the per-client figures come from: ebpf (exact, from the kernel), or none (eBPF accounting is off or could not load; see the log).",
+    );
+    let source = if state.accounting().is_some() {
+        "ebpf"
+    } else {
+        "none"
+    };
+    e.info("netboot_accounting", &[("source", source)]);
+    if let Some(acc) = state.accounting().cloned() {
+        let max_macs = state.config().ebpf.metrics_max_macs;
+        // Map reads are syscalls: off the async workers.
+        let written = tokio::task::spawn_blocking(move || {
+            let mut part = Exposition::new(format);
+            crate::service::accounting::write_metrics(&acc, &mut part, max_macs);
+            part.into_body()
+        })
+        .await;
+        match written {
+            Ok(body) => e.append(&body),
+            Err(error) => tracing::warn!(%error, "writing the eBPF metrics failed"),
+        }
+    }
     ([(header::CONTENT_TYPE, format.content_type())], e.finish()).into_response()
 }
 

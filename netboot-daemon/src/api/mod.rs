@@ -63,6 +63,8 @@ pub struct Services {
     pub dhcp: Option<Arc<ProxyDhcp>>,
     /// Client address → MAC bindings (the boot routes learn them).
     pub bindings: Arc<Bindings>,
+    /// The eBPF accounting, when it is loaded and attached.
+    pub accounting: Option<Arc<crate::ebpf::Accounting>>,
 }
 
 impl AppState {
@@ -108,6 +110,11 @@ impl AppState {
     /// The proxyDHCP service, when it runs.
     pub fn dhcp(&self) -> Option<&Arc<ProxyDhcp>> {
         self.0.services.dhcp.as_ref()
+    }
+
+    /// The eBPF accounting, when it is loaded and attached.
+    pub fn accounting(&self) -> Option<&Arc<crate::ebpf::Accounting>> {
+        self.0.services.accounting.as_ref()
     }
 
     /// Client address → MAC bindings.

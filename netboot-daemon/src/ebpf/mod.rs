@@ -1,37 +1,56 @@
-//! Exact per-client traffic accounting with eBPF: load, attach, read the maps.
+//! Exact per-client traffic accounting with eBPF: load, attach, feed and read the maps.
 //!
 //! The eBPF object (crate `netboot-ebpf`, built by this crate's build.rs) is embedded in the
 //! binary. [`Accounting::load`] loads it and verifies its two TC programs, [`Accounting::attach`]
 //! attaches them to an interface's ingress and egress (TCX links, or a clsact qdisc on kernels
-//! before 6.6), and [`Accounting::mac_counters`] reads the per-client counters, summing the
-//! per-CPU values.
+//! before 6.6), and the readers ([`Accounting::mac_counters`], [`Accounting::unattributed`],
+//! [`Accounting::flows`], ...) sum the per-CPU values.
 //!
 //! Counts are wire bytes as the interface counts them (`skb->len`: Ethernet header through
-//! payload, no FCS), per (client MAC, [`Direction`], [`Service`]). The client MAC is the source
-//! MAC of received frames and the destination MAC of sent frames, so routed clients appear
-//! under their router's MAC.
+//! payload, no FCS), per (client MAC, interface, [`Direction`], [`Service`]). How the kernel
+//! side finds a frame's client (DHCP `chaddr`, then the [bindings](Accounting::bind) the daemon
+//! writes, then the frame's own MAC unless it is a router's) and what it cannot attribute is
+//! described in `netboot-common`. Every frame lands in exactly one bucket, so for every
+//! interface the client rows plus the unattributed rows plus the overflow equal the
+//! interface's own counters.
+//!
+//! With [`Options::pin_dir`] the counter maps are pinned in bpffs (mounted if needed) under a
+//! directory named after the map layout version, so a restarted daemon continues the same
+//! counters. The programs themselves are never pinned: they detach when [`Accounting`] is
+//! dropped or [`Accounting::detach_all`] runs.
 //!
 //! To attach to an interface in another network namespace, call [`Accounting::attach`] inside
 //! [`in_netns`]. Do not run the daemon under `ip netns exec`, which remounts `/sys` and hides the
 //! host's bpffs.
-//!
-//! This module does no pinning: the programs detach when [`Accounting`] is dropped.
 
+mod netns;
+
+use std::ffi::CString;
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
-use std::path::Path;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
-use aya::maps::{MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, TcError};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use netboot_common::{
-    Counters, EGRESS, ERROR_MAP_FULL, ERROR_MAP_UPDATE, ERROR_TRUNCATED, ERRORS, INGRESS,
-    MAC_STATS, MacKey, SERVICE_DHCP, SERVICE_HTTP, SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP,
+    BINDINGS, BindingValue, Counters, EGRESS, ERROR_FLOW_FULL, ERROR_MAC_FULL, ERROR_MAP_UPDATE,
+    ERROR_ROUTERS_FULL, ERRORS, FLOWS, FlowCounters, FlowKey, INGRESS, IPPROTO_TCP, IPPROTO_UDP,
+    IfKey, IpKey, LAYOUT_VERSION, MAC_STATS, MAX_PORTS, MAX_ROUTERS, MAX_UNATTRIBUTED, MacKey,
+    MacOnly, PORT_DHCP_CLIENT, PORT_DHCP_SERVER, PORT_ISCSI, PORT_PXE_PROXY, PORT_TFTP, PORTS,
+    PortKey, ROUTER_CONFIGURED, ROUTER_DHCP_RELAY, ROUTERS, SERVICE_DHCP, SERVICE_HTTP,
+    SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP, UNATTRIBUTED,
 };
+
+pub use netns::in_netns;
+use netns::{THREAD_NETNS, enter_netns};
 
 use crate::mac::MacAddr;
 
@@ -46,8 +65,12 @@ const PROGRAMS: [(&str, TcAttachType, Direction); 2] = [
     ("tc_egress", TcAttachType::Egress, Direction::Egress),
 ];
 
-/// The calling thread's network namespace.
-const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
+/// The maps pinned with [`Options::pin_dir`]: the counters and what attribution depends on.
+/// `PORTS` is not among them: it is rebuilt from the configuration and the running transfers.
+const PINNED_MAPS: [&str; 6] = [MAC_STATS, UNATTRIBUTED, ERRORS, FLOWS, BINDINGS, ROUTERS];
+
+/// `BPF_FS_MAGIC` from `linux/magic.h`: the `f_type` of a mounted bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Why loading, attaching or reading the accounting programs failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +81,18 @@ pub enum EbpfError {
         "netbootd was built without eBPF (AYA_BUILD_SKIP=1), so per-client accounting is unavailable"
     )]
     NotBuilt,
-    /// `max_macs` was zero.
-    #[error("the per-client table needs room for at least one entry")]
-    ZeroMaxMacs,
+    /// A map capacity was zero.
+    #[error("the eBPF map {0} needs room for at least one entry")]
+    ZeroCapacity(&'static str),
+    /// Mounting bpffs or creating the pin directory failed.
+    #[error("preparing the pin directory {path}")]
+    PinDir {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
     /// Parsing the object or creating its maps failed.
     #[error("loading the eBPF object")]
     Load(#[source] Box<aya::EbpfError>),
@@ -98,14 +130,17 @@ pub enum EbpfError {
         #[source]
         source: Box<ProgramError>,
     },
+    /// The interface does not exist (in the calling thread's namespace).
+    #[error("no interface {0}")]
+    NoInterface(String),
     /// Entering or leaving a network namespace, or opening the current one, failed.
     #[error("switching network namespaces")]
     Netns(#[source] io::Error),
     /// The object lacks a map this module expects.
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
-    /// Reading a map failed.
-    #[error("reading eBPF map {map}")]
+    /// Reading or writing a map failed.
+    #[error("eBPF map {map}")]
     Map {
         /// The map's name.
         map: &'static str,
@@ -113,9 +148,9 @@ pub enum EbpfError {
         #[source]
         source: Box<MapError>,
     },
-    /// A key in the per-client map has a direction the kernel side never writes.
-    #[error("eBPF map {MAC_STATS} holds an unknown direction {0}")]
-    UnknownDirection(u8),
+    /// A key in a counter map has a direction the kernel side never writes.
+    #[error("eBPF map {0} holds an unknown direction {1}")]
+    UnknownDirection(&'static str, u8),
 }
 
 /// How the programs were attached to an interface.
@@ -186,15 +221,15 @@ impl fmt::Display for Direction {
     }
 }
 
-/// The service a frame belongs to, classified by the kernel side from its ports.
-///
-/// DHCP: UDP 67, 68 or 4011; TFTP: UDP 69; HTTP: TCP 80 or 8080; iSCSI: TCP 3260
-/// (either port). Everything else, including non-IP frames, is [`Service::Other`].
+/// The service a frame belongs to, classified by the kernel side from its ports, as the
+/// daemon registered them ([`Options::ports`], [`Accounting::set_port`]): the server side's
+/// port first, then the client side's. Everything else, including non-IP frames, is
+/// [`Service::Other`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Service {
     /// DHCP and PXE proxyDHCP.
     Dhcp,
-    /// TFTP requests to port 69 (transfers on ephemeral ports are [`Service::Other`] for now).
+    /// TFTP: requests to port 69, and each transfer on its own server port.
     Tftp,
     /// HTTP.
     Http,
@@ -219,8 +254,7 @@ impl Service {
         }
     }
 
-    /// The value of `MacKey::service` in the kernel map (the kernel side writes it).
-    #[cfg(test)]
+    /// The value of `MacKey::service` in the kernel maps.
     const fn to_raw(self) -> u8 {
         match self {
             Self::Dhcp => SERVICE_DHCP,
@@ -231,6 +265,9 @@ impl Service {
             Self::Unknown(raw) => raw,
         }
     }
+
+    /// Every service the kernel side counts, in label order.
+    pub const ALL: [Self; 5] = [Self::Dhcp, Self::Tftp, Self::Http, Self::Iscsi, Self::Other];
 
     /// Reads `MacKey::service`.
     pub const fn from_raw(raw: u8) -> Self {
@@ -251,11 +288,122 @@ impl fmt::Display for Service {
     }
 }
 
-/// The counters of one (client, direction, service), summed over all CPUs.
+/// A transport protocol of a [`ServicePort`] or a [`Flow`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    const fn to_raw(self) -> u8 {
+        match self {
+            Self::Tcp => IPPROTO_TCP,
+            Self::Udp => IPPROTO_UDP,
+        }
+    }
+
+    const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            IPPROTO_TCP => Some(Self::Tcp),
+            IPPROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+
+    /// `tcp` or `udp`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// A port of this host that carries a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServicePort {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The port.
+    pub port: u16,
+    /// What it carries.
+    pub service: Service,
+}
+
+impl ServicePort {
+    /// The ports of DHCP (67, 68, 4011) and TFTP (69), the given HTTP ports, and the given
+    /// iSCSI ports (3260 when empty).
+    pub fn standard(http: &[u16], iscsi: &[u16]) -> Vec<Self> {
+        let udp = |port, service| Self {
+            protocol: Protocol::Udp,
+            port,
+            service,
+        };
+        let tcp = |port, service| Self {
+            protocol: Protocol::Tcp,
+            port,
+            service,
+        };
+        let mut ports = vec![
+            udp(PORT_DHCP_SERVER, Service::Dhcp),
+            udp(PORT_DHCP_CLIENT, Service::Dhcp),
+            udp(PORT_PXE_PROXY, Service::Dhcp),
+            udp(PORT_TFTP, Service::Tftp),
+        ];
+        ports.extend(http.iter().map(|&p| tcp(p, Service::Http)));
+        if iscsi.is_empty() {
+            ports.push(tcp(PORT_ISCSI, Service::Iscsi));
+        }
+        ports.extend(iscsi.iter().map(|&p| tcp(p, Service::Iscsi)));
+        ports
+    }
+}
+
+/// What [`Accounting::load`] sets up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Capacity of the per-client table: (client, interface, direction, service) rows.
+    pub max_macs: u32,
+    /// Capacity of the per-connection table.
+    pub max_flows: u32,
+    /// Capacity of the IP → MAC binding table.
+    pub max_bindings: u32,
+    /// The service ports; see [`ServicePort::standard`].
+    pub ports: Vec<ServicePort>,
+    /// MACs of routers: frames from or to them count for the client their IP address is
+    /// bound to, or as unattributed, never for the router. Relays of DHCP are found by the
+    /// kernel side itself.
+    pub routers: Vec<MacAddr>,
+    /// Where to pin the counter maps (a directory in bpffs, which is mounted at
+    /// `/sys/fs/bpf` if needed); `None` keeps them in this process only.
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Options {
+    /// Room for `max_macs` client rows, the default flow and binding capacities, the
+    /// standard ports with HTTP on 80 and 8080, no routers, no pinning.
+    pub fn new(max_macs: u32) -> Self {
+        Self {
+            max_macs,
+            max_flows: netboot_common::DEFAULT_MAX_FLOWS,
+            max_bindings: netboot_common::DEFAULT_MAX_BINDINGS,
+            ports: ServicePort::standard(&[80, 8080], &[]),
+            routers: Vec::new(),
+            pin_dir: None,
+        }
+    }
+}
+
+/// The counters of one (client, interface, direction, service), summed over all CPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MacCounters {
     /// The client's MAC.
     pub mac: MacAddr,
+    /// The interface's index (in the namespace it was attached in).
+    pub ifindex: u32,
     /// Received from or sent to the client.
     pub direction: Direction,
     /// The service class.
@@ -266,15 +414,106 @@ pub struct MacCounters {
     pub bytes: u64,
 }
 
-/// Frames the kernel side could not count per client, by reason, summed over all CPUs.
+/// Frames of one (interface, direction, service) that no client could be found for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnattributedCounters {
+    /// The interface's index.
+    pub ifindex: u32,
+    /// Received or sent.
+    pub direction: Direction,
+    /// The service class.
+    pub service: Service,
+    /// Frames.
+    pub packets: u64,
+    /// Bytes, as in [`MacCounters::bytes`].
+    pub bytes: u64,
+}
+
+/// One connection's counters, summed over all CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    /// The client's address and port.
+    pub client: SocketAddr,
+    /// This host's address and port.
+    pub server: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The service class.
+    pub service: Service,
+    /// The interface's index.
+    pub ifindex: u32,
+    /// Frames, wire bytes and payload per direction; `last_seen_ns` is the latest over CPUs
+    /// (CLOCK_MONOTONIC).
+    pub counters: FlowCounters,
+}
+
+/// What the kernel side could not count, summed over all CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ErrorCounters {
-    /// The per-client table was full (see [`Accounting::load`]'s `max_macs`).
-    pub map_full: Counters,
-    /// Updating the per-client table failed for another reason.
+    /// Frames not counted because the per-client table was full ([`Options::max_macs`]).
+    pub mac_full: Counters,
+    /// Frames not counted because a table update failed for another reason.
     pub map_update: Counters,
-    /// The frame was shorter than an Ethernet header.
-    pub truncated: Counters,
+    /// Packets whose connection was not counted because the flow table was full (the
+    /// frames themselves are counted per client).
+    pub flow_full: Counters,
+    /// Relays that could not be recorded as routers (the table holds 1024).
+    pub routers_full: Counters,
+}
+
+impl ErrorCounters {
+    /// The frames missing from the client and unattributed rows, for reconciliation.
+    pub fn uncounted(&self) -> Counters {
+        Counters {
+            packets: self.mac_full.packets + self.map_update.packets,
+            bytes: self.mac_full.bytes + self.map_update.bytes,
+        }
+    }
+}
+
+/// Why a MAC is treated as a router.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterReason {
+    /// It relayed a DHCP request (found by the kernel side).
+    DhcpRelay,
+    /// The configuration says so.
+    Configured,
+    /// A value this daemon does not know.
+    Unknown(u8),
+}
+
+/// How full a kernel table is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    /// The map's name.
+    pub map: &'static str,
+    /// Entries in use.
+    pub entries: u64,
+    /// Capacity.
+    pub capacity: u64,
+}
+
+/// A program's cumulative run time, as the kernel measures it while `BPF_STATS_RUN_TIME` is
+/// enabled (from load on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// `tc_ingress` or `tc_egress`.
+    pub program: &'static str,
+    /// Total time spent in the program.
+    pub run_time: Duration,
+    /// Number of runs.
+    pub run_count: u64,
+}
+
+/// An interface the programs are attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    /// Its name.
+    pub name: String,
+    /// Its index (in the namespace it was attached in).
+    pub ifindex: u32,
+    /// How.
+    pub mode: AttachMode,
 }
 
 /// One attached program.
@@ -287,42 +526,90 @@ struct AttachedLink {
     netns: Option<File>,
 }
 
-/// The loaded accounting programs and their attachments.
+/// The loaded object and its attachments.
+struct Programs {
+    ebpf: Ebpf,
+    links: Vec<AttachedLink>,
+    interfaces: Vec<Attached>,
+    logger: Option<EbpfLogger<KernelLog>>,
+}
+
+/// The maps, taken out of the object so that they can be used from any thread.
+struct Maps {
+    macs: PerCpuHashMap<MapData, MacKey, Counters>,
+    unattributed: PerCpuHashMap<MapData, IfKey, Counters>,
+    errors: PerCpuArray<MapData, Counters>,
+    flows: Mutex<PerCpuHashMap<MapData, FlowKey, FlowCounters>>,
+    bindings: Mutex<HashMap<MapData, IpKey, BindingValue>>,
+    routers: Mutex<HashMap<MapData, MacOnly, u8>>,
+    ports: Mutex<HashMap<MapData, PortKey, u8>>,
+    capacity: [(&'static str, u32); 7],
+}
+
+/// The loaded accounting programs, their maps and attachments. Shareable between threads.
 ///
 /// Dropping it detaches everything (see [`Accounting::detach_all`]).
 pub struct Accounting {
-    links: Vec<AttachedLink>,
-    logger: Option<EbpfLogger<KernelLog>>,
-    ebpf: Ebpf,
+    programs: Mutex<Programs>,
+    maps: Maps,
+    pinned: Option<PathBuf>,
+    /// Keeps `BPF_STATS_RUN_TIME` enabled while it is open.
+    _stats: Option<OwnedFd>,
 }
 
 impl fmt::Debug for Accounting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Accounting")
-            .field("links", &self.links.len())
-            .field("logger", &self.logger.is_some())
+            .field("pinned", &self.pinned)
             .finish_non_exhaustive()
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Accounting {
-    /// Loads the embedded object with room for `max_macs` (client, direction, service)
-    /// entries, and loads both programs into the kernel (running the verifier).
+    /// Loads the embedded object with the capacities, ports and routers of `options`, and
+    /// loads both programs into the kernel (running the verifier).
     ///
-    /// A client that talks several services in both directions uses several entries.
-    /// Frames of clients that do not fit are counted in [`ErrorCounters::map_full`].
-    /// Kernel log lines are forwarded to `tracing` by [`Accounting::drain_logs`]; failing to
-    /// set that up is logged as a warning, not an error.
-    pub fn load(max_macs: u32) -> Result<Self, EbpfError> {
+    /// With [`Options::pin_dir`], the counter maps are reused from (or pinned to)
+    /// `<pin_dir>/v<layout version>/`. Kernel log lines are forwarded to `tracing` by
+    /// [`Accounting::drain_logs`]; failing to set that up, or to enable run-time statistics,
+    /// is logged as a warning, not an error.
+    pub fn load(options: &Options) -> Result<Self, EbpfError> {
         let object = object();
         if object.is_empty() {
             return Err(EbpfError::NotBuilt);
         }
-        if max_macs == 0 {
-            return Err(EbpfError::ZeroMaxMacs);
+        let capacity = [
+            (MAC_STATS, options.max_macs),
+            (UNATTRIBUTED, MAX_UNATTRIBUTED),
+            (FLOWS, options.max_flows),
+            (BINDINGS, options.max_bindings),
+            (ROUTERS, MAX_ROUTERS),
+            (PORTS, MAX_PORTS),
+            (ERRORS, netboot_common::ERROR_SLOTS),
+        ];
+        if let Some((name, _)) = capacity.iter().find(|(_, n)| *n == 0) {
+            return Err(EbpfError::ZeroCapacity(name));
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAC_STATS, max_macs)
+        let pinned = options
+            .pin_dir
+            .as_deref()
+            .map(prepare_pin_dir)
+            .transpose()?;
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(MAC_STATS, options.max_macs)
+            .map_max_entries(FLOWS, options.max_flows)
+            .map_max_entries(BINDINGS, options.max_bindings);
+        if let Some(dir) = &pinned {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
             .load(object)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
 
@@ -334,7 +621,13 @@ impl Accounting {
                 None
             }
         };
-
+        let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(error) => {
+                tracing::warn!(%error, "eBPF program run-time statistics are unavailable");
+                None
+            }
+        };
         for (program, _, _) in PROGRAMS {
             classifier(&mut ebpf, program)?
                 .load()
@@ -343,11 +636,45 @@ impl Accounting {
                     source: Box::new(source),
                 })?;
         }
-        Ok(Self {
-            links: Vec::new(),
-            logger,
-            ebpf,
-        })
+        let maps = Maps {
+            macs: typed(take(&mut ebpf, MAC_STATS)?, MAC_STATS)?,
+            unattributed: typed(take(&mut ebpf, UNATTRIBUTED)?, UNATTRIBUTED)?,
+            errors: typed(take(&mut ebpf, ERRORS)?, ERRORS)?,
+            flows: Mutex::new(typed(take(&mut ebpf, FLOWS)?, FLOWS)?),
+            bindings: Mutex::new(typed(take(&mut ebpf, BINDINGS)?, BINDINGS)?),
+            routers: Mutex::new(typed(take(&mut ebpf, ROUTERS)?, ROUTERS)?),
+            ports: Mutex::new(typed(take(&mut ebpf, PORTS)?, PORTS)?),
+            capacity,
+        };
+        let acc = Self {
+            programs: Mutex::new(Programs {
+                ebpf,
+                links: Vec::new(),
+                interfaces: Vec::new(),
+                logger,
+            }),
+            maps,
+            pinned,
+            _stats: stats,
+        };
+        for port in &options.ports {
+            acc.set_port(*port)?;
+        }
+        for mac in &options.routers {
+            let key = MacOnly {
+                mac: mac.0,
+                pad: [0; 2],
+            };
+            lock(&acc.maps.routers)
+                .insert(key, ROUTER_CONFIGURED, 0)
+                .map_err(map_error(ROUTERS))?;
+        }
+        Ok(acc)
+    }
+
+    /// The directory the counter maps are pinned in, if any.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pinned.as_deref()
     }
 
     /// Attaches accounting to `iface`'s ingress and egress: TCX first, and a clsact
@@ -355,7 +682,7 @@ impl Accounting {
     ///
     /// The interface is looked up in the calling thread's network namespace; wrap the call
     /// in [`in_netns`] for another one. On error nothing stays attached to `iface` from this call.
-    pub fn attach(&mut self, iface: &str) -> Result<AttachMode, EbpfError> {
+    pub fn attach(&self, iface: &str) -> Result<AttachMode, EbpfError> {
         match self.attach_with(iface, AttachMode::Tcx) {
             Ok(()) => Ok(AttachMode::Tcx),
             Err(error) => {
@@ -369,11 +696,12 @@ impl Accounting {
     /// Attaches like [`Accounting::attach`], but only with `mode`, without fallback.
     ///
     /// For tests and for operators who must avoid one of the modes.
-    pub fn attach_with_mode(&mut self, iface: &str, mode: AttachMode) -> Result<(), EbpfError> {
+    pub fn attach_with_mode(&self, iface: &str, mode: AttachMode) -> Result<(), EbpfError> {
         self.attach_with(iface, mode)
     }
 
-    fn attach_with(&mut self, iface: &str, mode: AttachMode) -> Result<(), EbpfError> {
+    fn attach_with(&self, iface: &str, mode: AttachMode) -> Result<(), EbpfError> {
+        let ifindex = ifindex(iface)?;
         let netns = match mode {
             AttachMode::Tcx => None,
             AttachMode::Netlink => {
@@ -391,82 +719,62 @@ impl Accounting {
             }
         };
 
+        let mut p = lock(&self.programs);
         let mut attached = Vec::with_capacity(PROGRAMS.len());
         for (program, attach_type, direction) in PROGRAMS {
-            match self.attach_one(iface, mode, netns.as_ref(), program, attach_type, direction) {
+            match attach_one(
+                &mut p.ebpf,
+                iface,
+                mode,
+                netns.as_ref(),
+                program,
+                attach_type,
+                direction,
+            ) {
                 Ok(link) => attached.push(link),
                 Err(error) => {
                     // Undo the half-done attach, so the caller can retry or fall back.
                     for link in attached {
-                        detach_link(&mut self.ebpf, link);
+                        detach_link(&mut p.ebpf, link);
                     }
                     return Err(error);
                 }
             }
         }
-        self.links.extend(attached);
+        p.links.extend(attached);
+        p.interfaces.push(Attached {
+            name: iface.to_owned(),
+            ifindex,
+            mode,
+        });
         Ok(())
     }
 
-    fn attach_one(
-        &mut self,
-        iface: &str,
-        mode: AttachMode,
-        netns: Option<&File>,
-        program: &'static str,
-        attach_type: TcAttachType,
-        direction: Direction,
-    ) -> Result<AttachedLink, EbpfError> {
-        // Everything fallible comes before the attach, so an attached link is never lost.
-        let netns = netns
-            .map(File::try_clone)
-            .transpose()
-            .map_err(EbpfError::Netns)?;
-        let options = match mode {
-            AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
-            AttachMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
-        };
-        let id = classifier(&mut self.ebpf, program)?
-            .attach_with_options(iface, attach_type, options)
-            .map_err(|source| EbpfError::Attach {
-                iface: iface.to_owned(),
-                mode,
-                direction,
-                source: Box::new(source),
-            })?;
-        Ok(AttachedLink {
-            iface: iface.to_owned(),
-            program,
-            id,
-            netns,
-        })
+    /// The interfaces the programs are attached to.
+    pub fn interfaces(&self) -> Vec<Attached> {
+        lock(&self.programs).interfaces.clone()
     }
 
     /// Detaches every program from every interface. Failures are logged, not returned:
     /// this also runs on drop, and there is nothing a caller could do differently.
-    pub fn detach_all(&mut self) {
-        for link in std::mem::take(&mut self.links) {
-            detach_link(&mut self.ebpf, link);
+    pub fn detach_all(&self) {
+        let mut p = lock(&self.programs);
+        for link in std::mem::take(&mut p.links) {
+            detach_link(&mut p.ebpf, link);
         }
+        p.interfaces.clear();
     }
 
-    /// The per-client counters, one row per (MAC, direction, service), summed over all CPUs.
+    /// The per-client counters, one row per (MAC, interface, direction, service).
     pub fn mac_counters(&self) -> Result<Vec<MacCounters>, EbpfError> {
-        let map = self
-            .ebpf
-            .map(MAC_STATS)
-            .ok_or(EbpfError::MissingMap(MAC_STATS))?;
-        let map =
-            PerCpuHashMap::<_, MacKey, Counters>::try_from(map).map_err(map_error(MAC_STATS))?;
         let mut rows = Vec::new();
-        for entry in map.iter() {
+        for entry in self.maps.macs.iter() {
             let (key, per_cpu) = entry.map_err(map_error(MAC_STATS))?;
-            let direction = Direction::from_raw(key.direction)
-                .ok_or(EbpfError::UnknownDirection(key.direction))?;
             let total = sum(&per_cpu);
             rows.push(MacCounters {
                 mac: MacAddr(key.mac),
-                direction,
+                ifindex: key.ifindex,
+                direction: direction(MAC_STATS, key.direction)?,
                 service: Service::from_raw(key.service),
                 packets: total.packets,
                 bytes: total.bytes,
@@ -475,26 +783,271 @@ impl Accounting {
         Ok(rows)
     }
 
-    /// Frames not counted per client, by reason.
+    /// Frames no client could be found for, one row per (interface, direction, service).
+    pub fn unattributed(&self) -> Result<Vec<UnattributedCounters>, EbpfError> {
+        let mut rows = Vec::new();
+        for entry in self.maps.unattributed.iter() {
+            let (key, per_cpu) = entry.map_err(map_error(UNATTRIBUTED))?;
+            let total = sum(&per_cpu);
+            rows.push(UnattributedCounters {
+                ifindex: key.ifindex,
+                direction: direction(UNATTRIBUTED, key.direction)?,
+                service: Service::from_raw(key.service),
+                packets: total.packets,
+                bytes: total.bytes,
+            });
+        }
+        Ok(rows)
+    }
+
+    /// What the kernel side could not count.
     pub fn error_counters(&self) -> Result<ErrorCounters, EbpfError> {
-        let map = self.ebpf.map(ERRORS).ok_or(EbpfError::MissingMap(ERRORS))?;
-        let map = PerCpuArray::<_, Counters>::try_from(map).map_err(map_error(ERRORS))?;
         let slot = |index: u32| {
-            map.get(&index, 0)
+            self.maps
+                .errors
+                .get(&index, 0)
                 .map(|per_cpu| sum(&per_cpu))
                 .map_err(map_error(ERRORS))
         };
         Ok(ErrorCounters {
-            map_full: slot(ERROR_MAP_FULL)?,
+            mac_full: slot(ERROR_MAC_FULL)?,
             map_update: slot(ERROR_MAP_UPDATE)?,
-            truncated: slot(ERROR_TRUNCATED)?,
+            flow_full: slot(ERROR_FLOW_FULL)?,
+            routers_full: slot(ERROR_ROUTERS_FULL)?,
         })
+    }
+
+    /// Every counted TFTP, HTTP and iSCSI connection.
+    pub fn flows(&self) -> Result<Vec<Flow>, EbpfError> {
+        let map = lock(&self.maps.flows);
+        let mut rows = Vec::new();
+        for entry in map.iter() {
+            let (key, per_cpu) = entry.map_err(map_error(FLOWS))?;
+            if let Some(flow) = flow_row(&key, &per_cpu) {
+                rows.push(flow);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// The counters of the connection between `client` and `server` (this host), summed
+    /// over the interfaces it crossed; `None` if the kernel side saw none of its packets.
+    pub fn flow(
+        &self,
+        protocol: Protocol,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> Result<Option<FlowCounters>, EbpfError> {
+        let (client_ip, server_ip) = (mapped(client.ip()), mapped(server.ip()));
+        let mut found: Option<FlowCounters> = None;
+        for flow in self.flows()? {
+            if flow.protocol == protocol
+                && mapped(flow.client.ip()) == client_ip
+                && flow.client.port() == client.port()
+                && mapped(flow.server.ip()) == server_ip
+                && flow.server.port() == server.port()
+            {
+                let total = found.get_or_insert_with(FlowCounters::default);
+                add_flow_counters(total, &flow.counters);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Removes one connection's row (e.g. once its figures were joined to its session).
+    pub fn remove_flow(&self, flow: &Flow) -> Result<(), EbpfError> {
+        let key = FlowKey {
+            client: mapped(flow.client.ip()).octets(),
+            server: mapped(flow.server.ip()).octets(),
+            client_port: flow.client.port(),
+            server_port: flow.server.port(),
+            protocol: flow.protocol.to_raw(),
+            service: flow.service.to_raw(),
+            pad: [0; 2],
+            ifindex: flow.ifindex,
+        };
+        match lock(&self.maps.flows).remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error(FLOWS)(e)),
+        }
+    }
+
+    /// Removes every connection that has been idle for `idle` or longer; returns how many.
+    /// Per-client totals are unaffected: they are kept per client.
+    pub fn remove_flows_idle_for(&self, idle: Duration) -> Result<usize, EbpfError> {
+        let before_ns = monotonic_ns().saturating_sub(idle.as_nanos() as u64);
+        let mut map = lock(&self.maps.flows);
+        let mut idle = Vec::new();
+        for entry in map.iter() {
+            let (key, per_cpu) = entry.map_err(map_error(FLOWS))?;
+            let last = per_cpu.iter().map(|c| c.last_seen_ns).max().unwrap_or(0);
+            if last < before_ns {
+                idle.push(key);
+            }
+        }
+        for key in &idle {
+            match map.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_error(FLOWS)(e)),
+            }
+        }
+        Ok(idle.len())
+    }
+
+    /// Makes the kernel side count frames from and to `ip` for `mac` (replacing an earlier
+    /// binding of `ip`).
+    pub fn bind(&self, ip: IpAddr, mac: MacAddr) -> Result<(), EbpfError> {
+        let value = BindingValue {
+            mac: mac.0,
+            pad: [0; 2],
+        };
+        lock(&self.maps.bindings)
+            .insert(ip_key(ip), value, 0)
+            .map_err(map_error(BINDINGS))
+    }
+
+    /// Removes the binding of `ip`, if any.
+    pub fn unbind(&self, ip: IpAddr) -> Result<(), EbpfError> {
+        match lock(&self.maps.bindings).remove(&ip_key(ip)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error(BINDINGS)(e)),
+        }
+    }
+
+    /// The bindings the kernel side uses.
+    pub fn bindings(&self) -> Result<Vec<(IpAddr, MacAddr)>, EbpfError> {
+        let map = lock(&self.maps.bindings);
+        map.iter()
+            .map(|entry| {
+                let (key, value) = entry.map_err(map_error(BINDINGS))?;
+                Ok((unmapped(key.addr), MacAddr(value.mac)))
+            })
+            .collect()
+    }
+
+    /// The MACs treated as routers, and why.
+    pub fn routers(&self) -> Result<Vec<(MacAddr, RouterReason)>, EbpfError> {
+        let map = lock(&self.maps.routers);
+        map.iter()
+            .map(|entry| {
+                let (key, reason) = entry.map_err(map_error(ROUTERS))?;
+                let reason = match reason {
+                    ROUTER_DHCP_RELAY => RouterReason::DhcpRelay,
+                    ROUTER_CONFIGURED => RouterReason::Configured,
+                    other => RouterReason::Unknown(other),
+                };
+                Ok((MacAddr(key.mac), reason))
+            })
+            .collect()
+    }
+
+    /// Registers a port of this host as carrying `port.service` (e.g. a TFTP transfer's
+    /// own socket, for the transfer's lifetime).
+    pub fn set_port(&self, port: ServicePort) -> Result<(), EbpfError> {
+        let key = PortKey {
+            port: port.port,
+            protocol: port.protocol.to_raw(),
+            pad: 0,
+        };
+        lock(&self.maps.ports)
+            .insert(key, port.service.to_raw(), 0)
+            .map_err(map_error(PORTS))
+    }
+
+    /// Forgets a port registered with [`Accounting::set_port`].
+    pub fn remove_port(&self, protocol: Protocol, port: u16) -> Result<(), EbpfError> {
+        let key = PortKey {
+            port,
+            protocol: protocol.to_raw(),
+            pad: 0,
+        };
+        match lock(&self.maps.ports).remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error(PORTS)(e)),
+        }
+    }
+
+    /// How full each table is.
+    pub fn fill(&self) -> Result<Vec<MapFill>, EbpfError> {
+        let count = |name: &'static str, n: Result<usize, MapError>| {
+            n.map(|entries| MapFill {
+                map: name,
+                entries: entries as u64,
+                capacity: u64::from(
+                    self.maps
+                        .capacity
+                        .iter()
+                        .find(|(m, _)| *m == name)
+                        .map_or(0, |(_, c)| *c),
+                ),
+            })
+            .map_err(map_error(name))
+        };
+        let keys = |r: Result<usize, MapError>| r;
+        Ok(vec![
+            count(
+                MAC_STATS,
+                keys(self.maps.macs.keys().try_fold(0, |n, k| k.map(|_| n + 1))),
+            )?,
+            count(
+                UNATTRIBUTED,
+                self.maps
+                    .unattributed
+                    .keys()
+                    .try_fold(0, |n, k| k.map(|_| n + 1)),
+            )?,
+            count(
+                FLOWS,
+                lock(&self.maps.flows)
+                    .keys()
+                    .try_fold(0, |n, k| k.map(|_| n + 1)),
+            )?,
+            count(
+                BINDINGS,
+                lock(&self.maps.bindings)
+                    .keys()
+                    .try_fold(0, |n, k| k.map(|_| n + 1)),
+            )?,
+            count(
+                ROUTERS,
+                lock(&self.maps.routers)
+                    .keys()
+                    .try_fold(0, |n, k| k.map(|_| n + 1)),
+            )?,
+            count(
+                PORTS,
+                lock(&self.maps.ports)
+                    .keys()
+                    .try_fold(0, |n, k| k.map(|_| n + 1)),
+            )?,
+        ])
+    }
+
+    /// The programs' run time and run count (zero when statistics could not be enabled).
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>, EbpfError> {
+        let mut p = lock(&self.programs);
+        PROGRAMS
+            .iter()
+            .map(|&(program, _, _)| {
+                let info = classifier(&mut p.ebpf, program)?.info().map_err(|source| {
+                    EbpfError::Program {
+                        program,
+                        source: Box::new(source),
+                    }
+                })?;
+                Ok(ProgramStats {
+                    program,
+                    run_time: info.run_time(),
+                    run_count: info.run_count(),
+                })
+            })
+            .collect()
     }
 
     /// Forwards pending kernel log lines to `tracing` (target `netboot_daemon::ebpf::kernel`);
     /// call it periodically.
-    pub fn drain_logs(&mut self) {
-        if let Some(logger) = &mut self.logger {
+    pub fn drain_logs(&self) {
+        if let Some(logger) = &mut lock(&self.programs).logger {
             logger.flush();
         }
     }
@@ -504,6 +1057,130 @@ impl Drop for Accounting {
     fn drop(&mut self) {
         self.detach_all();
     }
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` if `dir` is below it and nothing is mounted there, then
+/// creates `<dir>/v<LAYOUT_VERSION>` and returns it.
+fn prepare_pin_dir(dir: &Path) -> Result<PathBuf, EbpfError> {
+    let fail = |source| EbpfError::PinDir {
+        path: dir.to_owned(),
+        source,
+    };
+    let bpffs = Path::new("/sys/fs/bpf");
+    if dir.starts_with(bpffs) && !is_bpffs(bpffs) {
+        mount_bpffs(bpffs).map_err(fail)?;
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    }
+    let versioned = dir.join(format!("v{LAYOUT_VERSION}"));
+    std::fs::create_dir_all(&versioned).map_err(fail)?;
+    Ok(versioned)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: `statfs` writes into the zeroed struct we pass and reads the NUL-terminated path.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &raw mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn mount_bpffs(path: &Path) -> io::Result<()> {
+    let target = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: every argument is a NUL-terminated string that outlives the call, or null.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn ifindex(iface: &str) -> Result<u32, EbpfError> {
+    let name = CString::new(iface).map_err(|_| EbpfError::NoInterface(iface.to_owned()))?;
+    // SAFETY: `if_nametoindex` reads the NUL-terminated name and nothing else.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(EbpfError::NoInterface(iface.to_owned())),
+        index => Ok(index),
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, EbpfError> {
+    ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &'static str) -> Result<T, EbpfError> {
+    T::try_from(map).map_err(map_error(name))
+}
+
+fn direction(map: &'static str, raw: u8) -> Result<Direction, EbpfError> {
+    Direction::from_raw(raw).ok_or(EbpfError::UnknownDirection(map, raw))
+}
+
+fn flow_row(key: &FlowKey, per_cpu: &PerCpuValues<FlowCounters>) -> Option<Flow> {
+    let mut counters = FlowCounters::default();
+    for c in per_cpu.iter() {
+        add_flow_counters(&mut counters, c);
+    }
+    Some(Flow {
+        client: SocketAddr::new(unmapped(key.client), key.client_port),
+        server: SocketAddr::new(unmapped(key.server), key.server_port),
+        protocol: Protocol::from_raw(key.protocol)?,
+        service: Service::from_raw(key.service),
+        ifindex: key.ifindex,
+        counters,
+    })
+}
+
+fn add_flow_counters(total: &mut FlowCounters, c: &FlowCounters) {
+    total.rx_packets += c.rx_packets;
+    total.rx_bytes += c.rx_bytes;
+    total.rx_payload += c.rx_payload;
+    total.tx_packets += c.tx_packets;
+    total.tx_bytes += c.tx_bytes;
+    total.tx_payload += c.tx_payload;
+    total.last_seen_ns = total.last_seen_ns.max(c.last_seen_ns);
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` only writes into the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// An address as the kernel side keys it: IPv6, with IPv4 mapped (`::ffff:a.b.c.d`).
+fn mapped(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+fn ip_key(ip: IpAddr) -> IpKey {
+    IpKey {
+        addr: mapped(ip).octets(),
+    }
+}
+
+/// The inverse of [`mapped`].
+fn unmapped(addr: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(addr);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
 }
 
 fn classifier<'a>(
@@ -517,6 +1194,40 @@ fn classifier<'a>(
             program,
             source: Box::new(source),
         })
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: AttachMode,
+    netns: Option<&File>,
+    program: &'static str,
+    attach_type: TcAttachType,
+    direction: Direction,
+) -> Result<AttachedLink, EbpfError> {
+    // Everything fallible comes before the attach, so an attached link is never lost.
+    let netns = netns
+        .map(File::try_clone)
+        .transpose()
+        .map_err(EbpfError::Netns)?;
+    let options = match mode {
+        AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+        AttachMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
+    };
+    let id = classifier(ebpf, program)?
+        .attach_with_options(iface, attach_type, options)
+        .map_err(|source| EbpfError::Attach {
+            iface: iface.to_owned(),
+            mode,
+            direction,
+            source: Box::new(source),
+        })?;
+    Ok(AttachedLink {
+        iface: iface.to_owned(),
+        program,
+        id,
+        netns,
+    })
 }
 
 /// Detaches one link, in the namespace it was attached in; failures are logged.
@@ -554,61 +1265,6 @@ fn sum(per_cpu: &PerCpuValues<Counters>) -> Counters {
         packets: acc.packets.wrapping_add(c.packets),
         bytes: acc.bytes.wrapping_add(c.bytes),
     })
-}
-
-/// Runs `f` with the calling thread switched into the network namespace at `netns_path`
-/// (e.g. `/var/run/netns/NAME` or `/proc/PID/ns/net`), then switches back.
-///
-/// Only this thread changes namespace. Sockets and interface lookups made inside `f` belong
-/// to the target namespace; file descriptors opened there keep working after the switch back.
-/// The switch back also happens when `f` panics; if it fails then, the process aborts rather
-/// than leave a thread in the wrong namespace. If it fails after `f` returned normally (for
-/// example because `f` dropped `CAP_SYS_ADMIN`), the error is returned and the thread stays
-/// in the target namespace: treat that as fatal.
-pub fn in_netns<T>(netns_path: &Path, f: impl FnOnce() -> T) -> io::Result<T> {
-    let target = File::open(netns_path)?;
-    enter_netns(target.as_fd(), f)
-}
-
-fn enter_netns<T>(target: BorrowedFd<'_>, f: impl FnOnce() -> T) -> io::Result<T> {
-    let original = File::open(THREAD_NETNS)?;
-    setns_net(target)?;
-    let restore = RestoreNetns(Some(original));
-    let value = f();
-    restore.finish()?;
-    Ok(value)
-}
-
-/// Switches the thread back to its original namespace, also when unwinding.
-struct RestoreNetns(Option<File>);
-
-impl RestoreNetns {
-    fn finish(mut self) -> io::Result<()> {
-        let original = self.0.take().expect("invariant: restored only once");
-        setns_net(original.as_fd())
-    }
-}
-
-impl Drop for RestoreNetns {
-    fn drop(&mut self) {
-        if let Some(original) = self.0.take()
-            && let Err(error) = setns_net(original.as_fd())
-        {
-            tracing::error!(%error, "cannot return to the original network namespace; aborting");
-            std::process::abort();
-        }
-    }
-}
-
-fn setns_net(netns: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: `setns` takes a file descriptor, valid for the duration of the borrow, and only
-    // changes the calling thread's network namespace; it touches no memory of ours.
-    let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// Forwards aya-log records from the kernel side to `tracing`.
@@ -698,20 +1354,6 @@ mod tests {
                 packets: 3,
                 bytes: 400
             }
-        );
-    }
-
-    #[test]
-    fn in_netns_returns_to_the_original_namespace() {
-        let before = std::fs::read_link(THREAD_NETNS).expect("read own netns");
-        // Entering our own namespace needs CAP_SYS_ADMIN; without it the call fails cleanly.
-        match in_netns(Path::new(THREAD_NETNS), || 42) {
-            Ok(v) => assert_eq!(v, 42),
-            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
-        }
-        assert_eq!(
-            std::fs::read_link(THREAD_NETNS).expect("read own netns"),
-            before
         );
     }
 }

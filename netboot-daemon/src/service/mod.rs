@@ -2,6 +2,7 @@
 //! caches, admission, counters), and the boot timeline they feed. The drivers are in
 //! [`crate::driver`].
 
+pub mod accounting;
 pub mod dhcp;
 pub mod tftp;
 pub mod timeline;

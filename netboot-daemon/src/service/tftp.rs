@@ -180,6 +180,42 @@ pub struct TransferRecord {
     pub retransmits: u64,
     /// From the request to the end, once ended.
     pub duration_ms: Option<u64>,
+    /// UDP payload bytes the transfer's socket sent (OACK, DATA with retransmissions,
+    /// ERROR), by the server's own count.
+    pub sent_bytes: u64,
+    /// UDP payload bytes the transfer's socket received and handled, by the server's own count.
+    pub received_bytes: u64,
+    /// The transfer's traffic as the kernel counted it on the accounting interfaces,
+    /// filled in shortly after the end (absent without eBPF accounting, or when the client
+    /// is reached through an interface that is not counted).
+    pub kernel: Option<KernelBytes>,
+}
+
+/// A transfer's traffic as the eBPF accounting counted it, on the wire and as UDP payload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct KernelBytes {
+    /// Frames sent to the client.
+    pub tx_packets: u64,
+    /// Wire bytes sent to the client (Ethernet header through payload).
+    pub tx_bytes: u64,
+    /// UDP payload bytes sent to the client; equals `sent_bytes` when nothing was lost
+    /// inside this host.
+    pub tx_payload: u64,
+    /// Frames received from the client.
+    pub rx_packets: u64,
+    /// Wire bytes received from the client.
+    pub rx_bytes: u64,
+    /// UDP payload bytes received from the client.
+    pub rx_payload: u64,
+}
+
+/// Told when a transfer's own server socket starts and stops carrying TFTP, so that the
+/// eBPF accounting classifies its packets as TFTP.
+pub trait TransferPorts: Send + Sync {
+    /// The transfer socket bound at `server` carries a transfer from now on.
+    fn opened(&self, server: SocketAddr);
+    /// The transfer on `server` ended.
+    fn closed(&self, server: SocketAddr);
 }
 
 /// How many ended transfers [`Tftp::transfers`] keeps.
@@ -434,6 +470,7 @@ pub struct Tftp {
     observer: std::sync::OnceLock<mpsc::Sender<TransferRecord>>,
     virtual_files: Option<Arc<dyn VirtualFiles>>,
     bindings: Option<Arc<Bindings>>,
+    ports: std::sync::OnceLock<Arc<dyn TransferPorts>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -477,6 +514,7 @@ impl Tftp {
             observer: std::sync::OnceLock::new(),
             virtual_files: None,
             bindings: None,
+            ports: std::sync::OnceLock::new(),
             stats: Stats::default(),
         }
     }
@@ -494,6 +532,34 @@ impl Tftp {
     pub fn with_bindings(mut self, bindings: Arc<Bindings>) -> Self {
         self.bindings = Some(bindings);
         self
+    }
+
+    /// Tells `ports` of every transfer socket from now on. Only the first call counts.
+    pub fn set_transfer_ports(&self, ports: Arc<dyn TransferPorts>) {
+        let _ = self.ports.set(ports);
+    }
+
+    /// Ended transfers from the last `window` that have a server socket but no kernel
+    /// figures yet: (id, client, server).
+    pub fn awaiting_kernel_bytes(&self, window: Duration) -> Vec<(u64, SocketAddr, SocketAddr)> {
+        let now = Timestamp::now();
+        self.transfers()
+            .recent
+            .iter()
+            .filter(|r| r.kernel.is_none())
+            .filter(|r| {
+                let ended = r.started_at.as_millis() + r.duration_ms.unwrap_or(0) as i64;
+                now.as_millis() - ended <= window.as_millis() as i64
+            })
+            .filter_map(|r| r.server.map(|s| (r.id, r.client, s)))
+            .collect()
+    }
+
+    /// Attaches the kernel's figures to the ended transfer `id`.
+    pub fn set_kernel_bytes(&self, id: u64, kernel: KernelBytes) {
+        if let Some(r) = self.transfers().recent.iter_mut().find(|r| r.id == id) {
+            r.kernel = Some(kernel);
+        }
     }
 
     /// Every transfer that ends from now on, for the boot timeline. Only the first call
@@ -672,6 +738,9 @@ impl Tftp {
                     packets: 0,
                     retransmits: 0,
                     duration_ms: None,
+                    sent_bytes: 0,
+                    received_bytes: 0,
+                    kernel: None,
                 };
                 t.active.insert(peer, (record, now));
                 drop(t);
@@ -795,6 +864,9 @@ impl Tftp {
     ) -> Transfer {
         let size = source.len();
         let neg = transfer::negotiate(&req.as_request(), &self.core, Some(size));
+        if let (Some(local), Some(ports)) = (local, self.ports.get()) {
+            ports.opened(local);
+        }
         if let Some((r, _)) = self.transfers().active.get_mut(&req.peer) {
             r.server = local;
             r.blksize = neg.blksize;
@@ -855,6 +927,11 @@ impl Tftp {
         let Some((mut record, _)) = active else {
             return;
         };
+        if let (Some(server), Some(ports)) = (record.server, self.ports.get()) {
+            ports.closed(server);
+        }
+        record.sent_bytes = summary.sent_bytes;
+        record.received_bytes = summary.received_bytes;
         record.state = state;
         record.detail = detail.or(record.detail);
         record.bytes = summary.bytes;

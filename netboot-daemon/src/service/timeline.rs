@@ -127,6 +127,9 @@ mod tests {
             packets: 715,
             retransmits: 2,
             duration_ms: Some(420),
+            sent_bytes: 1_052_000,
+            received_bytes: 2_860,
+            kernel: None,
         }
     }
 

@@ -136,6 +136,11 @@ pub struct Summary {
     pub packets: u64,
     /// DATA and OACK packets sent again.
     pub retransmits: u64,
+    /// UDP payload bytes of every datagram this transfer sent (OACK, DATA with
+    /// retransmissions, a final ERROR): what the kernel sees leave the transfer's socket.
+    pub sent_bytes: u64,
+    /// UDP payload bytes of every datagram the transfer handled until it ended.
+    pub received_bytes: u64,
 }
 
 /// Why a transfer failed.
@@ -279,7 +284,10 @@ impl Transfer {
     }
 
     fn fail_with_error(&mut self, failure: Failure, code: ErrorCode, msg: &str) {
-        self.error_out = Some(wire::error_packet(code, msg));
+        let packet = wire::error_packet(code, msg);
+        // Counted now: the summary is taken at the end, before the driver sends the ERROR.
+        self.summary.sent_bytes += packet.len() as u64;
+        self.error_out = Some(packet);
         self.finish(Some(failure));
     }
 
@@ -288,6 +296,7 @@ impl Transfer {
         if self.state == State::Closed {
             return;
         }
+        self.summary.received_bytes += datagram.len() as u64;
         match Packet::parse(datagram) {
             Ok(Packet::Ack { block }) => self.handle_ack(block),
             Ok(Packet::Error { code, .. }) => self.finish(Some(Failure::ClientError(code))),
@@ -434,6 +443,7 @@ impl Transfer {
     /// bytes); returns its length.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
         if let Some(e) = self.error_out.take() {
+            // Already in `sent_bytes` (see `fail_with_error`).
             let b = buf.get_mut(..e.len())?;
             b.copy_from_slice(&e);
             return Some(e.len());
@@ -447,6 +457,7 @@ impl Transfer {
                 let oack = self.oack.as_deref()?;
                 buf.get_mut(..oack.len())?.copy_from_slice(oack);
                 self.oack_sent = true;
+                self.summary.sent_bytes += oack.len() as u64;
                 self.deadline = Some(now + self.rto);
                 Some(oack.len())
             }
@@ -473,6 +484,7 @@ impl Transfer {
                 out[4..].copy_from_slice(self.buf.make_contiguous().get(from..from + len)?);
                 self.next += 1;
                 self.summary.packets += 1;
+                self.summary.sent_bytes += 4 + len as u64;
                 if self.next >= window_end || last.is_some_and(|l| self.next > l) {
                     self.deadline = Some(now + self.rto);
                 }
