@@ -13,11 +13,12 @@
 //! [`MAC_STATS`], or the interface's row of [`UNATTRIBUTED`] (or, when a map is full,
 //! an [`ERRORS`] slot). The client is, in this order:
 //! 1. for DHCP (IPv4 BOOTP with a 6-byte Ethernet `chaddr`): the `chaddr` in the packet;
-//! 2. the MAC the daemon bound to the client's IP address in [`BINDINGS`]
-//!    (the source address on ingress, the destination address on egress);
-//! 3. the frame's own MAC (source on ingress, destination on egress) when it is unicast and
+//! 2. the frame's own MAC (source on ingress, destination on egress) when it is unicast and
 //!    not a router's ([`ROUTERS`]: the kernel side adds the sender of every relayed DHCP
-//!    request, the daemon adds configured routers);
+//!    request, the daemon adds configured routers). A host on the link is identified by its
+//!    MAC whatever address it uses, so an address that moves between hosts misleads nothing;
+//! 3. for a router's (or a group-addressed) frame: the MAC the daemon bound to the client's
+//!    IP address in [`BINDINGS`] (the source address on ingress, the destination on egress);
 //! 4. nobody: the frame is counted in [`UNATTRIBUTED`].
 //!
 //! The service is found by port in [`PORTS`] (the server side's port first), which the

@@ -293,8 +293,9 @@ fn netlink_filters_count_and_are_detached_in_their_namespace() {
 
 /// How the kernel side finds a frame's client beyond the frame's own MAC: the DHCP `chaddr`
 /// (and the relay that forwarded the request becomes a router), the daemon's IP → MAC
-/// bindings (and a binding that moves moves the bytes from then on), a registered transfer
-/// port, and the unattributed bucket for group addresses and a router's unbound traffic.
+/// bindings for a router's frames (and a binding that moves moves the bytes from then on),
+/// an on-link host's own MAC even when it uses a bound address, a registered transfer port,
+/// and the unattributed bucket for group addresses and a router's unbound traffic.
 /// Every byte lands in exactly one bucket, and the connection rows hold the L4 payload.
 #[test]
 fn clients_are_found_by_chaddr_binding_and_router() {
@@ -403,7 +404,25 @@ fn clients_are_found_by_chaddr_binding_and_router() {
     };
     send(&topo.cli_path(), &topo.cli_if, &[&moved]);
 
-    let all = [&relayed, &bound, &unbound, &transfer, &broadcast, &moved];
+    // An on-link client that uses the bound address is still itself.
+    let on_link = Flow {
+        mac: MAC_E,
+        direction: Direction::Ingress,
+        service: Service::Http,
+        frames: 6,
+        frame: ipv4_addr(
+            (ELSEWHERE, MAC_E),
+            (bound_ip, server_ip),
+            (TCP, 50_002, 80),
+            200,
+            &[],
+        ),
+    };
+    send(&topo.cli_path(), &topo.cli_if, &[&on_link]);
+
+    let all = [
+        &relayed, &bound, &unbound, &transfer, &broadcast, &moved, &on_link,
+    ];
     let want = totals(&all);
     poll(|| add(all_rows(&accounting), unattributed_total(&accounting)) == want);
     let if_delta = topo.srv_stats() - if_before;
@@ -411,7 +430,7 @@ fn clients_are_found_by_chaddr_binding_and_router() {
     let map = rows(&accounting);
     assert_eq!(
         map,
-        expected_rows(&[&relayed, &bound, &transfer, &moved]),
+        expected_rows(&[&relayed, &bound, &transfer, &moved, &on_link]),
         "client rows"
     );
     let unattributed: BTreeMap<(Direction, Service), (u64, u64)> = accounting
@@ -470,8 +489,8 @@ fn clients_are_found_by_chaddr_binding_and_router() {
     );
     assert_eq!(
         accounting.flows().expect("read FLOWS").len(),
-        3,
-        "one row per connection: bound, unbound, transfer"
+        4,
+        "one row per connection: bound, unbound, on-link, transfer"
     );
     assert_eq!(
         accounting.error_counters().expect("read errors"),

@@ -150,33 +150,38 @@ fn client(
     service: u8,
     direction: u8,
 ) -> Option<[u8; 6]> {
-    if let Some(l4) = &frame.l4 {
-        if service == SERVICE_DHCP
-            && let Some(bootp) = parse::bootp(ctx, l4, flow.protocol)
-        {
-            if bootp.relayed && direction == INGRESS {
-                learn_router(frame.l2_client);
-            }
-            if let Some(chaddr) = bootp.chaddr {
-                return Some(chaddr);
-            }
+    if let Some(l4) = &frame.l4
+        && service == SERVICE_DHCP
+        && let Some(bootp) = parse::bootp(ctx, l4, flow.protocol)
+    {
+        if bootp.relayed && direction == INGRESS {
+            learn_router(frame.l2_client);
         }
-        // SAFETY: the value is copied out at once; a concurrent update by the daemon replaces
-        // the whole 8-byte value, and either the old or the new binding is a valid answer.
+        if let Some(chaddr) = bootp.chaddr {
+            return Some(chaddr);
+        }
+    }
+    // A unicast frame from or to a host on the link is that host's, whatever address it
+    // uses: an address that moved to another MAC cannot mislead this.
+    let mac = frame.l2_client;
+    let router = MacOnly { mac, pad: [0; 2] };
+    // SAFETY: only the presence of the key is used.
+    if !parse::is_group(&mac) && unsafe { ROUTERS.get(router) }.is_none() {
+        return Some(mac);
+    }
+    // A router's frame (or a group-addressed one) belongs to the client its IP address is
+    // bound to.
+    if frame.l4.is_some() {
         // `IpKey` is `repr(C)` around one `[u8; 16]`, so the client address is one.
         let ip = (&raw const flow.client).cast::<IpKey>();
-        // SAFETY: see above; `ip` points into this CPU's scratch entry.
+        // SAFETY: see above; `ip` points into this CPU's scratch entry. The value is copied
+        // out at once; a concurrent update by the daemon replaces the whole 8-byte value,
+        // and either the old or the new binding is a valid answer.
         if let Some(binding) = unsafe { BINDINGS.get(&*ip) } {
             return Some(binding.mac);
         }
     }
-    let mac = frame.l2_client;
-    let router = MacOnly { mac, pad: [0; 2] };
-    // SAFETY: only the presence of the key is used.
-    if parse::is_group(&mac) || unsafe { ROUTERS.get(router) }.is_some() {
-        return None;
-    }
-    Some(mac)
+    None
 }
 
 /// Records `mac` as a router: it relays DHCP, so the clients behind it share its MAC.
