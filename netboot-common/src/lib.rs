@@ -36,7 +36,7 @@
 use core::mem::{align_of, size_of};
 
 /// Version of the map layout; part of the pin directory's name (see the crate documentation).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Name of the per-CPU hash map of per-client counters, keyed by [`MacKey`], valued [`Counters`].
 ///
@@ -124,7 +124,15 @@ pub const PORT_TFTP: u16 = 69;
 /// iSCSI target port (RFC 7143 section 13.1).
 pub const PORT_ISCSI: u16 = 3260;
 
-/// Key of [`MAC_STATS`]: one client, on one interface, in one direction, of one service.
+/// [`MacKey::method`]: the client was found by the `chaddr` of a DHCP packet.
+pub const METHOD_CHADDR: u8 = 0;
+/// [`MacKey::method`]: the client was found by the frame's own MAC.
+pub const METHOD_L2: u8 = 1;
+/// [`MacKey::method`]: the client was found by the binding of its IP address.
+pub const METHOD_BINDING: u8 = 2;
+
+/// Key of [`MAC_STATS`]: one client, on one interface, in one direction, of one service,
+/// found one way.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MacKey {
@@ -136,6 +144,10 @@ pub struct MacKey {
     pub service: u8,
     /// The interface's index in its network namespace.
     pub ifindex: u32,
+    /// How the client was found: one of the `METHOD_*` constants.
+    pub method: u8,
+    /// Always zero.
+    pub pad: [u8; 3],
 }
 
 /// Key of [`UNATTRIBUTED`]: one interface, one direction, one service.
@@ -251,10 +263,14 @@ pub struct FlowCounters {
     pub tx_payload: u64,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last frame this CPU counted.
     pub last_seen_ns: u64,
+    /// The client the last frame this CPU counted was attributed to; zero if none.
+    pub mac: [u8; 6],
+    /// Always zero.
+    pub pad: [u8; 2],
 }
 
 const _: () = {
-    assert!(size_of::<MacKey>() == 12);
+    assert!(size_of::<MacKey>() == 16);
     assert!(align_of::<MacKey>() == 4);
     assert!(size_of::<IfKey>() == 8);
     assert!(size_of::<IpKey>() == 16);
@@ -265,7 +281,7 @@ const _: () = {
     assert!(align_of::<FlowKey>() == 4);
     assert!(size_of::<Counters>() == 16);
     assert!(align_of::<Counters>() == 8);
-    assert!(size_of::<FlowCounters>() == 56);
+    assert!(size_of::<FlowCounters>() == 64);
     assert!(ERROR_MAC_FULL < ERROR_SLOTS);
     assert!(ERROR_MAP_UPDATE < ERROR_SLOTS);
     assert!(ERROR_FLOW_FULL < ERROR_SLOTS);

@@ -32,6 +32,18 @@ pub enum Source {
     Neighbour,
 }
 
+impl Source {
+    /// `dhcp`, `http`, `tftp` or `neighbour`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Dhcp => "dhcp",
+            Self::Http => "http",
+            Self::Tftp => "tftp",
+            Self::Neighbour => "neighbour",
+        }
+    }
+}
+
 /// One IP → MAC binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Binding {

@@ -84,7 +84,10 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let bindings = Arc::new(Bindings::default());
     // Before the services, so that the kernel knows every binding and transfer port.
-    let accounting = start_accounting(&cfg);
+    let (accounting, accounting_off) = match start_accounting(&cfg) {
+        Ok(acc) => (Some(acc), None),
+        Err(why) => (None, Some(why)),
+    };
     if let Some(acc) = &accounting {
         bindings.set_sink(Arc::clone(acc) as Arc<dyn crate::bindings::BindingSink>);
     }
@@ -94,6 +97,9 @@ pub async fn serve(
     }
     let dhcp = start_dhcp(&cfg, &store, &bindings, addr.port(), stop_rx.clone());
 
+    let traffic = accounting
+        .as_ref()
+        .map(|a| Arc::new(crate::service::accounting::Traffic::new(Arc::clone(a))));
     let state = AppState::with_services(
         Arc::clone(&store),
         cfg.clone(),
@@ -101,7 +107,8 @@ pub async fn serve(
             tftp: tftp.as_ref().map(|(service, _)| Arc::clone(service)),
             dhcp: dhcp.as_ref().map(|(service, _)| Arc::clone(service)),
             bindings,
-            accounting: accounting.clone(),
+            traffic: traffic.clone(),
+            accounting_off,
         },
     );
     let needs_setup = {
@@ -109,9 +116,9 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || s.needs_setup()).await??
     };
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&store)));
-    let accounting = accounting.map(|a| {
+    let accounting = traffic.map(|t| {
         tokio::spawn(crate::service::accounting::run(
-            a,
+            t,
             tftp.as_ref().map(|(service, _)| Arc::clone(service)),
         ))
     });
@@ -249,11 +256,11 @@ fn start_dhcp(
 
 /// Loads the eBPF program and attaches it to the configured interfaces. Failure is not
 /// fatal: the daemon runs on without kernel counters and says so.
-fn start_accounting(cfg: &Validated) -> Option<Arc<Accounting>> {
+fn start_accounting(cfg: &Validated) -> Result<Arc<Accounting>, String> {
     let ebpf = &cfg.config.ebpf;
     if ebpf.interfaces.is_empty() {
         tracing::info!("eBPF accounting off: no ebpf.interfaces configured");
-        return None;
+        return Err("eBPF accounting is off: no ebpf.interfaces configured".into());
     }
     let options = Options {
         max_macs: ebpf.max_entries,
@@ -266,8 +273,12 @@ fn start_accounting(cfg: &Validated) -> Option<Arc<Accounting>> {
     let acc = match Accounting::load(&options) {
         Ok(a) => a,
         Err(error) => {
-            tracing::warn!(%error, "eBPF accounting unavailable: per-client kernel byte counters are off");
-            return None;
+            let why = format!(
+                "eBPF accounting unavailable ({}): per-client kernel byte counters are off",
+                error_chain(&error)
+            );
+            tracing::warn!("{why}");
+            return Err(why);
         }
     };
     let mut attached = 0;
@@ -285,7 +296,24 @@ fn start_accounting(cfg: &Validated) -> Option<Arc<Accounting>> {
     if let Some(dir) = acc.pin_dir() {
         tracing::info!(dir = %dir.display(), "eBPF counters are pinned and survive a restart");
     }
-    (attached > 0).then(|| Arc::new(acc))
+    if attached == 0 {
+        return Err(
+            "eBPF accounting could not attach to any of ebpf.interfaces (see the log)".into(),
+        );
+    }
+    Ok(Arc::new(acc))
+}
+
+/// An error and its sources, joined with ": ".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut s = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        source = e.source();
+    }
+    s
 }
 
 async fn housekeeping(store: Arc<dyn Store>) {

@@ -298,6 +298,66 @@ fn every_byte_lands_on_its_clients_mac_and_survives_a_restart() {
         assert_eq!(k["rx_payload"], t["received_bytes"], "{t}");
     }
 
+    // The per-device view agrees with /metrics, and lists the HTTP connection of a client
+    // that fetched over HTTP (index 0 did).
+    let c0 = &lab.direct[0];
+    let device = lab.api(&cookie, &format!("/api/v1/devices/{}/metrics", c0.mac));
+    assert_eq!(device["source"], "ebpf", "{device}");
+    let total = |dir: &str| -> u64 {
+        device["totals"]
+            .as_array()
+            .expect("totals")
+            .iter()
+            .filter(|t| t["direction"] == dir)
+            .map(|t| t["bytes"].as_u64().expect("bytes"))
+            .sum()
+    };
+    assert_eq!(
+        (total("rx"), total("tx")),
+        (metrics.client(&c0.mac, "rx"), metrics.client(&c0.mac, "tx")),
+        "{device}"
+    );
+    let http = device["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .find(|s| s["service"] == "http")
+        .unwrap_or_else(|| panic!("no HTTP session in {device}"));
+    assert!(
+        http["tx_payload"].as_u64().expect("tx_payload") > FILE_LEN as u64,
+        "{http}"
+    );
+    // Attribution: on-link clients by their own MAC, routed ones by a binding the kernel uses.
+    let attribution = lab.api(&cookie, "/api/v1/accounting/attribution");
+    let methods = |mac: &str| -> Vec<String> {
+        attribution["clients"]
+            .as_array()
+            .expect("clients")
+            .iter()
+            .find(|c| c["mac"] == mac)
+            .unwrap_or_else(|| panic!("{mac} not in {attribution}"))["methods"]
+            .as_array()
+            .expect("methods")
+            .iter()
+            .map(|m| m["method"].as_str().expect("method").to_owned())
+            .collect()
+    };
+    assert_eq!(methods(&c0.mac), ["l2"]);
+    for c in &lab.routed {
+        assert_eq!(methods(&c.mac), ["binding"]);
+        let client = attribution["clients"]
+            .as_array()
+            .expect("clients")
+            .iter()
+            .find(|x| x["mac"] == c.mac.as_str())
+            .expect("routed client");
+        assert_eq!(client["bindings"][0]["in_kernel"], true, "{client}");
+    }
+    assert_eq!(
+        attribution["routers"],
+        serde_json::json!([{"mac": ROUTER_MAC, "reason": "configured"}])
+    );
+
     promtool(&metrics.text);
     prometheus_returns_a_client_series(&lab, dir.path(), &lab.direct[0].mac, &metrics);
 

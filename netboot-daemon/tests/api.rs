@@ -337,6 +337,8 @@ async fn reads_need_a_login_but_version_health_and_status_do_not() {
         "/api/v1/events",
         "/api/v1/settings",
         "/api/v1/unknown-devices",
+        "/api/v1/devices/52:54:00:00:00:01/metrics",
+        "/api/v1/accounting/attribution",
     ] {
         assert_eq!(
             app.get(uri, As::Anonymous).await.status,
@@ -344,6 +346,31 @@ async fn reads_need_a_login_but_version_health_and_status_do_not() {
             "{uri}"
         );
     }
+}
+
+/// Without eBPF accounting a device's metrics say so instead of showing numbers, and the
+/// attribution debug view is not there.
+#[tokio::test]
+async fn device_metrics_without_accounting_say_why() {
+    let app = App::new();
+    let admin = app.setup_admin().await;
+    let r = app
+        .get("/api/v1/devices/52-54-00-00-00-01/metrics", As::Cookie(&admin))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["mac"], "52:54:00:00:00:01");
+    assert_eq!(r.body["source"], "none");
+    assert!(r.body.get("totals").is_none(), "no numbers: {}", r.body);
+    let warning = r.body["warnings"][0].as_str().expect("a warning");
+    assert!(warning.contains("not running"), "{warning}");
+    let r = app
+        .get("/api/v1/devices/not-a-mac/metrics", As::Cookie(&admin))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = app
+        .get("/api/v1/accounting/attribution", As::Cookie(&admin))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]

@@ -18,8 +18,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use netboot_common::{
-    Counters, EGRESS, FlowCounters, FlowKey, INGRESS, IfKey, IpKey, MacKey, MacOnly, PortKey,
-    ROUTER_DHCP_RELAY, SERVICE_DHCP, SERVICE_HTTP, SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP,
+    Counters, EGRESS, FlowCounters, FlowKey, INGRESS, IfKey, IpKey, METHOD_BINDING, METHOD_CHADDR,
+    METHOD_L2, MacKey, MacOnly, PortKey, ROUTER_DHCP_RELAY, SERVICE_DHCP, SERVICE_HTTP,
+    SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP,
 };
 
 use crate::{
@@ -97,12 +98,14 @@ fn count(ctx: &TcContext, direction: u8) {
     };
     let client = client(ctx, &frame, key, service, direction);
     match client {
-        Some(mac) => {
+        Some((mac, method)) => {
             let key = MacKey {
                 mac,
                 direction,
                 service,
                 ifindex,
+                method,
+                pad: [0; 3],
             };
             if let Err(err) = add(ctx, key, bytes) {
                 record_error(err, bytes);
@@ -116,7 +119,8 @@ fn count(ctx: &TcContext, direction: u8) {
         scratch.flow.service = service;
         scratch.flow.pad = [0; 2];
         scratch.flow.ifindex = ifindex;
-        if let Err(err) = add_flow(scratch, l4.payload, direction, bytes) {
+        let mac = client.map_or([0; 6], |(mac, _)| mac);
+        if let Err(err) = add_flow(scratch, l4.payload, direction, bytes, mac) {
             record_error(err, bytes);
         }
     }
@@ -141,7 +145,8 @@ fn service(flow: &FlowKey) -> u8 {
         .unwrap_or(SERVICE_OTHER)
 }
 
-/// The frame's client, in the order described in `netboot-common`, or `None` (unattributed).
+/// The frame's client and how it was found (a `METHOD_*`), in the order described in
+/// `netboot-common`, or `None` (unattributed).
 #[inline(always)]
 fn client(
     ctx: &TcContext,
@@ -149,7 +154,7 @@ fn client(
     flow: &FlowKey,
     service: u8,
     direction: u8,
-) -> Option<[u8; 6]> {
+) -> Option<([u8; 6], u8)> {
     if let Some(l4) = &frame.l4
         && service == SERVICE_DHCP
         && let Some(bootp) = parse::bootp(ctx, l4, flow.protocol)
@@ -158,7 +163,7 @@ fn client(
             learn_router(frame.l2_client);
         }
         if let Some(chaddr) = bootp.chaddr {
-            return Some(chaddr);
+            return Some((chaddr, METHOD_CHADDR));
         }
     }
     // A unicast frame from or to a host on the link is that host's, whatever address it
@@ -167,7 +172,7 @@ fn client(
     let router = MacOnly { mac, pad: [0; 2] };
     // SAFETY: only the presence of the key is used.
     if !parse::is_group(&mac) && unsafe { ROUTERS.get(router) }.is_none() {
-        return Some(mac);
+        return Some((mac, METHOD_L2));
     }
     // A router's frame (or a group-addressed one) belongs to the client its IP address is
     // bound to.
@@ -178,7 +183,7 @@ fn client(
         // out at once; a concurrent update by the daemon replaces the whole 8-byte value,
         // and either the old or the new binding is a valid answer.
         if let Some(binding) = unsafe { BINDINGS.get(&*ip) } {
-            return Some(binding.mac);
+            return Some((binding.mac, METHOD_BINDING));
         }
     }
     None
@@ -255,7 +260,13 @@ fn unattributed(ifindex: u32, direction: u8, service: u8, bytes: u64) {
 
 /// Adds one packet to the connection in `scratch.flow`.
 #[inline(always)]
-fn add_flow(scratch: &mut Scratch, payload: u64, direction: u8, bytes: u64) -> Result<(), Error> {
+fn add_flow(
+    scratch: &mut Scratch,
+    payload: u64,
+    direction: u8,
+    bytes: u64,
+    mac: [u8; 6],
+) -> Result<(), Error> {
     // SAFETY: reading the monotonic clock has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(flow) = FLOWS.get_ptr_mut(&scratch.flow) {
@@ -271,12 +282,14 @@ fn add_flow(scratch: &mut Scratch, payload: u64, direction: u8, bytes: u64) -> R
                 (*flow).tx_payload += payload;
             }
             (*flow).last_seen_ns = now;
+            (*flow).mac = mac;
         }
         return Ok(());
     }
     let first = &mut scratch.first;
     *first = FlowCounters {
         last_seen_ns: now,
+        mac,
         ..FlowCounters::default()
     };
     if direction == INGRESS {

@@ -1,14 +1,19 @@
 //! `/metrics` for Prometheus (open, like every exporter: it reveals counts, not
 //! inventory) and the TFTP transfer listing under `/api/v1`.
 
-use axum::extract::State;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::error::ApiError;
+use super::inventory::parse_mac;
 use super::{AppState, Auth, VERSION, blocking};
 use crate::metrics::{Exposition, Format, Kind};
+use crate::service::accounting::{Attribution, DeviceTraffic};
 use crate::service::tftp::TransferRecord;
 
 /// The daemon's metrics, as OpenMetrics when the scraper asks for it (Prometheus does),
@@ -50,13 +55,13 @@ pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
         None,
         "Where the per-client figures come from: ebpf (exact, from the kernel), or none (eBPF accounting is off or could not load; see the log).",
     );
-    let source = if state.accounting().is_some() {
+    let source = if state.traffic().is_some() {
         "ebpf"
     } else {
         "none"
     };
     e.info("netboot_accounting", &[("source", source)]);
-    if let Some(acc) = state.accounting().cloned() {
+    if let Some(acc) = state.traffic().map(|t| Arc::clone(t.accounting())) {
         let max_macs = state.config().ebpf.metrics_max_macs;
         // Map reads are syscalls: off the async workers.
         let written = tokio::task::spawn_blocking(move || {
@@ -99,4 +104,79 @@ pub(super) async fn tftp_transfers(
         active,
         recent,
     })
+}
+
+/// One device's traffic and where the figures come from.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct DeviceMetrics {
+    /// The device.
+    mac: String,
+    /// `ebpf` (exact, from the kernel) or `none` (no per-device figures; see `warnings`).
+    source: &'static str,
+    /// Why figures are missing or incomplete.
+    warnings: Vec<String>,
+    /// Totals, rates and active sessions (empty without accounting).
+    #[serde(flatten)]
+    traffic: Option<DeviceTraffic>,
+}
+
+/// A device's bytes per service and direction (wire bytes as its interface counts them),
+/// current rates, and its active connections with their bytes; each figure says its source.
+#[utoipa::path(get, path = "/api/v1/devices/{mac}/metrics", tag = "metrics",
+    params(("mac" = String, Path, description = "The device's MAC, in any common spelling")),
+    responses((status = 200, body = DeviceMetrics), (status = 400, description = "not a MAC")))]
+pub(super) async fn device_metrics(
+    State(state): State<AppState>,
+    _auth: Auth,
+    Path(mac): Path<String>,
+) -> Result<axum::Json<DeviceMetrics>, ApiError> {
+    let mac = parse_mac(&mac)?;
+    let Some(traffic) = state.traffic().cloned() else {
+        return Ok(axum::Json(DeviceMetrics {
+            mac: mac.to_string(),
+            source: "none",
+            warnings: vec![state.accounting_off().to_owned()],
+            traffic: None,
+        }));
+    };
+    let read = tokio::task::spawn_blocking(move || traffic.device(mac))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("reading the eBPF tables: {e}")))?;
+    Ok(axum::Json(DeviceMetrics {
+        mac: mac.to_string(),
+        source: "ebpf",
+        warnings: Vec::new(),
+        traffic: Some(read),
+    }))
+}
+
+/// Query of [`attribution`].
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub(super) struct AttributionQuery {
+    /// Only this client.
+    mac: Option<String>,
+}
+
+/// For debugging the accounting: for each client MAC, its bytes by how they were
+/// attributed (DHCP `chaddr`, the frame's own MAC, or the binding of its address, with the
+/// bindings and since when), the routers, and what could not be attributed.
+#[utoipa::path(get, path = "/api/v1/accounting/attribution", tag = "metrics",
+    params(AttributionQuery),
+    responses((status = 200, body = Attribution), (status = 404, description = "eBPF accounting is not running")))]
+pub(super) async fn attribution(
+    State(state): State<AppState>,
+    _auth: Auth,
+    Query(q): Query<AttributionQuery>,
+) -> Result<axum::Json<Attribution>, ApiError> {
+    let only = q.mac.as_deref().map(parse_mac).transpose()?;
+    let Some(traffic) = state.traffic().cloned() else {
+        return Err(ApiError::not_found(state.accounting_off().to_owned()));
+    };
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || traffic.attribution(st.bindings(), only))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map(axum::Json)
+        .map_err(|e| ApiError::internal(format!("reading the eBPF tables: {e}")))
 }

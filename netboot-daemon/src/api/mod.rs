@@ -64,7 +64,9 @@ pub struct Services {
     /// Client address → MAC bindings (the boot routes learn them).
     pub bindings: Arc<Bindings>,
     /// The eBPF accounting, when it is loaded and attached.
-    pub accounting: Option<Arc<crate::ebpf::Accounting>>,
+    pub traffic: Option<Arc<crate::service::accounting::Traffic>>,
+    /// Why there is no eBPF accounting, when there is none (shown in the API).
+    pub accounting_off: Option<String>,
 }
 
 impl AppState {
@@ -113,8 +115,17 @@ impl AppState {
     }
 
     /// The eBPF accounting, when it is loaded and attached.
-    pub fn accounting(&self) -> Option<&Arc<crate::ebpf::Accounting>> {
-        self.0.services.accounting.as_ref()
+    pub fn traffic(&self) -> Option<&Arc<crate::service::accounting::Traffic>> {
+        self.0.services.traffic.as_ref()
+    }
+
+    /// Why there is no eBPF accounting.
+    pub fn accounting_off(&self) -> &str {
+        self.0
+            .services
+            .accounting_off
+            .as_deref()
+            .unwrap_or("eBPF accounting is not running")
     }
 
     /// Client address → MAC bindings.
@@ -196,6 +207,8 @@ where
         system::patch_settings,
         system::list_audit,
         metrics::tftp_transfers,
+        metrics::device_metrics,
+        metrics::attribution,
     ),
     components(schemas(ErrorBody))
 )]
@@ -285,6 +298,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/audit", get(system::list_audit))
         .route("/tftp/transfers", get(metrics::tftp_transfers))
+        .route("/devices/{mac}/metrics", get(metrics::device_metrics))
+        .route("/accounting/attribution", get(metrics::attribution))
         .fallback(api_not_found)
         .with_state(state.clone());
     let boot = Router::new()

@@ -43,10 +43,10 @@ use aya_log::EbpfLogger;
 use netboot_common::{
     BINDINGS, BindingValue, Counters, EGRESS, ERROR_FLOW_FULL, ERROR_MAC_FULL, ERROR_MAP_UPDATE,
     ERROR_ROUTERS_FULL, ERRORS, FLOWS, FlowCounters, FlowKey, INGRESS, IPPROTO_TCP, IPPROTO_UDP,
-    IfKey, IpKey, LAYOUT_VERSION, MAC_STATS, MAX_PORTS, MAX_ROUTERS, MAX_UNATTRIBUTED, MacKey,
-    MacOnly, PORT_DHCP_CLIENT, PORT_DHCP_SERVER, PORT_ISCSI, PORT_PXE_PROXY, PORT_TFTP, PORTS,
-    PortKey, ROUTER_CONFIGURED, ROUTER_DHCP_RELAY, ROUTERS, SERVICE_DHCP, SERVICE_HTTP,
-    SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP, UNATTRIBUTED,
+    IfKey, IpKey, LAYOUT_VERSION, MAC_STATS, MAX_PORTS, MAX_ROUTERS, MAX_UNATTRIBUTED,
+    METHOD_BINDING, METHOD_CHADDR, METHOD_L2, MacKey, MacOnly, PORT_DHCP_CLIENT, PORT_DHCP_SERVER,
+    PORT_ISCSI, PORT_PXE_PROXY, PORT_TFTP, PORTS, PortKey, ROUTER_CONFIGURED, ROUTER_DHCP_RELAY,
+    ROUTERS, SERVICE_DHCP, SERVICE_HTTP, SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP, UNATTRIBUTED,
 };
 
 pub use netns::in_netns;
@@ -397,11 +397,47 @@ impl Options {
     }
 }
 
-/// The counters of one (client, interface, direction, service), summed over all CPUs.
+/// How the kernel side found a frame's client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Method {
+    /// The `chaddr` of a DHCP packet.
+    Chaddr,
+    /// The frame's own MAC (an on-link host).
+    L2,
+    /// The binding of the client's IP address (a router's frame).
+    Binding,
+    /// A value this daemon does not know.
+    Unknown(u8),
+}
+
+impl Method {
+    /// `chaddr`, `l2`, `binding` or `unknown`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Chaddr => "chaddr",
+            Self::L2 => "l2",
+            Self::Binding => "binding",
+            Self::Unknown(_) => "unknown",
+        }
+    }
+
+    const fn from_raw(raw: u8) -> Self {
+        match raw {
+            METHOD_CHADDR => Self::Chaddr,
+            METHOD_L2 => Self::L2,
+            METHOD_BINDING => Self::Binding,
+            other => Self::Unknown(other),
+        }
+    }
+}
+
+/// The counters of one (client, interface, direction, service, method), summed over all CPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MacCounters {
     /// The client's MAC.
     pub mac: MacAddr,
+    /// How the kernel side found the client.
+    pub method: Method,
     /// The interface's index (in the namespace it was attached in).
     pub ifindex: u32,
     /// Received from or sent to the client.
@@ -443,8 +479,20 @@ pub struct Flow {
     /// The interface's index.
     pub ifindex: u32,
     /// Frames, wire bytes and payload per direction; `last_seen_ns` is the latest over CPUs
-    /// (CLOCK_MONOTONIC).
+    /// (CLOCK_MONOTONIC), and `mac` the client of the latest frame.
     pub counters: FlowCounters,
+}
+
+impl Flow {
+    /// The client the connection's latest frame was attributed to, if any.
+    pub fn mac(&self) -> Option<MacAddr> {
+        (self.counters.mac != [0; 6]).then_some(MacAddr(self.counters.mac))
+    }
+
+    /// How long ago its latest frame was seen.
+    pub fn idle(&self) -> Duration {
+        Duration::from_nanos(monotonic_ns().saturating_sub(self.counters.last_seen_ns))
+    }
 }
 
 /// What the kernel side could not count, summed over all CPUs.
@@ -773,6 +821,7 @@ impl Accounting {
             let total = sum(&per_cpu);
             rows.push(MacCounters {
                 mac: MacAddr(key.mac),
+                method: Method::from_raw(key.method),
                 ifindex: key.ifindex,
                 direction: direction(MAC_STATS, key.direction)?,
                 service: Service::from_raw(key.service),
@@ -1143,6 +1192,9 @@ fn flow_row(key: &FlowKey, per_cpu: &PerCpuValues<FlowCounters>) -> Option<Flow>
 }
 
 fn add_flow_counters(total: &mut FlowCounters, c: &FlowCounters) {
+    if c.mac != [0; 6] && (total.mac == [0; 6] || c.last_seen_ns >= total.last_seen_ns) {
+        total.mac = c.mac;
+    }
     total.rx_packets += c.rx_packets;
     total.rx_bytes += c.rx_bytes;
     total.rx_payload += c.rx_payload;

@@ -1,6 +1,7 @@
 //! The daemon's side of the eBPF accounting: feeding the kernel maps (bindings, TFTP
 //! transfer ports), joining kernel flow counts to TFTP transfers, keeping the flow table
-//! small, and the `/metrics` families.
+//! small, current rates ([`Traffic`]), the per-device view of the API, and the `/metrics`
+//! families.
 //!
 //! The kernel side counts; this module only reads, labels and joins. MAC series in
 //! `/metrics` are bounded: the `max_macs` clients with the most bytes get their own series,
@@ -9,11 +10,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use crate::bindings::BindingSink;
-use crate::ebpf::{Accounting, Direction, Protocol, Service, ServicePort};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::bindings::{BindingSink, Bindings};
+use crate::ebpf::{Accounting, Direction, Method, Protocol, Service, ServicePort};
 use crate::mac::MacAddr;
 use crate::metrics::{Exposition, Kind};
 use crate::service::tftp::{KernelBytes, Tftp, TransferPorts};
@@ -24,8 +28,332 @@ const TICK: Duration = Duration::from_secs(1);
 const JOIN_WINDOW: Duration = Duration::from_secs(30);
 /// Connections idle this long leave the flow table (their bytes stay in the client rows).
 const FLOW_IDLE: Duration = Duration::from_secs(600);
-/// How often idle connections are looked for.
+/// How often idle connections are looked for, in ticks.
 const SWEEP_EVERY: u32 = 60;
+/// How often rates are sampled, in ticks.
+const RATE_EVERY: u32 = 5;
+/// Connections seen this recently are a device's active sessions.
+const ACTIVE: Duration = Duration::from_secs(30);
+
+/// The accounting as the API sees it: the kernel tables and the current rates.
+pub struct Traffic {
+    acc: Arc<Accounting>,
+    rates: Mutex<Rates>,
+}
+
+impl std::fmt::Debug for Traffic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Traffic").finish_non_exhaustive()
+    }
+}
+
+type RowKey = (MacAddr, Service, Direction);
+
+#[derive(Default)]
+struct Rates {
+    /// The last sample: when, and bytes per row.
+    last: Option<(Instant, HashMap<RowKey, u64>)>,
+    /// Bytes per second per row between the last two samples.
+    current: HashMap<RowKey, f64>,
+}
+
+impl Traffic {
+    /// The API's view of `acc`.
+    pub fn new(acc: Arc<Accounting>) -> Self {
+        Self {
+            acc,
+            rates: Mutex::new(Rates::default()),
+        }
+    }
+
+    /// The kernel tables.
+    pub fn accounting(&self) -> &Arc<Accounting> {
+        &self.acc
+    }
+
+    /// Reads the client rows and updates the rates (blocking: map reads are syscalls).
+    pub fn sample(&self) {
+        let Ok(rows) = self.acc.mac_counters() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut bytes: HashMap<RowKey, u64> = HashMap::new();
+        for r in rows {
+            *bytes.entry((r.mac, r.service, r.direction)).or_default() += r.bytes;
+        }
+        let mut rates = self.rates.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((then, before)) = &rates.last {
+            let secs = now.duration_since(*then).as_secs_f64();
+            if secs > 0.0 {
+                rates.current = bytes
+                    .iter()
+                    .map(|(k, v)| {
+                        let delta = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+                        (*k, delta as f64 / secs)
+                    })
+                    .filter(|(_, r)| *r > 0.0)
+                    .collect();
+            }
+        }
+        rates.last = Some((now, bytes));
+    }
+
+    /// One device's figures: totals, rates and active sessions.
+    pub fn device(&self, mac: MacAddr) -> Result<DeviceTraffic, crate::ebpf::EbpfError> {
+        let mut totals: BTreeMap<(Service, Direction), (u64, u64)> = BTreeMap::new();
+        for r in self
+            .acc
+            .mac_counters()?
+            .into_iter()
+            .filter(|r| r.mac == mac)
+        {
+            let t = totals.entry((r.service, r.direction)).or_default();
+            t.0 += r.packets;
+            t.1 += r.bytes;
+        }
+        let rates = self.rates.lock().unwrap_or_else(PoisonError::into_inner);
+        let totals = totals
+            .into_iter()
+            .map(|((service, direction), (packets, bytes))| ServiceTotal {
+                service: service.as_str(),
+                direction: direction.as_str(),
+                packets,
+                bytes,
+                bytes_per_second: rates
+                    .current
+                    .get(&(mac, service, direction))
+                    .copied()
+                    .unwrap_or(0.0),
+                source: "ebpf",
+            })
+            .collect();
+        drop(rates);
+        let sessions = self
+            .acc
+            .flows()?
+            .into_iter()
+            .filter(|f| f.mac() == Some(mac) && f.idle() < ACTIVE)
+            .map(|f| Session {
+                protocol: f.protocol.as_str(),
+                service: f.service.as_str(),
+                client: f.client,
+                server: f.server,
+                rx_bytes: f.counters.rx_bytes,
+                tx_bytes: f.counters.tx_bytes,
+                rx_payload: f.counters.rx_payload,
+                tx_payload: f.counters.tx_payload,
+                idle_ms: f.idle().as_millis() as u64,
+                source: "ebpf",
+            })
+            .collect();
+        Ok(DeviceTraffic { totals, sessions })
+    }
+
+    /// How the bytes of each client (or only `only`) were attributed.
+    pub fn attribution(
+        &self,
+        bindings: &Bindings,
+        only: Option<MacAddr>,
+    ) -> Result<Attribution, crate::ebpf::EbpfError> {
+        let mut per: BTreeMap<MacAddr, BTreeMap<Method, (u64, u64)>> = BTreeMap::new();
+        for r in self.acc.mac_counters()? {
+            if only.is_some_and(|m| m != r.mac) {
+                continue;
+            }
+            let v = per.entry(r.mac).or_default().entry(r.method).or_default();
+            v.0 += r.packets;
+            v.1 += r.bytes;
+        }
+        let kernel: HashMap<IpAddr, MacAddr> = self.acc.bindings()?.into_iter().collect();
+        let learned = bindings.all();
+        let clients = per
+            .into_iter()
+            .map(|(mac, methods)| ClientAttribution {
+                mac,
+                methods: methods
+                    .into_iter()
+                    .map(|(m, (packets, bytes))| MethodTotal {
+                        method: m.as_str(),
+                        packets,
+                        bytes,
+                    })
+                    .collect(),
+                bindings: learned
+                    .iter()
+                    .filter(|(_, b)| b.mac == mac)
+                    .map(|(ip, b)| BindingView {
+                        ip: *ip,
+                        since: b.since,
+                        learned_from: b.source.as_str(),
+                        in_kernel: kernel.get(ip) == Some(&mac),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let routers = self
+            .acc
+            .routers()?
+            .into_iter()
+            .map(|(mac, reason)| RouterView {
+                mac,
+                reason: match reason {
+                    crate::ebpf::RouterReason::DhcpRelay => "dhcp_relay",
+                    crate::ebpf::RouterReason::Configured => "configured",
+                    crate::ebpf::RouterReason::Unknown(_) => "unknown",
+                },
+            })
+            .collect();
+        let interfaces = self.acc.interfaces();
+        let unattributed = self
+            .acc
+            .unattributed()?
+            .into_iter()
+            .map(|r| UnattributedView {
+                interface: interfaces
+                    .iter()
+                    .find(|a| a.ifindex == r.ifindex)
+                    .map_or_else(|| format!("ifindex{}", r.ifindex), |a| a.name.clone()),
+                service: r.service.as_str(),
+                direction: r.direction.as_str(),
+                packets: r.packets,
+                bytes: r.bytes,
+            })
+            .collect();
+        Ok(Attribution {
+            clients,
+            routers,
+            unattributed,
+        })
+    }
+}
+
+/// One device's traffic (`GET /api/v1/devices/{mac}/metrics`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceTraffic {
+    /// Per service and direction, since the counters were created.
+    pub totals: Vec<ServiceTotal>,
+    /// Connections (TFTP transfers, HTTP and iSCSI connections) seen in the last 30 s.
+    pub sessions: Vec<Session>,
+}
+
+/// A device's bytes of one service in one direction.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServiceTotal {
+    /// `dhcp`, `tftp`, `http`, `iscsi` or `other`.
+    pub service: &'static str,
+    /// `rx` (from the device) or `tx` (to it).
+    pub direction: &'static str,
+    /// Frames.
+    pub packets: u64,
+    /// Wire bytes (Ethernet header through payload).
+    pub bytes: u64,
+    /// Over the last few seconds (sampled every 5 s).
+    pub bytes_per_second: f64,
+    /// Where the figure comes from: `ebpf`.
+    pub source: &'static str,
+}
+
+/// One connection of a device.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Session {
+    /// `tcp` or `udp`.
+    pub protocol: &'static str,
+    /// `tftp`, `http` or `iscsi`.
+    pub service: &'static str,
+    /// The device's address and port.
+    #[schema(value_type = String)]
+    pub client: SocketAddr,
+    /// netbootd's address and port.
+    #[schema(value_type = String)]
+    pub server: SocketAddr,
+    /// Wire bytes from the device.
+    pub rx_bytes: u64,
+    /// Wire bytes to the device.
+    pub tx_bytes: u64,
+    /// L4 payload bytes from the device.
+    pub rx_payload: u64,
+    /// L4 payload bytes to the device.
+    pub tx_payload: u64,
+    /// Since the connection's last frame.
+    pub idle_ms: u64,
+    /// `ebpf`.
+    pub source: &'static str,
+}
+
+/// How bytes were attributed (`GET /api/v1/accounting/attribution`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Attribution {
+    /// Per client MAC.
+    pub clients: Vec<ClientAttribution>,
+    /// MACs whose frames count for the client their IP address is bound to.
+    pub routers: Vec<RouterView>,
+    /// Bytes no client could be found for.
+    pub unattributed: Vec<UnattributedView>,
+}
+
+/// How one client's bytes were attributed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClientAttribution {
+    /// The client.
+    #[schema(value_type = String)]
+    pub mac: MacAddr,
+    /// Bytes per method: `chaddr` (DHCP packets), `l2` (the frame's own MAC), `binding`
+    /// (a router's frame, by the client's IP address).
+    pub methods: Vec<MethodTotal>,
+    /// The addresses bound to this client.
+    pub bindings: Vec<BindingView>,
+}
+
+/// Bytes attributed one way.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MethodTotal {
+    /// `chaddr`, `l2` or `binding`.
+    pub method: &'static str,
+    /// Frames.
+    pub packets: u64,
+    /// Wire bytes.
+    pub bytes: u64,
+}
+
+/// An IP → MAC binding.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BindingView {
+    /// The address.
+    #[schema(value_type = String)]
+    pub ip: IpAddr,
+    /// When it was learned or last confirmed.
+    #[schema(value_type = String)]
+    pub since: crate::time::Timestamp,
+    /// `dhcp`, `http`, `tftp` or `neighbour`.
+    pub learned_from: &'static str,
+    /// Whether the kernel side uses it now.
+    pub in_kernel: bool,
+}
+
+/// A router.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouterView {
+    /// Its MAC.
+    #[schema(value_type = String)]
+    pub mac: MacAddr,
+    /// `dhcp_relay` (it relayed a DHCP request) or `configured`.
+    pub reason: &'static str,
+}
+
+/// Unattributed bytes of one interface, service and direction.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UnattributedView {
+    /// The interface.
+    pub interface: String,
+    /// The service.
+    pub service: &'static str,
+    /// `rx` or `tx`.
+    pub direction: &'static str,
+    /// Frames.
+    pub packets: u64,
+    /// Wire bytes.
+    pub bytes: u64,
+}
 
 impl BindingSink for Accounting {
     fn bound(&self, ip: IpAddr, mac: MacAddr) {
@@ -61,23 +389,28 @@ impl TransferPorts for Accounting {
 }
 
 /// Runs until aborted: forwards kernel logs, joins ended TFTP transfers to their kernel
-/// counts, and sweeps idle connections.
-pub async fn run(acc: Arc<Accounting>, tftp: Option<Arc<Tftp>>) {
+/// counts, samples rates and sweeps idle connections.
+pub async fn run(traffic: Arc<Traffic>, tftp: Option<Arc<Tftp>>) {
     let mut tick = tokio::time::interval(TICK);
     let mut ticks = 0u32;
     loop {
         tick.tick().await;
         ticks = ticks.wrapping_add(1);
-        let acc = Arc::clone(&acc);
+        let traffic = Arc::clone(&traffic);
         let tftp = tftp.clone();
         let sweep = ticks.is_multiple_of(SWEEP_EVERY);
+        let sample = ticks.is_multiple_of(RATE_EVERY);
         let done = tokio::task::spawn_blocking(move || {
+            let acc = traffic.accounting();
+            if sample {
+                traffic.sample();
+            }
             acc.drain_logs();
             if let Some(tftp) = &tftp {
-                join_tftp(&acc, tftp);
+                join_tftp(acc, tftp);
             }
             if sweep {
-                sweep_flows(&acc);
+                sweep_flows(acc);
             }
         })
         .await;
