@@ -4,10 +4,13 @@
 //! - `tftp-load`: a lock-step TFTP load generator, N clients on one thread, every byte
 //!   verified ([`tftp::load`]);
 //! - `tftp-compare [--quick]`: netbootd against tftpd-hpa, atftpd and dnsmasq, side by
-//!   side, in a network namespace and cgroups of its own ([`tftp::compare`]).
+//!   side, in a network namespace and cgroups of its own ([`tftp::compare`]);
+//! - `ebpf-overhead [--quick]`, `ebpf-scrape`: the accounting programs' cost on a veth, and
+//!   the `/metrics` families with 10 000 client MACs ([`ebpf`]).
 //!
 //! Results and the exact commands are in `docs/benchmarks.md`.
 
+mod ebpf;
 mod store;
 mod tftp;
 
@@ -33,6 +36,10 @@ enum Cmd {
     TftpLoad(tftp::load::LoadArgs),
     /// netbootd side by side with tftpd-hpa, atftpd and dnsmasq (root for the peers).
     TftpCompare(tftp::compare::CompareArgs),
+    /// Throughput over a veth with and without the accounting programs (root).
+    EbpfOverhead(ebpf::OverheadArgs),
+    /// The accounting's /metrics families with 10 000 client MACs (root).
+    EbpfScrape(ebpf::ScrapeArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +60,8 @@ fn main() -> ExitCode {
             r.ok == r.clients
         }),
         Cmd::TftpCompare(a) => tftp::compare::run(a),
+        Cmd::EbpfOverhead(a) => ebpf::overhead(a),
+        Cmd::EbpfScrape(a) => ebpf::scrape(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -21,7 +21,7 @@
 //!    IP address in [`BINDINGS`] (the source address on ingress, the destination on egress);
 //! 4. nobody: the frame is counted in [`UNATTRIBUTED`].
 //!
-//! The service is found by port in [`PORTS`] (the server side's port first), which the
+//! The service is found by this host's port in [`PORTS`], which the
 //! daemon fills from its configuration and with each TFTP transfer's own server port.
 //! TFTP, HTTP and iSCSI packets are also counted per connection in [`FLOWS`].
 //!
@@ -36,7 +36,7 @@
 use core::mem::{align_of, size_of};
 
 /// Version of the map layout; part of the pin directory's name (see the crate documentation).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Name of the per-CPU hash map of per-client counters, keyed by [`MacKey`], valued [`Counters`].
 ///
@@ -53,9 +53,13 @@ pub const ERRORS: &str = "ERRORS";
 pub const BINDINGS: &str = "BINDINGS";
 /// Name of the hash map of router MACs, keyed by [`MacOnly`], valued `u8` (a [`ROUTER_*`](ROUTER_DHCP_RELAY) reason).
 pub const ROUTERS: &str = "ROUTERS";
-/// Name of the hash map of service ports, keyed by [`PortKey`], valued `u8` (a `SERVICE_*` constant).
-/// Written by the daemon only.
+/// Name of the array of service ports, indexed by [`port_index`], valued `u8`: 0 for no
+/// service, else a `SERVICE_*` constant plus one. Written by the daemon only.
+/// An array (one lookup is an inlined index) rather than a hash: it is read for every packet.
 pub const PORTS: &str = "PORTS";
+/// Name of the one-slot array whose `u32` is non-zero once [`ROUTERS`] holds a router, so
+/// that frames skip the router lookup until then.
+pub const HAVE_ROUTERS: &str = "HAVE_ROUTERS";
 /// Name of the per-CPU hash map of per-connection counters, keyed by [`FlowKey`], valued [`FlowCounters`].
 pub const FLOWS: &str = "FLOWS";
 
@@ -71,8 +75,18 @@ pub const DEFAULT_MAX_BINDINGS: u32 = 65536;
 pub const MAX_UNATTRIBUTED: u32 = 4096;
 /// Capacity of [`ROUTERS`].
 pub const MAX_ROUTERS: u32 = 1024;
-/// Capacity of [`PORTS`]: configured service ports plus the TFTP transfers in flight.
-pub const MAX_PORTS: u32 = 16384;
+/// Capacity of [`PORTS`]: every UDP and every TCP port.
+pub const MAX_PORTS: u32 = 2 * 65536;
+
+/// The [`PORTS`] slot of a port of `protocol`; `None` for protocols other than TCP and UDP.
+#[inline(always)]
+pub const fn port_index(protocol: u8, port: u16) -> Option<u32> {
+    match protocol {
+        IPPROTO_UDP => Some(port as u32),
+        IPPROTO_TCP => Some(65536 + port as u32),
+        _ => None,
+    }
+}
 
 /// [`ERRORS`] slot: a frame could not be counted because [`MAC_STATS`] is full.
 pub const ERROR_MAC_FULL: u32 = 0;
@@ -108,9 +122,9 @@ pub const ROUTER_DHCP_RELAY: u8 = 1;
 /// [`ROUTERS`] value: the daemon's configuration names the MAC as a router.
 pub const ROUTER_CONFIGURED: u8 = 2;
 
-/// IP protocol number of TCP, as in [`PortKey::protocol`] and [`FlowKey::protocol`].
+/// IP protocol number of TCP, as in [`FlowKey::protocol`].
 pub const IPPROTO_TCP: u8 = 6;
-/// IP protocol number of UDP, as in [`PortKey::protocol`] and [`FlowKey::protocol`].
+/// IP protocol number of UDP, as in [`FlowKey::protocol`].
 pub const IPPROTO_UDP: u8 = 17;
 
 /// DHCP server port (RFC 2131 section 4.1).
@@ -192,18 +206,6 @@ pub struct MacOnly {
     pub pad: [u8; 2],
 }
 
-/// Key of [`PORTS`]: a port of the server (this host) and its protocol.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PortKey {
-    /// The port, in host byte order.
-    pub port: u16,
-    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
-    pub protocol: u8,
-    /// Always zero.
-    pub pad: u8,
-}
-
 /// Key of [`FLOWS`]: one connection (TCP) or socket pair (UDP) on one interface.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -276,7 +278,6 @@ const _: () = {
     assert!(size_of::<IpKey>() == 16);
     assert!(size_of::<BindingValue>() == 8);
     assert!(size_of::<MacOnly>() == 8);
-    assert!(size_of::<PortKey>() == 4);
     assert!(size_of::<FlowKey>() == 44);
     assert!(align_of::<FlowKey>() == 4);
     assert!(size_of::<Counters>() == 16);
@@ -293,6 +294,7 @@ const _: () = {
     assert!(BINDINGS.len() < 16);
     assert!(ROUTERS.len() < 16);
     assert!(PORTS.len() < 16);
+    assert!(HAVE_ROUTERS.len() < 16);
     assert!(FLOWS.len() < 16);
 };
 
@@ -312,7 +314,6 @@ pod!(
     IpKey,
     BindingValue,
     MacOnly,
-    PortKey,
     FlowKey,
     Counters,
     FlowCounters

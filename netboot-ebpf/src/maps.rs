@@ -6,13 +6,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use netboot_common::{
     BindingValue, Counters, DEFAULT_MAX_BINDINGS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_MACS,
     ERROR_FLOW_FULL, ERROR_MAC_FULL, ERROR_MAP_UPDATE, ERROR_ROUTERS_FULL, ERROR_SLOTS,
     FlowCounters, FlowKey, IfKey, IpKey, MAX_PORTS, MAX_ROUTERS, MAX_UNATTRIBUTED, MacKey, MacOnly,
-    PortKey,
 };
 
 /// Per-client counters; see [`netboot_common::MAC_STATS`].
@@ -42,7 +41,11 @@ pub(crate) static ROUTERS: HashMap<MacOnly, u8> = HashMap::with_max_entries(MAX_
 
 /// Service ports written by the daemon; see [`netboot_common::PORTS`].
 #[map(name = "PORTS")]
-pub(crate) static PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(MAX_PORTS, 0);
+pub(crate) static PORTS: Array<u8> = Array::with_max_entries(MAX_PORTS, 0);
+
+/// Whether [`ROUTERS`] holds anything; see [`netboot_common::HAVE_ROUTERS`].
+#[map(name = "HAVE_ROUTERS")]
+pub(crate) static HAVE_ROUTERS: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per-connection counters; see [`netboot_common::FLOWS`].
 #[map(name = "FLOWS")]
@@ -69,6 +72,7 @@ const _: () = {
     assert!(str_eq(netboot_common::BINDINGS, "BINDINGS"));
     assert!(str_eq(netboot_common::ROUTERS, "ROUTERS"));
     assert!(str_eq(netboot_common::PORTS, "PORTS"));
+    assert!(str_eq(netboot_common::HAVE_ROUTERS, "HAVE_ROUTERS"));
     assert!(str_eq(netboot_common::FLOWS, "FLOWS"));
 };
 

@@ -19,13 +19,14 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use netboot_common::{
     Counters, EGRESS, FlowCounters, FlowKey, INGRESS, IfKey, IpKey, METHOD_BINDING, METHOD_CHADDR,
-    METHOD_L2, MacKey, MacOnly, PortKey, ROUTER_DHCP_RELAY, SERVICE_DHCP, SERVICE_HTTP,
-    SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP,
+    METHOD_L2, MacKey, MacOnly, ROUTER_DHCP_RELAY, SERVICE_DHCP, SERVICE_HTTP,
+    SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP, port_index,
 };
 
 use crate::{
     maps::{
-        BINDINGS, Error, FLOWS, MAC_STATS, PORTS, ROUTERS, SCRATCH, Scratch, UNATTRIBUTED,
+        BINDINGS, Error, FLOWS, HAVE_ROUTERS, MAC_STATS, PORTS, ROUTERS, SCRATCH, Scratch,
+        UNATTRIBUTED,
         record_error,
     },
     parse::{self, Frame, VLAN_HLEN},
@@ -126,23 +127,17 @@ fn count(ctx: &TcContext, direction: u8) {
     }
 }
 
-/// The service of a packet: its server-side port in [`PORTS`], else its client-side port
-/// (so that, e.g., a DHCP relay's 67 → 67 and a client's 68 are recognised either way).
+/// The service of a packet: its server-side port (this host's) in [`PORTS`]. Every service
+/// port is this host's, so the client's port is not looked up.
 #[inline(always)]
 fn service(flow: &FlowKey) -> u8 {
-    let lookup = |port: u16| {
-        let key = PortKey {
-            port,
-            protocol: flow.protocol,
-            pad: 0,
-        };
-        // SAFETY: the value is a plain `u8` copied out at once; the daemon may replace it
-        // concurrently, which only decides between two valid values.
-        unsafe { PORTS.get(key) }.copied()
+    let Some(index) = port_index(flow.protocol, flow.server_port) else {
+        return SERVICE_OTHER;
     };
-    lookup(flow.server_port)
-        .or_else(|| lookup(flow.client_port))
-        .unwrap_or(SERVICE_OTHER)
+    match PORTS.get(index) {
+        Some(&value) if value != 0 => value - 1,
+        _ => SERVICE_OTHER,
+    }
 }
 
 /// The frame's client and how it was found (a `METHOD_*`), in the order described in
@@ -170,8 +165,7 @@ fn client(
     // uses: an address that moved to another MAC cannot mislead this.
     let mac = frame.l2_client;
     let router = MacOnly { mac, pad: [0; 2] };
-    // SAFETY: only the presence of the key is used.
-    if !parse::is_group(&mac) && unsafe { ROUTERS.get(router) }.is_none() {
+    if !parse::is_group(&mac) && !is_router(router) {
         return Some((mac, METHOD_L2));
     }
     // A router's frame (or a group-addressed one) belongs to the client its IP address is
@@ -189,12 +183,28 @@ fn client(
     None
 }
 
+/// Whether `key` is a router's MAC; no hash lookup while there are no routers.
+#[inline(always)]
+fn is_router(key: MacOnly) -> bool {
+    if HAVE_ROUTERS.get(0).is_none_or(|&n| n == 0) {
+        return false;
+    }
+    // SAFETY: only the presence of the key is used.
+    unsafe { ROUTERS.get(key) }.is_some()
+}
+
 /// Records `mac` as a router: it relays DHCP, so the clients behind it share its MAC.
 #[inline(always)]
 fn learn_router(mac: [u8; 6]) {
     let key = MacOnly { mac, pad: [0; 2] };
     match ROUTERS.insert(key, ROUTER_DHCP_RELAY, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {}
+        Ok(()) => {
+            if let Some(flag) = HAVE_ROUTERS.get_ptr_mut(0) {
+                // SAFETY: slot 0 of a one-slot array, valid while the program runs; a plain
+                // store of a constant, so concurrent writers agree.
+                unsafe { *flag = 1 };
+            }
+        }
         Err(err) if err == -EEXIST => {}
         Err(_) => record_error(Error::RoutersFull, 0),
     }

@@ -10,8 +10,8 @@
 //! - `cargo xtask run [-- ARGS]`: setup, then netbootd (release build) with ARGS.
 //! - `cargo xtask test`: setup, then rustfmt, clippy and the whole test suite, the
 //!   privileged tests included when running as root, a short run of every fuzz target,
-//!   then the TFTP smoke benchmark (`netboot-bench tftp-compare --quick`; peers that are
-//!   absent are skipped loudly).
+//!   then the smoke benchmarks (`netboot-bench tftp-compare --quick`, peers that are
+//!   absent are skipped loudly; as root, `ebpf-overhead --quick` and `ebpf-scrape`).
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`: the fuzz targets in netboot-daemon/fuzz.
 
 use std::env;
@@ -398,7 +398,21 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
             "--quick",
             "--fetch-peers",
         ],
-    ))
+    ))?;
+    if !is_root() {
+        say("SKIPPED: the eBPF smoke benchmarks need root");
+        return Ok(());
+    }
+    say("eBPF smoke benchmarks: throughput with and without the accounting programs, and /metrics with 2000 client MACs");
+    for args in [
+        &["ebpf-overhead", "--quick"][..],
+        &["ebpf-scrape", "--macs", "2000", "--rounds", "3"][..],
+    ] {
+        let mut all = vec!["run", "--release", "--locked", "-p", "bench", "--"];
+        all.extend_from_slice(args);
+        run(&mut cargo(tc, &all))?;
+    }
+    Ok(())
 }
 
 /// How long `cargo xtask test` runs each fuzz target.

@@ -35,7 +35,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{
+    Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, TcError};
 use aya::{Ebpf, EbpfLoader};
@@ -43,9 +45,9 @@ use aya_log::EbpfLogger;
 use netboot_common::{
     BINDINGS, BindingValue, Counters, EGRESS, ERROR_FLOW_FULL, ERROR_MAC_FULL, ERROR_MAP_UPDATE,
     ERROR_ROUTERS_FULL, ERRORS, FLOWS, FlowCounters, FlowKey, INGRESS, IPPROTO_TCP, IPPROTO_UDP,
-    IfKey, IpKey, LAYOUT_VERSION, MAC_STATS, MAX_PORTS, MAX_ROUTERS, MAX_UNATTRIBUTED,
+    HAVE_ROUTERS, IfKey, IpKey, LAYOUT_VERSION, MAC_STATS, MAX_PORTS, MAX_ROUTERS, MAX_UNATTRIBUTED,
     METHOD_BINDING, METHOD_CHADDR, METHOD_L2, MacKey, MacOnly, PORT_DHCP_CLIENT, PORT_DHCP_SERVER,
-    PORT_ISCSI, PORT_PXE_PROXY, PORT_TFTP, PORTS, PortKey, ROUTER_CONFIGURED, ROUTER_DHCP_RELAY,
+    PORT_ISCSI, PORT_PXE_PROXY, PORT_TFTP, PORTS, ROUTER_CONFIGURED, ROUTER_DHCP_RELAY,
     ROUTERS, SERVICE_DHCP, SERVICE_HTTP, SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP, UNATTRIBUTED,
 };
 
@@ -590,7 +592,9 @@ struct Maps {
     flows: Mutex<PerCpuHashMap<MapData, FlowKey, FlowCounters>>,
     bindings: Mutex<HashMap<MapData, IpKey, BindingValue>>,
     routers: Mutex<HashMap<MapData, MacOnly, u8>>,
-    ports: Mutex<HashMap<MapData, PortKey, u8>>,
+    /// The kernel's port array, and the ports set in it (for the fill figure).
+    ports: Mutex<(Array<MapData, u8>, std::collections::HashSet<u32>)>,
+    have_routers: Mutex<Array<MapData, u32>>,
     capacity: [(&'static str, u32); 7],
 }
 
@@ -691,7 +695,11 @@ impl Accounting {
             flows: Mutex::new(typed(take(&mut ebpf, FLOWS)?, FLOWS)?),
             bindings: Mutex::new(typed(take(&mut ebpf, BINDINGS)?, BINDINGS)?),
             routers: Mutex::new(typed(take(&mut ebpf, ROUTERS)?, ROUTERS)?),
-            ports: Mutex::new(typed(take(&mut ebpf, PORTS)?, PORTS)?),
+            ports: Mutex::new((
+                typed(take(&mut ebpf, PORTS)?, PORTS)?,
+                std::collections::HashSet::new(),
+            )),
+            have_routers: Mutex::new(typed(take(&mut ebpf, HAVE_ROUTERS)?, HAVE_ROUTERS)?),
             capacity,
         };
         let acc = Self {
@@ -716,6 +724,9 @@ impl Accounting {
             lock(&acc.maps.routers)
                 .insert(key, ROUTER_CONFIGURED, 0)
                 .map_err(map_error(ROUTERS))?;
+            lock(&acc.maps.have_routers)
+                .set(0, 1, 0)
+                .map_err(map_error(HAVE_ROUTERS))?;
         }
         Ok(acc)
     }
@@ -993,27 +1004,23 @@ impl Accounting {
     /// Registers a port of this host as carrying `port.service` (e.g. a TFTP transfer's
     /// own socket, for the transfer's lifetime).
     pub fn set_port(&self, port: ServicePort) -> Result<(), EbpfError> {
-        let key = PortKey {
-            port: port.port,
-            protocol: port.protocol.to_raw(),
-            pad: 0,
-        };
-        lock(&self.maps.ports)
-            .insert(key, port.service.to_raw(), 0)
-            .map_err(map_error(PORTS))
+        let index = port_slot(port.protocol, port.port);
+        let mut ports = lock(&self.maps.ports);
+        ports
+            .0
+            .set(index, port.service.to_raw() + 1, 0)
+            .map_err(map_error(PORTS))?;
+        ports.1.insert(index);
+        Ok(())
     }
 
     /// Forgets a port registered with [`Accounting::set_port`].
     pub fn remove_port(&self, protocol: Protocol, port: u16) -> Result<(), EbpfError> {
-        let key = PortKey {
-            port,
-            protocol: protocol.to_raw(),
-            pad: 0,
-        };
-        match lock(&self.maps.ports).remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_error(PORTS)(e)),
-        }
+        let index = port_slot(protocol, port);
+        let mut ports = lock(&self.maps.ports);
+        ports.0.set(index, 0, 0).map_err(map_error(PORTS))?;
+        ports.1.remove(&index);
+        Ok(())
     }
 
     /// How full each table is.
@@ -1063,12 +1070,7 @@ impl Accounting {
                     .keys()
                     .try_fold(0, |n, k| k.map(|_| n + 1)),
             )?,
-            count(
-                PORTS,
-                lock(&self.maps.ports)
-                    .keys()
-                    .try_fold(0, |n, k| k.map(|_| n + 1)),
-            )?,
+            count(PORTS, Ok(lock(&self.maps.ports).1.len()))?,
         ])
     }
 
@@ -1202,6 +1204,12 @@ fn add_flow_counters(total: &mut FlowCounters, c: &FlowCounters) {
     total.tx_bytes += c.tx_bytes;
     total.tx_payload += c.tx_payload;
     total.last_seen_ns = total.last_seen_ns.max(c.last_seen_ns);
+}
+
+/// The `PORTS` slot of a port.
+fn port_slot(protocol: Protocol, port: u16) -> u32 {
+    netboot_common::port_index(protocol.to_raw(), port)
+        .expect("invariant: Protocol is TCP or UDP, which have slots")
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.

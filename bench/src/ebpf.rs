@@ -1,0 +1,397 @@
+//! eBPF accounting benchmarks (root):
+//!
+//! - `ebpf-overhead`: TCP and small-UDP throughput over a veth between two network
+//!   namespaces, with and without the accounting programs attached to the receiving end,
+//!   in interleaved rounds (medians), and the programs' own run time per packet from the
+//!   kernel's statistics;
+//! - `ebpf-scrape`: the `/metrics` families of the accounting with 10 000 client MACs in the
+//!   kernel table (frames from 10 000 source MACs are sent first), median time to write them.
+//!
+//! Sender and receiver threads are pinned to one CPU: on these 2-vCPU machines an unpinned
+//! veth stream reorders packets and its throughput swings by a factor of several.
+
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use netboot_daemon::ebpf::{Accounting, Options, in_netns};
+use netboot_daemon::metrics::{Exposition, Format};
+
+/// Options of `ebpf-overhead`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct OverheadArgs {
+    /// Rounds; each runs every test once without and once with the programs (the order
+    /// alternates between rounds).
+    #[arg(long, default_value_t = 6)]
+    rounds: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// A smoke run: 2 rounds of 0.5 s.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// Options of `ebpf-scrape`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ScrapeArgs {
+    /// Client MACs in the kernel table.
+    #[arg(long, default_value_t = 10_000)]
+    macs: u32,
+    /// Timed scrapes (the median is reported).
+    #[arg(long, default_value_t = 9)]
+    rounds: usize,
+}
+
+const SRV_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
+const CLI_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
+const SRV_MAC: &str = "02:6e:62:88:00:01";
+const CLI_MAC: &str = "02:6e:62:88:00:02";
+/// UDP payload of the small-datagram test: a TFTP ACK is 4 bytes, a DHCP packet ~300.
+const SMALL: usize = 64;
+
+/// Two namespaces joined by a veth pair, deleted on drop.
+struct Pair {
+    srv: String,
+    cli: String,
+}
+
+impl Pair {
+    fn create(tag: &str) -> anyhow::Result<Self> {
+        let pid = std::process::id();
+        let pair = Self {
+            srv: format!("nbe-{tag}-srv-{pid}"),
+            cli: format!("nbe-{tag}-cli-{pid}"),
+        };
+        for ns in [&pair.srv, &pair.cli] {
+            ip(&["netns", "add", ns]).context("creating namespaces (needs root and iproute2)")?;
+            in_netns(&netns_path(ns), || {
+                for conf in ["all", "default"] {
+                    std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1")?;
+                }
+                Ok::<_, std::io::Error>(())
+            })??;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        ip(&[
+            "link", "add", "s0", "netns", &pair.srv, "address", SRV_MAC, "type", "veth", "peer",
+            "name", "c0", "netns", &pair.cli, "address", CLI_MAC,
+        ])?;
+        for (ns, dev, addr) in [(&pair.srv, "s0", SRV_IP), (&pair.cli, "c0", CLI_IP)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        ip(&[
+            "-n", &pair.cli, "neigh", "replace", &SRV_IP.to_string(), "lladdr", SRV_MAC, "dev",
+            "c0", "nud", "permanent",
+        ])?;
+        ip(&[
+            "-n", &pair.srv, "neigh", "replace", &CLI_IP.to_string(), "lladdr", CLI_MAC, "dev",
+            "s0", "nud", "permanent",
+        ])?;
+        Ok(pair)
+    }
+
+    fn srv_path(&self) -> PathBuf {
+        netns_path(&self.srv)
+    }
+
+    fn cli_path(&self) -> PathBuf {
+        netns_path(&self.cli)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for ns in [&self.srv, &self.cli] {
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                eprintln!("ebpf bench: WARNING: {e:#}");
+            }
+        }
+    }
+}
+
+fn netns_path(name: &str) -> PathBuf {
+    Path::new("/var/run/netns").join(name)
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip")?;
+    ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: the cpu_set_t is zeroed, set through the libc macro, and read by the call.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+    }
+}
+
+fn last_cpu() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get() - 1)
+}
+
+/// One TCP stream client → server for `secs`; returns bits per second at the receiver.
+fn tcp_once(pair: &Pair, secs: f64) -> anyhow::Result<f64> {
+    let listener = in_netns(&pair.srv_path(), || {
+        TcpListener::bind(SocketAddrV4::new(SRV_IP, 0))
+    })??;
+    let port = listener.local_addr()?.port();
+    let stream = in_netns(&pair.cli_path(), || {
+        TcpStream::connect(SocketAddrV4::new(SRV_IP, port))
+    })??;
+    let cpu = last_cpu();
+    let receiver = std::thread::spawn(move || -> std::io::Result<(u64, Duration)> {
+        pin_to(cpu);
+        let (mut conn, _) = listener.accept()?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        let mut start = None;
+        loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            start.get_or_insert_with(Instant::now);
+            total += n as u64;
+        }
+        Ok((total, start.map_or(Duration::ZERO, |s| s.elapsed())))
+    });
+    pin_to(cpu);
+    let mut stream = stream;
+    let buf = vec![0xa5u8; 64 * 1024];
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    while Instant::now() < until {
+        stream.write_all(&buf)?;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    drop(stream);
+    let (bytes, took) = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    ensure!(!took.is_zero(), "nothing received");
+    Ok(bytes as f64 * 8.0 / took.as_secs_f64())
+}
+
+/// Small UDP datagrams client → server for `secs`; returns datagrams per second received.
+fn udp_once(pair: &Pair, secs: f64) -> anyhow::Result<f64> {
+    let server = in_netns(&pair.srv_path(), || UdpSocket::bind(SocketAddrV4::new(SRV_IP, 0)))??;
+    let port = server.local_addr()?.port();
+    let client = in_netns(&pair.cli_path(), || UdpSocket::bind(SocketAddrV4::new(CLI_IP, 0)))??;
+    client.connect(SocketAddrV4::new(SRV_IP, port))?;
+    server.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let cpu = last_cpu();
+    let receiver = std::thread::spawn(move || -> (u64, Duration) {
+        pin_to(cpu);
+        let mut buf = [0u8; 2048];
+        let mut n = 0u64;
+        let mut first: Option<Instant> = None;
+        let mut last = Instant::now();
+        while server.recv(&mut buf).is_ok() {
+            first.get_or_insert_with(Instant::now);
+            last = Instant::now();
+            n += 1;
+        }
+        (n, first.map_or(Duration::ZERO, |f| last - f))
+    });
+    pin_to(cpu);
+    let payload = [0x5au8; SMALL];
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    while Instant::now() < until {
+        // A full socket buffer drops the datagram, which is what the receiver measures.
+        let _ = client.send(&payload);
+    }
+    let (n, took) = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    ensure!(!took.is_zero(), "nothing received");
+    Ok(n as f64 / took.as_secs_f64())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub(crate) fn overhead(args: &OverheadArgs) -> anyhow::Result<bool> {
+    let (rounds, secs) = if args.quick {
+        (2, 0.5)
+    } else {
+        (args.rounds.max(1), args.seconds)
+    };
+    let pair = Pair::create("o")?;
+    let acc = Accounting::load(&Options::new(4096)).context("loading the eBPF object")?;
+    let mut tcp: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut udp: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let (mut run_time, mut runs) = (Duration::ZERO, 0u64);
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        for with in order {
+            if with {
+                in_netns(&pair.srv_path(), || acc.attach("s0"))??;
+            }
+            let before = acc.program_stats()?;
+            tcp[usize::from(with)].push(tcp_once(&pair, secs)?);
+            udp[usize::from(with)].push(udp_once(&pair, secs)?);
+            if with {
+                let after = acc.program_stats()?;
+                for (a, b) in after.iter().zip(&before) {
+                    run_time += a.run_time.saturating_sub(b.run_time);
+                    runs += a.run_count - b.run_count;
+                }
+                acc.detach_all();
+            }
+        }
+        eprintln!(
+            "ebpf-overhead: round {}/{rounds}: TCP {:.2} / {:.2} Gbit/s, UDP {SMALL} B {:.0} / {:.0} kpps (without / with)",
+            round + 1,
+            tcp[0][round] / 1e9,
+            tcp[1][round] / 1e9,
+            udp[0][round] / 1e3,
+            udp[1][round] / 1e3,
+        );
+    }
+    let (t0, t1) = (median(&mut tcp[0]), median(&mut tcp[1]));
+    let (u0, u1) = (median(&mut udp[0]), median(&mut udp[1]));
+    let per_packet = if runs == 0 {
+        0.0
+    } else {
+        run_time.as_nanos() as f64 / runs as f64
+    };
+    eprintln!(
+        "ebpf-overhead: {rounds} interleaved rounds of {secs} s, medians:\n  \
+         TCP: without {:.2} Gbit/s, with {:.2} Gbit/s: with/without {:.3}\n  \
+         UDP {SMALL}-byte datagrams: without {:.0} pps, with {:.0} pps: with/without {:.3}\n  \
+         program run time: {per_packet:.0} ns per packet over {runs} runs (kernel BPF stats)",
+        t0 / 1e9,
+        t1 / 1e9,
+        t1 / t0,
+        u0,
+        u1,
+        u1 / u0
+    );
+    if runs == 0 {
+        bail!("the programs never ran while attached");
+    }
+    Ok(true)
+}
+
+/// A raw AF_PACKET socket sending on one interface (of the namespace it was opened in).
+struct PacketSocket {
+    fd: OwnedFd,
+    ifindex: i32,
+}
+
+impl PacketSocket {
+    fn open(iface: &str) -> std::io::Result<Self> {
+        // SAFETY: socket(2) with constant arguments; the result is checked before use.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let name = std::ffi::CString::new(iface)?;
+        // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            fd,
+            ifindex: i32::try_from(ifindex).map_err(std::io::Error::other)?,
+        })
+    }
+
+    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        // SAFETY: sockaddr_ll is plain integers, for which all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: the buffer and length describe `frame`, and `addr` is a valid sockaddr_ll;
+        // all outlive the call.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn scrape(args: &ScrapeArgs) -> anyhow::Result<bool> {
+    let pair = Pair::create("s")?;
+    // Each client sends one kind of frame in one direction: one row each.
+    let acc = Accounting::load(&Options::new(args.macs.max(64) * 2))
+        .context("loading the eBPF object")?;
+    in_netns(&pair.srv_path(), || acc.attach("s0"))??;
+    let macs = args.macs;
+    in_netns(&pair.cli_path(), || -> std::io::Result<()> {
+        let socket = PacketSocket::open("c0")?;
+        let dst: [u8; 6] = [0x02, 0x6e, 0x62, 0x88, 0x00, 0x01];
+        for i in 0..macs {
+            let [_, b, c, d] = i.to_be_bytes();
+            let mut frame = Vec::with_capacity(64);
+            frame.extend_from_slice(&dst);
+            frame.extend_from_slice(&[0x02, 0x6e, 0x63, b, c, d]);
+            // The IEEE local experimental EtherType: counted as `other`, answered by nobody.
+            frame.extend_from_slice(&0x88b5u16.to_be_bytes());
+            frame.resize(60, 0);
+            socket.send(&frame)?;
+        }
+        Ok(())
+    })??;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = acc.mac_counters()?.len() as u32;
+        if rows >= macs {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {rows} of {macs} clients counted"
+        );
+        std::thread::yield_now();
+    }
+    let mut times = Vec::new();
+    let mut size = 0;
+    for _ in 0..args.rounds.max(1) {
+        let start = Instant::now();
+        let mut e = Exposition::new(Format::OpenMetrics);
+        netboot_daemon::service::accounting::write_metrics(&acc, &mut e, macs as usize);
+        let text = e.finish();
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        size = text.len();
+    }
+    let m = median(&mut times);
+    eprintln!(
+        "ebpf-scrape: {macs} client MACs: the accounting families ({size} bytes of OpenMetrics) in {m:.1} ms (median of {}; min {:.1}, max {:.1})",
+        times.len(),
+        times[0],
+        times[times.len() - 1]
+    );
+    Ok(m < 50.0)
+}
