@@ -86,12 +86,30 @@ impl Pair {
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
         ip(&[
-            "-n", &pair.cli, "neigh", "replace", &SRV_IP.to_string(), "lladdr", SRV_MAC, "dev",
-            "c0", "nud", "permanent",
+            "-n",
+            &pair.cli,
+            "neigh",
+            "replace",
+            &SRV_IP.to_string(),
+            "lladdr",
+            SRV_MAC,
+            "dev",
+            "c0",
+            "nud",
+            "permanent",
         ])?;
         ip(&[
-            "-n", &pair.srv, "neigh", "replace", &CLI_IP.to_string(), "lladdr", CLI_MAC, "dev",
-            "s0", "nud", "permanent",
+            "-n",
+            &pair.srv,
+            "neigh",
+            "replace",
+            &CLI_IP.to_string(),
+            "lladdr",
+            CLI_MAC,
+            "dev",
+            "s0",
+            "nud",
+            "permanent",
         ])?;
         Ok(pair)
     }
@@ -120,7 +138,10 @@ fn netns_path(name: &str) -> PathBuf {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
     ensure!(
         out.status.success(),
         "ip {}: {}",
@@ -188,9 +209,13 @@ fn tcp_once(pair: &Pair, secs: f64) -> anyhow::Result<f64> {
 
 /// Small UDP datagrams client → server for `secs`; returns datagrams per second received.
 fn udp_once(pair: &Pair, secs: f64) -> anyhow::Result<f64> {
-    let server = in_netns(&pair.srv_path(), || UdpSocket::bind(SocketAddrV4::new(SRV_IP, 0)))??;
+    let server = in_netns(&pair.srv_path(), || {
+        UdpSocket::bind(SocketAddrV4::new(SRV_IP, 0))
+    })??;
     let port = server.local_addr()?.port();
-    let client = in_netns(&pair.cli_path(), || UdpSocket::bind(SocketAddrV4::new(CLI_IP, 0)))??;
+    let client = in_netns(&pair.cli_path(), || {
+        UdpSocket::bind(SocketAddrV4::new(CLI_IP, 0))
+    })??;
     client.connect(SocketAddrV4::new(SRV_IP, port))?;
     server.set_read_timeout(Some(Duration::from_millis(200)))?;
     let cpu = last_cpu();
@@ -238,7 +263,11 @@ pub(crate) fn overhead(args: &OverheadArgs) -> anyhow::Result<bool> {
     let mut udp: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let (mut run_time, mut runs) = (Duration::ZERO, 0u64);
     for round in 0..rounds {
-        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for with in order {
             if with {
                 in_netns(&pair.srv_path(), || acc.attach("s0"))??;

@@ -77,6 +77,8 @@ pub struct Config {
     pub dhcp: DhcpConfig,
     /// TFTP server.
     pub tftp: TftpConfig,
+    /// iSCSI target.
+    pub iscsi: IscsiConfig,
     /// eBPF accounting.
     pub ebpf: EbpfConfig,
     /// Logging.
@@ -93,6 +95,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             dhcp: DhcpConfig::default(),
             tftp: TftpConfig::default(),
+            iscsi: IscsiConfig::default(),
             ebpf: EbpfConfig::default(),
             log: LogConfig::default(),
         }
@@ -227,6 +230,33 @@ impl DhcpConfig {
             uefi_x64: self.uefi_x64_file.clone(),
             uefi_ia32: opt(&self.uefi_ia32_file),
             uefi_arm64: opt(&self.uefi_arm64_file),
+        }
+    }
+}
+
+/// iSCSI target settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IscsiConfig {
+    /// Serve iSCSI at all.
+    pub enabled: bool,
+    /// Listening address (3260 is the iSCSI port).
+    pub listen: SocketAddr,
+    /// Target names are `<iqn_prefix>:<image>` (RFC 7143 section 4.2.7.2: `iqn.YYYY-MM.`
+    /// and a reversed domain you own).
+    pub iqn_prefix: String,
+    /// Initiator names that may use every image (installers, tests). Otherwise an image
+    /// accepts only initiators whose name carries the MAC of the device it is linked to.
+    pub allow: Vec<String>,
+}
+
+impl Default for IscsiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 3260)),
+            iqn_prefix: "iqn.2026-01.org.netboot".into(),
+            allow: Vec::new(),
         }
     }
 }
@@ -411,6 +441,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         help: "dhcp.interfaces (comma-separated)",
     },
     EnvVar {
+        name: "NETBOOT_ISCSI_LISTEN",
+        aliases: &[],
+        help: "iscsi.listen (address:port)",
+    },
+    EnvVar {
         name: "NETBOOT_TFTP_LISTEN",
         aliases: &[],
         help: "tftp.listen (address:port)",
@@ -566,6 +601,9 @@ impl Config {
         }
         if let Some((_, v)) = lookup(env, "NETBOOT_DHCP_INTERFACES") {
             self.dhcp.interfaces = list(&v);
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_ISCSI_LISTEN") {
+            self.iscsi.listen = parse_env(k, v, "expected address:port, e.g. 0.0.0.0:3260")?;
         }
         if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_LISTEN") {
             self.tftp.listen = parse_env(k, v, "expected address:port, e.g. 0.0.0.0:69")?;

@@ -96,6 +96,7 @@ pub async fn serve(
         service.set_transfer_ports(Arc::clone(acc) as Arc<dyn crate::service::tftp::TransferPorts>);
     }
     let dhcp = start_dhcp(&cfg, &store, &bindings, addr.port(), stop_rx.clone());
+    let iscsi = start_iscsi(&cfg, &store, stop_rx.clone()).await?;
 
     let traffic = accounting
         .as_ref()
@@ -155,6 +156,9 @@ pub async fn serve(
         running.stop().await;
     }
     if let Some((_, task)) = dhcp {
+        let _ = task.await;
+    }
+    if let Some(task) = iscsi {
         let _ = task.await;
     }
     housekeeping.abort();
@@ -252,6 +256,38 @@ fn start_dhcp(
     );
     let task = tokio::spawn(Arc::clone(&service).serve(listeners, stop));
     Some((service, task))
+}
+
+/// Starts the iSCSI target when enabled. Failing to bind the port is fatal: the
+/// configuration asked for it.
+async fn start_iscsi(
+    cfg: &Validated,
+    store: &Arc<dyn Store>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let i = &cfg.config.iscsi;
+    if !i.enabled {
+        tracing::info!("iSCSI off (iscsi.enabled = false)");
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(i.listen).await.with_context(|| {
+        format!(
+            "binding iSCSI on {} (set iscsi.listen, or iscsi.enabled = false if another target runs here)",
+            i.listen
+        )
+    })?;
+    let addr = listener
+        .local_addr()
+        .context("reading the iSCSI listener address")?;
+    let targets = Arc::new(crate::service::iscsi::StoreTargets::new(
+        Arc::clone(store),
+        cfg.paths.images.clone(),
+        i,
+    ));
+    tracing::info!(%addr, prefix = %i.iqn_prefix, "iSCSI listening");
+    Ok(Some(tokio::spawn(crate::service::iscsi::serve(
+        listener, targets, stop,
+    ))))
 }
 
 /// Loads the eBPF program and attaches it to the configured interfaces. Failure is not

@@ -34,6 +34,7 @@ pub mod driver;
     reason = "bpf syscalls and setns; each block has a SAFETY comment"
 )]
 pub mod ebpf;
+pub mod iscsi;
 pub mod jail;
 pub mod mac;
 pub mod metrics;

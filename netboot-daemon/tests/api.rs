@@ -355,7 +355,10 @@ async fn device_metrics_without_accounting_say_why() {
     let app = App::new();
     let admin = app.setup_admin().await;
     let r = app
-        .get("/api/v1/devices/52-54-00-00-00-01/metrics", As::Cookie(&admin))
+        .get(
+            "/api/v1/devices/52-54-00-00-00-01/metrics",
+            As::Cookie(&admin),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["mac"], "52:54:00:00:00:01");

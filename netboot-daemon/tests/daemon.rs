@@ -35,6 +35,8 @@ impl Daemon {
         .env_remove("RUST_LOG")
         // proxyDHCP would listen on the host's interfaces.
         .env("NETBOOT_DHCP_MODE", "off")
+        // iSCSI would listen on 0.0.0.0:3260.
+        .env("NETBOOT_ISCSI_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         for (k, v) in extra_env {

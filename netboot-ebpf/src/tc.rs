@@ -19,15 +19,14 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use netboot_common::{
     Counters, EGRESS, FlowCounters, FlowKey, INGRESS, IfKey, IpKey, METHOD_BINDING, METHOD_CHADDR,
-    METHOD_L2, MacKey, MacOnly, ROUTER_DHCP_RELAY, SERVICE_DHCP, SERVICE_HTTP,
-    SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP, port_index,
+    METHOD_L2, MacKey, MacOnly, ROUTER_DHCP_RELAY, SERVICE_DHCP, SERVICE_HTTP, SERVICE_ISCSI,
+    SERVICE_OTHER, SERVICE_TFTP, port_index,
 };
 
 use crate::{
     maps::{
         BINDINGS, Error, FLOWS, HAVE_ROUTERS, MAC_STATS, PORTS, ROUTERS, SCRATCH, Scratch,
-        UNATTRIBUTED,
-        record_error,
+        UNATTRIBUTED, record_error,
     },
     parse::{self, Frame, VLAN_HLEN},
 };

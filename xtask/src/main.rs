@@ -32,14 +32,18 @@ const APT_PACKAGES: &[&str] = &[
     "libllvm22",
 ];
 /// Debian packages the tests drive as real peers: TFTP clients (tftp-hpa, atftp), a DHCP
-/// client (busybox udhcpc), dnsmasq for the TFTP benchmark smoke, and the strict
-/// OpenMetrics parser of the Prometheus client library.
+/// client (busybox udhcpc), dnsmasq for the TFTP benchmark smoke, the strict OpenMetrics
+/// parser of the Prometheus client library, and the iSCSI initiators (libiscsi's tools and
+/// conformance suite, qemu's iSCSI block driver).
 const TEST_PACKAGES: &[&str] = &[
     "tftp-hpa",
     "atftp",
     "busybox",
     "dnsmasq-base",
     "python3-prometheus-client",
+    "libiscsi-bin",
+    "qemu-utils",
+    "qemu-block-extra",
 ];
 /// Name of the toolchain linked from Debian's rustc-web when rustup cannot fetch rust-src.
 const DEBIAN_TOOLCHAIN: &str = "debian-web";
@@ -403,7 +407,9 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
         say("SKIPPED: the eBPF smoke benchmarks need root");
         return Ok(());
     }
-    say("eBPF smoke benchmarks: throughput with and without the accounting programs, and /metrics with 2000 client MACs");
+    say(
+        "eBPF smoke benchmarks: throughput with and without the accounting programs, and /metrics with 2000 client MACs",
+    );
     for args in [
         &["ebpf-overhead", "--quick"][..],
         &["ebpf-scrape", "--macs", "2000", "--rounds", "3"][..],

@@ -35,20 +35,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use aya::maps::{
-    Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
-};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, TcError};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use netboot_common::{
     BINDINGS, BindingValue, Counters, EGRESS, ERROR_FLOW_FULL, ERROR_MAC_FULL, ERROR_MAP_UPDATE,
-    ERROR_ROUTERS_FULL, ERRORS, FLOWS, FlowCounters, FlowKey, INGRESS, IPPROTO_TCP, IPPROTO_UDP,
-    HAVE_ROUTERS, IfKey, IpKey, LAYOUT_VERSION, MAC_STATS, MAX_PORTS, MAX_ROUTERS, MAX_UNATTRIBUTED,
+    ERROR_ROUTERS_FULL, ERRORS, FLOWS, FlowCounters, FlowKey, HAVE_ROUTERS, INGRESS, IPPROTO_TCP,
+    IPPROTO_UDP, IfKey, IpKey, LAYOUT_VERSION, MAC_STATS, MAX_PORTS, MAX_ROUTERS, MAX_UNATTRIBUTED,
     METHOD_BINDING, METHOD_CHADDR, METHOD_L2, MacKey, MacOnly, PORT_DHCP_CLIENT, PORT_DHCP_SERVER,
-    PORT_ISCSI, PORT_PXE_PROXY, PORT_TFTP, PORTS, ROUTER_CONFIGURED, ROUTER_DHCP_RELAY,
-    ROUTERS, SERVICE_DHCP, SERVICE_HTTP, SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP, UNATTRIBUTED,
+    PORT_ISCSI, PORT_PXE_PROXY, PORT_TFTP, PORTS, ROUTER_CONFIGURED, ROUTER_DHCP_RELAY, ROUTERS,
+    SERVICE_DHCP, SERVICE_HTTP, SERVICE_ISCSI, SERVICE_OTHER, SERVICE_TFTP, UNATTRIBUTED,
 };
 
 pub use netns::in_netns;

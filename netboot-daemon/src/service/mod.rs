@@ -4,5 +4,6 @@
 
 pub mod accounting;
 pub mod dhcp;
+pub mod iscsi;
 pub mod tftp;
 pub mod timeline;

@@ -43,6 +43,7 @@ pub(crate) fn http_only_config(data_dir: &Path) -> Validated {
         ..Config::default()
     };
     cfg.tftp.enabled = false;
+    cfg.iscsi.enabled = false;
     cfg.dhcp.mode = DhcpMode::Off;
     let cfg = cfg.validate().expect("valid config");
     netboot_daemon::daemon::prepare_dirs(&cfg).expect("dirs");

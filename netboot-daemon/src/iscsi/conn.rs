@@ -1,0 +1,1289 @@
+//! One iSCSI connection as a state machine (RFC 7143): login (security and operational
+//! stages), then the full feature phase: SCSI commands with Data-In, R2T and Data-Out,
+//! NOP, text (SendTargets), task management, logout, and Reject for what it cannot take.
+//!
+//! No I/O: the driver feeds decoded PDUs to [`Connection::handle`], sends what
+//! [`Connection::poll_transmit`] returns, runs each [`Exec`] from
+//! [`Connection::poll_execute`] against its logical unit (blocking file I/O, off the
+//! network thread) and hands the result back with [`Connection::complete`].
+//!
+//! Invariants: one connection per session (MaxConnections=1) and ErrorRecoveryLevel 0, so a
+//! protocol error ends the connection; a write never buffers more than [`MAX_TRANSFER`]
+//! bytes, and nothing else buffers more than one PDU.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::pdu::{Pdu, RESERVED_TAG, op};
+use super::scsi::{Lun, ScsiResult, Sense, report_luns};
+use super::text::{self, Negotiation, Params};
+
+/// Largest data transfer of one command (reads and writes): the logical units' limit,
+/// which their block limits VPD page announces. Larger commands get CHECK CONDITION,
+/// INVALID FIELD IN CDB without any buffer being allocated.
+pub const MAX_TRANSFER: u64 = super::scsi::MAX_TRANSFER_BYTES;
+/// How many commands past ExpCmdSN the initiator may send (MaxCmdSN - ExpCmdSN + 1).
+const CMD_WINDOW: u32 = 64;
+/// Largest login or text data this target accepts before negotiation.
+const LOGIN_MAX_DATA: usize = 8192;
+/// Largest text sequence (login or text request) accumulated across PDUs.
+const MAX_TEXT: usize = 65_536;
+
+/// One SCSI target: a name and its logical units.
+#[derive(Clone)]
+pub struct Target {
+    /// The iSCSI name.
+    pub name: String,
+    /// Logical units by number.
+    pub luns: Vec<(u64, Arc<Lun>)>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("name", &self.name)
+            .field("luns", &self.luns.len())
+            .finish()
+    }
+}
+
+/// Why a login to a target is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such target.
+    NotFound,
+    /// The initiator may not use it.
+    NotAllowed,
+    /// It exists but cannot be opened now.
+    Unavailable,
+}
+
+/// The targets a connection can log in to, with their access control.
+pub trait Targets: Send + Sync {
+    /// The targets `initiator` may use (for SendTargets).
+    fn visible(&self, initiator: &str) -> Vec<String>;
+    /// Opens `name` for `initiator`.
+    fn open(&self, name: &str, initiator: &str) -> Result<Target, Refusal>;
+}
+
+/// A command ready to run: the driver calls `lun.execute(&initiator, &cdb, &data_out)`.
+pub struct Exec {
+    /// The task.
+    pub itt: u32,
+    /// Its logical unit.
+    pub lun: Arc<Lun>,
+    /// The command descriptor block.
+    pub cdb: Vec<u8>,
+    /// All of its Data-Out.
+    pub data_out: Vec<u8>,
+    /// The I_T nexus (initiator name and ISID).
+    pub initiator: String,
+}
+
+impl std::fmt::Debug for Exec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exec")
+            .field("itt", &self.itt)
+            .field("cdb", &self.cdb)
+            .field("data_out", &self.data_out.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A PDU to send, with the digests to put on it.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The PDU.
+    pub pdu: Pdu,
+    /// CRC32C on the header.
+    pub header_digest: bool,
+    /// CRC32C on the data.
+    pub data_digest: bool,
+}
+
+/// What the driver's decoder must accept next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wire {
+    /// Largest data segment.
+    pub max_data: usize,
+    /// Header digests.
+    pub header_digest: bool,
+    /// Data digests.
+    pub data_digest: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Login,
+    FullFeature,
+    /// Logged out or failed: send what is queued, then close.
+    Closing,
+}
+
+/// Login stages (RFC 7143 section 11.12.3).
+const STAGE_SECURITY: u8 = 0;
+const STAGE_OPERATIONAL: u8 = 1;
+const STAGE_FULL_FEATURE: u8 = 3;
+
+/// What the response to a running command needs.
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    lun_field: u64,
+    edtl: u64,
+    reading: bool,
+    residual: Residual,
+}
+
+/// A write waiting for its data.
+struct WriteTask {
+    lun: Arc<Lun>,
+    lun_field: u64,
+    cdb: Vec<u8>,
+    data: Vec<u8>,
+    /// Bytes received inside `data`.
+    received: u64,
+    edtl: u64,
+    /// The next offset to solicit.
+    solicited: u64,
+    /// Outstanding R2Ts: (TTT, end offset).
+    r2ts: Vec<(u32, u64)>,
+    /// The next DataSN of each data sequence, by TTT (unsolicited data: the reserved tag).
+    data_sn: HashMap<u32, u32>,
+    r2t_sn: u32,
+    residual: Residual,
+}
+
+/// A command's residual (RFC 7143 section 11.4.5).
+#[derive(Debug, Clone, Copy, Default)]
+struct Residual {
+    overflow: u32,
+    underflow: u32,
+}
+
+/// One connection (and its single-connection session).
+pub struct Connection {
+    targets: Arc<dyn Targets>,
+    /// `address:port` of this portal, for SendTargets.
+    portal: String,
+    tsih: u16,
+    phase: Phase,
+    negotiation: Negotiation,
+    params: Params,
+    /// Parameters that take effect after the PDU being answered (digests after login).
+    pending_wire: Option<Params>,
+    wire_params: Params,
+    initiator: String,
+    isid: [u8; 6],
+    discovery: bool,
+    target: Option<Target>,
+    stat_sn: u32,
+    exp_cmd_sn: u32,
+    /// Text of a login or text request continued over several PDUs.
+    text_in: Vec<u8>,
+    writes: HashMap<u32, WriteTask>,
+    /// Commands handed to the driver, by ITT, with what their response needs.
+    running: HashMap<u32, Running>,
+    next_ttt: u32,
+    out: VecDeque<Outgoing>,
+    exec: VecDeque<Exec>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("phase", &self.phase)
+            .field("initiator", &self.initiator)
+            .field("target", &self.target.as_ref().map(|t| &t.name))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// A new connection to the portal `portal` (`address:port`); `tsih` is the session
+    /// handle it gets if its login succeeds (unique per portal, non-zero).
+    pub fn new(targets: Arc<dyn Targets>, portal: String, tsih: u16) -> Self {
+        Self {
+            targets,
+            portal,
+            tsih,
+            phase: Phase::Login,
+            negotiation: Negotiation::default(),
+            params: Params::default(),
+            pending_wire: None,
+            wire_params: Params::default(),
+            initiator: String::new(),
+            isid: [0; 6],
+            discovery: false,
+            target: None,
+            stat_sn: 1,
+            exp_cmd_sn: 0,
+            text_in: Vec::new(),
+            writes: HashMap::new(),
+            running: HashMap::new(),
+            next_ttt: 1,
+            out: VecDeque::new(),
+            exec: VecDeque::new(),
+        }
+    }
+
+    /// What the decoder must accept from now on.
+    pub fn wire(&self) -> Wire {
+        let p = &self.wire_params;
+        Wire {
+            max_data: if self.phase == Phase::Login {
+                LOGIN_MAX_DATA
+            } else {
+                p.max_recv_data as usize
+            },
+            header_digest: p.header_digest,
+            data_digest: p.data_digest,
+        }
+    }
+
+    /// Whether the connection is done (after the queued PDUs are sent).
+    pub fn is_closing(&self) -> bool {
+        self.phase == Phase::Closing
+    }
+
+    /// The logged-in initiator and target, for logs.
+    pub fn nexus(&self) -> (&str, Option<&str>) {
+        (
+            &self.initiator,
+            self.target.as_ref().map(|t| t.name.as_str()),
+        )
+    }
+
+    /// Tells the logical units that this I_T nexus is gone (logout or a lost connection):
+    /// its unit attentions and its RESERVE(6) go; persistent reservations stay.
+    pub fn end(&mut self) {
+        self.phase = Phase::Closing;
+        self.writes.clear();
+        if let Some(t) = self.target.take() {
+            let nexus = self.nexus_id();
+            for (_, lun) in &t.luns {
+                lun.nexus_lost(&nexus);
+            }
+        }
+    }
+
+    /// The next PDU to send.
+    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
+        self.out.pop_front()
+    }
+
+    /// The next command to run.
+    pub fn poll_execute(&mut self) -> Option<Exec> {
+        self.exec.pop_front()
+    }
+
+    /// A PDU that could not be decoded: a data digest error gets a Reject (the initiator
+    /// retries at ERL 0 by failing the task), anything else ends the connection.
+    pub fn decode_failed(&mut self, bhs: Option<&[u8; super::pdu::BHS_LEN]>) {
+        match bhs {
+            Some(bhs) if self.phase == Phase::FullFeature => self.reject(bhs, REJECT_DATA_DIGEST),
+            _ => self.phase = Phase::Closing,
+        }
+    }
+
+    /// Handles one PDU from the initiator.
+    pub fn handle(&mut self, pdu: Pdu) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        if self.phase == Phase::Login {
+            if pdu.opcode() == op::LOGIN {
+                self.login(&pdu);
+            } else {
+                // RFC 7143 section 6.3: only login PDUs before the full feature phase.
+                self.phase = Phase::Closing;
+            }
+            return;
+        }
+        if !self.note_cmd_sn(&pdu) {
+            // RFC 7143 section 4.2.2.1: outside [ExpCmdSN, MaxCmdSN], silently ignored.
+            return;
+        }
+        match pdu.opcode() {
+            op::NOP_OUT => self.nop_out(&pdu),
+            op::SCSI_COMMAND => self.command(pdu),
+            op::DATA_OUT => self.data_out(&pdu),
+            op::TASK_MGMT => self.task_mgmt(&pdu),
+            op::TEXT => self.text(&pdu),
+            op::LOGOUT => self.logout(&pdu),
+            op::SNACK => self.reject(&pdu.bhs, REJECT_SNACK),
+            op::LOGIN => self.reject(&pdu.bhs, REJECT_PROTOCOL),
+            _ => self.reject(&pdu.bhs, REJECT_NOT_SUPPORTED),
+        }
+    }
+
+    /// Checks a non-immediate command-numbered PDU's CmdSN against the window and
+    /// advances ExpCmdSN; `false` if it is outside the window.
+    fn note_cmd_sn(&mut self, pdu: &Pdu) -> bool {
+        let numbered = matches!(
+            pdu.opcode(),
+            op::NOP_OUT | op::SCSI_COMMAND | op::TASK_MGMT | op::TEXT | op::LOGOUT
+        );
+        if !numbered || pdu.immediate() {
+            return true;
+        }
+        let cmd_sn = pdu.u32_at(24);
+        // Serial number arithmetic (RFC 1982).
+        let ahead = cmd_sn.wrapping_sub(self.exp_cmd_sn);
+        if ahead >= CMD_WINDOW {
+            return false;
+        }
+        self.exp_cmd_sn = cmd_sn.wrapping_add(1);
+        true
+    }
+
+    /// Fills StatSN, ExpCmdSN and MaxCmdSN (bytes 24..36) and queues the PDU; `status`
+    /// PDUs advance StatSN.
+    fn send(&mut self, mut pdu: Pdu, status: bool) {
+        pdu.set_u32(24, self.stat_sn);
+        if status {
+            self.stat_sn = self.stat_sn.wrapping_add(1);
+        }
+        pdu.set_u32(28, self.exp_cmd_sn);
+        pdu.set_u32(32, self.exp_cmd_sn.wrapping_add(CMD_WINDOW - 1));
+        self.out.push_back(Outgoing {
+            pdu,
+            header_digest: self.wire_params.header_digest,
+            data_digest: self.wire_params.data_digest,
+        });
+        if let Some(p) = self.pending_wire.take() {
+            self.wire_params = p;
+        }
+    }
+
+    // ---- login ---------------------------------------------------------------------
+
+    fn login(&mut self, req: &Pdu) {
+        let flags = req.flags();
+        let transit = flags & 0x80 != 0;
+        let cont = flags & 0x40 != 0;
+        let csg = (flags >> 2) & 3;
+        let nsg = flags & 3;
+        if self.initiator.is_empty() && self.text_in.is_empty() {
+            self.isid.copy_from_slice(&req.bhs[8..14]);
+            self.exp_cmd_sn = req.u32_at(24);
+            self.stat_sn = req.u32_at(28);
+        }
+        let mut resp = Pdu::new(op::LOGIN_RESPONSE);
+        resp.bhs[8..14].copy_from_slice(&req.bhs[8..14]);
+        resp.set_itt(req.itt());
+        resp.set_flags(csg << 2);
+
+        // Version: only 0 exists (RFC 7143 section 11.12.4).
+        if req.bhs[3] > 0 {
+            return self.login_fail(resp, 0x02, 0x05);
+        }
+        // A non-zero TSIH adds a connection to a session: MaxConnections is 1.
+        if req.u16_at(14) != 0 {
+            return self.login_fail(resp, 0x02, 0x0a);
+        }
+        if self.text_in.len() + req.data.len() > MAX_TEXT {
+            return self.login_fail(resp, 0x02, 0x0b);
+        }
+        self.text_in.extend_from_slice(&req.data);
+        if cont {
+            // More text follows: acknowledge with an empty response.
+            return self.send(resp, true);
+        }
+        let Some(offers) = text::parse(&std::mem::take(&mut self.text_in)) else {
+            return self.login_fail(resp, 0x02, 0x00);
+        };
+        let mut answers: Vec<(String, String)> = Vec::new();
+        for (k, v) in &offers {
+            match k.as_str() {
+                "InitiatorName" => self.initiator = v.clone(),
+                "SessionType" => self.discovery = v == "Discovery",
+                _ => {}
+            }
+        }
+        if self.initiator.is_empty() {
+            // Missing parameter (RFC 7143 section 11.13.5).
+            return self.login_fail(resp, 0x02, 0x07);
+        }
+        if csg == STAGE_SECURITY {
+            match offers.iter().find(|(k, _)| k == "AuthMethod") {
+                Some((_, methods)) if methods.split(',').any(|m| m == "None") => {
+                    answers.push(("AuthMethod".into(), "None".into()));
+                }
+                Some(_) => return self.login_fail(resp, 0x02, 0x01),
+                None => {}
+            }
+        }
+        if !self.discovery && self.target.is_none() {
+            let Some((_, name)) = offers.iter().find(|(k, _)| k == "TargetName") else {
+                return self.login_fail(resp, 0x02, 0x07);
+            };
+            let initiator = self.initiator.clone();
+            match self.targets.open(name, &initiator) {
+                Ok(t) => self.target = Some(t),
+                Err(Refusal::NotFound) => return self.login_fail(resp, 0x02, 0x03),
+                Err(Refusal::NotAllowed) => return self.login_fail(resp, 0x02, 0x02),
+                Err(Refusal::Unavailable) => return self.login_fail(resp, 0x03, 0x01),
+            }
+            answers.push(("TargetPortalGroupTag".into(), "1".into()));
+        }
+        if csg == STAGE_OPERATIONAL {
+            let negotiated = self.negotiation.answer(&offers, self.discovery);
+            answers.extend(negotiated);
+        }
+        resp.data = text::encode(&answers);
+        if transit {
+            if !(nsg == STAGE_OPERATIONAL || nsg == STAGE_FULL_FEATURE) || nsg <= csg {
+                return self.login_fail(resp, 0x02, 0x00);
+            }
+            resp.set_flags(0x80 | (csg << 2) | nsg);
+            if nsg == STAGE_FULL_FEATURE {
+                self.params = self.negotiation.finish();
+                resp.set_u16(14, self.tsih);
+                self.phase = Phase::FullFeature;
+                // Digests and the data limit start after this response.
+                self.pending_wire = Some(self.params.clone());
+            }
+        }
+        self.send(resp, true);
+    }
+
+    fn login_fail(&mut self, mut resp: Pdu, class: u8, detail: u8) {
+        resp.bhs[36] = class;
+        resp.bhs[37] = detail;
+        resp.data.clear();
+        self.send(resp, true);
+        self.phase = Phase::Closing;
+    }
+
+    // ---- full feature phase -----------------------------------------------------------
+
+    fn nop_out(&mut self, req: &Pdu) {
+        if req.itt() == RESERVED_TAG {
+            // A reply to our NOP-In, or a ping that wants no answer.
+            return;
+        }
+        let mut resp = Pdu::new(op::NOP_IN);
+        resp.set_flags(0x80);
+        resp.set_lun(req.lun());
+        resp.set_itt(req.itt());
+        resp.set_u32(20, RESERVED_TAG);
+        resp.data = req.data.clone();
+        self.send(resp, true);
+    }
+
+    fn lun(&self, lun_field: u64) -> Option<Arc<Lun>> {
+        let number = lun_number(lun_field);
+        self.target
+            .as_ref()?
+            .luns
+            .iter()
+            .find(|(n, _)| *n == number)
+            .map(|(_, l)| Arc::clone(l))
+    }
+
+    fn command(&mut self, req: Pdu) {
+        let itt = req.itt();
+        if self.discovery {
+            return self.reject(&req.bhs, REJECT_PROTOCOL);
+        }
+        let flags = req.flags();
+        let (reading, writing) = (flags & 0x40 != 0, flags & 0x20 != 0);
+        let edtl = u64::from(req.u32_at(20));
+        let mut cdb = req.bhs[32..48].to_vec();
+        // Extended CDB AHS (RFC 7143 section 11.3.1.2): type 1, length, reserved, CDB rest.
+        if req.ahs.len() >= 4 && req.ahs[2] == 1 {
+            let len = usize::from(u16::from_be_bytes([req.ahs[0], req.ahs[1]]));
+            let end = (4 + len.saturating_sub(1)).min(req.ahs.len());
+            cdb.extend_from_slice(&req.ahs[4..end]);
+        }
+        if cdb[0] == REPORT_LUNS {
+            let luns: Vec<u64> = self
+                .target
+                .as_ref()
+                .map(|t| t.luns.iter().map(|(n, _)| *n).collect())
+                .unwrap_or_default();
+            let alloc = u32::from_be_bytes([cdb[6], cdb[7], cdb[8], cdb[9]]);
+            let result = ScsiResult {
+                status: 0,
+                sense: None,
+                data_in: report_luns(&luns, alloc),
+            };
+            return self.respond(itt, req.lun(), edtl, reading, result, Residual::default());
+        }
+        let Some(lun) = self.lun(req.lun()) else {
+            // LOGICAL UNIT NOT SUPPORTED (SPC-4 table 28).
+            // LOGICAL UNIT NOT SUPPORTED.
+            let result = ScsiResult::check_condition(Sense::new(0x05, 0x25, 0x00));
+            return self.respond(itt, req.lun(), edtl, reading, result, Residual::default());
+        };
+        if edtl > MAX_TRANSFER {
+            let result = check_condition(invalid_field_in_cdb());
+            return self.respond(itt, req.lun(), edtl, reading, result, Residual::default());
+        }
+        let need = match lun.data_out_len(&cdb) {
+            Ok(n) => n,
+            Err(sense) => {
+                return self.respond(
+                    itt,
+                    req.lun(),
+                    edtl,
+                    reading,
+                    check_condition(sense),
+                    Residual::default(),
+                );
+            }
+        };
+        let expected = if writing { edtl } else { 0 };
+        if cdb[0] == COMPARE_AND_WRITE && need != expected {
+            // SBC-4 5.3: the Data-Out buffer is exactly twice NUMBER OF LOGICAL BLOCKS.
+            let result = check_condition(invalid_field_in_cdb());
+            return self.respond(itt, req.lun(), edtl, reading, result, Residual::default());
+        }
+        if need == 0 {
+            self.running.insert(
+                itt,
+                Running {
+                    lun_field: req.lun(),
+                    edtl,
+                    reading,
+                    residual: Residual::default(),
+                },
+            );
+            self.exec.push_back(Exec {
+                itt,
+                lun,
+                cdb,
+                data_out: Vec::new(),
+                initiator: self.nexus_id(),
+            });
+            return;
+        }
+        let (cdb, need, overflow) =
+            match shorten_write(&cdb, need, expected, lun.config().block_size) {
+                Some((short, bytes)) => (short, bytes, need - expected),
+                None => (cdb, need, 0),
+            };
+        if need == 0 && overflow > 0 {
+            // Nothing of the command's data arrives: nothing to write.
+            let residual = Residual {
+                overflow: u32::try_from(overflow).unwrap_or(u32::MAX),
+                underflow: 0,
+            };
+            let result = ScsiResult::good(Vec::new());
+            return self.respond(itt, req.lun(), edtl, reading, result, residual);
+        }
+        if need > expected || need > MAX_TRANSFER {
+            // The initiator will not send what the command needs.
+            let residual = Residual {
+                overflow: u32::try_from(need.saturating_sub(expected)).unwrap_or(u32::MAX),
+                underflow: 0,
+            };
+            let result = check_condition(invalid_field_in_cdb());
+            return self.respond(itt, req.lun(), edtl, reading, result, residual);
+        }
+        let residual = if overflow > 0 {
+            Residual {
+                overflow: u32::try_from(overflow).unwrap_or(u32::MAX),
+                underflow: 0,
+            }
+        } else {
+            Residual {
+                overflow: 0,
+                underflow: u32::try_from(expected - need).unwrap_or(u32::MAX),
+            }
+        };
+        let mut task = WriteTask {
+            lun,
+            lun_field: req.lun(),
+            cdb,
+            data: vec![0; usize::try_from(need).unwrap_or(0)],
+            received: 0,
+            edtl: expected,
+            solicited: 0,
+            r2ts: Vec::new(),
+            data_sn: HashMap::new(),
+            r2t_sn: 0,
+            residual,
+        };
+        // Immediate data, then unsolicited Data-Out up to FirstBurstLength.
+        let unsolicited_limit = if self.params.initial_r2t {
+            req.data.len() as u64
+        } else {
+            u64::from(self.params.first_burst).min(expected)
+        };
+        store(&mut task, 0, &req.data);
+        task.solicited = unsolicited_limit.min(need);
+        let itt_done = task.received >= need;
+        self.writes.insert(itt, task);
+        if itt_done {
+            self.finish_write(itt);
+        } else if self.params.initial_r2t || req.is_final() {
+            self.solicit(itt, req.lun());
+        }
+    }
+
+    /// The I_T nexus name: initiator and ISID.
+    fn nexus_id(&self) -> String {
+        let isid: String = self.isid.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{},i,0x{isid}", self.initiator)
+    }
+
+    /// Sends R2Ts for the next bursts of a write, up to MaxOutstandingR2T.
+    fn solicit(&mut self, itt: u32, lun_field: u64) {
+        let max_burst = u64::from(self.params.max_burst);
+        let max_r2t = self.params.max_outstanding_r2t as usize;
+        let mut r2ts = Vec::new();
+        if let Some(task) = self.writes.get_mut(&itt) {
+            let need = task.data.len() as u64;
+            while task.r2ts.len() < max_r2t && task.solicited < need {
+                let len = (need - task.solicited).min(max_burst);
+                let ttt = self.next_ttt;
+                self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
+                let mut r2t = Pdu::new(op::R2T);
+                r2t.set_flags(0x80);
+                r2t.set_lun(lun_field);
+                r2t.set_itt(itt);
+                r2t.set_u32(20, ttt);
+                r2t.set_u32(36, task.r2t_sn);
+                r2t.set_u32(40, u32::try_from(task.solicited).unwrap_or(u32::MAX));
+                r2t.set_u32(44, u32::try_from(len).unwrap_or(u32::MAX));
+                task.r2t_sn += 1;
+                task.solicited += len;
+                task.r2ts.push((ttt, task.solicited));
+                r2ts.push(r2t);
+            }
+        }
+        for r2t in r2ts {
+            self.send(r2t, false);
+        }
+    }
+
+    fn data_out(&mut self, pdu: &Pdu) {
+        let itt = pdu.itt();
+        let ttt = pdu.u32_at(20);
+        let offset = u64::from(pdu.u32_at(40));
+        let Some(task) = self.writes.get_mut(&itt) else {
+            // Data for a task that is gone (aborted): ignored.
+            return;
+        };
+        if offset + pdu.data.len() as u64 > task.edtl.max(task.data.len() as u64) {
+            return self.reject(&pdu.bhs, REJECT_INVALID_FIELD);
+        }
+        let expected = task.data_sn.entry(ttt).or_insert(0);
+        if pdu.u32_at(36) != *expected {
+            // A lost or reordered Data-Out: without ErrorRecoveryLevel 1 the only recovery is
+            // to end the connection (RFC 7143 section 7.1.4.1), which fails the task.
+            tracing::warn!(
+                itt,
+                "iSCSI Data-Out out of sequence: dropping the connection"
+            );
+            self.writes.remove(&itt);
+            self.phase = Phase::Closing;
+            return;
+        }
+        *expected += 1;
+        store(task, offset, &pdu.data);
+        let need = task.data.len() as u64;
+        if pdu.is_final() && ttt != RESERVED_TAG {
+            task.r2ts.retain(|(t, _)| *t != ttt);
+        }
+        let unsolicited_done = ttt == RESERVED_TAG && pdu.is_final();
+        if task.received >= need && task.r2ts.is_empty() {
+            self.finish_write(itt);
+        } else if (unsolicited_done || (pdu.is_final() && ttt != RESERVED_TAG))
+            && task.solicited < need
+        {
+            self.solicit(itt, pdu.lun());
+        }
+    }
+
+    fn finish_write(&mut self, itt: u32) {
+        if let Some(task) = self.writes.remove(&itt) {
+            self.running.insert(
+                itt,
+                Running {
+                    lun_field: task.lun_field,
+                    edtl: task.edtl,
+                    reading: false,
+                    residual: task.residual,
+                },
+            );
+            self.exec.push_back(Exec {
+                itt,
+                lun: task.lun,
+                cdb: task.cdb,
+                data_out: task.data,
+                initiator: self.nexus_id(),
+            });
+        }
+    }
+
+    /// The result of an [`Exec`].
+    pub fn complete(&mut self, itt: u32, result: ScsiResult) {
+        if let Some(r) = self.running.remove(&itt) {
+            self.respond(itt, r.lun_field, r.edtl, r.reading, result, r.residual);
+        }
+    }
+
+    /// Sends the result of a command: Data-In PDUs (the last carrying the status when
+    /// there is no sense data), then a SCSI Response if needed.
+    fn respond(
+        &mut self,
+        itt: u32,
+        lun_field: u64,
+        edtl: u64,
+        reading: bool,
+        mut result: ScsiResult,
+        mut residual: Residual,
+    ) {
+        let limit = if reading { edtl } else { 0 };
+        let produced = result.data_in.len() as u64;
+        if produced > limit {
+            residual.overflow = u32::try_from(produced - limit).unwrap_or(u32::MAX);
+            result.data_in.truncate(usize::try_from(limit).unwrap_or(0));
+        } else if reading && produced < limit {
+            residual.underflow = u32::try_from(limit - produced).unwrap_or(u32::MAX);
+        }
+        let residual_flags = |r: &Residual| {
+            if r.overflow > 0 {
+                0x04
+            } else if r.underflow > 0 {
+                0x02
+            } else {
+                0
+            }
+        };
+        let residual_count = residual.overflow.max(residual.underflow);
+        let collapse = result.status == 0 && result.sense.is_none();
+        let seg = (self.params.max_send_data as usize).max(512);
+        let chunks: Vec<Vec<u8>> = result.data_in.chunks(seg).map(<[u8]>::to_vec).collect();
+        let n = chunks.len();
+        let mut data_sn = 0u32;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let last = i + 1 == n;
+            let mut pdu = Pdu::new(op::DATA_IN);
+            let with_status = last && collapse;
+            let mut flags = if last { 0x80 } else { 0 };
+            if with_status {
+                flags |= 0x01 | residual_flags(&residual);
+                pdu.bhs[3] = result.status;
+                pdu.set_u32(44, residual_count);
+            }
+            pdu.set_flags(flags);
+            pdu.set_lun(lun_field);
+            pdu.set_itt(itt);
+            pdu.set_u32(20, RESERVED_TAG);
+            pdu.set_u32(36, data_sn);
+            pdu.set_u32(40, u32::try_from(i * seg).unwrap_or(u32::MAX));
+            pdu.data = chunk;
+            data_sn += 1;
+            self.send(pdu, with_status);
+        }
+        if n > 0 && collapse {
+            return;
+        }
+        let mut resp = Pdu::new(op::SCSI_RESPONSE);
+        resp.set_flags(0x80 | residual_flags(&residual));
+        resp.bhs[2] = 0x00; // Command completed at target.
+        resp.bhs[3] = result.status;
+        resp.set_itt(itt);
+        resp.set_u32(36, data_sn);
+        resp.set_u32(44, residual_count);
+        if let Some(sense) = &result.sense {
+            let bytes = sense.to_bytes();
+            let mut data = Vec::with_capacity(bytes.len() + 2);
+            data.extend_from_slice(&u16::try_from(bytes.len()).unwrap_or(0).to_be_bytes());
+            data.extend_from_slice(&bytes);
+            resp.data = data;
+        }
+        self.send(resp, true);
+    }
+
+    fn task_mgmt(&mut self, req: &Pdu) {
+        let function = req.flags() & 0x7f;
+        let response = match function {
+            // ABORT TASK
+            1 => {
+                let referenced = req.u32_at(20);
+                if self.writes.remove(&referenced).is_some() || self.drop_queued(Some(referenced)) {
+                    0
+                } else {
+                    let ref_cmd_sn = req.u32_at(32);
+                    let cmd_sn = req.u32_at(24);
+                    // RFC 7143 section 11.6.1: a command that never arrived counts as done.
+                    if (cmd_sn.wrapping_sub(ref_cmd_sn) as i32) > 0 {
+                        0
+                    } else {
+                        1
+                    }
+                }
+            }
+            // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET
+            2 | 3 | 5 => {
+                if self.lun(req.lun()).is_none() {
+                    2
+                } else {
+                    self.writes.clear();
+                    self.drop_queued(None);
+                    0
+                }
+            }
+            // CLEAR ACA, TARGET WARM RESET, TARGET COLD RESET
+            4 | 6 | 7 => {
+                self.writes.clear();
+                self.drop_queued(None);
+                0
+            }
+            // TASK REASSIGN: needs ErrorRecoveryLevel 2.
+            8 => 4,
+            _ => 5,
+        };
+        let mut resp = Pdu::new(op::TASK_MGMT_RESPONSE);
+        resp.set_flags(0x80);
+        resp.bhs[2] = response;
+        resp.set_itt(req.itt());
+        self.send(resp, true);
+        if function == 7 {
+            // A cold reset ends every connection (RFC 7143 section 11.5.1).
+            self.phase = Phase::Closing;
+        }
+    }
+
+    /// Drops commands not yet handed to the driver: the one with `itt`, or all; aborted
+    /// tasks get no response (RFC 7143 section 4.2.3.3). Whether any was dropped.
+    fn drop_queued(&mut self, itt: Option<u32>) -> bool {
+        let before = self.exec.len();
+        let running = &mut self.running;
+        self.exec.retain(|e| {
+            let keep = itt.is_some_and(|t| t != e.itt);
+            if !keep {
+                running.remove(&e.itt);
+            }
+            keep
+        });
+        self.exec.len() != before
+    }
+
+    fn text(&mut self, req: &Pdu) {
+        let mut resp = Pdu::new(op::TEXT_RESPONSE);
+        resp.set_lun(req.lun());
+        resp.set_itt(req.itt());
+        resp.set_u32(20, RESERVED_TAG);
+        if self.text_in.len() + req.data.len() > MAX_TEXT {
+            return self.reject(&req.bhs, REJECT_INVALID_FIELD);
+        }
+        self.text_in.extend_from_slice(&req.data);
+        if req.flags() & 0x40 != 0 {
+            // Continued: answer with an empty, non-final response and a target transfer tag.
+            resp.set_u32(20, 1);
+            return self.send(resp, true);
+        }
+        let Some(offers) = text::parse(&std::mem::take(&mut self.text_in)) else {
+            return self.reject(&req.bhs, REJECT_INVALID_FIELD);
+        };
+        let mut answers = Vec::new();
+        for (k, v) in &offers {
+            if k == "SendTargets" {
+                let names = match v.as_str() {
+                    "All" if self.discovery => self.targets.visible(&self.initiator),
+                    "" | "All" => self.target.iter().map(|t| t.name.clone()).collect(),
+                    name => self
+                        .targets
+                        .visible(&self.initiator)
+                        .into_iter()
+                        .filter(|n| n == name)
+                        .collect(),
+                };
+                for name in names {
+                    answers.push(("TargetName".to_owned(), name));
+                    answers.push(("TargetAddress".to_owned(), format!("{},1", self.portal)));
+                }
+            } else {
+                answers.extend(
+                    self.negotiation
+                        .answer(
+                            std::slice::from_ref(&(k.clone(), v.clone())),
+                            self.discovery,
+                        )
+                        .into_iter()
+                        .filter(|(key, _)| key == k),
+                );
+            }
+        }
+        resp.set_flags(0x80);
+        resp.data = text::encode(&answers);
+        self.send(resp, true);
+    }
+
+    fn logout(&mut self, req: &Pdu) {
+        let mut resp = Pdu::new(op::LOGOUT_RESPONSE);
+        resp.set_flags(0x80);
+        resp.bhs[2] = 0; // Connection or session closed successfully.
+        resp.set_itt(req.itt());
+        self.send(resp, true);
+        self.writes.clear();
+        self.phase = Phase::Closing;
+    }
+
+    fn reject(&mut self, bhs: &[u8; super::pdu::BHS_LEN], reason: u8) {
+        let mut resp = Pdu::new(op::REJECT);
+        resp.set_flags(0x80);
+        resp.bhs[2] = reason;
+        resp.set_itt(RESERVED_TAG);
+        resp.data = bhs.to_vec();
+        self.send(resp, true);
+    }
+}
+
+/// Stores Data-Out bytes at `offset` (bytes past what the command needs are dropped).
+fn store(task: &mut WriteTask, offset: u64, bytes: &[u8]) {
+    let need = task.data.len() as u64;
+    if offset >= need || bytes.is_empty() {
+        return;
+    }
+    let len = (bytes.len() as u64).min(need - offset);
+    let (start, len) = (offset as usize, len as usize);
+    task.data[start..start + len].copy_from_slice(&bytes[..len]);
+    task.received += len as u64;
+}
+
+/// The LUN number of a single-level LUN field (SAM-5 section 4.7.2: peripheral and flat
+/// addressing).
+fn lun_number(field: u64) -> u64 {
+    let top = (field >> 48) as u16;
+    match top >> 14 {
+        0 => u64::from(top & 0xff),
+        1 => u64::from(top & 0x3fff),
+        _ => u64::MAX,
+    }
+}
+
+const REPORT_LUNS: u8 = 0xa0;
+const COMPARE_AND_WRITE: u8 = 0x89;
+
+/// A WRITE(6/10/12/16) whose Expected Data Transfer Length is shorter than its transfer
+/// length: the same write of only the whole blocks the initiator will send, and their
+/// bytes (RFC 7143 section 11.4.5.2: the residual overflow is reported, and the blocks
+/// beyond are left alone). `None` for other commands or when the data suffices.
+fn shorten_write(cdb: &[u8], need: u64, edtl: u64, block_size: u32) -> Option<(Vec<u8>, u64)> {
+    if need <= edtl || block_size == 0 {
+        return None;
+    }
+    let blocks = edtl / u64::from(block_size);
+    let mut short = cdb.to_vec();
+    match cdb.first()? {
+        // WRITE(6): a length of 0 means 256, so no blocks cannot be expressed.
+        0x0a if blocks == 0 => return Some((short, 0)),
+        0x0a => *short.get_mut(4)? = u8::try_from(blocks).ok()?,
+        0x2a => short
+            .get_mut(7..9)?
+            .copy_from_slice(&u16::try_from(blocks).ok()?.to_be_bytes()),
+        0xaa => short
+            .get_mut(6..10)?
+            .copy_from_slice(&u32::try_from(blocks).ok()?.to_be_bytes()),
+        0x8a => short
+            .get_mut(10..14)?
+            .copy_from_slice(&u32::try_from(blocks).ok()?.to_be_bytes()),
+        _ => return None,
+    }
+    Some((short, blocks * u64::from(block_size)))
+}
+
+/// Reject reasons (RFC 7143 section 11.17.1).
+const REJECT_DATA_DIGEST: u8 = 0x02;
+const REJECT_SNACK: u8 = 0x03;
+const REJECT_PROTOCOL: u8 = 0x04;
+const REJECT_NOT_SUPPORTED: u8 = 0x05;
+const REJECT_INVALID_FIELD: u8 = 0x09;
+
+fn check_condition(sense: Sense) -> ScsiResult {
+    ScsiResult::check_condition(sense)
+}
+
+/// INVALID FIELD IN CDB (SPC-4 table 28).
+fn invalid_field_in_cdb() -> Sense {
+    Sense::new(0x05, 0x24, 0x00)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iscsi::scsi::{Backing, DeviceType, LunConfig};
+    use std::sync::Mutex;
+
+    /// A disk in memory.
+    struct Memory(Mutex<Vec<u8>>);
+
+    impl Backing for Memory {
+        fn len(&self) -> std::io::Result<u64> {
+            Ok(self.0.lock().expect("lock").len() as u64)
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let d = self.0.lock().expect("lock");
+            let o = offset as usize;
+            buf.copy_from_slice(&d[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            let mut d = self.0.lock().expect("lock");
+            let o = offset as usize;
+            d[o..o + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn unmap(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            let mut d = self.0.lock().expect("lock");
+            d[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    struct One(Arc<Lun>);
+
+    impl Targets for One {
+        fn visible(&self, initiator: &str) -> Vec<String> {
+            if initiator.ends_with(":ok") {
+                vec!["iqn.t:disk".into()]
+            } else {
+                Vec::new()
+            }
+        }
+        fn open(&self, name: &str, initiator: &str) -> Result<Target, Refusal> {
+            if name != "iqn.t:disk" {
+                return Err(Refusal::NotFound);
+            }
+            if !initiator.ends_with(":ok") {
+                return Err(Refusal::NotAllowed);
+            }
+            Ok(Target {
+                name: name.into(),
+                luns: vec![(0, Arc::clone(&self.0))],
+            })
+        }
+    }
+
+    fn conn() -> Connection {
+        let lun = Lun::new(
+            LunConfig {
+                device_type: DeviceType::Disk,
+                read_only: false,
+                block_size: 512,
+                vendor: "NETBOOT".into(),
+                product: "test".into(),
+                revision: "1".into(),
+                serial: "s".into(),
+                naa_id: 0x6000_0000_0000_0001,
+                write_cache: true,
+            },
+            Arc::new(Memory(Mutex::new(vec![0; 1 << 20]))),
+        );
+        Connection::new(Arc::new(One(Arc::new(lun))), "192.0.2.1:3260".into(), 7)
+    }
+
+    fn login(flags: u8, keys: &[(&str, &str)]) -> Pdu {
+        let mut p = Pdu::new(op::LOGIN);
+        p.bhs[0] |= 0x40;
+        p.set_flags(flags);
+        p.bhs[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 1]);
+        p.set_itt(1);
+        let pairs: Vec<(String, String)> = keys
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        p.data = text::encode(&pairs);
+        p
+    }
+
+    fn sent(c: &mut Connection) -> Vec<Pdu> {
+        std::iter::from_fn(|| c.poll_transmit().map(|o| o.pdu)).collect()
+    }
+
+    /// Logs in the way iPXE does: security, then operational with its conservative keys.
+    fn logged_in() -> Connection {
+        let mut c = conn();
+        c.handle(login(
+            0x80 | 0x01,
+            &[
+                ("InitiatorName", "iqn.x:ok"),
+                ("SessionType", "Normal"),
+                ("TargetName", "iqn.t:disk"),
+                ("AuthMethod", "None"),
+            ],
+        ));
+        let r = sent(&mut c);
+        assert_eq!(r[0].opcode(), op::LOGIN_RESPONSE);
+        assert_eq!((r[0].bhs[36], r[0].bhs[37]), (0, 0));
+        assert_eq!(r[0].flags(), 0x81, "transit to the operational stage");
+        let keys = text::parse(&r[0].data).expect("text");
+        assert!(keys.contains(&("AuthMethod".into(), "None".into())));
+        c.handle(login(
+            0x80 | (1 << 2) | 0x03,
+            &[
+                ("HeaderDigest", "None"),
+                ("DataDigest", "None"),
+                ("InitialR2T", "Yes"),
+                ("ImmediateData", "No"),
+                ("MaxRecvDataSegmentLength", "8192"),
+                ("MaxBurstLength", "262144"),
+                ("FirstBurstLength", "65536"),
+            ],
+        ));
+        let r = sent(&mut c);
+        assert_eq!(r[0].flags(), 0x80 | (1 << 2) | 0x03);
+        assert_eq!(r[0].u16_at(14), 7, "TSIH");
+        assert_eq!(c.wire().max_data, text::TARGET_MAX_RECV_DATA as usize);
+        c
+    }
+
+    fn command(cmd_sn: u32, itt: u32, flags: u8, edtl: u32, cdb: &[u8]) -> Pdu {
+        let mut p = Pdu::new(op::SCSI_COMMAND);
+        p.set_flags(0x80 | flags);
+        p.set_itt(itt);
+        p.set_u32(20, edtl);
+        p.set_u32(24, cmd_sn);
+        p.bhs[32..32 + cdb.len()].copy_from_slice(cdb);
+        p
+    }
+
+    fn run(c: &mut Connection) {
+        while let Some(e) = c.poll_execute() {
+            let r = e.lun.execute(&e.initiator, &e.cdb, &e.data_out);
+            c.complete(e.itt, r);
+        }
+    }
+
+    #[test]
+    fn refused_logins_say_why() {
+        let mut c = conn();
+        c.handle(login(
+            0x81,
+            &[
+                ("InitiatorName", "iqn.x:stranger"),
+                ("TargetName", "iqn.t:disk"),
+            ],
+        ));
+        let r = sent(&mut c);
+        assert_eq!((r[0].bhs[36], r[0].bhs[37]), (0x02, 0x02), "not allowed");
+        assert!(c.is_closing());
+        let mut c = conn();
+        c.handle(login(
+            0x81,
+            &[
+                ("InitiatorName", "iqn.x:ok"),
+                ("TargetName", "iqn.t:nothing"),
+            ],
+        ));
+        assert_eq!(sent(&mut c)[0].bhs[37], 0x03, "not found");
+    }
+
+    #[test]
+    fn a_write_is_solicited_with_r2t_and_read_back_in_segments() {
+        let mut c = logged_in();
+        // WRITE(10) of 32 blocks (16 KiB) at LBA 8: no immediate data, so one R2T.
+        let write = [0x2a, 0, 0, 0, 0, 8, 0, 0, 32, 0];
+        c.handle(command(0, 10, 0x20, 16384, &write));
+        let r = sent(&mut c);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].opcode(), op::R2T);
+        assert_eq!((r[0].u32_at(40), r[0].u32_at(44)), (0, 16384));
+        let ttt = r[0].u32_at(20);
+        for (sn, chunk) in (0u8..2).zip([0x11u8, 0x22]) {
+            let mut d = Pdu::new(op::DATA_OUT);
+            d.set_flags(if sn == 1 { 0x80 } else { 0 });
+            d.set_itt(10);
+            d.set_u32(20, ttt);
+            d.set_u32(36, u32::from(sn));
+            d.set_u32(40, u32::from(sn) * 8192);
+            d.data = vec![chunk; 8192];
+            c.handle(d);
+        }
+        run(&mut c);
+        let r = sent(&mut c);
+        assert_eq!(r[0].opcode(), op::SCSI_RESPONSE);
+        assert_eq!(r[0].bhs[3], 0, "GOOD");
+        // READ(10) of the same: two Data-In of 8192 (the initiator's limit), status in the last.
+        let read = [0x28, 0, 0, 0, 0, 8, 0, 0, 32, 0];
+        c.handle(command(1, 11, 0x40, 16384, &read));
+        run(&mut c);
+        let r = sent(&mut c);
+        assert_eq!(r.len(), 2);
+        assert!(
+            r.iter()
+                .all(|p| p.opcode() == op::DATA_IN && p.data.len() == 8192)
+        );
+        assert_eq!(r[0].data, vec![0x11; 8192]);
+        assert_eq!(r[1].data, vec![0x22; 8192]);
+        assert_eq!(r[1].flags() & 0x81, 0x81, "final, with status");
+        assert_eq!(r[1].u32_at(36), 1, "DataSN");
+    }
+
+    #[test]
+    fn commands_outside_the_window_are_ignored_and_nops_answered() {
+        let mut c = logged_in();
+        let tur = [0u8; 6];
+        c.handle(command(CMD_WINDOW + 5, 20, 0, 0, &tur));
+        run(&mut c);
+        assert!(sent(&mut c).is_empty(), "outside the window");
+        c.handle(command(0, 21, 0, 0, &tur));
+        run(&mut c);
+        let r = sent(&mut c);
+        assert_eq!(r[0].opcode(), op::SCSI_RESPONSE);
+        assert_eq!(r[0].u32_at(28), 1, "ExpCmdSN moved on");
+        let mut nop = Pdu::new(op::NOP_OUT);
+        nop.set_flags(0x80);
+        nop.set_itt(22);
+        nop.set_u32(24, 1);
+        nop.data = b"ping".to_vec();
+        c.handle(nop);
+        let r = sent(&mut c);
+        assert_eq!((r[0].opcode(), r[0].itt()), (op::NOP_IN, 22));
+        assert_eq!(r[0].data, b"ping");
+    }
+
+    #[test]
+    fn an_aborted_queued_command_gets_no_response() {
+        let mut c = logged_in();
+        c.handle(command(0, 30, 0, 0, &[0u8; 6]));
+        let mut abort = Pdu::new(op::TASK_MGMT);
+        abort.bhs[0] |= 0x40;
+        abort.set_flags(0x80 | 1);
+        abort.set_itt(31);
+        abort.set_u32(20, 30);
+        abort.set_u32(24, 1);
+        abort.set_u32(32, 0);
+        c.handle(abort);
+        run(&mut c);
+        let r = sent(&mut c);
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].opcode(), r[0].bhs[2]), (op::TASK_MGMT_RESPONSE, 0));
+    }
+
+    #[test]
+    fn a_short_expected_length_writes_only_the_blocks_sent() {
+        let mut c = logged_in();
+        // WRITE(10) of 2 blocks, but the initiator will send one.
+        c.handle(command(
+            0,
+            40,
+            0x20,
+            512,
+            &[0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0],
+        ));
+        let r = sent(&mut c);
+        assert_eq!(r[0].opcode(), op::R2T);
+        assert_eq!(r[0].u32_at(44), 512);
+        let mut d = Pdu::new(op::DATA_OUT);
+        d.set_flags(0x80);
+        d.set_itt(40);
+        d.set_u32(20, r[0].u32_at(20));
+        d.data = vec![0x33; 512];
+        c.handle(d);
+        run(&mut c);
+        let r = sent(&mut c);
+        assert_eq!(r[0].bhs[3], 0, "GOOD");
+        assert_eq!(r[0].flags() & 0x04, 0x04, "residual overflow");
+        assert_eq!(r[0].u32_at(44), 512);
+    }
+}

@@ -1,0 +1,21 @@
+//! The iSCSI target (RFC 7143) and its SCSI logical units (SPC-4, SBC-3, MMC basics).
+//!
+//! - [`pdu`]: PDUs on the wire (headers, data segments, CRC32C digests) and the decoder
+//!   that cuts a connection's bytes into PDUs, with every peer length checked;
+//! - [`text`]: text keys and the negotiation of operational parameters;
+//! - [`conn`]: one connection as a state machine (login, commands, R2T/Data-Out,
+//!   Data-In, NOP, task management, SendTargets, logout), without I/O;
+//! - [`scsi`]: logical units: CDBs executed against a [`scsi::Backing`];
+//! - [`file`]: the backing of a disk image, a sparse file.
+//!
+//! The driver that owns the sockets is `service::iscsi`.
+
+pub mod conn;
+#[allow(
+    unsafe_code,
+    reason = "fallocate(2) to punch holes; the block has a SAFETY comment"
+)]
+pub mod file;
+pub mod pdu;
+pub mod scsi;
+pub mod text;

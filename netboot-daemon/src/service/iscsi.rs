@@ -1,0 +1,311 @@
+//! The iSCSI target service: targets from the store's images, with their access control,
+//! and the tokio driver that owns the sockets.
+//!
+//! Every image in the store is a target named `<iscsi.iqn_prefix>:<image>` with one disk
+//! LUN (0) backed by `<images>/<image>.img`, a sparse file created at the image's size when
+//! it does not exist yet. An image accepts an initiator whose name carries the MAC of the
+//! device the image is linked to (in any common spelling, as the boot scripts set it), or
+//! one listed in `iscsi.allow`; discovery shows each initiator only what it may use.
+//!
+//! The driver runs one task per connection: it decodes PDUs, feeds them to
+//! [`Connection`], runs each command's I/O on the blocking pool (in order), and writes the
+//! responses. Logical units are shared between sessions, so reservations and the write
+//! cache setting are per image.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::IscsiConfig;
+use crate::iscsi::conn::{Connection, Refusal, Target, Targets};
+use crate::iscsi::file::FileBacking;
+use crate::iscsi::pdu::{DecodeError, Decoder};
+use crate::iscsi::scsi::{DeviceType, Lun, LunConfig};
+use crate::mac::MacAddr;
+use crate::store::{Image, Store};
+
+/// Targets from the store's images.
+pub struct StoreTargets {
+    store: Arc<dyn Store>,
+    images: PathBuf,
+    prefix: String,
+    allow: Vec<String>,
+    /// Open logical units by image name.
+    luns: Mutex<HashMap<String, Arc<Lun>>>,
+}
+
+impl std::fmt::Debug for StoreTargets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreTargets")
+            .field("images", &self.images)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreTargets {
+    /// Targets for the images in `store`, files under `images`.
+    pub fn new(store: Arc<dyn Store>, images: PathBuf, cfg: &IscsiConfig) -> Self {
+        Self {
+            store,
+            images,
+            prefix: cfg.iqn_prefix.clone(),
+            allow: cfg.allow.clone(),
+            luns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The target name of an image.
+    pub fn target_name(&self, image: &str) -> String {
+        format!("{}:{image}", self.prefix)
+    }
+
+    fn allowed(&self, image: &Image, initiator: &str) -> bool {
+        self.allow.iter().any(|a| a == initiator)
+            || image
+                .linked_mac
+                .is_some_and(|mac| initiator_carries(initiator, mac))
+    }
+
+    fn lun(&self, image: &Image) -> std::io::Result<Arc<Lun>> {
+        let mut luns = self.luns.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(l) = luns.get(&image.name) {
+            return Ok(Arc::clone(l));
+        }
+        let path = self.images.join(format!("{}.img", image.name));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        if file.metadata()?.len() < image.size_bytes {
+            // Sparse: no blocks are allocated until written.
+            file.set_len(image.size_bytes)?;
+        }
+        let lun = Arc::new(Lun::new(
+            LunConfig {
+                device_type: DeviceType::Disk,
+                read_only: false,
+                block_size: 512,
+                vendor: "NETBOOT".into(),
+                product: "disk image".into(),
+                revision: crate::api::VERSION.chars().take(4).collect(),
+                serial: image.name.clone(),
+                naa_id: naa_id(&image.name),
+                write_cache: true,
+            },
+            Arc::new(FileBacking::new(file, false)),
+        ));
+        luns.insert(image.name.clone(), Arc::clone(&lun));
+        Ok(lun)
+    }
+}
+
+impl Targets for StoreTargets {
+    fn visible(&self, initiator: &str) -> Vec<String> {
+        match self.store.list_images() {
+            Ok(images) => images
+                .iter()
+                .filter(|i| self.allowed(i, initiator))
+                .map(|i| self.target_name(&i.name))
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "iSCSI discovery cannot list images");
+                Vec::new()
+            }
+        }
+    }
+
+    fn open(&self, name: &str, initiator: &str) -> Result<Target, Refusal> {
+        let image = name
+            .strip_prefix(&self.prefix)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .ok_or(Refusal::NotFound)?;
+        let image = self.store.get_image(image).map_err(|_| Refusal::NotFound)?;
+        if !self.allowed(&image, initiator) {
+            tracing::warn!(
+                target = name,
+                initiator,
+                "iSCSI login refused: initiator not allowed"
+            );
+            return Err(Refusal::NotAllowed);
+        }
+        let lun = self.lun(&image).map_err(|error| {
+            tracing::warn!(target = name, %error, "iSCSI target cannot open its image");
+            Refusal::Unavailable
+        })?;
+        Ok(Target {
+            name: name.to_owned(),
+            luns: vec![(0, lun)],
+        })
+    }
+}
+
+/// Whether an initiator name carries `mac` (12 hex digits, separators ignored).
+fn initiator_carries(initiator: &str, mac: MacAddr) -> bool {
+    let digits: String = initiator
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let want: String = mac.0.iter().map(|b| format!("{b:02x}")).collect();
+    digits.contains(&want)
+}
+
+/// A stable NAA identifier for an image: NAA 6 (IEEE registered extended) with a locally
+/// administered company ID, and the name's FNV-1a hash as vendor-specific bits.
+fn naa_id(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (0x6u64 << 60) | (0x02_6e_62u64 << 36) | (h & 0xf_ffff_ffff)
+}
+
+/// Accepts connections until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    targets: Arc<dyn Targets>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let tsih = Arc::new(AtomicU16::new(1));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                tracing::warn!(%error, "iSCSI accept failed");
+                continue;
+            }
+        };
+        let local = stream
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 3260)));
+        let mut handle = tsih.fetch_add(1, Ordering::Relaxed);
+        if handle == 0 {
+            handle = tsih.fetch_add(1, Ordering::Relaxed);
+        }
+        let conn = Connection::new(Arc::clone(&targets), portal(local), handle);
+        tokio::spawn(async move {
+            let mut conn = conn;
+            if let Err(error) = run(stream, &mut conn).await {
+                tracing::debug!(%peer, %error, "iSCSI connection ended");
+            }
+            conn.end();
+        });
+    }
+}
+
+/// `address:port` as SendTargets writes it (IPv6 in brackets).
+fn portal(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(a) => a.to_string(),
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => format!("{v4}:{}", a.port()),
+            None => format!("[{}]:{}", a.ip(), a.port()),
+        },
+    }
+}
+
+async fn run(mut stream: TcpStream, conn: &mut Connection) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let wire = conn.wire();
+    let mut decoder = Decoder::new(wire.max_data);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut out = Vec::with_capacity(256 * 1024);
+    loop {
+        // Run what is ready, in order, then send everything queued.
+        while let Some(exec) = conn.poll_execute() {
+            let itt = exec.itt;
+            let result = tokio::task::spawn_blocking(move || {
+                exec.lun.execute(&exec.initiator, &exec.cdb, &exec.data_out)
+            })
+            .await
+            .map_err(std::io::Error::other)?;
+            conn.complete(itt, result);
+        }
+        while let Some(o) = conn.poll_transmit() {
+            o.pdu.encode(o.header_digest, o.data_digest, &mut out);
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+        if conn.is_closing() {
+            let (initiator, target) = conn.nexus();
+            tracing::debug!(initiator, target, "iSCSI connection closed");
+            return Ok(());
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        decoder.extend(&buf[..n]);
+        loop {
+            let wire = conn.wire();
+            decoder.max_data = wire.max_data;
+            decoder.header_digest = wire.header_digest;
+            decoder.data_digest = wire.data_digest;
+            match decoder.next_pdu() {
+                Ok(Some(pdu)) => conn.handle(pdu),
+                Ok(None) => break,
+                Err(DecodeError::DataDigest { bhs }) => conn.decode_failed(Some(&bhs)),
+                Err(error) => {
+                    tracing::warn!(%error, "iSCSI connection dropped: malformed PDU");
+                    conn.decode_failed(None);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initiator_names_carry_macs_in_any_spelling() {
+        let mac: MacAddr = "52:54:00:12:34:56".parse().expect("mac");
+        assert!(initiator_carries(
+            "iqn.2026-01.org.netboot:client:52-54-00-12-34-56",
+            mac
+        ));
+        assert!(initiator_carries("iqn.2010-04.org.ipxe:525400123456", mac));
+        assert!(initiator_carries("iqn.x:52:54:00:12:34:56", mac));
+        assert!(!initiator_carries("iqn.x:52:54:00:12:34:57", mac));
+    }
+
+    #[test]
+    fn naa_ids_are_stable_and_distinct() {
+        assert_eq!(naa_id("win11"), naa_id("win11"));
+        assert_ne!(naa_id("win11"), naa_id("win10"));
+        assert_eq!(naa_id("x") >> 60, 6);
+    }
+
+    #[test]
+    fn portals_bracket_ipv6() {
+        assert_eq!(
+            portal("10.0.0.1:3260".parse().expect("addr")),
+            "10.0.0.1:3260"
+        );
+        assert_eq!(
+            portal("[fd00::1]:3260".parse().expect("addr")),
+            "[fd00::1]:3260"
+        );
+        assert_eq!(
+            portal("[::ffff:10.0.0.1]:3260".parse().expect("addr")),
+            "10.0.0.1:3260"
+        );
+    }
+}

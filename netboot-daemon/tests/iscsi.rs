@@ -1,0 +1,371 @@
+//! The iSCSI target against real initiators: libiscsi's tools (`iscsi-ls`, `iscsi-inq`,
+//! `iscsi-test-cu`) and qemu's iSCSI block driver (`qemu-img`).
+//!
+//! netbootd runs as a user runs it, on loopback with an ephemeral port; images are created
+//! through the API. Needs libiscsi-bin and qemu-utils with qemu-block-extra (`cargo xtask
+//! test` installs them); without them each test prints a loud SKIPPED line, except under
+//! `CI=true`, where it fails.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+mod common;
+
+use common::{TestDir, have};
+
+/// The initiator names libiscsi's conformance suite logs in with, and one for the tools.
+const TEST_INITIATORS: [&str; 3] = [
+    "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test",
+    "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2",
+    "iqn.2026-01.org.netboot:test-tools",
+];
+/// qemu's default initiator name.
+const QEMU_INITIATOR: &str = "iqn.2008-11.org.linux-kvm";
+const PREFIX: &str = "iqn.2026-01.org.netboot";
+
+/// netbootd with iSCSI on 127.0.0.1 and an administrator session.
+struct Daemon {
+    child: Child,
+    dir: TestDir,
+    http: String,
+    iscsi: String,
+    cookie: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(tag: &str) -> Self {
+        let dir = TestDir::new(&format!("iscsi-{tag}"));
+        let config = dir.path().join("netboot.toml");
+        let allow: Vec<String> = TEST_INITIATORS
+            .iter()
+            .chain(&[QEMU_INITIATOR])
+            .map(|s| format!("{s:?}"))
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:0\"\n[dhcp]\nmode = \"off\"\n\
+                 [tftp]\nenabled = false\n[iscsi]\nlisten = \"127.0.0.1:0\"\nallow = [{}]\n",
+                allow.join(", ")
+            ),
+        )
+        .expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_netbootd"))
+            .args(["--config", "netboot.toml", "--log-format", "json"])
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn netbootd");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let (mut http, mut iscsi) = (String::new(), String::new());
+        let mut startup = Vec::new();
+        while http.is_empty() {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("netbootd exited:\n{}", startup.join("\n")))
+                .expect("read");
+            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if v["message"] == "iSCSI listening" {
+                iscsi = v["addr"].as_str().expect("addr").to_owned();
+            }
+            if v["message"] == "netbootd listening" {
+                http = v["addr"].as_str().expect("addr").to_owned();
+            }
+            startup.push(line);
+        }
+        assert!(
+            !iscsi.is_empty(),
+            "no iSCSI listener:\n{}",
+            startup.join("\n")
+        );
+        let log = Arc::new(Mutex::new(startup));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().expect("log").push(line);
+            }
+        });
+        let mut d = Self {
+            child,
+            dir,
+            http,
+            iscsi,
+            cookie: String::new(),
+            log,
+        };
+        let out = d.curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"username":"admin","password":"admin-pass-1"}"#,
+            "-c",
+            "-",
+            &format!("http://{}/api/v1/auth/setup", d.http),
+        ]);
+        d.cookie = out
+            .lines()
+            .find_map(|l| {
+                l.split('\t')
+                    .nth(6)
+                    .filter(|_| l.contains("netboot_session"))
+            })
+            .map(|v| format!("netboot_session={v}"))
+            .unwrap_or_else(|| panic!("no session cookie in {out}"));
+        d
+    }
+
+    fn curl(&self, args: &[&str]) -> String {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail"])
+            .args(args)
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    /// Creates an image of `size` bytes through the API; returns its target URL.
+    fn image(&self, name: &str, size: u64) -> String {
+        self.curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-b",
+            &self.cookie,
+            "-d",
+            &format!(r#"{{"name":"{name}","size_bytes":{size}}}"#),
+            &format!("http://{}/api/v1/images", self.http),
+        ]);
+        format!("iscsi://{}/{PREFIX}:{name}/0", self.iscsi)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether the tools are here; a loud skip (a failure under CI=true) if not.
+fn tools(needed: &[&str]) -> bool {
+    for tool in needed {
+        if !have(tool) {
+            common::skip(
+                "iscsi (needs libiscsi-bin and qemu-utils with qemu-block-extra)",
+                &format!("{tool} is not installed (cargo xtask setup installs it)"),
+            );
+            return false;
+        }
+    }
+    true
+}
+
+fn run(program: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("run");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn discovery_shows_each_initiator_only_its_targets_and_inquiry_works() {
+    if !tools(&["iscsi-ls", "iscsi-inq"]) {
+        return;
+    }
+    let d = Daemon::start("discovery");
+    let url = d.image("disk1", 64 << 20);
+    let portal = format!("iscsi://{}", d.iscsi);
+    let (ok, out) = run("iscsi-ls", &["-i", TEST_INITIATORS[2], "-s", &portal]);
+    assert!(ok, "iscsi-ls: {out}\n{}", d.log());
+    assert!(
+        out.contains(&format!("{PREFIX}:disk1")) && out.contains("DIRECT_ACCESS"),
+        "iscsi-ls: {out}"
+    );
+    let (ok, out) = run(
+        "iscsi-ls",
+        &["-i", "iqn.2026-01.org.example:stranger", "-s", &portal],
+    );
+    assert!(ok, "{out}");
+    assert!(!out.contains("disk1"), "a stranger sees no targets: {out}");
+    // A stranger cannot log in either.
+    let (ok, out) = run(
+        "iscsi-inq",
+        &["-i", "iqn.2026-01.org.example:stranger", &url],
+    );
+    assert!(!ok, "a stranger logged in: {out}");
+
+    let (ok, out) = run("iscsi-inq", &["-i", TEST_INITIATORS[2], &url]);
+    assert!(ok, "iscsi-inq: {out}\n{}", d.log());
+    assert!(out.contains("NETBOOT"), "{out}");
+    let (ok, out) = run(
+        "iscsi-inq",
+        &["-i", TEST_INITIATORS[2], "-e", "1", "-c", "128", &url],
+    );
+    assert!(
+        ok && out.contains("disk1"),
+        "unit serial number page: {out}"
+    );
+}
+
+/// qemu writes an image through the target and reads it back identical; everything it was
+/// told is written is in the image file after `kill -9` of the daemon.
+#[test]
+fn qemu_writes_and_reads_back_an_image_that_survives_kill_9() {
+    if !tools(&["qemu-img"]) {
+        return;
+    }
+    let (ok, formats) = run("qemu-img", &["--help"]);
+    if !ok || !formats.contains("iscsi") {
+        common::skip(
+            "iscsi (qemu's iSCSI driver is in qemu-block-extra)",
+            "qemu-img has no iscsi driver",
+        );
+        return;
+    }
+    let d = Daemon::start("qemu");
+    let url = d.image("disk2", 32 << 20);
+    let src = d.dir.path().join("src.raw");
+    let data: Vec<u8> = (0..(6u32 << 20) + 4096)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&src, &data).expect("write source");
+    let src = src.to_str().expect("utf8");
+    let (ok, out) = run(
+        "qemu-img",
+        &["convert", "-n", "-f", "raw", "-O", "raw", src, &url],
+    );
+    assert!(ok, "qemu-img convert: {out}\n{}", d.log());
+    let (ok, out) = run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src, &url],
+    );
+    assert!(ok && out.contains("identical"), "qemu-img compare: {out}");
+    // Every acknowledged write is in the image file: kill -9 the daemon, then read it.
+    let mut d = d;
+    d.child.kill().expect("kill -9 netbootd");
+    d.child.wait().expect("reap netbootd");
+    let file = std::fs::read(d.dir.path().join("data/images/disk2.img")).expect("image file");
+    assert_eq!(&file[..data.len()], &data[..]);
+    assert_eq!(file.len(), 32 << 20);
+}
+
+/// libiscsi's conformance suites that must pass, each in its own process: every suite of
+/// iscsi-test-cu 1.19 except five with a known failure (see docs/compliance.md):
+/// SCSI.PrinServiceactionRange, SCSI.Reserve6, SCSI.Sanitize, SCSI.MultipathIO and
+/// iSCSI.iSCSIdatasn.
+const SUITES: &[&str] = &[
+    "SCSI.CompareAndWrite",
+    "SCSI.ExtendedCopy",
+    "SCSI.GetLBAStatus",
+    "SCSI.Inquiry",
+    "SCSI.Mandatory",
+    "SCSI.ModeSense6",
+    "SCSI.NoMedia",
+    "SCSI.OrWrite",
+    "SCSI.Prefetch10",
+    "SCSI.Prefetch16",
+    "SCSI.PreventAllow",
+    "SCSI.PrinReadKeys",
+    "SCSI.PrinReportCapabilities",
+    "SCSI.ProutRegister",
+    "SCSI.ProutReserve",
+    "SCSI.ProutClear",
+    "SCSI.ProutPreempt",
+    "SCSI.Read6",
+    "SCSI.Read10",
+    "SCSI.Read12",
+    "SCSI.Read16",
+    "SCSI.ReadCapacity10",
+    "SCSI.ReadCapacity16",
+    "SCSI.ReadDefectData10",
+    "SCSI.ReadDefectData12",
+    "SCSI.ReadOnly",
+    "SCSI.ReceiveCopyResults",
+    "SCSI.ReportSupportedOpcodes",
+    "SCSI.StartStopUnit",
+    "SCSI.TestUnitReady",
+    "SCSI.Unmap",
+    "SCSI.Verify10",
+    "SCSI.Verify12",
+    "SCSI.Verify16",
+    "SCSI.Write10",
+    "SCSI.Write12",
+    "SCSI.Write16",
+    "SCSI.WriteAtomic16",
+    "SCSI.WriteSame10",
+    "SCSI.WriteSame16",
+    "SCSI.WriteVerify10",
+    "SCSI.WriteVerify12",
+    "SCSI.WriteVerify16",
+    "iSCSI.iSCSIcmdsn",
+    "iSCSI.iSCSIResiduals",
+    "iSCSI.iSCSITMF",
+];
+
+#[test]
+fn libiscsi_conformance_suites_pass() {
+    if !tools(&["iscsi-test-cu"]) {
+        return;
+    }
+    let d = Daemon::start("conformance");
+    let url = d.image("conformance", 128 << 20);
+    let mut failed = Vec::new();
+    let mut skipped = 0;
+    for suite in SUITES {
+        let (_, out) = run(
+            "iscsi-test-cu",
+            &["-d", "-S", &format!("--test={suite}"), &url, &url],
+        );
+        let summary = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("tests"))
+            .unwrap_or("")
+            .to_owned();
+        skipped += out.matches("[SKIPPED]").count();
+        // "tests  N  N  passed  failed  inactive"
+        let fields: Vec<u64> = summary
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let ok = fields.len() >= 4 && fields[3] == 0 && fields[2] > 0;
+        eprintln!("{suite}: {summary}");
+        if !ok {
+            failed.push(format!("{suite}: {out}"));
+        }
+    }
+    eprintln!("{} suites, {skipped} tests skipped", SUITES.len());
+    assert!(
+        failed.is_empty(),
+        "failing suites:\n{}\n--- netbootd log ---\n{}",
+        failed.join("\n"),
+        d.log()
+    );
+}
