@@ -430,6 +430,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "tftp_transfer",
     "tftp_admission",
     "text_inputs",
+    "iscsi_session",
 ];
 
 /// Runs each fuzz target for `seconds` (libFuzzer through cargo-fuzz, on nightly).
