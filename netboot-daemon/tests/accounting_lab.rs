@@ -26,17 +26,16 @@
 //! them it prints a loud SKIPPED line, except under `CI=true`, where it fails.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 mod common;
 
-use common::{TestDir, Veth, have, ip, netns_path, privileged};
+use common::{Log, TestDir, Veth, have, ip, netns_path, privileged};
 
 const SRV_IP: &str = "10.77.0.100";
 const SRV_MAC: &str = "02:6c:00:00:00:01";
@@ -116,18 +115,10 @@ fn every_byte_lands_on_its_clients_mac_and_survives_a_restart() {
         let target = out.join(format!("tftp-{i}"));
         jobs.push((
             target.clone(),
-            lab.spawn(
+            lab.tftp(
                 &c.ns,
-                "tftp",
-                &[
-                    "-m",
-                    "binary",
-                    SRV_IP,
-                    "-c",
-                    "get",
-                    &format!("{}/payload.bin", c.mac.replace(':', "-")),
-                    target.to_str().expect("utf8"),
-                ],
+                &format!("{}/payload.bin", c.mac.replace(':', "-")),
+                &target,
             ),
         ));
         if i % 2 == 0 {
@@ -161,34 +152,14 @@ fn every_byte_lands_on_its_clients_mac_and_survives_a_restart() {
     // the address moves to the second holder, whose request does not.
     let [first, second] = &lab.shared;
     let target = out.join("shared-1");
-    lab.run(
+    wait_ok(lab.tftp(
         &first.ns,
-        "tftp",
-        &[
-            "-m",
-            "binary",
-            SRV_IP,
-            "-c",
-            "get",
-            &format!("{}/payload.bin", first.mac.replace(':', "-")),
-            target.to_str().expect("utf8"),
-        ],
-    );
+        &format!("{}/payload.bin", first.mac.replace(':', "-")),
+        &target,
+    ));
     lab.move_shared_address();
     let target = out.join("shared-2");
-    lab.run(
-        &second.ns,
-        "tftp",
-        &[
-            "-m",
-            "binary",
-            SRV_IP,
-            "-c",
-            "get",
-            "payload.bin",
-            target.to_str().expect("utf8"),
-        ],
-    );
+    wait_ok(lab.tftp(&second.ns, "payload.bin", &target));
     assert_eq!(std::fs::read(&target).expect("downloaded"), file);
 
     // Reconciliation, once the trailing segments are through.
@@ -671,6 +642,16 @@ impl Lab {
             .unwrap_or_else(|e| panic!("spawn {program} in {ns}: {e}"))
     }
 
+    /// tftp-hpa inside `ns` fetching `remote` from netbootd into `target`.
+    fn tftp(&self, ns: &str, remote: &str, target: &Path) -> Child {
+        let target = target.to_str().expect("utf8");
+        self.spawn(
+            ns,
+            "tftp",
+            &["-m", "binary", SRV_IP, "-c", "get", remote, target],
+        )
+    }
+
     /// Runs `program` inside `ns` and fails the test if it fails.
     fn run(&self, ns: &str, program: &str, args: &[&str]) -> String {
         wait_ok(self.spawn(ns, program, args))
@@ -778,7 +759,7 @@ impl Drop for PinDir {
 /// netbootd inside the lab's server namespace.
 struct Daemon {
     child: Child,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Log,
 }
 
 impl Daemon {
@@ -800,37 +781,16 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn netbootd");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let mut startup = Vec::new();
-        loop {
-            let Some(Ok(line)) = lines.next() else {
-                let _ = child.wait();
-                panic!("netbootd exited before listening:\n{}", startup.join("\n"));
-            };
-            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-            startup.push(line);
-            if v["message"] == "netbootd listening" {
-                break;
-            }
-        }
-        let log = Arc::new(Mutex::new(startup.clone()));
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                sink.lock().expect("log").push(line);
-            }
-        });
+        let log = Log::follow(&mut child);
         let daemon = Self { child, log };
-        if startup.iter().any(|l| l.contains("AYA_BUILD_SKIP")) {
+        if daemon.log.started_with("AYA_BUILD_SKIP") {
             skip("netbootd was built without its eBPF object");
             return None;
         }
         assert!(
-            startup
-                .iter()
-                .any(|l| l.contains("eBPF accounting attached")),
+            daemon.log.started_with("eBPF accounting attached"),
             "accounting did not attach:\n{}",
-            startup.join("\n")
+            daemon.log.text()
         );
         Some(daemon)
     }
@@ -846,7 +806,7 @@ impl Daemon {
         assert!(
             status.success(),
             "netbootd exited with {status}:\n{}",
-            self.log.lock().expect("log").join("\n")
+            self.log.text()
         );
     }
 }

@@ -6,15 +6,11 @@
 //! test` installs them); without them each test prints a loud SKIPPED line, except under
 //! `CI=true`, where it fails.
 
-use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-
-use serde_json::Value;
 
 mod common;
 
-use common::{TestDir, have};
+use common::{Log, TestDir, have};
 
 /// The initiator names libiscsi's conformance suite logs in with, and one for the tools.
 const TEST_INITIATORS: [&str; 3] = [
@@ -33,7 +29,7 @@ struct Daemon {
     http: String,
     iscsi: String,
     cookie: String,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Log,
 }
 
 impl Daemon {
@@ -62,35 +58,13 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn netbootd");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let (mut http, mut iscsi) = (String::new(), String::new());
-        let mut startup = Vec::new();
-        while http.is_empty() {
-            let line = lines
-                .next()
-                .unwrap_or_else(|| panic!("netbootd exited:\n{}", startup.join("\n")))
-                .expect("read");
-            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-            if v["message"] == "iSCSI listening" {
-                iscsi = v["addr"].as_str().expect("addr").to_owned();
-            }
-            if v["message"] == "netbootd listening" {
-                http = v["addr"].as_str().expect("addr").to_owned();
-            }
-            startup.push(line);
-        }
-        assert!(
-            !iscsi.is_empty(),
-            "no iSCSI listener:\n{}",
-            startup.join("\n")
-        );
-        let log = Arc::new(Mutex::new(startup));
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                sink.lock().expect("log").push(line);
-            }
-        });
+        let log = Log::follow(&mut child);
+        let http = log
+            .field("netbootd listening", "addr")
+            .expect("HTTP address");
+        let iscsi = log
+            .field("iSCSI listening", "addr")
+            .unwrap_or_else(|| panic!("no iSCSI listener:\n{}", log.text()));
         let mut d = Self {
             child,
             dir,
@@ -153,7 +127,7 @@ impl Daemon {
     }
 
     fn log(&self) -> String {
-        self.log.lock().expect("log").join("\n")
+        self.log.text()
     }
 }
 

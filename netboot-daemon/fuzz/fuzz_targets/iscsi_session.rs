@@ -3,40 +3,13 @@
 //! decodes again, and no data segment it sends exceeds what the initiator declared.
 #![no_main]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use netboot_daemon::iscsi::conn::{Connection, Refusal, Target, Targets};
 use netboot_daemon::iscsi::pdu::{Decoder, Pdu, op};
-use netboot_daemon::iscsi::scsi::{Backing, DeviceType, Lun, LunConfig};
+use netboot_daemon::iscsi::scsi::{DeviceType, Lun, LunConfig, MemoryBacking};
 use netboot_daemon::iscsi::text;
-
-struct Memory(Mutex<Vec<u8>>);
-
-impl Backing for Memory {
-    fn len(&self) -> std::io::Result<u64> {
-        Ok(self.0.lock().unwrap().len() as u64)
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let d = self.0.lock().unwrap();
-        let o = offset as usize;
-        buf.copy_from_slice(&d[o..o + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let mut d = self.0.lock().unwrap();
-        let o = offset as usize;
-        d[o..o + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn unmap(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
-        Ok(())
-    }
-}
 
 struct One(Arc<Lun>);
 
@@ -68,7 +41,7 @@ fn connection() -> Connection {
             naa_id: 0x6000_0000_0000_0001,
             write_cache: true,
         },
-        Arc::new(Memory(Mutex::new(vec![0; 256 * 1024]))),
+        Arc::new(MemoryBacking::new(256 * 1024)),
     );
     Connection::new(Arc::new(One(Arc::new(lun))), "192.0.2.1:3260".into(), 1)
 }

@@ -1037,37 +1037,12 @@ impl Accounting {
             })
             .map_err(map_error(name))
         };
-        let keys = |r: Result<usize, MapError>| r;
         Ok(vec![
-            count(
-                MAC_STATS,
-                keys(self.maps.macs.keys().try_fold(0, |n, k| k.map(|_| n + 1))),
-            )?,
-            count(
-                UNATTRIBUTED,
-                self.maps
-                    .unattributed
-                    .keys()
-                    .try_fold(0, |n, k| k.map(|_| n + 1)),
-            )?,
-            count(
-                FLOWS,
-                lock(&self.maps.flows)
-                    .keys()
-                    .try_fold(0, |n, k| k.map(|_| n + 1)),
-            )?,
-            count(
-                BINDINGS,
-                lock(&self.maps.bindings)
-                    .keys()
-                    .try_fold(0, |n, k| k.map(|_| n + 1)),
-            )?,
-            count(
-                ROUTERS,
-                lock(&self.maps.routers)
-                    .keys()
-                    .try_fold(0, |n, k| k.map(|_| n + 1)),
-            )?,
+            count(MAC_STATS, entries(self.maps.macs.keys()))?,
+            count(UNATTRIBUTED, entries(self.maps.unattributed.keys()))?,
+            count(FLOWS, entries(lock(&self.maps.flows).keys()))?,
+            count(BINDINGS, entries(lock(&self.maps.bindings).keys()))?,
+            count(ROUTERS, entries(lock(&self.maps.routers).keys()))?,
             count(PORTS, Ok(lock(&self.maps.ports).1.len()))?,
         ])
     }
@@ -1191,7 +1166,13 @@ fn flow_row(key: &FlowKey, per_cpu: &PerCpuValues<FlowCounters>) -> Option<Flow>
     })
 }
 
-fn add_flow_counters(total: &mut FlowCounters, c: &FlowCounters) {
+/// How many keys a map holds (one syscall per key).
+fn entries<K>(mut keys: impl Iterator<Item = Result<K, MapError>>) -> Result<usize, MapError> {
+    keys.try_fold(0, |n, k| k.map(|_| n + 1))
+}
+
+/// Adds `c` to `total`: counts add up, `last_seen_ns` and `mac` are the latest.
+pub fn add_flow_counters(total: &mut FlowCounters, c: &FlowCounters) {
     if c.mac != [0; 6] && (total.mac == [0; 6] || c.last_seen_ns >= total.last_seen_ns) {
         total.mac = c.mac;
     }

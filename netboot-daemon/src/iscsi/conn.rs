@@ -1008,37 +1008,7 @@ fn invalid_field_in_cdb() -> Sense {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iscsi::scsi::{Backing, DeviceType, LunConfig};
-    use std::sync::Mutex;
-
-    /// A disk in memory.
-    struct Memory(Mutex<Vec<u8>>);
-
-    impl Backing for Memory {
-        fn len(&self) -> std::io::Result<u64> {
-            Ok(self.0.lock().expect("lock").len() as u64)
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-            let d = self.0.lock().expect("lock");
-            let o = offset as usize;
-            buf.copy_from_slice(&d[o..o + buf.len()]);
-            Ok(())
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-            let mut d = self.0.lock().expect("lock");
-            let o = offset as usize;
-            d[o..o + buf.len()].copy_from_slice(buf);
-            Ok(())
-        }
-        fn flush(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn unmap(&self, offset: u64, len: u64) -> std::io::Result<()> {
-            let mut d = self.0.lock().expect("lock");
-            d[offset as usize..(offset + len) as usize].fill(0);
-            Ok(())
-        }
-    }
+    use crate::iscsi::scsi::{DeviceType, LunConfig, MemoryBacking};
 
     struct One(Arc<Lun>);
 
@@ -1077,7 +1047,7 @@ mod tests {
                 naa_id: 0x6000_0000_0000_0001,
                 write_cache: true,
             },
-            Arc::new(Memory(Mutex::new(vec![0; 1 << 20]))),
+            Arc::new(MemoryBacking::new(1 << 20)),
         );
         Connection::new(Arc::new(One(Arc::new(lun))), "192.0.2.1:3260".into(), 7)
     }

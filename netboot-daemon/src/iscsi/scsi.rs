@@ -59,6 +59,64 @@ pub trait Backing: Send + Sync {
     }
 }
 
+/// A disk in memory, zero-filled: for tests, fuzzing and scratch units.
+#[derive(Debug)]
+pub struct MemoryBacking(Mutex<Vec<u8>>);
+
+impl MemoryBacking {
+    /// `len` bytes of zeros.
+    pub fn new(len: usize) -> Self {
+        Self(Mutex::new(vec![0; len]))
+    }
+
+    fn bytes(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The range `offset..offset + len`, or an error when it is outside the disk.
+    fn range(len_total: usize, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= len_total)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        Ok(start..end)
+    }
+}
+
+impl Backing for MemoryBacking {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.bytes().len() as u64)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.bytes();
+        let r = Self::range(d.len(), offset, buf.len())?;
+        buf.copy_from_slice(&d[r]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut d = self.bytes();
+        let r = Self::range(d.len(), offset, buf.len())?;
+        d[r].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut d = self.bytes();
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let r = Self::range(d.len(), offset, len)?;
+        d[r].fill(0);
+        Ok(())
+    }
+}
+
 /// Kind of logical unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceType {

@@ -17,10 +17,13 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::bindings::{BindingSink, Bindings};
-use crate::ebpf::{Accounting, Direction, Method, Protocol, Service, ServicePort};
+use crate::ebpf::{
+    Accounting, Direction, Method, Protocol, Service, ServicePort, add_flow_counters,
+};
 use crate::mac::MacAddr;
 use crate::metrics::{Exposition, Kind};
 use crate::service::tftp::{KernelBytes, Tftp, TransferPorts};
+use netboot_common::FlowCounters;
 
 /// How often kernel logs are forwarded and ended transfers are joined to their flows.
 const TICK: Duration = Duration::from_secs(1);
@@ -435,7 +438,7 @@ pub fn join_tftp(acc: &Accounting, tftp: &Tftp) {
         }
     };
     for (id, client, server) in waiting {
-        let mut total: Option<KernelBytes> = None;
+        let mut total: Option<FlowCounters> = None;
         for flow in &flows {
             if flow.protocol == Protocol::Udp
                 && same_ip(flow.client.ip(), client.ip())
@@ -443,21 +446,24 @@ pub fn join_tftp(acc: &Accounting, tftp: &Tftp) {
                 && flow.server.port() == server.port()
                 && (server.ip().is_unspecified() || same_ip(flow.server.ip(), server.ip()))
             {
-                let k = total.get_or_insert_with(KernelBytes::default);
-                let c = &flow.counters;
-                k.tx_packets += c.tx_packets;
-                k.tx_bytes += c.tx_bytes;
-                k.tx_payload += c.tx_payload;
-                k.rx_packets += c.rx_packets;
-                k.rx_bytes += c.rx_bytes;
-                k.rx_payload += c.rx_payload;
+                add_flow_counters(total.get_or_insert_default(), &flow.counters);
                 if let Err(error) = acc.remove_flow(flow) {
                     tracing::debug!(%error, "cannot remove a joined flow");
                 }
             }
         }
-        if let Some(k) = total {
-            tftp.set_kernel_bytes(id, k);
+        if let Some(c) = total {
+            tftp.set_kernel_bytes(
+                id,
+                KernelBytes {
+                    tx_packets: c.tx_packets,
+                    tx_bytes: c.tx_bytes,
+                    tx_payload: c.tx_payload,
+                    rx_packets: c.rx_packets,
+                    rx_bytes: c.rx_bytes,
+                    rx_payload: c.rx_payload,
+                },
+            );
         }
     }
 }

@@ -2,8 +2,10 @@
 //! stays on loopback, the daemon served in-process, and tool checks.
 #![allow(dead_code, reason = "each test binary uses a subset")]
 
+use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
 
 use netboot_daemon::config::{Config, DhcpMode, Validated};
 
@@ -222,5 +224,62 @@ impl Drop for Veth {
             // It may not exist if creation failed early; nothing to report then.
             let _status = Command::new("ip").args(["netns", "del", ns]).status();
         }
+    }
+}
+
+/// The JSON log of a netbootd child (started with `--log-format json` and stderr piped).
+pub(crate) struct Log {
+    /// Lines up to and including the "netbootd listening" line, parsed.
+    pub(crate) startup: Vec<serde_json::Value>,
+    /// Every line, the later ones added by a thread as they come.
+    pub(crate) all: Arc<Mutex<Vec<String>>>,
+}
+
+impl Log {
+    /// Reads `child`'s stderr until netbootd listens (failing the test if it exits
+    /// first), then keeps collecting it on a thread.
+    pub(crate) fn follow(child: &mut Child) -> Self {
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+        let mut text = Vec::new();
+        let mut startup = Vec::new();
+        loop {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.wait();
+                panic!("netbootd exited before listening:\n{}", text.join("\n"));
+            };
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            text.push(line);
+            let done = v["message"] == "netbootd listening";
+            startup.push(v);
+            if done {
+                break;
+            }
+        }
+        let all = Arc::new(Mutex::new(text));
+        let sink = Arc::clone(&all);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().expect("log").push(line);
+            }
+        });
+        Self { startup, all }
+    }
+
+    /// The `field` of the first startup record whose message is `message`.
+    pub(crate) fn field(&self, message: &str, field: &str) -> Option<String> {
+        self.startup
+            .iter()
+            .find(|v| v["message"] == message)
+            .and_then(|v| v[field].as_str().map(str::to_owned))
+    }
+
+    /// Whether a startup line contains `text`.
+    pub(crate) fn started_with(&self, text: &str) -> bool {
+        self.startup.iter().any(|v| v.to_string().contains(text))
+    }
+
+    /// Everything so far, for failure messages.
+    pub(crate) fn text(&self) -> String {
+        self.all.lock().expect("log").join("\n")
     }
 }
