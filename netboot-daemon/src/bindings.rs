@@ -28,17 +28,21 @@ pub enum Source {
     Http,
     /// A TFTP request for a path under a MAC directory (`<mac>/...`).
     Tftp,
+    /// An iSCSI login whose initiator name carries the MAC of the device the target's
+    /// image is linked to.
+    Iscsi,
     /// The kernel's neighbour (ARP) table.
     Neighbour,
 }
 
 impl Source {
-    /// `dhcp`, `http`, `tftp` or `neighbour`.
+    /// `dhcp`, `http`, `tftp`, `iscsi` or `neighbour`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Dhcp => "dhcp",
             Self::Http => "http",
             Self::Tftp => "tftp",
+            Self::Iscsi => "iscsi",
             Self::Neighbour => "neighbour",
         }
     }

@@ -96,7 +96,7 @@ pub async fn serve(
         service.set_transfer_ports(Arc::clone(acc) as Arc<dyn crate::service::tftp::TransferPorts>);
     }
     let dhcp = start_dhcp(&cfg, &store, &bindings, addr.port(), stop_rx.clone());
-    let iscsi = start_iscsi(&cfg, &store, stop_rx.clone()).await?;
+    let iscsi = start_iscsi(&cfg, &store, &bindings, stop_rx.clone()).await?;
 
     let traffic = accounting
         .as_ref()
@@ -263,6 +263,7 @@ fn start_dhcp(
 async fn start_iscsi(
     cfg: &Validated,
     store: &Arc<dyn Store>,
+    bindings: &Arc<Bindings>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let i = &cfg.config.iscsi;
@@ -279,11 +280,10 @@ async fn start_iscsi(
     let addr = listener
         .local_addr()
         .context("reading the iSCSI listener address")?;
-    let targets = Arc::new(crate::service::iscsi::StoreTargets::new(
-        Arc::clone(store),
-        cfg.paths.images.clone(),
-        i,
-    ));
+    let targets = Arc::new(
+        crate::service::iscsi::StoreTargets::new(Arc::clone(store), cfg.paths.images.clone(), i)
+            .with_bindings(Arc::clone(bindings)),
+    );
     tracing::info!(%addr, prefix = %i.iqn_prefix, "iSCSI listening");
     Ok(Some(tokio::spawn(crate::service::iscsi::serve(
         listener, targets, stop,
@@ -302,7 +302,10 @@ fn start_accounting(cfg: &Validated) -> Result<Arc<Accounting>, String> {
         max_macs: ebpf.max_entries,
         max_flows: ebpf.max_flows,
         max_bindings: ebpf.max_bindings,
-        ports: ServicePort::standard(&[cfg.config.http.listen.port()], &[]),
+        ports: ServicePort::standard(
+            &[cfg.config.http.listen.port()],
+            &[cfg.config.iscsi.listen.port()],
+        ),
         routers: ebpf.routers.clone(),
         pin_dir: (!ebpf.pin_dir.as_os_str().is_empty()).then(|| ebpf.pin_dir.clone()),
     };

@@ -209,6 +209,65 @@ fn discovery_shows_each_initiator_only_its_targets_and_inquiry_works() {
     );
 }
 
+/// An image linked to a device takes the initiator whose name carries the device's MAC
+/// (not on the allow list), and the login and its end land on the device's timeline.
+#[test]
+fn the_linked_device_logs_in_and_its_timeline_shows_it() {
+    if !tools(&["iscsi-inq"]) {
+        return;
+    }
+    let d = Daemon::start("linked");
+    let url = d.image("pc7", 16 << 20);
+    let mac = "52:54:00:ab:cd:07";
+    let api = |method: &str, path: &str, body: &str| {
+        d.curl(&[
+            "-X",
+            method,
+            "-H",
+            "content-type: application/json",
+            "-b",
+            &d.cookie,
+            "-d",
+            body,
+            &format!("http://{}{path}", d.http),
+        ])
+    };
+    api("POST", "/api/v1/devices", &format!(r#"{{"mac":"{mac}"}}"#));
+    api(
+        "PATCH",
+        &format!("/api/v1/devices/{mac}"),
+        r#"{"image":"pc7"}"#,
+    );
+    // The name iPXE gives: the MAC without separators.
+    let initiator = "iqn.2010-04.org.ipxe:525400abcd07";
+    let (ok, out) = run("iscsi-inq", &["-i", initiator, &url]);
+    assert!(ok, "the linked device cannot log in: {out}\n{}", d.log());
+    let (ok, _) = run(
+        "iscsi-inq",
+        &["-i", "iqn.2010-04.org.ipxe:525400abcd08", &url],
+    );
+    assert!(!ok, "another device logged in");
+    let events = |kind: &str| {
+        let list = d.curl(&[
+            "-b",
+            &d.cookie,
+            &format!("http://{}/api/v1/devices/{mac}/events", d.http),
+        ]);
+        list.matches(kind).count()
+    };
+    // The logout is recorded when the connection ends, just after iscsi-inq exits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while events("iscsi_logout") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no iscsi_logout event:\n{}",
+            d.log()
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(events("iscsi_login"), 1);
+}
+
 /// qemu writes an image through the target and reads it back identical; everything it was
 /// told is written is in the image file after `kill -9` of the daemon.
 #[test]

@@ -64,6 +64,28 @@ pub trait Targets: Send + Sync {
     fn visible(&self, initiator: &str) -> Vec<String>;
     /// Opens `name` for `initiator`.
     fn open(&self, name: &str, initiator: &str) -> Result<Target, Refusal>;
+    /// A session started or ended (called by the driver, on the blocking pool).
+    fn session(&self, _event: SessionEvent, _login: &Login) {}
+}
+
+/// A completed login, as [`Connection::take_login`] reports it once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    /// The initiator's iSCSI name.
+    pub initiator: String,
+    /// The target of a normal session; `None` for discovery.
+    pub target: Option<String>,
+    /// The initiator's address (filled in by the driver).
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+/// What happened to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The login completed.
+    Started,
+    /// The connection ended (logout or lost).
+    Ended,
 }
 
 /// A command ready to run: the driver calls `lun.execute(&initiator, &cdb, &data_out)`.
@@ -186,6 +208,8 @@ pub struct Connection {
     next_ttt: u32,
     out: VecDeque<Outgoing>,
     exec: VecDeque<Exec>,
+    /// Set when the login completes, until taken.
+    login: Option<Login>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -223,7 +247,13 @@ impl Connection {
             next_ttt: 1,
             out: VecDeque::new(),
             exec: VecDeque::new(),
+            login: None,
         }
+    }
+
+    /// The login, once, after it completed.
+    pub fn take_login(&mut self) -> Option<Login> {
+        self.login.take()
     }
 
     /// What the decoder must accept from now on.
@@ -440,6 +470,11 @@ impl Connection {
                 self.params = self.negotiation.finish();
                 resp.set_u16(14, self.tsih);
                 self.phase = Phase::FullFeature;
+                self.login = Some(Login {
+                    initiator: self.initiator.clone(),
+                    target: self.target.as_ref().map(|t| t.name.clone()),
+                    peer: None,
+                });
                 // Digests and the data limit start after this response.
                 self.pending_wire = Some(self.params.clone());
             }

@@ -21,17 +21,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::bindings::{Bindings, Source as BindingSource};
 use crate::config::IscsiConfig;
-use crate::iscsi::conn::{Connection, Refusal, Target, Targets};
+use crate::iscsi::conn::{Connection, Login, Refusal, SessionEvent, Target, Targets};
 use crate::iscsi::file::FileBacking;
 use crate::iscsi::pdu::{DecodeError, Decoder};
 use crate::iscsi::scsi::{DeviceType, Lun, LunConfig};
 use crate::mac::MacAddr;
-use crate::store::{Image, Store};
+use crate::store::{EventSource, Image, NewBootEvent, Store};
+use crate::time::Timestamp;
 
 /// Targets from the store's images.
 pub struct StoreTargets {
     store: Arc<dyn Store>,
+    bindings: Option<Arc<Bindings>>,
     images: PathBuf,
     prefix: String,
     allow: Vec<String>,
@@ -53,11 +56,20 @@ impl StoreTargets {
     pub fn new(store: Arc<dyn Store>, images: PathBuf, cfg: &IscsiConfig) -> Self {
         Self {
             store,
+            bindings: None,
             images,
             prefix: cfg.iqn_prefix.clone(),
             allow: cfg.allow.clone(),
             luns: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Learns IP → MAC bindings from logins whose initiator name carries the MAC of the
+    /// device the image is linked to.
+    #[must_use]
+    pub fn with_bindings(mut self, bindings: Arc<Bindings>) -> Self {
+        self.bindings = Some(bindings);
+        self
     }
 
     /// The target name of an image.
@@ -145,6 +157,47 @@ impl Targets for StoreTargets {
             luns: vec![(0, lun)],
         })
     }
+
+    /// Puts logins and their ends on the timeline of the device the image is linked to,
+    /// and binds the initiator's address to that device when its name carries the MAC.
+    fn session(&self, event: SessionEvent, login: &Login) {
+        let Some(name) = login.target.as_deref() else {
+            return;
+        };
+        let Some(image) = name
+            .strip_prefix(&self.prefix)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .and_then(|image| self.store.get_image(image).ok())
+        else {
+            return;
+        };
+        let Some(mac) = image.linked_mac else {
+            return;
+        };
+        let at = Timestamp::now();
+        let ip = login.peer.map(|p| p.ip());
+        if event == SessionEvent::Started
+            && initiator_carries(&login.initiator, mac)
+            && let (Some(b), Some(ip)) = (&self.bindings, ip)
+        {
+            b.learn(ip, mac, BindingSource::Iscsi, at);
+        }
+        let (kind, verb) = match event {
+            SessionEvent::Started => ("iscsi_login", "logged in to"),
+            SessionEvent::Ended => ("iscsi_logout", "left"),
+        };
+        let ev = NewBootEvent {
+            mac,
+            at,
+            source: EventSource::Iscsi,
+            kind: kind.into(),
+            detail: format!("{} {verb} {name}", login.initiator),
+            ip: ip.map(|i| i.to_string()),
+        };
+        if let Err(error) = self.store.add_event(&ev) {
+            tracing::warn!(%error, kind, "recording an iSCSI event failed");
+        }
+    }
 }
 
 /// Whether an initiator name carries `mac` (12 hex digits, separators ignored).
@@ -196,12 +249,18 @@ pub async fn serve(
             handle = tsih.fetch_add(1, Ordering::Relaxed);
         }
         let conn = Connection::new(Arc::clone(&targets), portal(local), handle);
+        let targets = Arc::clone(&targets);
         tokio::spawn(async move {
             let mut conn = conn;
-            if let Err(error) = run(stream, &mut conn).await {
+            let mut login = None;
+            if let Err(error) = run(stream, &mut conn, peer, &targets, &mut login).await {
                 tracing::debug!(%peer, %error, "iSCSI connection ended");
             }
             conn.end();
+            if let Some(login) = login {
+                tracing::info!(initiator = %login.initiator, target = ?login.target, %peer, "iSCSI session ended");
+                notify(&targets, SessionEvent::Ended, login).await;
+            }
         });
     }
 }
@@ -217,7 +276,19 @@ fn portal(addr: SocketAddr) -> String {
     }
 }
 
-async fn run(mut stream: TcpStream, conn: &mut Connection) -> std::io::Result<()> {
+/// Tells the targets of a session event, on the blocking pool (it writes to the store).
+async fn notify(targets: &Arc<dyn Targets>, event: SessionEvent, login: Login) {
+    let targets = Arc::clone(targets);
+    let _ = tokio::task::spawn_blocking(move || targets.session(event, &login)).await;
+}
+
+async fn run(
+    mut stream: TcpStream,
+    conn: &mut Connection,
+    peer: SocketAddr,
+    targets: &Arc<dyn Targets>,
+    login: &mut Option<Login>,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let wire = conn.wire();
     let mut decoder = Decoder::new(wire.max_data);
@@ -233,6 +304,12 @@ async fn run(mut stream: TcpStream, conn: &mut Connection) -> std::io::Result<()
             .await
             .map_err(std::io::Error::other)?;
             conn.complete(itt, result);
+        }
+        if let Some(mut l) = conn.take_login() {
+            l.peer = Some(peer);
+            tracing::info!(initiator = %l.initiator, target = ?l.target, %peer, "iSCSI session started");
+            notify(targets, SessionEvent::Started, l.clone()).await;
+            *login = Some(l);
         }
         while let Some(o) = conn.poll_transmit() {
             o.pdu.encode(o.header_digest, o.data_digest, &mut out);
