@@ -854,19 +854,26 @@ impl Connection {
                 }
             }
             // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET
-            2 | 3 | 5 => {
-                if self.lun(req.lun()).is_none() {
-                    2
-                } else {
+            2 | 3 | 5 => match self.lun(req.lun()) {
+                None => 2,
+                Some(lun) => {
                     self.writes.clear();
                     self.drop_queued(None);
+                    if function == 5 {
+                        lun.reset();
+                    }
                     0
                 }
-            }
-            // CLEAR ACA, TARGET WARM RESET, TARGET COLD RESET
-            4 | 6 | 7 => {
+            },
+            // CLEAR ACA
+            4 => 0,
+            // TARGET WARM RESET, TARGET COLD RESET: every logical unit of the target.
+            6 | 7 => {
                 self.writes.clear();
                 self.drop_queued(None);
+                for (_, lun) in self.target.iter().flat_map(|t| t.luns.iter()) {
+                    lun.reset();
+                }
                 0
             }
             // TASK REASSIGN: needs ErrorRecoveryLevel 2.

@@ -312,6 +312,7 @@ const ASC_RESERVATIONS_PREEMPTED: Asc = (0x2A, 0x03);
 const ASC_RESERVATIONS_RELEASED: Asc = (0x2A, 0x04);
 const ASC_REGISTRATIONS_PREEMPTED: Asc = (0x2A, 0x05);
 const ASC_CAPACITY_DATA_HAS_CHANGED: Asc = (0x2A, 0x09);
+const ASC_BUS_DEVICE_RESET: Asc = (0x29, 0x03);
 const ASC_SAVING_PARAMETERS_NOT_SUPPORTED: Asc = (0x39, 0x00);
 const ASC_INTERNAL_TARGET_FAILURE: Asc = (0x44, 0x00);
 const ASC_DATA_PHASE_ERROR: Asc = (0x4B, 0x00);
@@ -365,6 +366,8 @@ const SA_READ_CAPACITY_16: u8 = 0x10;
 const SA_REPORT_SUPPORTED_OPCODES: u8 = 0x0C;
 const PR_IN_READ_KEYS: u8 = 0x00;
 const PR_IN_READ_RESERVATION: u8 = 0x01;
+/// PERSISTENT RESERVE IN service action READ FULL STATUS (SPC-4 6.14.5).
+const PR_IN_READ_FULL_STATUS: u8 = 0x03;
 const PR_IN_REPORT_CAPABILITIES: u8 = 0x02;
 const PR_OUT_REGISTER: u8 = 0x00;
 const PR_OUT_RESERVE: u8 = 0x01;
@@ -518,6 +521,7 @@ static COMMANDS: &[OpInfo] = &[
     op(PERSISTENT_RESERVE_IN, Some(PR_IN_READ_KEYS), &[0x5E, PR_IN_READ_KEYS, 0, 0, 0, 0, 0, FF, FF, C], DISK, Always, Lun::persistent_reserve_in),
     op(PERSISTENT_RESERVE_IN, Some(PR_IN_READ_RESERVATION), &[0x5E, PR_IN_READ_RESERVATION, 0, 0, 0, 0, 0, FF, FF, C], DISK, Always, Lun::persistent_reserve_in),
     op(PERSISTENT_RESERVE_IN, Some(PR_IN_REPORT_CAPABILITIES), &[0x5E, PR_IN_REPORT_CAPABILITIES, 0, 0, 0, 0, 0, FF, FF, C], DISK, Always, Lun::persistent_reserve_in),
+    op(PERSISTENT_RESERVE_IN, Some(PR_IN_READ_FULL_STATUS), &[0x5E, PR_IN_READ_FULL_STATUS, 0, 0, 0, 0, 0, FF, FF, C], DISK, Always, Lun::persistent_reserve_in),
     op(PERSISTENT_RESERVE_OUT, Some(PR_OUT_REGISTER), &[0x5F, PR_OUT_REGISTER, FF, 0, 0, FF, FF, FF, FF, C], DISK, Always, Lun::persistent_reserve_out),
     op(PERSISTENT_RESERVE_OUT, Some(PR_OUT_RESERVE), &[0x5F, PR_OUT_RESERVE, FF, 0, 0, FF, FF, FF, FF, C], DISK, Always, Lun::persistent_reserve_out),
     op(PERSISTENT_RESERVE_OUT, Some(PR_OUT_RELEASE), &[0x5F, PR_OUT_RELEASE, FF, 0, 0, FF, FF, FF, FF, C], DISK, Always, Lun::persistent_reserve_out),
@@ -787,6 +791,18 @@ impl Lun {
         let all: Vec<String> = state.nexuses.keys().cloned().collect();
         for nexus in all {
             state.notify(&nexus, ASC_CAPACITY_DATA_HAS_CHANGED);
+        }
+    }
+
+    /// A LOGICAL UNIT RESET or target reset (SAM-5 6.3): releases RESERVE(6), keeps
+    /// persistent reservations, and tells every I_T nexus with a unit attention
+    /// (29h/03h BUS DEVICE RESET FUNCTION OCCURRED).
+    pub fn reset(&self) {
+        let mut state = self.state();
+        state.reserve_6 = None;
+        let all: Vec<String> = state.nexuses.keys().cloned().collect();
+        for nexus in all {
+            state.notify(&nexus, ASC_BUS_DEVICE_RESET);
         }
     }
 
@@ -1665,6 +1681,7 @@ impl Lun {
         let data = match byte(cmd.cdb, 1) & 0x1F {
             PR_IN_READ_KEYS => state.pr.read_keys(),
             PR_IN_READ_RESERVATION => state.pr.read_reservation(),
+            PR_IN_READ_FULL_STATUS => state.pr.read_full_status(),
             _ => report_capabilities(),
         };
         Ok(truncated(data, usize::from(be16(cmd.cdb, 7))))
@@ -1838,6 +1855,41 @@ impl Reservations {
             .collect();
         d.extend_from_slice(&(keys.len() as u32).to_be_bytes());
         d.extend_from_slice(&keys);
+        d
+    }
+
+    /// READ FULL STATUS (SPC-4 6.14.5): one descriptor per registration, with the
+    /// registrant's iSCSI TransportID in format 01b (name and ISID, SPC-4 7.6.4.6), which
+    /// is the nexus string itself.
+    fn read_full_status(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (nexus, key) in &self.registrations {
+            let holder = self
+                .reservation
+                .as_ref()
+                .is_some_and(|r| r.kind.all_registrants() || r.holder == *nexus);
+            let mut id = nexus.as_bytes().to_vec();
+            id.push(0);
+            id.resize(id.len().max(20).next_multiple_of(4), 0);
+            let mut transport = vec![0x40 | 0x05, 0];
+            transport.extend_from_slice(&(id.len() as u16).to_be_bytes());
+            transport.extend_from_slice(&id);
+            body.extend_from_slice(&key.to_be_bytes());
+            body.extend_from_slice(&[0; 4]);
+            body.push(u8::from(holder));
+            body.push(if holder {
+                self.reservation.as_ref().map_or(0, |r| r.kind as u8)
+            } else {
+                0
+            });
+            body.extend_from_slice(&[0; 4]);
+            body.extend_from_slice(&1u16.to_be_bytes()); // relative target port 1
+            body.extend_from_slice(&(transport.len() as u32).to_be_bytes());
+            body.extend_from_slice(&transport);
+        }
+        let mut d = self.generation.to_be_bytes().to_vec();
+        d.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        d.extend_from_slice(&body);
         d
     }
 
@@ -3071,6 +3123,46 @@ mod tests {
         assert_eq!(st(&lun, B, &inq(false, 0, 36), &[]), STATUS_GOOD);
         ok(&lun, &[RELEASE_6, 0, 0, 0, 0, 0], &[]);
         assert_eq!(st(&lun, B, &rw(READ_10, 0, 1, 0), &[]), STATUS_GOOD);
+    }
+
+    #[test]
+    fn a_reset_releases_reserve_6_and_raises_a_unit_attention() {
+        let (_, lun) = disk();
+        ok(&lun, &[RESERVE_6, 0, 0, 0, 0, 0], &[]);
+        // B is known to the unit (and blocked) before the reset.
+        assert_eq!(
+            st(&lun, B, &rw(READ_10, 0, 1, 0), &[]),
+            STATUS_RESERVATION_CONFLICT
+        );
+        lun.reset();
+        // First command after the reset: BUS DEVICE RESET FUNCTION OCCURRED, once.
+        assert_eq!(ck(&lun, B, &rw(READ_10, 0, 1, 0), &[]), (0x06, 0x29, 0x03));
+        assert_eq!(st(&lun, B, &rw(READ_10, 0, 1, 0), &[]), STATUS_GOOD);
+    }
+
+    #[test]
+    fn read_full_status_lists_every_registration_with_its_transport_id() {
+        let (_, lun) = disk();
+        assert_eq!(pr(&lun, A, PR_OUT_REGISTER, 0, 0, 0xAA), STATUS_GOOD);
+        assert_eq!(pr(&lun, B, PR_OUT_REGISTER, 0, 0, 0xBB), STATUS_GOOD);
+        assert_eq!(pr(&lun, A, PR_OUT_RESERVE, 1, 0xAA, 0), STATUS_GOOD);
+        let d = pr_in(&lun, PR_IN_READ_FULL_STATUS);
+        assert_eq!(be32(&d, 4) as usize, d.len() - 8, "additional length");
+        // A's descriptor first (registrations are ordered by nexus): the holder.
+        assert_eq!(be64(&d, 8), 0xAA);
+        assert_eq!(
+            (d[8 + 12], d[8 + 13]),
+            (1, 1),
+            "R_HOLDER, type Write Exclusive"
+        );
+        let id_len = be32(&d, 8 + 20) as usize;
+        let id = &d[8 + 24..8 + 24 + id_len];
+        assert_eq!(id[0], 0x45, "iSCSI, format 01b");
+        assert!(id[4..].starts_with(A.as_bytes()));
+        assert_eq!(id.len() % 4, 0);
+        let second = 8 + 24 + id_len;
+        assert_eq!(be64(&d, second), 0xBB);
+        assert_eq!(d[second + 12], 0, "B does not hold the reservation");
     }
 
     fn rsoc(option: u8, opcode: u8, sa: u8, alloc: u16) -> Vec<u8> {
