@@ -37,6 +37,8 @@ impl Daemon {
         .env("NETBOOT_DHCP_MODE", "off")
         // iSCSI would listen on 0.0.0.0:3260.
         .env("NETBOOT_ISCSI_LISTEN", "127.0.0.1:0")
+        // eBPF maps would be pinned in the host's /sys/fs/bpf/netboot.
+        .env("NETBOOT_EBPF_PIN_DIR", "")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         for (k, v) in extra_env {
