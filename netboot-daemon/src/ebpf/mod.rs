@@ -266,9 +266,6 @@ impl Service {
         }
     }
 
-    /// Every service the kernel side counts, in label order.
-    pub const ALL: [Self; 5] = [Self::Dhcp, Self::Tftp, Self::Http, Self::Iscsi, Self::Other];
-
     /// Reads `MacKey::service`.
     pub const fn from_raw(raw: u8) -> Self {
         match raw {
@@ -507,16 +504,6 @@ pub struct ErrorCounters {
     pub flow_full: Counters,
     /// Relays that could not be recorded as routers (the table holds 1024).
     pub routers_full: Counters,
-}
-
-impl ErrorCounters {
-    /// The frames missing from the client and unattributed rows, for reconciliation.
-    pub fn uncounted(&self) -> Counters {
-        Counters {
-            packets: self.mac_full.packets + self.map_update.packets,
-            bytes: self.mac_full.bytes + self.map_update.bytes,
-        }
-    }
 }
 
 /// Why a MAC is treated as a router.

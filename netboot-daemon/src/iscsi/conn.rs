@@ -8,20 +8,19 @@
 //! network thread) and hands the result back with [`Connection::complete`].
 //!
 //! Invariants: one connection per session (MaxConnections=1) and ErrorRecoveryLevel 0, so a
-//! protocol error ends the connection; a write never buffers more than [`MAX_TRANSFER`]
+//! protocol error ends the connection; a write never buffers more than [`MAX_TRANSFER_BYTES`]
 //! bytes, and nothing else buffers more than one PDU.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::pdu::{Pdu, RESERVED_TAG, op};
-use super::scsi::{Lun, ScsiResult, Sense, report_luns};
+use super::scsi::{
+    COMPARE_AND_WRITE, Lun, MAX_TRANSFER_BYTES, REPORT_LUNS, ScsiResult, Sense, report_luns,
+    shorten_write,
+};
 use super::text::{self, Negotiation, Params};
 
-/// Largest data transfer of one command (reads and writes): the logical units' limit,
-/// which their block limits VPD page announces. Larger commands get CHECK CONDITION,
-/// INVALID FIELD IN CDB without any buffer being allocated.
-pub const MAX_TRANSFER: u64 = super::scsi::MAX_TRANSFER_BYTES;
 /// How many commands past ExpCmdSN the initiator may send (MaxCmdSN - ExpCmdSN + 1).
 const CMD_WINDOW: u32 = 64;
 /// Largest login or text data this target accepts before negotiation.
@@ -551,8 +550,8 @@ impl Connection {
             let result = ScsiResult::check_condition(Sense::new(0x05, 0x25, 0x00));
             return self.respond(itt, req.lun(), edtl, reading, result, Residual::default());
         };
-        if edtl > MAX_TRANSFER {
-            let result = check_condition(invalid_field_in_cdb());
+        if edtl > MAX_TRANSFER_BYTES {
+            let result = ScsiResult::check_condition(invalid_field_in_cdb());
             return self.respond(itt, req.lun(), edtl, reading, result, Residual::default());
         }
         let need = match lun.data_out_len(&cdb) {
@@ -563,7 +562,7 @@ impl Connection {
                     req.lun(),
                     edtl,
                     reading,
-                    check_condition(sense),
+                    ScsiResult::check_condition(sense),
                     Residual::default(),
                 );
             }
@@ -571,7 +570,7 @@ impl Connection {
         let expected = if writing { edtl } else { 0 };
         if cdb[0] == COMPARE_AND_WRITE && need != expected {
             // SBC-4 5.3: the Data-Out buffer is exactly twice NUMBER OF LOGICAL BLOCKS.
-            let result = check_condition(invalid_field_in_cdb());
+            let result = ScsiResult::check_condition(invalid_field_in_cdb());
             return self.respond(itt, req.lun(), edtl, reading, result, Residual::default());
         }
         if need == 0 {
@@ -607,13 +606,13 @@ impl Connection {
             let result = ScsiResult::good(Vec::new());
             return self.respond(itt, req.lun(), edtl, reading, result, residual);
         }
-        if need > expected || need > MAX_TRANSFER {
+        if need > expected || need > MAX_TRANSFER_BYTES {
             // The initiator will not send what the command needs.
             let residual = Residual {
                 overflow: u32::try_from(need.saturating_sub(expected)).unwrap_or(u32::MAX),
                 underflow: 0,
             };
-            let result = check_condition(invalid_field_in_cdb());
+            let result = ScsiResult::check_condition(invalid_field_in_cdb());
             return self.respond(itt, req.lun(), edtl, reading, result, residual);
         }
         let residual = if overflow > 0 {
@@ -1000,47 +999,12 @@ fn lun_number(field: u64) -> u64 {
     }
 }
 
-const REPORT_LUNS: u8 = 0xa0;
-const COMPARE_AND_WRITE: u8 = 0x89;
-
-/// A WRITE(6/10/12/16) whose Expected Data Transfer Length is shorter than its transfer
-/// length: the same write of only the whole blocks the initiator will send, and their
-/// bytes (RFC 7143 section 11.4.5.2: the residual overflow is reported, and the blocks
-/// beyond are left alone). `None` for other commands or when the data suffices.
-fn shorten_write(cdb: &[u8], need: u64, edtl: u64, block_size: u32) -> Option<(Vec<u8>, u64)> {
-    if need <= edtl || block_size == 0 {
-        return None;
-    }
-    let blocks = edtl / u64::from(block_size);
-    let mut short = cdb.to_vec();
-    match cdb.first()? {
-        // WRITE(6): a length of 0 means 256, so no blocks cannot be expressed.
-        0x0a if blocks == 0 => return Some((short, 0)),
-        0x0a => *short.get_mut(4)? = u8::try_from(blocks).ok()?,
-        0x2a => short
-            .get_mut(7..9)?
-            .copy_from_slice(&u16::try_from(blocks).ok()?.to_be_bytes()),
-        0xaa => short
-            .get_mut(6..10)?
-            .copy_from_slice(&u32::try_from(blocks).ok()?.to_be_bytes()),
-        0x8a => short
-            .get_mut(10..14)?
-            .copy_from_slice(&u32::try_from(blocks).ok()?.to_be_bytes()),
-        _ => return None,
-    }
-    Some((short, blocks * u64::from(block_size)))
-}
-
 /// Reject reasons (RFC 7143 section 11.17.1).
 const REJECT_DATA_DIGEST: u8 = 0x02;
 const REJECT_SNACK: u8 = 0x03;
 const REJECT_PROTOCOL: u8 = 0x04;
 const REJECT_NOT_SUPPORTED: u8 = 0x05;
 const REJECT_INVALID_FIELD: u8 = 0x09;
-
-fn check_condition(sense: Sense) -> ScsiResult {
-    ScsiResult::check_condition(sense)
-}
 
 /// INVALID FIELD IN CDB (SPC-4 table 28).
 fn invalid_field_in_cdb() -> Sense {

@@ -350,13 +350,15 @@ const MODE_SENSE_10: u8 = 0x5A;
 const PERSISTENT_RESERVE_IN: u8 = 0x5E;
 const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
 const READ_16: u8 = 0x88;
-const COMPARE_AND_WRITE: u8 = 0x89;
+/// COMPARE AND WRITE (SBC-3 5.2).
+pub const COMPARE_AND_WRITE: u8 = 0x89;
 const WRITE_16: u8 = 0x8A;
 const VERIFY_16: u8 = 0x8F;
 const SYNCHRONIZE_CACHE_16: u8 = 0x91;
 const WRITE_SAME_16: u8 = 0x93;
 const SERVICE_ACTION_IN_16: u8 = 0x9E;
-const REPORT_LUNS: u8 = 0xA0;
+/// REPORT LUNS (SPC-4 6.33): answered by the iSCSI layer, which knows every LUN.
+pub const REPORT_LUNS: u8 = 0xA0;
 const MAINTENANCE_IN: u8 = 0xA3;
 const READ_12: u8 = 0xA8;
 const WRITE_12: u8 = 0xAA;
@@ -2120,6 +2122,34 @@ fn report_capabilities() -> Vec<u8> {
 // ------------------------------------------------------------------------------------
 // Free functions
 // ------------------------------------------------------------------------------------
+
+/// A WRITE(6/10/12/16) whose Expected Data Transfer Length is shorter than its transfer
+/// length: the same write of only the whole blocks the initiator will send, and their
+/// bytes (RFC 7143 section 11.4.5.2: the residual overflow is reported, and the blocks
+/// beyond are left alone). `None` for other commands or when the data suffices.
+pub fn shorten_write(cdb: &[u8], need: u64, edtl: u64, block_size: u32) -> Option<(Vec<u8>, u64)> {
+    if need <= edtl || block_size == 0 {
+        return None;
+    }
+    let blocks = edtl / u64::from(block_size);
+    let mut short = cdb.to_vec();
+    match *cdb.first()? {
+        // WRITE(6): a length of 0 means 256, so no blocks cannot be expressed.
+        WRITE_6 if blocks == 0 => return Some((short, 0)),
+        WRITE_6 => *short.get_mut(4)? = u8::try_from(blocks).ok()?,
+        WRITE_10 => short
+            .get_mut(7..9)?
+            .copy_from_slice(&u16::try_from(blocks).ok()?.to_be_bytes()),
+        WRITE_12 => short
+            .get_mut(6..10)?
+            .copy_from_slice(&u32::try_from(blocks).ok()?.to_be_bytes()),
+        WRITE_16 => short
+            .get_mut(10..14)?
+            .copy_from_slice(&u32::try_from(blocks).ok()?.to_be_bytes()),
+        _ => return None,
+    }
+    Some((short, blocks * u64::from(block_size)))
+}
 
 /// REPORT LUNS data for the given LUN numbers (single-level LUN addressing, SAM-5
 /// 4.7.3), truncated to alloc_len. LUNs up to 255 use peripheral device addressing, up
