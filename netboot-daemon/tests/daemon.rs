@@ -95,16 +95,7 @@ impl Drop for Daemon {
 }
 
 fn curl(url: &str) -> String {
-    let out = Command::new("curl")
-        .args(["-sS", "--fail", url])
-        .output()
-        .expect("curl");
-    assert!(
-        out.status.success(),
-        "{url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf8")
+    common::curl_ok(&[url])
 }
 
 #[test]

@@ -97,17 +97,7 @@ impl Daemon {
     }
 
     fn curl(&self, args: &[&str]) -> String {
-        let out = Command::new("curl")
-            .args(["-sS", "--fail"])
-            .args(args)
-            .output()
-            .expect("curl");
-        assert!(
-            out.status.success(),
-            "curl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf8")
+        common::curl_ok(args)
     }
 
     /// Creates an image of `size` bytes through the API; returns its target URL.

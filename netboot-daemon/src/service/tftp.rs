@@ -927,9 +927,6 @@ impl Tftp {
         let Some((mut record, _)) = active else {
             return;
         };
-        if let (Some(server), Some(ports)) = (record.server, self.ports.get()) {
-            ports.closed(server);
-        }
         record.sent_bytes = summary.sent_bytes;
         record.received_bytes = summary.received_bytes;
         record.state = state;
@@ -943,6 +940,10 @@ impl Tftp {
         }
         t.recent.push_back(record.clone());
         drop(t);
+        // A map update (a syscall): not under the transfers lock.
+        if let (Some(server), Some(ports)) = (record.server, self.ports.get()) {
+            ports.closed(server);
+        }
         if let Some(tx) = self.observer.get()
             && tx.try_send(record).is_err()
         {

@@ -283,3 +283,18 @@ impl Log {
         self.all.lock().expect("log").join("\n")
     }
 }
+
+/// `curl -sS --fail ARGS`: the body, failing the test on any error.
+pub(crate) fn curl_ok(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail"])
+        .args(args)
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
