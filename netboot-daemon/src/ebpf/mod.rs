@@ -1008,8 +1008,10 @@ impl Accounting {
         Ok(())
     }
 
-    /// How full each table is.
-    pub fn fill(&self) -> Result<Vec<MapFill>, EbpfError> {
+    /// How full each table is. `client_rows` is the number of rows of the per-client
+    /// table, which a caller that just read them passes instead of having every key read
+    /// again (one syscall each); `None` counts them.
+    pub fn fill(&self, client_rows: Option<usize>) -> Result<Vec<MapFill>, EbpfError> {
         let count = |name: &'static str, n: Result<usize, MapError>| {
             n.map(|entries| MapFill {
                 map: name,
@@ -1025,7 +1027,10 @@ impl Accounting {
             .map_err(map_error(name))
         };
         Ok(vec![
-            count(MAC_STATS, entries(self.maps.macs.keys()))?,
+            count(
+                MAC_STATS,
+                client_rows.map_or_else(|| entries(self.maps.macs.keys()), Ok),
+            )?,
             count(UNATTRIBUTED, entries(self.maps.unattributed.keys()))?,
             count(FLOWS, entries(lock(&self.maps.flows).keys()))?,
             count(BINDINGS, entries(lock(&self.maps.bindings).keys()))?,

@@ -691,7 +691,7 @@ pub fn write_metrics(acc: &Accounting, e: &mut Exposition, max_macs: usize) {
             e.counter("netboot_ebpf_overflow", &[("table", table)], c.packets);
         }
     }
-    if let Ok(fill) = acc.fill() {
+    if let Ok(fill) = acc.fill(Some(rows.len())) {
         e.family(
             "netboot_ebpf_map_entries",
             Kind::Gauge,
