@@ -5,11 +5,14 @@
 //!   verified ([`tftp::load`]);
 //! - `tftp-compare [--quick]`: netbootd against tftpd-hpa, atftpd and dnsmasq, side by
 //!   side, in a network namespace and cgroups of its own ([`tftp::compare`]);
+//! - `dhcp-compare [--quick]`: netbootd's DHCP server against dnsmasq under Kea's
+//!   perfdhcp ([`dhcp`]);
 //! - `ebpf-overhead [--quick]`, `ebpf-scrape`: the accounting programs' cost on a veth, and
 //!   the `/metrics` families with 10 000 client MACs ([`ebpf`]).
 //!
 //! Results and the exact commands are in `docs/benchmarks.md`.
 
+mod dhcp;
 mod ebpf;
 mod store;
 mod tftp;
@@ -36,6 +39,8 @@ enum Cmd {
     TftpLoad(tftp::load::LoadArgs),
     /// netbootd side by side with tftpd-hpa, atftpd and dnsmasq (root for the peers).
     TftpCompare(tftp::compare::CompareArgs),
+    /// netbootd's DHCP server against dnsmasq under perfdhcp (root).
+    DhcpCompare(dhcp::CompareArgs),
     /// Throughput over a veth with and without the accounting programs (root).
     EbpfOverhead(ebpf::OverheadArgs),
     /// The accounting's /metrics families with 10 000 client MACs (root).
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
             r.ok == r.clients
         }),
         Cmd::TftpCompare(a) => tftp::compare::run(a),
+        Cmd::DhcpCompare(a) => dhcp::run(a),
         Cmd::EbpfOverhead(a) => ebpf::overhead(a),
         Cmd::EbpfScrape(a) => ebpf::scrape(a),
     };

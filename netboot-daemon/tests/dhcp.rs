@@ -184,6 +184,9 @@ async fn proxy_dhcp_answers_pxe_clients_in_a_namespace() {
         eprintln!("SKIPPED (partly): busybox is not installed");
     }
 
+    // Stopping writes what the recorder still has queued.
+    let _ = stop.send(true);
+    task.await.expect("serve task");
     // Every PXE client is in the inventory as an unknown device, with its exchange on its timeline.
     let s = Arc::clone(&store);
     let unknown =
@@ -225,8 +228,6 @@ async fn proxy_dhcp_answers_pxe_clients_in_a_namespace() {
         )),
         "{text}"
     );
-    let _ = stop.send(true);
-    task.await.expect("serve task");
     drop(lab);
 }
 

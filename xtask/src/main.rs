@@ -11,7 +11,8 @@
 //! - `cargo xtask test`: setup, then rustfmt, clippy and the whole test suite, the
 //!   privileged tests included when running as root, a short run of every fuzz target,
 //!   then the smoke benchmarks (`netboot-bench tftp-compare --quick`, peers that are
-//!   absent are skipped loudly; as root, `ebpf-overhead --quick` and `ebpf-scrape`).
+//!   absent are skipped loudly; as root, `dhcp-compare --quick`, `ebpf-overhead --quick`
+//!   and `ebpf-scrape`).
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`: the fuzz targets in netboot-daemon/fuzz.
 
 use std::env;
@@ -406,13 +407,14 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
         ],
     ))?;
     if !is_root() {
-        say("SKIPPED: the eBPF smoke benchmarks need root");
+        say("SKIPPED: the DHCP and eBPF smoke benchmarks need root");
         return Ok(());
     }
     say(
-        "eBPF smoke benchmarks: throughput with and without the accounting programs, and /metrics with 2000 client MACs",
+        "DHCP smoke benchmark: netbootd's DHCP server and dnsmasq under perfdhcp; eBPF smoke benchmarks: throughput with and without the accounting programs, and /metrics with 2000 client MACs",
     );
     for args in [
+        &["dhcp-compare", "--quick"][..],
         &["ebpf-overhead", "--quick"][..],
         &["ebpf-scrape", "--macs", "2000", "--rounds", "3"][..],
     ] {

@@ -13,7 +13,7 @@
 pub(crate) mod compare;
 pub(crate) mod load;
 mod peers;
-mod sandbox;
+pub(crate) mod sandbox;
 mod wire;
 
 use serde::{Deserialize, Serialize};

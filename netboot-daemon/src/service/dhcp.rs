@@ -25,7 +25,6 @@ use crate::dhcp::proxy::{self, BootFiles, Context, Destination, Port};
 use crate::dhcp::pxe::{Client, IpxeFeature};
 use crate::dhcp::server::{self, Lease, LeaseEvent, LeaseState, Server};
 use crate::metrics::{Exposition, Kind};
-use crate::service::timeline;
 use crate::store::{EventSource, NewBootEvent, Sighting, Store};
 use crate::time::Timestamp;
 
@@ -49,7 +48,15 @@ pub struct Stats {
     pub releases: AtomicU64,
     /// Server mode: lease changes that could not be written to the store.
     pub persist_errors: AtomicU64,
+    /// Sightings and boot events not recorded because the recorder was behind.
+    pub records_dropped: AtomicU64,
 }
+
+/// Sightings and boot events waiting for the recorder; beyond this the service drops
+/// them (and counts) rather than slow down answering.
+const RECORD_QUEUE: usize = 16_384;
+/// Records written per store transaction at most.
+const RECORD_BATCH: usize = 512;
 
 /// The sockets of one boot interface.
 #[derive(Debug)]
@@ -137,6 +144,8 @@ pub struct DhcpService {
     client_port: u16,
     bindings: Option<Arc<Bindings>>,
     server: Option<ServerMode>,
+    records: mpsc::Sender<(Sighting, NewBootEvent)>,
+    records_rx: Mutex<Option<mpsc::Receiver<(Sighting, NewBootEvent)>>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -161,6 +170,7 @@ impl DhcpService {
     /// A proxyDHCP service that points iPXE at `http_port` and firmware at `files`.
     /// Replies to broadcasting clients go to `client_port` (68 except in tests).
     pub fn new(store: Arc<dyn Store>, http_port: u16, files: BootFiles, client_port: u16) -> Self {
+        let (records, records_rx) = mpsc::channel(RECORD_QUEUE);
         Self {
             store,
             http_port,
@@ -169,6 +179,8 @@ impl DhcpService {
             client_port,
             bindings: None,
             server: None,
+            records,
+            records_rx: Mutex::new(Some(records_rx)),
             stats: Stats::default(),
         }
     }
@@ -247,6 +259,17 @@ impl DhcpService {
             "Datagrams received on the DHCP ports.",
         );
         e.counter("netboot_dhcp_received_datagrams", &[], load(&st.received));
+        e.family(
+            "netboot_dhcp_records_dropped",
+            Kind::Counter,
+            None,
+            "Client sightings and boot events not recorded because the store was behind (the answers were sent).",
+        );
+        e.counter(
+            "netboot_dhcp_records_dropped",
+            &[],
+            load(&st.records_dropped),
+        );
         let Some(mode) = &self.server else { return };
         e.family(
             "netboot_dhcp_server_messages",
@@ -342,6 +365,14 @@ impl DhcpService {
         if let Some(rx) = persist {
             tasks.spawn(Arc::clone(&self).lease_keeper(rx, shutdown.clone()));
         }
+        let records = self
+            .records_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(rx) = records {
+            tasks.spawn(Arc::clone(&self).recorder(rx, shutdown.clone()));
+        }
         while tasks.join_next().await.is_some() {}
     }
 
@@ -380,6 +411,49 @@ impl DhcpService {
                 batch.extend(more);
             }
             self.write_leases(batch).await;
+        }
+    }
+
+    /// Writes sightings and boot events to the store in batches, off the answering path;
+    /// at shutdown, writes what is queued and ends.
+    async fn recorder(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<(Sighting, NewBootEvent)>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let first = tokio::select! {
+                Some(item) = rx.recv() => item,
+                _ = stop.changed() => {
+                    rx.close();
+                    let mut rest = Vec::new();
+                    while let Ok(item) = rx.try_recv() {
+                        rest.push(item);
+                    }
+                    for chunk in rest.chunks(RECORD_BATCH) {
+                        self.write_records(chunk.to_vec()).await;
+                    }
+                    return;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < RECORD_BATCH {
+                match rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+            self.write_records(batch).await;
+        }
+    }
+
+    async fn write_records(&self, batch: Vec<(Sighting, NewBootEvent)>) {
+        let store = Arc::clone(&self.store);
+        let n = batch.len();
+        match tokio::task::spawn_blocking(move || store.record_batch(&batch)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, records = n, "recording DHCP clients failed"),
+            Err(error) => tracing::warn!(%error, "the DHCP recorder panicked"),
         }
     }
 
@@ -540,12 +614,12 @@ impl DhcpService {
                 Err(e) => tracing::debug!(error = %e, %to, "dhcp send failed"),
             }
             tracing::debug!(mac = %answer.client.mac, iface = %l.iface, kind = answer.kind, ip = ?answer.ip, file = ?answer.boot_file, "DHCP answered");
-            self.record(&answer, l).await;
+            self.record(&answer, l);
         }
     }
 
-    /// Records the client as seen and puts the exchange on its timeline.
-    async fn record(&self, a: &Answer, l: &Listener) {
+    /// Queues the client's sighting and the exchange's boot event for the recorder.
+    fn record(&self, a: &Answer, l: &Listener) {
         let c = &a.client;
         let mut detail = format!(
             "{} on {}: {} (arch {})",
@@ -585,6 +659,8 @@ impl DhcpService {
             detail,
             ip,
         };
-        timeline::record(Arc::clone(&self.store), sighting, event).await;
+        if self.records.try_send((sighting, event)).is_err() {
+            self.stats.records_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }

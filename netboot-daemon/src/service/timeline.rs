@@ -20,18 +20,6 @@ pub(crate) fn record_blocking(
     store.add_event(event).map(|_| ())
 }
 
-/// [`record_blocking`] on the blocking pool; a failure is logged, not returned (the
-/// service goes on).
-pub(crate) async fn record(store: Arc<dyn Store>, sighting: Sighting, event: NewBootEvent) {
-    let kind = event.kind.clone();
-    let res =
-        tokio::task::spawn_blocking(move || record_blocking(store.as_ref(), &sighting, &event))
-            .await;
-    if let Ok(Err(error)) = res {
-        tracing::warn!(%error, kind, "recording a boot event failed");
-    }
-}
-
 /// Puts each ended TFTP transfer on the timeline of the device it was for: the client's
 /// address is resolved to a MAC through the bindings (DHCP, HTTP, neighbour table).
 /// Transfers of clients whose MAC is unknown stay in the TFTP transfer list only.

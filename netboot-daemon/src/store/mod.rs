@@ -203,6 +203,9 @@ pub trait Store: Send + Sync + 'static {
     fn delete_profile(&self, audit: &Audit, name: &str) -> Result<()>;
 
     // Boot events.
+    /// Records each sighting and appends its event (as [`Store::record_sighting`] and
+    /// [`Store::add_event`]), all in one transaction.
+    fn record_batch(&self, items: &[(Sighting, NewBootEvent)]) -> Result<()>;
     /// Appends a boot event and trims that device's history to the
     /// `events_per_device` setting, in one transaction.
     fn add_event(&self, ev: &NewBootEvent) -> Result<BootEvent>;

@@ -448,6 +448,62 @@ fn user_in(c: &Connection, username: &str) -> Result<User> {
     .ok_or_else(|| not_found("user", username))
 }
 
+/// Appends a boot event inside a transaction and trims the device's history to `keep`.
+fn event_in(tx: &Transaction<'_>, ev: &NewBootEvent, keep_per_device: u32) -> Result<BootEvent> {
+    let mac = ev.mac.to_string();
+    tx.execute(
+        "INSERT INTO boot_events (mac, at, source, kind, detail, ip) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![mac, ev.at.0, ev.source.as_str(), ev.kind, ev.detail, ev.ip],
+    )?;
+    let id = tx.last_insert_rowid();
+    tx.execute(
+        "DELETE FROM boot_events WHERE mac = ?1 AND id <= \
+         (SELECT id FROM boot_events WHERE mac = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        params![mac, keep_per_device.max(1)],
+    )?;
+    Ok(BootEvent {
+        id,
+        mac: ev.mac,
+        at: ev.at,
+        source: ev.source,
+        kind: ev.kind.clone(),
+        detail: ev.detail.clone(),
+        ip: ev.ip.clone(),
+    })
+}
+
+/// Records a sighting inside a transaction (see [`Store::record_sighting`]).
+fn sighting_in(tx: &Transaction<'_>, s: &Sighting) -> Result<SightingOutcome> {
+    let mac = s.mac.to_string();
+    let known = tx.execute(
+            "UPDATE devices SET last_seen = ?2, first_seen = coalesce(first_seen, ?2), \
+             last_ip = coalesce(?3, last_ip), arch = CASE WHEN arch = 'unknown' AND ?4 IS NOT NULL THEN ?4 ELSE arch END \
+             WHERE mac = ?1",
+            params![mac, s.at.0, s.ip, s.arch.map(Arch::as_str)],
+        )?;
+    if known == 1 {
+        return Ok(SightingOutcome::Known);
+    }
+    let first = tx
+        .query_row(
+            "SELECT 1 FROM unknown_devices WHERE mac = ?1",
+            [&mac],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_none();
+    tx.execute(
+            "INSERT INTO unknown_devices (mac, arch, vendor_class, last_ip, first_seen, last_seen, seen_count) \
+             VALUES (?1, coalesce(?2, 'unknown'), ?3, ?4, ?5, ?5, 1) \
+             ON CONFLICT(mac) DO UPDATE SET last_seen = excluded.last_seen, seen_count = seen_count + 1, \
+             arch = CASE WHEN ?2 IS NULL THEN arch ELSE excluded.arch END, \
+             vendor_class = coalesce(excluded.vendor_class, vendor_class), \
+             last_ip = coalesce(excluded.last_ip, last_ip)",
+            params![mac, s.arch.map(Arch::as_str), s.vendor_class, s.ip, s.at.0],
+        )?;
+    Ok(SightingOutcome::Unknown { first })
+}
+
 fn settings_in(c: &Connection) -> Result<Settings> {
     let Value::Object(known) = to_json(&Settings::default()) else {
         return Err(StoreError::Corrupt { what: "settings" });
@@ -678,31 +734,17 @@ impl Store for Sqlite {
     }
 
     fn record_sighting(&self, s: &Sighting) -> Result<SightingOutcome> {
+        self.write(|tx| sighting_in(tx, s))
+    }
+
+    fn record_batch(&self, items: &[(Sighting, NewBootEvent)]) -> Result<()> {
         self.write(|tx| {
-            let mac = s.mac.to_string();
-            let known = tx.execute(
-                "UPDATE devices SET last_seen = ?2, first_seen = coalesce(first_seen, ?2), \
-                 last_ip = coalesce(?3, last_ip), arch = CASE WHEN arch = 'unknown' AND ?4 IS NOT NULL THEN ?4 ELSE arch END \
-                 WHERE mac = ?1",
-                params![mac, s.at.0, s.ip, s.arch.map(Arch::as_str)],
-            )?;
-            if known == 1 {
-                return Ok(SightingOutcome::Known);
+            let keep = settings_in(tx)?.events_per_device;
+            for (s, ev) in items {
+                sighting_in(tx, s)?;
+                event_in(tx, ev, keep)?;
             }
-            let first = tx
-                .query_row("SELECT 1 FROM unknown_devices WHERE mac = ?1", [&mac], |_| Ok(()))
-                .optional()?
-                .is_none();
-            tx.execute(
-                "INSERT INTO unknown_devices (mac, arch, vendor_class, last_ip, first_seen, last_seen, seen_count) \
-                 VALUES (?1, coalesce(?2, 'unknown'), ?3, ?4, ?5, ?5, 1) \
-                 ON CONFLICT(mac) DO UPDATE SET last_seen = excluded.last_seen, seen_count = seen_count + 1, \
-                 arch = CASE WHEN ?2 IS NULL THEN arch ELSE excluded.arch END, \
-                 vendor_class = coalesce(excluded.vendor_class, vendor_class), \
-                 last_ip = coalesce(excluded.last_ip, last_ip)",
-                params![mac, s.arch.map(Arch::as_str), s.vendor_class, s.ip, s.at.0],
-            )?;
-            Ok(SightingOutcome::Unknown { first })
+            Ok(())
         })
     }
 
@@ -995,27 +1037,8 @@ impl Store for Sqlite {
 
     fn add_event(&self, ev: &NewBootEvent) -> Result<BootEvent> {
         self.write(|tx| {
-            let keep_per_device = settings_in(tx)?.events_per_device;
-            let mac = ev.mac.to_string();
-            tx.execute(
-                "INSERT INTO boot_events (mac, at, source, kind, detail, ip) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![mac, ev.at.0, ev.source.as_str(), ev.kind, ev.detail, ev.ip],
-            )?;
-            let id = tx.last_insert_rowid();
-            tx.execute(
-                "DELETE FROM boot_events WHERE mac = ?1 AND id <= \
-                 (SELECT id FROM boot_events WHERE mac = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-                params![mac, keep_per_device.max(1)],
-            )?;
-            Ok(BootEvent {
-                id,
-                mac: ev.mac,
-                at: ev.at,
-                source: ev.source,
-                kind: ev.kind.clone(),
-                detail: ev.detail.clone(),
-                ip: ev.ip.clone(),
-            })
+            let keep = settings_in(tx)?.events_per_device;
+            event_in(tx, ev, keep)
         })
     }
 
