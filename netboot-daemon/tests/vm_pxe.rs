@@ -427,6 +427,41 @@ fn run(case: Case) {
         }
         std::thread::yield_now();
     };
+    // The firmware's TFTP transfer of the iPXE binary, as netbootd saw it.
+    let tftp = match (case.firmware, case.mode) {
+        (Firmware::Uefi, _) => Some("ipxe.efi"),
+        (Firmware::Bios, Mode::Server) => Some("ipxe.pxe"),
+        (Firmware::Bios, Mode::Proxy) => None,
+    };
+    let mut tftp_seen = String::from("none");
+    if let Some(file) = tftp {
+        let list = api.get("/api/v1/tftp/transfers");
+        let Some(t) = list["recent"]
+            .as_array()
+            .and_then(|r| r.iter().find(|t| t["file"] == file && t["state"] == "done"))
+        else {
+            fail(&format!("no completed TFTP transfer of {file}: {list}"));
+        };
+        if t["bytes"].as_u64()
+            != std::fs::metadata(Path::new(IPXE_DIR).join(file))
+                .ok()
+                .map(|m| m.len())
+        {
+            fail(&format!("the transfer of {file} is short: {t}"));
+        }
+        // EDK2 asks for RFC 7440 windows (and a large block size); iPXE does not.
+        if case.firmware == Firmware::Uefi
+            && (t["windowsize"].as_u64() <= Some(1) || t["blksize"].as_u64() <= Some(512))
+        {
+            fail(&format!(
+                "OVMF's transfer negotiated no window or block size: {t}"
+            ));
+        }
+        tftp_seen = format!(
+            "{file} blksize {} windowsize {}",
+            t["blksize"], t["windowsize"]
+        );
+    }
     let device = api.get(&format!("/api/v1/devices/{mac}"));
     if device["last_seen"].is_null() {
         fail(&format!("the device was never seen: {device}"));
@@ -467,7 +502,7 @@ fn run(case: Case) {
         format!("rx {rx} B, tx {tx} B")
     };
     eprintln!(
-        "{test}: PASS: VM {vm_secs:.1} s, case {:.1} s; timeline {kinds:?}; counters {accounting}",
+        "{test}: PASS: VM {vm_secs:.1} s, case {:.1} s; TFTP {tftp_seen}; timeline {kinds:?}; counters {accounting}",
         started.elapsed().as_secs_f64()
     );
     logs.save(&daemon);
