@@ -256,7 +256,8 @@ fn daemon_config(case: &Case, data: &Path) -> Result<String, String> {
          {dhcp}\
          [tftp]\nlisten = \"0.0.0.0:69\"\n\
          [iscsi]\nlisten = \"0.0.0.0:3260\"\n\
-         [ebpf]\ninterfaces = [\"br0\"]\npin_dir = \"\"\n"
+         [ebpf]\ninterfaces = [\"br0\"]\npin_dir = \"\"\n\
+         [log]\nlevel = \"netboot_daemon=debug,info\"\n"
     );
     netboot_daemon::config::Config::from_toml(&text, Path::new("vm_pxe.toml"))
         .map_err(|e| e.to_string())
@@ -351,10 +352,8 @@ fn run(case: Case) {
     let vm_started = Instant::now();
     let (status, serial) = boot(&case, &lab, &logs, dir.path());
     let vm_secs = vm_started.elapsed().as_secs_f64();
-    let fail = |what: &str| -> ! {
-        logs.dump(&daemon);
-        panic!("{test}: {what} (qemu {status}, after {vm_secs:.1} s)");
-    };
+    // The logs' tails are printed when the test unwinds (Logs::drop).
+    let fail = |what: &str| -> ! { panic!("{test}: {what} (qemu {status}, after {vm_secs:.1} s)") };
     match case.payload {
         Payload::Linux => {
             if !status.success() {
@@ -393,6 +392,35 @@ fn run(case: Case) {
         if !serial.contains(w) {
             fail(&format!("`{w}` is not on the serial console"));
         }
+    }
+
+    // The address came from the server this mode expects: the site dnsmasq's range and
+    // router (itself, .2) next to the proxy, netbootd's range and router (.1) as server.
+    let net = case.net();
+    let gw = match case.mode {
+        Mode::Proxy => format!("{net}.2"),
+        Mode::Server => format!("{net}.1"),
+    };
+    let leases: Vec<&str> = serial
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("net0: "))
+        .filter(|l| l.starts_with(&format!("{net}.")))
+        .collect();
+    let from_range = |l: &str| {
+        l.split('/')
+            .next()
+            .and_then(|a| a.rsplit('.').next())
+            .and_then(|h| h.parse::<u8>().ok())
+            .is_some_and(|h| (100..=150).contains(&h))
+    };
+    if leases.is_empty()
+        || !leases
+            .iter()
+            .all(|l| from_range(l) && l.ends_with(&format!(" gw {gw}")))
+    {
+        fail(&format!(
+            "iPXE's IPv4 configuration is not from the range with router {gw}: {leases:?}"
+        ));
     }
 
     // What netbootd recorded about the device.
@@ -505,7 +533,14 @@ fn run(case: Case) {
         "{test}: PASS: VM {vm_secs:.1} s, case {:.1} s; TFTP {tftp_seen}; timeline {kinds:?}; counters {accounting}",
         started.elapsed().as_secs_f64()
     );
-    logs.save(&daemon);
+    if let Some(line) = daemon
+        .log
+        .text()
+        .lines()
+        .find(|l| l.contains(r#""level":"ERROR""#))
+    {
+        fail(&format!("netbootd logged an error: {line}"));
+    }
     drop(daemon);
     drop(procs);
     drop(lab);
@@ -529,15 +564,15 @@ impl Logs {
         std::fs::create_dir_all(&dir).expect("create the log directory");
         Self { dir }
     }
+}
 
-    /// Writes netbootd's log next to the others.
-    fn save(&self, daemon: &Daemon) {
-        std::fs::write(self.dir.join("netbootd.log"), daemon.log.text()).expect("write log");
-    }
-
-    /// Saves netbootd's log and prints the tail of every log.
-    fn dump(&self, daemon: &Daemon) {
-        self.save(daemon);
+impl Drop for Logs {
+    /// When the case failed: prints the tail of every log (netbootd's is written by
+    /// Daemon::drop, which runs first).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
             .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
             .unwrap_or_default();
@@ -713,6 +748,7 @@ impl Drop for Procs {
 struct Daemon {
     child: Child,
     log: Log,
+    log_path: PathBuf,
 }
 
 impl Daemon {
@@ -731,15 +767,20 @@ impl Daemon {
             .spawn()
             .expect("spawn netbootd");
         let log = Log::follow(&mut child);
-        std::fs::write(logs.dir.join("netbootd.log"), log.text()).expect("write log");
-        Self { child, log }
+        Self {
+            child,
+            log,
+            log_path: logs.dir.join("netbootd.log"),
+        }
     }
 }
 
 impl Drop for Daemon {
+    /// Kills netbootd and writes its log to `target/vm-logs/<case>/netbootd.log`.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::write(&self.log_path, self.log.text());
     }
 }
 
