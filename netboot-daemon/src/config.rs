@@ -6,13 +6,15 @@
 //! The original system's variable names (`IMAGES_PATH`, `OS_INSTALLERS_PATH`, ...) are
 //! accepted as aliases; see [`ENV_VARS`].
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::dhcp::proxy::BootFiles;
+use crate::dhcp::pxe::IpxeFeature;
+use crate::dhcp::server;
 use crate::mac::MacAddr;
 
 /// The sample configuration shipped in `docs/netboot.toml`; a test parses it.
@@ -187,13 +189,59 @@ pub enum DhcpMode {
     /// proxyDHCP: answer PXE clients with the boot file only, next to an existing DHCP
     /// server that hands out addresses.
     Proxy,
+    /// The DHCP server of the boot network: addresses from `dhcp.subnets`, with the boot
+    /// file in the same offer (no proxyDHCP needed).
+    Server,
+}
+
+/// One subnet served in `server` mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpSubnet {
+    /// The subnet, `10.0.0.0/24`.
+    pub network: String,
+    /// First and last address handed out, inside the subnet.
+    pub range: [Ipv4Addr; 2],
+    /// Default gateway for the clients.
+    #[serde(default)]
+    pub router: Option<Ipv4Addr>,
+    /// DNS servers for the clients.
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    /// Domain name for the clients.
+    #[serde(default)]
+    pub domain: String,
+    /// Lease time in seconds.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u32,
+    /// The interface whose clients this subnet serves. Empty: the subnet that holds the
+    /// interface's own address, or the relay's (`giaddr`) for relayed requests.
+    #[serde(default)]
+    pub interface: String,
+}
+
+fn default_lease_secs() -> u32 {
+    3600
+}
+
+/// A fixed address in `server` mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpReservation {
+    /// The client's MAC.
+    pub mac: MacAddr,
+    /// Its address, inside one of the subnets.
+    pub ip: Ipv4Addr,
+    /// Host name sent to it.
+    #[serde(default)]
+    pub hostname: String,
 }
 
 /// DHCP settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DhcpConfig {
-    /// `proxy` or `off`.
+    /// `proxy`, `server` or `off`.
     pub mode: DhcpMode,
     /// Boot interfaces; empty means every interface that is up and has IPv4.
     pub interfaces: Vec<String>,
@@ -205,6 +253,19 @@ pub struct DhcpConfig {
     pub uefi_ia32_file: String,
     /// iPXE binary for ARM64 UEFI firmware ("" for none).
     pub uefi_arm64_file: String,
+    /// iPXE clients that do not announce all of these features (names such as `http`,
+    /// `https`, `iscsi`, `srp`, or option 175 sub-option numbers) get the firmware boot
+    /// file, the full iPXE build, instead of their script: a limited iPXE (a NIC option
+    /// ROM) chains to the full one. List only features the full build has.
+    pub ipxe_required_features: Vec<String>,
+    /// `server` mode: the subnets handed out.
+    pub subnets: Vec<DhcpSubnet>,
+    /// `server` mode: fixed addresses.
+    pub reservations: Vec<DhcpReservation>,
+    /// `server` mode: how long an offered address is held, in seconds.
+    pub offer_secs: u32,
+    /// `server` mode: how long a declined address (another host uses it) is held back.
+    pub decline_secs: u32,
 }
 
 impl Default for DhcpConfig {
@@ -217,6 +278,11 @@ impl Default for DhcpConfig {
             uefi_x64_file: files.uefi_x64,
             uefi_ia32_file: files.uefi_ia32.unwrap_or_default(),
             uefi_arm64_file: files.uefi_arm64.unwrap_or_default(),
+            ipxe_required_features: Vec::new(),
+            subnets: Vec::new(),
+            reservations: Vec::new(),
+            offer_secs: 60,
+            decline_secs: 600,
         }
     }
 }
@@ -231,6 +297,120 @@ impl DhcpConfig {
             uefi_ia32: opt(&self.uefi_ia32_file),
             uefi_arm64: opt(&self.uefi_arm64_file),
         }
+    }
+
+    /// `ipxe_required_features` as feature codes.
+    pub fn ipxe_required(&self) -> Result<Vec<IpxeFeature>, ConfigError> {
+        self.ipxe_required_features
+            .iter()
+            .map(|f| {
+                IpxeFeature::parse(f).ok_or_else(|| ConfigError::Invalid {
+                    field: "dhcp.ipxe_required_features",
+                    why: format!(
+                        "{f:?} is not an iPXE feature name (http, https, iscsi, srp, ...) or number"
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    /// The server-mode pools and reservations, checked.
+    pub fn server(&self) -> Result<server::Config, ConfigError> {
+        let invalid = |field: &'static str, why: String| ConfigError::Invalid { field, why };
+        let mut pools = Vec::new();
+        for sub in &self.subnets {
+            let (net, prefix) = sub
+                .network
+                .split_once('/')
+                .and_then(|(a, p)| Some((a.parse::<Ipv4Addr>().ok()?, p.parse::<u8>().ok()?)))
+                .filter(|&(_, p)| (8..=30).contains(&p))
+                .ok_or_else(|| {
+                    invalid(
+                        "dhcp.subnets.network",
+                        format!("{:?} is not an IPv4 network with a prefix of 8 to 30 bits (10.0.0.0/24)", sub.network),
+                    )
+                })?;
+            let pool = server::Pool {
+                network: net,
+                prefix,
+                first: sub.range[0],
+                last: sub.range[1],
+                router: sub.router,
+                dns: sub.dns.clone(),
+                domain: (!sub.domain.is_empty()).then(|| sub.domain.clone()),
+                lease_secs: sub.lease_secs,
+                interface: (!sub.interface.is_empty()).then(|| sub.interface.clone()),
+            };
+            if !pool.contains(pool.first)
+                || !pool.contains(pool.last)
+                || u32::from(pool.first) > u32::from(pool.last)
+            {
+                return Err(invalid(
+                    "dhcp.subnets.range",
+                    format!(
+                        "{} - {} is not an ascending range inside {}",
+                        pool.first, pool.last, sub.network
+                    ),
+                ));
+            }
+            if sub.lease_secs < 60 {
+                return Err(invalid(
+                    "dhcp.subnets.lease_secs",
+                    "must be at least 60".into(),
+                ));
+            }
+            if pools
+                .iter()
+                .any(|p: &server::Pool| p.contains(pool.network) || pool.contains(p.network))
+            {
+                return Err(invalid(
+                    "dhcp.subnets",
+                    format!("{} overlaps another subnet", sub.network),
+                ));
+            }
+            pools.push(pool);
+        }
+        let mut reservations = Vec::new();
+        for r in &self.reservations {
+            if !pools.iter().any(|p| p.contains(r.ip)) {
+                return Err(invalid(
+                    "dhcp.reservations",
+                    format!("{} ({}) is in no subnet", r.ip, r.mac),
+                ));
+            }
+            if reservations
+                .iter()
+                .any(|o: &server::Reservation| o.ip == r.ip || o.mac == r.mac)
+            {
+                return Err(invalid(
+                    "dhcp.reservations",
+                    format!("{} or {} is reserved twice", r.ip, r.mac),
+                ));
+            }
+            reservations.push(server::Reservation {
+                mac: r.mac,
+                ip: r.ip,
+                hostname: (!r.hostname.is_empty()).then(|| r.hostname.clone()),
+            });
+        }
+        if self.mode == DhcpMode::Server && pools.is_empty() {
+            return Err(invalid(
+                "dhcp.subnets",
+                "server mode needs at least one subnet".into(),
+            ));
+        }
+        if self.offer_secs == 0 || self.decline_secs == 0 {
+            return Err(invalid(
+                "dhcp",
+                "offer_secs and decline_secs must be at least 1".into(),
+            ));
+        }
+        Ok(server::Config {
+            pools,
+            reservations,
+            offer_secs: self.offer_secs,
+            decline_secs: self.decline_secs,
+        })
     }
 }
 
@@ -595,8 +775,12 @@ impl Config {
             self.dhcp.mode = choice(
                 k,
                 v,
-                &[("proxy", DhcpMode::Proxy), ("off", DhcpMode::Off)],
-                "expected proxy or off",
+                &[
+                    ("proxy", DhcpMode::Proxy),
+                    ("server", DhcpMode::Server),
+                    ("off", DhcpMode::Off),
+                ],
+                "expected proxy, server or off",
             )?;
         }
         if let Some((_, v)) = lookup(env, "NETBOOT_DHCP_INTERFACES") {
@@ -680,6 +864,8 @@ impl Config {
                 why: "max_entries, max_flows and max_bindings must be at least 64".into(),
             });
         }
+        self.dhcp.ipxe_required()?;
+        self.dhcp.server()?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::Invalid {
                 field: "log.level",
@@ -807,6 +993,71 @@ mod tests {
         c.apply_env(&env(&[("NETBOOT_IMAGES_DIR", "/a"), ("IMAGES_PATH", "/b")]))
             .expect("env");
         assert_eq!(c.paths.images, PathBuf::from("/a"));
+    }
+
+    #[test]
+    fn dhcp_server_subnets_are_checked() {
+        let parse = |extra: &str| {
+            Config::from_toml(
+                &format!("[dhcp]\nmode = \"server\"\n{extra}"),
+                Path::new("t.toml"),
+            )
+            .expect("parses")
+            .validate()
+        };
+        let subnet = |network: &str, range: &str| {
+            format!("[[dhcp.subnets]]\nnetwork = \"{network}\"\nrange = {range}\n")
+        };
+        let ok = subnet("10.1.0.0/24", r#"["10.1.0.100", "10.1.0.200"]"#);
+        let v = parse(&format!(
+            "{ok}[[dhcp.reservations]]\nmac = \"52-54-00-00-00-01\"\nip = \"10.1.0.5\"\n"
+        ))
+        .expect("valid");
+        let pools = v.config.dhcp.server().expect("server config");
+        assert_eq!(pools.pools[0].mask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(pools.pools[0].lease_secs, 3600);
+        assert_eq!(pools.reservations[0].ip, Ipv4Addr::new(10, 1, 0, 5));
+        for (bad, field) in [
+            (String::new(), "dhcp.subnets"),
+            (
+                subnet("10.1.0.0", r#"["10.1.0.1", "10.1.0.2"]"#),
+                "dhcp.subnets.network",
+            ),
+            (
+                subnet("10.1.0.0/31", r#"["10.1.0.1", "10.1.0.1"]"#),
+                "dhcp.subnets.network",
+            ),
+            (
+                subnet("10.1.0.0/24", r#"["10.1.0.100", "10.1.1.5"]"#),
+                "dhcp.subnets.range",
+            ),
+            (
+                subnet("10.1.0.0/24", r#"["10.1.0.200", "10.1.0.100"]"#),
+                "dhcp.subnets.range",
+            ),
+            (
+                format!(
+                    "{ok}{}",
+                    subnet("10.1.0.128/25", r#"["10.1.0.130", "10.1.0.140"]"#)
+                ),
+                "dhcp.subnets",
+            ),
+            (
+                format!(
+                    "{ok}[[dhcp.reservations]]\nmac = \"52:54:00:00:00:01\"\nip = \"10.2.0.5\"\n"
+                ),
+                "dhcp.reservations",
+            ),
+            (
+                format!("ipxe_required_features = [\"warp\"]\n{ok}"),
+                "dhcp.ipxe_required_features",
+            ),
+        ] {
+            match parse(&bad) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 
     #[test]

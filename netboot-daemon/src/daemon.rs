@@ -17,7 +17,7 @@ use crate::config::DhcpMode;
 use crate::config::Validated;
 use crate::driver;
 use crate::ebpf::{Accounting, Options, ServicePort};
-use crate::service::dhcp::{self as dhcp_service, ProxyDhcp};
+use crate::service::dhcp::{self as dhcp_service, DhcpService};
 use crate::service::tftp::Tftp;
 use crate::service::timeline;
 use crate::store::{Sqlite, Store};
@@ -217,15 +217,15 @@ fn start_tftp(
     Ok(Some((service, running)))
 }
 
-/// Starts proxyDHCP on the boot interfaces. Failing to bind is not fatal: netbootd also
-/// works behind a DHCP server that hands out its boot file itself.
+/// Starts proxyDHCP or the DHCP server on the boot interfaces. Failing to bind is not
+/// fatal: netbootd also works behind a DHCP server that hands out its boot file itself.
 fn start_dhcp(
     cfg: &Validated,
     store: &Arc<dyn Store>,
     bindings: &Arc<Bindings>,
     http_port: u16,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> Option<(Arc<ProxyDhcp>, tokio::task::JoinHandle<()>)> {
+) -> Option<(Arc<DhcpService>, tokio::task::JoinHandle<()>)> {
     let d = &cfg.config.dhcp;
     if d.mode == DhcpMode::Off {
         tracing::info!("DHCP off (dhcp.mode = \"off\")");
@@ -234,26 +234,50 @@ fn start_dhcp(
     let listeners = match dhcp_service::bind(&d.interfaces, PORT_DHCP_SERVER, PORT_PXE_PROXY) {
         Ok(l) if !l.is_empty() => l,
         Ok(_) => {
-            tracing::warn!(interfaces = ?d.interfaces, "proxyDHCP has no interface to listen on");
+            tracing::warn!(interfaces = ?d.interfaces, "DHCP has no interface to listen on");
             return None;
         }
         Err(error) => {
-            tracing::warn!(%error, "proxyDHCP cannot enumerate interfaces");
+            tracing::warn!(%error, "DHCP cannot enumerate interfaces");
             return None;
         }
     };
+    let server_mode = d.mode == DhcpMode::Server;
+    let what = if server_mode {
+        "DHCP server"
+    } else {
+        "proxyDHCP"
+    };
     for l in &listeners {
-        tracing::info!(iface = %l.iface, ip = %l.ip, "proxyDHCP listening (ports 67 and 4011)");
+        tracing::info!(iface = %l.iface, ip = %l.ip, "{what} listening (ports 67 and 4011)");
     }
-    let service = Arc::new(
-        ProxyDhcp::new(
-            Arc::clone(store),
-            http_port,
-            d.boot_files(),
-            PORT_DHCP_CLIENT,
-        )
-        .with_bindings(Arc::clone(bindings)),
-    );
+    // Both were checked by Config::validate.
+    let required = d.ipxe_required().unwrap_or_default();
+    let mut service = DhcpService::new(
+        Arc::clone(store),
+        http_port,
+        d.boot_files(),
+        PORT_DHCP_CLIENT,
+    )
+    .with_ipxe_required(required)
+    .with_bindings(Arc::clone(bindings));
+    if server_mode {
+        let pools = match d.server() {
+            Ok(p) => p,
+            Err(error) => {
+                tracing::error!(%error, "DHCP server configuration");
+                return None;
+            }
+        };
+        service = match service.with_server(pools) {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::error!(%error, "reading the DHCP leases; DHCP server not started");
+                return None;
+            }
+        };
+    }
+    let service = Arc::new(service);
     let task = tokio::spawn(Arc::clone(&service).serve(listeners, stop));
     Some((service, task))
 }

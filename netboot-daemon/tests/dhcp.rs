@@ -16,7 +16,7 @@ use dhcproto::v4::{
 };
 use netboot_daemon::dhcp::proxy::BootFiles;
 use netboot_daemon::ebpf::in_netns;
-use netboot_daemon::service::dhcp::{ProxyDhcp, bind};
+use netboot_daemon::service::dhcp::{DhcpService, bind};
 use netboot_daemon::store::{PageQuery, Sqlite, Store};
 
 mod common;
@@ -70,7 +70,7 @@ async fn proxy_dhcp_answers_pxe_clients_in_a_namespace() {
         .expect("bind");
     assert_eq!(listeners.len(), 1, "one interface with IPv4 besides lo");
     assert_eq!(listeners[0].ip, Ipv4Addr::new(10, 77, 0, 1));
-    let service = Arc::new(ProxyDhcp::new(
+    let service = Arc::new(DhcpService::new(
         Arc::clone(&store),
         8080,
         BootFiles::default(),
@@ -225,6 +225,365 @@ async fn proxy_dhcp_answers_pxe_clients_in_a_namespace() {
         )),
         "{text}"
     );
+    let _ = stop.send(true);
+    task.await.expect("serve task");
+    drop(lab);
+}
+
+/// What a DHCP client's hook script saw when it got its lease: its environment.
+fn hook_env(path: &std::path::Path) -> std::collections::HashMap<String, String> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("the client's script did not run ({}): {e}", path.display()));
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+        .collect()
+}
+
+/// Writes an executable hook script that saves its environment to `out` when the client
+/// reports a lease (udhcpc: `bound`/`renew`; dhclient: `BOUND`/`RENEW`/`REBOOT`), and,
+/// for udhcpc, puts the address on the interface, as its default script would (it sends
+/// its RELEASE from that address).
+fn hook_script(dir: &std::path::Path, name: &str, out: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join(name);
+    let body = format!(
+        "#!/bin/sh\ncase \"$1$reason\" in bound|renew|BOUND|RENEW|REBOOT) env > {}.tmp && mv {}.tmp {} ;; esac\n\
+         case \"$1\" in bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\" ;; esac\nexit 0\n",
+        out.display(),
+        out.display(),
+        out.display()
+    );
+    std::fs::write(&path, body).expect("write hook");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod hook");
+    path
+}
+
+fn run_in(ns: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn server_config() -> netboot_daemon::dhcp::server::Config {
+    use netboot_daemon::dhcp::server::{Config, Pool, Reservation};
+    Config {
+        pools: vec![Pool {
+            network: Ipv4Addr::new(10, 78, 0, 0),
+            prefix: 24,
+            first: Ipv4Addr::new(10, 78, 0, 100),
+            last: Ipv4Addr::new(10, 78, 0, 150),
+            router: Some(Ipv4Addr::new(10, 78, 0, 1)),
+            dns: vec![Ipv4Addr::new(10, 78, 0, 53)],
+            domain: Some("lab.test".into()),
+            lease_secs: 600,
+            interface: None,
+        }],
+        reservations: vec![Reservation {
+            mac: "52:54:00:78:00:99".parse().expect("mac"),
+            ip: Ipv4Addr::new(10, 78, 0, 20),
+            hostname: Some("reserved-1".into()),
+        }],
+        offer_secs: 60,
+        decline_secs: 600,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_mode_gives_real_clients_leases_that_survive_a_restart() {
+    const TEST: &str = "server_mode_gives_real_clients_leases_that_survive_a_restart";
+    if let Err(why) = privileged(&["ip"]) {
+        return skip(TEST, &why);
+    }
+    for tool in ["busybox", "dhclient"] {
+        if !common::have(tool) {
+            return skip(TEST, &format!("{tool} is not installed"));
+        }
+    }
+    let lab = Veth::create("nbd", 's', "52:54:00:78:00:01", "52:54:00:78:00:02", false);
+    ip(&[
+        "-n",
+        &lab.srv_ns,
+        "addr",
+        "add",
+        "10.78.0.1/24",
+        "dev",
+        &lab.srv_if,
+    ]);
+    for ns in [&lab.srv_ns, &lab.cli_ns] {
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    let dir = common::TestDir::new("dhcp-server");
+    let db = dir.path().join("netboot.db");
+    let start = |store: Arc<dyn Store>| {
+        let listeners = in_netns(&lab.srv_path(), || bind(&[], 67, 4011))
+            .expect("setns")
+            .expect("bind");
+        let service = Arc::new(
+            DhcpService::new(store, 8080, BootFiles::default(), 68)
+                .with_server(server_config())
+                .expect("leases load"),
+        );
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(Arc::clone(&service).serve(listeners, stop_rx));
+        (service, stop, task)
+    };
+    let store: Arc<dyn Store> = Arc::new(Sqlite::open(&db).expect("store"));
+    let (service, stop, task) = start(Arc::clone(&store));
+
+    // busybox udhcpc: a lease from the range with the subnet's options.
+    let out = dir.path().join("udhcpc.env");
+    let script = hook_script(dir.path(), "udhcpc.sh", &out);
+    let script = script.to_str().expect("utf-8");
+    let dev = lab.cli_if.as_str();
+    run_in(
+        &lab.cli_ns,
+        &[
+            "busybox", "udhcpc", "-i", dev, "-f", "-q", "-n", "-t", "3", "-T", "2", "-s", script,
+        ],
+    );
+    let env = hook_env(&out);
+    let got: Ipv4Addr = env["ip"].parse().expect("ip");
+    assert!(
+        (100..=150).contains(&got.octets()[3]) && got.octets()[..3] == [10, 78, 0],
+        "{env:?}"
+    );
+    assert_eq!(env["router"], "10.78.0.1", "{env:?}");
+    assert_eq!(env["dns"].trim(), "10.78.0.53", "{env:?}");
+    assert_eq!(env["domain"], "lab.test", "{env:?}");
+    assert_eq!(env["lease"], "600", "{env:?}");
+    assert_eq!(env["serverid"], "10.78.0.1", "{env:?}");
+    assert_eq!(env["subnet"], "255.255.255.0", "{env:?}");
+
+    // The same client asks again: the same address. This time udhcpc stays (no -q: it
+    // only releases from the bound state) until SIGTERM, and releases on exit (-R).
+    std::fs::remove_file(&out).expect("rm");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &lab.cli_ns])
+        .args([
+            "busybox", "udhcpc", "-i", dev, "-f", "-n", "-t", "3", "-T", "2", "-s", script, "-R",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("udhcpc");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !out.exists() {
+        assert!(std::time::Instant::now() < deadline, "udhcpc got no lease");
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "udhcpc quit without a lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        hook_env(&out)["ip"],
+        got.to_string(),
+        "a returning client keeps its address"
+    );
+    // `ip netns exec` execs udhcpc, so the child's PID is udhcpc's.
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: kill(2) on the PID of our own child, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    // It exits on SIGTERM after sending its RELEASE; its exit status says nothing more.
+    let _status = child.wait().expect("udhcpc exits");
+
+    // With -R it released the address when it quit (the RELEASE may still be on its way).
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let lease = service
+            .leases()
+            .expect("server mode")
+            .into_iter()
+            .find(|l| l.ip == got)
+            .expect("the lease is kept after a release");
+        if lease.expires <= now() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not released: {lease:?}; received {}, releases {}, ignored {}, malformed {}",
+            service.stats.received.load(Ordering::Relaxed),
+            service.stats.releases.load(Ordering::Relaxed),
+            service.stats.ignored.load(Ordering::Relaxed),
+            service.stats.malformed.load(Ordering::Relaxed),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A reservation: the client takes the reserved MAC and gets the fixed address and name.
+    ip(&[
+        "-n",
+        &lab.cli_ns,
+        "link",
+        "set",
+        "dev",
+        dev,
+        "address",
+        "52:54:00:78:00:99",
+    ]);
+    std::fs::remove_file(&out).expect("rm");
+    run_in(
+        &lab.cli_ns,
+        &[
+            "busybox", "udhcpc", "-i", dev, "-f", "-q", "-n", "-t", "3", "-T", "2", "-s", script,
+        ],
+    );
+    let env = hook_env(&out);
+    assert_eq!(env["ip"], "10.78.0.20", "{env:?}");
+    assert_eq!(env["hostname"], "reserved-1", "{env:?}");
+
+    // ISC dhclient, with yet another MAC: a lease, then an explicit release (-r).
+    ip(&[
+        "-n",
+        &lab.cli_ns,
+        "link",
+        "set",
+        "dev",
+        dev,
+        "address",
+        "52:54:00:78:00:03",
+    ]);
+    let dh_out = dir.path().join("dhclient.env");
+    let dh_script = hook_script(dir.path(), "dhclient.sh", &dh_out);
+    let lease_file = dir.path().join("dhclient.leases");
+    let pid_file = dir.path().join("dhclient.pid");
+    let dh = |extra: &[&str]| {
+        let mut args = vec![
+            "dhclient",
+            "-sf",
+            dh_script.to_str().expect("utf-8"),
+            "-lf",
+            lease_file.to_str().expect("utf-8"),
+            "-pf",
+            pid_file.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        args.push(dev);
+        run_in(&lab.cli_ns, &args)
+    };
+    // -1: one try; it goes to the background once bound, until -r below stops it.
+    dh(&["-1", "-4"]);
+    let env = hook_env(&dh_out);
+    let dh_ip: Ipv4Addr = env["new_ip_address"].parse().expect("dhclient address");
+    assert!(
+        dh_ip != got && dh_ip.octets()[..3] == [10, 78, 0],
+        "{env:?}"
+    );
+    assert_eq!(env["new_routers"], "10.78.0.1", "{env:?}");
+    assert_eq!(env["new_domain_name_servers"], "10.78.0.53", "{env:?}");
+    assert_eq!(env["new_domain_name"], "lab.test", "{env:?}");
+    assert_eq!(env["new_dhcp_lease_time"], "600", "{env:?}");
+    let bound = service.leases().expect("server mode");
+    assert!(
+        bound
+            .iter()
+            .any(|l| l.ip == dh_ip && l.mac.to_string() == "52:54:00:78:00:03"),
+        "{bound:?}"
+    );
+    dh(&["-r"]);
+
+    // Every client is on the timeline with the address it was given (recorded just after
+    // the reply is sent, so wait for it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = Arc::clone(&store);
+        let events = tokio::task::spawn_blocking(move || {
+            s.list_events(&netboot_daemon::store::EventQuery {
+                mac: Some("52:54:00:78:00:99".parse().expect("mac")),
+                ..Default::default()
+            })
+        })
+        .await
+        .expect("join")
+        .expect("events");
+        if events
+            .items
+            .iter()
+            .any(|e| e.kind == "dhcp_ack" && e.ip.as_deref() == Some("10.78.0.20"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dhcp_ack event: {:?}",
+            events.items
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Stop: the leases are in the database; a new server takes them back.
+    let _ = stop.send(true);
+    task.await.expect("serve task");
+    let before = service.leases().expect("server mode");
+    drop(service);
+    let stored = store.list_leases().expect("stored leases");
+    for ip in [got, Ipv4Addr::new(10, 78, 0, 20), dh_ip] {
+        assert!(
+            stored.iter().any(|l| l.ip == ip),
+            "{ip} not stored: {stored:?}"
+        );
+    }
+    drop(store);
+    let store: Arc<dyn Store> = Arc::new(Sqlite::open(&db).expect("store reopens"));
+    let (service, stop, task) = start(Arc::clone(&store));
+    let after = service.leases().expect("server mode");
+    let bound_or_declined = |v: &[netboot_daemon::dhcp::server::Lease]| {
+        v.iter()
+            .filter(|l| l.state != netboot_daemon::dhcp::server::LeaseState::Offered)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bound_or_declined(&after), bound_or_declined(&before));
+    // The first client comes back after the restart asking for its address (udhcpc -r):
+    // it gets it again.
+    std::fs::remove_file(&out).expect("rm");
+    ip(&[
+        "-n",
+        &lab.cli_ns,
+        "link",
+        "set",
+        "dev",
+        dev,
+        "address",
+        "52:54:00:78:00:02",
+    ]);
+    run_in(
+        &lab.cli_ns,
+        &[
+            "busybox",
+            "udhcpc",
+            "-i",
+            dev,
+            "-f",
+            "-q",
+            "-n",
+            "-t",
+            "3",
+            "-T",
+            "2",
+            "-s",
+            script,
+            "-r",
+            &got.to_string(),
+        ],
+    );
+    assert_eq!(hook_env(&out)["ip"], got.to_string());
     let _ = stop.send(true);
     task.await.expect("serve task");
     drop(lab);

@@ -34,14 +34,16 @@ const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libllvm22",
 ];
-/// Debian packages the tests drive as real peers: TFTP clients (tftp-hpa, atftp), a DHCP
-/// client (busybox udhcpc), dnsmasq for the TFTP benchmark smoke, the strict OpenMetrics
+/// Debian packages the tests drive as real peers: TFTP clients (tftp-hpa, atftp), DHCP
+/// clients (busybox udhcpc, ISC dhclient) and Kea's perfdhcp, dnsmasq for the TFTP benchmark smoke, the strict OpenMetrics
 /// parser of the Prometheus client library, and the iSCSI initiators (libiscsi's tools and
 /// conformance suite, qemu's iSCSI block driver).
 const TEST_PACKAGES: &[&str] = &[
     "tftp-hpa",
     "atftp",
     "busybox",
+    "isc-dhcp-client",
+    "kea-admin",
     "dnsmasq-base",
     "python3-prometheus-client",
     "libiscsi-bin",

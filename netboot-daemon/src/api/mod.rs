@@ -7,6 +7,7 @@
 
 mod auth;
 mod boot;
+mod dhcp;
 mod error;
 #[allow(
     unused_qualifications,
@@ -39,7 +40,7 @@ pub use self::system::{AuditParams, Check, EventParams, Health, VERSION, Version
 use crate::auth::LoginThrottle;
 use crate::bindings::Bindings;
 use crate::config::{Config, Paths, Validated};
-use crate::service::dhcp::ProxyDhcp;
+use crate::service::dhcp::DhcpService;
 use crate::service::tftp::Tftp;
 use crate::store::Store;
 
@@ -60,7 +61,7 @@ pub struct Services {
     /// The TFTP service, when it runs (transfers, metrics).
     pub tftp: Option<Arc<Tftp>>,
     /// The proxyDHCP service, when it runs (metrics).
-    pub dhcp: Option<Arc<ProxyDhcp>>,
+    pub dhcp: Option<Arc<DhcpService>>,
     /// Client address → MAC bindings (the boot routes learn them).
     pub bindings: Arc<Bindings>,
     /// The eBPF accounting, when it is loaded and attached.
@@ -110,7 +111,7 @@ impl AppState {
     }
 
     /// The proxyDHCP service, when it runs.
-    pub fn dhcp(&self) -> Option<&Arc<ProxyDhcp>> {
+    pub fn dhcp(&self) -> Option<&Arc<DhcpService>> {
         self.0.services.dhcp.as_ref()
     }
 
@@ -209,6 +210,7 @@ where
         metrics::tftp_transfers,
         metrics::device_metrics,
         metrics::attribution,
+        dhcp::leases,
     ),
     components(schemas(ErrorBody))
 )]
@@ -298,6 +300,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/audit", get(system::list_audit))
         .route("/tftp/transfers", get(metrics::tftp_transfers))
+        .route("/dhcp/leases", get(dhcp::leases))
         .route("/devices/{mac}/metrics", get(metrics::device_metrics))
         .route("/accounting/attribution", get(metrics::attribution))
         .fallback(api_not_found)

@@ -4,9 +4,12 @@
 //! - [`pxe`]: what a request says about its client: architecture (option 93), vendor
 //!   class (`PXEClient` / `HTTPClient`), iPXE (user class or option 175);
 //! - [`proxy`]: proxyDHCP answers (ports 67 and 4011) next to an existing DHCP server:
-//!   boot server and boot file only, never an address.
+//!   boot server and boot file only, never an address;
+//! - [`server`]: the full DHCP server: pools, reservations and the lease table, with
+//!   the same PXE boot fields in its offers.
 //!
-//! The UDP driver (IP_PKTINFO, broadcast) and full server mode come next.
+//! The tokio driver is [`crate::service::dhcp`].
 
 pub mod proxy;
 pub mod pxe;
+pub mod server;

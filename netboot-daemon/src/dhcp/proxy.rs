@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode};
 
-use super::pxe::{Client, ClientArch, Vendor};
+use super::pxe::{Client, ClientArch, IpxeFeature, Vendor};
 
 /// Boot files for firmware PXE, relative to the TFTP root.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +49,11 @@ pub struct Context {
     pub http_port: u16,
     /// Firmware boot files.
     pub files: BootFiles,
+    /// iPXE clients that do not announce all of these features get the firmware boot
+    /// file (the full iPXE build) instead of their script: a limited iPXE, such as a NIC
+    /// option ROM, chains to the full one. Only features the full build has may be listed,
+    /// or it would chain to itself.
+    pub ipxe_required: Vec<IpxeFeature>,
 }
 
 /// The port a request arrived on.
@@ -104,7 +109,11 @@ pub struct Reply {
 /// The boot file for a client, or `None` if there is nothing to boot it with.
 pub fn boot_file(client: &Client, ctx: &Context) -> Option<String> {
     let http = format!("http://{}:{}", ctx.server, ctx.http_port);
-    if client.ipxe {
+    let capable = ctx
+        .ipxe_required
+        .iter()
+        .all(|f| client.ipxe_features.contains(&f.0));
+    if client.ipxe && capable {
         return Some(format!("{http}/boot/ipxe"));
     }
     let arch = client.arch.unwrap_or(ClientArch::BIOS);

@@ -70,6 +70,78 @@ pub struct Client {
     pub ipxe: bool,
     /// Option 97 (client machine identifier, the UUID), to echo.
     pub uuid: Option<Vec<u8>>,
+    /// The iPXE features the client announced in option 175 (their sub-option codes, see
+    /// [`IpxeFeature`]), in the order sent.
+    pub ipxe_features: Vec<u8>,
+}
+
+/// An iPXE feature, as announced in the encapsulated option 175 (iPXE's
+/// `include/ipxe/dhcp.h`: one sub-option per feature, value 1). An open registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpxeFeature(pub u8);
+
+impl IpxeFeature {
+    /// The features by the names operators write in `dhcp.ipxe_required_features`.
+    const NAMES: &[(&str, u8)] = &[
+        ("pxeext", 16),
+        ("iscsi", 17),
+        ("aoe", 18),
+        ("http", 19),
+        ("https", 20),
+        ("tftp", 21),
+        ("ftp", 22),
+        ("dns", 23),
+        ("bzimage", 24),
+        ("multiboot", 25),
+        ("slam", 26),
+        ("srp", 27),
+        ("nbi", 32),
+        ("pxe", 33),
+        ("elf", 34),
+        ("comboot", 35),
+        ("efi", 36),
+        ("fcoe", 37),
+        ("vlan", 38),
+        ("menu", 39),
+        ("sdi", 40),
+        ("nfs", 41),
+    ];
+
+    /// Parses a feature name (`http`, `iscsi`, `srp`, ...) or its sub-option number.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(s))
+            .map(|&(_, c)| Self(c))
+            .or_else(|| s.parse().ok().map(Self))
+    }
+}
+
+/// The sub-options of an encapsulated option (`code, len, data` triples) that carry a
+/// non-zero value; stops at the first truncated one.
+fn encapsulated_flags(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while let [code, rest_after_code @ ..] = rest {
+        match *code {
+            0 => rest = rest_after_code,
+            255 => break,
+            code => {
+                let Some((&len, body)) = rest_after_code.split_first() else {
+                    break;
+                };
+                let Some((value, after)) = body.split_at_checked(usize::from(len)) else {
+                    break;
+                };
+                if value.iter().any(|&b| b != 0) {
+                    out.push(code);
+                }
+                rest = after;
+            }
+        }
+    }
+    out
 }
 
 impl Client {
@@ -105,7 +177,11 @@ impl Client {
             Some(DhcpOption::UserClass(v)) => v.windows(4).any(|w| w == b"iPXE"),
             _ => false,
         };
-        let ipxe = user_class_ipxe || opts.get(OptionCode::Unknown(175)).is_some();
+        let ipxe_option = match opts.get(OptionCode::Unknown(175)) {
+            Some(DhcpOption::Unknown(o)) => Some(encapsulated_flags(o.data())),
+            _ => None,
+        };
+        let ipxe = user_class_ipxe || ipxe_option.is_some();
         let uuid = match opts.get(OptionCode::ClientMachineIdentifier) {
             Some(DhcpOption::ClientMachineIdentifier(u)) => Some(u.clone()),
             _ => None,
@@ -117,6 +193,7 @@ impl Client {
             vendor_class,
             ipxe,
             uuid,
+            ipxe_features: ipxe_option.unwrap_or_default(),
         })
     }
 }

@@ -1,22 +1,29 @@
-//! The proxyDHCP service on tokio: one pair of sockets (ports 67 and 4011) per boot
+//! The DHCP service on tokio: one pair of sockets (ports 67 and 4011) per boot
 //! interface, bound to the interface so that each reply names the right server address.
 //!
-//! All decisions are the core's ([`crate::dhcp::proxy`]); this module receives, sends,
-//! records what it saw in the store and counts.
+//! All decisions are the cores': [`crate::dhcp::proxy`] in proxy mode (and on port 4011
+//! in both modes), [`crate::dhcp::server`] on port 67 in server mode. This module
+//! receives, sends, persists the server's lease changes (write-behind, batched), records
+//! what it saw in the store and counts.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use dhcproto::v4::{Decodable as _, Decoder, Encodable as _, Encoder, Message};
 use netboot_common::PORT_DHCP_SERVER;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::bindings::{Bindings, Source as BindingSource};
+use dhcproto::v4::MessageType;
+
 use crate::dhcp::proxy::{self, BootFiles, Context, Destination, Port};
+use crate::dhcp::pxe::{Client, IpxeFeature};
+use crate::dhcp::server::{self, Lease, LeaseEvent, LeaseState, Server};
 use crate::metrics::{Exposition, Kind};
 use crate::service::timeline;
 use crate::store::{EventSource, NewBootEvent, Sighting, Store};
@@ -31,8 +38,17 @@ pub struct Stats {
     pub replies: AtomicU64,
     /// Datagrams that were not DHCP.
     pub malformed: AtomicU64,
-    /// Requests left to the real DHCP server (not PXE, other message types).
+    /// Requests left to the real DHCP server (not PXE, other message types), or that
+    /// get no answer in server mode (no pool, pool exhausted, another server chosen).
     pub ignored: AtomicU64,
+    /// Server mode: DHCPNAKs sent.
+    pub naks: AtomicU64,
+    /// Server mode: addresses acknowledged.
+    pub acks: AtomicU64,
+    /// Server mode: DHCPRELEASE and DHCPDECLINE received from the holder.
+    pub releases: AtomicU64,
+    /// Server mode: lease changes that could not be written to the store.
+    pub persist_errors: AtomicU64,
 }
 
 /// The sockets of one boot interface.
@@ -92,37 +108,115 @@ pub fn bind(ifaces: &[String], dhcp_port: u16, pxe_port: u16) -> io::Result<Vec<
     Ok(out)
 }
 
-/// The proxyDHCP service.
-pub struct ProxyDhcp {
+/// What the service does in server mode.
+struct ServerMode {
+    core: Mutex<Server>,
+    /// Lease changes on their way to the store.
+    persist: mpsc::UnboundedSender<Vec<LeaseEvent>>,
+    persist_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<LeaseEvent>>>>,
+}
+
+/// An answer from either core, as the driver sends and records it.
+struct Answer {
+    message: Message,
+    to: Destination,
+    client: Client,
+    boot_file: Option<String>,
+    /// The address acknowledged (server mode).
+    ip: Option<Ipv4Addr>,
+    /// The timeline event kind.
+    kind: &'static str,
+}
+
+/// The DHCP service: proxyDHCP or full server.
+pub struct DhcpService {
     store: Arc<dyn Store>,
     http_port: u16,
     files: BootFiles,
+    ipxe_required: Vec<IpxeFeature>,
     client_port: u16,
     bindings: Option<Arc<Bindings>>,
+    server: Option<ServerMode>,
     /// Counters.
     pub stats: Stats,
 }
 
-impl std::fmt::Debug for ProxyDhcp {
+impl std::fmt::Debug for DhcpService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProxyDhcp")
+        f.debug_struct("DhcpService")
             .field("http_port", &self.http_port)
             .field("files", &self.files)
+            .field("server_mode", &self.server.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl ProxyDhcp {
-    /// A service that points iPXE at `http_port` and firmware at `files`. Replies to
-    /// broadcasting clients go to `client_port` (68 except in tests).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl DhcpService {
+    /// A proxyDHCP service that points iPXE at `http_port` and firmware at `files`.
+    /// Replies to broadcasting clients go to `client_port` (68 except in tests).
     pub fn new(store: Arc<dyn Store>, http_port: u16, files: BootFiles, client_port: u16) -> Self {
         Self {
             store,
             http_port,
             files,
+            ipxe_required: Vec::new(),
             client_port,
             bindings: None,
+            server: None,
             stats: Stats::default(),
+        }
+    }
+
+    /// iPXE clients lacking one of `features` get the firmware boot file.
+    #[must_use]
+    pub fn with_ipxe_required(mut self, features: Vec<IpxeFeature>) -> Self {
+        self.ipxe_required = features;
+        self
+    }
+
+    /// Makes this the DHCP server of `config`'s pools, with the leases in the store.
+    pub fn with_server(mut self, config: server::Config) -> Result<Self, crate::store::StoreError> {
+        let mut core = Server::new(config);
+        core.restore(self.store.list_leases()?);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mode = ServerMode {
+            core: Mutex::new(core),
+            persist: tx,
+            persist_rx: Mutex::new(Some(rx)),
+        };
+        self.server = Some(mode);
+        self.drain_lease_events();
+        Ok(self)
+    }
+
+    /// The lease table (server mode), in address order; `None` in proxy mode.
+    pub fn leases(&self) -> Option<Vec<Lease>> {
+        let mode = self.server.as_ref()?;
+        Some(
+            mode.core
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .leases(),
+        )
+    }
+
+    /// Sends the core's pending lease changes to the persistence task.
+    fn drain_lease_events(&self) {
+        let Some(mode) = &self.server else { return };
+        let events: Vec<LeaseEvent> = {
+            let mut core = mode.core.lock().unwrap_or_else(PoisonError::into_inner);
+            std::iter::from_fn(|| core.poll_event()).collect()
+        };
+        if !events.is_empty() {
+            // The receiver lives as long as the service runs; after shutdown nothing is
+            // left to write them.
+            let _ = mode.persist.send(events);
         }
     }
 
@@ -130,7 +224,7 @@ impl ProxyDhcp {
     pub fn write_metrics(&self, e: &mut Exposition) {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let st = &self.stats;
-        e.family("netboot_dhcp_datagrams", Kind::Counter, None, "Datagrams on the proxyDHCP ports (67, 4011) by what became of them: answered, ignored (not PXE or not for proxyDHCP, left to the DHCP server), malformed.");
+        e.family("netboot_dhcp_datagrams", Kind::Counter, None, "Datagrams on the DHCP ports (67, 4011) by what became of them: answered, ignored (proxy mode: not PXE, left to the DHCP server; server mode: no pool, pool exhausted, another server chosen), malformed.");
         e.counter(
             "netboot_dhcp_datagrams",
             &[("result", "answered")],
@@ -150,9 +244,71 @@ impl ProxyDhcp {
             "netboot_dhcp_received_datagrams",
             Kind::Counter,
             None,
-            "Datagrams received on the proxyDHCP ports.",
+            "Datagrams received on the DHCP ports.",
         );
         e.counter("netboot_dhcp_received_datagrams", &[], load(&st.received));
+        let Some(mode) = &self.server else { return };
+        e.family(
+            "netboot_dhcp_server_messages",
+            Kind::Counter,
+            None,
+            "Server mode: DHCPACKs of an address, DHCPNAKs, and releases and declines from the lease holder.",
+        );
+        e.counter(
+            "netboot_dhcp_server_messages",
+            &[("type", "ack")],
+            load(&st.acks),
+        );
+        e.counter(
+            "netboot_dhcp_server_messages",
+            &[("type", "nak")],
+            load(&st.naks),
+        );
+        e.counter(
+            "netboot_dhcp_server_messages",
+            &[("type", "release_or_decline")],
+            load(&st.releases),
+        );
+        e.family(
+            "netboot_dhcp_lease_write_errors",
+            Kind::Counter,
+            None,
+            "Server mode: batches of lease changes the store refused (the in-memory table stays authoritative).",
+        );
+        e.counter(
+            "netboot_dhcp_lease_write_errors",
+            &[],
+            load(&st.persist_errors),
+        );
+        let now = unix_now();
+        let (mut bound, mut offered, mut declined, mut expired) = (0u64, 0u64, 0u64, 0u64);
+        for l in mode
+            .core
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .leases()
+        {
+            match (l.state, l.active(now)) {
+                (LeaseState::Bound, true) => bound += 1,
+                (LeaseState::Bound, false) => expired += 1,
+                (LeaseState::Offered, _) => offered += 1,
+                (LeaseState::Declined, _) => declined += 1,
+            }
+        }
+        e.family(
+            "netboot_dhcp_leases",
+            Kind::Gauge,
+            None,
+            "Server mode: leases by state (expired: ended or released, the address still remembered for its client).",
+        );
+        for (state, n) in [
+            ("bound", bound),
+            ("offered", offered),
+            ("declined", declined),
+            ("expired", expired),
+        ] {
+            e.gauge("netboot_dhcp_leases", &[("state", state)], n as f64);
+        }
     }
 
     /// Records the client address → MAC bindings this service learns into `bindings`.
@@ -177,7 +333,145 @@ impl ProxyDhcp {
                 });
             }
         }
+        let persist = self.server.as_ref().and_then(|m| {
+            m.persist_rx
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+        });
+        if let Some(rx) = persist {
+            tasks.spawn(Arc::clone(&self).lease_keeper(rx, shutdown.clone()));
+        }
         while tasks.join_next().await.is_some() {}
+    }
+
+    /// Server mode: expires stale offers and declines every 10 s and writes lease
+    /// changes to the store, batching whatever queued up meanwhile; at shutdown, writes
+    /// what is left and ends.
+    async fn lease_keeper(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Vec<LeaseEvent>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            let mut batch = tokio::select! {
+                _ = tick.tick() => {
+                    if let Some(mode) = &self.server {
+                        mode.core.lock().unwrap_or_else(PoisonError::into_inner).expire(unix_now());
+                    }
+                    self.drain_lease_events();
+                    continue;
+                }
+                Some(batch) = rx.recv() => batch,
+                _ = stop.changed() => {
+                    self.drain_lease_events();
+                    let mut rest = Vec::new();
+                    while let Ok(more) = rx.try_recv() {
+                        rest.extend(more);
+                    }
+                    if !rest.is_empty() {
+                        self.write_leases(rest).await;
+                    }
+                    return;
+                }
+            };
+            while let Ok(more) = rx.try_recv() {
+                batch.extend(more);
+            }
+            self.write_leases(batch).await;
+        }
+    }
+
+    async fn write_leases(&self, batch: Vec<LeaseEvent>) {
+        let store = Arc::clone(&self.store);
+        let n = batch.len();
+        match tokio::task::spawn_blocking(move || store.apply_lease_changes(&batch)).await {
+            Ok(Ok(())) => tracing::trace!(changes = n, "DHCP leases written"),
+            Ok(Err(error)) => {
+                self.stats.persist_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, changes = n, "writing DHCP leases");
+            }
+            Err(error) => {
+                self.stats.persist_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, "DHCP lease writer panicked");
+            }
+        }
+    }
+
+    /// Decides the answer to one datagram; `None` when there is none to send.
+    fn decide(&self, msg: &Message, port: Port, ctx: &Context, l: &Listener) -> Option<Answer> {
+        let from_server = match (&self.server, port) {
+            (Some(mode), Port::Dhcp) => {
+                let meta = server::Meta {
+                    iface: &l.iface,
+                    server: l.ip,
+                };
+                let result = mode
+                    .core
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .handle(unix_now(), msg, &meta, ctx);
+                self.drain_lease_events();
+                Some(result)
+            }
+            _ => None,
+        };
+        match from_server {
+            Some(Ok(Some(r))) => {
+                let kind = match r.kind() {
+                    Some(MessageType::Offer) => "dhcp_offer",
+                    Some(MessageType::Nak) => {
+                        self.stats.naks.fetch_add(1, Ordering::Relaxed);
+                        "dhcp_nak"
+                    }
+                    _ if r.ip.is_some() => {
+                        self.stats.acks.fetch_add(1, Ordering::Relaxed);
+                        "dhcp_ack"
+                    }
+                    _ => "dhcp_inform",
+                };
+                Some(Answer {
+                    message: r.message,
+                    to: r.to,
+                    client: r.client,
+                    boot_file: r.boot_file,
+                    ip: r.ip,
+                    kind,
+                })
+            }
+            Some(Ok(None)) => {
+                self.stats.releases.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Some(Err(why)) => {
+                self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(?why, iface = %l.iface, "DHCP request not answered");
+                None
+            }
+            None => match proxy::handle(msg, port, ctx) {
+                Ok(r) => {
+                    let kind = if r.is_ack() {
+                        "dhcp_pxe_ack"
+                    } else {
+                        "dhcp_proxy_offer"
+                    };
+                    Some(Answer {
+                        message: r.message,
+                        to: r.to,
+                        client: r.client,
+                        boot_file: Some(r.boot_file),
+                        ip: None,
+                        kind,
+                    })
+                }
+                Err(why) => {
+                    self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                    tracing::trace!(?why, iface = %l.iface, "dhcp request left to the DHCP server");
+                    None
+                }
+            },
+        }
     }
 
     async fn receive_loop(&self, l: &Listener, port: Port) {
@@ -190,6 +484,7 @@ impl ProxyDhcp {
             server: l.ip,
             http_port: self.http_port,
             files: self.files.clone(),
+            ipxe_required: self.ipxe_required.clone(),
         };
         loop {
             let (n, from) = match socket.recv_from(&mut buf).await {
@@ -204,29 +499,28 @@ impl ProxyDhcp {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let reply = match proxy::handle(&msg, port, &ctx) {
-                Ok(r) => r,
-                Err(why) => {
-                    self.stats.ignored.fetch_add(1, Ordering::Relaxed);
-                    tracing::trace!(?why, iface = %l.iface, "dhcp request left to the DHCP server");
-                    continue;
-                }
+            let Some(answer) = self.decide(&msg, port, &ctx, l) else {
+                continue;
             };
-            if let (Some(b), SocketAddr::V4(source)) = (&self.bindings, from)
-                && let Some(ip) = proxy::client_address(&msg, *source.ip())
-            {
-                b.learn(
-                    ip.into(),
-                    reply.client.mac,
-                    BindingSource::Dhcp,
-                    Timestamp::now(),
-                );
+            if let (Some(b), SocketAddr::V4(source)) = (&self.bindings, from) {
+                let ip = answer
+                    .ip
+                    .filter(|_| answer.kind == "dhcp_ack")
+                    .or_else(|| proxy::client_address(&msg, *source.ip()));
+                if let Some(ip) = ip {
+                    b.learn(
+                        ip.into(),
+                        answer.client.mac,
+                        BindingSource::Dhcp,
+                        Timestamp::now(),
+                    );
+                }
             }
             let mut out = Vec::with_capacity(600);
-            if reply.message.encode(&mut Encoder::new(&mut out)).is_err() {
+            if answer.message.encode(&mut Encoder::new(&mut out)).is_err() {
                 continue;
             }
-            let to = match reply.to {
+            let to = match answer.to {
                 Destination::Relay(relay) => {
                     SocketAddr::V4(SocketAddrV4::new(relay, PORT_DHCP_SERVER))
                 }
@@ -241,41 +535,51 @@ impl ProxyDhcp {
                 }
                 Err(e) => tracing::debug!(error = %e, %to, "dhcp send failed"),
             }
-            tracing::debug!(mac = %reply.client.mac, iface = %l.iface, file = %reply.boot_file, "proxyDHCP answered");
-            self.record(&reply, l).await;
+            tracing::debug!(mac = %answer.client.mac, iface = %l.iface, kind = answer.kind, ip = ?answer.ip, file = ?answer.boot_file, "DHCP answered");
+            self.record(&answer, l).await;
         }
     }
 
     /// Records the client as seen and puts the exchange on its timeline.
-    async fn record(&self, reply: &proxy::Reply, l: &Listener) {
-        let c = &reply.client;
-        let detail = format!(
-            "proxyDHCP on {}: {} (arch {}), boot file {}",
+    async fn record(&self, a: &Answer, l: &Listener) {
+        let c = &a.client;
+        let mut detail = format!(
+            "{} on {}: {} (arch {})",
+            a.kind.trim_start_matches("dhcp_").replace('_', " "),
             l.iface,
-            if c.ipxe { "iPXE" } else { "firmware" },
+            if c.ipxe {
+                "iPXE"
+            } else if c.vendor.is_some() {
+                "firmware"
+            } else {
+                "client"
+            },
             c.arch.map_or_else(|| "-".to_owned(), |a| a.0.to_string()),
-            reply.boot_file
         );
-        let kind = if reply.is_ack() {
-            "dhcp_pxe_ack"
-        } else {
-            "dhcp_proxy_offer"
-        };
+        if let Some(ip) = a.ip {
+            detail.push_str(&format!(", address {ip}"));
+        }
+        if let Some(f) = &a.boot_file {
+            detail.push_str(&format!(", boot file {f}"));
+        }
         let at = Timestamp::now();
+        let ip =
+            a.ip.filter(|_| a.kind == "dhcp_ack")
+                .map(|ip| ip.to_string());
         let sighting = Sighting {
             mac: c.mac,
             at,
             arch: c.arch.and_then(crate::dhcp::pxe::ClientArch::arch),
-            ip: None,
+            ip: ip.clone(),
             vendor_class: c.vendor_class.clone(),
         };
         let event = NewBootEvent {
             mac: c.mac,
             at,
             source: EventSource::Dhcp,
-            kind: kind.into(),
+            kind: a.kind.into(),
             detail,
-            ip: None,
+            ip,
         };
         timeline::record(Arc::clone(&self.store), sighting, event).await;
     }

@@ -20,6 +20,7 @@ mod sqlite;
 pub use model::*;
 pub use sqlite::Sqlite;
 
+use crate::dhcp::server::{Lease, LeaseEvent, LeaseState};
 use crate::mac::MacAddr;
 use crate::time::Timestamp;
 
@@ -209,6 +210,12 @@ pub trait Store: Send + Sync + 'static {
     fn list_events(&self, q: &EventQuery) -> Result<Page<BootEvent>>;
     /// Removes events older than `before`; returns how many went.
     fn prune_events(&self, before: Timestamp) -> Result<u64>;
+
+    // DHCP leases (server mode).
+    /// Every stored lease.
+    fn list_leases(&self) -> Result<Vec<Lease>>;
+    /// Applies lease changes in order, in one transaction.
+    fn apply_lease_changes(&self, changes: &[LeaseEvent]) -> Result<()>;
 
     // Settings.
     /// The current settings.

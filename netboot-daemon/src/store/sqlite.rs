@@ -15,7 +15,10 @@ use serde_json::{Map, Value, json};
 use super::*;
 
 /// Numbered migrations; `PRAGMA user_version` records the last one applied.
-const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("migrations/0001_inventory.sql"))];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("migrations/0001_inventory.sql")),
+    (2, include_str!("migrations/0002_dhcp_leases.sql")),
+];
 
 /// Reader connections for a file database (the writer is separate).
 const READERS: usize = 2;
@@ -1070,6 +1073,63 @@ impl Store for Sqlite {
 
     fn prune_events(&self, before: Timestamp) -> Result<u64> {
         self.write(|tx| Ok(tx.execute("DELETE FROM boot_events WHERE at < ?1", [before.0])? as u64))
+    }
+
+    fn list_leases(&self) -> Result<Vec<Lease>> {
+        self.read(|c| {
+            let mut st = c.prepare("SELECT ip, mac, expires, state, hostname FROM dhcp_leases")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (ip, mac, expires, state, hostname) = row?;
+                let corrupt = || StoreError::Corrupt {
+                    what: "dhcp_leases",
+                };
+                out.push(Lease {
+                    ip: ip.parse().map_err(|_| corrupt())?,
+                    mac: mac.parse().map_err(|_| corrupt())?,
+                    expires: u64::try_from(expires).map_err(|_| corrupt())?,
+                    state: LeaseState::parse(&state).ok_or_else(corrupt)?,
+                    hostname,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn apply_lease_changes(&self, changes: &[LeaseEvent]) -> Result<()> {
+        self.write(|tx| {
+            for ch in changes {
+                match ch {
+                    LeaseEvent::Saved(l) => {
+                        tx.execute(
+                            "INSERT INTO dhcp_leases (ip, mac, expires, state, hostname) VALUES (?1, ?2, ?3, ?4, ?5) \
+                             ON CONFLICT(ip) DO UPDATE SET mac = excluded.mac, expires = excluded.expires, \
+                             state = excluded.state, hostname = excluded.hostname",
+                            params![
+                                l.ip.to_string(),
+                                l.mac.to_string(),
+                                i64::try_from(l.expires).unwrap_or(i64::MAX),
+                                l.state.as_str(),
+                                l.hostname
+                            ],
+                        )?;
+                    }
+                    LeaseEvent::Removed(ip) => {
+                        tx.execute("DELETE FROM dhcp_leases WHERE ip = ?1", [ip.to_string()])?;
+                    }
+                }
+            }
+            Ok(())
+        })
     }
 
     fn get_settings(&self) -> Result<Settings> {

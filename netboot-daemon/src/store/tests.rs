@@ -396,3 +396,44 @@ fn settings_round_trip_and_keep_unknown_keys_out() {
     let detail = s.list_audit(&q).expect("audit").items[0].detail.clone();
     assert_eq!(detail["menu_timeout_secs"], serde_json::json!([10, 3]));
 }
+
+#[test]
+fn dhcp_leases_are_saved_replaced_and_removed_in_order() {
+    let s = Sqlite::in_memory().expect("store");
+    assert!(s.list_leases().expect("list").is_empty());
+    let a = Lease {
+        ip: "10.0.0.5".parse().expect("ip"),
+        mac: "52:54:00:00:00:01".parse().expect("mac"),
+        expires: 1_900_000_000,
+        state: LeaseState::Bound,
+        hostname: Some("pc1".into()),
+    };
+    let b = Lease {
+        ip: "10.0.0.6".parse().expect("ip"),
+        mac: "52:54:00:00:00:02".parse().expect("mac"),
+        hostname: None,
+        ..a.clone()
+    };
+    let renewed = Lease {
+        expires: 1_900_003_600,
+        ..a.clone()
+    };
+    s.apply_lease_changes(&[
+        LeaseEvent::Saved(a.clone()),
+        LeaseEvent::Saved(b.clone()),
+        LeaseEvent::Saved(renewed.clone()),
+        LeaseEvent::Removed(b.ip),
+    ])
+    .expect("apply");
+    assert_eq!(s.list_leases().expect("list"), vec![renewed]);
+    let declined = Lease {
+        state: LeaseState::Declined,
+        ..b
+    };
+    s.apply_lease_changes(&[
+        LeaseEvent::Removed(a.ip),
+        LeaseEvent::Saved(declined.clone()),
+    ])
+    .expect("apply");
+    assert_eq!(s.list_leases().expect("list"), vec![declined]);
+}

@@ -12,6 +12,7 @@ fn ctx() -> Context {
         server: Ipv4Addr::new(10, 0, 0, 1),
         http_port: 8080,
         files: BootFiles::default(),
+        ipxe_required: vec![],
     }
 }
 
