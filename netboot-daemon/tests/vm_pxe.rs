@@ -447,6 +447,22 @@ fn run(case: Case) {
         }
         std::thread::yield_now();
     };
+    // As the DHCP server, netbootd holds the lease iPXE configured.
+    if case.mode == Mode::Server {
+        let ip = leases[0].split('/').next().unwrap_or_default();
+        let table = api.get("/api/v1/dhcp/leases");
+        let bound = table["leases"].as_array().is_some_and(|l| {
+            l.iter().any(|l| {
+                l["mac"] == mac.as_str()
+                    && l["ip"] == ip
+                    && l["state"] == "bound"
+                    && l["active"] == true
+            })
+        });
+        if table["mode"] != "server" || !bound {
+            fail(&format!("no active bound lease of {ip} for {mac}: {table}"));
+        }
+    }
     // The firmware's TFTP transfer of the iPXE binary, as netbootd saw it.
     let tftp = match (case.firmware, case.mode) {
         (Firmware::Uefi, _) => Some("ipxe.efi"),
