@@ -18,7 +18,8 @@
 //!   proxyDHCP → TFTP ipxe.efi → iPXE → proxyDHCP → HTTP script → kernel + initrd);
 //! - full DHCP server mode (netbootd hands out the addresses): BIOS (ROM → DHCP → TFTP
 //!   ipxe.pxe, because the ROM lacks the required iPXE feature SRP → iPXE → DHCP → HTTP)
-//!   and UEFI (OVMF → DHCP → TFTP ipxe.efi → iPXE → DHCP → HTTP);
+//!   and UEFI (OVMF → DHCP → TFTP ipxe.efi → iPXE → DHCP → HTTP; and qemu's iPXE EFI ROM,
+//!   which lacks SRP too → DHCP → TFTP ipxe.efi → iPXE → DHCP → HTTP);
 //! - iSCSI sanboot (BIOS, proxyDHCP): iPXE `sanboot`s netbootd's own target; the disk's MBR
 //!   prints a marker, reads LBA 1 with INT 13h (over iSCSI) and exits qemu with code 33
 //!   through `isa-debug-exit`.
@@ -71,6 +72,14 @@ enum Firmware {
     Bios,
     /// OVMF with its own PXE client (`romfile=`: no iPXE ROM).
     Uefi,
+    /// OVMF with qemu's virtio-net iPXE EFI option ROM (no SRP).
+    UefiIpxeRom,
+}
+
+impl Firmware {
+    fn efi(self) -> bool {
+        self != Self::Bios
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +168,17 @@ fn dhcp_server_uefi_native_pxe_boots_linux() {
 }
 
 #[test]
+fn dhcp_server_uefi_ipxe_rom_chains_ipxe_efi_and_boots_linux() {
+    run(Case {
+        name: "server-uefi-ipxe-rom",
+        index: 6,
+        firmware: Firmware::UefiIpxeRom,
+        mode: Mode::Server,
+        payload: Payload::Linux,
+    });
+}
+
+#[test]
 fn iscsi_sanboot_bios_reads_the_disk_over_iscsi() {
     run(Case {
         name: "iscsi-bios",
@@ -212,7 +232,7 @@ fn preflight(case: &Case) -> Result<Assets, String> {
             return Err(format!("{} is missing (Debian package ipxe)", p.display()));
         }
     }
-    if case.firmware == Firmware::Uefi {
+    if case.firmware.efi() {
         for f in [OVMF_CODE, OVMF_VARS] {
             if !Path::new(f).exists() {
                 return Err(format!("{f} is missing (Debian package ovmf)"));
@@ -358,7 +378,7 @@ fn run(case: Case) {
             if !line.contains(&format!("netboot_vm_case={}", case.name)) {
                 fail(&format!("the marker shows another command line: {line}"));
             }
-            if case.firmware == Firmware::Uefi && !line.contains("initrd=initrd0") {
+            if case.firmware.efi() && !line.contains("initrd=initrd0") {
                 fail(&format!("no initrd= on the EFI command line: {line}"));
             }
         }
@@ -376,7 +396,10 @@ fn run(case: Case) {
     // The chain went the expected way.
     let mut want: Vec<&str> = Vec::new();
     match (case.firmware, case.mode) {
-        (Firmware::Uefi, _) => want.extend(["ipxe.efi", "iPXE"]),
+        (Firmware::Uefi, _) | (Firmware::UefiIpxeRom, Mode::Server) => {
+            want.extend(["ipxe.efi", "iPXE"]);
+        }
+        (Firmware::UefiIpxeRom, Mode::Proxy) => want.push("iPXE"),
         (Firmware::Bios, Mode::Server) => want.push("ipxe.pxe"),
         (Firmware::Bios, Mode::Proxy) => want.push("iPXE"),
     }
@@ -423,6 +446,7 @@ fn run(case: Case) {
         Payload::Iscsi => "iscsi_login",
     });
     if case.firmware == Firmware::Uefi || case.mode == Mode::Server {
+        // The firmware loaded iPXE over TFTP.
         need.push("tftp_done");
     }
     let deadline = Instant::now() + SETTLE;
@@ -465,9 +489,9 @@ fn run(case: Case) {
     }
     // The firmware's TFTP transfer of the iPXE binary, as netbootd saw it.
     let tftp = match (case.firmware, case.mode) {
-        (Firmware::Uefi, _) => Some("ipxe.efi"),
+        (Firmware::Uefi, _) | (Firmware::UefiIpxeRom, Mode::Server) => Some("ipxe.efi"),
         (Firmware::Bios, Mode::Server) => Some("ipxe.pxe"),
-        (Firmware::Bios, Mode::Proxy) => None,
+        (Firmware::Bios | Firmware::UefiIpxeRom, Mode::Proxy) => None,
     };
     let mut tftp_seen = String::from("none");
     if let Some(file) = tftp {
@@ -959,13 +983,15 @@ fn boot(case: &Case, lab: &Lab, logs: &Logs, scratch: &Path) -> (ExitStatus, Str
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
-    if case.firmware == Firmware::Uefi {
+    if case.firmware.efi() {
         let vars = scratch.join("OVMF_VARS.fd");
         std::fs::copy(OVMF_VARS, &vars).expect("copy OVMF_VARS");
         cmd.arg("-drive")
             .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
             .arg("-drive")
             .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+    }
+    if case.firmware == Firmware::Uefi {
         // OVMF's own PXE client (VirtioNetDxe) instead of the iPXE EFI ROM.
         nic.push_str(",romfile=");
     }
