@@ -489,7 +489,17 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
     }
     apt_install(TEST_PACKAGES)?;
     let promtool = promtool()?;
-    let vm_assets = vm_assets()?;
+    // Without the payload the VM tests skip loudly (and fail under CI=true).
+    let vm_assets = match vm_assets() {
+        Ok(dir) => dir,
+        Err(e) if env::var("CI").as_deref() != Ok("true") => {
+            say(format!(
+                "cannot prepare the VM tests' payload ({e:#}): they will report SKIPPED"
+            ));
+            workspace_root().join("target/vm-assets")
+        }
+        Err(e) => return Err(e),
+    };
     say("rustfmt");
     run(&mut cargo(tc, &["fmt", "--all", "--check"]))?;
     say("clippy (all targets, warnings are errors)");
