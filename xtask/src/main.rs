@@ -575,6 +575,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "tftp_admission",
     "text_inputs",
     "iscsi_session",
+    "dhcp_server",
 ];
 
 /// Runs each fuzz target for `seconds` (libFuzzer through cargo-fuzz, on nightly).

@@ -6,10 +6,12 @@
 //! - [`proxy`]: proxyDHCP answers (ports 67 and 4011) next to an existing DHCP server:
 //!   boot server and boot file only, never an address;
 //! - [`server`]: the full DHCP server: pools, reservations and the lease table, with
-//!   the same PXE boot fields in its offers.
+//!   the same PXE boot fields in its offers;
+//! - [`wire`]: decoding a datagram, with the option lengths checked first.
 //!
 //! The tokio driver is [`crate::service::dhcp`].
 
 pub mod proxy;
 pub mod pxe;
 pub mod server;
+pub mod wire;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use dhcproto::v4::{Decodable as _, Decoder, Encodable as _, Encoder, Message};
+use dhcproto::v4::{Encodable as _, Encoder, Message};
 use netboot_common::PORT_DHCP_SERVER;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
@@ -495,9 +495,13 @@ impl DhcpService {
                 }
             };
             self.stats.received.fetch_add(1, Ordering::Relaxed);
-            let Ok(msg) = Message::decode(&mut Decoder::new(&buf[..n])) else {
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                continue;
+            let msg = match crate::dhcp::wire::decode(&buf[..n]) {
+                Ok(m) => m,
+                Err(why) => {
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(?why, %from, iface = %l.iface, "malformed DHCP datagram dropped");
+                    continue;
+                }
             };
             let Some(answer) = self.decide(&msg, port, &ctx, l) else {
                 continue;
