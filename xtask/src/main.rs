@@ -14,6 +14,9 @@
 //!   absent are skipped loudly; as root, `dhcp-compare --quick`, `ebpf-overhead --quick`
 //!   and `ebpf-scrape`).
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`: the fuzz targets in netboot-daemon/fuzz.
+//! - `cargo xtask vm-assets`: the payload the VM tests (tests/vm_pxe.rs) boot: a Debian
+//!   cloud kernel and a marker initrd under `target/vm-assets/` (fetched once, reused);
+//!   `cargo xtask test` prepares it before the tests.
 
 use std::env;
 use std::ffi::OsString;
@@ -47,6 +50,14 @@ const TEST_PACKAGES: &[&str] = &[
     "libiscsi-bin",
     "qemu-utils",
     "qemu-block-extra",
+    // The VM tests (tests/vm_pxe.rs): the x86 system emulator with SeaBIOS and its iPXE
+    // NIC ROMs, UEFI firmware (OVMF), the stock iPXE binaries served over TFTP, cpio for
+    // the marker initrd, nasm for the iSCSI disk's MBR.
+    "qemu-system-x86",
+    "ovmf",
+    "ipxe",
+    "cpio",
+    "nasm",
 ];
 /// Name of the toolchain linked from Debian's rustc-web when rustup cannot fetch rust-src.
 const DEBIAN_TOOLCHAIN: &str = "debian-web";
@@ -194,6 +205,124 @@ fn promtool() -> anyhow::Result<PathBuf> {
         bail!("{} has no usr/bin/promtool", deb.display());
     }
     Ok(bin)
+}
+
+/// `apt-get download PACKAGE` into `dir` (not installed), updating the package lists once
+/// if they are missing; the path of the .deb.
+fn apt_download(dir: &Path, package: &str) -> anyhow::Result<PathBuf> {
+    let find = || -> anyhow::Result<Option<PathBuf>> {
+        let prefix = format!("{package}_");
+        Ok(std::fs::read_dir(dir)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
+            }))
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(deb) = find()? {
+        return Ok(deb);
+    }
+    let download = || {
+        succeeds(
+            Command::new("apt-get")
+                .args(["download", package])
+                .current_dir(dir),
+        )
+    };
+    if !download() {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        anyhow::ensure!(download(), "apt-get download {package} failed");
+    }
+    find()?.with_context(|| format!("apt-get download {package} left no .deb"))
+}
+
+/// Extracts the members of `deb` matching `pattern` (a tar wildcard such as
+/// `./boot/vmlinuz-*`) into `dir`.
+fn deb_extract(deb: &Path, pattern: &str, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    run(Command::new("bash")
+        .args([
+            "-c",
+            "set -o pipefail; dpkg-deb --fsys-tarfile \"$1\" | tar -x -C \"$2\" --wildcards \"$3\"",
+            "sh",
+        ])
+        .arg(deb)
+        .arg(dir)
+        .arg(pattern))
+}
+
+/// The marker initrd's `/init`: prints a marker with the kernel command line on the
+/// serial console, then powers the VM off (qemu runs with -no-reboot, so it exits).
+const VM_INIT: &str = "#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+/bin/busybox mount -t devtmpfs dev /dev
+echo \"NETBOOT-VM-MARKER initrd reached, uptime $(/bin/busybox cat /proc/uptime)\" > /dev/ttyS0
+echo \"NETBOOT-VM-MARKER cmdline $(/bin/busybox cat /proc/cmdline)\" > /dev/ttyS0
+/bin/busybox poweroff -f
+";
+
+/// The payload the VM tests boot, under `target/vm-assets/` (the tests find it there, or
+/// through NETBOOT_VM_ASSETS): `vmlinuz`, the kernel of Debian's `linux-image-cloud-amd64`
+/// (serial console and devtmpfs built in), and `initrd.gz`, busybox-static with
+/// [`VM_INIT`]. Fetched with `apt-get download` (nothing installed: busybox-static would
+/// replace the busybox package), once.
+fn vm_assets() -> anyhow::Result<PathBuf> {
+    let dir = workspace_root().join("target/vm-assets");
+    let (vmlinuz, initrd) = (dir.join("vmlinuz"), dir.join("initrd.gz"));
+    let debs = dir.join("debs");
+    if !vmlinuz.exists() {
+        let deps = output(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))
+            .unwrap_or_default();
+        let package = deps
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .find(|p| p.starts_with("linux-image-"))
+            .map(str::to_owned)
+            .context("linux-image-cloud-amd64 depends on no linux-image-* (apt-get update?)")?;
+        say(format!(
+            "VM tests: fetching the kernel ({package}, apt-get download, extracted under target/vm-assets)"
+        ));
+        let deb = apt_download(&debs, &package)?;
+        let unpacked = dir.join("kernel");
+        deb_extract(&deb, "./boot/vmlinuz-*", &unpacked)?;
+        let image = std::fs::read_dir(unpacked.join("boot"))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .next()
+            .with_context(|| format!("{} has no /boot/vmlinuz-*", deb.display()))?;
+        std::fs::rename(&image, &vmlinuz).context("moving vmlinuz")?;
+        let _ = std::fs::remove_dir_all(&unpacked);
+    }
+    if !initrd.exists() {
+        say("VM tests: building the marker initrd (busybox-static, apt-get download)");
+        let deb = apt_download(&debs, "busybox-static")?;
+        let root = dir.join("initrd-root");
+        let _ = std::fs::remove_dir_all(&root);
+        deb_extract(&deb, "./bin/busybox", &root)?;
+        for sub in ["proc", "sys", "dev"] {
+            std::fs::create_dir_all(root.join(sub))?;
+        }
+        let init = root.join("init");
+        std::fs::write(&init, VM_INIT)?;
+        std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let partial = dir.join("initrd.gz.partial");
+        run(Command::new("bash")
+            .args([
+                "-c",
+                "set -o pipefail; cd \"$1\" && find . | cpio -o -H newc -R 0:0 --quiet | gzip -9 > \"$2\"",
+                "sh",
+            ])
+            .arg(&root)
+            .arg(&partial))?;
+        std::fs::rename(&partial, &initrd).context("moving initrd.gz")?;
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    let _ = std::fs::remove_dir_all(&debs);
+    Ok(dir)
 }
 
 fn has_rust_src(toolchain: &str) -> bool {
@@ -361,6 +490,17 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
     }
     apt_install(TEST_PACKAGES)?;
     let promtool = promtool()?;
+    // Without the payload the VM tests skip loudly (and fail under CI=true).
+    let vm_assets = match vm_assets() {
+        Ok(dir) => dir,
+        Err(e) if env::var("CI").as_deref() != Ok("true") => {
+            say(format!(
+                "cannot prepare the VM tests' payload ({e:#}): they will report SKIPPED"
+            ));
+            workspace_root().join("target/vm-assets")
+        }
+        Err(e) => return Err(e),
+    };
     say("rustfmt");
     run(&mut cargo(tc, &["fmt", "--all", "--check"]))?;
     say("clippy (all targets, warnings are errors)");
@@ -378,7 +518,9 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
     ))?;
     say("tests (unit, API, store, TFTP with real clients, privileged eBPF)");
     let counts = run_counting(
-        cargo(tc, &["test", "--workspace", "--locked"]).env("NETBOOT_PROMTOOL", &promtool),
+        cargo(tc, &["test", "--workspace", "--locked"])
+            .env("NETBOOT_PROMTOOL", &promtool)
+            .env("NETBOOT_VM_ASSETS", &vm_assets),
     )?;
     // One closing line for the whole suite (cargo prints one per test binary).
     println!(
@@ -534,6 +676,7 @@ fn main() -> ExitCode {
             run(c.args(&rest))
         }),
         "test" => setup().and_then(|tc| test(&tc)),
+        "vm-assets" => vm_assets().map(|dir| println!("{}", dir.display())),
         "fuzz" => {
             let seconds = rest
                 .iter()
@@ -549,7 +692,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | run [-- NETBOOTD-ARGS] | test | fuzz [--seconds N] [TARGET]>"
+                "usage: cargo xtask <setup | run [-- NETBOOTD-ARGS] | test | fuzz [--seconds N] [TARGET] | vm-assets>"
             );
             return ExitCode::from(2);
         }

@@ -140,17 +140,20 @@ pub(crate) fn privileged(tools: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// Reports loudly that `test` cannot run, and fails under `CI=true`.
+/// Reports loudly that `test` cannot run, and fails under `CI=true`. The banner goes to
+/// the process's stderr directly, past the test harness's output capture, so that a plain
+/// `cargo test` shows it too.
 pub(crate) fn skip(test: &str, why: &str) {
+    use std::io::Write as _;
     assert!(
         std::env::var("CI").as_deref() != Ok("true"),
         "{test} cannot run under CI=true: {why}"
     );
-    eprintln!();
-    eprintln!("********************************************************************");
-    eprintln!("*** SKIPPED: {test}: {why}");
-    eprintln!("********************************************************************");
-    eprintln!();
+    let bar = "********************************************************************";
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n{bar}\n*** SKIPPED: {test}: {why}\n{bar}\n"
+    );
 }
 
 /// Two network namespaces joined by a veth pair, with the given MACs, up; dropping it
