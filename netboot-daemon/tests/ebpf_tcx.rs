@@ -223,6 +223,106 @@ fn tcx_counts_equal_what_was_sent_and_the_veth_counters() {
     small.detach_all();
 }
 
+/// A broadcast the server host sends (as proxyDHCP offers are) is counted once, as sent and
+/// unattributed: the copy the kernel loops back to the host's own receive path (without an
+/// Ethernet header) never crossed the wire and must not become a "client" made of IP
+/// header bytes.
+#[test]
+fn the_hosts_own_broadcasts_are_counted_once() {
+    let Some(accounting) = load_or_skip(1024) else {
+        return;
+    };
+    let topo = Topology::create('b');
+    common::ip(&[
+        "-n",
+        &topo.srv_ns,
+        "addr",
+        "add",
+        "10.79.0.1/24",
+        "dev",
+        &topo.srv_if,
+    ]);
+    in_netns(&topo.srv_path(), || accounting.attach(&topo.srv_if))
+        .expect("enter the server namespace")
+        .expect("attach to the server veth");
+    let if_before = topo.srv_stats();
+    let map_before = rows(&accounting);
+    let unattributed = |a: &Accounting| -> (u64, u64) {
+        a.unattributed()
+            .expect("read UNATTRIBUTED")
+            .iter()
+            .map(|u| (u.packets, u.bytes))
+            .fold((0, 0), add)
+    };
+    let un_before = unattributed(&accounting);
+
+    const BROADCASTS: u64 = 25;
+    let dev = topo.srv_if.clone();
+    in_netns(&topo.srv_path(), || -> io::Result<()> {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_broadcast(true)?;
+        s.bind_device(Some(dev.as_bytes()))?;
+        let to = std::net::SocketAddr::from(([255, 255, 255, 255], 68));
+        for _ in 0..BROADCASTS {
+            s.send_to(&[0u8; 300], &to.into())?;
+        }
+        Ok(())
+    })
+    .expect("enter the server namespace")
+    .expect("send broadcasts");
+    // A client frame after them: once it is counted, the receive backlog that held the
+    // looped-back copies has run too.
+    let marker = Flow {
+        mac: MAC_A,
+        direction: Direction::Ingress,
+        service: Service::Dhcp,
+        frames: 1,
+        frame: ipv4(ELSEWHERE, MAC_A, None, UDP, 68, 67, 100),
+    };
+    send(&topo.cli_path(), &topo.cli_if, &[&marker]);
+    wait_for(
+        &accounting,
+        marker.totals(),
+        &map_before,
+        Counters::default(),
+    );
+
+    let map = delta(&rows(&accounting), &map_before);
+    assert_eq!(
+        map,
+        expected_rows(&[&marker]),
+        "the only client row is the marker's"
+    );
+    let un = unattributed(&accounting);
+    let un_delta = (un.0 - un_before.0, un.1 - un_before.1);
+    let if_delta = topo.srv_stats() - if_before;
+    assert_eq!(
+        if_delta.tx_packets, BROADCASTS,
+        "the veth sent the broadcasts"
+    );
+    assert_eq!(
+        un_delta,
+        (if_delta.tx_packets, if_delta.tx_bytes),
+        "the broadcasts are counted once, as sent"
+    );
+    assert_eq!(
+        add(
+            sum(&map, Direction::Ingress),
+            add(sum(&map, Direction::Egress), un_delta)
+        ),
+        (
+            if_delta.rx_packets + if_delta.tx_packets,
+            if_delta.rx_bytes + if_delta.tx_bytes
+        ),
+        "rows plus unattributed == veth rx + tx"
+    );
+    accounting.detach_all();
+}
+
 /// The clsact fallback: filters attached inside the server namespace count exactly too, and
 /// `detach_all` called from the host namespace really removes them (aya alone would send the
 /// netlink request in the caller's namespace and leave them behind).

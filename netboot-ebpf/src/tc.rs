@@ -36,10 +36,21 @@ const E2BIG: i32 = 7;
 /// `EEXIST`: what a `BPF_NOEXIST` update returns when the key is already there.
 const EEXIST: i32 = 17;
 
-/// Counts a received frame.
+/// `PACKET_LOOPBACK` (linux/if_packet.h): a copy of a frame this host sent (a broadcast or
+/// multicast it also delivers to itself), handed to the receive path without its Ethernet
+/// header.
+const PACKET_LOOPBACK: u32 = 5;
+
+/// Counts a received frame. The host's looped-back copies of its own broadcasts never
+/// crossed the wire (the egress hook counted the frame that did); they start at the IP
+/// header, so reading them as Ethernet would invent a client MAC from IP header bytes.
 #[classifier]
 fn tc_ingress(ctx: TcContext) -> i32 {
-    count(&ctx, INGRESS);
+    // SAFETY: as in `frame_bytes`; `pkt_type` is a readable `__sk_buff` field.
+    let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
+    if pkt_type != PACKET_LOOPBACK {
+        count(&ctx, INGRESS);
+    }
     TC_ACT_UNSPEC
 }
 
