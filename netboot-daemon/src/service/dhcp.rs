@@ -57,6 +57,8 @@ pub struct Stats {
 const RECORD_QUEUE: usize = 16_384;
 /// Records written per store transaction at most.
 const RECORD_BATCH: usize = 512;
+/// How long the recorder gathers records after the first before it writes them.
+const RECORD_WINDOW: Duration = Duration::from_millis(25);
 
 /// The sockets of one boot interface.
 #[derive(Debug)]
@@ -407,7 +409,8 @@ impl DhcpService {
                     return;
                 }
             };
-            while let Ok(more) = rx.try_recv() {
+            let window = tokio::time::Instant::now() + RECORD_WINDOW;
+            while let Ok(Some(more)) = tokio::time::timeout_at(window, rx.recv()).await {
                 batch.extend(more);
             }
             self.write_leases(batch).await;
@@ -436,11 +439,14 @@ impl DhcpService {
                     return;
                 }
             };
+            // Gather what arrives in the next moment too: one transaction for a burst
+            // instead of one per answer.
             let mut batch = vec![first];
+            let window = tokio::time::Instant::now() + RECORD_WINDOW;
             while batch.len() < RECORD_BATCH {
-                match rx.try_recv() {
-                    Ok(item) => batch.push(item),
-                    Err(_) => break,
+                match tokio::time::timeout_at(window, rx.recv()).await {
+                    Ok(Some(item)) => batch.push(item),
+                    Ok(None) | Err(_) => break,
                 }
             }
             self.write_records(batch).await;

@@ -451,16 +451,16 @@ fn user_in(c: &Connection, username: &str) -> Result<User> {
 /// Appends a boot event inside a transaction and trims the device's history to `keep`.
 fn event_in(tx: &Transaction<'_>, ev: &NewBootEvent, keep_per_device: u32) -> Result<BootEvent> {
     let mac = ev.mac.to_string();
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO boot_events (mac, at, source, kind, detail, ip) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![mac, ev.at.0, ev.source.as_str(), ev.kind, ev.detail, ev.ip],
-    )?;
+    )?
+    .execute(params![mac, ev.at.0, ev.source.as_str(), ev.kind, ev.detail, ev.ip])?;
     let id = tx.last_insert_rowid();
-    tx.execute(
+    tx.prepare_cached(
         "DELETE FROM boot_events WHERE mac = ?1 AND id <= \
          (SELECT id FROM boot_events WHERE mac = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-        params![mac, keep_per_device.max(1)],
-    )?;
+    )?
+    .execute(params![mac, keep_per_device.max(1)])?;
     Ok(BootEvent {
         id,
         mac: ev.mac,
@@ -475,32 +475,29 @@ fn event_in(tx: &Transaction<'_>, ev: &NewBootEvent, keep_per_device: u32) -> Re
 /// Records a sighting inside a transaction (see [`Store::record_sighting`]).
 fn sighting_in(tx: &Transaction<'_>, s: &Sighting) -> Result<SightingOutcome> {
     let mac = s.mac.to_string();
-    let known = tx.execute(
+    let known = tx.prepare_cached(
             "UPDATE devices SET last_seen = ?2, first_seen = coalesce(first_seen, ?2), \
              last_ip = coalesce(?3, last_ip), arch = CASE WHEN arch = 'unknown' AND ?4 IS NOT NULL THEN ?4 ELSE arch END \
              WHERE mac = ?1",
-            params![mac, s.at.0, s.ip, s.arch.map(Arch::as_str)],
-        )?;
+        )?
+        .execute(params![mac, s.at.0, s.ip, s.arch.map(Arch::as_str)])?;
     if known == 1 {
         return Ok(SightingOutcome::Known);
     }
     let first = tx
-        .query_row(
-            "SELECT 1 FROM unknown_devices WHERE mac = ?1",
-            [&mac],
-            |_| Ok(()),
-        )
+        .prepare_cached("SELECT 1 FROM unknown_devices WHERE mac = ?1")?
+        .query_row([&mac], |_| Ok(()))
         .optional()?
         .is_none();
-    tx.execute(
+    tx.prepare_cached(
             "INSERT INTO unknown_devices (mac, arch, vendor_class, last_ip, first_seen, last_seen, seen_count) \
              VALUES (?1, coalesce(?2, 'unknown'), ?3, ?4, ?5, ?5, 1) \
              ON CONFLICT(mac) DO UPDATE SET last_seen = excluded.last_seen, seen_count = seen_count + 1, \
              arch = CASE WHEN ?2 IS NULL THEN arch ELSE excluded.arch END, \
              vendor_class = coalesce(excluded.vendor_class, vendor_class), \
              last_ip = coalesce(excluded.last_ip, last_ip)",
-            params![mac, s.arch.map(Arch::as_str), s.vendor_class, s.ip, s.at.0],
-        )?;
+        )?
+        .execute(params![mac, s.arch.map(Arch::as_str), s.vendor_class, s.ip, s.at.0])?;
     Ok(SightingOutcome::Unknown { first })
 }
 
@@ -1133,21 +1130,22 @@ impl Store for Sqlite {
             for ch in changes {
                 match ch {
                     LeaseEvent::Saved(l) => {
-                        tx.execute(
+                        tx.prepare_cached(
                             "INSERT INTO dhcp_leases (ip, mac, expires, state, hostname) VALUES (?1, ?2, ?3, ?4, ?5) \
                              ON CONFLICT(ip) DO UPDATE SET mac = excluded.mac, expires = excluded.expires, \
                              state = excluded.state, hostname = excluded.hostname",
-                            params![
-                                l.ip.to_string(),
-                                l.mac.to_string(),
-                                i64::try_from(l.expires).unwrap_or(i64::MAX),
-                                l.state.as_str(),
-                                l.hostname
-                            ],
-                        )?;
+                        )?
+                        .execute(params![
+                            l.ip.to_string(),
+                            l.mac.to_string(),
+                            i64::try_from(l.expires).unwrap_or(i64::MAX),
+                            l.state.as_str(),
+                            l.hostname
+                        ])?;
                     }
                     LeaseEvent::Removed(ip) => {
-                        tx.execute("DELETE FROM dhcp_leases WHERE ip = ?1", [ip.to_string()])?;
+                        tx.prepare_cached("DELETE FROM dhcp_leases WHERE ip = ?1")?
+                            .execute([ip.to_string()])?;
                     }
                 }
             }
