@@ -34,7 +34,7 @@ const APT_PACKAGES: &[&str] = &[
 /// Debian packages the tests drive as real peers: TFTP clients (tftp-hpa, atftp), a DHCP
 /// client (busybox udhcpc), dnsmasq for the TFTP benchmark smoke, the strict OpenMetrics
 /// parser of the Prometheus client library, and the iSCSI initiators (libiscsi's tools and
-/// conformance suite, qemu's iSCSI block driver).
+/// conformance suite, qemu's iSCSI block driver), and headless Chromium for the web UI tests.
 const TEST_PACKAGES: &[&str] = &[
     "tftp-hpa",
     "atftp",
@@ -44,6 +44,7 @@ const TEST_PACKAGES: &[&str] = &[
     "libiscsi-bin",
     "qemu-utils",
     "qemu-block-extra",
+    "chromium",
 ];
 /// Name of the toolchain linked from Debian's rustc-web when rustup cannot fetch rust-src.
 const DEBIAN_TOOLCHAIN: &str = "debian-web";

@@ -1,0 +1,159 @@
+//! Live boot events for the browser: one tail of the store's event log, broadcast to
+//! every open page over Server-Sent Events.
+//!
+//! Boot events are written by many services straight into the store, so the feed tails
+//! the store rather than hooking each writer: while at least one page listens, one task
+//! reads the newest events every [`POLL`] and broadcasts those it has not sent. With no
+//! listener the task ends, so an idle daemon does no work for the UI.
+
+use std::convert::Infallible;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::{Stream, StreamExt as _};
+use serde::Deserialize;
+use tokio::sync::broadcast;
+
+use crate::api::inventory::parse_mac;
+use crate::api::{ApiError, AppState, Auth, blocking};
+use crate::mac::MacAddr;
+use crate::store::{BootEvent, EventQuery};
+
+/// How often the tail reads the store while a page listens.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Events buffered per listener; a listener that falls further behind skips ahead.
+const BACKLOG: usize = 256;
+
+/// The broadcast of new boot events.
+#[derive(Debug)]
+pub struct Feed {
+    tx: broadcast::Sender<BootEvent>,
+    /// Whether the tail task runs. Checked and set together with subscribing, so that a
+    /// subscriber never misses a starting or ending task.
+    running: Mutex<bool>,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Self {
+            tx: broadcast::channel(BACKLOG).0,
+            running: Mutex::new(false),
+        }
+    }
+}
+
+impl Feed {
+    /// Subscribes to events newer than `since`, starting the tail when it does not run.
+    fn subscribe(&self, state: &AppState, since: i64) -> broadcast::Receiver<BootEvent> {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let rx = self.tx.subscribe();
+        if !*running {
+            *running = true;
+            tokio::spawn(tail(state.clone(), since));
+        }
+        rx
+    }
+}
+
+/// The newest events, newest first.
+async fn newest(state: &AppState, limit: u32) -> Result<Vec<BootEvent>, ApiError> {
+    let q = EventQuery {
+        limit,
+        ..EventQuery::default()
+    };
+    Ok(blocking(state, move |s| s.list_events(&q)).await?.items)
+}
+
+/// Broadcasts the events after `last`, oldest first, every [`POLL`] until nobody listens.
+async fn tail(state: AppState, mut last: i64) {
+    let feed = &state.0.feed;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        {
+            let mut running = feed.running.lock().unwrap_or_else(PoisonError::into_inner);
+            if feed.tx.receiver_count() == 0 {
+                *running = false;
+                return;
+            }
+        }
+        let items = match newest(&state, BACKLOG as u32).await {
+            Ok(items) => items,
+            Err(error) => {
+                tracing::warn!(?error, "the live event feed cannot read the store");
+                continue;
+            }
+        };
+        let since = last;
+        for ev in items.into_iter().rev().filter(|e| e.id > since) {
+            last = ev.id;
+            // No receiver left is not an error: the next tick ends the task.
+            let _ = feed.tx.send(ev);
+        }
+    }
+}
+
+/// Query of the event stream.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct StreamParams {
+    /// Only this device's events.
+    mac: Option<String>,
+}
+
+/// `GET /ui/events`: new boot events as Server-Sent Events (`event: boot`, `id:` the
+/// event id, JSON data as in the API), all devices or one (`?mac=`). A browser that
+/// reconnects with `Last-Event-ID` first gets what it missed (up to [`BACKLOG`]).
+pub(super) async fn stream(
+    State(state): State<AppState>,
+    _auth: Auth,
+    headers: HeaderMap,
+    Query(p): Query<StreamParams>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let only: Option<MacAddr> = p.mac.as_deref().map(parse_mac).transpose()?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok());
+    let recent = newest(&state, if resume.is_some() { BACKLOG as u32 } else { 1 }).await?;
+    let now = recent.first().map_or(0, |e| e.id);
+    let missed: Vec<BootEvent> = match resume {
+        Some(since) => recent.into_iter().rev().filter(|e| e.id > since).collect(),
+        None => Vec::new(),
+    };
+    let rx = state.0.feed.subscribe(&state, now);
+    let wanted = move |ev: &BootEvent| only.is_none_or(|m| m == ev.mac);
+    let boot = |ev: &BootEvent| {
+        let data = serde_json::to_string(ev).unwrap_or_default();
+        Ok(Event::default()
+            .event("boot")
+            .id(ev.id.to_string())
+            .data(data))
+    };
+    let backlog: Vec<Result<Event, Infallible>> =
+        missed.iter().filter(|e| wanted(e)).map(boot).collect();
+    let live = futures_util::stream::unfold((rx, now), move |(mut rx, mut last)| async move {
+        loop {
+            match rx.recv().await {
+                // Events the backlog already carried are skipped.
+                Ok(ev) if ev.id > last && wanted(&ev) => {
+                    last = ev.id;
+                    return Some((boot(&ev), (rx, last)));
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let note = Event::default().event("lagged").data(n.to_string());
+                    return Some((Ok(note), (rx, last)));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let events = futures_util::stream::iter(backlog).chain(live);
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}

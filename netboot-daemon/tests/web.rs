@@ -1,0 +1,574 @@
+//! The web UI in headless Chromium, driven over the DevTools protocol: first-run setup,
+//! login, registering an unknown device, creating and linking an image, uploading an
+//! installer with progress, a boot event arriving live over SSE, and a viewer who sees no
+//! write controls. Screenshots of every page at 1440×900 go to `docs/screenshots/`.
+//!
+//! Needs the Debian package `chromium` (`cargo xtask` installs it with the test
+//! packages); without it the test says SKIPPED loudly and passes (fails under CI=true).
+
+use std::io::{BufRead as _, BufReader};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+mod common;
+
+use common::{Served, TestDir, http_only_config, skip};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// How long a page may take to reach an expected state.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Headless Chromium, killed on drop.
+struct Browser {
+    child: Child,
+    _profile: TestDir,
+}
+
+impl Browser {
+    /// Starts Chromium and returns it with its DevTools WebSocket address.
+    fn launch() -> (Self, String) {
+        let profile = TestDir::new("web-chromium");
+        let mut child = Command::new(CHROMIUM)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--hide-scrollbars",
+                "--force-device-scale-factor=1",
+                "--window-size=1440,900",
+                "--remote-debugging-port=0",
+                "--lang=en-GB",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("chromium starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("chromium printed its DevTools address")
+                .expect("chromium stderr");
+            if let Some(url) = line.strip_prefix("DevTools listening on ") {
+                break url.trim().to_owned();
+            }
+        };
+        // Keep draining stderr so that Chromium never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        (
+            Self {
+                child,
+                _profile: profile,
+            },
+            url,
+        )
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A DevTools session on one page target.
+struct Page {
+    ws: WebSocket<MaybeTlsStream<TcpStream>>,
+    session: String,
+    next_id: u64,
+}
+
+impl Page {
+    /// Opens a new page in the browser at `ws_url`.
+    fn open(ws_url: &str) -> Self {
+        let (ws, _) = tungstenite::connect(ws_url).expect("DevTools WebSocket");
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(60)))
+                .expect("read timeout");
+        }
+        let mut page = Self {
+            ws,
+            session: String::new(),
+            next_id: 0,
+        };
+        let target = page.call("Target.createTarget", json!({ "url": "about:blank" }));
+        let id = target["targetId"].as_str().expect("targetId").to_owned();
+        let attached = page.call(
+            "Target.attachToTarget",
+            json!({ "targetId": id, "flatten": true }),
+        );
+        page.session = attached["sessionId"]
+            .as_str()
+            .expect("sessionId")
+            .to_owned();
+        page.call("Page.enable", json!({}));
+        page.call("Runtime.enable", json!({}));
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": 1440, "height": 900, "deviceScaleFactor": 1, "mobile": false }),
+        );
+        // Confirmation dialogs are accepted (the test deletes nothing it needs).
+        page
+    }
+
+    /// Sends a command and waits for its answer; events in between are dropped, except
+    /// that JavaScript dialogs are accepted.
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        let reply = self.call_raw(method, params);
+        assert!(
+            reply.get("error").is_none(),
+            "{method} failed: {}",
+            reply["error"]
+        );
+        reply["result"].clone()
+    }
+
+    /// [`Self::call`] that returns the whole reply, errors included.
+    fn call_raw(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = json!({ "id": id, "method": method, "params": params });
+        if !self.session.is_empty() {
+            msg["sessionId"] = json!(self.session);
+        }
+        self.ws
+            .send(Message::text(msg.to_string()))
+            .expect("send to DevTools");
+        loop {
+            let reply = self.ws.read().expect("read from DevTools");
+            let Message::Text(text) = reply else { continue };
+            let v: Value = serde_json::from_str(&text).expect("DevTools JSON");
+            if v["method"] == "Page.javascriptDialogOpening" {
+                let mut accept = json!({
+                    "id": 1_000_000 + id,
+                    "method": "Page.handleJavaScriptDialog",
+                    "params": { "accept": true },
+                });
+                accept["sessionId"] = json!(self.session);
+                self.ws
+                    .send(Message::text(accept.to_string()))
+                    .expect("accept dialog");
+                continue;
+            }
+            if v["id"] == json!(id) {
+                return v;
+            }
+        }
+    }
+
+    /// Evaluates JavaScript (promises awaited) and returns its value.
+    fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({ "expression": expr, "awaitPromise": true, "returnByValue": true }),
+        );
+        if let Some(ex) = r.get("exceptionDetails") {
+            panic!("JavaScript failed: {expr}\n{ex}");
+        }
+        r["result"]["value"].clone()
+    }
+
+    /// Waits until `expr` is truthy; panics with `what` and the page's text if it never is.
+    fn wait(&mut self, what: &str, expr: &str) {
+        let start = Instant::now();
+        loop {
+            // While a page loads, its context may vanish under the call: not yet.
+            let probe = format!(
+                "(() => {{ try {{ return !!({expr}); }} catch (_) {{ return false; }} }})()"
+            );
+            let v = self.call_raw(
+                "Runtime.evaluate",
+                json!({ "expression": probe, "returnByValue": true }),
+            );
+            if v["result"]["result"]["value"] == json!(true) {
+                return;
+            }
+            if start.elapsed() > WAIT {
+                let body = self.eval("document.body ? document.body.innerText : ''");
+                panic!(
+                    "timed out waiting for {what} ({expr}) on {}:\n{body}",
+                    self.url()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn url(&mut self) -> String {
+        self.eval("location.href")
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Loads `url` and waits until the page's script has run.
+    fn goto(&mut self, url: &str) {
+        self.eval("window.__stale = true");
+        self.call("Page.navigate", json!({ "url": url }));
+        self.wait_loaded(url);
+    }
+
+    fn wait_loaded(&mut self, what: &str) {
+        self.wait(
+            &format!("{what} to load"),
+            "!window.__stale && document.readyState === 'complete' && (document.body.dataset.ready === '1' || !document.querySelector('script[src]'))",
+        );
+    }
+
+    /// Runs `action` (which navigates) and waits for the new page to load.
+    fn navigating(&mut self, what: &str, action: &str) {
+        self.eval("window.__stale = true");
+        self.eval(action);
+        self.wait_loaded(what);
+    }
+
+    /// Sets a form field by CSS selector, as typing would.
+    fn set(&mut self, selector: &str, value: &str) {
+        let js = format!(
+            "(() => {{ const el = document.querySelector({sel}); el.value = {val}; el.dispatchEvent(new Event('input', {{ bubbles: true }})); return true; }})()",
+            sel = json!(selector),
+            val = json!(value),
+        );
+        assert_eq!(self.eval(&js), json!(true), "set {selector}");
+    }
+
+    /// The count of elements matching `selector`.
+    fn count(&mut self, selector: &str) -> u64 {
+        self.eval(&format!(
+            "document.querySelectorAll({}).length",
+            json!(selector)
+        ))
+        .as_u64()
+        .expect("count")
+    }
+
+    fn text(&mut self, selector: &str) -> String {
+        self.eval(&format!(
+            "(document.querySelector({}) || {{}}).innerText || ''",
+            json!(selector)
+        ))
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+    }
+
+    /// Writes a PNG of the viewport to `docs/screenshots/<name>.png`.
+    fn screenshot(&mut self, name: &str) {
+        // Let the fonts and the live-status line settle into their final layout.
+        self.eval("document.fonts.ready.then(() => true)");
+        let shot = self.call("Page.captureScreenshot", json!({ "format": "png" }));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().expect("png data"))
+            .expect("base64");
+        let dir = screenshots();
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        std::fs::write(dir.join(format!("{name}.png")), png).expect("write screenshot");
+    }
+}
+
+fn screenshots() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots")
+}
+
+/// Fills and submits a form, then waits for the page it leads to.
+fn submit(page: &mut Page, form: &str, what: &str) {
+    page.navigating(
+        what,
+        &format!(
+            "document.querySelector({}).requestSubmit()",
+            json!(format!("{form}"))
+        ),
+    );
+}
+
+const ADMIN: (&str, &str) = ("admin", "correct horse battery");
+const VIEWER: (&str, &str) = ("watcher", "viewer password 1");
+const UNKNOWN_MAC: &str = "52:54:00:aa:bb:01";
+const OTHER_MAC: &str = "52:54:00:aa:bb:02";
+
+fn login(page: &mut Page, base: &str, (user, password): (&str, &str)) {
+    page.goto(&format!("{base}/ui/login"));
+    page.set("#login [name=username]", user);
+    page.set("#login [name=password]", password);
+    submit(page, "#login", "the dashboard after login");
+    assert!(page.url().ends_with("/ui/"), "login leads to the dashboard");
+}
+
+fn browse(base: String, upload: PathBuf) {
+    let (_browser, ws) = Browser::launch();
+    let mut page = Page::open(&ws);
+
+    // First run: every page leads to setup.
+    page.goto(&format!("{base}/ui/devices"));
+    assert!(page.url().ends_with("/ui/setup"), "first run opens setup");
+    page.screenshot("setup");
+    page.set("#setup [name=username]", ADMIN.0);
+    page.set("#setup [name=password]", ADMIN.1);
+    page.set("#setup [name=confirm]", "something else entirely");
+    page.eval("document.querySelector('#setup').requestSubmit()");
+    page.wait(
+        "the mismatch message",
+        "document.querySelector('#setup .form-error').innerText.includes('differ')",
+    );
+    page.set("#setup [name=confirm]", ADMIN.1);
+    submit(&mut page, "#setup", "the dashboard after setup");
+    assert!(page.url().ends_with("/ui/"), "setup logs in");
+
+    // Log out and in again; a wrong password is refused with a message.
+    page.navigating(
+        "the login page",
+        "document.querySelector('[data-logout]').click()",
+    );
+    assert!(page.url().contains("/ui/login"));
+    page.screenshot("login");
+    page.set("#login [name=username]", ADMIN.0);
+    page.set("#login [name=password]", "wrong password here");
+    page.eval("document.querySelector('#login').requestSubmit()");
+    page.wait(
+        "the login error",
+        "document.querySelector('#login .form-error').innerText.length > 0",
+    );
+    login(&mut page, &base, ADMIN);
+
+    // Two clients boot without being registered: they are unknown devices.
+    for mac in [UNKNOWN_MAC, OTHER_MAC] {
+        let status = page.eval(&format!(
+            "fetch('/boot/ipxe/device?mac={mac}&platform=efi&buildarch=x86_64').then(r => r.status)"
+        ));
+        assert_eq!(status, json!(200), "boot script for {mac}");
+    }
+    page.goto(&format!("{base}/ui/unknown"));
+    assert_eq!(page.count("#unknown-table tbody tr:not(.wizard)"), 2);
+    page.screenshot("unknown");
+
+    // Register the first through the wizard row.
+    let wizard = page.eval(&format!(
+        "(() => {{ const b = document.querySelector(\"tr[data-mac='{UNKNOWN_MAC}'] [data-open]\"); b.click(); return b.dataset.open; }})()"
+    ));
+    let wizard = format!("#{}", wizard.as_str().expect("wizard row id"));
+    page.set(&format!("{wizard} [name=name]"), "lab-<b>01</b>");
+    submit(
+        &mut page,
+        &format!("{wizard} form"),
+        "the new device's page",
+    );
+    assert!(
+        page.url().contains("/ui/devices/52:54:00:aa:bb:01"),
+        "registration opens the device: {}",
+        page.url()
+    );
+    assert!(
+        page.text("h2").contains("lab-<b>01</b>"),
+        "the name is shown as text, not markup"
+    );
+
+    // Create an image and link it to the device from the images page.
+    page.goto(&format!("{base}/ui/images"));
+    page.set("#image-create [name=name]", "lab01-disk");
+    page.set("#image-create [name=size_bytes]", "32");
+    page.set("#image-create [name=description]", "Windows 11 lab disk");
+    submit(&mut page, "#image-create", "the images page with the image");
+    assert_eq!(page.count("tr[data-image=lab01-disk]"), 1);
+    let link = "tr[data-image=lab01-disk] form.link";
+    page.set(&format!("{link} [name=mac]"), UNKNOWN_MAC);
+    submit(&mut page, link, "the images page after linking");
+    assert!(
+        page.text("tr[data-image=lab01-disk] .linked")
+            .contains(UNKNOWN_MAC),
+        "the image shows its device"
+    );
+    let api_image = page.eval("fetch('/api/v1/images/lab01-disk').then(r => r.json())");
+    assert_eq!(api_image["linked_mac"], json!(UNKNOWN_MAC));
+    assert_eq!(api_image["size_bytes"], json!(32u64 << 30));
+    assert!(page.text("tr[data-image=lab01-disk]").contains("32.0 GiB"));
+    page.screenshot("images");
+
+    // Upload an installer with a progress bar.
+    page.goto(&format!("{base}/ui/installers"));
+    let input = page.call(
+        "Runtime.evaluate",
+        json!({ "expression": "document.querySelector('#upload-file')" }),
+    );
+    let object = input["result"]["objectId"]
+        .as_str()
+        .expect("file input")
+        .to_owned();
+    page.call(
+        "DOM.setFileInputFiles",
+        json!({ "files": [upload.display().to_string()], "objectId": object }),
+    );
+    page.set("#upload [name=kind]", "iso");
+    page.set("#upload [name=name]", "Debian netinst");
+    page.eval("window.__stale = true; document.querySelector('#upload').requestSubmit()");
+    page.wait(
+        "the upload to finish",
+        "document.querySelector('#upload .form-ok').innerText.includes('Uploaded')",
+    );
+    assert_eq!(
+        page.eval("document.querySelector('#upload-progress').value"),
+        json!(100)
+    );
+    assert!(
+        page.eval("window.uploadProgressEvents")
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "progress was reported"
+    );
+    page.screenshot("installers-upload");
+    page.wait_loaded("the installers page after the upload");
+    let installers = page.eval("fetch('/api/v1/installers').then(r => r.json())");
+    assert_eq!(installers[0]["path"], json!("debian-netinst.iso"));
+    assert_eq!(installers[0]["size_bytes"], json!(UPLOAD_BYTES));
+    assert!(page.text("#installer-table").contains("Debian netinst"));
+    page.screenshot("installers");
+
+    // The device page: a boot event arrives live over SSE.
+    page.goto(&format!("{base}/ui/devices/{UNKNOWN_MAC}"));
+    page.wait(
+        "the live feed",
+        "document.querySelector('#device-events').dataset.connected === '1'",
+    );
+    page.wait(
+        "the metrics panel",
+        "!document.querySelector('#metrics').innerText.includes('Loading')",
+    );
+    let metrics = page.text("#metrics");
+    let api_metrics = page.eval(&format!(
+        "fetch('/api/v1/devices/{UNKNOWN_MAC}/metrics').then(r => r.json())"
+    ));
+    assert!(
+        metrics.contains("none"),
+        "the figures' source is shown: {metrics}"
+    );
+    let reason = api_metrics["warnings"][0]
+        .as_str()
+        .expect("a reason without accounting");
+    assert!(
+        metrics.contains(reason),
+        "the API's reason is shown: {metrics}"
+    );
+    let before = page.count("#device-events tr");
+    let status = page.eval(&format!(
+        "fetch('/boot/ipxe/device?mac={UNKNOWN_MAC}&platform=efi&buildarch=x86_64').then(r => r.status)"
+    ));
+    assert_eq!(status, json!(200));
+    page.wait(
+        "the boot event to arrive live",
+        &format!("document.querySelectorAll('#device-events tr').length > {before} && document.querySelector('#device-events tr.fresh')"),
+    );
+    assert!(page.text("#device-events tr.fresh").contains("iPXE script"));
+    page.screenshot("device");
+
+    // The device list: search and sort.
+    page.goto(&format!("{base}/ui/devices"));
+    assert_eq!(page.count("#device-table tbody tr"), 1);
+    page.set("[data-filter=device-table]", "no-such-device");
+    assert_eq!(page.count("#device-table tbody tr:not([hidden])"), 0);
+    page.set("[data-filter=device-table]", "lab");
+    assert_eq!(page.count("#device-table tbody tr:not([hidden])"), 1);
+    page.screenshot("devices");
+
+    // The dashboard's numbers are the API's.
+    page.goto(&format!("{base}/ui/"));
+    assert!(
+        page.text("#stat-images").starts_with("1 / 1"),
+        "{}",
+        page.text("#stat-images")
+    );
+    assert_eq!(page.text("#stat-unknown"), "1");
+    assert_eq!(page.text("#stat-installers"), "1");
+    assert!(page.text("#stat-devices").contains("/ 1"));
+    page.wait(
+        "the live feed",
+        "document.querySelector('tbody[data-events]').dataset.connected === '1'",
+    );
+    page.screenshot("dashboard");
+
+    page.goto(&format!("{base}/ui/profiles"));
+    page.screenshot("profiles");
+    page.goto(&format!("{base}/ui/settings"));
+    page.screenshot("settings");
+
+    // Administration: add a viewer.
+    page.goto(&format!("{base}/ui/admin"));
+    page.set("#user-create [name=username]", VIEWER.0);
+    page.set("#user-create [name=password]", VIEWER.1);
+    page.set("#user-create [name=role]", "viewer");
+    submit(&mut page, "#user-create", "the admin page with the viewer");
+    assert!(page.text("#user-table").contains(VIEWER.0));
+    page.screenshot("admin");
+
+    // The viewer sees the inventory but no control that changes it.
+    page.navigating(
+        "the login page",
+        "document.querySelector('[data-logout]').click()",
+    );
+    login(&mut page, &base, VIEWER);
+    for path in [
+        "/ui/",
+        "/ui/devices",
+        &format!("/ui/devices/{UNKNOWN_MAC}"),
+        "/ui/unknown",
+        "/ui/images",
+        "/ui/installers",
+        "/ui/profiles",
+        "/ui/settings",
+    ] {
+        page.goto(&format!("{base}{path}"));
+        assert_eq!(
+            page.count("[data-api], [data-upload], [data-open]"),
+            0,
+            "write controls for a viewer on {path}"
+        );
+        assert_eq!(
+            page.count("a[href='/ui/admin']"),
+            0,
+            "administration link for a viewer on {path}"
+        );
+    }
+    page.goto(&format!("{base}/ui/devices/{UNKNOWN_MAC}"));
+    page.screenshot("device-viewer");
+    page.goto(&format!("{base}/ui/admin"));
+    assert!(
+        page.text("body").contains("403"),
+        "the admin page refuses viewers"
+    );
+}
+
+const UPLOAD_BYTES: u64 = 24 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ui_in_headless_chromium() {
+    if !Path::new(CHROMIUM).exists() {
+        skip(
+            "web_ui_in_headless_chromium",
+            "no /usr/bin/chromium (apt-get install chromium)",
+        );
+        return;
+    }
+    let dir = TestDir::new("web");
+    let served = Served::start(http_only_config(dir.path())).await;
+    let upload = dir.path().join("debian-netinst.iso");
+    std::fs::write(&upload, vec![0x5a; UPLOAD_BYTES as usize]).expect("upload file");
+    let base = served.base.clone();
+    tokio::task::spawn_blocking(move || browse(base, upload))
+        .await
+        .expect("browser session");
+    served.stop().await;
+}
