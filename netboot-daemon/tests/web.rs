@@ -348,7 +348,7 @@ fn browse(base: String, upload: PathBuf) {
     // Two clients boot without being registered: they are unknown devices.
     for mac in [UNKNOWN_MAC, OTHER_MAC] {
         let status = page.eval(&format!(
-            "fetch('/boot/ipxe/device?mac={mac}&platform=efi&buildarch=x86_64').then(r => r.status)"
+            "fetch('/boot/ipxe/device?mac={mac}&platform=efi&arch=x86_64').then(r => r.status)"
         ));
         assert_eq!(status, json!(200), "boot script for {mac}");
     }
@@ -438,8 +438,21 @@ fn browse(base: String, upload: PathBuf) {
     assert!(page.text("#installer-table").contains("Debian netinst"));
     page.screenshot("installers");
 
-    // The device page: a boot event arrives live over SSE.
+    // The device page: edit it, then see a boot event arrive live over SSE.
     page.goto(&format!("{base}/ui/devices/{UNKNOWN_MAC}"));
+    page.set("#device-edit [name=boot_policy]", "iscsi");
+    page.set("#device-edit [name=notes]", "rack 3, <i>left</i>");
+    submit(&mut page, "#device-edit", "the device page after saving");
+    let api_device = page.eval(&format!(
+        "fetch('/api/v1/devices/{UNKNOWN_MAC}').then(r => r.json())"
+    ));
+    assert_eq!(api_device["boot_policy"], json!("iscsi"));
+    assert_eq!(
+        api_device["image"],
+        json!("lab01-disk"),
+        "saving keeps the link"
+    );
+    assert!(page.text(".facts").contains("rack 3, <i>left</i>"));
     page.wait(
         "the live feed",
         "document.querySelector('#device-events').dataset.connected === '1'",
@@ -465,7 +478,7 @@ fn browse(base: String, upload: PathBuf) {
     );
     let before = page.count("#device-events tr");
     let status = page.eval(&format!(
-        "fetch('/boot/ipxe/device?mac={UNKNOWN_MAC}&platform=efi&buildarch=x86_64').then(r => r.status)"
+        "fetch('/boot/ipxe/device?mac={UNKNOWN_MAC}&platform=efi&arch=x86_64').then(r => r.status)"
     ));
     assert_eq!(status, json!(200));
     page.wait(
@@ -474,6 +487,8 @@ fn browse(base: String, upload: PathBuf) {
     );
     assert!(page.text("#device-events tr.fresh").contains("iPXE script"));
     page.screenshot("device");
+    page.eval("document.querySelector('#device-events').closest('section').scrollIntoView()");
+    page.screenshot("device-events");
 
     // The device list: search and sort.
     page.goto(&format!("{base}/ui/devices"));
