@@ -587,3 +587,136 @@ async fn web_ui_in_headless_chromium() {
         .expect("browser session");
     served.stop().await;
 }
+
+/// `curl` with a cookie jar: the status code and the body.
+fn curl(jar: &Path, args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "-b"])
+        .arg(jar)
+        .arg("-c")
+        .arg(jar)
+        .args(args)
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    (code.parse().expect("status"), body.to_owned())
+}
+
+/// The upload endpoint: operators only, jailed, complete files only, never over an
+/// existing file; the pages need a session and the assets carry the version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_endpoint_and_page_access() {
+    if !common::have("curl") {
+        skip("upload_endpoint_and_page_access", "no curl");
+        return;
+    }
+    let dir = TestDir::new("web-upload");
+    let cfg = http_only_config(dir.path());
+    let installers = cfg.paths.installers.clone();
+    let served = Served::start(cfg).await;
+    let base = served.base.clone();
+    let jar = dir.path().join("cookies");
+    let file = dir.path().join("tool.efi");
+    std::fs::write(&file, b"MZ tool").expect("file");
+    let data = format!("@{}", file.display());
+    let no_session = dir.path().join("no-cookies");
+    tokio::task::spawn_blocking(move || {
+        let url = |p: &str| format!("{base}{p}");
+        // Before setup, pages lead to setup; the assets are open and versioned.
+        let (code, _) = curl(&jar, &["-o", "/dev/null", &url("/ui/devices")]);
+        assert_eq!(code, 303);
+        let (code, _) = curl(&jar, &["-I", &url("/ui/")]);
+        assert_eq!(code, 303);
+        let version = common::version_file();
+        let (code, css) = curl(&jar, &[&url(&format!("/ui/static/{version}/app.css"))]);
+        assert_eq!(code, 200);
+        assert!(css.contains("--accent"));
+        let (code, _) = curl(&jar, &[&url(&format!("/ui/static/{version}/nope.js"))]);
+        assert_eq!(code, 404);
+
+        let put = |path: &str| {
+            let target = url(&format!("/api/v1/installers/files/{path}?kind=other"));
+            curl(
+                &jar,
+                &[
+                    "-X",
+                    "PUT",
+                    "-H",
+                    "Content-Type: application/octet-stream",
+                    "--data-binary",
+                    &data,
+                    &target,
+                ],
+            )
+        };
+        assert_eq!(put("tool.efi").0, 401, "anonymous uploads are refused");
+        let (code, body) = curl(
+            &jar,
+            &[
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                r#"{"username":"admin","password":"correct horse battery"}"#,
+                &url("/api/v1/auth/setup"),
+            ],
+        );
+        assert_eq!(code, 201, "{body}");
+
+        let (code, body) = put("tool.efi");
+        assert_eq!(code, 201, "{body}");
+        let rec: Value = serde_json::from_str(&body).expect("installer JSON");
+        assert_eq!(rec["path"], json!("tool.efi"));
+        assert_eq!(rec["size_bytes"], json!(7));
+        assert_eq!(
+            std::fs::read(installers.join("tool.efi")).expect("uploaded"),
+            b"MZ tool"
+        );
+        assert_eq!(put("tool.efi").0, 409, "an existing file is never replaced");
+        assert_eq!(
+            put("..%2Fescape.efi").0,
+            422,
+            "no way out of the installers directory"
+        );
+        assert_eq!(put("missing-dir/tool.efi").0, 422, "the folder must exist");
+        assert_eq!(put(".hidden").0, 422, "no hidden files");
+        let leftovers: Vec<_> = std::fs::read_dir(&installers)
+            .expect("installers dir")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "tool.efi")
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+
+        // A cross-site page cannot upload with the session cookie.
+        let target = url("/api/v1/installers/files/other.efi?kind=other");
+        let (code, _) = curl(
+            &jar,
+            &[
+                "-X",
+                "PUT",
+                "-H",
+                "Origin: http://evil.example",
+                "--data-binary",
+                &data,
+                &target,
+            ],
+        );
+        assert_eq!(code, 403);
+
+        // Logged in, the pages render; the SSE stream needs a session too.
+        let (code, page) = curl(&jar, &[&url("/ui/installers")]);
+        assert_eq!(code, 200);
+        assert!(page.contains("tool.efi"));
+        let (code, _) = curl(&no_session, &["-o", "/dev/null", &url("/ui/events")]);
+        assert_eq!(code, 401);
+    })
+    .await
+    .expect("curl session");
+    served.stop().await;
+}
