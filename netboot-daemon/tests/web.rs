@@ -118,11 +118,7 @@ impl Page {
             .to_owned();
         page.call("Page.enable", json!({}));
         page.call("Runtime.enable", json!({}));
-        page.call(
-            "Emulation.setDeviceMetricsOverride",
-            json!({ "width": 1440, "height": 900, "deviceScaleFactor": 1, "mobile": false }),
-        );
-        // Confirmation dialogs are accepted (the test deletes nothing it needs).
+        page.viewport(1440, 900);
         page
     }
 
@@ -267,8 +263,25 @@ impl Page {
         .to_owned()
     }
 
-    /// Writes a PNG of the viewport to `docs/screenshots/<name>.png`.
+    /// Sets the viewport size.
+    fn viewport(&mut self, width: u32, height: u32) {
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false }),
+        );
+    }
+
+    /// Writes a PNG of the viewport to `docs/screenshots/<name>.png`, after checking that
+    /// nothing sticks out sideways (wide tables scroll inside their card).
     fn screenshot(&mut self, name: &str) {
+        let (scroll, width) = (
+            self.eval("document.documentElement.scrollWidth"),
+            self.eval("window.innerWidth"),
+        );
+        assert!(
+            scroll.as_u64() <= width.as_u64(),
+            "{name}: the page is {scroll} px wide in a {width} px window"
+        );
         // Let the fonts and the live-status line settle into their final layout.
         self.eval("document.fonts.ready.then(() => true)");
         let shot = self.call("Page.captureScreenshot", json!({ "format": "png" }));
@@ -529,6 +542,19 @@ fn browse(base: String, upload: PathBuf) {
     assert!(page.text("#user-table").contains(VIEWER.0));
     page.screenshot("admin");
 
+    // Laptop width: the same pages fit.
+    page.viewport(1280, 800);
+    for (path, name) in [
+        ("/ui/".to_owned(), "laptop-dashboard"),
+        (format!("/ui/devices/{UNKNOWN_MAC}"), "laptop-device"),
+        ("/ui/images".to_owned(), "laptop-images"),
+        ("/ui/admin".to_owned(), "laptop-admin"),
+    ] {
+        page.goto(&format!("{base}{path}"));
+        page.screenshot(name);
+    }
+    page.viewport(1440, 900);
+
     // The viewer sees the inventory but no control that changes it.
     page.navigating(
         "the login page",
@@ -708,6 +734,39 @@ async fn upload_endpoint_and_page_access() {
             ],
         );
         assert_eq!(code, 403);
+
+        // The event stream replays what a reconnecting page missed (Last-Event-ID).
+        let (code, body) = curl(
+            &jar,
+            &[
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                r#"{"mac":"52:54:00:00:00:99","kind":"tool_run","detail":"<b>x</b>"}"#,
+                &url("/api/v1/events"),
+            ],
+        );
+        assert_eq!(code, 201, "{body}");
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-N",
+                "--max-time",
+                "2",
+                "-H",
+                "Last-Event-ID: 0",
+                "-b",
+            ])
+            .arg(&jar)
+            .arg(url("/ui/events?mac=52-54-00-00-00-99"))
+            .output()
+            .expect("curl runs");
+        let stream = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stream.contains("event: boot"),
+            "no replayed event in {stream:?}"
+        );
+        assert!(stream.contains("\"kind\":\"tool_run\""), "{stream:?}");
 
         // Logged in, the pages render; the SSE stream needs a session too.
         let (code, page) = curl(&jar, &[&url("/ui/installers")]);

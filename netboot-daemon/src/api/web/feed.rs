@@ -157,3 +157,58 @@ pub(super) async fn stream(
     let events = futures_util::stream::iter(backlog).chain(live);
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::store::{EventSource, NewBootEvent, Sqlite, Store};
+    use crate::time::Timestamp;
+
+    fn event(mac: &str, kind: &str) -> NewBootEvent {
+        NewBootEvent {
+            mac: mac.parse().expect("mac"),
+            at: Timestamp::now(),
+            source: EventSource::Api,
+            kind: kind.into(),
+            detail: String::new(),
+            ip: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_events_reach_every_listener_and_the_tail_stops_when_nobody_listens() {
+        let store: Arc<dyn Store> = Arc::new(Sqlite::in_memory().expect("store"));
+        let old = store
+            .add_event(&event("52:54:00:00:00:01", "before"))
+            .expect("event");
+        let state = AppState::new(
+            Arc::clone(&store),
+            Config::default().validate().expect("config"),
+        );
+        let feed = &state.0.feed;
+        let mut a = feed.subscribe(&state, old.id);
+        let mut b = feed.subscribe(&state, old.id);
+        let new = store
+            .add_event(&event("52:54:00:00:00:02", "after"))
+            .expect("event");
+        for rx in [&mut a, &mut b] {
+            let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an event within 10 s")
+                .expect("open channel");
+            assert_eq!(got, new, "only events after the subscription, each once");
+        }
+        drop((a, b));
+        let stopped = async {
+            while *feed.running.lock().unwrap_or_else(PoisonError::into_inner) {
+                tokio::time::sleep(POLL).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), stopped)
+            .await
+            .expect("the tail ends without listeners");
+    }
+}

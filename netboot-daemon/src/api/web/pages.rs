@@ -866,4 +866,48 @@ mod tests {
             "write control for a viewer:\n{html}"
         );
     }
+
+    #[test]
+    fn unknown_devices_escape_what_the_network_sent() {
+        // The vendor class comes straight from a DHCP packet.
+        let page = UnknownPage {
+            shell: shell(Role::Operator),
+            unknown: vec![UnknownRow {
+                mac: "52:54:00:12:34:56".into(),
+                arch: "bios".into(),
+                vendor_class: HOSTILE.into(),
+                last_ip: "\"><img src=x onerror=alert(1)>".into(),
+                first_seen: String::new(),
+                last_seen: String::new(),
+                seen_count: 1,
+            }],
+            archs: vec!["bios"],
+            policies: vec!["menu"],
+            images: vec![HOSTILE.into()],
+            profiles: vec![HOSTILE.into()],
+        };
+        let html = page.render().expect("renders");
+        assert!(!html.contains("<script>alert"), "{html}");
+        assert!(!html.contains("<img src=x"), "{html}");
+    }
+
+    #[test]
+    fn audit_entries_are_escaped() {
+        let page = AdminPage {
+            shell: shell(Role::Admin),
+            users: vec![],
+            tokens: vec![],
+            audit: vec![AuditRow {
+                at: String::new(),
+                actor: HOSTILE.into(),
+                via: "session".into(),
+                ip: String::new(),
+                action: "device.update".into(),
+                target: HOSTILE.into(),
+                detail: serde_json::json!({ "name": HOSTILE }).to_string(),
+            }],
+            roles: vec!["viewer"],
+        };
+        assert_escaped(&page.render().expect("renders"));
+    }
 }

@@ -133,6 +133,7 @@
     if (button.dataset.open) {
       const row = document.getElementById(button.dataset.open);
       row.hidden = !row.hidden;
+      button.setAttribute("aria-expanded", String(!row.hidden));
       const first = $("input, select", row);
       if (!row.hidden && first) first.focus();
       return;
@@ -165,7 +166,7 @@
       if (hit) shown++;
     }
     const count = $(`[data-count="${input.dataset.filter}"]`);
-    if (count) count.textContent = `${shown} of ${table.tBodies[0].rows.length} devices shown`;
+    if (count) count.textContent = `${shown} of ${table.tBodies[0].rows.length} shown`;
   }
 
   function sortTable(button) {
