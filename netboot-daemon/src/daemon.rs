@@ -140,10 +140,13 @@ pub async fn serve(
         );
     }
 
+    let live = state.clone();
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let mut http_stop = stop_rx.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // Open web UI pages would otherwise hold graceful shutdown for ever.
+        live.end_live_streams();
         let _ = stop_tx.send(true);
     });
     axum::serve(listener, app)

@@ -777,5 +777,26 @@ async fn upload_endpoint_and_page_access() {
     })
     .await
     .expect("curl session");
-    served.stop().await;
+    // A page that listens for events does not hold the daemon's shutdown.
+    let mut listener = tokio::process::Command::new("curl")
+        .args(["-sS", "-N", "-b"])
+        .arg(dir.path().join("cookies"))
+        .arg(format!("{}/ui/events", served.base))
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("curl runs");
+    let mut first = [0u8; 1];
+    let stdout = listener.stdout.as_mut().expect("piped");
+    tokio::io::AsyncReadExt::read_exact(stdout, &mut first)
+        .await
+        .expect("the stream is open");
+    tokio::time::timeout(Duration::from_secs(10), served.stop())
+        .await
+        .expect("shutdown does not wait for event streams");
+    let status = tokio::time::timeout(Duration::from_secs(10), listener.wait())
+        .await
+        .expect("the stream ended")
+        .expect("curl exits");
+    assert!(status.success(), "the stream ended cleanly: {status}");
 }

@@ -15,7 +15,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::{Stream, StreamExt as _};
 use serde::Deserialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::api::inventory::parse_mac;
 use crate::api::{ApiError, AppState, Auth, blocking};
@@ -35,6 +35,9 @@ pub struct Feed {
     /// Whether the tail task runs. Checked and set together with subscribing, so that a
     /// subscriber never misses a starting or ending task.
     running: Mutex<bool>,
+    /// Set when the daemon stops: every stream ends, so that graceful shutdown does not
+    /// wait for pages that would listen for ever.
+    closed: watch::Sender<bool>,
 }
 
 impl Default for Feed {
@@ -42,7 +45,16 @@ impl Default for Feed {
         Self {
             tx: broadcast::channel(BACKLOG).0,
             running: Mutex::new(false),
+            closed: watch::channel(false).0,
         }
+    }
+}
+
+impl AppState {
+    /// Ends the live event streams of the web UI (and refuses new ones): call it when
+    /// the daemon begins to shut down, before waiting for open connections.
+    pub fn end_live_streams(&self) {
+        self.0.feed.closed.send_replace(true);
     }
 }
 
@@ -135,8 +147,11 @@ pub(super) async fn stream(
             .id(ev.id.to_string())
             .data(data))
     };
+    // A first comment tells the page (and any proxy) at once that the stream is open.
     let backlog: Vec<Result<Event, Infallible>> =
-        missed.iter().filter(|e| wanted(e)).map(boot).collect();
+        std::iter::once(Ok(Event::default().comment("live")))
+            .chain(missed.iter().filter(|e| wanted(e)).map(boot))
+            .collect();
     let live = futures_util::stream::unfold((rx, now), move |(mut rx, mut last)| async move {
         loop {
             match rx.recv().await {
@@ -154,7 +169,13 @@ pub(super) async fn stream(
             }
         }
     });
-    let events = futures_util::stream::iter(backlog).chain(live);
+    let mut closed = state.0.feed.closed.subscribe();
+    let ended = async move {
+        let _ = closed.wait_for(|c| *c).await;
+    };
+    let events = futures_util::stream::iter(backlog)
+        .chain(live)
+        .take_until(ended);
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
