@@ -51,7 +51,8 @@ impl From<ApiError> for PageError {
     fn from(e: ApiError) -> Self {
         let page = ErrorPage {
             status: e.status().as_u16(),
-            message: e.status().canonical_reason().unwrap_or("error").to_owned(),
+            reason: e.status().canonical_reason().unwrap_or("error"),
+            message: e.message().to_owned(),
             assets: static_prefix(),
         };
         let mut res = render(&page);
@@ -67,6 +68,7 @@ type PageResult = Result<Response, PageError>;
 #[template(path = "web/error.html")]
 struct ErrorPage {
     status: u16,
+    reason: &'static str,
     message: String,
     assets: String,
 }
