@@ -503,13 +503,35 @@ fn browse(base: String, upload: PathBuf) {
     page.eval("document.querySelector('#device-events').closest('section').scrollIntoView()");
     page.screenshot("device-events");
 
-    // The device list: search and sort.
+    // The device list: register one by MAC (any spelling), then search and sort.
     page.goto(&format!("{base}/ui/devices"));
-    assert_eq!(page.count("#device-table tbody tr"), 1);
+    page.set("#device-create [name=mac]", "52-54-00-AA-BB-03");
+    page.set("#device-create [name=name]", "alpha");
+    submit(
+        &mut page,
+        "#device-create",
+        "the page of the device registered by MAC",
+    );
+    assert!(
+        page.url().ends_with("/ui/devices/52:54:00:aa:bb:03"),
+        "{}",
+        page.url()
+    );
+    page.goto(&format!("{base}/ui/devices"));
+    assert_eq!(page.count("#device-table tbody tr"), 2);
+    let first = "#device-table tbody tr:first-child td:first-child";
+    assert_eq!(page.text(first), "alpha", "sorted by name");
+    page.eval("document.querySelector('#device-table [data-sort=\"0\"]').click()");
+    assert_eq!(
+        page.text(first),
+        "lab-<b>01</b>",
+        "sorted by name, descending"
+    );
     page.set("[data-filter=device-table]", "no-such-device");
     assert_eq!(page.count("#device-table tbody tr:not([hidden])"), 0);
-    page.set("[data-filter=device-table]", "lab");
+    page.set("[data-filter=device-table]", "aa:bb:01");
     assert_eq!(page.count("#device-table tbody tr:not([hidden])"), 1);
+    page.set("[data-filter=device-table]", "");
     page.screenshot("devices");
 
     // The dashboard's numbers are the API's.
@@ -521,16 +543,43 @@ fn browse(base: String, upload: PathBuf) {
     );
     assert_eq!(page.text("#stat-unknown"), "1");
     assert_eq!(page.text("#stat-installers"), "1");
-    assert!(page.text("#stat-devices").contains("/ 1"));
+    assert!(
+        page.text("#stat-devices").contains("/ 2"),
+        "{}",
+        page.text("#stat-devices")
+    );
     page.wait(
         "the live feed",
         "document.querySelector('tbody[data-events]').dataset.connected === '1'",
     );
     page.screenshot("dashboard");
 
+    // A boot profile, and the settings.
     page.goto(&format!("{base}/ui/profiles"));
+    page.set("#profile-create [name=name]", "debian-13");
+    page.set("#profile-create [name=kernel]", "debian/linux");
+    page.set(
+        "#profile-create [name=initrd]",
+        "debian/initrd.gz, firmware.cpio.gz",
+    );
+    page.set("#profile-create [name=cmdline]", "priority=critical");
+    submit(
+        &mut page,
+        "#profile-create",
+        "the profiles page with the profile",
+    );
+    let profile = page.eval("fetch('/api/v1/profiles/debian-13').then(r => r.json())");
+    assert_eq!(
+        profile["initrd"],
+        json!(["debian/initrd.gz", "firmware.cpio.gz"])
+    );
+    assert!(page.text("#profile-table").contains("priority=critical"));
     page.screenshot("profiles");
     page.goto(&format!("{base}/ui/settings"));
+    page.set("#settings [name=menu_timeout_secs]", "5");
+    submit(&mut page, "#settings", "the settings page after saving");
+    let settings = page.eval("fetch('/api/v1/settings').then(r => r.json())");
+    assert_eq!(settings["menu_timeout_secs"], json!(5));
     page.screenshot("settings");
 
     // Administration: add a viewer.
@@ -541,6 +590,14 @@ fn browse(base: String, upload: PathBuf) {
     submit(&mut page, "#user-create", "the admin page with the viewer");
     assert!(page.text("#user-table").contains(VIEWER.0));
     page.screenshot("admin");
+    // (No screenshot of the secret: it would look like a leaked credential.)
+    page.set("#token-create [name=name]", "ansible");
+    page.set("#token-create [name=role]", "operator");
+    page.eval("document.querySelector('#token-create').requestSubmit()");
+    page.wait(
+        "the token's secret",
+        "document.querySelector('#token-create .form-ok').innerText.includes('nbt_')",
+    );
 
     // Laptop width: the same pages fit.
     page.viewport(1280, 800);
