@@ -91,6 +91,8 @@ struct Page {
     ws: WebSocket<MaybeTlsStream<TcpStream>>,
     session: String,
     next_id: u64,
+    /// Script exceptions and security (CSP) or JavaScript console errors seen so far.
+    problems: Vec<String>,
 }
 
 impl Page {
@@ -105,6 +107,7 @@ impl Page {
             ws,
             session: String::new(),
             next_id: 0,
+            problems: Vec::new(),
         };
         let target = page.call("Target.createTarget", json!({ "url": "about:blank" }));
         let id = target["targetId"].as_str().expect("targetId").to_owned();
@@ -118,6 +121,7 @@ impl Page {
             .to_owned();
         page.call("Page.enable", json!({}));
         page.call("Runtime.enable", json!({}));
+        page.call("Log.enable", json!({}));
         page.viewport(1440, 900);
         page
     }
@@ -149,6 +153,17 @@ impl Page {
             let reply = self.ws.read().expect("read from DevTools");
             let Message::Text(text) = reply else { continue };
             let v: Value = serde_json::from_str(&text).expect("DevTools JSON");
+            if v["method"] == "Runtime.exceptionThrown" {
+                self.problems
+                    .push(v["params"]["exceptionDetails"].to_string());
+            }
+            let entry = &v["params"]["entry"];
+            if v["method"] == "Log.entryAdded"
+                && entry["level"] == "error"
+                && (entry["source"] == "security" || entry["source"] == "javascript")
+            {
+                self.problems.push(entry.to_string());
+            }
             if v["method"] == "Page.javascriptDialogOpening" {
                 let mut accept = json!({
                     "id": 1_000_000 + id,
@@ -649,6 +664,11 @@ fn browse(base: String, upload: PathBuf) {
         "the admin page refuses viewers with a reason: {refused}"
     );
     page.screenshot("forbidden");
+    assert!(
+        page.problems.is_empty(),
+        "script errors or policy violations: {:#?}",
+        page.problems
+    );
 }
 
 const UPLOAD_BYTES: u64 = 24 << 20;
@@ -722,6 +742,24 @@ async fn upload_endpoint_and_page_access() {
         let (code, css) = curl(&jar, &[&url(&format!("/ui/static/{version}/app.css"))]);
         assert_eq!(code, 200);
         assert!(css.contains("--accent"));
+        let (_, headers) = curl(&jar, &["-o", "/dev/null", "-D", "-", &url("/ui/login")]);
+        let headers = headers.to_lowercase();
+        assert!(
+            headers.contains("content-security-policy: default-src 'none'; script-src 'self'"),
+            "{headers}"
+        );
+        assert!(headers.contains("cache-control: no-store"), "{headers}");
+        let (_, headers) = curl(
+            &jar,
+            &[
+                "-o",
+                "/dev/null",
+                "-D",
+                "-",
+                &url(&format!("/ui/static/{version}/app.js")),
+            ],
+        );
+        assert!(headers.to_lowercase().contains("immutable"), "{headers}");
         let (code, _) = curl(&jar, &[&url(&format!("/ui/static/{version}/nope.js"))]);
         assert_eq!(code, 404);
 

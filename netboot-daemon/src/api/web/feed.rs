@@ -28,6 +28,9 @@ const POLL: Duration = Duration::from_millis(500);
 /// Events buffered per listener; a listener that falls further behind skips ahead.
 const BACKLOG: usize = 256;
 
+/// Rows the tail reads first on each poll.
+const QUICK: u32 = 16;
+
 /// The broadcast of new boot events.
 #[derive(Debug)]
 pub struct Feed {
@@ -94,13 +97,22 @@ async fn tail(state: AppState, mut last: i64) {
                 return;
             }
         }
-        let items = match newest(&state, BACKLOG as u32).await {
-            Ok(items) => items,
-            Err(error) => {
-                tracing::warn!(?error, "the live event feed cannot read the store");
-                continue;
+        // Usually a few rows cover what is new; read further back only when they do not.
+        let mut items = Vec::new();
+        for limit in [QUICK, BACKLOG as u32] {
+            items = match newest(&state, limit).await {
+                Ok(items) => items,
+                Err(error) => {
+                    tracing::warn!(?error, "the live event feed cannot read the store");
+                    Vec::new()
+                }
+            };
+            let covered =
+                items.len() < limit as usize || items.last().is_some_and(|e| e.id <= last);
+            if covered {
+                break;
             }
-        };
+        }
         let since = last;
         for ev in items.into_iter().rev().filter(|e| e.id > since) {
             last = ev.id;
