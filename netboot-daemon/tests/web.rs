@@ -426,6 +426,25 @@ fn browse(base: String, upload: PathBuf) {
     assert!(page.text("tr[data-image=lab01-disk]").contains("32.0 GiB"));
     page.screenshot("images");
 
+    // Deleting asks first.
+    page.set("#image-create [name=name]", "scratch");
+    submit(
+        &mut page,
+        "#image-create",
+        "the images page with the scratch image",
+    );
+    page.navigating(
+        "the images page after deleting",
+        "document.querySelector('tr[data-image=scratch] button.danger').click()",
+    );
+    assert_eq!(
+        page.count("tr[data-image=scratch]"),
+        0,
+        "the confirmed delete went through"
+    );
+    let status = page.eval("fetch('/api/v1/images/scratch').then(r => r.status)");
+    assert_eq!(status, json!(404));
+
     // Upload an installer with a progress bar.
     page.goto(&format!("{base}/ui/installers"));
     let input = page.call(

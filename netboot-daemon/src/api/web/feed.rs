@@ -234,6 +234,21 @@ mod tests {
                 .expect("open channel");
             assert_eq!(got, new, "only events after the subscription, each once");
         }
+        // A burst larger than one quick read arrives whole and in order.
+        let burst: Vec<BootEvent> = (0..40)
+            .map(|i| {
+                store
+                    .add_event(&event("52:54:00:00:00:03", &format!("burst_{i}")))
+                    .expect("event")
+            })
+            .collect();
+        for want in &burst {
+            let got = tokio::time::timeout(Duration::from_secs(10), a.recv())
+                .await
+                .expect("an event within 10 s")
+                .expect("open channel");
+            assert_eq!(&got, want);
+        }
         drop((a, b));
         let stopped = async {
             while *feed.running.lock().unwrap_or_else(PoisonError::into_inner) {
