@@ -134,9 +134,10 @@ pub async fn serve(
     tracing::info!(
         "API: {url}/api/v1 (OpenAPI document: {url}/api/v1/openapi.json, health: {url}/api/v1/health)"
     );
+    tracing::info!("web UI: {url}/");
     if needs_setup {
         tracing::info!(
-            "first run: create the administrator with POST {url}/api/v1/auth/setup {{\"username\": ..., \"password\": ...}}"
+            "first run: create the administrator at {url}/ or with POST {url}/api/v1/auth/setup {{\"username\": ..., \"password\": ...}}"
         );
     }
 
