@@ -297,6 +297,11 @@ impl Page {
             scroll.as_u64() <= width.as_u64(),
             "{name}: the page is {scroll} px wide in a {width} px window"
         );
+        // Every form control has a label a screen reader can announce.
+        let unlabelled = self.eval(
+            "Array.from(document.querySelectorAll('input, select, textarea')).filter(e => !e.closest('label') && !e.getAttribute('aria-label')).map(e => e.outerHTML)",
+        );
+        assert_eq!(unlabelled, json!([]), "{name}: unlabelled controls");
         // Let the fonts and the live-status line settle into their final layout.
         self.eval("document.fonts.ready.then(() => true)");
         let shot = self.call("Page.captureScreenshot", json!({ "format": "png" }));
