@@ -93,6 +93,8 @@ struct Page {
     next_id: u64,
     /// Script exceptions and security (CSP) or JavaScript console errors seen so far.
     problems: Vec<String>,
+    /// A JSON body to answer intercepted requests with (`Fetch.enable`).
+    canned: Option<String>,
 }
 
 impl Page {
@@ -108,6 +110,7 @@ impl Page {
             session: String::new(),
             next_id: 0,
             problems: Vec::new(),
+            canned: None,
         };
         let target = page.call("Target.createTarget", json!({ "url": "about:blank" }));
         let id = target["targetId"].as_str().expect("targetId").to_owned();
@@ -163,6 +166,25 @@ impl Page {
                 && (entry["source"] == "security" || entry["source"] == "javascript")
             {
                 self.problems.push(entry.to_string());
+            }
+            if v["method"] == "Fetch.requestPaused"
+                && let Some(body) = &self.canned
+            {
+                let reply = json!({
+                    "id": 2_000_000 + id,
+                    "sessionId": self.session,
+                    "method": "Fetch.fulfillRequest",
+                    "params": {
+                        "requestId": v["params"]["requestId"],
+                        "responseCode": 200,
+                        "responseHeaders": [{ "name": "Content-Type", "value": "application/json" }],
+                        "body": base64::engine::general_purpose::STANDARD.encode(body),
+                    },
+                });
+                self.ws
+                    .send(Message::text(reply.to_string()))
+                    .expect("fulfil request");
+                continue;
             }
             if v["method"] == "Page.javascriptDialogOpening" {
                 let mut accept = json!({
@@ -541,6 +563,53 @@ fn browse(base: String, upload: PathBuf) {
     page.screenshot("device");
     page.eval("document.querySelector('#device-events').closest('section').scrollIntoView()");
     page.screenshot("device-events");
+
+    // With eBPF accounting the panel draws each service and direction, and the
+    // connections, from the API's answer (here a fixed answer of the API's shape, as the
+    // test daemon runs without eBPF).
+    page.canned = Some(
+        json!({
+            "mac": UNKNOWN_MAC, "source": "ebpf", "warnings": [],
+            "totals": [
+                { "service": "tftp", "direction": "tx", "packets": 900, "bytes": 1_048_576, "bytes_per_second": 0.0, "source": "ebpf" },
+                { "service": "tftp", "direction": "rx", "packets": 900, "bytes": 57_600, "bytes_per_second": 0.0, "source": "ebpf" },
+                { "service": "iscsi", "direction": "tx", "packets": 90_000, "bytes": 3_221_225_472u64, "bytes_per_second": 10_485_760.0, "source": "ebpf" },
+            ],
+            "sessions": [
+                { "protocol": "tcp", "service": "iscsi", "client": "10.0.0.5:51000", "server": "10.0.0.1:3260", "rx_bytes": 2048, "tx_bytes": 3_221_225_472u64, "rx_payload": 0, "tx_payload": 0, "idle_ms": 5, "source": "ebpf" },
+            ],
+        })
+        .to_string(),
+    );
+    page.call(
+        "Fetch.enable",
+        json!({ "patterns": [{ "urlPattern": "*/api/v1/devices/*/metrics" }] }),
+    );
+    page.goto(&format!("{base}/ui/devices/{UNKNOWN_MAC}"));
+    page.wait(
+        "the traffic bars",
+        "document.querySelectorAll('#metrics svg rect').length === 4",
+    );
+    let traffic = page.text("#metrics");
+    for figure in [
+        "tftp tx",
+        "1.00 MiB",
+        "iscsi tx",
+        "3.00 GiB",
+        "10.0 MiB/s",
+        "iscsi (tcp)",
+        "10.0.0.5:51000",
+    ] {
+        assert!(
+            traffic.contains(figure),
+            "{figure} missing from the panel: {traffic}"
+        );
+    }
+    if std::env::var_os("NETBOOT_WEB_SHOTS_CANNED").is_some() {
+        page.screenshot("canned-traffic");
+    }
+    page.call("Fetch.disable", json!({}));
+    page.canned = None;
 
     // The device list: register one by MAC (any spelling), then search and sort.
     page.goto(&format!("{base}/ui/devices"));

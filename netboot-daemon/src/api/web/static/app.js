@@ -248,7 +248,7 @@
     }
     const parts = [];
     const src = text("p", "", "muted small");
-    src.append("Source of the figures: ", text("strong", m.source));
+    src.append("Source of the figures: ", text("strong", m.source), " · rx: from the device, tx: to the device");
     parts.push(src);
     for (const w of m.warnings || []) parts.push(text("p", w, "warning"));
     const totals = m.totals || [];
@@ -259,10 +259,12 @@
     }
     const services = [...new Set(totals.map((t) => t.service))];
     const max = Math.max(1, ...totals.map((t) => t.bytes));
-    const rowH = 22, labelW = 70, w = 700;
+    // One SVG unit per CSS pixel, so the labels keep the page's text size.
+    const rowH = 24, labelW = 80, valueW = 250, w = Math.max(400, box.clientWidth);
     const ns = "http://www.w3.org/2000/svg";
     const svg = document.createElementNS(ns, "svg");
     svg.setAttribute("viewBox", `0 0 ${w} ${services.length * rowH * 2 + 8}`);
+    svg.setAttribute("width", w);
     svg.setAttribute("role", "img");
     svg.setAttribute("aria-label", "Bytes per service and direction");
     let y = 4;
@@ -270,10 +272,10 @@
       for (const dir of ["rx", "tx"]) {
         const t = totals.find((x) => x.service === svc && x.direction === dir) || { bytes: 0, bytes_per_second: 0, source: m.source };
         const label = document.createElementNS(ns, "text");
-        label.setAttribute("x", 0); label.setAttribute("y", y + 14);
+        label.setAttribute("x", 0); label.setAttribute("y", y + 16);
         label.textContent = `${svc} ${dir}`;
         const bar = document.createElementNS(ns, "rect");
-        const bw = Math.max(1, (w - labelW - 220) * t.bytes / max);
+        const bw = t.bytes === 0 ? 0 : Math.max(1, (w - labelW - valueW) * t.bytes / max);
         bar.setAttribute("x", labelW); bar.setAttribute("y", y + 3);
         bar.setAttribute("width", bw); bar.setAttribute("height", rowH - 6);
         bar.setAttribute("class", dir);
@@ -281,7 +283,7 @@
         title.textContent = `${t.bytes} bytes (${t.source})`;
         bar.appendChild(title);
         const val = document.createElementNS(ns, "text");
-        val.setAttribute("x", labelW + bw + 6); val.setAttribute("y", y + 14);
+        val.setAttribute("x", labelW + bw + 6); val.setAttribute("y", y + 16);
         val.textContent = `${binary(t.bytes)} · ${binary(Math.round(t.bytes_per_second))}/s · ${t.source}`;
         svg.append(label, bar, val);
         y += rowH;
@@ -292,7 +294,33 @@
     fig.appendChild(svg);
     parts.push(fig);
     const sessions = m.sessions || [];
-    parts.push(text("p", sessions.length ? `${sessions.length} connection(s) in the last 30 s` : "No connections in the last 30 s.", "muted small"));
+    if (sessions.length === 0) {
+      parts.push(text("p", "No connections in the last 30 s.", "muted small"));
+    } else {
+      const table = document.createElement("table");
+      table.className = "sessions";
+      const head = document.createElement("tr");
+      for (const h of ["Connection", "Device", "netbootd", "From device", "To device"]) {
+        const th = text("th", h);
+        th.scope = "col";
+        head.appendChild(th);
+      }
+      table.createTHead().appendChild(head);
+      const body = table.createTBody();
+      for (const c of sessions) {
+        const tr = body.insertRow();
+        tr.append(
+          text("td", `${c.service} (${c.protocol})`),
+          text("td", c.client, "mono"),
+          text("td", c.server, "mono"),
+          text("td", binary(c.rx_bytes)),
+          text("td", binary(c.tx_bytes)),
+        );
+        tr.cells[3].title = `${c.rx_bytes} bytes (${c.source})`;
+        tr.cells[4].title = `${c.tx_bytes} bytes (${c.source})`;
+      }
+      parts.push(text("h3", "Connections in the last 30 s"), table);
+    }
     box.replaceChildren(...parts);
   }
 
