@@ -453,6 +453,21 @@ fn browse(base: String, upload: PathBuf) {
     assert!(page.text("tr[data-image=lab01-disk]").contains("32.0 GiB"));
     page.screenshot("images");
 
+    // Edit: a new description, and grow the image.
+    let edit = page.eval(
+        "(() => { const b = document.querySelector('tr[data-image=lab01-disk] [data-open]'); b.click(); return b.dataset.open; })()",
+    );
+    let edit = format!("#{} form", edit.as_str().expect("edit row id"));
+    page.set(
+        &format!("{edit} [name=description]"),
+        "Windows 11 lab disk, grown",
+    );
+    page.set(&format!("{edit} [name=size_bytes]"), "64");
+    submit(&mut page, &edit, "the images page after the edit");
+    let api_image = page.eval("fetch('/api/v1/images/lab01-disk').then(r => r.json())");
+    assert_eq!(api_image["size_bytes"], json!(64u64 << 30));
+    assert!(page.text("tr[data-image=lab01-disk]").contains("64.0 GiB"));
+
     // Deleting asks first.
     page.set("#image-create [name=name]", "scratch");
     submit(

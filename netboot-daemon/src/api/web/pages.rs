@@ -225,6 +225,8 @@ fn all_devices(s: &dyn Store) -> crate::store::Result<crate::store::Page<Device>
 pub(super) struct ImageRow {
     name: String,
     size: Size,
+    /// The size in whole GiB, rounded up (the smallest the grow form offers).
+    size_gib: u64,
     /// Blocks the sparse file occupies; none while the file does not exist yet (it is
     /// created on the first iSCSI login).
     allocated: Option<Size>,
@@ -240,6 +242,7 @@ fn image_rows(images: &[Image], dir: &FsPath) -> Vec<ImageRow> {
         .map(|i| ImageRow {
             name: i.name.clone(),
             size: Size(i.size_bytes),
+            size_gib: i.size_bytes.div_ceil(1 << 30),
             allocated: std::fs::metadata(dir.join(format!("{}.img", i.name)))
                 .ok()
                 .map(|m| Size(m.blocks() * 512)),
