@@ -417,6 +417,7 @@ fn browse(base: String, upload: PathBuf) {
     ));
     let wizard = format!("#{}", wizard.as_str().expect("wizard row id"));
     page.set(&format!("{wizard} [name=name]"), "lab-<b>01</b>");
+    page.screenshot("unknown-register");
     submit(
         &mut page,
         &format!("{wizard} form"),
