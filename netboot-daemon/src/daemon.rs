@@ -134,16 +134,20 @@ pub async fn serve(
     tracing::info!(
         "API: {url}/api/v1 (OpenAPI document: {url}/api/v1/openapi.json, health: {url}/api/v1/health)"
     );
+    tracing::info!("web UI: {url}/");
     if needs_setup {
         tracing::info!(
-            "first run: create the administrator with POST {url}/api/v1/auth/setup {{\"username\": ..., \"password\": ...}}"
+            "first run: create the administrator at {url}/ or with POST {url}/api/v1/auth/setup {{\"username\": ..., \"password\": ...}}"
         );
     }
 
+    let live = state.clone();
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let mut http_stop = stop_rx.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // Open web UI pages would otherwise hold graceful shutdown for ever.
+        live.end_live_streams();
         let _ = stop_tx.send(true);
     });
     axum::serve(listener, app)

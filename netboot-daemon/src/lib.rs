@@ -5,7 +5,7 @@
 //! [`daemon::run`]. Modules:
 //! - [`config`]: the typed configuration (file, environment, flags);
 //! - [`store`]: the SQLite inventory behind the [`store::Store`] trait;
-//! - [`api`]: the REST API (axum) with authentication and the OpenAPI document;
+//! - [`api`]: the REST API (axum) with authentication and the OpenAPI document, and the web UI;
 //! - [`boot`]: boot flows: iPXE scripts generated from the inventory, with escaping;
 //! - [`bindings`]: which MAC an IP address belongs to (learned, or the neighbour table);
 //! - [`auth`]: password hashing, secrets and the login throttle;

@@ -38,7 +38,7 @@ const APT_PACKAGES: &[&str] = &[
 /// Debian packages the tests drive as real peers: TFTP clients (tftp-hpa, atftp), DHCP
 /// clients (busybox udhcpc, ISC dhclient) and Kea's perfdhcp, dnsmasq for the TFTP benchmark smoke, the strict OpenMetrics
 /// parser of the Prometheus client library, and the iSCSI initiators (libiscsi's tools and
-/// conformance suite, qemu's iSCSI block driver).
+/// conformance suite, qemu's iSCSI block driver), and headless Chromium for the web UI tests.
 const TEST_PACKAGES: &[&str] = &[
     "tftp-hpa",
     "atftp",
@@ -58,6 +58,8 @@ const TEST_PACKAGES: &[&str] = &[
     "ipxe",
     "cpio",
     "nasm",
+    // The web UI's browser test (tests/web.rs) drives headless Chromium.
+    "chromium",
 ];
 /// Name of the toolchain linked from Debian's rustc-web when rustup cannot fetch rust-src.
 const DEBIAN_TOOLCHAIN: &str = "debian-web";

@@ -20,6 +20,12 @@ mod metrics;
     reason = "utoipa's path macro expands `params(T)` into qualified paths"
 )]
 mod system;
+#[allow(
+    unused_qualifications,
+    reason = "utoipa's path macro expands `params(T)` into qualified paths"
+)]
+mod upload;
+pub mod web;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -53,6 +59,7 @@ struct Inner {
     config: Validated,
     throttle: Mutex<LoginThrottle>,
     services: Services,
+    feed: web::Feed,
 }
 
 /// The running services the API reports on, and what they share with it.
@@ -88,6 +95,7 @@ impl AppState {
             config,
             throttle: Mutex::new(throttle),
             services,
+            feed: web::Feed::default(),
         }))
     }
 
@@ -196,6 +204,7 @@ where
         inventory::create_installer,
         inventory::update_installer,
         inventory::delete_installer,
+        upload::upload_installer,
         inventory::list_profiles,
         inventory::get_profile,
         inventory::create_profile,
@@ -281,6 +290,10 @@ pub fn router(state: AppState) -> Router {
                 .delete(inv::delete_installer),
         )
         .route(
+            "/installers/files/{*path}",
+            axum::routing::put(upload::upload_installer),
+        )
+        .route(
             "/profiles",
             get(inv::list_profiles).post(inv::create_profile),
         )
@@ -317,10 +330,11 @@ pub fn router(state: AppState) -> Router {
             boot::file_route(boot::FileRoot::Tftp),
         )
         .route("/metrics", get(metrics::metrics))
-        .with_state(state);
+        .with_state(state.clone());
     Router::new()
         .nest("/api/v1", api)
         .merge(boot)
+        .merge(web::router(state))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let route = req
                 .extensions()

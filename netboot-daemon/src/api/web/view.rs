@@ -1,0 +1,174 @@
+//! What the templates show: sizes in binary units, times for the browser to localise,
+//! and inline SVG bar charts.
+
+use crate::store::Role;
+use crate::time::Timestamp;
+
+/// A byte count: binary units for people, the exact figure in a `title`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Size(pub(super) u64);
+
+impl Size {
+    /// `1.5 GiB`, `512 B`.
+    pub(super) fn human(&self) -> String {
+        const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+        if self.0 < 1024 {
+            return format!("{} B", self.0);
+        }
+        let mut v = self.0 as f64 / 1024.0;
+        let mut unit = 0;
+        while v >= 1024.0 && unit + 1 < UNITS.len() {
+            v /= 1024.0;
+            unit += 1;
+        }
+        let digits = if v < 10.0 {
+            2
+        } else if v < 100.0 {
+            1
+        } else {
+            0
+        };
+        format!("{v:.digits$} {}", UNITS[unit])
+    }
+
+    /// The exact count, for a `title`.
+    pub(super) fn raw(&self) -> u64 {
+        self.0
+    }
+}
+
+/// An optional time: RFC 3339 in UTC in the page, shown in the browser's time zone by
+/// the script (and as UTC without it).
+pub(super) fn iso(t: Option<Timestamp>) -> String {
+    t.map(|t| t.to_string()).unwrap_or_default()
+}
+
+/// The header of every page: who is logged in, and what they may do.
+#[derive(Debug, Clone)]
+pub(super) struct Shell {
+    /// Page title.
+    pub(super) title: String,
+    /// Which navigation entry is current.
+    pub(super) nav: &'static str,
+    /// The user, when logged in.
+    pub(super) username: String,
+    /// Their role.
+    pub(super) role: Role,
+    /// Operators and administrators see the controls that change the inventory.
+    pub(super) can_write: bool,
+    /// Administrators see users, tokens, settings and the audit log.
+    pub(super) is_admin: bool,
+    /// Where the assets are (`/ui/static/<version>`).
+    pub(super) assets: String,
+    /// The release.
+    pub(super) version: &'static str,
+}
+
+/// One bar of a chart.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Bar {
+    /// Left edge.
+    pub(super) x: f64,
+    /// Top edge.
+    pub(super) y: f64,
+    /// Width.
+    pub(super) w: f64,
+    /// Height.
+    pub(super) h: f64,
+    /// Tooltip.
+    pub(super) label: String,
+}
+
+/// An inline SVG bar chart of counts per time bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Chart {
+    /// The bars, oldest first.
+    pub(super) bars: Vec<Bar>,
+    /// The largest count (the top of the scale).
+    pub(super) max: u64,
+    /// Sum of all counts.
+    pub(super) total: u64,
+    /// Width of the drawing.
+    pub(super) width: f64,
+    /// Height of the drawing.
+    pub(super) height: f64,
+}
+
+impl Chart {
+    /// Counts of `times` per hour over the `hours` hours up to `now`.
+    pub(super) fn per_hour(times: &[Timestamp], now: Timestamp, hours: usize) -> Self {
+        const HOUR_MS: i64 = 3_600_000;
+        let (width, height) = (720.0, 120.0);
+        let mut counts = vec![0u64; hours];
+        let start = now.as_millis() - HOUR_MS * hours as i64;
+        for t in times {
+            let off = t.as_millis() - start;
+            if off >= 0 {
+                let i = (off / HOUR_MS) as usize;
+                if let Some(c) = counts.get_mut(i.min(hours.saturating_sub(1))) {
+                    *c += 1;
+                }
+            }
+        }
+        let max = counts.iter().copied().max().unwrap_or(0);
+        let slot = width / hours.max(1) as f64;
+        let bars = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                let h = if max == 0 {
+                    0.0
+                } else {
+                    (height - 4.0) * c as f64 / max as f64
+                };
+                let ago = hours - i;
+                Bar {
+                    x: i as f64 * slot + 1.0,
+                    y: height - h,
+                    w: (slot - 2.0).max(1.0),
+                    h,
+                    label: format!("{c} events, {ago} to {} hours ago", ago - 1),
+                }
+            })
+            .collect();
+        Self {
+            bars,
+            max,
+            total: counts.iter().sum(),
+            width,
+            height,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_use_binary_units() {
+        assert_eq!(Size(0).human(), "0 B");
+        assert_eq!(Size(1023).human(), "1023 B");
+        assert_eq!(Size(1024).human(), "1.00 KiB");
+        assert_eq!(Size(64 << 30).human(), "64.0 GiB");
+        assert_eq!(Size(1536 << 20).human(), "1.50 GiB");
+        assert_eq!(Size(u64::MAX).human(), "16.0 EiB");
+    }
+
+    #[test]
+    fn chart_buckets_per_hour() {
+        let now = Timestamp(10 * 3_600_000);
+        let times = [
+            Timestamp(now.0 - 1000),
+            Timestamp(now.0 - 2000),
+            Timestamp(now.0 - 3_600_000 - 1),
+            Timestamp(0),
+        ];
+        let c = Chart::per_hour(&times, now, 4);
+        assert_eq!(c.bars.len(), 4);
+        assert_eq!(c.max, 2);
+        assert_eq!(c.total, 3);
+        assert!((c.bars[3].h - (c.height - 4.0)).abs() < 1e-9);
+        assert!(c.bars[0].h.abs() < 1e-9);
+    }
+}
