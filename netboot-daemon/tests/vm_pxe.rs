@@ -486,6 +486,12 @@ fn run(case: Case) {
         if table["mode"] != "server" || !bound {
             fail(&format!("no active bound lease of {ip} for {mac}: {table}"));
         }
+        // The web UI's lease page shows it too.
+        let page = api.page("/ui/leases");
+        if !(page.contains(&format!("<td class=\"mono\">{ip}</td>")) && page.contains(mac.as_str()))
+        {
+            fail(&format!("/ui/leases does not list {ip} for {mac}:\n{page}"));
+        }
     }
     // The firmware's TFTP transfer of the iPXE binary, as netbootd saw it.
     let tftp = match (case.firmware, case.mode) {
@@ -853,6 +859,21 @@ impl Api {
 
     fn get(&self, path: &str) -> Value {
         self.call("GET", path, None)
+    }
+
+    /// A web UI page's HTML, with the session cookie.
+    fn page(&self, path: &str) -> String {
+        let out = in_ns(&self.ns, "curl")
+            .args(["-sS", "--fail-with-body", "-b", &self.jar])
+            .arg(format!("http://127.0.0.1:{HTTP_PORT}{path}"))
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "GET {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 

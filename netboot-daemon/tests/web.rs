@@ -705,6 +705,14 @@ fn browse(base: String, upload: PathBuf) {
     let settings = page.eval("fetch('/api/v1/settings').then(r => r.json())");
     assert_eq!(settings["menu_timeout_secs"], json!(5));
     page.screenshot("settings");
+    // The test daemon runs without DHCP: the lease page says so (tests/vm_pxe.rs checks it
+    // with the leases of a real VM).
+    page.goto(&format!("{base}/ui/leases"));
+    assert!(
+        page.text("main").contains("DHCP is off"),
+        "{}",
+        page.text("main")
+    );
 
     // Administration: add a viewer.
     page.goto(&format!("{base}/ui/admin"));
@@ -750,6 +758,7 @@ fn browse(base: String, upload: PathBuf) {
         "/ui/images",
         "/ui/installers",
         "/ui/profiles",
+        "/ui/leases",
         "/ui/settings",
     ] {
         page.goto(&format!("{base}{path}"));

@@ -73,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/images", get(pages::images))
         .route("/ui/installers", get(pages::installers))
         .route("/ui/profiles", get(pages::profiles))
+        .route("/ui/leases", get(pages::leases))
         .route("/ui/settings", get(pages::settings))
         .route("/ui/admin", get(pages::admin))
         .route("/ui/events", get(feed::stream))

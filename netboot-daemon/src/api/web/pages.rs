@@ -646,6 +646,68 @@ pub(super) async fn profiles(
     }))
 }
 
+/// One row of the lease table.
+struct LeaseRow {
+    ip: String,
+    mac: String,
+    hostname: Option<String>,
+    state: &'static str,
+    active: bool,
+    /// RFC 3339, shown in the browser's time zone.
+    expires: String,
+}
+
+/// The DHCP server's leases.
+#[derive(Template)]
+#[template(path = "web/leases.html")]
+struct LeasesPage {
+    shell: Shell,
+    mode: &'static str,
+    active: usize,
+    leases: Vec<LeaseRow>,
+}
+
+/// `GET /ui/leases`.
+pub(super) async fn leases(
+    State(state): State<AppState>,
+    auth: Result<Auth, ApiError>,
+    uri: OriginalUri,
+) -> PageResult {
+    let shell = gate(&state, auth, &uri, "DHCP leases", "leases").await?;
+    let now = Timestamp::now();
+    let now_secs = u64::try_from(now.0 / 1000).unwrap_or(0);
+    let table = state.dhcp().and_then(|d| d.leases());
+    let mode = match (state.dhcp(), &table) {
+        (_, Some(_)) => "server",
+        (Some(_), None) => "proxy",
+        (None, _) => "off",
+    };
+    let leases: Vec<LeaseRow> = table
+        .unwrap_or_default()
+        .into_iter()
+        .map(|l| LeaseRow {
+            ip: l.ip.to_string(),
+            mac: l.mac.to_string(),
+            hostname: l.hostname.clone(),
+            state: if l.active(now_secs) {
+                l.state.as_str()
+            } else {
+                "expired"
+            },
+            active: l.active(now_secs),
+            expires: Timestamp(i64::try_from(l.expires.saturating_mul(1000)).unwrap_or(i64::MAX))
+                .to_string(),
+        })
+        .collect();
+    let active = leases.iter().filter(|l| l.active).count();
+    Ok(render(&LeasesPage {
+        shell,
+        mode,
+        active,
+        leases,
+    }))
+}
+
 /// Run-time settings.
 #[derive(Template)]
 #[template(path = "web/settings.html")]
