@@ -164,7 +164,13 @@ pub fn handle(req: &Message, port: Port, ctx: &Context) -> Result<Reply, Ignored
         (Some(MessageType::Inform), Port::Pxe) => MessageType::Ack,
         _ => return Err(Ignored::MessageType),
     };
-    let file = boot_file(&client, ctx).ok_or(Ignored::Arch)?;
+    let pi = client.is_raspberry_pi();
+    // A Raspberry Pi's loader fetches its own files from the TFTP root: no boot file.
+    let file = if pi {
+        String::new()
+    } else {
+        boot_file(&client, ctx).ok_or(Ignored::Arch)?
+    };
 
     let mut m = Message::default();
     m.set_opcode(Opcode::BootReply)
@@ -187,12 +193,18 @@ pub fn handle(req: &Message, port: Port, ctx: &Context) -> Result<Reply, Ignored
     }
     if vendor == Vendor::Pxe {
         // PXE_DISCOVERY_CONTROL (sub-option 6) = 8: use the boot file in this reply.
-        opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+        opts.insert(DhcpOption::VendorExtensions(if pi {
+            super::pxe::RASPBERRY_PI_OPTION_43.to_vec()
+        } else {
+            vec![6, 1, 8, 255]
+        }));
         opts.insert(DhcpOption::TFTPServerName(
             ctx.server.to_string().into_bytes(),
         ));
     }
-    opts.insert(DhcpOption::BootfileName(file.clone().into_bytes()));
+    if !file.is_empty() {
+        opts.insert(DhcpOption::BootfileName(file.clone().into_bytes()));
+    }
     let broadcast = req.flags().broadcast() || req.ciaddr().is_unspecified();
     if broadcast {
         m.set_flags(Flags::default().set_broadcast());

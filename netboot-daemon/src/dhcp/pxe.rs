@@ -75,6 +75,42 @@ pub struct Client {
     pub ipxe_features: Vec<u8>,
 }
 
+/// Organisationally unique identifiers of Raspberry Pi boards' Ethernet MACs.
+const RASPBERRY_PI_OUIS: &[[u8; 3]] = &[
+    [0xb8, 0x27, 0xeb],
+    [0xdc, 0xa6, 0x32],
+    [0xe4, 0x5f, 0x01],
+    [0x28, 0xcd, 0xc1],
+    [0xd8, 0x3a, 0xdd],
+    [0x2c, 0xcf, 0x67],
+    [0x88, 0xa2, 0x9e],
+];
+
+/// Option 43 for a Raspberry Pi's network boot loader, which boots only from an offer whose
+/// vendor options carry a PXE boot menu item named "Raspberry Pi Boot" (as dnsmasq's
+/// `pxe-service=0,"Raspberry Pi Boot"` sends): discovery control 3 (no broadcast or
+/// multicast discovery), boot menu item type 0, and a prompt with timeout 0.
+pub const RASPBERRY_PI_OPTION_43: &[u8] = &[
+    6, 1, 3, // PXE_DISCOVERY_CONTROL
+    10, 4, 0, b'P', b'X', b'E', // PXE_MENU_PROMPT: timeout 0, "PXE"
+    9, 20, 0, 0, 17, b'R', b'a', b's', b'p', b'b', b'e', b'r', b'r', b'y', b' ', b'P', b'i', b' ',
+    b'B', b'o', b'o', b't', // PXE_BOOT_MENU: type 0, "Raspberry Pi Boot"
+    255,
+];
+
+impl Client {
+    /// A Raspberry Pi's boot loader: PXE firmware (BIOS architecture number) on a Raspberry
+    /// Pi MAC. It fetches its files from the TFTP root itself and needs no boot file.
+    pub fn is_raspberry_pi(&self) -> bool {
+        self.vendor == Some(Vendor::Pxe)
+            && !self.ipxe
+            && self.arch.is_none_or(|a| a == ClientArch::BIOS)
+            && RASPBERRY_PI_OUIS
+                .iter()
+                .any(|oui| self.mac.0[..3] == oui[..])
+    }
+}
+
 /// An iPXE feature, as announced in the encapsulated option 175 (iPXE's
 /// `include/ipxe/dhcp.h`: one sub-option per feature, value 1). An open registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -685,11 +685,24 @@ impl Server {
             server: meta.server,
             ..pxe.clone()
         };
-        let boot_file = if client.vendor.is_some() || client.ipxe {
+        let pi = client.is_raspberry_pi();
+        let boot_file = if (client.vendor.is_some() || client.ipxe) && !pi {
             proxy::boot_file(&client, &pxe_ctx)
         } else {
             None
         };
+        if pi {
+            // The Pi's loader needs the PXE vendor options and the TFTP server, no file.
+            m.set_siaddr(meta.server);
+            let o = m.opts_mut();
+            o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
+            o.insert(DhcpOption::TFTPServerName(
+                meta.server.to_string().into_bytes(),
+            ));
+            o.insert(DhcpOption::VendorExtensions(
+                super::pxe::RASPBERRY_PI_OPTION_43.to_vec(),
+            ));
+        }
         if let Some(file) = &boot_file {
             m.set_siaddr(meta.server).set_fname_str(file);
             let o = m.opts_mut();

@@ -293,3 +293,23 @@ fn replies_go_to_the_relay_the_client_or_the_link() {
         Destination::Source
     );
 }
+
+#[test]
+fn a_raspberry_pi_gets_the_pi_boot_menu_and_no_file() {
+    let mut m = request(
+        MessageType::Discover,
+        Some("PXEClient:Arch:00000:UNDI:002001"),
+        Some(0),
+        &[],
+    );
+    m.set_chaddr(&[0xe4, 0x5f, 0x01, 0xaa, 0xbb, 0xcc]);
+    let r = handle(&round_trip(&m), Port::Dhcp, &ctx()).expect("answered");
+    let reply = round_trip(&r.message);
+    let Some(DhcpOption::VendorExtensions(v43)) = reply.opts().get(OptionCode::VendorExtensions)
+    else {
+        panic!("no option 43");
+    };
+    assert!(v43.windows(17).any(|w| w == b"Raspberry Pi Boot"));
+    assert!(reply.opts().get(OptionCode::BootfileName).is_none());
+    assert_eq!(r.boot_file, "");
+}

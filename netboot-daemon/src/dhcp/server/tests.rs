@@ -828,3 +828,47 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_raspberry_pi_gets_its_vendor_options_and_no_boot_file() {
+    let mut s = server();
+    let pi = MacAddr([0xdc, 0xa6, 0x32, 0x01, 0x02, 0x03]);
+    let discover = msg(
+        MessageType::Discover,
+        pi,
+        &[
+            DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
+            DhcpOption::ClientSystemArchitecture(Architecture::from(0)),
+        ],
+    );
+    let offer = reply(&mut s, NOW, &discover);
+    assert!(pool().in_range(offer.message.yiaddr()));
+    assert_eq!(offer.boot_file, None);
+    assert_eq!(offer.message.siaddr(), SERVER);
+    let o = offer.message.opts();
+    let Some(DhcpOption::VendorExtensions(v43)) = o.get(OptionCode::VendorExtensions) else {
+        panic!("no option 43: {o:?}");
+    };
+    assert!(
+        v43.windows(17).any(|w| w == b"Raspberry Pi Boot"),
+        "{v43:?}"
+    );
+    assert!(o.get(OptionCode::BootfileName).is_none());
+    assert_eq!(
+        o.get(OptionCode::TFTPServerName),
+        Some(&DhcpOption::TFTPServerName(b"10.9.0.1".to_vec()))
+    );
+    // The same firmware on another board's MAC is an ordinary BIOS PXE client.
+    let pc = msg(
+        MessageType::Discover,
+        mac(9),
+        &[
+            DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
+            DhcpOption::ClientSystemArchitecture(Architecture::from(0)),
+        ],
+    );
+    assert_eq!(
+        reply(&mut s, NOW, &pc).boot_file.as_deref(),
+        Some("undionly.kpxe")
+    );
+}
