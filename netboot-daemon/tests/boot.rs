@@ -119,6 +119,90 @@ async fn ipxe_scripts_follow_the_inventory() {
     d.stop().await;
 }
 
+/// The registration URL the console menu of an unregistered client carries, with the
+/// iPXE settings the client would fill in replaced by `name` and `disk`.
+fn registration_url(script: &str, name: &str, disk: Option<&str>) -> String {
+    let line = script
+        .lines()
+        .find(|l| {
+            l.starts_with("chain ") && l.contains("/boot/ipxe/register?") && l.contains("disk_gib")
+        })
+        .unwrap_or_else(|| panic!("no registration in:\n{script}"));
+    let url = line
+        .trim_start_matches("chain ")
+        .split(' ')
+        .next()
+        .expect("url")
+        .replace("${net0/mac:hexhyp}", "52-54-00-aa-bb-07")
+        .replace("${platform}", "pcbios")
+        .replace("${nb_name:uristring}", name);
+    match disk {
+        Some(g) => url.replace("${nb_disk:uristring}", g),
+        None => url.replace("&disk_gib=${nb_disk:uristring}", ""),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_clients_register_from_the_console_only_when_allowed() {
+    let d = Daemon::start("console").await;
+    let b = d.base.clone();
+    let jar = d.dir.path().join("jar").display().to_string();
+    tokio::task::spawn_blocking(move || {
+        let script_url = format!("{b}/boot/ipxe/device?mac=52-54-00-aa-bb-07&platform=pcbios&arch=i386");
+        let menu = || String::from_utf8(curl(&[&script_url]).2).expect("ascii");
+        // Off by default: no registration items, no installers browser, no token.
+        let text = menu();
+        assert!(!text.contains("/boot/ipxe/register"), "{text}");
+        assert!(!text.contains(":installers"), "{text}");
+        json_call("POST", &format!("{b}/api/v1/auth/setup"), &jar, Some(json!({"username": "admin", "password": "admin-pass-1"})));
+        let profile = json!({"name": "debian-12", "kind": "linux", "kernel": "debian/linux", "initrd": ["debian/initrd.gz"]});
+        json_call("POST", &format!("{b}/api/v1/profiles"), &jar, Some(profile));
+        let r = json_call("PATCH", &format!("{b}/api/v1/settings"), &jar, Some(json!({"allow_console_registration": true})));
+        assert_eq!(r["allow_console_registration"], true, "{r}");
+
+        let text = menu();
+        assert!(text.contains("item register-disk Register this client with a new iSCSI disk"), "{text}");
+        assert!(text.contains("item installer0 debian-12 (linux)"), "{text}");
+        // A wrong token is refused, and so is a token for another MAC.
+        let good = registration_url(&text, "lab%20pc%207", Some("2"));
+        let (status, _, _) = curl(&[&good.replace("token=", "token=0")]);
+        assert_eq!(status, 403);
+        let (status, _, _) = curl(&[&good.replace("52-54-00-aa-bb-07", "52-54-00-aa-bb-08")]);
+        assert_eq!(status, 403);
+        // Out-of-range disk sizes are explained on the console, nothing is created.
+        let (status, _, body) = curl(&[&registration_url(&text, "x", Some("0"))]);
+        assert_eq!(status, 200);
+        assert!(String::from_utf8_lossy(&body).contains("the disk size must be 1 to"), "{}", String::from_utf8_lossy(&body));
+        // Registration with a 2 GiB disk: the device, its linked image, policy iscsi.
+        let (status, _, body) = curl(&[&good]);
+        assert_eq!(status, 200);
+        let answer = String::from_utf8(body).expect("ascii");
+        assert!(answer.contains("echo Registered as lab pc 7 with the iSCSI disk disk-525400aabb07."), "{answer}");
+        assert!(answer.contains("/boot/ipxe/device?mac=${net0/mac:hexhyp}"), "{answer}");
+        let dev = json_call("GET", &format!("{b}/api/v1/devices/52:54:00:aa:bb:07"), &jar, None);
+        assert_eq!(dev["name"], "lab pc 7", "{dev}");
+        assert_eq!(dev["image"], "disk-525400aabb07", "{dev}");
+        assert_eq!(dev["boot_policy"], "iscsi", "{dev}");
+        assert_eq!(dev["arch"], "bios", "{dev}");
+        let img = json_call("GET", &format!("{b}/api/v1/images/disk-525400aabb07"), &jar, None);
+        assert_eq!(img["size_bytes"], 2u64 << 30, "{img}");
+        // Its script now boots the new disk over iSCSI.
+        let text = menu();
+        assert!(text.contains("sanboot iscsi:"), "{text}");
+        // Registering again is refused on the console; the audit log names the console.
+        let (_, _, body) = curl(&[&good]);
+        assert!(String::from_utf8_lossy(&body).contains("registered already"));
+        let audit = json_call("GET", &format!("{b}/api/v1/audit?limit=50"), &jar, None);
+        assert!(
+            audit["items"].as_array().is_some_and(|a| a.iter().any(|e| e["actor"] == "console" && e["action"].as_str().is_some_and(|x| x.starts_with("device.")))),
+            "{audit}"
+        );
+    })
+    .await
+    .expect("join");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installer_files_support_head_and_ranges() {
     let d = Daemon::start("files").await;

@@ -103,7 +103,7 @@ pub(super) async fn device_script(
             .bindings()
             .learn(addr, mac, BindingSource::Http, Timestamp::now());
     }
-    let (device, profile, settings) = blocking(&state, move |s| {
+    let (device, profile, settings, profiles) = blocking(&state, move |s| {
         let now = Timestamp::now();
         s.record_sighting(&Sighting {
             mac,
@@ -139,9 +139,19 @@ pub(super) async fn device_script(
             ip,
         };
         s.add_event(&ev)?;
-        Ok((device, profile, settings))
+        // The installers browser: for devices, and for unregistered clients that may
+        // register from the console.
+        let browse = device.is_some() || settings.allow_console_registration;
+        let profiles = if browse {
+            s.list_profiles()?
+        } else {
+            Vec::new()
+        };
+        Ok((device, profile, settings, profiles))
     })
     .await?;
+    let token =
+        (device.is_none() && settings.allow_console_registration).then(|| registration_token(mac));
     let plan = Plan {
         base: &base,
         mac,
@@ -151,8 +161,148 @@ pub(super) async fn device_script(
         settings: &settings,
         efi,
         version: VERSION,
+        registration: token.as_deref(),
+        profiles: &profiles,
     };
     Ok(script(ipxe::device_script(&plan)))
+}
+
+/// The token an unregistered client's registration request must carry: a keyed hash of
+/// its MAC under a key drawn when netbootd starts. Only the script served to that MAC
+/// holds it, so a web page cannot make a browser register devices behind the operator's
+/// back, and a client cannot register another MAC.
+fn registration_token(mac: MacAddr) -> String {
+    use sha2::{Digest as _, Sha256};
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(crate::auth::new_secret);
+    let mut h = Sha256::new();
+    h.update(key.as_bytes());
+    h.update(mac.0);
+    hex::encode(&h.finalize()[..16])
+}
+
+/// What the console registration sends (typed at the iPXE prompt).
+#[derive(Debug, Deserialize)]
+pub(super) struct RegisterParams {
+    mac: String,
+    token: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    platform: Option<String>,
+    /// Size of a new iSCSI disk to create and link, GiB; absent or empty for none.
+    #[serde(default)]
+    disk_gib: Option<String>,
+}
+
+/// Largest disk the console may create, GiB.
+const CONSOLE_DISK_MAX_GIB: u64 = 16 * 1024;
+
+/// Registers an unknown client from its boot console, when the settings allow it: a
+/// device with the default boot policy, or with a new sparse iSCSI disk linked (policy
+/// `iscsi`). Answers with a script that says what happened and chains to the client's
+/// new script. Audited as `console`.
+pub(super) async fn register(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    Query(p): Query<RegisterParams>,
+) -> Result<Response, ApiError> {
+    let mac = parse_mac(&p.mac)?;
+    let (base, _) = base_url(&state, &headers);
+    let back = |msg: &str| {
+        script(format!(
+            "#!ipxe\necho {}\nprompt --timeout 10000 Press any key to continue ||\nchain {base}/boot/ipxe/device?mac=${{net0/mac:hexhyp}}&platform=${{platform}}&arch=${{buildarch}} || exit\n",
+            ipxe::text(msg, 200)
+        ))
+    };
+    if p.token != registration_token(mac) {
+        return Err(ApiError::forbidden(
+            "not a registration token for this MAC: use the boot menu netbootd served to it",
+        ));
+    }
+    let name = p.name.trim().to_owned();
+    let disk_gib = match p.disk_gib.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(g) => match g.parse::<u64>() {
+            Ok(n) if (1..=CONSOLE_DISK_MAX_GIB).contains(&n) => Some(n),
+            _ => {
+                return Ok(back(&format!(
+                    "Registration refused: the disk size must be 1 to {CONSOLE_DISK_MAX_GIB} GiB."
+                )));
+            }
+        },
+    };
+    let arch = ipxe::arch_from_ipxe(p.platform.as_deref().unwrap_or_default(), "");
+    let audit = crate::store::Audit {
+        actor: "console".into(),
+        via: "boot console".into(),
+        ip: ip.clone(),
+    };
+    let outcome = blocking(&state, move |s| {
+        let settings = s.get_settings()?;
+        if !settings.allow_console_registration {
+            return Ok(Err(
+                "Registration from the console is off (settings: allow_console_registration)."
+                    .to_owned(),
+            ));
+        }
+        if s.get_device(mac).is_ok() {
+            return Ok(Err("This client is registered already.".to_owned()));
+        }
+        let device_name = if name.is_empty() {
+            format!("pxe-{}", mac.to_hexraw())
+        } else {
+            name.chars().filter(|c| !c.is_control()).take(100).collect()
+        };
+        let image = match disk_gib {
+            Some(gib) => {
+                let image_name = format!("disk-{}", mac.to_hexraw());
+                s.create_image(
+                    &audit,
+                    &crate::store::NewImage {
+                        name: image_name.clone(),
+                        size_bytes: gib << 30,
+                        description: format!("created from the boot console of {mac}"),
+                        cloned_from: None,
+                    },
+                )?;
+                Some(image_name)
+            }
+            None => None,
+        };
+        let boot_policy = if image.is_some() {
+            Some(crate::store::BootPolicy::Iscsi)
+        } else {
+            Some(settings.default_boot_policy)
+        };
+        let device = s.create_device(
+            &audit,
+            &crate::store::NewDevice {
+                mac,
+                name: Some(device_name),
+                arch,
+                enabled: Some(true),
+                boot_policy,
+                image,
+                profile: None,
+                notes: Some("registered from the boot console".into()),
+            },
+        )?;
+        Ok(Ok(device))
+    })
+    .await?;
+    Ok(match outcome {
+        Ok(d) => back(&format!(
+            "Registered as {}{}.",
+            d.name,
+            d.image
+                .as_deref()
+                .map(|i| format!(" with the iSCSI disk {i}"))
+                .unwrap_or_default()
+        )),
+        Err(why) => back(&why),
+    })
 }
 
 /// The MAC a file request may carry (added by the generated scripts).

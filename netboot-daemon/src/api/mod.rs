@@ -321,6 +321,7 @@ pub fn router(state: AppState) -> Router {
     let boot = Router::new()
         .route("/boot/ipxe", get(boot::bootstrap))
         .route("/boot/ipxe/device", get(boot::device_script))
+        .route("/boot/ipxe/register", get(boot::register))
         .route(
             "/files/installers/{*path}",
             boot::file_route(boot::FileRoot::Installers),

@@ -101,6 +101,12 @@ pub struct Plan<'a> {
     pub efi: bool,
     /// netboot's version, shown in menus.
     pub version: &'a str,
+    /// For an unregistered client, when the settings allow registration from the boot
+    /// console: the token its registration request must carry.
+    pub registration: Option<&'a str>,
+    /// The boot profiles the installers browser offers (registered devices, and
+    /// unregistered clients when console registration is allowed).
+    pub profiles: &'a [BootProfile],
 }
 
 /// A script being written.
@@ -281,11 +287,24 @@ pub fn device_script(p: &Plan<'_>) -> String {
         s.line(":menu");
         s.line(format!("menu {title} - unregistered client"));
         s.line("item --gap This client is recorded as an unknown device.");
-        s.line("item --gap Register it in the web UI or API, then choose Retry.");
+        if p.registration.is_some() {
+            s.line("item --gap Register it here, or in the web UI or API and choose Retry.");
+            s.line("item register Register this client");
+            s.line("item register-disk Register this client with a new iSCSI disk");
+        } else {
+            s.line("item --gap Register it in the web UI or API, then choose Retry.");
+        }
         s.line("item retry Retry");
+        let browse = p.registration.is_some() && write_browser_item(&mut s, p);
         write_choose(&mut s, p, "local");
         s.line(":retry");
         s.line(format!("chain {}/boot/ipxe || goto menu", p.base));
+        if let Some(token) = p.registration {
+            write_registration(&mut s, p, token);
+        }
+        if browse {
+            write_browser(&mut s, p);
+        }
         write_tail(&mut s, p);
         return s.0;
     };
@@ -318,6 +337,7 @@ pub fn device_script(p: &Plan<'_>) -> String {
             profile.kind
         ));
     }
+    let browse = write_browser_item(&mut s, p);
     write_choose(&mut s, p, default);
     if let Some(image) = &d.image {
         s.line(":iscsi");
@@ -327,8 +347,66 @@ pub fn device_script(p: &Plan<'_>) -> String {
         s.line(":profile");
         write_profile(&mut s, p, profile);
     }
+    if browse {
+        write_browser(&mut s, p);
+    }
     write_tail(&mut s, p);
     s.0
+}
+
+/// The installers browser's menu item, when there are profiles to offer.
+fn write_browser_item(s: &mut Script, p: &Plan<'_>) -> bool {
+    if p.profiles.is_empty() {
+        return false;
+    }
+    s.line(format!(
+        "item installers Installers and boot profiles ({}) ...",
+        p.profiles.len()
+    ));
+    true
+}
+
+/// The installers browser: every boot profile, each booted as its device would be.
+fn write_browser(s: &mut Script, p: &Plan<'_>) {
+    s.line(":installers");
+    s.line("menu Installers and boot profiles");
+    for (i, profile) in p.profiles.iter().enumerate() {
+        let mut label = format!("{} ({})", text(&profile.name, 40), profile.kind);
+        if !profile.description.is_empty() {
+            label.push_str(&format!(" - {}", text(&profile.description, 40)));
+        }
+        s.line(format!("item installer{i} {label}"));
+    }
+    s.line("item --gap");
+    s.line("item menu Back");
+    s.line("choose selected || goto menu");
+    s.line("goto ${selected}");
+    for (i, profile) in p.profiles.iter().enumerate() {
+        s.line(format!(":installer{i}"));
+        write_profile(s, p, profile);
+    }
+}
+
+/// Registration from the console: the name (and disk size) typed at the prompt go to
+/// `/boot/ipxe/register` with the client's token, whose answer chains to its new script.
+fn write_registration(s: &mut Script, p: &Plan<'_>, token: &str) {
+    let url = format!(
+        "{}/boot/ipxe/register?mac=${{net0/mac:hexhyp}}&token={}&platform=${{platform}}&name=${{nb_name:uristring}}",
+        p.base,
+        text(token, 64)
+    );
+    s.line(":register");
+    s.line("echo -n Device name:");
+    s.line("read nb_name || goto menu");
+    s.line(format!("chain {url} || goto failed"));
+    s.line(":register-disk");
+    s.line("echo -n Device name:");
+    s.line("read nb_name || goto menu");
+    s.line("echo -n Disk size in GiB:");
+    s.line("read nb_disk || goto menu");
+    s.line(format!(
+        "chain {url}&disk_gib=${{nb_disk:uristring}} || goto failed"
+    ));
 }
 
 /// The menu items every menu ends with, and the choice with `default` preselected.

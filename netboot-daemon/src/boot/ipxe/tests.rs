@@ -81,6 +81,8 @@ fn plan<'a>(
         settings,
         efi,
         version: "0.1.0",
+        registration: None,
+        profiles: &[],
     }
 }
 
@@ -88,6 +90,42 @@ fn plan<'a>(
 fn unregistered_client() {
     let s = Settings::default();
     golden("unregistered", &device_script(&plan(None, None, &s, false)));
+}
+
+#[test]
+fn unregistered_client_may_register_from_the_console() {
+    let s = Settings {
+        allow_console_registration: true,
+        ..Settings::default()
+    };
+    let profiles = [profile(ProfileKind::Linux), profile(ProfileKind::Windows)];
+    let script = device_script(&Plan {
+        registration: Some("00112233445566778899aabbccddeeff"),
+        profiles: &profiles,
+        ..plan(None, None, &s, true)
+    });
+    golden("unregistered-console", &script);
+    assert!(script.contains(
+        "chain http://10.0.0.1:8080/boot/ipxe/register?mac=${net0/mac:hexhyp}&token=00112233445566778899aabbccddeeff&platform=${platform}&name=${nb_name:uristring}&disk_gib=${nb_disk:uristring} || goto failed"
+    ));
+}
+
+#[test]
+fn menu_offers_the_installers_browser() {
+    let s = Settings::default();
+    let d = device(BootPolicy::Menu, None, None);
+    let mut linux = profile(ProfileKind::Linux);
+    linux.description = "Debian 12 netinst".into();
+    let mut iso = profile(ProfileKind::Iso);
+    iso.name = "rescue".into();
+    let profiles = [linux, iso];
+    golden(
+        "menu-installers",
+        &device_script(&Plan {
+            profiles: &profiles,
+            ..plan(Some(&d), None, &s, true)
+        }),
+    );
 }
 
 #[test]
@@ -180,7 +218,15 @@ fn hostile_names_cannot_inject_commands() {
     p.name = "x$(y)|z".into();
     p.iso = Some("../a b/${x}&y.iso".into());
     p.cmdline = "quiet\nshell || reboot && x".into();
-    let script = device_script(&plan(Some(&d), Some(&p), &s, false));
+    let profiles = [p.clone()];
+    let script = device_script(&Plan {
+        profiles: &profiles,
+        ..plan(Some(&d), Some(&p), &s, false)
+    });
+    assert!(
+        script.contains(":installers"),
+        "the browser lists the hostile profile too"
+    );
     for line in script.lines() {
         // The only settings expansions and operators are the generator's own.
         let ours = [
