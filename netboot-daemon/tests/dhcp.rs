@@ -275,6 +275,41 @@ fn run_in(ns: &str, args: &[&str]) -> std::process::Output {
     out
 }
 
+/// Gives the client veth `mac`.
+fn set_mac(lab: &Veth, mac: &str) {
+    ip(&[
+        "-n",
+        &lab.cli_ns,
+        "link",
+        "set",
+        "dev",
+        &lab.cli_if,
+        "address",
+        mac,
+    ]);
+}
+
+/// busybox udhcpc on the client veth: one lease (`-q`), then quit; `extra` arguments.
+fn udhcpc_once(lab: &Veth, script: &str, extra: &[&str]) {
+    let mut args = vec![
+        "busybox",
+        "udhcpc",
+        "-i",
+        &lab.cli_if,
+        "-f",
+        "-q",
+        "-n",
+        "-t",
+        "3",
+        "-T",
+        "2",
+        "-s",
+        script,
+    ];
+    args.extend_from_slice(extra);
+    run_in(&lab.cli_ns, &args);
+}
+
 fn server_config() -> netboot_daemon::dhcp::server::Config {
     use netboot_daemon::dhcp::server::{Config, Pool, Reservation};
     Config {
@@ -346,12 +381,7 @@ async fn server_mode_gives_real_clients_leases_that_survive_a_restart() {
     let script = hook_script(dir.path(), "udhcpc.sh", &out);
     let script = script.to_str().expect("utf-8");
     let dev = lab.cli_if.as_str();
-    run_in(
-        &lab.cli_ns,
-        &[
-            "busybox", "udhcpc", "-i", dev, "-f", "-q", "-n", "-t", "3", "-T", "2", "-s", script,
-        ],
-    );
+    udhcpc_once(&lab, script, &[]);
     let env = hook_env(&out);
     let got: Ipv4Addr = env["ip"].parse().expect("ip");
     assert!(
@@ -428,38 +458,15 @@ async fn server_mode_gives_real_clients_leases_that_survive_a_restart() {
     }
 
     // A reservation: the client takes the reserved MAC and gets the fixed address and name.
-    ip(&[
-        "-n",
-        &lab.cli_ns,
-        "link",
-        "set",
-        "dev",
-        dev,
-        "address",
-        "52:54:00:78:00:99",
-    ]);
+    set_mac(&lab, "52:54:00:78:00:99");
     std::fs::remove_file(&out).expect("rm");
-    run_in(
-        &lab.cli_ns,
-        &[
-            "busybox", "udhcpc", "-i", dev, "-f", "-q", "-n", "-t", "3", "-T", "2", "-s", script,
-        ],
-    );
+    udhcpc_once(&lab, script, &[]);
     let env = hook_env(&out);
     assert_eq!(env["ip"], "10.78.0.20", "{env:?}");
     assert_eq!(env["hostname"], "reserved-1", "{env:?}");
 
     // ISC dhclient, with yet another MAC: a lease, then an explicit release (-r).
-    ip(&[
-        "-n",
-        &lab.cli_ns,
-        "link",
-        "set",
-        "dev",
-        dev,
-        "address",
-        "52:54:00:78:00:03",
-    ]);
+    set_mac(&lab, "52:54:00:78:00:03");
     let dh_out = dir.path().join("dhclient.env");
     let dh_script = hook_script(dir.path(), "dhclient.sh", &dh_out);
     let lease_file = dir.path().join("dhclient.leases");
@@ -554,36 +561,8 @@ async fn server_mode_gives_real_clients_leases_that_survive_a_restart() {
     // The first client comes back after the restart asking for its address (udhcpc -r):
     // it gets it again.
     std::fs::remove_file(&out).expect("rm");
-    ip(&[
-        "-n",
-        &lab.cli_ns,
-        "link",
-        "set",
-        "dev",
-        dev,
-        "address",
-        "52:54:00:78:00:02",
-    ]);
-    run_in(
-        &lab.cli_ns,
-        &[
-            "busybox",
-            "udhcpc",
-            "-i",
-            dev,
-            "-f",
-            "-q",
-            "-n",
-            "-t",
-            "3",
-            "-T",
-            "2",
-            "-s",
-            script,
-            "-r",
-            &got.to_string(),
-        ],
-    );
+    set_mac(&lab, "52:54:00:78:00:02");
+    udhcpc_once(&lab, script, &["-r", &got.to_string()]);
     assert_eq!(hook_env(&out)["ip"], got.to_string());
     let _ = stop.send(true);
     task.await.expect("serve task");

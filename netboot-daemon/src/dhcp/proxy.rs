@@ -150,6 +150,19 @@ impl Reply {
     }
 }
 
+/// A BOOTREPLY with the fixed fields every reply copies from its request (RFC 2131 §4.3,
+/// table 3): `htype`, `xid`, `flags`, `chaddr`, `giaddr`.
+pub(super) fn reply_header(req: &Message) -> Message {
+    let mut m = Message::default();
+    m.set_opcode(Opcode::BootReply)
+        .set_htype(req.htype())
+        .set_xid(req.xid())
+        .set_flags(req.flags())
+        .set_chaddr(req.chaddr())
+        .set_giaddr(req.giaddr());
+    m
+}
+
 /// Decides the proxyDHCP answer to `req`, which arrived on `port`.
 pub fn handle(req: &Message, port: Port, ctx: &Context) -> Result<Reply, Ignored> {
     if req.opcode() != Opcode::BootRequest {
@@ -172,15 +185,8 @@ pub fn handle(req: &Message, port: Port, ctx: &Context) -> Result<Reply, Ignored
         boot_file(&client, ctx).ok_or(Ignored::Arch)?
     };
 
-    let mut m = Message::default();
-    m.set_opcode(Opcode::BootReply)
-        .set_htype(req.htype())
-        .set_xid(req.xid())
-        .set_flags(req.flags())
-        .set_chaddr(req.chaddr())
-        .set_giaddr(req.giaddr())
-        .set_siaddr(ctx.server)
-        .set_fname_str(&file);
+    let mut m = reply_header(req);
+    m.set_siaddr(ctx.server).set_fname_str(&file);
     let opts = m.opts_mut();
     opts.insert(DhcpOption::MessageType(reply_type));
     opts.insert(DhcpOption::ServerIdentifier(ctx.server));

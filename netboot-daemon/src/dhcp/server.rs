@@ -22,7 +22,7 @@ use std::net::Ipv4Addr;
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use serde::Serialize;
 
-use super::proxy::{self, Destination};
+use super::proxy::{self, Destination, reply_header};
 use super::pxe::{Client, Vendor};
 use crate::mac::MacAddr;
 
@@ -748,18 +748,6 @@ impl Server {
             boot_file,
         }
     }
-}
-
-/// The fixed fields every reply copies from its request.
-fn reply_header(req: &Message) -> Message {
-    let mut m = Message::default();
-    m.set_opcode(Opcode::BootReply)
-        .set_htype(req.htype())
-        .set_xid(req.xid())
-        .set_flags(req.flags())
-        .set_chaddr(req.chaddr())
-        .set_giaddr(req.giaddr());
-    m
 }
 
 /// RFC 3046 §2.2: a server echoes the relay agent information option unchanged.
