@@ -527,6 +527,9 @@ pub struct EbpfConfig {
     /// At most this many MACs get their own series in `/metrics`; the rest are summed
     /// under `mac="other"`. Devices in the inventory come first.
     pub metrics_max_macs: usize,
+    /// A device whose iSCSI writes make no progress for this many seconds is reported
+    /// stalled (a boot event and `install.phase` in its metrics); writes again: resumed.
+    pub install_stall_secs: u64,
 }
 
 impl Default for EbpfConfig {
@@ -539,6 +542,7 @@ impl Default for EbpfConfig {
             routers: Vec::new(),
             pin_dir: PathBuf::from("/sys/fs/bpf/netboot"),
             metrics_max_macs: 10_000,
+            install_stall_secs: 300,
         }
     }
 }
@@ -674,6 +678,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         name: "NETBOOT_EBPF_PIN_DIR",
         aliases: &[],
         help: "ebpf.pin_dir (empty: no pinning)",
+    },
+    EnvVar {
+        name: "NETBOOT_INSTALL_STALL_SECS",
+        aliases: &["INSTALL_STALL_THRESHOLD_SECONDS"],
+        help: "ebpf.install_stall_secs",
     },
     EnvVar {
         name: "NETBOOT_LOG",
@@ -816,6 +825,9 @@ impl Config {
         }
         if let Some((_, v)) = lookup(env, "NETBOOT_EBPF_PIN_DIR") {
             self.ebpf.pin_dir = v.into();
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_INSTALL_STALL_SECS") {
+            self.ebpf.install_stall_secs = parse_env(k, v, "expected seconds")?;
         }
         if let Some((_, v)) = lookup(env, "NETBOOT_LOG") {
             self.log.level = v;

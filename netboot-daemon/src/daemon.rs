@@ -98,9 +98,12 @@ pub async fn serve(
     let dhcp = start_dhcp(&cfg, &store, &bindings, addr.port(), stop_rx.clone());
     let iscsi = start_iscsi(&cfg, &store, &bindings, stop_rx.clone()).await?;
 
-    let traffic = accounting
-        .as_ref()
-        .map(|a| Arc::new(crate::service::accounting::Traffic::new(Arc::clone(a))));
+    let traffic = accounting.as_ref().map(|a| {
+        Arc::new(crate::service::accounting::Traffic::new(
+            Arc::clone(a),
+            cfg.config.ebpf.install_stall_secs,
+        ))
+    });
     let state = AppState::with_services(
         Arc::clone(&store),
         cfg.clone(),
@@ -121,6 +124,7 @@ pub async fn serve(
         tokio::spawn(crate::service::accounting::run(
             t,
             tftp.as_ref().map(|(service, _)| Arc::clone(service)),
+            Arc::clone(&store),
         ))
     });
 

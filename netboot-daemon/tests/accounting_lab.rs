@@ -52,6 +52,10 @@ const FILE_LEN: usize = 200_000;
 const HTTP_PORT: u16 = 8080;
 /// How long the counters may take to settle after the clients are done (trailing FINs).
 const SETTLE: Duration = Duration::from_secs(20);
+/// `ebpf.install_stall_secs` in the lab.
+const STALL_SECS: u64 = 6;
+/// What the installing client writes to its iSCSI disk.
+const DISK_WRITE: usize = 4 << 20;
 
 #[test]
 fn every_byte_lands_on_its_clients_mac_and_survives_a_restart() {
@@ -83,7 +87,8 @@ fn every_byte_lands_on_its_clients_mac_and_survives_a_restart() {
              [http]\nlisten = \"0.0.0.0:{HTTP_PORT}\"\n\
              [dhcp]\nmode = \"off\"\n\
              [tftp]\nlisten = \"0.0.0.0:69\"\n\
-             [ebpf]\ninterfaces = [\"s0\"]\nrouters = [\"{ROUTER_MAC}\"]\npin_dir = {:?}\n",
+             [iscsi]\nlisten = \"0.0.0.0:3260\"\n\
+             [ebpf]\ninterfaces = [\"s0\"]\nrouters = [\"{ROUTER_MAC}\"]\npin_dir = {:?}\ninstall_stall_secs = {STALL_SECS}\n",
             pins.0
         ),
     )
@@ -161,6 +166,13 @@ fn every_byte_lands_on_its_clients_mac_and_survives_a_restart() {
     let target = out.join("shared-2");
     wait_ok(lab.tftp(&second.ns, "payload.bin", &target));
     assert_eq!(std::fs::read(&target).expect("downloaded"), file);
+
+    // iSCSI: a routed client writes its disk with qemu's iSCSI driver, logging in with an
+    // initiator name that carries its MAC (as iPXE's do); the bytes land on its MAC, and the
+    // install watch sees it start writing, then stall.
+    let cookie = lab.login(dir.path());
+    let installer = &lab.routed[0];
+    let disk = iscsi_write(&lab, &cookie, installer, dir.path());
 
     // Reconciliation, once the trailing segments are through.
     let deadline = Instant::now() + SETTLE;
@@ -249,7 +261,6 @@ fn every_byte_lands_on_its_clients_mac_and_survives_a_restart() {
     );
 
     // Per transfer: the kernel's payload counts equal the server's own.
-    let cookie = lab.login(dir.path());
     let transfers = loop {
         let list = lab.api(&cookie, "/api/v1/tftp/transfers");
         let recent = list["recent"].as_array().expect("recent").clone();
@@ -299,6 +310,10 @@ fn every_byte_lands_on_its_clients_mac_and_survives_a_restart() {
         "{http}"
     );
     // Attribution: on-link clients by their own MAC, routed ones by a binding the kernel uses.
+    install_is_watched(&lab, &cookie, installer, disk, &metrics, &|| {
+        daemon.log.text()
+    });
+
     let attribution = lab.api(&cookie, "/api/v1/accounting/attribution");
     let methods = |mac: &str| -> Vec<String> {
         attribution["clients"]
@@ -710,6 +725,109 @@ impl Lab {
     }
 }
 
+/// Links a new image to `c` and writes [`DISK_WRITE`] bytes to it over iSCSI from `c`'s
+/// namespace; returns the image's name.
+fn iscsi_write(lab: &Lab, jar: &Path, c: &Client, dir: &Path) -> &'static str {
+    let post = |path: &str, body: &str| {
+        lab.run(
+            &lab.srv_ns(),
+            "curl",
+            &[
+                "-sS",
+                "--fail-with-body",
+                "-b",
+                jar.to_str().expect("utf8"),
+                "-H",
+                "content-type: application/json",
+                "-d",
+                body,
+                &format!("http://127.0.0.1:{HTTP_PORT}{path}"),
+            ],
+        )
+    };
+    post(
+        "/api/v1/images",
+        r#"{"name":"lab-disk","size_bytes":67108864}"#,
+    );
+    post(
+        "/api/v1/devices",
+        &format!(
+            r#"{{"mac":"{}","name":"installer","boot_policy":"iscsi","image":"lab-disk"}}"#,
+            c.mac
+        ),
+    );
+    let src = dir.join("disk-src.raw");
+    let data: Vec<u8> = (0..DISK_WRITE).map(|i| (i * 31 % 253) as u8).collect();
+    std::fs::write(&src, &data).expect("write source");
+    let initiator = format!("iqn.2010-04.org.ipxe:{}", c.mac.replace(':', ""));
+    let target = format!(
+        "driver=iscsi,transport=tcp,portal={SRV_IP}:3260,target=iqn.2026-01.org.netboot:lab-disk,lun=0,initiator-name={initiator}"
+    );
+    lab.run(
+        &c.ns,
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "--target-image-opts",
+            src.to_str().expect("utf8"),
+            &target,
+        ],
+    );
+    "lab-disk"
+}
+
+/// The device's iSCSI bytes are on its MAC, its metrics show it writing, and with no more
+/// writes the install watch reports it stalled, on its boot events too.
+fn install_is_watched(
+    lab: &Lab,
+    jar: &Path,
+    c: &Client,
+    disk: &str,
+    metrics: &Metrics,
+    log: &dyn Fn() -> String,
+) {
+    let iscsi_rx = metrics.client_service(&c.mac, "iscsi", "rx");
+    assert!(
+        iscsi_rx > DISK_WRITE as u64,
+        "the {DISK_WRITE} bytes written to {disk} are on {}: {iscsi_rx}",
+        c.mac
+    );
+    let deadline = Instant::now() + Duration::from_secs(STALL_SECS * 3 + 15);
+    let events = loop {
+        let ev = lab.api(
+            jar,
+            &format!("/api/v1/devices/{}/events?source=system", c.mac),
+        );
+        let kinds: Vec<String> = ev["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter_map(|e| e["kind"].as_str().map(str::to_owned))
+            .collect();
+        if kinds.iter().any(|k| k == "install_stalled") {
+            break kinds;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no install_stalled event: {ev}\nnetbootd's log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // Newest first: stalled after writing.
+    assert_eq!(events, ["install_stalled", "install_writing"], "{events:?}");
+    let device = lab.api(jar, &format!("/api/v1/devices/{}/metrics", c.mac));
+    let install = &device["install"];
+    assert_eq!(install["phase"], "stalled", "{device}");
+    assert!(
+        install["written_bytes"].as_u64().expect("written") >= DISK_WRITE as u64,
+        "{device}"
+    );
+}
+
 /// A permanent neighbour entry: no ARP on the link.
 fn neigh(ns: &str, addr: &str, mac: &str, dev: &str) {
     ip(&[
@@ -879,6 +997,13 @@ impl Metrics {
         self.sum(
             "netboot_client_bytes_total",
             &[("mac", mac), ("direction", direction)],
+        )
+    }
+
+    fn client_service(&self, mac: &str, service: &str, direction: &str) -> u64 {
+        self.sum(
+            "netboot_client_bytes_total",
+            &[("mac", mac), ("service", service), ("direction", direction)],
         )
     }
 

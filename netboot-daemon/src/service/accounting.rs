@@ -22,7 +22,9 @@ use crate::ebpf::{
 };
 use crate::mac::MacAddr;
 use crate::metrics::{Exposition, Kind};
+use crate::service::install::{self, Watch};
 use crate::service::tftp::{KernelBytes, Tftp, TransferPorts};
+use crate::store::{EventSource, NewBootEvent, Store};
 use netboot_common::FlowCounters;
 
 /// How often kernel logs are forwarded and ended transfers are joined to their flows.
@@ -42,6 +44,7 @@ const ACTIVE: Duration = Duration::from_secs(30);
 pub struct Traffic {
     acc: Arc<Accounting>,
     rates: Mutex<Rates>,
+    install: Mutex<Watch>,
 }
 
 impl std::fmt::Debug for Traffic {
@@ -61,11 +64,24 @@ struct Rates {
 }
 
 impl Traffic {
-    /// The API's view of `acc`.
-    pub fn new(acc: Arc<Accounting>) -> Self {
+    /// The API's view of `acc`; devices whose iSCSI writes make no progress for
+    /// `stall_secs` are reported stalled.
+    pub fn new(acc: Arc<Accounting>, stall_secs: u64) -> Self {
+        let mut watch = Watch::new(stall_secs);
+        // Counters pinned by an earlier run are the install watch's baseline.
+        if let Ok(rows) = acc.mac_counters() {
+            watch.prime(
+                unix_now(),
+                &iscsi_totals(
+                    rows.iter()
+                        .map(|r| ((r.mac, r.service, r.direction), r.bytes)),
+                ),
+            );
+        }
         Self {
             acc,
             rates: Mutex::new(Rates::default()),
+            install: Mutex::new(watch),
         }
     }
 
@@ -74,16 +90,23 @@ impl Traffic {
         &self.acc
     }
 
-    /// Reads the client rows and updates the rates (blocking: map reads are syscalls).
-    pub fn sample(&self) {
+    /// Reads the client rows, updates the rates and feeds each device's iSCSI totals to
+    /// the install watch; returns the install changes (blocking: map reads are syscalls).
+    pub fn sample(&self) -> Vec<(MacAddr, install::Change)> {
         let Ok(rows) = self.acc.mac_counters() else {
-            return;
+            return Vec::new();
         };
         let now = Instant::now();
         let mut bytes: HashMap<RowKey, u64> = HashMap::new();
         for r in rows {
             *bytes.entry((r.mac, r.service, r.direction)).or_default() += r.bytes;
         }
+        let totals = iscsi_totals(bytes.iter().map(|(k, b)| (*k, *b)));
+        let changes = self
+            .install
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .round(unix_now(), &totals);
         let mut rates = self.rates.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((then, before)) = &rates.last {
             let secs = now.duration_since(*then).as_secs_f64();
@@ -99,6 +122,7 @@ impl Traffic {
             }
         }
         rates.last = Some((now, bytes));
+        changes
     }
 
     /// One device's figures: totals, rates and active sessions.
@@ -149,7 +173,16 @@ impl Traffic {
                 source: "ebpf",
             })
             .collect();
-        Ok(DeviceTraffic { totals, sessions })
+        let install = self
+            .install
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .status(mac);
+        Ok(DeviceTraffic {
+            totals,
+            sessions,
+            install,
+        })
     }
 
     /// How the bytes of each client (or only `only`) were attributed.
@@ -237,6 +270,8 @@ pub struct DeviceTraffic {
     pub totals: Vec<ServiceTotal>,
     /// Connections (TFTP transfers, HTTP and iSCSI connections) seen in the last 30 s.
     pub sessions: Vec<Session>,
+    /// Install progress on its iSCSI disk, once it has written (see [`install`]).
+    pub install: Option<install::Status>,
 }
 
 /// A device's bytes of one service in one direction.
@@ -393,7 +428,7 @@ impl TransferPorts for Accounting {
 
 /// Runs until aborted: forwards kernel logs, joins ended TFTP transfers to their kernel
 /// counts, samples rates and sweeps idle connections.
-pub async fn run(traffic: Arc<Traffic>, tftp: Option<Arc<Tftp>>) {
+pub async fn run(traffic: Arc<Traffic>, tftp: Option<Arc<Tftp>>, store: Arc<dyn Store>) {
     let mut tick = tokio::time::interval(TICK);
     let mut ticks = 0u32;
     loop {
@@ -403,10 +438,24 @@ pub async fn run(traffic: Arc<Traffic>, tftp: Option<Arc<Tftp>>) {
         let tftp = tftp.clone();
         let sweep = ticks.is_multiple_of(SWEEP_EVERY);
         let sample = ticks.is_multiple_of(RATE_EVERY);
+        let store = Arc::clone(&store);
         let done = tokio::task::spawn_blocking(move || {
             let acc = traffic.accounting();
             if sample {
-                traffic.sample();
+                for (mac, change) in traffic.sample() {
+                    tracing::info!(%mac, kind = change.kind(), detail = %change.detail(), "install progress");
+                    let ev = NewBootEvent {
+                        mac,
+                        at: crate::time::Timestamp::now(),
+                        source: EventSource::System,
+                        kind: change.kind().into(),
+                        detail: change.detail(),
+                        ip: None,
+                    };
+                    if let Err(error) = store.add_event(&ev) {
+                        tracing::warn!(%error, "recording an install event failed");
+                    }
+                }
             }
             acc.drain_logs();
             if let Some(tftp) = &tftp {
@@ -421,6 +470,25 @@ pub async fn run(traffic: Arc<Traffic>, tftp: Option<Arc<Tftp>>) {
             tracing::warn!(%error, "eBPF accounting task failed");
         }
     }
+}
+
+/// Each device's iSCSI bytes from `rows`: (MAC, from the device, to the device).
+fn iscsi_totals(rows: impl Iterator<Item = (RowKey, u64)>) -> Vec<(MacAddr, u64, u64)> {
+    let mut iscsi: BTreeMap<MacAddr, (u64, u64)> = BTreeMap::new();
+    for ((mac, service, direction), b) in rows {
+        if service == Service::Iscsi {
+            let e = iscsi.entry(mac).or_default();
+            match direction {
+                Direction::Ingress => e.0 += b,
+                Direction::Egress => e.1 += b,
+            }
+        }
+    }
+    iscsi.into_iter().map(|(mac, (w, r))| (mac, w, r)).collect()
+}
+
+fn unix_now() -> u64 {
+    u64::try_from(crate::time::Timestamp::now().0 / 1000).unwrap_or(0)
 }
 
 /// Attaches the kernel's figures to TFTP transfers that ended in the last [`JOIN_WINDOW`],
