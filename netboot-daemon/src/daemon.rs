@@ -162,7 +162,7 @@ pub async fn serve(
     if let Some((_, task)) = dhcp {
         let _ = task.await;
     }
-    if let Some(task) = iscsi {
+    if let Some((_, task)) = iscsi {
         let _ = task.await;
     }
     housekeeping.abort();
@@ -293,7 +293,12 @@ async fn start_iscsi(
     store: &Arc<dyn Store>,
     bindings: &Arc<Bindings>,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<
+    Option<(
+        Arc<crate::service::iscsi::StoreTargets>,
+        tokio::task::JoinHandle<()>,
+    )>,
+> {
     let i = &cfg.config.iscsi;
     if !i.enabled {
         tracing::info!("iSCSI off (iscsi.enabled = false)");
@@ -313,9 +318,14 @@ async fn start_iscsi(
             .with_bindings(Arc::clone(bindings)),
     );
     tracing::info!(%addr, prefix = %i.iqn_prefix, "iSCSI listening");
-    Ok(Some(tokio::spawn(crate::service::iscsi::serve(
-        listener, targets, stop,
-    ))))
+    let sessions = Arc::clone(targets.sessions());
+    let task = tokio::spawn(crate::service::iscsi::serve(
+        listener,
+        Arc::clone(&targets) as Arc<dyn crate::iscsi::conn::Targets>,
+        sessions,
+        stop,
+    ));
+    Ok(Some((targets, task)))
 }
 
 /// Loads the eBPF program and attaches it to the configured interfaces. Failure is not
