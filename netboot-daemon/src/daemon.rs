@@ -76,6 +76,19 @@ pub async fn serve(
             .with_context(|| format!("opening database {}", cfg.paths.database.display()))?,
     );
     tracing::info!(path = %cfg.paths.database.display(), "store ready");
+    {
+        // Image files without a record (copied in by hand, or left by a lost database)
+        // become images before the iSCSI target lists them.
+        let (s, dir) = (Arc::clone(&store), cfg.paths.images.clone());
+        let adopted = tokio::task::spawn_blocking(move || {
+            crate::service::images::remove_stale_parts(&dir);
+            crate::service::images::adopt(&dir, s.as_ref(), &crate::store::Audit::system())
+        })
+        .await??;
+        if !adopted.is_empty() {
+            tracing::info!(count = adopted.len(), "adopted image files");
+        }
+    }
 
     let addr = listener
         .local_addr()
@@ -110,6 +123,7 @@ pub async fn serve(
             bindings,
             traffic: traffic.clone(),
             accounting_off,
+            iscsi: iscsi.as_ref().map(|(targets, _)| Arc::clone(targets)),
         },
     );
     let needs_setup = {
