@@ -76,6 +76,19 @@ pub async fn serve(
             .with_context(|| format!("opening database {}", cfg.paths.database.display()))?,
     );
     tracing::info!(path = %cfg.paths.database.display(), "store ready");
+    {
+        // Image files without a record (copied in by hand, or left by a lost database)
+        // become images before the iSCSI target lists them.
+        let (s, dir) = (Arc::clone(&store), cfg.paths.images.clone());
+        let adopted = tokio::task::spawn_blocking(move || {
+            crate::service::images::remove_stale_parts(&dir);
+            crate::service::images::adopt(&dir, s.as_ref(), &crate::store::Audit::system())
+        })
+        .await??;
+        if !adopted.is_empty() {
+            tracing::info!(count = adopted.len(), "adopted image files");
+        }
+    }
 
     let addr = listener
         .local_addr()
@@ -113,6 +126,7 @@ pub async fn serve(
             bindings,
             traffic: traffic.clone(),
             accounting_off,
+            iscsi: iscsi.as_ref().map(|(targets, _)| Arc::clone(targets)),
         },
     );
     let needs_setup = {
@@ -166,7 +180,7 @@ pub async fn serve(
     if let Some((_, task)) = dhcp {
         let _ = task.await;
     }
-    if let Some(task) = iscsi {
+    if let Some((_, task)) = iscsi {
         let _ = task.await;
     }
     housekeeping.abort();
@@ -297,7 +311,12 @@ async fn start_iscsi(
     store: &Arc<dyn Store>,
     bindings: &Arc<Bindings>,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<
+    Option<(
+        Arc<crate::service::iscsi::StoreTargets>,
+        tokio::task::JoinHandle<()>,
+    )>,
+> {
     let i = &cfg.config.iscsi;
     if !i.enabled {
         tracing::info!("iSCSI off (iscsi.enabled = false)");
@@ -317,9 +336,14 @@ async fn start_iscsi(
             .with_bindings(Arc::clone(bindings)),
     );
     tracing::info!(%addr, prefix = %i.iqn_prefix, "iSCSI listening");
-    Ok(Some(tokio::spawn(crate::service::iscsi::serve(
-        listener, targets, stop,
-    ))))
+    let sessions = Arc::clone(targets.sessions());
+    let task = tokio::spawn(crate::service::iscsi::serve(
+        listener,
+        Arc::clone(&targets) as Arc<dyn crate::iscsi::conn::Targets>,
+        sessions,
+        stop,
+    ));
+    Ok(Some((targets, task)))
 }
 
 /// Loads the eBPF program and attaches it to the configured interfaces. Failure is not

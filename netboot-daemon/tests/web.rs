@@ -469,6 +469,27 @@ fn browse(base: String, upload: PathBuf) {
     assert_eq!(api_image["size_bytes"], json!(64u64 << 30));
     assert!(page.text("tr[data-image=lab01-disk]").contains("64.0 GiB"));
 
+    // Copy (a progress bar follows the operation, then the page reloads), then rename the
+    // copy.
+    submit(
+        &mut page,
+        "form[data-api='/api/v1/images/lab01-disk/copy']",
+        "the images page with the copy",
+    );
+    assert_eq!(page.count("tr[data-image=lab01-disk-copy]"), 1);
+    let copy = page.eval("fetch('/api/v1/images/lab01-disk-copy').then(r => r.json())");
+    assert_eq!(copy["cloned_from"], json!("lab01-disk"));
+    assert_eq!(copy["size_bytes"], json!(64u64 << 30));
+    let rename = "form[data-api='/api/v1/images/lab01-disk-copy/rename']";
+    page.set(&format!("{rename} [name=name]"), "lab01-spare");
+    submit(&mut page, rename, "the images page after the rename");
+    assert_eq!(page.count("tr[data-image=lab01-disk-copy]"), 0);
+    assert_eq!(page.count("tr[data-image=lab01-spare]"), 1);
+    let status = page.eval(
+        "fetch('/api/v1/images/lab01-spare', {method: 'DELETE', headers: {Accept: 'application/json'}}).then(r => r.status)",
+    );
+    assert_eq!(status, json!(204), "the spare goes again");
+
     // Deleting asks first.
     page.set("#image-create [name=name]", "scratch");
     submit(

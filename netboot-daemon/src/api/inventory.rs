@@ -22,14 +22,15 @@ pub(super) fn parse_mac(s: &str) -> Result<MacAddr, ApiError> {
 }
 
 /// Checks an image or profile name: 1-64 of letters, digits, `.`, `_`, `-`, not starting
-/// with `.` or `-` (it becomes a file name and part of an IQN).
-fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        && !name.starts_with(['.', '-']);
-    if ok {
+/// with `.` or `-` (it becomes a file name and part of an IQN); `adopt` is reserved.
+pub(super) fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    use crate::service::images::{plain_name, valid_name};
+    if what == "image" && name == "adopt" {
+        return Err(ApiError::unprocessable(
+            "\"adopt\" is reserved (POST /api/v1/images/adopt)",
+        ));
+    }
+    if plain_name(name) && (what != "image" || valid_name(name)) {
         Ok(())
     } else {
         Err(ApiError::unprocessable(format!(
@@ -324,31 +325,34 @@ pub(super) async fn update_image(
         check_size(size)?;
     }
     let a = auth.audit();
+    let ops = std::sync::Arc::clone(state.image_ops());
+    let iscsi = state.iscsi().cloned();
     let img = blocking(&state, move |s| {
+        let _files = ops.lock_files();
         let before = s.get_image(&name)?;
         if patch.size_bytes.is_some_and(|n| n < before.size_bytes) {
             return Ok(Err(ApiError::unprocessable(
                 "images can grow but not shrink",
             )));
         }
-        s.update_image(&a, &name, &patch).map(Ok)
+        let after = s.update_image(&a, &name, &patch)?;
+        if after.size_bytes > before.size_bytes {
+            // The file grows now (sparse), so that a live session sees the new capacity.
+            let path = crate::service::images::image_path(ops.dir(), &name);
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path)
+                && f.metadata().is_ok_and(|m| m.len() < after.size_bytes)
+                && let Err(error) = f.set_len(after.size_bytes)
+            {
+                tracing::warn!(%error, image = %name, "growing the image file failed; the next login grows it");
+            }
+            if let Some(t) = &iscsi {
+                t.capacity_changed(&name);
+            }
+        }
+        Ok(Ok(after))
     })
     .await??;
     Ok(axum::Json(img))
-}
-
-/// Deletes an image record (operator); refused while a device links it.
-#[utoipa::path(delete, path = "/api/v1/images/{name}", tag = "images", params(("name" = String, Path)),
-    responses((status = 204), (status = 404), (status = 409)))]
-pub(super) async fn delete_image(
-    State(state): State<AppState>,
-    auth: Auth,
-    Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    auth.require(Role::Operator)?;
-    let a = auth.audit();
-    blocking(&state, move |s| s.delete_image(&a, &name)).await?;
-    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Lists installer media.

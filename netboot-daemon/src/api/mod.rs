@@ -13,6 +13,11 @@ mod error;
     unused_qualifications,
     reason = "utoipa's path macro expands `params(T)` into qualified paths"
 )]
+mod images;
+#[allow(
+    unused_qualifications,
+    reason = "utoipa's path macro expands `params(T)` into qualified paths"
+)]
 mod inventory;
 mod metrics;
 #[allow(
@@ -41,6 +46,7 @@ pub use self::auth::{
     NewUserBody, PasswordChange, SESSION_COOKIE, UserPatchBody, Via,
 };
 pub use self::error::{ApiError, ErrorBody, ErrorDetail, Json, Query};
+pub use self::images::{DeleteParams, NameBody};
 pub use self::inventory::{DeviceListParams, RegisterBody};
 pub use self::system::{AuditParams, Check, EventParams, Health, VERSION, VersionInfo};
 use crate::auth::LoginThrottle;
@@ -60,6 +66,7 @@ struct Inner {
     throttle: Mutex<LoginThrottle>,
     services: Services,
     feed: web::Feed,
+    images: Arc<crate::service::images::ImageOps>,
 }
 
 /// The running services the API reports on, and what they share with it.
@@ -75,6 +82,8 @@ pub struct Services {
     pub traffic: Option<Arc<crate::service::accounting::Traffic>>,
     /// Why there is no eBPF accounting, when there is none (shown in the API).
     pub accounting_off: Option<String>,
+    /// The iSCSI target, when it runs (live sessions of images).
+    pub iscsi: Option<Arc<crate::service::iscsi::StoreTargets>>,
 }
 
 impl AppState {
@@ -90,7 +99,11 @@ impl AppState {
             auth.max_failures,
             Duration::from_secs(u64::from(auth.lockout_secs)),
         );
+        let images = Arc::new(crate::service::images::ImageOps::new(
+            config.paths.images.clone(),
+        ));
         Self(Arc::new(Inner {
+            images,
             store,
             config,
             throttle: Mutex::new(throttle),
@@ -135,6 +148,16 @@ impl AppState {
             .accounting_off
             .as_deref()
             .unwrap_or("eBPF accounting is not running")
+    }
+
+    /// The iSCSI target, when it runs.
+    pub fn iscsi(&self) -> Option<&Arc<crate::service::iscsi::StoreTargets>> {
+        self.0.services.iscsi.as_ref()
+    }
+
+    /// Image file operations (copies, adoption) and their lock.
+    pub fn image_ops(&self) -> &Arc<crate::service::images::ImageOps> {
+        &self.0.images
     }
 
     /// Client address → MAC bindings.
@@ -198,7 +221,12 @@ where
         inventory::get_image,
         inventory::create_image,
         inventory::update_image,
-        inventory::delete_image,
+        images::delete_image,
+        images::copy_image,
+        images::rename_image,
+        images::adopt_images,
+        images::list_operations,
+        images::get_operation,
         inventory::list_installers,
         inventory::get_installer,
         inventory::create_installer,
@@ -277,8 +305,13 @@ pub fn router(state: AppState) -> Router {
             "/images/{name}",
             get(inv::get_image)
                 .patch(inv::update_image)
-                .delete(inv::delete_image),
+                .delete(images::delete_image),
         )
+        .route("/images/adopt", post(images::adopt_images))
+        .route("/images/{name}/copy", post(images::copy_image))
+        .route("/images/{name}/rename", post(images::rename_image))
+        .route("/operations", get(images::list_operations))
+        .route("/operations/{id}", get(images::get_operation))
         .route(
             "/installers",
             get(inv::list_installers).post(inv::create_installer),

@@ -1,5 +1,8 @@
 //! The backing of a disk image: a sparse raw file, read and written with `pread`/`pwrite`,
-//! made durable with `fdatasync`, deallocated with `fallocate(PUNCH_HOLE)`.
+//! made durable with `fdatasync`, deallocated with `fallocate(PUNCH_HOLE)`; and copies of
+//! image files that keep them sparse: [`reflink`] (`ioctl(FICLONE)`, the blocks are
+//! shared) and [`copy_sparse`] (only the data extents, found with `SEEK_DATA`/`SEEK_HOLE`,
+//! and within them only the blocks that are not all zeros).
 
 use std::fs::File;
 use std::io;
@@ -90,9 +93,199 @@ impl Backing for FileBacking {
     }
 }
 
+/// Makes `dst` share all of `src`'s blocks (`ioctl(FICLONE)`, a reflink): instant and
+/// without extra space. Fails with `EOPNOTSUPP`, `EXDEV` or `EINVAL` where the filesystem
+/// cannot (ext4, tmpfs, two filesystems); the caller then copies.
+pub fn reflink(src: &File, dst: &File) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor as its integer argument; both
+    // descriptors are kept open by the `File`s for the call, and no memory is passed.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `lseek(fd, offset, whence)` for `SEEK_DATA`/`SEEK_HOLE`: `Ok(None)` past the last data
+/// (`ENXIO`).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek(2) on a descriptor that `file` keeps open; no memory is passed.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if rc >= 0 {
+        return Ok(Some(rc as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// The data extents of `file` below `len`, as `(start, end)` pairs; the whole range when
+/// the filesystem does not report holes.
+pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let start = match seek(file, at, libc::SEEK_DATA) {
+            Ok(Some(s)) if s < len => s,
+            Ok(_) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && at == 0 => {
+                return Ok(vec![(0, len)]);
+            }
+            Err(e) => return Err(e),
+        };
+        let end = seek(file, start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        out.push((start, end));
+        at = end;
+    }
+    Ok(out)
+}
+
+/// Block size of the zero check in [`copy_sparse`]: a filesystem block.
+const ZERO_BLOCK: usize = 4096;
+/// Read size of [`copy_sparse`].
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Copies the first `len` bytes of `src` to `dst`, which becomes exactly `len` bytes long:
+/// only the data extents are read, and of those only the 4 KiB blocks that are not all
+/// zeros are written, so `dst` allocates no more blocks than `src`. `progress` is called
+/// with the offset reached (holes count as done) and stops the copy by returning `false`
+/// (an `Interrupted` error). `dst` is made durable before this returns.
+pub fn copy_sparse(
+    src: &File,
+    dst: &File,
+    len: u64,
+    progress: &mut dyn FnMut(u64) -> bool,
+) -> io::Result<()> {
+    dst.set_len(0)?;
+    dst.set_len(len)?;
+    let src_len = src.metadata()?.len().min(len);
+    let mut buf = vec![0u8; COPY_CHUNK];
+    for (start, end) in data_extents(src, src_len)? {
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(COPY_CHUNK);
+            let chunk = &mut buf[..n];
+            src.read_exact_at(chunk, at)?;
+            // Write each run of blocks that are not all zeros.
+            let mut run: Option<usize> = None;
+            for (i, block) in chunk.chunks(ZERO_BLOCK).enumerate() {
+                let zero = block.iter().all(|&b| b == 0);
+                match (zero, run) {
+                    (false, None) => run = Some(i * ZERO_BLOCK),
+                    (true, Some(from)) => {
+                        dst.write_all_at(&chunk[from..i * ZERO_BLOCK], at + from as u64)?;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(from) = run {
+                dst.write_all_at(&chunk[from..], at + from as u64)?;
+            }
+            at += n as u64;
+            if !progress(at) {
+                return Err(io::Error::from(io::ErrorKind::Interrupted));
+            }
+        }
+    }
+    dst.sync_all()?;
+    progress(len);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("netboot-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir
+    }
+
+    fn rw(path: &std::path::Path) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .expect("open")
+    }
+
+    #[test]
+    fn sparse_copies_are_identical_and_allocate_no_more_than_the_source() {
+        let dir = scratch("sparse-copy");
+        let src = rw(&dir.join("src"));
+        let len: u64 = 64 << 20;
+        src.set_len(len).expect("size");
+        // Data at the start, in the middle (crossing a chunk boundary), a block of zeros
+        // that is allocated, and the last block.
+        src.write_all_at(&[0x11; 10_000], 0).expect("write");
+        src.write_all_at(&vec![0x22; 3 << 20], (20 << 20) - 4096)
+            .expect("write");
+        src.write_all_at(&[0; 1 << 20], 40 << 20).expect("zeros");
+        src.write_all_at(&[0x33; 512], len - 512).expect("write");
+        src.sync_all().expect("sync");
+        let dst = rw(&dir.join("dst"));
+        let mut seen = Vec::new();
+        copy_sparse(&src, &dst, len, &mut |at| {
+            seen.push(at);
+            true
+        })
+        .expect("copy");
+        assert_eq!(seen.last(), Some(&len), "progress ends at the size");
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress only grows");
+        assert_eq!(dst.metadata().expect("meta").len(), len);
+        let a = std::fs::read(dir.join("src")).expect("read");
+        let b = std::fs::read(dir.join("dst")).expect("read");
+        assert!(a == b, "the copy differs from the source");
+        let (sa, sb) = (
+            src.metadata().expect("meta").blocks(),
+            dst.metadata().expect("meta").blocks(),
+        );
+        assert!(sb <= sa, "copy allocates {sb} blocks, source {sa}");
+        assert!(sb < (len / 512) / 4, "the copy is sparse: {sb} blocks");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sparse_copy_of_a_short_file_extends_it_and_can_be_stopped() {
+        let dir = scratch("sparse-short");
+        let src = rw(&dir.join("src"));
+        src.write_all_at(&[7; 4 << 20], 0).expect("write");
+        let dst = rw(&dir.join("dst"));
+        copy_sparse(&src, &dst, 8 << 20, &mut |_| true).expect("copy");
+        let b = std::fs::read(dir.join("dst")).expect("read");
+        assert_eq!(b.len(), 8 << 20);
+        assert!(b[..4 << 20].iter().all(|&x| x == 7) && b[4 << 20..].iter().all(|&x| x == 0));
+        let e = copy_sparse(&src, &dst, 8 << 20, &mut |_| false).expect_err("stopped");
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn data_extents_skip_holes() {
+        let dir = scratch("extents");
+        let f = rw(&dir.join("f"));
+        f.set_len(16 << 20).expect("size");
+        f.write_all_at(&[1; 4096], 8 << 20).expect("write");
+        let ext = data_extents(&f, 16 << 20).expect("extents");
+        let total: u64 = ext.iter().map(|(s, e)| e - s).sum();
+        assert!(total < 16 << 20, "holes are skipped: {ext:?}");
+        assert!(
+            ext.iter()
+                .any(|&(s, e)| s <= 8 << 20 && e >= (8 << 20) + 4096)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn holes_read_as_zeros_and_the_size_stays() {

@@ -6,14 +6,14 @@
 //! - [`conn`]: one connection as a state machine (login, commands, R2T/Data-Out,
 //!   Data-In, NOP, task management, SendTargets, logout), without I/O;
 //! - [`scsi`]: logical units: CDBs executed against a [`scsi::Backing`];
-//! - [`file`]: the backing of a disk image, a sparse file.
+//! - [`file`]: the backing of a disk image, a sparse file, and sparse copies of it.
 //!
 //! The driver that owns the sockets is `service::iscsi`.
 
 pub mod conn;
 #[allow(
     unsafe_code,
-    reason = "fallocate(2) to punch holes; the block has a SAFETY comment"
+    reason = "fallocate(2) to punch holes, ioctl(FICLONE) and lseek(SEEK_DATA/SEEK_HOLE) for copies; each block has a SAFETY comment"
 )]
 pub mod file;
 pub mod pdu;

@@ -11,8 +11,12 @@
 //! [`Connection`], runs each command's I/O on the blocking pool (in order), and writes the
 //! responses. Logical units are shared between sessions, so reservations and the write
 //! cache setting are per image.
+//!
+//! [`Sessions`] lists the live sessions by target, so that image management can refuse
+//! to rename or delete an image in use, end its sessions (a forced delete), and hold a
+//! target while it changes its file: a login that completes on a held target is dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -20,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 use crate::bindings::{Bindings, Source as BindingSource};
 use crate::config::IscsiConfig;
@@ -31,9 +36,122 @@ use crate::mac::MacAddr;
 use crate::store::{EventSource, Image, NewBootEvent, Store};
 use crate::time::Timestamp;
 
+/// A live normal session, as [`Sessions::on`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSession {
+    /// The initiator's iSCSI name.
+    pub initiator: String,
+    /// Its address.
+    pub peer: SocketAddr,
+}
+
+/// The live normal sessions by target name, and the targets held by image management.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    inner: Mutex<SessionsInner>,
+}
+
+#[derive(Debug, Default)]
+struct SessionsInner {
+    next: u64,
+    live: HashMap<u64, (String, LiveSession, Arc<Notify>)>,
+    held: HashSet<String>,
+}
+
+/// A target held by [`Sessions::hold`]; released on drop.
+#[derive(Debug)]
+pub struct Hold {
+    sessions: Arc<Sessions>,
+    target: String,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.sessions.lock().held.remove(&self.target);
+    }
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionsInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a session that completed its login; `None` (drop the connection) while the
+    /// target is held.
+    fn register(&self, target: &str, session: LiveSession) -> Option<(u64, Arc<Notify>)> {
+        let mut s = self.lock();
+        if s.held.contains(target) {
+            return None;
+        }
+        s.next += 1;
+        let id = s.next;
+        let end = Arc::new(Notify::new());
+        s.live
+            .insert(id, (target.to_owned(), session, Arc::clone(&end)));
+        Some((id, end))
+    }
+
+    fn unregister(&self, id: u64) {
+        self.lock().live.remove(&id);
+    }
+
+    /// The live sessions on `target`.
+    pub fn on(&self, target: &str) -> Vec<LiveSession> {
+        self.lock()
+            .live
+            .values()
+            .filter(|(t, ..)| t == target)
+            .map(|(_, s, _)| s.clone())
+            .collect()
+    }
+
+    /// Holds `target` (logins to it are dropped) and returns the sessions live at that
+    /// moment; `None` if it is held already (another change is under way).
+    pub fn hold(self: &Arc<Self>, target: &str) -> Option<(Hold, Vec<LiveSession>)> {
+        let mut s = self.lock();
+        if !s.held.insert(target.to_owned()) {
+            return None;
+        }
+        let live = s
+            .live
+            .values()
+            .filter(|(t, ..)| t == target)
+            .map(|(_, l, _)| l.clone())
+            .collect();
+        Some((
+            Hold {
+                sessions: Arc::clone(self),
+                target: target.to_owned(),
+            },
+            live,
+        ))
+    }
+
+    /// Ends every session on `target` (their connections close) and waits up to
+    /// `timeout` for them to go; returns whether none is left.
+    pub fn end(&self, target: &str, timeout: std::time::Duration) -> bool {
+        for (t, _, end) in self.lock().live.values() {
+            if t == target {
+                end.notify_one();
+            }
+        }
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            if self.on(target).is_empty() {
+                return true;
+            }
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 /// Targets from the store's images.
 pub struct StoreTargets {
     store: Arc<dyn Store>,
+    sessions: Arc<Sessions>,
     bindings: Option<Arc<Bindings>>,
     images: PathBuf,
     prefix: String,
@@ -56,6 +174,7 @@ impl StoreTargets {
     pub fn new(store: Arc<dyn Store>, images: PathBuf, cfg: &IscsiConfig) -> Self {
         Self {
             store,
+            sessions: Arc::default(),
             bindings: None,
             images,
             prefix: cfg.iqn_prefix.clone(),
@@ -75,6 +194,33 @@ impl StoreTargets {
     /// The target name of an image.
     pub fn target_name(&self, image: &str) -> String {
         format!("{}:{image}", self.prefix)
+    }
+
+    /// The live sessions (for [`serve`] and image management).
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
+    /// Tells the initiators of `image`'s open logical unit, if any, that its capacity
+    /// changed (after its file grew).
+    pub fn capacity_changed(&self, image: &str) {
+        if let Some(lun) = self
+            .luns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(image)
+        {
+            lun.capacity_changed();
+        }
+    }
+
+    /// Closes the cached logical unit of `image` (its file), after a rename or delete;
+    /// the next login opens the file by its name again.
+    pub fn forget(&self, image: &str) {
+        self.luns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(image);
     }
 
     fn allowed(&self, image: &Image, initiator: &str) -> bool {
@@ -226,6 +372,7 @@ fn naa_id(name: &str) -> u64 {
 pub async fn serve(
     listener: TcpListener,
     targets: Arc<dyn Targets>,
+    sessions: Arc<Sessions>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let tsih = Arc::new(AtomicU16::new(1));
@@ -250,11 +397,25 @@ pub async fn serve(
         }
         let conn = Connection::new(Arc::clone(&targets), portal(local), handle);
         let targets = Arc::clone(&targets);
+        let sessions = Arc::clone(&sessions);
         tokio::spawn(async move {
             let mut conn = conn;
             let mut login = None;
-            if let Err(error) = run(stream, &mut conn, peer, &targets, &mut login).await {
+            let mut live = None;
+            if let Err(error) = run(
+                stream,
+                &mut conn,
+                peer,
+                (&targets, &sessions),
+                &mut login,
+                &mut live,
+            )
+            .await
+            {
                 tracing::debug!(%peer, %error, "iSCSI connection ended");
+            }
+            if let Some(id) = live {
+                sessions.unregister(id);
             }
             conn.end();
             if let Some(login) = login {
@@ -286,9 +447,11 @@ async fn run(
     mut stream: TcpStream,
     conn: &mut Connection,
     peer: SocketAddr,
-    targets: &Arc<dyn Targets>,
+    (targets, sessions): (&Arc<dyn Targets>, &Sessions),
     login: &mut Option<Login>,
+    live: &mut Option<u64>,
 ) -> std::io::Result<()> {
+    let mut end: Option<Arc<Notify>> = None;
     stream.set_nodelay(true)?;
     let wire = conn.wire();
     let mut decoder = Decoder::new(wire.max_data);
@@ -307,6 +470,18 @@ async fn run(
         }
         if let Some(mut l) = conn.take_login() {
             l.peer = Some(peer);
+            if let Some(target) = &l.target {
+                let session = LiveSession {
+                    initiator: l.initiator.clone(),
+                    peer,
+                };
+                let Some((id, e)) = sessions.register(target, session) else {
+                    tracing::info!(initiator = %l.initiator, %target, %peer, "iSCSI login dropped: the image is being changed");
+                    return Ok(());
+                };
+                *live = Some(id);
+                end = Some(e);
+            }
             tracing::info!(initiator = %l.initiator, target = ?l.target, %peer, "iSCSI session started");
             notify(targets, SessionEvent::Started, l.clone()).await;
             *login = Some(l);
@@ -323,7 +498,19 @@ async fn run(
             tracing::debug!(initiator, target, "iSCSI connection closed");
             return Ok(());
         }
-        let n = stream.read(&mut buf).await?;
+        let ended = async {
+            match &end {
+                Some(e) => e.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        let n = tokio::select! {
+            n = stream.read(&mut buf) => n?,
+            () = ended => {
+                tracing::info!(%peer, "iSCSI session ended by image management");
+                return Ok(());
+            }
+        };
         if n == 0 {
             return Ok(());
         }

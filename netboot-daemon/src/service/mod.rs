@@ -4,6 +4,7 @@
 
 pub mod accounting;
 pub mod dhcp;
+pub mod images;
 pub mod install;
 pub mod iscsi;
 pub mod tftp;

@@ -171,6 +171,10 @@ pub trait Store: Send + Sync + 'static {
     fn update_image(&self, audit: &Audit, name: &str, patch: &ImagePatch) -> Result<Image>;
     /// Removes an image record; refused while a device links it.
     fn delete_image(&self, audit: &Audit, name: &str) -> Result<()>;
+    /// Renames an image; the device link and the `cloned_from` of its copies follow.
+    fn rename_image(&self, audit: &Audit, name: &str, new_name: &str) -> Result<Image>;
+    /// Records an image file that had no record (`image.adopt` in the audit log).
+    fn adopt_image(&self, audit: &Audit, new: &NewImage) -> Result<Image>;
 
     // Installers.
     /// Lists installer media.

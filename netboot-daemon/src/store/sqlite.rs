@@ -864,6 +864,52 @@ impl Store for Sqlite {
         })
     }
 
+    fn rename_image(&self, a: &Audit, name: &str, new_name: &str) -> Result<Image> {
+        self.write(|tx| {
+            image_in(tx, name)?;
+            // The device link follows through `ON UPDATE CASCADE`.
+            tx.execute(
+                "UPDATE images SET name = ?2, updated_at = ?3 WHERE name = ?1",
+                params![name, new_name, Timestamp::now().0],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    exists("image", new_name)
+                } else {
+                    e.into()
+                }
+            })?;
+            tx.execute(
+                "UPDATE images SET cloned_from = ?2 WHERE cloned_from = ?1",
+                params![name, new_name],
+            )?;
+            let img = image_in(tx, new_name)?;
+            audit(
+                tx,
+                a,
+                "image.rename",
+                name,
+                &serde_json::json!({ "name": [name, new_name] }),
+            )?;
+            Ok(img)
+        })
+    }
+
+    fn adopt_image(&self, a: &Audit, new: &NewImage) -> Result<Image> {
+        self.write(|tx| {
+            let now = Timestamp::now().0;
+            tx.execute(
+                "INSERT INTO images (name, size_bytes, description, cloned_from, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, NULL, ?4, ?4)",
+                params![new.name, sql_u64(new.size_bytes), new.description, now],
+            )
+            .map_err(|e| if is_unique_violation(&e) { exists("image", &new.name) } else { e.into() })?;
+            let img = image_in(tx, &new.name)?;
+            audit(tx, a, "image.adopt", &img.name, &to_json(&img))?;
+            Ok(img)
+        })
+    }
+
     fn list_installers(&self) -> Result<Vec<Installer>> {
         self.read(|c| {
             let mut stmt = c.prepare(&format!(

@@ -437,3 +437,55 @@ fn dhcp_leases_are_saved_replaced_and_removed_in_order() {
     .expect("apply");
     assert_eq!(s.list_leases().expect("list"), vec![declined]);
 }
+
+#[test]
+fn renamed_images_keep_their_link_and_adopted_ones_are_audited() {
+    let s = Sqlite::in_memory().expect("store");
+    let a = admin();
+    let img = |name: &str, from: Option<&str>| NewImage {
+        name: name.into(),
+        size_bytes: 1 << 20,
+        description: String::new(),
+        cloned_from: from.map(Into::into),
+    };
+    s.create_image(&a, &img("base", None)).expect("base");
+    s.create_image(&a, &img("copy", Some("base")))
+        .expect("copy");
+    let mut d = device("52:54:00:00:00:01");
+    d.image = Some("base".into());
+    s.create_device(&a, &d).expect("device");
+
+    let renamed = s.rename_image(&a, "base", "gold").expect("rename");
+    assert_eq!(renamed.name, "gold");
+    assert_eq!(renamed.linked_mac, Some(mac("52:54:00:00:00:01")));
+    let dev = s.get_device(mac("52:54:00:00:00:01")).expect("device");
+    assert_eq!(dev.image.as_deref(), Some("gold"));
+    assert_eq!(
+        s.get_image("copy").expect("copy").cloned_from.as_deref(),
+        Some("gold")
+    );
+    assert!(matches!(
+        s.get_image("base"),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.rename_image(&a, "gold", "copy"),
+        Err(StoreError::Conflict(ConflictReason::Exists { .. }))
+    ));
+    assert!(matches!(
+        s.rename_image(&a, "missing", "x"),
+        Err(StoreError::NotFound { .. })
+    ));
+
+    let adopted = s
+        .adopt_image(&Audit::system(), &img("found", None))
+        .expect("adopt");
+    assert_eq!(adopted.size_bytes, 1 << 20);
+    assert!(matches!(
+        s.adopt_image(&Audit::system(), &img("found", None)),
+        Err(StoreError::Conflict(ConflictReason::Exists { .. }))
+    ));
+    let actions = audit_actions(&s);
+    assert!(actions.iter().any(|x| x == "image.rename"), "{actions:?}");
+    assert!(actions.iter().any(|x| x == "image.adopt"), "{actions:?}");
+}

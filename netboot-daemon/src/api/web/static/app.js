@@ -62,12 +62,33 @@
       location.assign(next && next.startsWith("/ui/") ? next : "/ui/");
       return;
     }
+    if (how === "operation") { followOperation(result, form); return; }
     if (how === "show-secret") {
       const out = $(".form-ok", form);
       out.textContent = `Token created. Copy the secret now, it is not shown again: ${result.secret}`;
       return;
     }
     location.assign(fill(how, result || {}));
+  }
+
+  // A background operation (an image copy): a progress bar from GET /api/v1/operations/{id}
+  // until it is done (then the page reloads) or failed (its error shows).
+  async function followOperation(op, form) {
+    const bar = $("progress", form), label = $("[data-progress-text]", form);
+    const ok = $(".form-ok", form), err = $(".form-error", form), button = $("button[type=submit]", form);
+    bar.parentElement.hidden = false;
+    if (ok) ok.textContent = op.note || "";
+    button.disabled = true;
+    for (;;) {
+      const pct = op.bytes_total ? Math.floor(100 * op.bytes_done / op.bytes_total) : 100;
+      bar.value = pct;
+      label.textContent = `${pct} % of ${binary(op.bytes_total)}${op.method ? ` (${op.method})` : ""}`;
+      if (op.state === "done") { setTimeout(() => location.reload(), 800); return; }
+      if (op.state === "failed") { err.textContent = `Copy failed: ${op.error}`; button.disabled = false; return; }
+      await new Promise((r) => setTimeout(r, 500));
+      try { op = await api("GET", `/api/v1/operations/${op.id}`); }
+      catch (e) { err.textContent = e.message; button.disabled = false; return; }
+    }
   }
 
   // Collects a form's fields into a JSON body, by each field's data-type.
