@@ -40,7 +40,7 @@ pub(crate) fn catch_signals() -> anyhow::Result<()> {
                         _ = int.recv() => {}
                         _ = term.recv() => {}
                     }
-                    eprintln!("tftp-compare: interrupted, cleaning up");
+                    eprintln!("netboot-bench: interrupted, cleaning up");
                     INTERRUPTED.store(true, Ordering::Relaxed);
                 }
             });
@@ -129,7 +129,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(e) = quiet(Command::new("ip").args(["netns", "del", &self.name])) {
-            eprintln!("tftp-compare: WARNING: {e:#}");
+            eprintln!("netboot-bench: WARNING: {e:#}");
         }
     }
 }
@@ -201,7 +201,7 @@ impl Drop for Cgroup {
         }
         if let Err(e) = std::fs::remove_dir(&self.path) {
             eprintln!(
-                "tftp-compare: WARNING: could not remove cgroup {}: {e}",
+                "netboot-bench: WARNING: could not remove cgroup {}: {e}",
                 self.path.display()
             );
         }
@@ -278,7 +278,7 @@ impl Drop for Server {
             std::thread::sleep(Duration::from_millis(10));
         }
         eprintln!(
-            "tftp-compare: {} (pid {}) ignored SIGTERM, killing it",
+            "netboot-bench: {} (pid {}) ignored SIGTERM, killing it",
             self.name,
             self.child.id()
         );
