@@ -25,7 +25,6 @@
 //! Needs root, iproute2, nsenter, tftp-hpa, curl and a build with the eBPF object; without
 //! them it prints a loud SKIPPED line, except under `CI=true`, where it fails.
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -939,8 +938,7 @@ impl Drop for Daemon {
 /// One scrape of `/metrics` (Prometheus text), over loopback inside `srv`.
 struct Metrics {
     text: String,
-    /// (family, labels) → value.
-    samples: BTreeMap<(String, BTreeMap<String, String>), f64>,
+    samples: common::Samples,
 }
 
 impl Metrics {
@@ -954,43 +952,12 @@ impl Metrics {
                 &format!("http://127.0.0.1:{HTTP_PORT}/metrics"),
             ],
         );
-        let mut samples = BTreeMap::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (series, value) = line.rsplit_once(' ').expect("sample line");
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split(',')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').expect("label");
-                    (k.to_owned(), v.trim_matches('"').to_owned())
-                })
-                .collect();
-            samples.insert(
-                (name.to_owned(), labels),
-                value.parse().expect("sample value"),
-            );
-        }
+        let samples = common::Samples::parse(&text);
         Self { text, samples }
     }
 
     fn sum(&self, name: &str, filter: &[(&str, &str)]) -> u64 {
-        self.samples
-            .iter()
-            .filter(|((n, labels), _)| {
-                n == name
-                    && filter
-                        .iter()
-                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, v)| *v as u64)
-            .sum()
+        self.samples.sum(name, filter)
     }
 
     fn client(&self, mac: &str, direction: &str) -> u64 {
@@ -1032,6 +999,7 @@ impl Metrics {
     fn macs(&self) -> Vec<&str> {
         let macs: std::collections::BTreeSet<&str> = self
             .samples
+            .0
             .keys()
             .filter(|(n, _)| n == "netboot_client_bytes_total")
             .filter_map(|(_, l)| l.get("mac").map(String::as_str))

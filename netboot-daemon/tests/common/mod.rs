@@ -301,3 +301,55 @@ pub(crate) fn curl_ok(args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).expect("utf8")
 }
+
+/// The samples of a Prometheus text scrape: (family, labels) → value.
+#[allow(dead_code, reason = "each test binary uses its part of common")]
+pub(crate) struct Samples(
+    pub(crate) std::collections::BTreeMap<(String, std::collections::BTreeMap<String, String>), f64>,
+);
+
+#[allow(dead_code, reason = "each test binary uses its part of common")]
+impl Samples {
+    /// Parses the text exposition (label values without commas or escaped quotes, as
+    /// netbootd's are).
+    pub(crate) fn parse(text: &str) -> Self {
+        let mut samples = std::collections::BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').expect("label");
+                    (k.to_owned(), v.trim_matches('"').to_owned())
+                })
+                .collect();
+            samples.insert(
+                (name.to_owned(), labels),
+                value.parse().expect("sample value"),
+            );
+        }
+        Self(samples)
+    }
+
+    /// The sum of the samples of `name` whose labels include `filter`.
+    pub(crate) fn sum(&self, name: &str, filter: &[(&str, &str)]) -> u64 {
+        self.0
+            .iter()
+            .filter(|((n, labels), _)| {
+                n == name
+                    && filter
+                        .iter()
+                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, v)| *v as u64)
+            .sum()
+    }
+}
