@@ -527,6 +527,40 @@ fn run(case: Case) {
             "{file} blksize {} windowsize {}",
             t["blksize"], t["windowsize"]
         );
+        // With the accounting on br0, the kernel's count of the transfer's payload (its
+        // connection row, joined to the transfer once it ended) equals the server's own.
+        if !daemon.log.started_with("AYA_BUILD_SKIP") {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let id = t["id"].clone();
+            let joined = loop {
+                let list = api.get("/api/v1/tftp/transfers");
+                let t = list["recent"]
+                    .as_array()
+                    .and_then(|r| r.iter().find(|t| t["id"] == id))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                if !t["kernel"].is_null() {
+                    break t;
+                }
+                if Instant::now() > deadline {
+                    fail(&format!(
+                        "the transfer of {file} got no kernel figures: {t}"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            if joined["kernel"]["tx_payload"] != joined["sent_bytes"]
+                || joined["kernel"]["rx_payload"] != joined["received_bytes"]
+            {
+                fail(&format!(
+                    "the kernel's payload of the {file} transfer differs from the server's: {joined}"
+                ));
+            }
+            tftp_seen.push_str(&format!(
+                ", kernel payload == server's ({} B sent)",
+                joined["sent_bytes"]
+            ));
+        }
     }
     let device = api.get(&format!("/api/v1/devices/{mac}"));
     if device["last_seen"].is_null() {
@@ -896,10 +930,13 @@ fn register(case: &Case, api: &Api) {
             json!({"mac": mac, "name": format!("vm-{}", case.name), "boot_policy": "profile", "profile": "vm-marker"})
         }
         Payload::Iscsi => {
-            api.call(
-                "POST",
-                "/api/v1/images",
-                Some(&json!({"name": "vmdisk", "size_bytes": ISCSI_IMAGE_SIZE})),
+            // The test wrote images/vmdisk.img (with its MBR) before netbootd started,
+            // which adopted it as an image.
+            let image = api.get("/api/v1/images/vmdisk");
+            assert_eq!(
+                image["size_bytes"].as_u64(),
+                Some(ISCSI_IMAGE_SIZE),
+                "the disk file was not adopted: {image}"
             );
             json!({"mac": mac, "name": format!("vm-{}", case.name), "boot_policy": "iscsi", "image": "vmdisk"})
         }
