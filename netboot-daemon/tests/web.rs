@@ -615,6 +615,7 @@ fn browse(base: String, upload: PathBuf) {
             "sessions": [
                 { "protocol": "tcp", "service": "iscsi", "client": "10.0.0.5:51000", "server": "10.0.0.1:3260", "rx_bytes": 2048, "tx_bytes": 3_221_225_472u64, "rx_payload": 0, "tx_payload": 0, "idle_ms": 5, "source": "ebpf" },
             ],
+            "install": { "phase": "stalled", "written_bytes": 2_147_483_648u64, "read_bytes": 1_048_576, "last_progress": 1_795_650_000, "since": 1_795_650_300 },
         })
         .to_string(),
     );
@@ -636,6 +637,8 @@ fn browse(base: String, upload: PathBuf) {
         "10.0 MiB/s",
         "iscsi (tcp)",
         "10.0.0.5:51000",
+        "Install on its iSCSI disk: stalled since",
+        "2.00 GiB written, 1.00 MiB read",
     ] {
         assert!(
             traffic.contains(figure),

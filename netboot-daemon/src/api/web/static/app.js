@@ -314,6 +314,22 @@
     fig.className = "metric-bars";
     fig.appendChild(svg);
     parts.push(fig);
+    // Install progress on its iSCSI disk (stall detection runs in the daemon).
+    const inst = m.install;
+    if (inst) {
+      const when = (secs) => new Date(secs * 1000).toLocaleString();
+      const p = text("p", "", inst.phase === "stalled" ? "warning" : "muted small");
+      p.id = "install-state";
+      const written = text("span", `${binary(inst.written_bytes)} written`);
+      written.title = `${inst.written_bytes} bytes`;
+      const read = text("span", `${binary(inst.read_bytes)} read`);
+      read.title = `${inst.read_bytes} bytes`;
+      p.append(
+        "Install on its iSCSI disk: ", text("strong", inst.phase), ` since ${when(inst.since)} · `,
+        written, ", ", read, ` · last progress ${when(inst.last_progress)}`,
+      );
+      parts.push(p);
+    }
     const sessions = m.sessions || [];
     if (sessions.length === 0) {
       parts.push(text("p", "No connections in the last 30 s.", "muted small"));
