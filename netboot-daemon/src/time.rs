@@ -24,6 +24,12 @@ impl Timestamp {
         self.0
     }
 
+    /// Whole seconds since the Unix epoch (0 before it): the time the DHCP leases and the
+    /// install watch count in.
+    pub fn unix_secs(self) -> u64 {
+        u64::try_from(self.0.div_euclid(1000)).unwrap_or(0)
+    }
+
     /// This timestamp moved by a signed number of seconds, saturating.
     pub const fn add_secs(self, secs: i64) -> Self {
         Self(self.0.saturating_add(secs.saturating_mul(1000)))

@@ -39,9 +39,7 @@ pub(super) struct Leases {
 #[utoipa::path(get, path = "/api/v1/dhcp/leases", tag = "dhcp",
     responses((status = 200, body = Leases)))]
 pub(super) async fn leases(State(state): State<AppState>, _auth: Auth) -> axum::Json<Leases> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::time::Timestamp::now().unix_secs();
     let table = state.dhcp().and_then(|d| d.leases());
     let mode = match (state.dhcp(), &table) {
         (_, Some(_)) => "server",

@@ -71,7 +71,7 @@ impl Traffic {
         // Counters pinned by an earlier run are the install watch's baseline.
         if let Ok(rows) = acc.mac_counters() {
             watch.prime(
-                unix_now(),
+                crate::time::Timestamp::now().unix_secs(),
                 &iscsi_totals(
                     rows.iter()
                         .map(|r| ((r.mac, r.service, r.direction), r.bytes)),
@@ -106,7 +106,7 @@ impl Traffic {
             .install
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .round(unix_now(), &totals);
+            .round(crate::time::Timestamp::now().unix_secs(), &totals);
         let mut rates = self.rates.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((then, before)) = &rates.last {
             let secs = now.duration_since(*then).as_secs_f64();
@@ -485,10 +485,6 @@ fn iscsi_totals(rows: impl Iterator<Item = (RowKey, u64)>) -> Vec<(MacAddr, u64,
         }
     }
     iscsi.into_iter().map(|(mac, (w, r))| (mac, w, r)).collect()
-}
-
-fn unix_now() -> u64 {
-    u64::try_from(crate::time::Timestamp::now().0 / 1000).unwrap_or(0)
 }
 
 /// Attaches the kernel's figures to TFTP transfers that ended in the last [`JOIN_WINDOW`],

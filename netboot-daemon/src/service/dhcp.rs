@@ -162,12 +162,6 @@ impl std::fmt::Debug for DhcpService {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl DhcpService {
     /// A proxyDHCP service that points iPXE at `http_port` and firmware at `files`.
     /// Replies to broadcasting clients go to `client_port` (68 except in tests).
@@ -305,7 +299,7 @@ impl DhcpService {
             &[],
             load(&st.persist_errors),
         );
-        let now = unix_now();
+        let now = Timestamp::now().unix_secs();
         let (mut bound, mut offered, mut declined, mut expired) = (0u64, 0u64, 0u64, 0u64);
         for l in mode
             .core
@@ -391,7 +385,7 @@ impl DhcpService {
             let mut batch = tokio::select! {
                 _ = tick.tick() => {
                     if let Some(mode) = &self.server {
-                        mode.core.lock().unwrap_or_else(PoisonError::into_inner).expire(unix_now());
+                        mode.core.lock().unwrap_or_else(PoisonError::into_inner).expire(Timestamp::now().unix_secs());
                     }
                     self.drain_lease_events();
                     continue;
@@ -491,7 +485,7 @@ impl DhcpService {
                     .core
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .handle(unix_now(), msg, &meta, ctx);
+                    .handle(Timestamp::now().unix_secs(), msg, &meta, ctx);
                 self.drain_lease_events();
                 Some(result)
             }

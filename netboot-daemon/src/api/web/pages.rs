@@ -674,8 +674,7 @@ pub(super) async fn leases(
     uri: OriginalUri,
 ) -> PageResult {
     let shell = gate(&state, auth, &uri, "DHCP leases", "leases").await?;
-    let now = Timestamp::now();
-    let now_secs = u64::try_from(now.0 / 1000).unwrap_or(0);
+    let now_secs = Timestamp::now().unix_secs();
     let table = state.dhcp().and_then(|d| d.leases());
     let mode = match (state.dhcp(), &table) {
         (_, Some(_)) => "server",
