@@ -16,7 +16,7 @@
 //! range from a starting point derived from its MAC (so a client tends to get the same
 //! address even after its lease was lost, and clients spread over the range).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
@@ -227,7 +227,7 @@ pub struct Server {
     config: Config,
     leases: HashMap<Ipv4Addr, Lease>,
     by_mac: HashMap<MacAddr, Ipv4Addr>,
-    events: Vec<LeaseEvent>,
+    events: VecDeque<LeaseEvent>,
 }
 
 /// iPXE's "no-pxedhcp" setting (option 175.176 = 1): iPXE takes this offer at once
@@ -241,7 +241,7 @@ impl Server {
             config,
             leases: HashMap::new(),
             by_mac: HashMap::new(),
-            events: Vec::new(),
+            events: VecDeque::new(),
         }
     }
 
@@ -252,7 +252,7 @@ impl Server {
             if self.config.pools.iter().any(|p| p.contains(l.ip)) {
                 self.put(l);
             } else {
-                self.events.push(LeaseEvent::Removed(l.ip));
+                self.events.push_back(LeaseEvent::Removed(l.ip));
             }
         }
     }
@@ -266,11 +266,21 @@ impl Server {
 
     /// The next change to persist.
     pub fn poll_event(&mut self) -> Option<LeaseEvent> {
-        if self.events.is_empty() {
-            None
-        } else {
-            Some(self.events.remove(0))
+        self.events.pop_front()
+    }
+
+    /// Leases by state at `now`: (bound and active, offered, declined, bound but ended).
+    pub fn counts(&self, now: u64) -> (u64, u64, u64, u64) {
+        let mut c = (0, 0, 0, 0);
+        for l in self.leases.values() {
+            match (l.state, l.active(now)) {
+                (LeaseState::Bound, true) => c.0 += 1,
+                (LeaseState::Offered, _) => c.1 += 1,
+                (LeaseState::Declined, _) => c.2 += 1,
+                (LeaseState::Bound, false) => c.3 += 1,
+            }
         }
+        c
     }
 
     /// Drops offers nobody took and declines whose hold time is over.
@@ -285,7 +295,7 @@ impl Server {
             if let Some(l) = self.remove(ip)
                 && l.state == LeaseState::Declined
             {
-                self.events.push(LeaseEvent::Removed(ip));
+                self.events.push_back(LeaseEvent::Removed(ip));
             }
         }
     }
@@ -298,7 +308,7 @@ impl Server {
             // A client holds one address: its previous one goes back to the pool.
             self.leases.remove(&old_ip);
             if lease.state == LeaseState::Bound {
-                self.events.push(LeaseEvent::Removed(old_ip));
+                self.events.push_back(LeaseEvent::Removed(old_ip));
             }
         }
         if let Some(prev) = self.leases.get(&lease.ip)
@@ -480,7 +490,7 @@ impl Server {
                     };
                     self.remove(ip);
                     self.put(held.clone());
-                    self.events.push(LeaseEvent::Saved(held));
+                    self.events.push_back(LeaseEvent::Saved(held));
                 }
                 Ok(None)
             }
@@ -492,7 +502,7 @@ impl Server {
                 {
                     l.expires = l.expires.min(now);
                     let saved = l.clone();
-                    self.events.push(LeaseEvent::Saved(saved));
+                    self.events.push_back(LeaseEvent::Saved(saved));
                 }
                 Ok(None)
             }
@@ -604,7 +614,7 @@ impl Server {
             hostname: hostname.clone(),
         };
         self.put(lease.clone());
-        self.events.push(LeaseEvent::Saved(lease));
+        self.events.push_back(LeaseEvent::Saved(lease));
         Ok(Some(self.answer(
             req,
             client,

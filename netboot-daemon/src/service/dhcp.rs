@@ -23,7 +23,7 @@ use dhcproto::v4::MessageType;
 
 use crate::dhcp::proxy::{self, BootFiles, Context, Destination, Port};
 use crate::dhcp::pxe::{Client, IpxeFeature};
-use crate::dhcp::server::{self, Lease, LeaseEvent, LeaseState, Server};
+use crate::dhcp::server::{self, Lease, LeaseEvent, Server};
 use crate::metrics::{Exposition, Kind};
 use crate::store::{EventSource, NewBootEvent, Sighting, Store};
 use crate::time::Timestamp;
@@ -125,6 +125,23 @@ struct ServerMode {
     persist_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<LeaseEvent>>>>,
 }
 
+impl ServerMode {
+    /// Runs `f` on the core and sends the lease changes it queued to the persistence
+    /// task, under one lock.
+    fn with_core<T>(&self, f: impl FnOnce(&mut Server) -> T) -> T {
+        let mut core = self.core.lock().unwrap_or_else(PoisonError::into_inner);
+        let out = f(&mut core);
+        let events: Vec<LeaseEvent> = std::iter::from_fn(|| core.poll_event()).collect();
+        drop(core);
+        if !events.is_empty() {
+            // The receiver lives as long as the service runs; after shutdown nothing is
+            // left to write them.
+            let _ = self.persist.send(events);
+        }
+        out
+    }
+}
+
 /// An answer from either core, as the driver sends and records it.
 struct Answer {
     message: Message,
@@ -216,15 +233,8 @@ impl DhcpService {
 
     /// Sends the core's pending lease changes to the persistence task.
     fn drain_lease_events(&self) {
-        let Some(mode) = &self.server else { return };
-        let events: Vec<LeaseEvent> = {
-            let mut core = mode.core.lock().unwrap_or_else(PoisonError::into_inner);
-            std::iter::from_fn(|| core.poll_event()).collect()
-        };
-        if !events.is_empty() {
-            // The receiver lives as long as the service runs; after shutdown nothing is
-            // left to write them.
-            let _ = mode.persist.send(events);
+        if let Some(mode) = &self.server {
+            mode.with_core(|_| ());
         }
     }
 
@@ -300,20 +310,11 @@ impl DhcpService {
             load(&st.persist_errors),
         );
         let now = Timestamp::now().unix_secs();
-        let (mut bound, mut offered, mut declined, mut expired) = (0u64, 0u64, 0u64, 0u64);
-        for l in mode
+        let (bound, offered, declined, expired) = mode
             .core
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .leases()
-        {
-            match (l.state, l.active(now)) {
-                (LeaseState::Bound, true) => bound += 1,
-                (LeaseState::Bound, false) => expired += 1,
-                (LeaseState::Offered, _) => offered += 1,
-                (LeaseState::Declined, _) => declined += 1,
-            }
-        }
+            .counts(now);
         e.family(
             "netboot_dhcp_leases",
             Kind::Gauge,
@@ -385,9 +386,8 @@ impl DhcpService {
             let mut batch = tokio::select! {
                 _ = tick.tick() => {
                     if let Some(mode) = &self.server {
-                        mode.core.lock().unwrap_or_else(PoisonError::into_inner).expire(Timestamp::now().unix_secs());
+                        mode.with_core(|c| c.expire(Timestamp::now().unix_secs()));
                     }
-                    self.drain_lease_events();
                     continue;
                 }
                 Some(batch) = rx.recv() => batch,
@@ -481,13 +481,7 @@ impl DhcpService {
                     iface: &l.iface,
                     server: l.ip,
                 };
-                let result = mode
-                    .core
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .handle(Timestamp::now().unix_secs(), msg, &meta, ctx);
-                self.drain_lease_events();
-                Some(result)
+                Some(mode.with_core(|c| c.handle(Timestamp::now().unix_secs(), msg, &meta, ctx)))
             }
             _ => None,
         };
