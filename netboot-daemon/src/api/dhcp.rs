@@ -11,27 +11,27 @@ use super::auth::Auth;
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct LeaseView {
     /// The address.
-    ip: String,
+    pub(super) ip: String,
     /// The client holding it, or that held it last.
-    mac: String,
+    pub(super) mac: String,
     /// `offered`, `bound` or `declined`.
-    state: &'static str,
+    pub(super) state: &'static str,
     /// End of the lease (or of the offer, or of the decline's hold), seconds since the
     /// Unix epoch.
-    expires: u64,
+    pub(super) expires: u64,
     /// Whether the lease still keeps the address from other clients.
-    active: bool,
+    pub(super) active: bool,
     /// The host name the client sent, or its reservation's.
-    hostname: Option<String>,
+    pub(super) hostname: Option<String>,
 }
 
 /// The lease table and the mode it belongs to.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct Leases {
     /// `server`, `proxy` or `off`. Only `server` has leases.
-    mode: &'static str,
+    pub(super) mode: &'static str,
     /// In address order.
-    leases: Vec<LeaseView>,
+    pub(super) leases: Vec<LeaseView>,
 }
 
 /// The DHCP server's leases (server mode), in address order, including expired leases
@@ -39,6 +39,11 @@ pub(super) struct Leases {
 #[utoipa::path(get, path = "/api/v1/dhcp/leases", tag = "dhcp",
     responses((status = 200, body = Leases)))]
 pub(super) async fn leases(State(state): State<AppState>, _auth: Auth) -> axum::Json<Leases> {
+    axum::Json(lease_table(&state))
+}
+
+/// The DHCP mode and its leases at this moment (for the API and the web UI's page).
+pub(super) fn lease_table(state: &AppState) -> Leases {
     let now = crate::time::Timestamp::now().unix_secs();
     let table = state.dhcp().and_then(|d| d.leases());
     let mode = match (state.dhcp(), &table) {
@@ -58,5 +63,5 @@ pub(super) async fn leases(State(state): State<AppState>, _auth: Auth) -> axum::
             hostname: l.hostname,
         })
         .collect();
-    axum::Json(Leases { mode, leases })
+    Leases { mode, leases }
 }

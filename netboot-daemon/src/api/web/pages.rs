@@ -674,28 +674,19 @@ pub(super) async fn leases(
     uri: OriginalUri,
 ) -> PageResult {
     let shell = gate(&state, auth, &uri, "DHCP leases", "leases").await?;
-    let now_secs = Timestamp::now().unix_secs();
-    let table = state.dhcp().and_then(|d| d.leases());
-    let mode = match (state.dhcp(), &table) {
-        (_, Some(_)) => "server",
-        (Some(_), None) => "proxy",
-        (None, _) => "off",
-    };
+    let table = crate::api::dhcp::lease_table(&state);
+    let mode = table.mode;
     let leases: Vec<LeaseRow> = table
-        .unwrap_or_default()
+        .leases
         .into_iter()
         .map(|l| LeaseRow {
-            ip: l.ip.to_string(),
-            mac: l.mac.to_string(),
-            hostname: l.hostname.clone(),
-            state: if l.active(now_secs) {
-                l.state.as_str()
-            } else {
-                "expired"
-            },
-            active: l.active(now_secs),
+            state: if l.active { l.state } else { "expired" },
             expires: Timestamp(i64::try_from(l.expires.saturating_mul(1000)).unwrap_or(i64::MAX))
                 .to_string(),
+            ip: l.ip,
+            mac: l.mac,
+            hostname: l.hostname,
+            active: l.active,
         })
         .collect();
     let active = leases.iter().filter(|l| l.active).count();
