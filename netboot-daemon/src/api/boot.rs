@@ -210,12 +210,7 @@ pub(super) async fn register(
 ) -> Result<Response, ApiError> {
     let mac = parse_mac(&p.mac)?;
     let (base, _) = base_url(&state, &headers);
-    let back = |msg: &str| {
-        script(format!(
-            "#!ipxe\necho {}\nprompt --timeout 10000 Press any key to continue ||\nchain {base}/boot/ipxe/device?mac=${{net0/mac:hexhyp}}&platform=${{platform}}&arch=${{buildarch}} || exit\n",
-            ipxe::text(msg, 200)
-        ))
-    };
+    let back = |msg: &str| script(ipxe::registration_answer(&base, msg));
     if p.token != registration_token(mac) {
         return Err(ApiError::forbidden(
             "not a registration token for this MAC: use the boot menu netbootd served to it",

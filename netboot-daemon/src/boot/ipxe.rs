@@ -449,15 +449,30 @@ pub fn http_base(ip: std::net::IpAddr, port: u16) -> String {
 /// The first script: asks the client for its MAC and firmware, then chains to its
 /// device script (iPXE expands the settings in the URL).
 pub fn bootstrap_script(base: &str) -> String {
-    let url = format!(
-        "{base}/boot/ipxe/device?mac=${{net0/mac:hexhyp}}&platform=${{platform}}&arch=${{buildarch}}"
-    );
+    let url = device_url(base);
     let mut s = Script::new();
     s.line(format!("chain {url} || goto retry"));
     s.line(":retry");
     s.line("echo Could not reach the boot server; retrying in 5 seconds (Ctrl-B for a shell).");
     s.line("sleep 5");
     s.line(format!("chain {url} || shell"));
+    s.0
+}
+
+/// The URL of the device script, with the facts iPXE fills in.
+fn device_url(base: &str) -> String {
+    format!(
+        "{base}/boot/ipxe/device?mac=${{net0/mac:hexhyp}}&platform=${{platform}}&arch=${{buildarch}}"
+    )
+}
+
+/// The answer to a registration from the console: `message` on the screen, then the
+/// client's (new) device script.
+pub fn registration_answer(base: &str, message: &str) -> String {
+    let mut s = Script::new();
+    s.line(format!("echo {}", text(message, 200)));
+    s.line("prompt --timeout 10000 Press any key to continue ||");
+    s.line(format!("chain {} || exit", device_url(base)));
     s.0
 }
 
