@@ -82,13 +82,7 @@ async fn proxy_dhcp_answers_pxe_clients_in_a_namespace() {
     // A firmware-style client: broadcast DISCOVER from port 68.
     let dev = lab.cli_if.clone();
     let client = in_netns(&lab.cli_path(), || {
-        let s = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )?;
-        s.set_broadcast(true)?;
-        s.bind_device(Some(dev.as_bytes()))?;
+        let s = common::broadcast_socket(&dev)?;
         s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)).into())?;
         s.set_nonblocking(true)?;
         tokio::net::UdpSocket::from_std(s.into())

@@ -259,13 +259,7 @@ fn the_hosts_own_broadcasts_are_counted_once() {
     const BROADCASTS: u64 = 25;
     let dev = topo.srv_if.clone();
     in_netns(&topo.srv_path(), || -> io::Result<()> {
-        let s = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )?;
-        s.set_broadcast(true)?;
-        s.bind_device(Some(dev.as_bytes()))?;
+        let s = common::broadcast_socket(&dev)?;
         let to = std::net::SocketAddr::from(([255, 255, 255, 255], 68));
         for _ in 0..BROADCASTS {
             s.send_to(&[0u8; 300], &to.into())?;

@@ -353,3 +353,17 @@ impl Samples {
             .sum()
     }
 }
+
+/// A UDP socket that may broadcast, bound to the interface `dev` (call it inside the
+/// interface's namespace).
+#[allow(dead_code, reason = "each test binary uses its part of common")]
+pub(crate) fn broadcast_socket(dev: &str) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    s.set_broadcast(true)?;
+    s.bind_device(Some(dev.as_bytes()))?;
+    Ok(s)
+}
