@@ -45,15 +45,7 @@ impl Daemon {
             ),
         )
         .expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_netbootd"))
-            .args(["--config", "netboot.toml", "--log-format", "json"])
-            .current_dir(dir)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn netbootd");
-        let log = Log::follow(&mut child);
+        let (child, log) = common::spawn_netbootd(dir);
         let http = log
             .field("netbootd listening", "addr")
             .expect("HTTP address");

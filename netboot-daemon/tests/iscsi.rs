@@ -6,7 +6,7 @@
 //! test` installs them); without them each test prints a loud SKIPPED line, except under
 //! `CI=true`, where it fails.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 mod common;
 
@@ -50,15 +50,7 @@ impl Daemon {
             ),
         )
         .expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_netbootd"))
-            .args(["--config", "netboot.toml", "--log-format", "json"])
-            .current_dir(dir.path())
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn netbootd");
-        let log = Log::follow(&mut child);
+        let (child, log) = common::spawn_netbootd(dir.path());
         let http = log
             .field("netbootd listening", "addr")
             .expect("HTTP address");

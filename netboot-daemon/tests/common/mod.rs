@@ -367,3 +367,19 @@ pub(crate) fn broadcast_socket(dev: &str) -> std::io::Result<socket2::Socket> {
     s.bind_device(Some(dev.as_bytes()))?;
     Ok(s)
 }
+
+/// Starts netbootd as a child in `dir` with the configuration `dir/netboot.toml`, its
+/// JSON log on stderr followed.
+#[allow(dead_code, reason = "each test binary uses its part of common")]
+pub(crate) fn spawn_netbootd(dir: &Path) -> (Child, Log) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netbootd"))
+        .args(["--config", "netboot.toml", "--log-format", "json"])
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn netbootd");
+    let log = Log::follow(&mut child);
+    (child, log)
+}
