@@ -374,8 +374,10 @@ impl PacketSocket {
 pub(crate) fn scrape(args: &ScrapeArgs) -> anyhow::Result<bool> {
     let pair = Pair::create("s")?;
     // Each client sends one kind of frame in one direction: one row each.
-    let acc = Accounting::load(&Options::new(args.macs.max(64) * 2))
-        .context("loading the eBPF object")?;
+    let acc = std::sync::Arc::new(
+        Accounting::load(&Options::new(args.macs.max(64) * 2))
+            .context("loading the eBPF object")?,
+    );
     in_netns(&pair.srv_path(), || acc.attach("s0"))??;
     let macs = args.macs;
     in_netns(&pair.cli_path(), || -> std::io::Result<()> {
@@ -405,12 +407,14 @@ pub(crate) fn scrape(args: &ScrapeArgs) -> anyhow::Result<bool> {
         );
         std::thread::yield_now();
     }
+    let counters =
+        netboot_daemon::service::accounting::Counters::Kernel(std::sync::Arc::clone(&acc));
     let mut times = Vec::new();
     let mut size = 0;
     for _ in 0..args.rounds.max(1) {
         let start = Instant::now();
         let mut e = Exposition::new(Format::OpenMetrics);
-        netboot_daemon::service::accounting::write_metrics(&acc, &mut e, macs as usize);
+        netboot_daemon::service::accounting::write_metrics(&counters, &mut e, macs as usize);
         let text = e.finish();
         times.push(start.elapsed().as_secs_f64() * 1e3);
         size = text.len();

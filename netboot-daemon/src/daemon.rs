@@ -17,11 +17,14 @@ use crate::config::DhcpMode;
 use crate::config::Validated;
 use crate::driver;
 use crate::ebpf::{Accounting, Options, ServicePort};
+use crate::service::accounting::Counters;
 use crate::service::dhcp::{self as dhcp_service, DhcpService};
+use crate::service::tally::{CountedListener, Tally};
 use crate::service::tftp::Tftp;
 use crate::service::timeline;
 use crate::store::{Sqlite, Store};
 use crate::time::Timestamp;
+use axum::serve::ListenerExt;
 
 /// How often expired sessions and old boot events are removed.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
@@ -97,26 +100,44 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let bindings = Arc::new(Bindings::default());
     // Before the services, so that the kernel knows every binding and transfer port.
-    let (accounting, accounting_off) = match start_accounting(&cfg) {
-        Ok(acc) => (Some(acc), None),
-        Err(why) => (None, Some(why)),
+    // Without the eBPF program, netbootd's own servers count.
+    let counters = match start_accounting(&cfg) {
+        Ok(acc) => {
+            bindings.set_sink(Arc::clone(&acc) as Arc<dyn crate::bindings::BindingSink>);
+            Counters::Kernel(acc)
+        }
+        Err(why) => {
+            tracing::warn!(
+                "{why}: per-client figures are counted in userspace (source=\"userspace\")"
+            );
+            Counters::Userspace {
+                tally: Arc::new(Tally::new(Arc::clone(&bindings))),
+                why,
+            }
+        }
     };
-    if let Some(acc) = &accounting {
-        bindings.set_sink(Arc::clone(acc) as Arc<dyn crate::bindings::BindingSink>);
-    }
+    let tally = match &counters {
+        Counters::Kernel(_) => None,
+        Counters::Userspace { tally, .. } => Some(Arc::clone(tally)),
+    };
     let tftp = start_tftp(&cfg, &store, &bindings, addr.port(), stop_rx.clone())?;
-    if let (Some(acc), Some((service, _))) = (&accounting, &tftp) {
-        service.set_transfer_ports(Arc::clone(acc) as Arc<dyn crate::service::tftp::TransferPorts>);
+    if let Some((service, _)) = &tftp {
+        match &counters {
+            Counters::Kernel(acc) => {
+                service.set_transfer_ports(
+                    Arc::clone(acc) as Arc<dyn crate::service::tftp::TransferPorts>
+                )
+            }
+            Counters::Userspace { tally, .. } => service.set_tally(Arc::clone(tally)),
+        }
     }
     let dhcp = start_dhcp(&cfg, &store, &bindings, addr.port(), stop_rx.clone());
     let iscsi = start_iscsi(&cfg, &store, &bindings, stop_rx.clone()).await?;
 
-    let traffic = accounting.as_ref().map(|a| {
-        Arc::new(crate::service::accounting::Traffic::new(
-            Arc::clone(a),
-            cfg.config.ebpf.install_stall_secs,
-        ))
-    });
+    let traffic = Arc::new(crate::service::accounting::Traffic::new(
+        counters,
+        cfg.config.ebpf.install_stall_secs,
+    ));
     let state = AppState::with_services(
         Arc::clone(&store),
         cfg.clone(),
@@ -124,8 +145,7 @@ pub async fn serve(
             tftp: tftp.as_ref().map(|(service, _)| Arc::clone(service)),
             dhcp: dhcp.as_ref().map(|(service, _)| Arc::clone(service)),
             bindings,
-            traffic: traffic.clone(),
-            accounting_off,
+            traffic: Some(Arc::clone(&traffic)),
             iscsi: iscsi.as_ref().map(|(targets, _)| Arc::clone(targets)),
         },
     );
@@ -134,13 +154,11 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || s.needs_setup()).await??
     };
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&store)));
-    let accounting = traffic.map(|t| {
-        tokio::spawn(crate::service::accounting::run(
-            t,
-            tftp.as_ref().map(|(service, _)| Arc::clone(service)),
-            Arc::clone(&store),
-        ))
-    });
+    let accounting = tokio::spawn(crate::service::accounting::run(
+        Arc::clone(&traffic),
+        tftp.as_ref().map(|(service, _)| Arc::clone(service)),
+        Arc::clone(&store),
+    ));
 
     let url = display_url(addr);
     let data_dir = cfg
@@ -168,6 +186,7 @@ pub async fn serve(
         live.end_live_streams();
         let _ = stop_tx.send(true);
     });
+    let listener = CountedListener::new(listener, tally.clone()).tap_io(|_| {});
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = http_stop.changed().await;
@@ -184,10 +203,14 @@ pub async fn serve(
         let _ = task.await;
     }
     housekeeping.abort();
-    if let Some(task) = accounting {
-        // Dropping the task's Accounting detaches the programs.
-        task.abort();
-        let _ = task.await;
+    accounting.abort();
+    let _ = accounting.await;
+    // The last minute's traffic into the totals. Dropping the last reference to the
+    // Accounting detaches the programs.
+    let store = Arc::clone(&store);
+    let folded = tokio::task::spawn_blocking(move || traffic.fold(store.as_ref())).await;
+    if let Ok(Err(error)) = folded {
+        tracing::warn!(%error, "saving the traffic totals failed");
     }
     tracing::info!("netbootd stopped");
     Ok(())

@@ -21,13 +21,36 @@ struct Daemon {
 impl Daemon {
     /// Starts netbootd in a fresh directory and waits for its "listening" line.
     fn start(tag: &str, extra_env: &[(&str, &str)]) -> (Self, String) {
-        let dir = TestDir::new(&format!("daemon-{tag}"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_netbootd"));
+        Self::start_in(
+            TestDir::new(&format!("daemon-{tag}")),
+            None,
+            "127.0.0.1",
+            extra_env,
+        )
+    }
+
+    /// Starts netbootd in `dir`, in the network namespace `netns` if given, listening on
+    /// `host`.
+    fn start_in(
+        dir: TestDir,
+        netns: Option<&str>,
+        host: &str,
+        extra_env: &[(&str, &str)],
+    ) -> (Self, String) {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_netbootd")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_netbootd")),
+        };
+        let listen = format!("{host}:0");
         cmd.args([
             "--listen",
-            "127.0.0.1:0",
+            &listen,
             "--tftp-listen",
-            "127.0.0.1:0",
+            &listen,
             "--log-format",
             "json",
         ])
@@ -67,6 +90,16 @@ impl Daemon {
             },
             addr,
         )
+    }
+
+    /// A field of the startup record with `message`.
+    fn startup_field(&self, message: &str, field: &str) -> String {
+        self.startup
+            .iter()
+            .find(|v| v["message"] == message)
+            .and_then(|v| v[field].as_str())
+            .unwrap_or_else(|| panic!("no {field} in {message:?}: {:?}", self.startup))
+            .to_owned()
     }
 
     fn signal(&mut self, sig: &str) -> Vec<Value> {
@@ -173,4 +206,261 @@ fn runs_on_when_ebpf_accounting_cannot_attach() {
     assert!(warned, "a warning says accounting is off: {:?}", d.startup);
     let rest = d.signal("-TERM");
     assert!(rest.iter().any(|v| v["message"] == "netbootd stopped"));
+}
+
+/// A network namespace whose loopback interface carries the server's and a client's
+/// address outside 127.0.0.0/8 (bindings ignore loopback addresses); deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create(tag: &str) -> Self {
+        let ns = Self(format!("nbu-{tag}-{}", std::process::id()));
+        common::ip(&["netns", "add", &ns.0]);
+        common::ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        for a in ["10.77.0.1/32", "10.77.0.2/32"] {
+            common::ip(&["-n", &ns.0, "addr", "add", a, "dev", "lo"]);
+        }
+        ns
+    }
+
+    fn curl_counts(&self, args: &[&str]) -> (u64, u64) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "curl", "--interface", "10.77.0.2"])
+            .args([
+                "-sS",
+                "--fail",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_header} %{size_download} %{size_request} %{size_upload}",
+            ])
+            .args(args)
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).expect("utf8");
+        let n: Vec<u64> = text
+            .split_whitespace()
+            .map(|v| v.parse().expect("count"))
+            .collect();
+        (n[0] + n[1], n[2] + n[3])
+    }
+
+    fn curl(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "curl", "-sS", "--fail"])
+            .args(args)
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _status = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Without the eBPF program (no `ebpf.interfaces`), netbootd counts what its own servers
+/// move, per client, labelled `source="userspace"`: the HTTP bytes of a client equal what
+/// curl says it sent and received, its TFTP transfer is on the same MAC, the API says
+/// where the figures come from, and the totals outlive a restart.
+#[test]
+fn counts_in_userspace_without_ebpf_and_keeps_the_totals_across_a_restart() {
+    const TEST: &str = "counts_in_userspace_without_ebpf_and_keeps_the_totals_across_a_restart";
+    if let Err(why) = common::privileged(&["ip", "curl"]) {
+        common::skip(TEST, &why);
+        return;
+    }
+    let ns = Netns::create("u");
+    let dir = TestDir::new("daemon-userspace");
+    let data = dir.path().join("netboot-data");
+    std::fs::create_dir_all(data.join("installers")).expect("mkdir");
+    std::fs::create_dir_all(data.join("tftp")).expect("mkdir");
+    // Not all zeroes, so no layer could shortcut it.
+    let big: Vec<u8> = (0..3 * 1024 * 1024 + 123)
+        .map(|i: u32| (i % 251) as u8)
+        .collect();
+    std::fs::write(data.join("installers/big.iso"), &big).expect("write");
+    std::fs::write(data.join("tftp/pxe.bin"), &big[..200_000]).expect("write");
+    let env = [("NETBOOT_EBPF_INTERFACES", "")];
+    let (mut d, addr) = Daemon::start_in(dir, Some(&ns.0), "10.77.0.1", &env);
+    let warned = d.startup.iter().any(|v| {
+        v["level"] == "WARN"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("counted in userspace"))
+    });
+    assert!(
+        warned,
+        "a warning says figures are counted in userspace: {:?}",
+        d.startup
+    );
+    let mac = "52:54:00:77:00:02";
+
+    // The download carries the MAC, which binds 10.77.0.2 to it.
+    let (mut rx_http, mut tx_http) = (0, 0);
+    let (got, sent) =
+        ns.curl_counts(&[&format!("http://{addr}/files/installers/big.iso?mac={mac}")]);
+    assert!(
+        got > big.len() as u64,
+        "curl got the file and headers: {got}"
+    );
+    tx_http += got;
+    rx_http += sent;
+    let (got, sent) = ns.curl_counts(&[
+        "-r",
+        "0-999",
+        &format!("http://{addr}/files/installers/big.iso"),
+    ]);
+    tx_http += got;
+    rx_http += sent;
+    let tftp_port = d
+        .startup_field("TFTP listening", "addr")
+        .rsplit_once(':')
+        .expect("port")
+        .1
+        .to_owned();
+    let tftp = ns.curl(&[
+        "--interface",
+        "10.77.0.2",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        &format!("tftp://10.77.0.1:{tftp_port}/pxe.bin"),
+    ]);
+    assert_eq!(tftp, "200000");
+
+    // The scrape comes from 10.77.0.1, an address bound to no MAC.
+    let scrape = || common::Samples::parse(&ns.curl(&[&format!("http://{addr}/metrics")]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let samples = loop {
+        let s = scrape();
+        let http = |dir| {
+            s.sum(
+                "netboot_client_bytes_total",
+                &[
+                    ("mac", mac),
+                    ("service", "http"),
+                    ("direction", dir),
+                    ("source", "userspace"),
+                ],
+            )
+        };
+        let tftp_tx = s.sum(
+            "netboot_client_bytes_total",
+            &[("mac", mac), ("service", "tftp"), ("direction", "tx")],
+        );
+        if (http("tx"), http("rx")) == (tx_http, rx_http) && tftp_tx > 0 {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "HTTP bytes of {mac}: tx {} rx {} (curl: {tx_http} {rx_http}), TFTP tx {tftp_tx}",
+            http("tx"),
+            http("rx")
+        );
+        std::thread::yield_now();
+    };
+    assert_eq!(
+        samples.sum("netboot_accounting_info", &[("source", "userspace")]),
+        1
+    );
+    // 200 000 bytes in 512-byte blocks: 391 DATA packets of 4 + payload bytes, an OACK
+    // if curl asked for options; one ACK (4 bytes) per DATA packet back.
+    let blocks = 200_000 / 512 + 1;
+    let tftp_tx = samples.sum(
+        "netboot_client_bytes_total",
+        &[("mac", mac), ("service", "tftp"), ("direction", "tx")],
+    );
+    let tftp_rx = samples.sum(
+        "netboot_client_bytes_total",
+        &[("mac", mac), ("service", "tftp"), ("direction", "rx")],
+    );
+    assert!(
+        (200_000 + 4 * blocks..200_000 + 4 * blocks + 100).contains(&tftp_tx),
+        "TFTP tx {tftp_tx}"
+    );
+    assert!(
+        (4 * blocks..4 * blocks + 100).contains(&tftp_rx),
+        "TFTP rx {tftp_rx}"
+    );
+    let tftp_packets = samples.sum(
+        "netboot_client_packets_total",
+        &[("mac", mac), ("service", "tftp"), ("direction", "tx")],
+    );
+    assert!(
+        (blocks..=blocks + 1).contains(&tftp_packets),
+        "TFTP datagrams {tftp_packets}"
+    );
+
+    // The API says where the figures come from, after a login.
+    let base = format!("http://{addr}");
+    let jar = d.dir.path().join("cookies");
+    let jar = jar.to_str().expect("utf8 path");
+    ns.curl(&[
+        "-c",
+        jar,
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"username":"admin","password":"admin-pass-1"}"#,
+        &format!("{base}/api/v1/auth/setup"),
+    ]);
+    let metrics = |ns: &Netns, base: &str| -> Value {
+        serde_json::from_str(&ns.curl(&[
+            "-b",
+            jar,
+            &format!("{base}/api/v1/devices/{mac}/metrics"),
+        ]))
+        .expect("json")
+    };
+    let m = metrics(&ns, &base);
+    assert_eq!(m["source"], "userspace", "{m}");
+    assert!(
+        m["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("userspace")),
+        "{m}"
+    );
+    let total = |v: &Value, key: &str, service: &str, dir: &str| {
+        v[key]
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter(|t| t["service"] == service && t["direction"] == dir)
+            .map(|t| t["bytes"].as_u64().expect("bytes"))
+            .sum::<u64>()
+    };
+    assert_eq!(total(&m, "totals", "http", "tx"), tx_http, "{m}");
+    assert_eq!(total(&m, "lifetime", "http", "tx"), tx_http, "{m}");
+    assert_eq!(total(&m, "lifetime", "tftp", "tx"), tftp_tx, "{m}");
+
+    // SIGTERM saves the totals; the next run starts its counters at zero but keeps them.
+    let rest = d.signal("-TERM");
+    assert!(rest.iter().any(|v| v["message"] == "netbootd stopped"));
+    let dir = std::mem::replace(&mut d.dir, TestDir::new("daemon-userspace-spare"));
+    drop(d);
+    let (d2, addr) = Daemon::start_in(dir, Some(&ns.0), "10.77.0.1", &env);
+    let m = metrics(&ns, &format!("http://{addr}"));
+    assert_eq!(
+        total(&m, "totals", "http", "tx"),
+        0,
+        "counters start again: {m}"
+    );
+    assert_eq!(total(&m, "lifetime", "http", "tx"), tx_http, "{m}");
+    assert_eq!(total(&m, "lifetime", "http", "rx"), rx_http, "{m}");
+    assert_eq!(total(&m, "lifetime", "tftp", "tx"), tftp_tx, "{m}");
+    drop(d2);
 }

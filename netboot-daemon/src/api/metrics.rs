@@ -1,8 +1,6 @@
 //! `/metrics` for Prometheus (open, like every exporter: it reveals counts, not
 //! inventory) and the TFTP transfer listing under `/api/v1`.
 
-use std::sync::Arc;
-
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -13,8 +11,11 @@ use super::error::ApiError;
 use super::inventory::parse_mac;
 use super::{AppState, Auth, VERSION, blocking};
 use crate::metrics::{Exposition, Format, Kind};
-use crate::service::accounting::{Attribution, DeviceTraffic};
+use crate::service::accounting::{Attribution, DeviceTraffic, LifetimeTotal};
 use crate::service::tftp::TransferRecord;
+
+/// Without the daemon's services (tests of the API alone) there is no accounting.
+const NOT_RUNNING: &str = "per-client accounting is not running";
 
 /// The daemon's metrics, as OpenMetrics when the scraper asks for it (Prometheus does),
 /// otherwise in the Prometheus text format.
@@ -53,26 +54,23 @@ pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
         "netboot_accounting",
         Kind::Info,
         None,
-        "Where the per-client figures come from: ebpf (exact, from the kernel), or none (eBPF accounting is off or could not load; see the log).",
+        "Where the per-client figures come from: ebpf (exact wire bytes, from the kernel), userspace (the eBPF program could not load or no ebpf.interfaces are configured: socket payload bytes counted by netbootd's servers; see the log), or none.",
     );
-    let source = if state.traffic().is_some() {
-        "ebpf"
-    } else {
-        "none"
-    };
+    let traffic = state.traffic().cloned();
+    let source = traffic.as_ref().map_or("none", |t| t.counters().source());
     e.info("netboot_accounting", &[("source", source)]);
-    if let Some(acc) = state.traffic().map(|t| Arc::clone(t.accounting())) {
+    if let Some(traffic) = traffic {
         let max_macs = state.config().ebpf.metrics_max_macs;
         // Map reads are syscalls: off the async workers.
         let written = tokio::task::spawn_blocking(move || {
             let mut part = Exposition::new(format);
-            crate::service::accounting::write_metrics(&acc, &mut part, max_macs);
+            crate::service::accounting::write_metrics(traffic.counters(), &mut part, max_macs);
             part.into_body()
         })
         .await;
         match written {
             Ok(body) => e.append(&body),
-            Err(error) => tracing::warn!(%error, "writing the eBPF metrics failed"),
+            Err(error) => tracing::warn!(%error, "writing the accounting metrics failed"),
         }
     }
     ([(header::CONTENT_TYPE, format.content_type())], e.finish()).into_response()
@@ -111,10 +109,15 @@ pub(super) async fn tftp_transfers(
 pub(super) struct DeviceMetrics {
     /// The device.
     mac: String,
-    /// `ebpf` (exact, from the kernel) or `none` (no per-device figures; see `warnings`).
+    /// `ebpf` (exact wire bytes, from the kernel), `userspace` (socket payload bytes
+    /// counted by netbootd's servers because the eBPF program is not loaded; see
+    /// `warnings`) or `none`.
     source: &'static str,
     /// Why figures are missing or incomplete.
     warnings: Vec<String>,
+    /// Totals of all time per service and direction, kept in the store (they outlive
+    /// the counters: a reboot empties the kernel's, a restart the userspace ones).
+    lifetime: Vec<LifetimeTotal>,
     /// Totals, rates and active sessions (empty without accounting).
     #[serde(flatten)]
     traffic: Option<DeviceTraffic>,
@@ -135,18 +138,30 @@ pub(super) async fn device_metrics(
         return Ok(axum::Json(DeviceMetrics {
             mac: mac.to_string(),
             source: "none",
-            warnings: vec![state.accounting_off().to_owned()],
+            warnings: vec![NOT_RUNNING.to_owned()],
+            lifetime: Vec::new(),
             traffic: None,
         }));
     };
-    let read = tokio::task::spawn_blocking(move || traffic.device(mac))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(format!("reading the eBPF tables: {e}")))?;
+    let source = traffic.counters().source();
+    let warnings = traffic.counters().warnings();
+    let store = state.store_arc();
+    let (read, lifetime) = tokio::task::spawn_blocking(move || {
+        let read = traffic
+            .device(mac)
+            .map_err(|e| ApiError::internal(format!("reading the eBPF tables: {e}")))?;
+        let lifetime = traffic
+            .lifetime(mac, store.as_ref())
+            .map_err(|e| ApiError::internal(format!("reading the traffic totals: {e}")))?;
+        Ok::<_, ApiError>((read, lifetime))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(axum::Json(DeviceMetrics {
         mac: mac.to_string(),
-        source: "ebpf",
-        warnings: Vec::new(),
+        source,
+        warnings,
+        lifetime,
         traffic: Some(read),
     }))
 }
@@ -171,7 +186,7 @@ pub(super) async fn attribution(
 ) -> Result<axum::Json<Attribution>, ApiError> {
     let only = q.mac.as_deref().map(parse_mac).transpose()?;
     let Some(traffic) = state.traffic().cloned() else {
-        return Err(ApiError::not_found(state.accounting_off().to_owned()));
+        return Err(ApiError::not_found(NOT_RUNNING.to_owned()));
     };
     let st = state.clone();
     tokio::task::spawn_blocking(move || traffic.attribution(st.bindings(), only))

@@ -78,10 +78,9 @@ pub struct Services {
     pub dhcp: Option<Arc<DhcpService>>,
     /// Client address → MAC bindings (the boot routes learn them).
     pub bindings: Arc<Bindings>,
-    /// The eBPF accounting, when it is loaded and attached.
+    /// The per-client accounting: the eBPF program's, or netbootd's own when it could
+    /// not load (absent only in tests of the API alone).
     pub traffic: Option<Arc<crate::service::accounting::Traffic>>,
-    /// Why there is no eBPF accounting, when there is none (shown in the API).
-    pub accounting_off: Option<String>,
     /// The iSCSI target, when it runs (live sessions of images).
     pub iscsi: Option<Arc<crate::service::iscsi::StoreTargets>>,
 }
@@ -139,15 +138,6 @@ impl AppState {
     /// The eBPF accounting, when it is loaded and attached.
     pub fn traffic(&self) -> Option<&Arc<crate::service::accounting::Traffic>> {
         self.0.services.traffic.as_ref()
-    }
-
-    /// Why there is no eBPF accounting.
-    pub fn accounting_off(&self) -> &str {
-        self.0
-            .services
-            .accounting_off
-            .as_deref()
-            .unwrap_or("eBPF accounting is not running")
     }
 
     /// The iSCSI target, when it runs.

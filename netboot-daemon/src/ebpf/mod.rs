@@ -196,6 +196,13 @@ impl Direction {
         }
     }
 
+    /// The direction of a label written by [`Direction::as_str`].
+    pub fn parse(label: &str) -> Option<Self> {
+        [Self::Ingress, Self::Egress]
+            .into_iter()
+            .find(|d| d.as_str() == label)
+    }
+
     /// The value of `MacKey::direction` in the kernel map (the kernel side writes it).
     #[cfg(test)]
     const fn to_raw(self) -> u8 {
@@ -252,6 +259,13 @@ impl Service {
             Self::Other => "other",
             Self::Unknown(_) => "unknown",
         }
+    }
+
+    /// The service of a label written by [`Service::as_str`] (not `unknown`).
+    pub fn parse(label: &str) -> Option<Self> {
+        [Self::Dhcp, Self::Tftp, Self::Http, Self::Iscsi, Self::Other]
+            .into_iter()
+            .find(|s| s.as_str() == label)
     }
 
     /// The value of `MacKey::service` in the kernel maps.
@@ -590,6 +604,7 @@ pub struct Accounting {
     programs: Mutex<Programs>,
     maps: Maps,
     pinned: Option<PathBuf>,
+    resumed: bool,
     /// Keeps `BPF_STATS_RUN_TIME` enabled while it is open.
     _stats: Option<OwnedFd>,
 }
@@ -636,6 +651,10 @@ impl Accounting {
             .as_deref()
             .map(prepare_pin_dir)
             .transpose()?;
+        // The client counters go on from an earlier run when their pin is there.
+        let resumed = pinned
+            .as_deref()
+            .is_some_and(|dir| dir.join(MAC_STATS).exists());
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAC_STATS, options.max_macs)
@@ -696,6 +715,7 @@ impl Accounting {
             }),
             maps,
             pinned,
+            resumed,
             _stats: stats,
         };
         for port in &options.ports {
@@ -714,6 +734,12 @@ impl Accounting {
                 .map_err(map_error(HAVE_ROUTERS))?;
         }
         Ok(acc)
+    }
+
+    /// Whether the client counters were pinned by an earlier run and go on from there
+    /// (otherwise they started at zero with this load).
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// The directory the counter maps are pinned in, if any.

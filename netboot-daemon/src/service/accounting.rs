@@ -18,13 +18,15 @@ use utoipa::ToSchema;
 
 use crate::bindings::{BindingSink, Bindings};
 use crate::ebpf::{
-    Accounting, Direction, Method, Protocol, Service, ServicePort, add_flow_counters,
+    Accounting, Direction, MacCounters, Method, Protocol, Service, ServicePort,
+    UnattributedCounters, add_flow_counters,
 };
 use crate::mac::MacAddr;
 use crate::metrics::{Exposition, Kind};
 use crate::service::install::{self, Watch};
+use crate::service::tally::Tally;
 use crate::service::tftp::{KernelBytes, Tftp, TransferPorts};
-use crate::store::{EventSource, NewBootEvent, Store};
+use crate::store::{EventSource, NewBootEvent, Store, TrafficTotal};
 use netboot_common::FlowCounters;
 
 /// How often kernel logs are forwarded and ended transfers are joined to their flows.
@@ -37,19 +39,96 @@ const FLOW_IDLE: Duration = Duration::from_secs(600);
 const SWEEP_EVERY: u32 = 60;
 /// How often rates are sampled, in ticks.
 const RATE_EVERY: u32 = 5;
+/// How often the per-device totals are saved, in ticks.
+const FOLD_EVERY: u32 = 60;
 /// Connections seen this recently are a device's active sessions.
 const ACTIVE: Duration = Duration::from_secs(30);
 
-/// The accounting as the API sees it: the kernel tables and the current rates.
+/// Where the per-client figures come from.
+#[derive(Debug)]
+pub enum Counters {
+    /// The eBPF program's kernel tables: exact wire bytes.
+    Kernel(Arc<Accounting>),
+    /// netbootd's own servers (see [`crate::service::tally`]), because the eBPF program
+    /// is not loaded, for the reason given.
+    Userspace {
+        /// The counters.
+        tally: Arc<Tally>,
+        /// Why the kernel does not count.
+        why: String,
+    },
+}
+
+impl Counters {
+    /// `ebpf` or `userspace`: the `source` of every figure.
+    pub const fn source(&self) -> &'static str {
+        match self {
+            Self::Kernel(_) => "ebpf",
+            Self::Userspace { .. } => "userspace",
+        }
+    }
+
+    /// Every client row.
+    pub fn rows(&self) -> Result<Vec<MacCounters>, crate::ebpf::EbpfError> {
+        match self {
+            Self::Kernel(acc) => acc.mac_counters(),
+            Self::Userspace { tally, .. } => Ok(tally.rows()),
+        }
+    }
+
+    /// Bytes no client could be found for.
+    pub fn unattributed(&self) -> Result<Vec<UnattributedCounters>, crate::ebpf::EbpfError> {
+        match self {
+            Self::Kernel(acc) => acc.unattributed(),
+            Self::Userspace { tally, .. } => Ok(tally.unattributed()),
+        }
+    }
+
+    /// What an operator should know about the figures.
+    pub fn warnings(&self) -> Vec<String> {
+        match self {
+            Self::Kernel(_) => Vec::new(),
+            Self::Userspace { why, .. } => vec![format!(
+                "{why}; the figures are counted in userspace by netbootd's own servers: socket payload bytes (no protocol headers, no traffic netbootd did not send or receive itself), TFTP transfers when they end"
+            )],
+        }
+    }
+}
+
+/// The accounting as the API sees it: the counters and the current rates.
 pub struct Traffic {
-    acc: Arc<Accounting>,
+    counters: Counters,
     rates: Mutex<Rates>,
     install: Mutex<Watch>,
+    folded: Mutex<Option<HashMap<RowKey, Folded>>>,
+}
+
+/// A persisted total and the counter value it last took in.
+#[derive(Debug, Clone, Copy, Default)]
+struct Folded {
+    packets: u64,
+    bytes: u64,
+    seen_packets: u64,
+    seen_bytes: u64,
+}
+
+impl Folded {
+    /// What `counter` (packets, bytes) adds: what came since the last fold, or all of it
+    /// when the counter went back (it started again).
+    fn pending(&self, counter: (u64, u64)) -> (u64, u64) {
+        if counter.0 >= self.seen_packets && counter.1 >= self.seen_bytes {
+            (counter.0 - self.seen_packets, counter.1 - self.seen_bytes)
+        } else {
+            counter
+        }
+    }
 }
 
 impl std::fmt::Debug for Traffic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Traffic").finish_non_exhaustive()
+        f.debug_struct("Traffic")
+            .field("source", &self.counters.source())
+            .finish_non_exhaustive()
     }
 }
 
@@ -64,12 +143,12 @@ struct Rates {
 }
 
 impl Traffic {
-    /// The API's view of `acc`; devices whose iSCSI writes make no progress for
+    /// The API's view of `counters`; devices whose iSCSI writes make no progress for
     /// `stall_secs` are reported stalled.
-    pub fn new(acc: Arc<Accounting>, stall_secs: u64) -> Self {
+    pub fn new(counters: Counters, stall_secs: u64) -> Self {
         let mut watch = Watch::new(stall_secs);
         // Counters pinned by an earlier run are the install watch's baseline.
-        if let Ok(rows) = acc.mac_counters() {
+        if let Ok(rows) = counters.rows() {
             watch.prime(
                 crate::time::Timestamp::now().unix_secs(),
                 &iscsi_totals(
@@ -79,21 +158,30 @@ impl Traffic {
             );
         }
         Self {
-            acc,
+            counters,
             rates: Mutex::new(Rates::default()),
             install: Mutex::new(watch),
+            folded: Mutex::new(None),
         }
     }
 
-    /// The kernel tables.
-    pub fn accounting(&self) -> &Arc<Accounting> {
-        &self.acc
+    /// Where the figures come from.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The kernel tables, when the eBPF program counts.
+    pub fn accounting(&self) -> Option<&Arc<Accounting>> {
+        match &self.counters {
+            Counters::Kernel(acc) => Some(acc),
+            Counters::Userspace { .. } => None,
+        }
     }
 
     /// Reads the client rows, updates the rates and feeds each device's iSCSI totals to
     /// the install watch; returns the install changes (blocking: map reads are syscalls).
     pub fn sample(&self) -> Vec<(MacAddr, install::Change)> {
-        let Ok(rows) = self.acc.mac_counters() else {
+        let Ok(rows) = self.counters.rows() else {
             return Vec::new();
         };
         let now = Instant::now();
@@ -125,15 +213,133 @@ impl Traffic {
         changes
     }
 
+    /// The persisted totals of this source, read from `store` on first use. Counters that
+    /// start at zero with this run (userspace ones, eBPF maps not pinned before) have
+    /// nothing in them yet that a fold took in.
+    fn folded<'a>(
+        &self,
+        slot: &'a mut Option<HashMap<RowKey, Folded>>,
+        store: &dyn Store,
+    ) -> Result<&'a mut HashMap<RowKey, Folded>, crate::store::StoreError> {
+        if slot.is_none() {
+            let resumed = match &self.counters {
+                Counters::Kernel(acc) => acc.resumed(),
+                Counters::Userspace { .. } => false,
+            };
+            let source = self.counters.source();
+            let mut map = HashMap::new();
+            for t in store.list_traffic(None)? {
+                if t.source != source {
+                    continue;
+                }
+                let (Some(service), Some(direction)) =
+                    (Service::parse(&t.service), Direction::parse(&t.direction))
+                else {
+                    continue;
+                };
+                let (seen_packets, seen_bytes) = if resumed {
+                    (t.seen_packets, t.seen_bytes)
+                } else {
+                    (0, 0)
+                };
+                map.insert(
+                    (t.mac, service, direction),
+                    Folded {
+                        packets: t.packets,
+                        bytes: t.bytes,
+                        seen_packets,
+                        seen_bytes,
+                    },
+                );
+            }
+            *slot = Some(map);
+        }
+        Ok(slot.get_or_insert_default())
+    }
+
+    /// The counters per device, service and direction: (packets, bytes).
+    fn per_row(&self) -> Result<HashMap<RowKey, (u64, u64)>, crate::ebpf::EbpfError> {
+        let mut out: HashMap<RowKey, (u64, u64)> = HashMap::new();
+        for r in self.counters.rows()? {
+            let v = out.entry((r.mac, r.service, r.direction)).or_default();
+            v.0 += r.packets;
+            v.1 += r.bytes;
+        }
+        Ok(out)
+    }
+
+    /// Adds what the counters gained since the last fold to the persisted per-device
+    /// totals; returns how many rows changed. Runs every minute and at shutdown.
+    pub fn fold(&self, store: &dyn Store) -> Result<usize, FoldError> {
+        let rows = self.per_row()?;
+        let mut slot = self.folded.lock().unwrap_or_else(PoisonError::into_inner);
+        let folded = self.folded(&mut slot, store)?;
+        let now = crate::time::Timestamp::now();
+        let mut changed = Vec::new();
+        for (key, counter) in rows {
+            let f = folded.entry(key).or_default();
+            let (dp, db) = f.pending(counter);
+            if dp == 0 && db == 0 && (f.seen_packets, f.seen_bytes) == counter {
+                continue;
+            }
+            f.packets = f.packets.saturating_add(dp);
+            f.bytes = f.bytes.saturating_add(db);
+            (f.seen_packets, f.seen_bytes) = counter;
+            changed.push(TrafficTotal {
+                mac: key.0,
+                service: key.1.as_str().to_owned(),
+                direction: key.2.as_str().to_owned(),
+                source: self.counters.source().to_owned(),
+                packets: f.packets,
+                bytes: f.bytes,
+                seen_packets: f.seen_packets,
+                seen_bytes: f.seen_bytes,
+                updated: now,
+            });
+        }
+        store.save_traffic(&changed)?;
+        Ok(changed.len())
+    }
+
+    /// One device's totals of all time: what the store holds plus what the counters
+    /// gained since the last fold.
+    pub fn lifetime(
+        &self,
+        mac: MacAddr,
+        store: &dyn Store,
+    ) -> Result<Vec<LifetimeTotal>, FoldError> {
+        let rows = self.per_row()?;
+        let mut slot = self.folded.lock().unwrap_or_else(PoisonError::into_inner);
+        let folded = self.folded(&mut slot, store)?;
+        let mut keys: Vec<RowKey> = folded
+            .keys()
+            .chain(rows.keys())
+            .filter(|k| k.0 == mac)
+            .copied()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        Ok(keys
+            .into_iter()
+            .map(|key| {
+                let f = folded.get(&key).copied().unwrap_or_default();
+                let (dp, db) = rows.get(&key).map_or((0, 0), |c| f.pending(*c));
+                LifetimeTotal {
+                    service: key.1.as_str(),
+                    direction: key.2.as_str(),
+                    packets: f.packets.saturating_add(dp),
+                    bytes: f.bytes.saturating_add(db),
+                    source: self.counters.source(),
+                }
+            })
+            .collect())
+    }
+
     /// One device's figures: totals, rates and active sessions.
     pub fn device(&self, mac: MacAddr) -> Result<DeviceTraffic, crate::ebpf::EbpfError> {
+        let source = self.counters.source();
         let mut totals: BTreeMap<(Service, Direction), (u64, u64)> = BTreeMap::new();
-        for r in self
-            .acc
-            .mac_counters()?
-            .into_iter()
-            .filter(|r| r.mac == mac)
-        {
+        for r in self.counters.rows()?.into_iter().filter(|r| r.mac == mac) {
             let t = totals.entry((r.service, r.direction)).or_default();
             t.0 += r.packets;
             t.1 += r.bytes;
@@ -151,28 +357,46 @@ impl Traffic {
                     .get(&(mac, service, direction))
                     .copied()
                     .unwrap_or(0.0),
-                source: "ebpf",
+                source,
             })
             .collect();
         drop(rates);
-        let sessions = self
-            .acc
-            .flows()?
-            .into_iter()
-            .filter(|f| f.mac() == Some(mac) && f.idle() < ACTIVE)
-            .map(|f| Session {
-                protocol: f.protocol.as_str(),
-                service: f.service.as_str(),
-                client: f.client,
-                server: f.server,
-                rx_bytes: f.counters.rx_bytes,
-                tx_bytes: f.counters.tx_bytes,
-                rx_payload: f.counters.rx_payload,
-                tx_payload: f.counters.tx_payload,
-                idle_ms: f.idle().as_millis() as u64,
-                source: "ebpf",
-            })
-            .collect();
+        let sessions = match &self.counters {
+            Counters::Kernel(acc) => acc
+                .flows()?
+                .into_iter()
+                .filter(|f| f.mac() == Some(mac) && f.idle() < ACTIVE)
+                .map(|f| Session {
+                    protocol: f.protocol.as_str(),
+                    service: f.service.as_str(),
+                    client: f.client,
+                    server: f.server,
+                    rx_bytes: f.counters.rx_bytes,
+                    tx_bytes: f.counters.tx_bytes,
+                    rx_payload: f.counters.rx_payload,
+                    tx_payload: f.counters.tx_payload,
+                    idle_ms: f.idle().as_millis() as u64,
+                    source,
+                })
+                .collect(),
+            Counters::Userspace { tally, .. } => tally
+                .connections()
+                .into_iter()
+                .filter(|c| c.mac == Some(mac) && c.last.elapsed() < ACTIVE)
+                .map(|c| Session {
+                    protocol: "tcp",
+                    service: c.service.as_str(),
+                    client: c.client,
+                    server: c.server,
+                    rx_bytes: c.rx_bytes,
+                    tx_bytes: c.tx_bytes,
+                    rx_payload: c.rx_bytes,
+                    tx_payload: c.tx_bytes,
+                    idle_ms: c.last.elapsed().as_millis() as u64,
+                    source,
+                })
+                .collect(),
+        };
         let install = self
             .install
             .lock()
@@ -192,7 +416,7 @@ impl Traffic {
         only: Option<MacAddr>,
     ) -> Result<Attribution, crate::ebpf::EbpfError> {
         let mut per: BTreeMap<MacAddr, BTreeMap<Method, (u64, u64)>> = BTreeMap::new();
-        for r in self.acc.mac_counters()? {
+        for r in self.counters.rows()? {
             if only.is_some_and(|m| m != r.mac) {
                 continue;
             }
@@ -200,7 +424,10 @@ impl Traffic {
             v.0 += r.packets;
             v.1 += r.bytes;
         }
-        let kernel: HashMap<IpAddr, MacAddr> = self.acc.bindings()?.into_iter().collect();
+        let kernel: HashMap<IpAddr, MacAddr> = match &self.counters {
+            Counters::Kernel(acc) => acc.bindings()?.into_iter().collect(),
+            Counters::Userspace { .. } => HashMap::new(),
+        };
         let learned = bindings.all();
         let clients = per
             .into_iter()
@@ -226,9 +453,11 @@ impl Traffic {
                     .collect(),
             })
             .collect();
-        let routers = self
-            .acc
-            .routers()?
+        let (routers, interfaces) = match &self.counters {
+            Counters::Kernel(acc) => (acc.routers()?, acc.interfaces()),
+            Counters::Userspace { .. } => (Vec::new(), Vec::new()),
+        };
+        let routers = routers
             .into_iter()
             .map(|(mac, reason)| RouterView {
                 mac,
@@ -239,16 +468,12 @@ impl Traffic {
                 },
             })
             .collect();
-        let interfaces = self.acc.interfaces();
         let unattributed = self
-            .acc
+            .counters
             .unattributed()?
             .into_iter()
             .map(|r| UnattributedView {
-                interface: interfaces
-                    .iter()
-                    .find(|a| a.ifindex == r.ifindex)
-                    .map_or_else(|| format!("ifindex{}", r.ifindex), |a| a.name.clone()),
+                interface: interface_name(&interfaces, r.ifindex),
                 service: r.service.as_str(),
                 direction: r.direction.as_str(),
                 packets: r.packets,
@@ -256,6 +481,7 @@ impl Traffic {
             })
             .collect();
         Ok(Attribution {
+            source: self.counters.source(),
             clients,
             routers,
             unattributed,
@@ -272,6 +498,33 @@ pub struct DeviceTraffic {
     pub sessions: Vec<Session>,
     /// Install progress on its iSCSI disk, once it has written (see [`install`]).
     pub install: Option<install::Status>,
+}
+
+/// Why a fold failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FoldError {
+    /// Reading the counters.
+    #[error("reading the counters: {0}")]
+    Counters(#[from] crate::ebpf::EbpfError),
+    /// Reading or writing the totals.
+    #[error("the stored totals: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// A device's bytes of one service in one direction, of all time.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LifetimeTotal {
+    /// `dhcp`, `tftp`, `http`, `iscsi` or `other`.
+    pub service: &'static str,
+    /// `rx` (from the device) or `tx` (to it).
+    pub direction: &'static str,
+    /// Frames.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// `ebpf` or `userspace`: totals of the other source, from runs without (or with)
+    /// the eBPF program, are kept apart and not shown.
+    pub source: &'static str,
 }
 
 /// A device's bytes of one service in one direction.
@@ -321,6 +574,8 @@ pub struct Session {
 /// How bytes were attributed (`GET /api/v1/accounting/attribution`).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Attribution {
+    /// `ebpf` or `userspace`.
+    pub source: &'static str,
     /// Per client MAC.
     pub clients: Vec<ClientAttribution>,
     /// MACs whose frames count for the client their IP address is bound to.
@@ -335,8 +590,9 @@ pub struct ClientAttribution {
     /// The client.
     #[schema(value_type = String)]
     pub mac: MacAddr,
-    /// Bytes per method: `chaddr` (DHCP packets), `l2` (the frame's own MAC), `binding`
-    /// (a router's frame, by the client's IP address).
+    /// Bytes per method: `chaddr` (DHCP packets), `l2` (the frame's own MAC; in
+    /// userspace, an address in the neighbour table), `binding` (a router's frame, or in
+    /// userspace any address, by the client's IP address).
     pub methods: Vec<MethodTotal>,
     /// The addresses bound to this client.
     pub bindings: Vec<BindingView>,
@@ -438,9 +694,16 @@ pub async fn run(traffic: Arc<Traffic>, tftp: Option<Arc<Tftp>>, store: Arc<dyn 
         let tftp = tftp.clone();
         let sweep = ticks.is_multiple_of(SWEEP_EVERY);
         let sample = ticks.is_multiple_of(RATE_EVERY);
+        let fold = ticks.is_multiple_of(FOLD_EVERY);
         let store = Arc::clone(&store);
         let done = tokio::task::spawn_blocking(move || {
             let acc = traffic.accounting();
+            if fold {
+                match traffic.fold(store.as_ref()) {
+                    Ok(n) => tracing::trace!(rows = n, "traffic totals folded"),
+                    Err(error) => tracing::warn!(%error, "saving the traffic totals failed"),
+                }
+            }
             if sample {
                 for (mac, change) in traffic.sample() {
                     tracing::info!(%mac, kind = change.kind(), detail = %change.detail(), "install progress");
@@ -457,6 +720,9 @@ pub async fn run(traffic: Arc<Traffic>, tftp: Option<Arc<Tftp>>, store: Arc<dyn 
                     }
                 }
             }
+            let Some(acc) = acc else {
+                return;
+            };
             acc.drain_logs();
             if let Some(tftp) = &tftp {
                 join_tftp(acc, tftp);
@@ -544,6 +810,18 @@ fn sweep_flows(acc: &Accounting) {
     }
 }
 
+/// The name of the accounting interface `ifindex`; `any` for userspace figures, which
+/// belong to no interface.
+fn interface_name(interfaces: &[crate::ebpf::Attached], ifindex: u32) -> String {
+    if ifindex == 0 {
+        return "any".to_owned();
+    }
+    interfaces
+        .iter()
+        .find(|a| a.ifindex == ifindex)
+        .map_or_else(|| format!("ifindex{ifindex}"), |a| a.name.clone())
+}
+
 /// An interface's own counters, from `/proc/thread-self/net/dev` (the calling thread's
 /// network namespace).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -580,21 +858,20 @@ pub fn interface_counters(proc_net_dev: &str, name: &str) -> Option<InterfaceCou
 
 /// Writes the accounting families. `max_macs` bounds the MAC series (see the module
 /// documentation).
-pub fn write_metrics(acc: &Accounting, e: &mut Exposition, max_macs: usize) {
-    let rows = match acc.mac_counters() {
+pub fn write_metrics(counters: &Counters, e: &mut Exposition, max_macs: usize) {
+    let rows = match counters.rows() {
         Ok(r) => r,
         Err(error) => {
             tracing::warn!(%error, "cannot read the eBPF client table");
             return;
         }
     };
-    let interfaces = acc.interfaces();
-    let name_of = |ifindex: u32| {
-        interfaces
-            .iter()
-            .find(|a| a.ifindex == ifindex)
-            .map_or_else(|| format!("ifindex{ifindex}"), |a| a.name.clone())
+    let source = counters.source();
+    let interfaces = match counters {
+        Counters::Kernel(acc) => acc.interfaces(),
+        Counters::Userspace { .. } => Vec::new(),
     };
+    let name_of = |ifindex: u32| interface_name(&interfaces, ifindex);
 
     // Per MAC, summed over interfaces; the biggest `max_macs` keep their label.
     type Row = BTreeMap<(Service, Direction), (u64, u64)>;
@@ -633,12 +910,12 @@ pub fn write_metrics(acc: &Accounting, e: &mut Exposition, max_macs: usize) {
     for (family, help, pick) in [
         (
             "netboot_client_bytes",
-            "Wire bytes (Ethernet header through payload, no FCS) per client MAC, service and direction, counted by the eBPF program on the boot interfaces. mac=\"other\" sums the clients beyond ebpf.metrics_max_macs.",
+            "Bytes per client MAC, service and direction. source=\"ebpf\": wire bytes (Ethernet header through payload, no FCS) counted by the eBPF program on the boot interfaces; source=\"userspace\": socket payload bytes counted by netbootd's servers (eBPF not loaded). mac=\"other\" sums the clients beyond ebpf.metrics_max_macs.",
             1usize,
         ),
         (
             "netboot_client_packets",
-            "Frames per client MAC, service and direction, counted by the eBPF program.",
+            "Frames per client MAC, service and direction, counted by the eBPF program (source=\"ebpf\"), or datagrams of the UDP services counted by netbootd (source=\"userspace\"; 0 for TCP services).",
             0,
         ),
     ] {
@@ -657,7 +934,7 @@ pub fn write_metrics(acc: &Accounting, e: &mut Exposition, max_macs: usize) {
                         ("mac", mac),
                         ("service", service.as_str()),
                         ("direction", direction.as_str()),
-                        ("source", "ebpf"),
+                        ("source", source),
                     ],
                     value,
                 );
@@ -665,12 +942,12 @@ pub fn write_metrics(acc: &Accounting, e: &mut Exposition, max_macs: usize) {
         }
     }
 
-    if let Ok(unattributed) = acc.unattributed() {
+    if let Ok(unattributed) = counters.unattributed() {
         e.family(
             "netboot_unattributed_bytes",
             Kind::Counter,
             Some("bytes"),
-            "Wire bytes no client could be found for (group addresses, routers' own traffic without a binding), per interface, service and direction.",
+            "Bytes no client could be found for (group addresses, routers' own traffic without a binding), per interface (interface=\"any\" for userspace figures), service and direction.",
         );
         for r in &unattributed {
             e.counter(
@@ -702,6 +979,10 @@ pub fn write_metrics(acc: &Accounting, e: &mut Exposition, max_macs: usize) {
         }
     }
 
+    // The rest describes the kernel side.
+    let Counters::Kernel(acc) = counters else {
+        return;
+    };
     let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap_or_default();
     e.family(
         "netboot_interface_bytes",
@@ -816,6 +1097,71 @@ pub fn write_metrics(acc: &Accounting, e: &mut Exposition, max_macs: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bindings::Bindings;
+    use crate::store::Sqlite;
+
+    fn userspace() -> (Arc<Tally>, Traffic) {
+        let tally = Arc::new(Tally::new(Arc::new(Bindings::default())));
+        let counters = Counters::Userspace {
+            tally: Arc::clone(&tally),
+            why: "test".into(),
+        };
+        (tally, Traffic::new(counters, 60))
+    }
+
+    const MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 9]);
+
+    fn lifetime_bytes(t: &Traffic, store: &dyn Store) -> u64 {
+        t.lifetime(MAC, store)
+            .expect("lifetime")
+            .iter()
+            .filter(|l| l.service == "dhcp" && l.direction == "rx")
+            .map(|l| l.bytes)
+            .sum()
+    }
+
+    #[test]
+    fn folds_add_only_what_came_since_and_a_new_run_starts_from_the_saved_totals() {
+        let store = Sqlite::in_memory().expect("store");
+        let (tally, t) = userspace();
+        tally.count_mac(MAC, Service::Dhcp, Direction::Ingress, 1, 300);
+        assert_eq!(
+            lifetime_bytes(&t, &store),
+            300,
+            "not folded yet, still shown"
+        );
+        assert_eq!(t.fold(&store).expect("fold"), 1);
+        assert_eq!(t.fold(&store).expect("fold"), 0, "nothing new");
+        tally.count_mac(MAC, Service::Dhcp, Direction::Ingress, 1, 200);
+        assert_eq!(t.fold(&store).expect("fold"), 1);
+        assert_eq!(lifetime_bytes(&t, &store), 500);
+        let saved = store.list_traffic(Some(MAC)).expect("list");
+        assert_eq!(saved.len(), 1);
+        assert_eq!(
+            (saved[0].bytes, saved[0].seen_bytes, saved[0].packets),
+            (500, 500, 2)
+        );
+
+        // The next run's userspace counters start at zero: what they count adds up.
+        let (tally, t) = userspace();
+        assert_eq!(lifetime_bytes(&t, &store), 500);
+        tally.count_mac(MAC, Service::Dhcp, Direction::Ingress, 1, 100);
+        assert_eq!(lifetime_bytes(&t, &store), 600);
+        t.fold(&store).expect("fold");
+        assert_eq!(store.list_traffic(Some(MAC)).expect("list")[0].bytes, 600);
+    }
+
+    #[test]
+    fn a_counter_that_went_back_started_again() {
+        let f = Folded {
+            packets: 10,
+            bytes: 1000,
+            seen_packets: 10,
+            seen_bytes: 1000,
+        };
+        assert_eq!(f.pending((12, 1100)), (2, 100));
+        assert_eq!(f.pending((3, 90)), (3, 90));
+    }
 
     #[test]
     fn interface_counters_are_read_from_proc_net_dev() {

@@ -7,5 +7,6 @@ pub mod dhcp;
 pub mod images;
 pub mod install;
 pub mod iscsi;
+pub mod tally;
 pub mod tftp;
 pub mod timeline;

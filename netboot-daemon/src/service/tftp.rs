@@ -30,9 +30,11 @@ use utoipa::ToSchema;
 
 use crate::bindings::{Bindings, Source as BindingSource};
 use crate::config::TftpConfig;
+use crate::ebpf::{Direction, Service};
 use crate::jail::{self, JailError};
 use crate::mac::MacAddr;
 use crate::metrics::{DurationHistogram, Exposition, Kind};
+use crate::service::tally::Tally;
 use crate::tftp::server::{Admitted, Decision, Limits, Server};
 use crate::tftp::transfer::{self, Event, Failure, ReadRequest, Transfer};
 use crate::tftp::wire::{ErrorCode, Mode, error_packet};
@@ -471,6 +473,8 @@ pub struct Tftp {
     virtual_files: Option<Arc<dyn VirtualFiles>>,
     bindings: Option<Arc<Bindings>>,
     ports: std::sync::OnceLock<Arc<dyn TransferPorts>>,
+    /// Counts each ended transfer for its client when the eBPF program does not.
+    tally: std::sync::OnceLock<Arc<Tally>>,
     /// Counters.
     pub stats: Stats,
 }
@@ -515,6 +519,7 @@ impl Tftp {
             virtual_files: None,
             bindings: None,
             ports: std::sync::OnceLock::new(),
+            tally: std::sync::OnceLock::new(),
             stats: Stats::default(),
         }
     }
@@ -537,6 +542,12 @@ impl Tftp {
     /// Tells `ports` of every transfer socket from now on. Only the first call counts.
     pub fn set_transfer_ports(&self, ports: Arc<dyn TransferPorts>) {
         let _ = self.ports.set(ports);
+    }
+
+    /// Counts every transfer's datagrams for its client in `tally` when it ends. Only the
+    /// first call counts.
+    pub fn set_tally(&self, tally: Arc<Tally>) {
+        let _ = self.tally.set(tally);
     }
 
     /// Ended transfers from the last `window` that have a server socket but no kernel
@@ -943,6 +954,23 @@ impl Tftp {
         // A map update (a syscall): not under the transfers lock.
         if let (Some(server), Some(ports)) = (record.server, self.ports.get()) {
             ports.closed(server);
+        }
+        if let Some(tally) = self.tally.get() {
+            let ip = record.client.ip();
+            tally.count_ip(
+                ip,
+                Service::Tftp,
+                Direction::Egress,
+                summary.sent_datagrams,
+                summary.sent_bytes,
+            );
+            tally.count_ip(
+                ip,
+                Service::Tftp,
+                Direction::Ingress,
+                summary.received_datagrams,
+                summary.received_bytes,
+            );
         }
         if let Some(tx) = self.observer.get()
             && tx.try_send(record).is_err()

@@ -224,6 +224,12 @@ pub trait Store: Send + Sync + 'static {
     /// Applies lease changes in order, in one transaction.
     fn apply_lease_changes(&self, changes: &[LeaseEvent]) -> Result<()>;
 
+    // Traffic totals.
+    /// The persisted traffic totals of one device, or of all.
+    fn list_traffic(&self, mac: Option<MacAddr>) -> Result<Vec<TrafficTotal>>;
+    /// Writes traffic totals (replacing the rows with the same key), in one transaction.
+    fn save_traffic(&self, totals: &[TrafficTotal]) -> Result<()>;
+
     // Settings.
     /// The current settings.
     fn get_settings(&self) -> Result<Settings>;

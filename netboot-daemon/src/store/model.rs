@@ -813,3 +813,27 @@ pub struct AuditQuery {
     /// Page size.
     pub limit: u32,
 }
+
+/// A device's persisted traffic of one service, direction and source (see
+/// `service::accounting::Traffic::fold`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrafficTotal {
+    /// The device.
+    pub mac: MacAddr,
+    /// `dhcp`, `tftp`, `http`, `iscsi` or `other`.
+    pub service: String,
+    /// `rx` (from the device) or `tx` (to it).
+    pub direction: String,
+    /// `ebpf` or `userspace`.
+    pub source: String,
+    /// Frames (datagrams for userspace figures), all time.
+    pub packets: u64,
+    /// Bytes, all time.
+    pub bytes: u64,
+    /// The counter's frames at the last fold.
+    pub seen_packets: u64,
+    /// The counter's bytes at the last fold.
+    pub seen_bytes: u64,
+    /// When the row was last folded.
+    pub updated: Timestamp,
+}

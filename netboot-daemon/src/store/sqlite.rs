@@ -18,6 +18,7 @@ use super::*;
 const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("migrations/0001_inventory.sql")),
     (2, include_str!("migrations/0002_dhcp_leases.sql")),
+    (3, include_str!("migrations/0003_device_traffic.sql")),
 ];
 
 /// Reader connections for a file database (the writer is separate).
@@ -1194,6 +1195,71 @@ impl Store for Sqlite {
                             .execute([ip.to_string()])?;
                     }
                 }
+            }
+            Ok(())
+        })
+    }
+
+    fn list_traffic(&self, mac: Option<MacAddr>) -> Result<Vec<TrafficTotal>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT mac, service, direction, source, packets, bytes, seen_packets, seen_bytes, updated \
+                 FROM device_traffic WHERE ?1 IS NULL OR mac = ?1 ORDER BY mac, service, direction",
+            )?;
+            let rows = st.query_map([mac.map(|m| m.to_string())], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    TrafficTotal {
+                        mac: MacAddr([0; 6]),
+                        service: r.get(1)?,
+                        direction: r.get(2)?,
+                        source: r.get(3)?,
+                        packets: r.get::<_, i64>(4)? as u64,
+                        bytes: r.get::<_, i64>(5)? as u64,
+                        seen_packets: r.get::<_, i64>(6)? as u64,
+                        seen_bytes: r.get::<_, i64>(7)? as u64,
+                        updated: col_ts(r, 8)?,
+                    },
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (mac, mut t) = row?;
+                t.mac = mac.parse().map_err(|_| StoreError::Corrupt {
+                    what: "device_traffic",
+                })?;
+                out.push(t);
+            }
+            Ok(out)
+        })
+    }
+
+    fn save_traffic(&self, totals: &[TrafficTotal]) -> Result<()> {
+        if totals.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO device_traffic (mac, service, direction, source, packets, bytes, seen_packets, seen_bytes, updated) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT(mac, service, direction, source) DO UPDATE SET packets = excluded.packets, \
+                 bytes = excluded.bytes, seen_packets = excluded.seen_packets, seen_bytes = excluded.seen_bytes, \
+                 updated = excluded.updated",
+            )?;
+            // SQLite integers are signed: counters saturate at i64::MAX.
+            let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            for t in totals {
+                st.execute(params![
+                    t.mac.to_string(),
+                    t.service,
+                    t.direction,
+                    t.source,
+                    int(t.packets),
+                    int(t.bytes),
+                    int(t.seen_packets),
+                    int(t.seen_bytes),
+                    t.updated.0
+                ])?;
             }
             Ok(())
         })

@@ -141,6 +141,10 @@ pub struct Summary {
     pub sent_bytes: u64,
     /// UDP payload bytes of every datagram the transfer handled until it ended.
     pub received_bytes: u64,
+    /// Datagrams counted in `sent_bytes`.
+    pub sent_datagrams: u64,
+    /// Datagrams counted in `received_bytes`.
+    pub received_datagrams: u64,
 }
 
 /// Why a transfer failed.
@@ -287,6 +291,7 @@ impl Transfer {
         let packet = wire::error_packet(code, msg);
         // Counted now: the summary is taken at the end, before the driver sends the ERROR.
         self.summary.sent_bytes += packet.len() as u64;
+        self.summary.sent_datagrams += 1;
         self.error_out = Some(packet);
         self.finish(Some(failure));
     }
@@ -297,6 +302,7 @@ impl Transfer {
             return;
         }
         self.summary.received_bytes += datagram.len() as u64;
+        self.summary.received_datagrams += 1;
         match Packet::parse(datagram) {
             Ok(Packet::Ack { block }) => self.handle_ack(block),
             Ok(Packet::Error { code, .. }) => self.finish(Some(Failure::ClientError(code))),
@@ -458,6 +464,7 @@ impl Transfer {
                 buf.get_mut(..oack.len())?.copy_from_slice(oack);
                 self.oack_sent = true;
                 self.summary.sent_bytes += oack.len() as u64;
+                self.summary.sent_datagrams += 1;
                 self.deadline = Some(now + self.rto);
                 Some(oack.len())
             }
@@ -485,6 +492,7 @@ impl Transfer {
                 self.next += 1;
                 self.summary.packets += 1;
                 self.summary.sent_bytes += 4 + len as u64;
+                self.summary.sent_datagrams += 1;
                 if self.next >= window_end || last.is_some_and(|l| self.next > l) {
                     self.deadline = Some(now + self.rto);
                 }
