@@ -272,6 +272,18 @@
     src.append("Source of the figures: ", text("strong", m.source), " · rx: from the device, tx: to the device");
     parts.push(src);
     for (const w of m.warnings || []) parts.push(text("p", w, "warning"));
+    // Totals of all time, kept in the store: they outlive the counters.
+    const lifetime = m.lifetime || [];
+    if (lifetime.length > 0) {
+      const p = text("p", "All time: ", "muted small");
+      p.id = "lifetime";
+      lifetime.forEach((t, i) => {
+        const s = text("span", `${t.service} ${t.direction} ${binary(t.bytes)}`);
+        s.title = `${t.bytes} bytes, ${t.packets} packets (${t.source})`;
+        p.append(i ? " · " : "", s);
+      });
+      parts.push(p);
+    }
     const totals = m.totals || [];
     if (m.source === "none" || totals.length === 0) {
       if (m.source !== "none") parts.push(text("p", "No traffic counted for this device yet.", "empty"));
