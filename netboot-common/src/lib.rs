@@ -36,7 +36,7 @@
 use core::mem::{align_of, size_of};
 
 /// Version of the map layout; part of the pin directory's name (see the crate documentation).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Name of the per-CPU hash map of per-client counters, keyed by [`MacKey`], valued [`Counters`].
 ///

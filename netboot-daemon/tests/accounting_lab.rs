@@ -59,10 +59,9 @@ const DISK_WRITE: usize = 4 << 20;
 #[test]
 fn every_byte_lands_on_its_clients_mac_and_survives_a_restart() {
     if let Err(why) = privileged(&["ip", "nsenter", "curl"]).and_then(|()| {
-        if have("tftp") {
-            Ok(())
-        } else {
-            Err("tftp (tftp-hpa) is not installed".into())
+        match ["tftp", "ethtool"].into_iter().find(|t| !have(t)) {
+            None => Ok(()),
+            Some(t) => Err(format!("{t} is not installed")),
         }
     }) {
         skip(&why);
@@ -479,6 +478,12 @@ impl Lab {
         ]);
         ip(&["-n", &srv, "link", "set", "dev", "s0", "up"]);
         ip(&["-n", &srv, "link", "set", "dev", "lo", "up"]);
+        // As a NIC's counters count the frames on the wire, the link's ends count segments:
+        // without segmentation offload, the kernel cuts every TCP and UDP GSO packet into
+        // its frames before the veth counts them (the program at s0 still sees the GSO
+        // packets the server sends, and must count their frames).
+        no_segmentation_offload(&srv, "s0", true);
+        no_segmentation_offload(&lab.veth.cli_ns, &lab.veth.cli_if, true);
 
         for i in 0..DIRECT {
             let client = lab.on_link(i, Some(&format!("10.77.0.{}", 10 + i)));
@@ -537,6 +542,9 @@ impl Lab {
             ]);
             ip(&["-n", &ns, "link", "set", "dev", "eth0", "up"]);
             ip(&["-n", &ns, "link", "set", "dev", "lo", "up"]);
+            // The router's macvlan counts what it forwards as packets, not frames (its
+            // segmentation offload cannot be turned off): the client sends frames only.
+            no_segmentation_offload(&ns, "eth0", false);
             ip(&[
                 "-n",
                 &ns,
@@ -845,6 +853,23 @@ fn neigh(ns: &str, addr: &str, mac: &str, dev: &str) {
 }
 
 /// Writes a sysctl inside `ns`.
+/// Turns off TCP and UDP segmentation offload on `dev` in `ns` (the stack still builds GSO
+/// packets; they are segmented in software just before the device), and with `gso` false
+/// generic segmentation too (the stack sends frame-sized packets only).
+fn no_segmentation_offload(ns: &str, dev: &str, gso: bool) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ethtool", "-K", dev])
+        .args(["tso", "off", "tx-udp-segmentation", "off"])
+        .args(if gso { &[][..] } else { &["gso", "off"][..] })
+        .output()
+        .expect("run ethtool");
+    assert!(
+        out.status.success(),
+        "ethtool -K {dev}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn sysctl(ns: &str, path: &str, value: &str) {
     netboot_daemon::ebpf::in_netns(&netns_path(ns), || {
         std::fs::write(path, value).unwrap_or_else(|e| panic!("write {path}: {e}"));

@@ -3,13 +3,14 @@
 //!
 //! Each case builds its own lab, a uniquely named network namespace holding a bridge
 //! `br0` (10.6N.0.1/24 and fd4e:N::1/64), the VM's tap on it, netbootd (run with
-//! `nsenter --net`, eBPF accounting on `br0`) and a dnsmasq that only sends IPv6 router
+//! `nsenter --net`, eBPF accounting on the tap) and a dnsmasq that only sends IPv6 router
 //! advertisements (iPXE otherwise waits ~16 s for SLAAC; it is the link's router, not a
 //! stand-in for our server). The VM's MAC is registered through the REST API with a Linux
 //! boot profile (kernel and marker initrd from `installers/`), or with an iSCSI image.
 //! The VM must print the marker initrd's line (with the profile's command line) on its
 //! serial port and power off; netbootd must have the device's DHCP/TFTP/HTTP/iSCSI events
-//! on its timeline and non-zero per-MAC counters.
+//! on its timeline, and per-MAC counters that, once the VM is off, reconcile exactly with
+//! the tap's own counters (the VM's bytes + the unattributed ones, no other MAC).
 //!
 //! Cases (run one at a time: TCG wants the CPU):
 //! - proxyDHCP next to a "site" DHCP server (dnsmasq handing out addresses only, in a
@@ -277,7 +278,7 @@ fn daemon_config(case: &Case, data: &Path) -> Result<String, String> {
          {dhcp}\
          [tftp]\nlisten = \"0.0.0.0:69\"\n\
          [iscsi]\nlisten = \"0.0.0.0:3260\"\n\
-         [ebpf]\ninterfaces = [\"br0\"]\npin_dir = \"\"\n\
+         [ebpf]\ninterfaces = [\"tap0\"]\npin_dir = \"\"\n\
          [log]\nlevel = \"netboot_daemon=debug,info\"\n"
     );
     netboot_daemon::config::Config::from_toml(&text, Path::new("vm_pxe.toml"))
@@ -352,6 +353,8 @@ fn run(case: Case) {
             "DHCP, IP range",
         );
     }
+    // The VM's tap before anything crossed it: the reconciliation's starting point.
+    let tap_before = tap_counters(&lab.ns);
     let daemon = Daemon::start(&lab, &config_path, &logs);
     let api = Api::login(&lab.ns, dir.path());
     register(&case, &api);
@@ -527,7 +530,7 @@ fn run(case: Case) {
             "{file} blksize {} windowsize {}",
             t["blksize"], t["windowsize"]
         );
-        // With the accounting on br0, the kernel's count of the transfer's payload (its
+        // With the accounting on tap0, the kernel's count of the transfer's payload (its
         // connection row, joined to the transfer once it ended) equals the server's own.
         if !daemon.log.started_with("AYA_BUILD_SKIP") {
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -566,7 +569,7 @@ fn run(case: Case) {
     if device["last_seen"].is_null() {
         fail(&format!("the device was never seen: {device}"));
     }
-    // Per-MAC counters of the eBPF accounting on br0 (when this build has the program).
+    // Per-MAC counters of the eBPF accounting on tap0 (when this build has the program).
     let accounting = if daemon.log.started_with("AYA_BUILD_SKIP") {
         common::skip(
             &format!("{test} (per-MAC counters only)"),
@@ -575,7 +578,7 @@ fn run(case: Case) {
         "no eBPF object".to_owned()
     } else {
         if !daemon.log.started_with("eBPF accounting attached") {
-            fail("eBPF accounting did not attach to br0");
+            fail("eBPF accounting did not attach to tap0");
         }
         let metrics = api.get(&format!("/api/v1/devices/{mac}/metrics"));
         let total = |dir: &str| -> u64 {
@@ -599,7 +602,69 @@ fn run(case: Case) {
                 "only {tx} bytes counted towards the VM: {metrics}"
             ));
         }
-        format!("rx {rx} B, tx {tx} B")
+        // The VM is off: every frame it sent or was sent crossed tap0, where the program
+        // counted it, under its MAC or as unattributed (broadcasts), once.
+        let m = common::Samples::parse(&in_ns_text(
+            &lab.ns,
+            "curl",
+            &[
+                "-sS",
+                "--fail",
+                &format!("http://127.0.0.1:{HTTP_PORT}/metrics"),
+            ],
+        ));
+        let tap = tap_counters(&lab.ns);
+        let macs: std::collections::BTreeSet<&str> =
+            m.0.keys()
+                .filter(|(n, _)| n == "netboot_client_bytes_total")
+                .filter_map(|(_, l)| l.get("mac").map(String::as_str))
+                .collect();
+        if macs.iter().any(|m| *m != mac) {
+            fail(&format!(
+                "tap0 carried only the VM, yet bytes were counted for {macs:?}"
+            ));
+        }
+        // Frames the tap's driver dropped after the program counted them (the VM was not
+        // reading, e.g. as it powered off) are in no byte counter of the tap: with N of
+        // them, the program's figure may exceed the tap's by at most N full frames.
+        let uncounted = m.sum("netboot_ebpf_uncounted_bytes_total", &[]);
+        let mut note = String::new();
+        for (dir, counted, own, dropped) in [
+            (
+                "rx",
+                rx,
+                tap.rx_bytes - tap_before.rx_bytes,
+                tap.rx_dropped - tap_before.rx_dropped,
+            ),
+            (
+                "tx",
+                tx,
+                tap.tx_bytes - tap_before.tx_bytes,
+                tap.tx_dropped - tap_before.tx_dropped,
+            ),
+        ] {
+            let unattributed = m.sum(
+                "netboot_unattributed_bytes_total",
+                &[("interface", "tap0"), ("direction", dir)],
+            );
+            let seen = counted + unattributed + uncounted;
+            let exact = seen == own;
+            let within_drops = dropped > 0 && seen > own && seen - own <= dropped * 1518;
+            if !exact && !within_drops {
+                fail(&format!(
+                    "tap0 {dir}: the VM's {counted} B + unattributed {unattributed} B + uncounted {uncounted} B = {seen} B, the tap's own {own} B ({dropped} frames dropped by its driver)"
+                ));
+            }
+            note.push_str(&if exact {
+                format!("; tap0 {dir} exact ({own} B)")
+            } else {
+                format!(
+                    "; tap0 {dir} {own} B + {} B in {dropped} dropped frame(s)",
+                    seen - own
+                )
+            });
+        }
+        format!("rx {rx} B, tx {tx} B{note}")
     };
     eprintln!(
         "{test}: PASS: VM {vm_secs:.1} s, case {:.1} s; TFTP {tftp_seen}; timeline {kinds:?}; counters {accounting}",
@@ -744,6 +809,44 @@ impl Drop for Lab {
 
 /// `program` run inside the namespace `ns` (nsenter execs it: the child's PID is the
 /// program's).
+/// The VM's tap's own counters, in the lab's namespace.
+struct TapCounters {
+    rx_bytes: u64,
+    tx_bytes: u64,
+    rx_dropped: u64,
+    tx_dropped: u64,
+}
+
+fn tap_counters(ns: &str) -> TapCounters {
+    let text = in_ns_text(ns, "cat", &["/proc/net/dev"]);
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tap0:"))
+        .unwrap_or_else(|| panic!("no tap0 in /proc/net/dev: {text}"));
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .map(|v| v.parse().expect("counter"))
+        .collect();
+    TapCounters {
+        rx_bytes: f[0],
+        rx_dropped: f[3],
+        tx_bytes: f[8],
+        tx_dropped: f[11],
+    }
+}
+
+/// `program args` in the namespace `ns`: its standard output, failing the test on an
+/// error.
+fn in_ns_text(ns: &str, program: &str, args: &[&str]) -> String {
+    let out = in_ns(ns, program).args(args).output().expect("run");
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
 fn in_ns(ns: &str, program: &str) -> Command {
     let mut c = Command::new("nsenter");
     c.arg(format!("--net={}", netns_path(ns).display()))

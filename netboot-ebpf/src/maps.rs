@@ -95,13 +95,13 @@ const _: () = assert!(size_of::<Error>() == size_of::<u32>());
 
 /// Counts one frame of `bytes` bytes in the [`ERRORS`] slot of `err`.
 #[inline(always)]
-pub(crate) fn record_error(err: Error, bytes: u64) {
+pub(crate) fn record_error(err: Error, packets: u64, bytes: u64) {
     if let Some(counters) = ERRORS.get_ptr_mut(err as u32) {
         // SAFETY: the pointer is this CPU's slot of a per-CPU array, valid while the program
         // runs. TC programs run with migration and bottom halves disabled, so nothing else
         // touches this slot concurrently.
         unsafe {
-            (*counters).packets += 1;
+            (*counters).packets += packets;
             (*counters).bytes += bytes;
         }
     }

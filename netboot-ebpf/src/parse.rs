@@ -113,6 +113,11 @@ pub(crate) struct L4 {
     pub(crate) ipv4: bool,
     /// Whether the ports were read (TCP or UDP).
     pub(crate) ports: bool,
+    /// Frames on the wire: `gso_segs` of a GSO/GRO super-packet, else 1.
+    pub(crate) segments: u32,
+    /// Bytes before the payload (Ethernet through L4 header), which every segment of a
+    /// super-packet carries.
+    pub(crate) headers: u64,
 }
 
 /// Parses the frame, seen from the server: the client is the sender of a received frame and
@@ -153,6 +158,8 @@ fn l4(ctx: &TcContext, ingress: bool, key: &mut FlowKey) -> Option<L4> {
         offset: ip.l4 as u32,
         ipv4,
         ports: false,
+        segments: 1,
+        headers: 0,
     };
     let header_len = match ip.protocol {
         IPPROTO_UDP => UDP_HLEN,
@@ -184,6 +191,10 @@ fn l4(ctx: &TcContext, ingress: bool, key: &mut FlowKey) -> Option<L4> {
         ip.l4,
         header_len,
     );
+    if gso_segs > 1 {
+        l4.segments = gso_segs;
+        l4.headers = (ip.l4 + header_len) as u64;
+    }
     Some(l4)
 }
 
@@ -308,6 +319,19 @@ pub(crate) fn payload_len(
     }
 }
 
+/// The frames and wire bytes of a packet of `bytes` (as [`crate::tc`] counts one frame:
+/// `skb->len` plus a VLAN tag kept out of the data, `tag`): a GSO/GRO super-packet is
+/// `segments` frames on the wire, each with its own copy of the `headers` and tag.
+#[inline(always)]
+pub(crate) fn wire(bytes: u64, tag: u64, segments: u32, headers: u64) -> (u64, u64) {
+    if segments > 1 {
+        let extra = u64::from(segments - 1) * (headers + tag);
+        (u64::from(segments), bytes + extra)
+    } else {
+        (1, bytes)
+    }
+}
+
 /// Whether a MAC is a group (broadcast or multicast) address (IEEE 802, I/G bit).
 #[inline(always)]
 pub(crate) fn is_group(mac: &[u8; 6]) -> bool {
@@ -324,6 +348,21 @@ mod tests {
         assert_eq!(payload_len(12, 1, 60, 34, UDP_HLEN), 4);
         // gso_segs 0 (not a GSO skb) is a single packet too.
         assert_eq!(payload_len(12, 0, 60, 34, UDP_HLEN), 4);
+    }
+
+    #[test]
+    fn a_super_packet_is_its_segments_on_the_wire() {
+        // 10 TCP segments of 1448 bytes: one skb of 14 + 20 + 32 + 14 480 bytes.
+        let headers = 14 + 20 + 32;
+        let skb = headers + 14_480;
+        assert_eq!(wire(skb, 0, 10, headers), (10, 10 * (headers + 1448)));
+        // With a VLAN tag outside the data, every frame carries it.
+        assert_eq!(
+            wire(skb + 4, 4, 10, headers),
+            (10, 10 * (headers + 4 + 1448))
+        );
+        // Not a super-packet: the frame as it is.
+        assert_eq!(wire(60, 0, 1, 0), (1, 60));
     }
 
     #[test]

@@ -46,7 +46,7 @@ const PACKET_LOOPBACK: u32 = 5;
 /// header, so reading them as Ethernet would invent a client MAC from IP header bytes.
 #[classifier]
 fn tc_ingress(ctx: TcContext) -> i32 {
-    // SAFETY: as in `frame_bytes`; `pkt_type` is a readable `__sk_buff` field.
+    // SAFETY: as in `vlan_tag`; `pkt_type` is a readable `__sk_buff` field.
     let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
     if pkt_type != PACKET_LOOPBACK {
         count(&ctx, INGRESS);
@@ -61,34 +61,36 @@ fn tc_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-/// The bytes a frame adds to the counters: the frame as on the wire, without FCS.
+/// The 802.1Q tag a frame carries on the wire but not in its data: the kernel or the NIC
+/// moved it into `skb->vlan_tci` (always the case at ingress: the receive path untags before
+/// TC runs, while the interface counted the tagged frame).
 ///
-/// That is `skb->len`, plus the 802.1Q tag when the kernel or the NIC moved it out of the data
-/// into `skb->vlan_tci` (always the case at ingress: the receive path untags before TC runs,
-/// while the interface counted the tagged frame).
+/// A frame adds to the counters the frame as on the wire, without FCS: `skb->len` plus this
+/// tag; a GSO/GRO super-packet adds each of its segments (see [`parse::wire`]), as the NIC
+/// (or the tap, or a veth without GSO) sends or received them.
 #[inline(always)]
-fn frame_bytes(ctx: &TcContext) -> u64 {
+fn vlan_tag(ctx: &TcContext) -> u64 {
     // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed to this program, valid for
     // the whole run; `vlan_present` is a readable `__sk_buff` field (the verifier checks it).
     let vlan_present = unsafe { (*ctx.skb.skb).vlan_present };
-    let tag = if vlan_present == 0 {
+    if vlan_present == 0 {
         0
     } else {
         VLAN_HLEN as u64
-    };
-    u64::from(ctx.len()) + tag
+    }
 }
 
 /// The interface the program runs on.
 #[inline(always)]
 fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: as in `frame_bytes`; `ifindex` is a readable `__sk_buff` field.
+    // SAFETY: as in `vlan_tag`; `ifindex` is a readable `__sk_buff` field.
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
 #[inline(always)]
 fn count(ctx: &TcContext, direction: u8) {
-    let bytes = frame_bytes(ctx);
+    let tag = vlan_tag(ctx);
+    let skb_bytes = u64::from(ctx.len()) + tag;
     let ifindex = ifindex(ctx);
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         // A one-entry per-CPU array always has entry 0; this is for the verifier.
@@ -100,8 +102,12 @@ fn count(ctx: &TcContext, direction: u8) {
     let key = &mut scratch.flow;
     let Some(frame) = parse::frame(ctx, direction == INGRESS, key) else {
         // Shorter than an Ethernet header: nobody's frame.
-        unattributed(ifindex, direction, SERVICE_OTHER, bytes);
+        unattributed(ifindex, direction, SERVICE_OTHER, 1, skb_bytes);
         return;
+    };
+    let (packets, bytes) = match &frame.l4 {
+        Some(l4) => parse::wire(skb_bytes, tag, l4.segments, l4.headers),
+        None => (1, skb_bytes),
     };
     let service = match &frame.l4 {
         Some(l4) if l4.ports => service(key),
@@ -118,11 +124,11 @@ fn count(ctx: &TcContext, direction: u8) {
                 method,
                 pad: [0; 3],
             };
-            if let Err(err) = add(ctx, key, bytes) {
-                record_error(err, bytes);
+            if let Err(err) = add(ctx, key, packets, bytes) {
+                record_error(err, packets, bytes);
             }
         }
-        None => unattributed(ifindex, direction, service, bytes),
+        None => unattributed(ifindex, direction, service, packets, bytes),
     }
     if let Some(l4) = &frame.l4
         && (service == SERVICE_TFTP || service == SERVICE_HTTP || service == SERVICE_ISCSI)
@@ -131,8 +137,8 @@ fn count(ctx: &TcContext, direction: u8) {
         scratch.flow.pad = [0; 2];
         scratch.flow.ifindex = ifindex;
         let mac = client.map_or([0; 6], |(mac, _)| mac);
-        if let Err(err) = add_flow(scratch, l4.payload, direction, bytes, mac) {
-            record_error(err, bytes);
+        if let Err(err) = add_flow(scratch, l4.payload, direction, packets, bytes, mac) {
+            record_error(err, packets, bytes);
         }
     }
 }
@@ -216,27 +222,27 @@ fn learn_router(mac: [u8; 6]) {
             }
         }
         Err(err) if err == -EEXIST => {}
-        Err(_) => record_error(Error::RoutersFull, 0),
+        Err(_) => record_error(Error::RoutersFull, 1, 0),
     }
 }
 
-/// Adds one frame to a client's row.
+/// Adds a packet's frames to a client's row.
 #[inline(always)]
-fn add(ctx: &TcContext, key: MacKey, bytes: u64) -> Result<(), Error> {
+fn add(ctx: &TcContext, key: MacKey, packets: u64, bytes: u64) -> Result<(), Error> {
     if let Some(counters) = MAC_STATS.get_ptr_mut(key) {
         // SAFETY: the pointer is this CPU's value of a per-CPU hash map entry, valid while the
         // program runs (entries are deleted only by the daemon, and an RCU grace period keeps
         // a deleted value alive until the program returns). TC programs run with migration
         // and bottom halves disabled, so nothing else writes this value concurrently.
         unsafe {
-            (*counters).packets += 1;
+            (*counters).packets += packets;
             (*counters).bytes += bytes;
         }
         return Ok(());
     }
     // A new client. With BPF_ANY, if another CPU inserted the same key since the lookup,
     // the update only writes this CPU's value, which is still zero, so nothing is lost.
-    let first = Counters { packets: 1, bytes };
+    let first = Counters { packets, bytes };
     match MAC_STATS.insert(key, first, u64::from(BPF_ANY)) {
         Ok(()) => {
             debug!(
@@ -254,9 +260,9 @@ fn add(ctx: &TcContext, key: MacKey, bytes: u64) -> Result<(), Error> {
     }
 }
 
-/// Adds one frame to its interface's unattributed row.
+/// Adds a packet's frames to its interface's unattributed row.
 #[inline(always)]
-fn unattributed(ifindex: u32, direction: u8, service: u8, bytes: u64) {
+fn unattributed(ifindex: u32, direction: u8, service: u8, packets: u64, bytes: u64) {
     let key = IfKey {
         ifindex,
         direction,
@@ -266,24 +272,25 @@ fn unattributed(ifindex: u32, direction: u8, service: u8, bytes: u64) {
     if let Some(counters) = UNATTRIBUTED.get_ptr_mut(key) {
         // SAFETY: as in `add`.
         unsafe {
-            (*counters).packets += 1;
+            (*counters).packets += packets;
             (*counters).bytes += bytes;
         }
         return;
     }
-    let first = Counters { packets: 1, bytes };
+    let first = Counters { packets, bytes };
     if UNATTRIBUTED.insert(key, first, u64::from(BPF_ANY)).is_err() {
         // Sized for every interface, direction and service, so this means a kernel failure.
-        record_error(Error::MapUpdate, bytes);
+        record_error(Error::MapUpdate, packets, bytes);
     }
 }
 
-/// Adds one packet to the connection in `scratch.flow`.
+/// Adds a packet's frames to the connection in `scratch.flow`.
 #[inline(always)]
 fn add_flow(
     scratch: &mut Scratch,
     payload: u64,
     direction: u8,
+    packets: u64,
     bytes: u64,
     mac: [u8; 6],
 ) -> Result<(), Error> {
@@ -293,11 +300,11 @@ fn add_flow(
         // SAFETY: as in `add`.
         unsafe {
             if direction == INGRESS {
-                (*flow).rx_packets += 1;
+                (*flow).rx_packets += packets;
                 (*flow).rx_bytes += bytes;
                 (*flow).rx_payload += payload;
             } else {
-                (*flow).tx_packets += 1;
+                (*flow).tx_packets += packets;
                 (*flow).tx_bytes += bytes;
                 (*flow).tx_payload += payload;
             }
@@ -313,11 +320,11 @@ fn add_flow(
         ..FlowCounters::default()
     };
     if direction == INGRESS {
-        first.rx_packets = 1;
+        first.rx_packets = packets;
         first.rx_bytes = bytes;
         first.rx_payload = payload;
     } else {
-        first.tx_packets = 1;
+        first.tx_packets = packets;
         first.tx_bytes = bytes;
         first.tx_payload = payload;
     }

@@ -49,6 +49,9 @@ const TEST_PACKAGES: &[&str] = &[
     "python3-prometheus-client",
     "libiscsi-bin",
     "qemu-utils",
+    // The accounting lab turns segmentation offload off on its veths, as real NICs count
+    // segments.
+    "ethtool",
     "qemu-block-extra",
     // The VM tests (tests/vm_pxe.rs): the x86 system emulator with SeaBIOS and its iPXE
     // NIC ROMs, UEFI firmware (OVMF), the stock iPXE binaries served over TFTP, cpio for
