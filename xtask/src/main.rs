@@ -523,7 +523,8 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
     ))?;
     say("tests (unit, API, store, TFTP with real clients, privileged eBPF)");
     let counts = run_counting(
-        cargo(tc, &["test", "--workspace", "--locked"])
+        // Every test binary runs even after one failed, so one run shows every failure.
+        cargo(tc, &["test", "--workspace", "--locked", "--no-fail-fast"])
             .env("NETBOOT_PROMTOOL", &promtool)
             .env("NETBOOT_VM_ASSETS", &vm_assets),
     )?;
