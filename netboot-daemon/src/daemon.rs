@@ -107,9 +107,16 @@ pub async fn serve(
             Counters::Kernel(acc)
         }
         Err(why) => {
-            tracing::warn!(
-                "{why}: per-client figures are counted in userspace (source=\"userspace\")"
-            );
+            // Not configured is a choice; configured but not loaded is something to fix.
+            if cfg.config.ebpf.interfaces.is_empty() {
+                tracing::info!(
+                    "per-client figures are counted in userspace (source=\"userspace\")"
+                );
+            } else {
+                tracing::warn!(
+                    "{why}: per-client figures are counted in userspace (source=\"userspace\")"
+                );
+            }
             Counters::Userspace {
                 tally: Arc::new(Tally::new(Arc::clone(&bindings))),
                 why,
