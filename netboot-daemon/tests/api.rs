@@ -242,6 +242,12 @@ fn writes() -> Vec<(Method, &'static str, Option<Value>)> {
         (Method::DELETE, "/api/v1/installers/1", None),
         (
             Method::POST,
+            "/api/v1/installers/folders",
+            Some(json!({"path": "win11"})),
+        ),
+        (Method::DELETE, "/api/v1/installers/files/debian.iso", None),
+        (
+            Method::POST,
             "/api/v1/profiles",
             Some(json!({"name": "p9", "kind": "linux"})),
         ),
@@ -339,6 +345,9 @@ async fn reads_need_a_login_but_version_health_and_status_do_not() {
         "/api/v1/unknown-devices",
         "/api/v1/devices/52:54:00:00:00:01/metrics",
         "/api/v1/accounting/attribution",
+        "/api/v1/accounting/services",
+        "/api/v1/installers/folder",
+        "/api/v1/installers/folder?path=win",
     ] {
         assert_eq!(
             app.get(uri, As::Anonymous).await.status,
@@ -374,6 +383,264 @@ async fn device_metrics_without_accounting_say_why() {
         .get("/api/v1/accounting/attribution", As::Cookie(&admin))
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // The per-service throughput says the same, with no figures at all.
+    let r = app
+        .get("/api/v1/accounting/services", As::Cookie(&admin))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["source"], "none");
+    assert_eq!(r.body["services"], json!([]));
+    assert_eq!(r.body["warnings"][0].as_str(), Some(warning));
+    assert_eq!(r.body["sample_secs"], 5);
+}
+
+/// The installers directory as folders: listing with sizes, making folders, deleting
+/// files (with their record) and empty folders; nothing outside the directory is reached,
+/// and every change is audited.
+#[tokio::test]
+async fn installer_folders_list_make_and_delete_inside_the_jail() {
+    let app = App::new();
+    let admin = app.setup_admin().await;
+    let viewer = app.user(&admin, "vera", "viewer").await;
+    let root = app.cfg.paths.installers.clone();
+    std::fs::create_dir_all(root.join("win/sources")).expect("mkdir");
+    std::fs::write(root.join("win/sources/boot.wim"), vec![7u8; 5000]).expect("write");
+    std::fs::write(root.join("win/setup.exe"), vec![7u8; 1000]).expect("write");
+    std::fs::write(root.join("debian.iso"), vec![1u8; 4096]).expect("write");
+    std::fs::write(root.join(".debian.iso.0001.upload"), b"partial").expect("write");
+    let outside = root.parent().expect("parent").join("outside-secret");
+    std::fs::write(&outside, b"secret").expect("write");
+    std::os::unix::fs::symlink(&outside, root.join("escape")).expect("symlink");
+    let r = app
+        .post(
+            "/api/v1/installers",
+            As::Cookie(&admin),
+            json!({"path": "debian.iso", "kind": "iso", "name": "Debian"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let record = r.body["id"].as_i64().expect("id");
+
+    // Viewers may browse: folders first, sizes in bytes, no dotfiles, no escaping links.
+    let r = app
+        .get("/api/v1/installers/folder", As::Cookie(&viewer))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["path"], "");
+    let entries = r.body["entries"].as_array().expect("entries");
+    let names: Vec<&str> = entries.iter().filter_map(|e| e["name"].as_str()).collect();
+    assert_eq!(names, ["win", "debian.iso"], "{}", r.body);
+    assert_eq!(entries[0]["kind"], "folder");
+    assert_eq!(entries[0]["size_bytes"], 6000);
+    assert_eq!(entries[0]["items"], 2);
+    assert_eq!(entries[1]["kind"], "file");
+    assert_eq!(entries[1]["size_bytes"], 4096);
+    assert_eq!(entries[1]["installer_id"], record);
+    let r = app
+        .get("/api/v1/installers/folder?path=win/", As::Cookie(&viewer))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["path"], "win");
+    assert_eq!(r.body["entries"][0]["path"], "win/sources");
+    assert_eq!(r.body["entries"][1]["path"], "win/setup.exe");
+    for (path, status) in [
+        ("..", StatusCode::UNPROCESSABLE_ENTITY),
+        ("win/../..", StatusCode::UNPROCESSABLE_ENTITY),
+        ("escape", StatusCode::UNPROCESSABLE_ENTITY),
+        (".hidden", StatusCode::UNPROCESSABLE_ENTITY),
+        ("missing", StatusCode::NOT_FOUND),
+        ("debian.iso", StatusCode::NOT_FOUND),
+    ] {
+        let r = app
+            .get(
+                &format!("/api/v1/installers/folder?path={path}"),
+                As::Cookie(&viewer),
+            )
+            .await;
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+    }
+
+    // Viewers change nothing.
+    let r = app
+        .post(
+            "/api/v1/installers/folders",
+            As::Cookie(&viewer),
+            json!({"path": "x"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = app
+        .delete("/api/v1/installers/files/debian.iso", As::Cookie(&viewer))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(root.join("debian.iso").exists());
+
+    // Folders: made inside an existing folder, never twice, never outside.
+    let r = app
+        .post(
+            "/api/v1/installers/folders",
+            As::Cookie(&admin),
+            json!({"path": "win/drivers"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(r.body["path"], "win/drivers");
+    assert!(root.join("win/drivers").is_dir());
+    for (path, status) in [
+        ("win/drivers", StatusCode::CONFLICT),
+        ("nope/sub", StatusCode::NOT_FOUND),
+        ("../evil", StatusCode::UNPROCESSABLE_ENTITY),
+        ("escape/sub", StatusCode::UNPROCESSABLE_ENTITY),
+        (".cache", StatusCode::UNPROCESSABLE_ENTITY),
+        ("", StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let r = app
+            .post(
+                "/api/v1/installers/folders",
+                As::Cookie(&admin),
+                json!({ "path": path }),
+            )
+            .await;
+        assert_eq!(r.status, status, "{path:?}: {}", r.body);
+    }
+
+    // Deleting: a file goes with its record; a folder only when empty; a symlink that
+    // points outside is removed as a link, its target stays.
+    let r = app
+        .delete("/api/v1/installers/files/win", As::Cookie(&admin))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = app
+        .delete("/api/v1/installers/files/win/drivers", As::Cookie(&admin))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    assert!(!root.join("win/drivers").exists());
+    let r = app
+        .delete("/api/v1/installers/files/debian.iso", As::Cookie(&admin))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    assert!(!root.join("debian.iso").exists());
+    let r = app
+        .get(&format!("/api/v1/installers/{record}"), As::Cookie(&admin))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "the record went with it");
+    let r = app
+        .delete("/api/v1/installers/files/escape", As::Cookie(&admin))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    assert!(outside.exists(), "the link's target stays");
+    for (path, status) in [
+        ("debian.iso", StatusCode::NOT_FOUND),
+        ("..%2Foutside-secret", StatusCode::UNPROCESSABLE_ENTITY),
+        (".debian.iso.0001.upload", StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let r = app
+            .delete(
+                &format!("/api/v1/installers/files/{path}"),
+                As::Cookie(&admin),
+            )
+            .await;
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+    }
+    assert!(outside.exists() && root.join(".debian.iso.0001.upload").exists());
+
+    let audit = app.audit(&admin).await;
+    let actions: Vec<(&str, &str)> = audit
+        .iter()
+        .filter_map(|e| Some((e["action"].as_str()?, e["target"].as_str()?)))
+        .collect();
+    for want in [
+        ("installer.folder_create", "win/drivers"),
+        ("installer.file_delete", "win/drivers"),
+        ("installer.file_delete", "debian.iso"),
+        ("installer.delete", "debian.iso"),
+        ("installer.file_delete", "escape"),
+    ] {
+        assert!(actions.contains(&want), "{want:?} not audited: {actions:?}");
+    }
+}
+
+/// Users change their own password with the current one: their other sessions end, the
+/// one they change it from stays, the old password stops working, and it is audited.
+#[tokio::test]
+async fn users_change_their_own_password() {
+    let app = App::new();
+    let admin = app.setup_admin().await;
+    let here = app.user(&admin, "otto", "operator").await;
+    let elsewhere = app.login("otto", "user-pass-1").await;
+    let change =
+        |current: &str, new: &str| json!({"current_password": current, "new_password": new});
+    let r = app
+        .post(
+            "/api/v1/auth/password",
+            As::Cookie(&here),
+            change("wrong-password", "new-pass-123"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let r = app
+        .post(
+            "/api/v1/auth/password",
+            As::Cookie(&here),
+            change("user-pass-1", "short"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    let r = app
+        .post(
+            "/api/v1/auth/password",
+            As::Cookie(&here),
+            change("user-pass-1", "new-pass-123"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    assert!(
+        r.headers.get(header::SET_COOKIE).is_none(),
+        "the session stays: no cookie is cleared"
+    );
+    assert_eq!(
+        app.get("/api/v1/auth/me", As::Cookie(&here)).await.status,
+        StatusCode::OK,
+        "the session the change came from stays"
+    );
+    assert_eq!(
+        app.get("/api/v1/auth/me", As::Cookie(&elsewhere))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED,
+        "other sessions end"
+    );
+    let r = app
+        .post(
+            "/api/v1/auth/login",
+            As::Anonymous,
+            json!({"username": "otto", "password": "user-pass-1"}),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "the old password is gone"
+    );
+    app.login("otto", "new-pass-123").await;
+    // Another user's session is untouched.
+    assert_eq!(
+        app.get("/api/v1/auth/me", As::Cookie(&admin)).await.status,
+        StatusCode::OK
+    );
+    let audit = app.audit(&admin).await;
+    let by = |action: &str| {
+        audit
+            .iter()
+            .find(|e| e["action"] == action && e["target"] == "otto")
+            .cloned()
+    };
+    let failed = by("auth.password_change_failed").expect("the wrong attempt is audited");
+    assert_eq!(failed["actor"], "otto");
+    let changed = by("user.update").expect("the change is audited");
+    assert_eq!(changed["actor"], "otto");
+    assert_eq!(changed["detail"]["password"], "changed");
+    assert!(!changed["detail"].to_string().contains("argon2"));
 }
 
 #[tokio::test]

@@ -445,15 +445,21 @@ pub struct PasswordChange {
     pub new_password: String,
 }
 
-/// Changes the caller's own password; all their sessions end.
+/// Changes the caller's own password (the current one is required). Every other session
+/// of the caller ends; the session the change comes from stays logged in.
 #[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", request_body = PasswordChange,
-    responses((status = 204), (status = 401), (status = 403)))]
+    responses((status = 204), (status = 401), (status = 403, description = "the current password is wrong"), (status = 422)))]
 pub(super) async fn change_password(
     State(state): State<AppState>,
     auth: Auth,
     Json(body): Json<PasswordChange>,
 ) -> Result<Response, ApiError> {
     check_new_password(&body.new_password)?;
+    // Guessing the current password from a stolen session is throttled like logins.
+    let user_key = format!("user:{}", auth.username.to_lowercase());
+    if let Some(wait) = state.throttle().check(&[user_key.as_str()], Instant::now()) {
+        return Err(ApiError::too_many_requests(wait));
+    }
     let name = auth.username.clone();
     let (_, phc) = blocking(&state, move |s| s.get_user_credentials(&name)).await?;
     let current = body.current_password;
@@ -461,18 +467,32 @@ pub(super) async fn change_password(
         .await
         .map_err(ApiError::internal)?;
     if !ok {
+        state.throttle().fail(&[user_key.as_str()], Instant::now());
+        let (a, name) = (auth.audit(), auth.username.clone());
+        blocking(&state, move |s| {
+            s.record_audit(
+                &a,
+                "auth.password_change_failed",
+                &name,
+                &serde_json::Value::Null,
+            )
+        })
+        .await?;
         return Err(ApiError::forbidden("the current password is wrong"));
     }
+    state.throttle().succeed(&user_key);
     let patch = UserPatch {
         password_hash: Some(hash(body.new_password).await?),
+        keep_session: match &auth.via {
+            Via::Session(hash) => Some(hash.clone()),
+            Via::Token(_) => None,
+        },
         ..UserPatch::default()
     };
     let (a, name) = (auth.audit(), auth.username.clone());
     blocking(&state, move |s| s.update_user(&a, &name, &patch)).await?;
-    let mut res = StatusCode::NO_CONTENT.into_response();
-    res.headers_mut()
-        .insert(header::SET_COOKIE, session_cookie(&state, "", 0));
-    Ok(res)
+    tracing::info!(user = %auth.username, "password changed");
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Lists users (admin).
@@ -558,6 +578,7 @@ pub(super) async fn update_user(
         role: body.role,
         enabled: body.enabled,
         password_hash,
+        keep_session: None,
     };
     let a = auth.audit();
     Ok(axum::Json(

@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Json, Query};
 use super::inventory::check_name;
-use super::{AppState, Auth};
+use super::{AppState, Auth, blocking};
 use crate::service::images::{CopyError, ImageOps, Operation, image_path};
 use crate::service::iscsi::{Hold, LiveSession, StoreTargets};
 use crate::store::{Audit, ConflictReason, Image, Role, Store, StoreError};
@@ -53,6 +53,57 @@ where
     tokio::task::spawn_blocking(move || f(store.as_ref(), &ops, iscsi.as_deref()))
         .await
         .map_err(ApiError::internal)?
+}
+
+/// A live iSCSI session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub(crate) struct SessionView {
+    /// The initiator's iSCSI name.
+    pub(crate) initiator: String,
+    /// Its address and port.
+    pub(crate) peer: String,
+}
+
+/// An image's live iSCSI sessions.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ImageSessions {
+    /// Whether the iSCSI target runs.
+    iscsi: bool,
+    /// The image's target name, when it does.
+    target: Option<String>,
+    /// The sessions logged in to it now.
+    sessions: Vec<SessionView>,
+}
+
+/// The live sessions on `image` (none while the iSCSI target does not run).
+pub(crate) fn live_sessions(state: &AppState, image: &str) -> Vec<SessionView> {
+    state.iscsi().map_or_else(Vec::new, |t| {
+        t.sessions()
+            .on(&t.target_name(image))
+            .into_iter()
+            .map(|s| SessionView {
+                initiator: s.initiator,
+                peer: s.peer.to_string(),
+            })
+            .collect()
+    })
+}
+
+/// The image's live iSCSI sessions: which initiators are logged in to it now, from where.
+#[utoipa::path(get, path = "/api/v1/images/{name}/sessions", tag = "images", params(("name" = String, Path)),
+    responses((status = 200, body = ImageSessions), (status = 404)))]
+pub(super) async fn image_sessions(
+    State(state): State<AppState>,
+    _auth: Auth,
+    Path(name): Path<String>,
+) -> Result<axum::Json<ImageSessions>, ApiError> {
+    let n = name.clone();
+    blocking(&state, move |s| s.get_image(&n)).await?;
+    Ok(axum::Json(ImageSessions {
+        iscsi: state.iscsi().is_some(),
+        target: state.iscsi().map(|t| t.target_name(&name)),
+        sessions: live_sessions(&state, &name),
+    }))
 }
 
 fn sessions_text(live: &[LiveSession]) -> String {

@@ -11,7 +11,7 @@ use super::error::ApiError;
 use super::inventory::parse_mac;
 use super::{AppState, Auth, VERSION, blocking};
 use crate::metrics::{Exposition, Format, Kind};
-use crate::service::accounting::{Attribution, DeviceTraffic, LifetimeTotal};
+use crate::service::accounting::{Attribution, DeviceTraffic, LifetimeTotal, ServiceFigures};
 use crate::service::tftp::TransferRecord;
 
 /// Without the daemon's services (tests of the API alone) there is no accounting.
@@ -164,6 +164,58 @@ pub(super) async fn device_metrics(
         lifetime,
         traffic: Some(read),
     }))
+}
+
+/// The traffic of each service over all clients.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ServicesTraffic {
+    /// `ebpf` (exact wire bytes, from the kernel), `userspace` (socket payload bytes
+    /// counted by netbootd's servers because the eBPF program is not loaded; see
+    /// `warnings`) or `none`.
+    pub(crate) source: &'static str,
+    /// Why figures are missing or what they leave out.
+    pub(crate) warnings: Vec<String>,
+    /// Seconds between rate samples.
+    pub(crate) sample_secs: u64,
+    /// Per service (empty without accounting).
+    pub(crate) services: Vec<ServiceFigures>,
+}
+
+/// The traffic of each service, as the dashboard shows it (blocking reads off the async
+/// workers).
+pub(crate) async fn services_traffic(state: &AppState) -> Result<ServicesTraffic, ApiError> {
+    let Some(traffic) = state.traffic().cloned() else {
+        return Ok(ServicesTraffic {
+            source: "none",
+            warnings: vec![NOT_RUNNING.to_owned()],
+            sample_secs: crate::service::accounting::SAMPLE_SECS,
+            services: Vec::new(),
+        });
+    };
+    let source = traffic.counters().source();
+    let warnings = traffic.counters().warnings();
+    let services = tokio::task::spawn_blocking(move || traffic.services())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("reading the counters: {e}")))?;
+    Ok(ServicesTraffic {
+        source,
+        warnings,
+        sample_secs: crate::service::accounting::SAMPLE_SECS,
+        services,
+    })
+}
+
+/// Each service's bytes (all clients and the unattributed traffic: wire bytes on the boot
+/// interfaces with eBPF, socket payload bytes in userspace), current rates and the rates
+/// of the last five minutes, with the figures' source.
+#[utoipa::path(get, path = "/api/v1/accounting/services", tag = "metrics",
+    responses((status = 200, body = ServicesTraffic)))]
+pub(super) async fn services(
+    State(state): State<AppState>,
+    _auth: Auth,
+) -> Result<axum::Json<ServicesTraffic>, ApiError> {
+    Ok(axum::Json(services_traffic(&state).await?))
 }
 
 /// Query of [`attribution`].

@@ -13,6 +13,11 @@ mod error;
     unused_qualifications,
     reason = "utoipa's path macro expands `params(T)` into qualified paths"
 )]
+mod folders;
+#[allow(
+    unused_qualifications,
+    reason = "utoipa's path macro expands `params(T)` into qualified paths"
+)]
 mod images;
 #[allow(
     unused_qualifications,
@@ -213,6 +218,7 @@ where
         inventory::update_image,
         images::delete_image,
         images::copy_image,
+        images::image_sessions,
         images::rename_image,
         images::adopt_images,
         images::list_operations,
@@ -223,6 +229,9 @@ where
         inventory::update_installer,
         inventory::delete_installer,
         upload::upload_installer,
+        folders::list_folder,
+        folders::create_folder,
+        folders::delete_file,
         inventory::list_profiles,
         inventory::get_profile,
         inventory::create_profile,
@@ -237,6 +246,7 @@ where
         metrics::tftp_transfers,
         metrics::device_metrics,
         metrics::attribution,
+        metrics::services,
         dhcp::leases,
     ),
     components(schemas(ErrorBody))
@@ -299,6 +309,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/images/adopt", post(images::adopt_images))
         .route("/images/{name}/copy", post(images::copy_image))
+        .route("/images/{name}/sessions", get(images::image_sessions))
         .route("/images/{name}/rename", post(images::rename_image))
         .route("/operations", get(images::list_operations))
         .route("/operations/{id}", get(images::get_operation))
@@ -312,9 +323,11 @@ pub fn router(state: AppState) -> Router {
                 .patch(inv::update_installer)
                 .delete(inv::delete_installer),
         )
+        .route("/installers/folder", get(folders::list_folder))
+        .route("/installers/folders", post(folders::create_folder))
         .route(
             "/installers/files/{*path}",
-            axum::routing::put(upload::upload_installer),
+            axum::routing::put(upload::upload_installer).delete(folders::delete_file),
         )
         .route(
             "/profiles",
@@ -339,6 +352,7 @@ pub fn router(state: AppState) -> Router {
         .route("/dhcp/leases", get(dhcp::leases))
         .route("/devices/{mac}/metrics", get(metrics::device_metrics))
         .route("/accounting/attribution", get(metrics::attribution))
+        .route("/accounting/services", get(metrics::services))
         .fallback(api_not_found)
         .with_state(state.clone());
     let boot = Router::new()

@@ -8,7 +8,7 @@
 //! the rest are summed under `mac="other"`, so a scrape stays small however many
 //! addresses cross the interfaces.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -39,10 +39,17 @@ const FLOW_IDLE: Duration = Duration::from_secs(600);
 const SWEEP_EVERY: u32 = 60;
 /// How often rates are sampled, in ticks.
 const RATE_EVERY: u32 = 5;
+/// How often rates are sampled, in seconds.
+pub const SAMPLE_SECS: u64 = RATE_EVERY as u64 * TICK.as_secs();
 /// How often the per-device totals are saved, in ticks.
 const FOLD_EVERY: u32 = 60;
 /// Connections seen this recently are a device's active sessions.
 const ACTIVE: Duration = Duration::from_secs(30);
+/// Aggregate rate samples kept for the dashboard: five minutes at one per [`RATE_EVERY`]
+/// ticks.
+const HISTORY: usize = 60;
+/// The services in the order the dashboard shows them.
+const SERVICES: [&str; 5] = ["dhcp", "tftp", "http", "iscsi", "other"];
 
 /// Where the per-client figures come from.
 #[derive(Debug)]
@@ -140,6 +147,115 @@ struct Rates {
     last: Option<(Instant, HashMap<RowKey, u64>)>,
     /// Bytes per second per row between the last two samples.
     current: HashMap<RowKey, f64>,
+    /// The rates of each service, all clients and unattributed traffic together.
+    services: ServiceRates,
+    /// Each device's rates (from it, to it) of the last [`HISTORY`] samples, oldest
+    /// first; only devices with traffic in that window.
+    devices: HashMap<MacAddr, VecDeque<(f64, f64)>>,
+}
+
+/// Adds one sample of the per-row rates `current` to each device's history: devices
+/// without traffic get a zero, and a device whose window holds only zeros is dropped.
+fn record_devices(
+    devices: &mut HashMap<MacAddr, VecDeque<(f64, f64)>>,
+    current: &HashMap<RowKey, f64>,
+) {
+    let mut now: HashMap<MacAddr, (f64, f64)> = HashMap::new();
+    for ((mac, _, direction), rate) in current {
+        let e = now.entry(*mac).or_default();
+        match direction {
+            Direction::Ingress => e.0 += rate,
+            Direction::Egress => e.1 += rate,
+        }
+    }
+    let macs: HashSet<MacAddr> = devices.keys().chain(now.keys()).copied().collect();
+    for mac in macs {
+        let h = devices.entry(mac).or_default();
+        if h.len() == HISTORY {
+            h.pop_front();
+        }
+        h.push_back(now.get(&mac).copied().unwrap_or_default());
+    }
+    devices.retain(|_, h| h.iter().any(|(rx, tx)| *rx > 0.0 || *tx > 0.0));
+}
+
+/// Bytes per service name and direction.
+type ServiceBytes = BTreeMap<(&'static str, Direction), u64>;
+
+/// Each service's bytes over all clients plus the unattributed bytes: all the traffic of
+/// that service the eBPF program counted on the boot interfaces.
+fn service_bytes(
+    clients: impl Iterator<Item = (Service, Direction, u64)>,
+    unattributed: impl Iterator<Item = (Service, Direction, u64)>,
+) -> ServiceBytes {
+    let mut out = ServiceBytes::new();
+    for (service, direction, bytes) in clients.chain(unattributed) {
+        let e = out.entry((service.as_str(), direction)).or_default();
+        *e = e.saturating_add(bytes);
+    }
+    out
+}
+
+/// The aggregate rate of each service, sampled with the per-device rates, and the last
+/// [`HISTORY`] samples of it.
+#[derive(Debug, Default)]
+struct ServiceRates {
+    last: Option<(Instant, ServiceBytes)>,
+    /// Rates per sample, oldest first: bytes per second per service and direction.
+    history: VecDeque<BTreeMap<(&'static str, Direction), f64>>,
+}
+
+impl ServiceRates {
+    /// Adds a sample of the byte counts `bytes` taken at `now`.
+    fn record(&mut self, now: Instant, bytes: ServiceBytes) {
+        if let Some((then, before)) = &self.last {
+            let secs = now.duration_since(*then).as_secs_f64();
+            if secs > 0.0 {
+                let rates = bytes
+                    .iter()
+                    .map(|(k, v)| {
+                        let delta = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+                        (*k, delta as f64 / secs)
+                    })
+                    .collect();
+                if self.history.len() == HISTORY {
+                    self.history.pop_front();
+                }
+                self.history.push_back(rates);
+            }
+        }
+        self.last = Some((now, bytes));
+    }
+
+    /// Each service's figures from the current byte counts `bytes`: the known services
+    /// always, in a fixed order, then any other the counters name.
+    fn figures(&self, bytes: &ServiceBytes) -> Vec<ServiceFigures> {
+        let mut names: Vec<&'static str> = SERVICES.to_vec();
+        for (name, _) in bytes.keys() {
+            if !names.contains(name) {
+                names.push(name);
+            }
+        }
+        let rate = |sample: &BTreeMap<(&'static str, Direction), f64>, k| {
+            sample.get(&k).copied().unwrap_or(0.0)
+        };
+        names
+            .into_iter()
+            .map(|name| {
+                let (rx, tx) = ((name, Direction::Ingress), (name, Direction::Egress));
+                let now = self.history.back();
+                ServiceFigures {
+                    service: name,
+                    rx_bytes: bytes.get(&rx).copied().unwrap_or(0),
+                    tx_bytes: bytes.get(&tx).copied().unwrap_or(0),
+                    rx_bytes_per_second: now.map_or(0.0, |s| rate(s, rx)),
+                    tx_bytes_per_second: now.map_or(0.0, |s| rate(s, tx)),
+                    rx_history: self.history.iter().map(|s| rate(s, rx)).collect(),
+                    tx_history: self.history.iter().map(|s| rate(s, tx)).collect(),
+                }
+            })
+            .collect()
+    }
 }
 
 impl Traffic {
@@ -189,6 +305,14 @@ impl Traffic {
         for r in rows {
             *bytes.entry((r.mac, r.service, r.direction)).or_default() += r.bytes;
         }
+        let services = service_bytes(
+            bytes.iter().map(|((_, s, d), b)| (*s, *d, *b)),
+            self.counters
+                .unattributed()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| (r.service, r.direction, r.bytes)),
+        );
         let totals = iscsi_totals(bytes.iter().map(|(k, b)| (*k, *b)));
         let changes = self
             .install
@@ -207,9 +331,14 @@ impl Traffic {
                     })
                     .filter(|(_, r)| *r > 0.0)
                     .collect();
+                let Rates {
+                    current, devices, ..
+                } = &mut *rates;
+                record_devices(devices, current);
             }
         }
         rates.last = Some((now, bytes));
+        rates.services.record(now, services);
         changes
     }
 
@@ -335,6 +464,23 @@ impl Traffic {
             .collect())
     }
 
+    /// Each service's bytes and rates over all clients and the unattributed traffic, with
+    /// the recent rates (blocking: map reads are syscalls).
+    pub fn services(&self) -> Result<Vec<ServiceFigures>, crate::ebpf::EbpfError> {
+        let bytes = service_bytes(
+            self.counters
+                .rows()?
+                .into_iter()
+                .map(|r| (r.service, r.direction, r.bytes)),
+            self.counters
+                .unattributed()?
+                .into_iter()
+                .map(|r| (r.service, r.direction, r.bytes)),
+        );
+        let rates = self.rates.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(rates.services.figures(&bytes))
+    }
+
     /// One device's figures: totals, rates and active sessions.
     pub fn device(&self, mac: MacAddr) -> Result<DeviceTraffic, crate::ebpf::EbpfError> {
         let source = self.counters.source();
@@ -360,6 +506,9 @@ impl Traffic {
                 source,
             })
             .collect();
+        let history = rates.devices.get(&mac);
+        let rx_history = history.map_or_else(Vec::new, |h| h.iter().map(|r| r.0).collect());
+        let tx_history = history.map_or_else(Vec::new, |h| h.iter().map(|r| r.1).collect());
         drop(rates);
         let sessions = match &self.counters {
             Counters::Kernel(acc) => acc
@@ -404,6 +553,8 @@ impl Traffic {
             .status(mac);
         Ok(DeviceTraffic {
             totals,
+            rx_history,
+            tx_history,
             sessions,
             install,
         })
@@ -494,6 +645,11 @@ impl Traffic {
 pub struct DeviceTraffic {
     /// Per service and direction, since the counters were created.
     pub totals: Vec<ServiceTotal>,
+    /// Bytes per second from the device, all services, of each recent sample (5 s apart,
+    /// at most five minutes), oldest first; empty when it had no traffic in that time.
+    pub rx_history: Vec<f64>,
+    /// Bytes per second to the device, as `rx_history`.
+    pub tx_history: Vec<f64>,
     /// Connections (TFTP transfers, HTTP and iSCSI connections) seen in the last 30 s.
     pub sessions: Vec<Session>,
     /// Install progress on its iSCSI disk, once it has written (see [`install`]).
@@ -525,6 +681,27 @@ pub struct LifetimeTotal {
     /// `ebpf` or `userspace`: totals of the other source, from runs without (or with)
     /// the eBPF program, are kept apart and not shown.
     pub source: &'static str,
+}
+
+/// One service's traffic over all clients (`GET /api/v1/accounting/services`).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ServiceFigures {
+    /// `dhcp`, `tftp`, `http`, `iscsi` or `other`.
+    pub service: &'static str,
+    /// Bytes received from clients since the counters were created (wire bytes with
+    /// eBPF, socket payload bytes in userspace).
+    pub rx_bytes: u64,
+    /// Bytes sent to clients.
+    pub tx_bytes: u64,
+    /// Received bytes per second between the last two samples (every 5 s).
+    pub rx_bytes_per_second: f64,
+    /// Sent bytes per second between the last two samples.
+    pub tx_bytes_per_second: f64,
+    /// Received bytes per second of each recent sample, oldest first (5 s apart, at most
+    /// five minutes).
+    pub rx_history: Vec<f64>,
+    /// Sent bytes per second of each recent sample, oldest first.
+    pub tx_history: Vec<f64>,
 }
 
 /// A device's bytes of one service in one direction.
@@ -1161,6 +1338,70 @@ mod tests {
         };
         assert_eq!(f.pending((12, 1100)), (2, 100));
         assert_eq!(f.pending((3, 90)), (3, 90));
+    }
+
+    #[test]
+    fn service_rates_sum_clients_and_unattributed_and_keep_a_history() {
+        use Direction::{Egress, Ingress};
+        let bytes = |tftp_tx: u64, iscsi_rx: u64| {
+            service_bytes(
+                [
+                    (Service::Tftp, Egress, tftp_tx),
+                    (Service::Tftp, Egress, 1000),
+                    (Service::Iscsi, Ingress, iscsi_rx),
+                ]
+                .into_iter(),
+                [
+                    (Service::Tftp, Egress, 500),
+                    (Service::Unknown(9), Ingress, 7),
+                ]
+                .into_iter(),
+            )
+        };
+        let mut r = ServiceRates::default();
+        let t0 = Instant::now();
+        r.record(t0, bytes(0, 0));
+        let first = r.figures(&bytes(0, 0));
+        let names: Vec<&str> = first.iter().map(|f| f.service).collect();
+        assert_eq!(names, ["dhcp", "tftp", "http", "iscsi", "other", "unknown"]);
+        assert_eq!(first[1].tx_bytes, 1500, "clients plus unattributed");
+        assert!(first[1].tx_history.is_empty(), "one sample is no rate yet");
+        for i in 1..=HISTORY as u64 + 3 {
+            let now = bytes(10_000 * i, 5_000 * i);
+            r.record(t0 + Duration::from_secs(5 * i), now);
+        }
+        let f = r.figures(&bytes(0, 0));
+        assert!((f[1].tx_bytes_per_second - 2000.0).abs() < 1e-6);
+        assert!((f[3].rx_bytes_per_second - 1000.0).abs() < 1e-6);
+        assert_eq!(f[1].tx_history.len(), HISTORY, "bounded");
+        assert!(f[0].rx_history.iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn device_histories_are_bounded_and_forget_quiet_devices() {
+        let (a, b): (MacAddr, MacAddr) = (
+            "52:54:00:00:00:0a".parse().expect("mac"),
+            "52:54:00:00:00:0b".parse().expect("mac"),
+        );
+        let mut devices = HashMap::new();
+        let busy = HashMap::from([
+            ((a, Service::Iscsi, Direction::Ingress), 100.0),
+            ((a, Service::Tftp, Direction::Egress), 10.0),
+            ((a, Service::Iscsi, Direction::Egress), 5.0),
+            ((b, Service::Http, Direction::Egress), 1.0),
+        ]);
+        record_devices(&mut devices, &busy);
+        assert_eq!(devices[&a], [(100.0, 15.0)]);
+        let only_a = HashMap::from([((a, Service::Iscsi, Direction::Ingress), 1.0)]);
+        for _ in 0..HISTORY {
+            record_devices(&mut devices, &only_a);
+        }
+        assert_eq!(devices[&a].len(), HISTORY, "bounded");
+        assert!(!devices.contains_key(&b), "a quiet window is forgotten");
+        for _ in 0..HISTORY {
+            record_devices(&mut devices, &HashMap::new());
+        }
+        assert!(devices.is_empty());
     }
 
     #[test]

@@ -709,6 +709,9 @@ pub struct UserPatch {
     pub enabled: Option<bool>,
     /// New argon2id PHC string.
     pub password_hash: Option<String>,
+    /// The one session (hash of its secret) that survives the change: the caller's own,
+    /// when users change their own password. Every other session of the user ends.
+    pub keep_session: Option<String>,
 }
 
 /// A login session (the cookie's secret is stored only as a hash).

@@ -1362,7 +1362,10 @@ impl Store for Sqlite {
                 params![username, role.as_str(), enabled, p.password_hash],
             )?;
             if role != before.role || enabled != before.enabled || p.password_hash.is_some() {
-                tx.execute("DELETE FROM sessions WHERE username = ?1", [username])?;
+                tx.execute(
+                    "DELETE FROM sessions WHERE username = ?1 AND token_hash IS NOT ?2",
+                    params![username, p.keep_session],
+                )?;
             }
             let after = user_in(tx, username)?;
             let mut detail = diff(&before, &after);

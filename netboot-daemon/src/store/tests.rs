@@ -185,6 +185,23 @@ fn sessions_end_when_the_password_changes_and_expire() {
         s.get_session("a", now).expect("q").is_none(),
         "ended by the password change"
     );
+    // Users who change their own password keep the session they do it from.
+    s.create_session(&admin(), &session("mine"))
+        .expect("session");
+    s.create_session(&admin(), &session("other"))
+        .expect("session");
+    let own = UserPatch {
+        password_hash: Some("$newer".into()),
+        keep_session: Some("mine".into()),
+        ..UserPatch::default()
+    };
+    s.update_user(&admin(), "root", &own)
+        .expect("change own password");
+    assert!(s.get_session("mine", now).expect("q").is_some(), "kept");
+    assert!(
+        s.get_session("other", now).expect("q").is_none(),
+        "the other session ended"
+    );
     let detail = s
         .list_audit(&AuditQuery {
             action: Some("user.update".into()),
