@@ -1,7 +1,8 @@
 //! The web UI in headless Chromium, driven over the DevTools protocol: first-run setup,
 //! login, registering an unknown device, creating and linking an image, uploading an
-//! installer with progress, a boot event arriving live over SSE, and a viewer who sees no
-//! write controls. Screenshots of every page at 1440×900 go to `docs/screenshots/`.
+//! installer with progress, browsing installer folders, the dashboard's throughput panel,
+//! a boot event arriving live over SSE, a viewer who sees no write controls and changes
+//! their own password. Screenshots of every page at 1440×900 go to `docs/screenshots/`.
 //!
 //! Needs the Debian package `chromium` (`cargo xtask` installs it with the test
 //! packages); without it the test says SKIPPED loudly and passes (fails under CI=true).
@@ -353,6 +354,7 @@ fn submit(page: &mut Page, form: &str, what: &str) {
 
 const ADMIN: (&str, &str) = ("admin", "correct horse battery");
 const VIEWER: (&str, &str) = ("watcher", "viewer password 1");
+const VIEWER_NEW: &str = "viewer password 2";
 const UNKNOWN_MAC: &str = "52:54:00:aa:bb:01";
 const OTHER_MAC: &str = "52:54:00:aa:bb:02";
 
@@ -362,6 +364,47 @@ fn login(page: &mut Page, base: &str, (user, password): (&str, &str)) {
     page.set("#login [name=password]", password);
     submit(page, "#login", "the dashboard after login");
     assert!(page.url().ends_with("/ui/"), "login leads to the dashboard");
+}
+
+/// Puts `file` into the upload form's file input.
+fn choose_file(page: &mut Page, file: &Path) {
+    let input = page.call(
+        "Runtime.evaluate",
+        json!({ "expression": "document.querySelector('#upload-file')" }),
+    );
+    let object = input["result"]["objectId"]
+        .as_str()
+        .expect("file input")
+        .to_owned();
+    page.call(
+        "DOM.setFileInputFiles",
+        json!({ "files": [file.display().to_string()], "objectId": object }),
+    );
+}
+
+/// The answer `GET /api/v1/accounting/services` gives with eBPF accounting: rates of
+/// `rate` bytes per second out of TFTP and iSCSI.
+fn canned_services(rate: f64) -> String {
+    let history: Vec<f64> = (0..60).map(|i| rate * f64::from(i) / 59.0).collect();
+    let service = |name: &str, tx: u64, tx_rate: f64| {
+        json!({
+            "service": name, "rx_bytes": tx / 50, "tx_bytes": tx,
+            "rx_bytes_per_second": tx_rate / 50.0, "tx_bytes_per_second": tx_rate,
+            "rx_history": history.iter().map(|v| v * tx_rate / rate.max(1.0) / 50.0).collect::<Vec<_>>(),
+            "tx_history": history.iter().map(|v| v * tx_rate / rate.max(1.0)).collect::<Vec<_>>(),
+        })
+    };
+    json!({
+        "source": "ebpf", "warnings": [], "sample_secs": 1,
+        "services": [
+            service("dhcp", 61_440, 0.0),
+            service("tftp", 1_048_576, rate / 10.0),
+            service("http", 734_003_200, 0.0),
+            service("iscsi", 3_221_225_472, rate),
+            service("other", 0, 0.0),
+        ],
+    })
+    .to_string()
 }
 
 fn browse(base: String, upload: PathBuf) {
@@ -511,18 +554,7 @@ fn browse(base: String, upload: PathBuf) {
 
     // Upload an installer with a progress bar.
     page.goto(&format!("{base}/ui/installers"));
-    let input = page.call(
-        "Runtime.evaluate",
-        json!({ "expression": "document.querySelector('#upload-file')" }),
-    );
-    let object = input["result"]["objectId"]
-        .as_str()
-        .expect("file input")
-        .to_owned();
-    page.call(
-        "DOM.setFileInputFiles",
-        json!({ "files": [upload.display().to_string()], "objectId": object }),
-    );
+    choose_file(&mut page, &upload);
     page.set("#upload [name=kind]", "iso");
     page.set("#upload [name=name]", "Debian netinst");
     page.eval("window.__stale = true; document.querySelector('#upload').requestSubmit()");
@@ -547,7 +579,79 @@ fn browse(base: String, upload: PathBuf) {
     assert_eq!(installers[0]["path"], json!("debian-netinst.iso"));
     assert_eq!(installers[0]["size_bytes"], json!(UPLOAD_BYTES));
     assert!(page.text("#installer-table").contains("Debian netinst"));
+    let row = "#folder-table tr[data-entry='debian-netinst.iso']";
+    assert!(page.text(row).contains("24.0 MiB"), "{}", page.text(row));
+    assert_eq!(
+        page.eval(&format!(
+            "document.querySelector(\"{row} td[title]\").title"
+        )),
+        json!(format!("{UPLOAD_BYTES} bytes")),
+        "the raw bytes on hover"
+    );
+
+    // Folders: make one, browse into it, upload there, delete the file again.
+    page.set("#folder-create [name=path]", "win11");
+    submit(
+        &mut page,
+        "#folder-create",
+        "the installers page with the folder",
+    );
     page.screenshot("installers");
+    page.navigating(
+        "the folder win11",
+        "document.querySelector(\"#folder-table a.folder[href$='path=win11']\").click()",
+    );
+    assert!(
+        page.url().ends_with("/ui/installers?path=win11"),
+        "{}",
+        page.url()
+    );
+    assert_eq!(
+        page.eval("document.querySelector('.crumbs').textContent"),
+        json!("installers/win11"),
+        "the breadcrumb"
+    );
+    assert!(page.text("main").contains("This folder is empty"));
+    let drivers = upload.with_file_name("virtio-win drivers #1.zip");
+    choose_file(&mut page, &drivers);
+    page.set("#upload [name=kind]", "other");
+    page.eval("window.__stale = true; document.querySelector('#upload').requestSubmit()");
+    page.wait(
+        "the upload into the folder",
+        "document.querySelector('#upload .form-ok').innerText.includes('Uploaded win11/')",
+    );
+    page.wait_loaded("the folder after the upload");
+    let folder = page.eval("fetch('/api/v1/installers/folder?path=win11').then(r => r.json())");
+    assert_eq!(
+        folder["entries"][0]["path"],
+        json!("win11/virtio-win drivers #1.zip")
+    );
+    assert_eq!(folder["entries"][0]["size_bytes"], json!(DRIVER_BYTES));
+    let row = "#folder-table tbody tr:first-child";
+    assert!(page.text(row).contains("300 KiB"), "{}", page.text(row));
+    assert!(page.text(row).contains("virtio-win drivers #1.zip"));
+    let download = page.eval(&format!(
+        "fetch(document.querySelector('{row} a.file').href).then(r => r.blob()).then(b => b.size)"
+    ));
+    assert_eq!(download, json!(DRIVER_BYTES), "the link serves the file");
+    page.screenshot("installers-folder");
+    page.navigating(
+        "the folder after deleting the file",
+        &format!("document.querySelector('{row} button.danger').click()"),
+    );
+    let folder = page.eval("fetch('/api/v1/installers/folder?path=win11').then(r => r.json())");
+    assert_eq!(
+        folder["entries"],
+        json!([]),
+        "the confirmed delete went through"
+    );
+    assert!(page.text("main").contains("This folder is empty"));
+    page.navigating(
+        "the installers directory",
+        "document.querySelector('.crumbs a').click()",
+    );
+    assert!(page.url().ends_with("/ui/installers"), "{}", page.url());
+    assert_eq!(page.count("#folder-table tbody tr"), 2, "win11 and the ISO");
 
     // The device page: edit it, then see a boot event arrive live over SSE.
     page.goto(&format!("{base}/ui/devices/{UNKNOWN_MAC}"));
@@ -607,6 +711,8 @@ fn browse(base: String, upload: PathBuf) {
     page.canned = Some(
         json!({
             "mac": UNKNOWN_MAC, "source": "ebpf", "warnings": [],
+            "rx_history": (0..60).map(|i| f64::from(i) * 1000.0).collect::<Vec<_>>(),
+            "tx_history": (0..60).map(|i| f64::from(i % 20) * 524_288.0 + 524_288.0).collect::<Vec<_>>(),
             "totals": [
                 { "service": "tftp", "direction": "tx", "packets": 900, "bytes": 1_048_576, "bytes_per_second": 0.0, "source": "ebpf" },
                 { "service": "tftp", "direction": "rx", "packets": 900, "bytes": 57_600, "bytes_per_second": 0.0, "source": "ebpf" },
@@ -645,6 +751,12 @@ fn browse(base: String, upload: PathBuf) {
             "{figure} missing from the panel: {traffic}"
         );
     }
+    assert_eq!(
+        page.eval("document.querySelector('#metrics .rate-line').textContent"),
+        json!("from it 57.6 KiB/s to it 10.0 MiB/s · last 5 minutes"),
+        "the rate sparkline's legend is the newest sample"
+    );
+    assert_eq!(page.count("#metrics .rate-line polyline"), 2);
     if std::env::var_os("NETBOOT_WEB_SHOTS_CANNED").is_some() {
         page.screenshot("canned-traffic");
     }
@@ -700,7 +812,60 @@ fn browse(base: String, upload: PathBuf) {
         "the live feed",
         "document.querySelector('tbody[data-events]').dataset.connected === '1'",
     );
+    // Without eBPF the throughput panel says why and shows no figure.
+    page.wait(
+        "the throughput panel's first update",
+        "document.querySelector('#throughput').dataset.updated",
+    );
+    let api_services = page.eval("fetch('/api/v1/accounting/services').then(r => r.json())");
+    assert_eq!(api_services["source"], json!("none"));
+    let panel = page.text("#throughput");
+    let reason = api_services["warnings"][0].as_str().expect("a reason");
+    assert!(panel.contains(reason), "the API's reason is shown: {panel}");
+    assert!(!panel.contains("/s"), "no rates without eBPF: {panel}");
+    assert_eq!(page.count("#throughput table:not([hidden])"), 0);
     page.screenshot("dashboard");
+
+    // With eBPF the panel shows each service's rates and totals from the API (here a
+    // fixed answer of the API's shape), and live updates move nothing on the page.
+    page.canned = Some(canned_services(10_485_760.0));
+    page.call(
+        "Fetch.enable",
+        json!({ "patterns": [{ "urlPattern": "*/api/v1/accounting/services" }] }),
+    );
+    page.goto(&format!("{base}/ui/"));
+    page.wait(
+        "the throughput rows",
+        "document.querySelectorAll('#throughput tbody tr').length === 5 && !document.querySelector('#throughput table').hidden",
+    );
+    let panel = page.text("#throughput");
+    for figure in [
+        "iscsi",
+        "10.0 MiB/s",
+        "3.00 GiB in all",
+        "tftp",
+        "1.00 MiB/s",
+        "700 MiB in all",
+    ] {
+        assert!(panel.contains(figure), "{figure} missing: {panel}");
+    }
+    assert_eq!(page.count("#throughput polyline"), 10);
+    let layout = "JSON.stringify(['#throughput', '.events'].map(s => document.querySelector(s).getBoundingClientRect()).map(r => [r.top, r.height, r.width]))";
+    let before = page.eval(layout);
+    let updated = page.eval("document.querySelector('#throughput').dataset.updated");
+    page.canned = Some(canned_services(524_288_000.0));
+    page.wait(
+        "a live update with new figures",
+        &format!(
+            "document.querySelector('#throughput').dataset.updated !== {updated} && document.querySelector('#throughput').innerText.includes('500 MiB/s')"
+        ),
+    );
+    assert_eq!(page.eval(layout), before, "live updates shift nothing");
+    if std::env::var_os("NETBOOT_WEB_SHOTS_CANNED").is_some() {
+        page.screenshot("canned-throughput");
+    }
+    page.call("Fetch.disable", json!({}));
+    page.canned = None;
 
     // A boot profile, and the settings.
     page.goto(&format!("{base}/ui/profiles"));
@@ -799,6 +964,34 @@ fn browse(base: String, upload: PathBuf) {
     }
     page.goto(&format!("{base}/ui/devices/{UNKNOWN_MAC}"));
     page.screenshot("device-viewer");
+
+    // The viewer changes their own password: this session stays, the new one logs in.
+    page.navigating(
+        "the account page",
+        "document.querySelector('.who a.user').click()",
+    );
+    assert!(page.url().ends_with("/ui/account"), "{}", page.url());
+    page.set("#password-change [name=current_password]", VIEWER.1);
+    page.set("#password-change [name=new_password]", VIEWER_NEW);
+    page.set("#password-change [name=confirm]", VIEWER_NEW);
+    page.screenshot("account");
+    page.eval("document.querySelector('#password-change').requestSubmit()");
+    page.wait(
+        "the password change",
+        "document.querySelector('#password-change .form-ok').innerText.includes('changed')",
+    );
+    let me = page.eval("fetch('/api/v1/auth/me').then(r => r.status)");
+    assert_eq!(me, json!(200), "the session stays");
+    page.navigating(
+        "the login page",
+        "document.querySelector('[data-logout]').click()",
+    );
+    let old = page.eval(&format!(
+        "fetch('/api/v1/auth/login', {{method: 'POST', headers: {{'Content-Type': 'application/json'}}, body: JSON.stringify({{username: '{}', password: '{}'}})}}).then(r => r.status)",
+        VIEWER.0, VIEWER.1
+    ));
+    assert_eq!(old, json!(401), "the old password is refused");
+    login(&mut page, &base, (VIEWER.0, VIEWER_NEW));
     page.goto(&format!("{base}/ui/admin"));
     let refused = page.text("body");
     assert!(
@@ -814,6 +1007,7 @@ fn browse(base: String, upload: PathBuf) {
 }
 
 const UPLOAD_BYTES: u64 = 24 << 20;
+const DRIVER_BYTES: u64 = 300 << 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_ui_in_headless_chromium() {
@@ -828,6 +1022,11 @@ async fn web_ui_in_headless_chromium() {
     let served = Served::start(http_only_config(dir.path())).await;
     let upload = dir.path().join("debian-netinst.iso");
     std::fs::write(&upload, vec![0x5a; UPLOAD_BYTES as usize]).expect("upload file");
+    std::fs::write(
+        upload.with_file_name("virtio-win drivers #1.zip"),
+        vec![0x33; DRIVER_BYTES as usize],
+    )
+    .expect("second upload file");
     let base = served.base.clone();
     tokio::task::spawn_blocking(move || browse(base, upload))
         .await

@@ -76,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/leases", get(pages::leases))
         .route("/ui/settings", get(pages::settings))
         .route("/ui/admin", get(pages::admin))
+        .route("/ui/account", get(pages::account))
         .route("/ui/events", get(feed::stream))
         .route("/ui/static/{version}/{file}", get(asset))
         .layer(axum::middleware::map_response(security_headers))

@@ -9,7 +9,7 @@ use axum::extract::{OriginalUri, Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
-use super::view::{Chart, Shell, Size, iso};
+use super::view::{Chart, SPARK_H, SPARK_W, Shell, Size, iso, spark_points, url_path};
 use super::{VERSION, static_prefix};
 use crate::api::inventory::parse_mac;
 use crate::api::{ApiError, AppState, Auth, blocking};
@@ -234,6 +234,8 @@ pub(super) struct ImageRow {
     linked_mac: String,
     cloned_from: String,
     created_at: String,
+    /// Live iSCSI sessions: initiator and address.
+    sessions: Vec<(String, String)>,
 }
 
 fn image_rows(images: &[Image], dir: &FsPath) -> Vec<ImageRow> {
@@ -250,17 +252,54 @@ fn image_rows(images: &[Image], dir: &FsPath) -> Vec<ImageRow> {
             linked_mac: i.linked_mac.map(|m| m.to_string()).unwrap_or_default(),
             cloned_from: i.cloned_from.clone().unwrap_or_default(),
             created_at: iso(Some(i.created_at)),
+            sessions: Vec::new(),
         })
         .collect()
 }
 
 // Dashboard.
 
+/// One service's throughput as the dashboard shows it.
+pub(super) struct ThroughputRow {
+    service: &'static str,
+    rx_rate: Size,
+    tx_rate: Size,
+    rx: Size,
+    tx: Size,
+    rx_points: String,
+    tx_points: String,
+}
+
+fn throughput_rows(services: &[crate::service::accounting::ServiceFigures]) -> Vec<ThroughputRow> {
+    services
+        .iter()
+        .map(|f| {
+            let (rx_points, tx_points) = spark_points(&f.rx_history, &f.tx_history, 60);
+            ThroughputRow {
+                service: f.service,
+                rx_rate: Size(f.rx_bytes_per_second.round() as u64),
+                tx_rate: Size(f.tx_bytes_per_second.round() as u64),
+                rx: Size(f.rx_bytes),
+                tx: Size(f.tx_bytes),
+                rx_points,
+                tx_points,
+            }
+        })
+        .collect()
+}
+
 /// The dashboard.
 #[derive(Template)]
 #[template(path = "web/dashboard.html")]
 struct DashboardPage {
     shell: Shell,
+    /// `ebpf` or `none`.
+    traffic_source: &'static str,
+    /// Why there are no figures.
+    traffic_off: String,
+    throughput: Vec<ThroughputRow>,
+    spark_w: f64,
+    spark_h: f64,
     devices_total: u64,
     devices_active: usize,
     active_minutes: i64,
@@ -311,11 +350,17 @@ pub(super) async fn dashboard(
     let images_shown = tokio::task::spawn_blocking(move || image_rows(&images, &dir))
         .await
         .map_err(ApiError::internal)?;
+    let traffic = crate::api::metrics::services_traffic(&state).await?;
     let mut recent: Vec<&Device> = devices.items.iter().collect();
     recent.sort_by_key(|d| std::cmp::Reverse(d.last_seen));
     let times: Vec<Timestamp> = day.iter().map(|e| e.at).collect();
     let page = DashboardPage {
         shell,
+        traffic_source: traffic.source,
+        traffic_off: traffic.warnings.join("; "),
+        throughput: throughput_rows(&traffic.services),
+        spark_w: SPARK_W,
+        spark_h: SPARK_H,
         devices_total: devices.total,
         devices_active: devices
             .items
@@ -527,6 +572,8 @@ pub(super) async fn unknown(
 #[template(path = "web/images.html")]
 struct ImagesPage {
     shell: Shell,
+    /// Whether the iSCSI target runs (live sessions are known).
+    iscsi: bool,
     images: Vec<ImageRow>,
     /// Devices without an image, for linking: (MAC, name).
     devices: Vec<(String, String)>,
@@ -549,11 +596,18 @@ pub(super) async fn images(
     let shell = gate(&state, auth, &uri, "Disk images", "images").await?;
     let (images, devices) = blocking(&state, |s| Ok((s.list_images()?, all_devices(s)?))).await?;
     let dir = state.paths().images.clone();
-    let rows = tokio::task::spawn_blocking(move || image_rows(&images, &dir))
+    let mut rows = tokio::task::spawn_blocking(move || image_rows(&images, &dir))
         .await
         .map_err(ApiError::internal)?;
+    for r in &mut rows {
+        r.sessions = crate::api::images::live_sessions(&state, &r.name)
+            .into_iter()
+            .map(|s| (s.initiator, s.peer))
+            .collect();
+    }
     Ok(render(&ImagesPage {
         shell,
+        iscsi: state.iscsi().is_some(),
         images: rows,
         devices: devices
             .items
@@ -569,14 +623,36 @@ pub(super) async fn images(
     }))
 }
 
-/// Installer media.
+/// Installer media: a folder of the installers directory, and the records.
 #[derive(Template)]
 #[template(path = "web/installers.html")]
 struct InstallersPage {
     shell: Shell,
+    /// The folder shown, relative to the installers directory (`""`: the directory).
+    folder: String,
+    /// The breadcrumb above it: (name, URL-encoded path), the directory first.
+    crumbs: Vec<(String, String)>,
+    entries: Vec<EntryRow>,
+    /// Sum of the files and folders shown, when every size is known.
+    folder_size: Option<Size>,
     installers: Vec<InstallerRow>,
     total: Size,
     kinds: Vec<&'static str>,
+}
+
+/// A file or folder as shown.
+pub(super) struct EntryRow {
+    name: String,
+    path: String,
+    href: String,
+    is_folder: bool,
+    size: Option<Size>,
+    items: u64,
+    modified: String,
+    /// The installer record's name, if the path has one.
+    record_name: String,
+    /// Its kind.
+    record_kind: String,
 }
 
 /// An installer as shown.
@@ -584,6 +660,7 @@ pub(super) struct InstallerRow {
     id: i64,
     name: String,
     path: String,
+    href: String,
     kind: String,
     arch: String,
     size: Size,
@@ -596,6 +673,7 @@ impl From<&Installer> for InstallerRow {
             id: i.id,
             name: i.name.clone(),
             path: i.path.clone(),
+            href: url_path(&i.path),
             kind: i.kind.to_string(),
             arch: i.arch.map(|a| a.to_string()).unwrap_or_default(),
             size: Size(i.size_bytes),
@@ -604,19 +682,94 @@ impl From<&Installer> for InstallerRow {
     }
 }
 
-/// `GET /ui/installers`.
+/// Query of the installers page.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct FolderQuery {
+    /// The folder, relative to the installers directory.
+    path: String,
+}
+
+/// `GET /ui/installers?path=`.
 pub(super) async fn installers(
     State(state): State<AppState>,
     auth: Result<Auth, ApiError>,
     uri: OriginalUri,
+    crate::api::Query(q): crate::api::Query<FolderQuery>,
 ) -> PageResult {
     let shell = gate(&state, auth, &uri, "Installers", "installers").await?;
+    let rel = crate::api::folders::relative(&q.path)?;
     let list = blocking(&state, |s| s.list_installers()).await?;
+    let records = crate::api::folders::records_by_path(&list);
+    let root = state.paths().installers.clone();
+    let r = rel.clone();
+    let folder =
+        tokio::task::spawn_blocking(move || crate::api::folders::list(&root, &r, &records))
+            .await
+            .map_err(ApiError::internal)??;
+    let by_id: HashMap<i64, &Installer> = list.iter().map(|i| (i.id, i)).collect();
+    let mut crumbs = vec![("installers".to_owned(), String::new())];
+    let mut at = String::new();
+    for part in rel.split('/').filter(|p| !p.is_empty()) {
+        if !at.is_empty() {
+            at.push('/');
+        }
+        at.push_str(part);
+        crumbs.push((part.to_owned(), url_path(&at)));
+    }
+    let record = |e: &crate::api::folders::FolderEntry| {
+        e.installer_id.and_then(|id| by_id.get(&id).copied())
+    };
+    let entries: Vec<EntryRow> = folder
+        .entries
+        .iter()
+        .map(|e| EntryRow {
+            name: e.name.clone(),
+            href: url_path(&e.path),
+            path: e.path.clone(),
+            is_folder: e.kind == crate::api::folders::EntryKind::Folder,
+            size: e.size_bytes.map(Size),
+            items: e.items.unwrap_or(0),
+            modified: iso(e.modified_at),
+            record_name: record(e).map(|i| i.name.clone()).unwrap_or_default(),
+            record_kind: record(e).map(|i| i.kind.to_string()).unwrap_or_default(),
+        })
+        .collect();
+    let folder_size = entries
+        .iter()
+        .map(|e| e.size.map(|s| s.0))
+        .sum::<Option<u64>>()
+        .map(Size);
     Ok(render(&InstallersPage {
         shell,
+        folder: rel,
+        crumbs,
+        entries,
+        folder_size,
         total: Size(list.iter().map(|i| i.size_bytes).sum()),
         installers: list.iter().map(InstallerRow::from).collect(),
         kinds: InstallerKind::ALL.iter().map(|k| k.as_str()).collect(),
+    }))
+}
+
+/// The caller's own account.
+#[derive(Template)]
+#[template(path = "web/account.html")]
+struct AccountPage {
+    shell: Shell,
+    min_password: usize,
+}
+
+/// `GET /ui/account`: who is logged in, and the form to change one's password.
+pub(super) async fn account(
+    State(state): State<AppState>,
+    auth: Result<Auth, ApiError>,
+    uri: OriginalUri,
+) -> PageResult {
+    let shell = gate(&state, auth, &uri, "Your account", "account").await?;
+    Ok(render(&AccountPage {
+        shell,
+        min_password: crate::auth::MIN_PASSWORD_LEN,
     }))
 }
 

@@ -141,9 +141,77 @@ impl Chart {
     }
 }
 
+/// A `/`-separated relative path for a URL: every byte but the unreserved ones and `/`
+/// percent-encoded (RFC 3986 §2.3), so that names with spaces, `#` or `?` stay one path.
+pub(super) fn url_path(rel: &str) -> String {
+    let mut out = String::with_capacity(rel.len());
+    for b in rel.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Width of a sparkline's drawing.
+pub(super) const SPARK_W: f64 = 160.0;
+/// Height of a sparkline's drawing.
+pub(super) const SPARK_H: f64 = 32.0;
+
+/// The `points` of two sparklines on one scale (the larger series' peak), newest at the
+/// right edge, each sample `SPARK_W / (slots - 1)` apart; empty for an empty series.
+pub(super) fn spark_points(a: &[f64], b: &[f64], slots: usize) -> (String, String) {
+    let peak = a.iter().chain(b).copied().fold(0.0f64, f64::max);
+    let step = SPARK_W / slots.saturating_sub(1).max(1) as f64;
+    let line = |series: &[f64]| {
+        let n = series.len();
+        series
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let x = SPARK_W - (n - 1 - i) as f64 * step;
+                let y = if peak > 0.0 {
+                    SPARK_H - 1.0 - (SPARK_H - 3.0) * v / peak
+                } else {
+                    SPARK_H - 1.0
+                };
+                format!("{x:.1},{y:.1}")
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (line(a), line(b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_paths_keep_slashes_and_encode_the_rest() {
+        assert_eq!(url_path("win/11/boot.wim"), "win/11/boot.wim");
+        assert_eq!(url_path("a b/#1?.iso"), "a%20b/%231%3F.iso");
+        assert_eq!(url_path("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn sparklines_end_at_the_right_edge_on_one_scale() {
+        let (a, b) = spark_points(&[0.0, 50.0, 100.0], &[25.0], 60);
+        let step = SPARK_W / 59.0;
+        assert_eq!(
+            a,
+            format!(
+                "{:.1},31.0 {:.1},{:.1} 160.0,2.0",
+                SPARK_W - 2.0 * step,
+                SPARK_W - step,
+                31.0 - 14.5
+            )
+        );
+        assert_eq!(b, format!("160.0,{:.1}", 31.0 - 7.25));
+        assert_eq!(spark_points(&[], &[], 60), (String::new(), String::new()));
+    }
 
     #[test]
     fn sizes_use_binary_units() {

@@ -1,6 +1,6 @@
 // netboot web UI: forms that post JSON to the API, live boot events over SSE, table
-// search and sort, times in the browser's time zone, the device traffic panel and the
-// installer upload. Hand-written; no build step, no dependencies.
+// search and sort, times in the browser's time zone, the device traffic panel, the
+// dashboard's throughput per service and the installer upload. Hand-written; no build step, no dependencies.
 "use strict";
 
 (() => {
@@ -63,6 +63,11 @@
       return;
     }
     if (how === "operation") { followOperation(result, form); return; }
+    if (how === "done") {
+      form.reset();
+      $(".form-ok", form).textContent = form.dataset.done || "Done.";
+      return;
+    }
     if (how === "show-secret") {
       const out = $(".form-ok", form);
       out.textContent = `Token created. Copy the secret now, it is not shown again: ${result.secret}`;
@@ -103,6 +108,7 @@
         continue;
       }
       if (kind === "path") { path[el.name] = v; continue; }
+      if (kind === "prefixed") { body[el.name] = (form.dataset.prefix || "") + v.trim(); continue; }
       if (kind === "bool") { body[el.name] = el.checked; continue; }
       if (kind === "int") { body[el.name] = parseInt(v, 10); continue; }
       if (kind === "int-omit") { if (v !== "") body[el.name] = parseInt(v, 10); continue; }
@@ -258,7 +264,36 @@
     });
   }
 
+  // A sparkline of two rate series, with its legend: the current rates.
+  function rateSpark(label, rx, tx) {
+    const ns = "http://www.w3.org/2000/svg";
+    const p = text("p", "", "rate-line");
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("class", "spark");
+    svg.setAttribute("viewBox", `0 0 ${SPARK_W} ${SPARK_H}`);
+    svg.setAttribute("width", SPARK_W);
+    svg.setAttribute("height", SPARK_H);
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", label);
+    const [a, b] = sparkPoints(rx, tx);
+    for (const [cls, points] of [["rx", a], ["tx", b]]) {
+      const line = document.createElementNS(ns, "polyline");
+      line.setAttribute("class", cls);
+      line.setAttribute("points", points);
+      svg.appendChild(line);
+    }
+    const last = (h) => Math.round(h.length ? h[h.length - 1] : 0);
+    p.append(
+      svg,
+      text("span", "from it ", "muted small"), sizeSpan("", last(rx), "/s", "bytes/s"), text("span", " ", ""),
+      text("span", "to it ", "muted small"), sizeSpan("", last(tx), "/s", "bytes/s"),
+      text("span", " · last 5 minutes", "muted small"),
+    );
+    return p;
+  }
+
   // The device's traffic: figures from the API, each with its source; never invented.
+  // With eBPF accounting the panel is read again at the sampling interval (5 s).
   async function metrics(box) {
     let m;
     try {
@@ -267,6 +302,8 @@
       box.replaceChildren(text("p", `The figures could not be read: ${e.message}`, "warning"));
       return;
     }
+    if (m.source === "ebpf") setTimeout(() => metrics(box), 5000);
+    box.dataset.updated = String(Date.now());
     const parts = [];
     const src = text("p", "", "muted small");
     src.append("Source of the figures: ", text("strong", m.source), " · rx: from the device, tx: to the device");
@@ -290,6 +327,7 @@
       box.replaceChildren(...parts);
       return;
     }
+    parts.push(rateSpark("Bytes per second from and to the device, last 5 minutes", m.rx_history || [], m.tx_history || []));
     const services = [...new Set(totals.map((t) => t.service))];
     const max = Math.max(1, ...totals.map((t) => t.bytes));
     // One SVG unit per CSS pixel, so the labels keep the page's text size.
@@ -379,7 +417,7 @@
     const err = $(".form-error", form), ok = $(".form-ok", form);
     err.textContent = ""; ok.textContent = "";
     if (!file) { err.textContent = "Choose a file first."; return; }
-    const folder = form.elements.folder.value.trim().replace(/^\/+|\/+$/g, "");
+    const folder = (form.dataset.folder || "").replace(/^\/+|\/+$/g, "");
     const path = (folder ? `${folder}/` : "") + file.name;
     const q = new URLSearchParams({ kind: form.elements.kind.value });
     if (form.elements.name.value.trim()) q.set("name", form.elements.name.value.trim());
@@ -416,6 +454,89 @@
     xhr.send(file);
   }
 
+  // Sparklines: two series on one scale, newest at the right edge (as view.rs draws them).
+  const SPARK_W = 160, SPARK_H = 32, SPARK_SLOTS = 60;
+  function sparkPoints(a, b) {
+    const peak = Math.max(0, ...a, ...b);
+    const step = SPARK_W / (SPARK_SLOTS - 1);
+    const line = (series) => series.map((v, i) => {
+      const x = SPARK_W - (series.length - 1 - i) * step;
+      const y = peak > 0 ? SPARK_H - 1 - (SPARK_H - 3) * v / peak : SPARK_H - 1;
+      return `${x.toFixed(1)},${y.toFixed(1)}`;
+    }).join(" ");
+    return [line(a), line(b)];
+  }
+
+  function sizeSpan(cls, bytes, suffix, unit) {
+    const el = text("span", `${binary(bytes)}${suffix}`, cls);
+    el.title = `${bytes} ${unit}`;
+    return el;
+  }
+
+  // The dashboard's throughput per service: the API's figures, polled at its sampling
+  // interval and drawn into rows of fixed height, so that nothing moves when they change.
+  function throughput(box) {
+    const ns = "http://www.w3.org/2000/svg";
+    const row = (f) => {
+      const tr = document.createElement("tr");
+      tr.dataset.service = f.service;
+      const th = text("th", f.service);
+      th.scope = "row";
+      tr.appendChild(th);
+      for (const dir of ["rx", "tx"]) {
+        const td = document.createElement("td");
+        const rate = Math.round(f[`${dir}_bytes_per_second`]);
+        td.append(sizeSpan("rate", rate, "/s", "bytes/s"), sizeSpan("total", f[`${dir}_bytes`], " in all", "bytes"));
+        tr.appendChild(td);
+      }
+      const td = document.createElement("td");
+      const svg = document.createElementNS(ns, "svg");
+      svg.setAttribute("class", "spark");
+      svg.setAttribute("viewBox", `0 0 ${SPARK_W} ${SPARK_H}`);
+      svg.setAttribute("width", SPARK_W);
+      svg.setAttribute("height", SPARK_H);
+      svg.setAttribute("role", "img");
+      svg.setAttribute("aria-label", `${f.service}: bytes per second in and out, last 5 minutes`);
+      const [rx, tx] = sparkPoints(f.rx_history || [], f.tx_history || []);
+      for (const [cls, points] of [["rx", rx], ["tx", tx]]) {
+        const line = document.createElementNS(ns, "polyline");
+        line.setAttribute("class", cls);
+        line.setAttribute("points", points);
+        svg.appendChild(line);
+      }
+      td.appendChild(svg);
+      tr.appendChild(td);
+      return tr;
+    };
+    const draw = (t) => {
+      const off = $("[data-throughput-off]", box), table = $("table", box);
+      $("[data-throughput-source]", box).textContent = t.source;
+      box.dataset.source = t.source;
+      if (t.source !== "ebpf") {
+        $("[data-throughput-reason]", box).textContent = (t.warnings || []).join("; ");
+        off.hidden = false;
+        table.hidden = true;
+        return;
+      }
+      off.hidden = true;
+      table.hidden = false;
+      table.tBodies[0].replaceChildren(...(t.services || []).map(row));
+    };
+    let every = 5000;
+    const poll = async () => {
+      try {
+        const t = await api("GET", box.dataset.throughput);
+        draw(t);
+        if (t.sample_secs) every = t.sample_secs * 1000;
+        box.dataset.updated = String(Date.now());
+      } catch (e) {
+        $("[data-throughput-source]", box).textContent = `unreadable (${e.message})`;
+      }
+      setTimeout(poll, every);
+    };
+    poll();
+  }
+
   document.addEventListener("input", (ev) => {
     if (ev.target.dataset.filter) filterTable(ev.target);
   });
@@ -424,6 +545,7 @@
     $$("time[datetime]").forEach(localTime);
     $$("tbody[data-events]").forEach(liveEvents);
     $$("[data-metrics]").forEach(metrics);
+    $$("[data-throughput]").forEach(throughput);
     document.body.dataset.ready = "1";
   }
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
