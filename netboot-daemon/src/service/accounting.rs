@@ -464,6 +464,17 @@ impl Traffic {
             .collect())
     }
 
+    /// Each device's rates at the last sample (from it, to it; all services), for the
+    /// devices with traffic in the last five minutes (no map reads).
+    pub fn device_rates(&self) -> HashMap<MacAddr, (f64, f64)> {
+        let rates = self.rates.lock().unwrap_or_else(PoisonError::into_inner);
+        rates
+            .devices
+            .iter()
+            .filter_map(|(mac, h)| Some((*mac, *h.back()?)))
+            .collect()
+    }
+
     /// Each service's bytes and rates over all clients and the unattributed traffic, with
     /// the recent rates (blocking: map reads are syscalls).
     pub fn services(&self) -> Result<Vec<ServiceFigures>, crate::ebpf::EbpfError> {

@@ -9,7 +9,9 @@ use axum::extract::{OriginalUri, Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
-use super::view::{Chart, SPARK_H, SPARK_W, Shell, Size, iso, spark_points, url_path};
+use super::view::{
+    Chart, SPARK_H, SPARK_W, Shell, Size, Step, iso, latest_boot, spark_points, url_path,
+};
 use super::{VERSION, static_prefix};
 use crate::api::inventory::parse_mac;
 use crate::api::{ApiError, AppState, Auth, blocking};
@@ -189,6 +191,8 @@ pub(super) struct DeviceRow {
     profile: String,
     last_seen: String,
     last_ip: String,
+    /// Bytes per second from and to it now, all services; none without accounting.
+    rate: Option<Size>,
 }
 
 fn device_row(d: &Device, now: Timestamp) -> DeviceRow {
@@ -203,6 +207,7 @@ fn device_row(d: &Device, now: Timestamp) -> DeviceRow {
         profile: d.profile.clone().unwrap_or_default(),
         last_seen: iso(d.last_seen),
         last_ip: d.last_ip.clone().unwrap_or_default(),
+        rate: None,
     }
 }
 
@@ -293,10 +298,10 @@ fn throughput_rows(services: &[crate::service::accounting::ServiceFigures]) -> V
 #[template(path = "web/dashboard.html")]
 struct DashboardPage {
     shell: Shell,
-    /// `ebpf` or `none`.
+    /// `ebpf`, `userspace` or `none`.
     traffic_source: &'static str,
-    /// Why there are no figures.
-    traffic_off: String,
+    /// Why there are no figures, or what they leave out.
+    traffic_note: String,
     throughput: Vec<ThroughputRow>,
     spark_w: f64,
     spark_h: f64,
@@ -357,7 +362,7 @@ pub(super) async fn dashboard(
     let page = DashboardPage {
         shell,
         traffic_source: traffic.source,
-        traffic_off: traffic.warnings.join("; "),
+        traffic_note: traffic.warnings.join("; "),
         throughput: throughput_rows(&traffic.services),
         spark_w: SPARK_W,
         spark_h: SPARK_H,
@@ -401,6 +406,8 @@ pub(super) async fn dashboard(
 #[template(path = "web/devices.html")]
 struct DevicesPage {
     shell: Shell,
+    /// Where the rates come from: `ebpf`, `userspace` or `none`.
+    rate_source: &'static str,
     devices: Vec<DeviceRow>,
     total: u64,
     archs: Vec<&'static str>,
@@ -417,9 +424,21 @@ pub(super) async fn devices(
     let shell = gate(&state, auth, &uri, "Devices", "devices").await?;
     let now = Timestamp::now();
     let (devices, images) = blocking(&state, |s| Ok((all_devices(s)?, s.list_images()?))).await?;
+    let rates = state.traffic().map(|t| t.device_rates());
     Ok(render(&DevicesPage {
         shell,
-        devices: devices.items.iter().map(|d| device_row(d, now)).collect(),
+        rate_source: state.traffic().map_or("none", |t| t.counters().source()),
+        devices: devices
+            .items
+            .iter()
+            .map(|d| DeviceRow {
+                rate: rates.as_ref().map(|r| {
+                    let (rx, tx) = r.get(&d.mac).copied().unwrap_or_default();
+                    Size((rx + tx).round() as u64)
+                }),
+                ..device_row(d, now)
+            })
+            .collect(),
         total: devices.total,
         archs: Arch::ALL.iter().map(|a| a.as_str()).collect(),
         policies: BootPolicy::ALL.iter().map(|p| p.as_str()).collect(),
@@ -451,6 +470,8 @@ struct DevicePage {
     profiles: Vec<String>,
     events: Vec<EventRow>,
     chart: Chart,
+    /// The latest boot's steps, when a boot was seen.
+    boot: Option<Vec<Step>>,
 }
 
 /// `GET /ui/devices/{mac}`.
@@ -497,6 +518,7 @@ pub(super) async fn device(
         archs: Arch::ALL.iter().map(|a| a.as_str()).collect(),
         images: free_images(&images, Some(device.mac)),
         profiles: profiles.iter().map(|p| p.name.clone()).collect(),
+        boot: latest_boot(&events),
         events: events.iter().map(EventRow::from).collect(),
         chart: Chart::per_hour(&times, now, 24),
     }))
@@ -998,6 +1020,7 @@ mod tests {
             profile: String::new(),
             last_seen: String::new(),
             last_ip: "\"><img src=x onerror=alert(1)>".into(),
+            rate: None,
         }
     }
 
@@ -1021,6 +1044,7 @@ mod tests {
     fn device_list_escapes_hostile_names() {
         let page = DevicesPage {
             shell: shell(Role::Operator),
+            rate_source: "none",
             devices: vec![hostile_row()],
             total: 1,
             archs: vec!["bios"],
@@ -1051,6 +1075,7 @@ mod tests {
                 ip: String::new(),
             }],
             chart: Chart::per_hour(&[], Timestamp(0), 24),
+            boot: None,
         };
         assert_escaped(&page.render().expect("renders"));
     }
@@ -1069,6 +1094,7 @@ mod tests {
             profiles: vec![],
             events: vec![],
             chart: Chart::per_hour(&[], Timestamp(0), 24),
+            boot: None,
         };
         let html = page.render().expect("renders");
         assert!(

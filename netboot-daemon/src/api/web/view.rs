@@ -1,7 +1,7 @@
 //! What the templates show: sizes in binary units, times for the browser to localise,
 //! and inline SVG bar charts.
 
-use crate::store::Role;
+use crate::store::{BootEvent, Role};
 use crate::time::Timestamp;
 
 /// A byte count: binary units for people, the exact figure in a `title`.
@@ -155,6 +155,129 @@ pub(super) fn url_path(rel: &str) -> String {
     out
 }
 
+/// The steps of a boot, in order, with the event kinds that mark each.
+const STEPS: [(&str, &[&str]); 7] = [
+    (
+        "DHCP",
+        &["dhcp_offer", "dhcp_proxy_offer", "dhcp_ack", "dhcp_pxe_ack"],
+    ),
+    ("TFTP", &["tftp_done", "tftp_failed", "tftp_refused"]),
+    ("iPXE script", &["ipxe_script"]),
+    ("Kernel, initrd, media", &["http_file"]),
+    ("iSCSI login", &["iscsi_login"]),
+    ("First write", &["install_writing"]),
+    ("iSCSI logout", &["iscsi_logout"]),
+];
+
+/// Kinds that begin a boot: a boot begins at one of them that follows the previous one
+/// by more than [`BOOT_GAP_MS`].
+const START_KINDS: [&str; 8] = [
+    "dhcp_offer",
+    "dhcp_proxy_offer",
+    "dhcp_ack",
+    "dhcp_pxe_ack",
+    "tftp_done",
+    "tftp_failed",
+    "tftp_refused",
+    "ipxe_script",
+];
+
+/// Early-boot events closer than this belong to one boot (PXE ROM, then iPXE, ask
+/// DHCP again within seconds).
+const BOOT_GAP_MS: i64 = 5 * 60 * 1000;
+
+/// One step of the latest boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Step {
+    /// What the step is.
+    pub(super) name: &'static str,
+    /// `done`, `failed`, `stalled` or `none` (not seen in this boot).
+    pub(super) state: &'static str,
+    /// When it was first seen (RFC 3339), or empty.
+    pub(super) at: String,
+    /// Since the boot began: `+1.5 s`, `+3 min 20 s`.
+    pub(super) offset: String,
+    /// The first event's detail.
+    pub(super) detail: String,
+}
+
+/// The latest boot of a device as steps, from its events (newest first); `None` without
+/// any early-boot event.
+pub(super) fn latest_boot(events: &[BootEvent]) -> Option<Vec<Step>> {
+    let mut oldest_first: Vec<&BootEvent> = events.iter().collect();
+    oldest_first.sort_by_key(|e| (e.at, e.id));
+    let starts: Vec<usize> = oldest_first
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| START_KINDS.contains(&e.kind.as_str()))
+        .map(|(i, _)| i)
+        .collect();
+    // The newest start whose previous start is far enough back (or that has none).
+    let begin = starts
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(k, i)| {
+            *k == 0 || {
+                let before = oldest_first[starts[k - 1]].at;
+                oldest_first[**i].at.as_millis() - before.as_millis() > BOOT_GAP_MS
+            }
+        })
+        .map(|(_, i)| *i)?;
+    let run = &oldest_first[begin..];
+    let t0 = run[0].at.as_millis();
+    let offset = |ms: i64| {
+        let secs = ms as f64 / 1000.0;
+        if secs < 60.0 {
+            format!("+{secs:.1} s")
+        } else {
+            format!("+{} min {} s", ms / 60_000, (ms / 1000) % 60)
+        }
+    };
+    Some(
+        STEPS
+            .iter()
+            .map(|(name, kinds)| {
+                let mine: Vec<&&BootEvent> = run
+                    .iter()
+                    .filter(|e| kinds.contains(&e.kind.as_str()))
+                    .collect();
+                let Some(first) = mine.first() else {
+                    return Step {
+                        name,
+                        state: "none",
+                        at: String::new(),
+                        offset: String::new(),
+                        detail: String::new(),
+                    };
+                };
+                let ok = mine
+                    .iter()
+                    .any(|e| !matches!(e.kind.as_str(), "tftp_failed" | "tftp_refused"));
+                let install = run
+                    .iter()
+                    .rev()
+                    .find(|e| e.kind.starts_with("install_"))
+                    .map(|e| e.kind.as_str());
+                let state = if !ok {
+                    "failed"
+                } else if *name == "First write" && install == Some("install_stalled") {
+                    "stalled"
+                } else {
+                    "done"
+                };
+                Step {
+                    name,
+                    state,
+                    at: first.at.to_string(),
+                    offset: offset(first.at.as_millis() - t0),
+                    detail: first.detail.clone(),
+                }
+            })
+            .collect(),
+    )
+}
+
 /// Width of a sparkline's drawing.
 pub(super) const SPARK_W: f64 = 160.0;
 /// Height of a sparkline's drawing.
@@ -188,6 +311,68 @@ pub(super) fn spark_points(a: &[f64], b: &[f64], slots: usize) -> (String, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ev(id: i64, secs: i64, kind: &str) -> BootEvent {
+        BootEvent {
+            id,
+            mac: "52:54:00:00:00:01".parse().expect("mac"),
+            at: Timestamp(1_800_000_000_000 + secs * 1000),
+            source: crate::store::EventSource::System,
+            kind: kind.into(),
+            detail: format!("{kind} detail"),
+            ip: None,
+        }
+    }
+
+    #[test]
+    fn the_latest_boot_is_split_into_steps() {
+        assert_eq!(latest_boot(&[]), None);
+        assert_eq!(
+            latest_boot(&[ev(1, 0, "iscsi_login")]),
+            None,
+            "no boot start"
+        );
+        // An older boot, then the latest one: PXE ROM DHCP, TFTP of iPXE, iPXE's DHCP,
+        // the script, a kernel, the iSCSI login and the first write, then a stall.
+        let mut events = vec![
+            ev(1, 0, "dhcp_proxy_offer"),
+            ev(2, 1, "ipxe_script"),
+            ev(3, 10_000, "dhcp_proxy_offer"),
+            ev(4, 10_001, "tftp_failed"),
+            ev(5, 10_003, "tftp_done"),
+            ev(6, 10_004, "dhcp_proxy_offer"),
+            ev(7, 10_005, "ipxe_script"),
+            ev(8, 10_006, "http_file"),
+            ev(9, 10_090, "iscsi_login"),
+            ev(10, 10_300, "install_writing"),
+            ev(11, 12_000, "install_stalled"),
+        ];
+        events.reverse();
+        let steps = latest_boot(&events).expect("a boot");
+        let view: Vec<(&str, &str, &str)> = steps
+            .iter()
+            .map(|s| (s.name, s.state, s.offset.as_str()))
+            .collect();
+        assert_eq!(
+            view,
+            [
+                ("DHCP", "done", "+0.0 s"),
+                ("TFTP", "done", "+1.0 s"),
+                ("iPXE script", "done", "+5.0 s"),
+                ("Kernel, initrd, media", "done", "+6.0 s"),
+                ("iSCSI login", "done", "+1 min 30 s"),
+                ("First write", "stalled", "+5 min 0 s"),
+                ("iSCSI logout", "none", ""),
+            ]
+        );
+        assert_eq!(
+            steps[1].detail, "tftp_failed detail",
+            "the first event's detail"
+        );
+        // Only failed transfers: the step failed.
+        let failed = [ev(2, 5, "tftp_refused"), ev(1, 0, "dhcp_offer")];
+        assert_eq!(latest_boot(&failed).expect("a boot")[1].state, "failed");
+    }
 
     #[test]
     fn url_paths_keep_slashes_and_encode_the_rest() {

@@ -512,12 +512,16 @@
       const off = $("[data-throughput-off]", box), table = $("table", box);
       $("[data-throughput-source]", box).textContent = t.source;
       box.dataset.source = t.source;
-      if (t.source !== "ebpf") {
-        $("[data-throughput-reason]", box).textContent = (t.warnings || []).join("; ");
+      const note = $("[data-throughput-note]", box), warnings = (t.warnings || []).join("; ");
+      if (t.source === "none") {
+        $("[data-throughput-reason]", box).textContent = warnings;
         off.hidden = false;
+        note.hidden = true;
         table.hidden = true;
         return;
       }
+      note.textContent = warnings ? `${warnings}.` : "";
+      note.hidden = !warnings;
       off.hidden = true;
       table.hidden = false;
       table.tBodies[0].replaceChildren(...(t.services || []).map(row));
