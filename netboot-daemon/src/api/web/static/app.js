@@ -293,7 +293,7 @@
   }
 
   // The device's traffic: figures from the API, each with its source; never invented.
-  // With eBPF accounting the panel is read again at the sampling interval (5 s).
+  // While something counts, the panel is read again at the sampling interval (5 s).
   async function metrics(box) {
     let m;
     try {
@@ -302,7 +302,7 @@
       box.replaceChildren(text("p", `The figures could not be read: ${e.message}`, "warning"));
       return;
     }
-    if (m.source === "ebpf") setTimeout(() => metrics(box), 5000);
+    if (m.source !== "none") setTimeout(() => metrics(box), 5000);
     box.dataset.updated = String(Date.now());
     const parts = [];
     const src = text("p", "", "muted small");
