@@ -560,6 +560,85 @@ async fn installer_folders_list_make_and_delete_inside_the_jail() {
     }
 }
 
+/// A device's installer logs: the files in its folder of the logs directory, newest
+/// first, downloaded as text under a login; nothing outside the folder is reachable.
+#[tokio::test]
+async fn device_logs_are_listed_and_downloaded_from_their_folder() {
+    let app = App::new();
+    let admin = app.setup_admin().await;
+    let viewer = app.user(&admin, "vera", "viewer").await;
+    let dir = app.cfg.paths.logs.join("52-54-00-00-00-01");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(
+        dir.join("setupact.log"),
+        "2026-11-26 Info  [setup.exe] ok\n",
+    )
+    .expect("write");
+    std::fs::write(dir.join(".partial"), "x").expect("write");
+    std::fs::write(app.cfg.paths.logs.join("secret"), "x").expect("write");
+    std::os::unix::fs::symlink(app.cfg.paths.logs.join("secret"), dir.join("link.log"))
+        .expect("symlink");
+    let r = app
+        .get(
+            "/api/v1/devices/52-54-00-00-00-01/logs",
+            As::Cookie(&viewer),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let names: Vec<&str> = r
+        .body
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|l| l["name"].as_str())
+        .collect();
+    assert_eq!(names, ["setupact.log"], "no dotfiles, no symlinks");
+    assert_eq!(r.body[0]["size_bytes"], 32);
+    let res = app
+        .router
+        .clone()
+        .oneshot(
+            Request::get("/api/v1/devices/525400000001/logs/setupact.log")
+                .header(header::COOKIE, format!("{}={viewer}", api::SESSION_COOKIE))
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()[header::CONTENT_DISPOSITION],
+        "attachment; filename=\"525400000001-setupact.log\""
+    );
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"2026-11-26 Info  [setup.exe] ok\n");
+    for (name, status) in [
+        ("link.log", StatusCode::NOT_FOUND),
+        ("missing.log", StatusCode::NOT_FOUND),
+        (".partial", StatusCode::UNPROCESSABLE_ENTITY),
+        ("..%2Fsecret", StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let r = app
+            .get(
+                &format!("/api/v1/devices/52:54:00:00:00:01/logs/{name}"),
+                As::Cookie(&viewer),
+            )
+            .await;
+        assert_eq!(r.status, status, "{name}: {}", r.body);
+    }
+    let r = app
+        .get(
+            "/api/v1/devices/52:54:00:00:00:02/logs",
+            As::Cookie(&viewer),
+        )
+        .await;
+    assert_eq!(r.body, json!([]), "no folder, no logs");
+    let r = app
+        .get("/api/v1/devices/52:54:00:00:00:01/logs", As::Anonymous)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
 /// Users change their own password with the current one: their other sessions end, the
 /// one they change it from stays, the old password stops working, and it is audited.
 #[tokio::test]

@@ -714,6 +714,14 @@ fn browse(base: String, upload: PathBuf) {
         metrics.contains(reason),
         "the API's warning is shown: {metrics}"
     );
+    // Its installer logs, listed and downloadable.
+    assert!(
+        page.text("#logs").contains("setupact.log"),
+        "{}",
+        page.text("#logs")
+    );
+    let log = page.eval("fetch(document.querySelector('#logs a').href).then(r => r.text())");
+    assert_eq!(log, json!(SETUPACT));
     // The boot timeline: the client only fetched its iPXE script so far.
     assert_eq!(
         page.eval("Array.from(document.querySelectorAll('#boot-steps li')).map(li => li.dataset.step + ':' + li.className)"),
@@ -1089,6 +1097,7 @@ fn browse(base: String, upload: PathBuf) {
 }
 
 const UPLOAD_BYTES: u64 = 24 << 20;
+const SETUPACT: &str = "2026-11-26 09:00:00, Info  [setup.exe] Setup started\n";
 const DRIVER_BYTES: u64 = 300 << 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1101,7 +1110,12 @@ async fn web_ui_in_headless_chromium() {
         return;
     }
     let dir = TestDir::new("web");
-    let served = Served::start(http_only_config(dir.path())).await;
+    let cfg = http_only_config(dir.path());
+    // What WinPE leaves for the device: its page lists it.
+    let logs = cfg.paths.logs.join(UNKNOWN_MAC.replace(':', "-"));
+    std::fs::create_dir_all(&logs).expect("logs dir");
+    std::fs::write(logs.join("setupact.log"), SETUPACT).expect("log");
+    let served = Served::start(cfg).await;
     let upload = dir.path().join("debian-netinst.iso");
     std::fs::write(&upload, vec![0x5a; UPLOAD_BYTES as usize]).expect("upload file");
     std::fs::write(

@@ -24,6 +24,7 @@ mod images;
     reason = "utoipa's path macro expands `params(T)` into qualified paths"
 )]
 mod inventory;
+mod logs;
 mod metrics;
 #[allow(
     unused_qualifications,
@@ -209,6 +210,8 @@ where
         inventory::create_device,
         inventory::update_device,
         inventory::delete_device,
+        logs::list_logs,
+        logs::get_log,
         inventory::list_unknown,
         inventory::register_unknown,
         inventory::delete_unknown,
@@ -291,6 +294,8 @@ pub fn router(state: AppState) -> Router {
                 .delete(inv::delete_device),
         )
         .route("/devices/{mac}/events", get(system::device_events))
+        .route("/devices/{mac}/logs", get(logs::list_logs))
+        .route("/devices/{mac}/logs/{name}", get(logs::get_log))
         .route("/unknown-devices", get(inv::list_unknown))
         .route(
             "/unknown-devices/{mac}",

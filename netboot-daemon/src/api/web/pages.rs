@@ -472,6 +472,10 @@ struct DevicePage {
     chart: Chart,
     /// The latest boot's steps, when a boot was seen.
     boot: Option<Vec<Step>>,
+    /// Its installer logs: (name, URL-encoded name, size, modified).
+    logs: Vec<(String, String, Size, String)>,
+    /// Where they are looked for, relative to `paths.logs`.
+    logs_folder: String,
 }
 
 /// `GET /ui/devices/{mac}`.
@@ -506,6 +510,10 @@ pub(super) async fn device(
     })
     .await?;
     let times: Vec<Timestamp> = day.iter().map(|e| e.at).collect();
+    let st = state.clone();
+    let logs = tokio::task::spawn_blocking(move || crate::api::logs::list(&st, mac))
+        .await
+        .map_err(ApiError::internal)?;
     let mut shell = shell;
     shell.title = format!("Device {}", device.name);
     Ok(render(&DevicePage {
@@ -519,6 +527,14 @@ pub(super) async fn device(
         images: free_images(&images, Some(device.mac)),
         profiles: profiles.iter().map(|p| p.name.clone()).collect(),
         boot: latest_boot(&events),
+        logs: logs
+            .into_iter()
+            .map(|l| {
+                let href = url_path(&l.name);
+                (l.name, href, Size(l.size_bytes), iso(l.modified_at))
+            })
+            .collect(),
+        logs_folder: mac.to_string().replace(':', "-"),
         events: events.iter().map(EventRow::from).collect(),
         chart: Chart::per_hour(&times, now, 24),
     }))
@@ -1076,6 +1092,8 @@ mod tests {
             }],
             chart: Chart::per_hour(&[], Timestamp(0), 24),
             boot: None,
+            logs: vec![(HOSTILE.into(), "x".into(), Size(1), String::new())],
+            logs_folder: String::new(),
         };
         assert_escaped(&page.render().expect("renders"));
     }
@@ -1095,6 +1113,8 @@ mod tests {
             events: vec![],
             chart: Chart::per_hour(&[], Timestamp(0), 24),
             boot: None,
+            logs: vec![(HOSTILE.into(), "x".into(), Size(1), String::new())],
+            logs_folder: String::new(),
         };
         let html = page.render().expect("renders");
         assert!(
