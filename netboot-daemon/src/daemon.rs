@@ -284,13 +284,13 @@ fn start_dhcp(
         return None;
     }
     let listeners = match dhcp_service::bind(&d.interfaces, PORT_DHCP_SERVER, PORT_PXE_PROXY) {
-        Ok(l) if !l.is_empty() => l,
+        Ok(l) if !l.interfaces.is_empty() => l,
         Ok(_) => {
-            tracing::warn!(interfaces = ?d.interfaces, "DHCP has no interface to listen on");
+            tracing::warn!(interfaces = ?d.interfaces, "DHCP has no interface to serve");
             return None;
         }
         Err(error) => {
-            tracing::warn!(%error, "DHCP cannot enumerate interfaces");
+            tracing::warn!(%error, "DHCP cannot listen (ports 67 and 4011)");
             return None;
         }
     };
@@ -300,8 +300,8 @@ fn start_dhcp(
     } else {
         "proxyDHCP"
     };
-    for l in &listeners {
-        tracing::info!(iface = %l.iface, ip = %l.ip, "{what} listening (ports 67 and 4011)");
+    for i in &listeners.interfaces {
+        tracing::info!(iface = %i.name, ip = ?i.addrs, "{what} listening (ports 67 and 4011)");
     }
     // Both were checked by Config::validate.
     let required = d.ipxe_required().unwrap_or_default();

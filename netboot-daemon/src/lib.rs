@@ -14,6 +14,8 @@
 //! - [`tftp`]: the TFTP protocol core (wire format, transfers, admission);
 //! - [`service`]: the glue between protocol cores and drivers (files, cache, counters);
 //! - [`driver`]: the drivers that own sockets, rings and timers (io_uring, tokio);
+//! - [`net`]: socket details the cores never see (`IP_PKTINFO`: ingress interface,
+//!   destination and source addresses);
 //! - [`jail`]: resolving client paths inside a served directory;
 //! - [`metrics`]: the `/metrics` exposition (OpenMetrics and Prometheus text) and histograms;
 //! - [`mac`], [`time`]: identifiers and timestamps;
@@ -38,6 +40,11 @@ pub mod iscsi;
 pub mod jail;
 pub mod mac;
 pub mod metrics;
+#[allow(
+    unsafe_code,
+    reason = "recvmsg/sendmsg with IP_PKTINFO control messages; each block has a SAFETY comment"
+)]
+pub mod net;
 pub mod service;
 pub mod store;
 pub mod telemetry;

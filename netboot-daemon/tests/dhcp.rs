@@ -68,8 +68,13 @@ async fn proxy_dhcp_answers_pxe_clients_in_a_namespace() {
     let listeners = in_netns(&lab.srv_path(), || bind(&[], 67, 4011))
         .expect("setns")
         .expect("bind");
-    assert_eq!(listeners.len(), 1, "one interface with IPv4 besides lo");
-    assert_eq!(listeners[0].ip, Ipv4Addr::new(10, 77, 0, 1));
+    assert_eq!(
+        listeners.interfaces.len(),
+        1,
+        "one interface with IPv4 besides lo"
+    );
+    assert_eq!(listeners.interfaces[0].name, lab.srv_if);
+    assert_eq!(listeners.interfaces[0].addrs, [Ipv4Addr::new(10, 77, 0, 1)]);
     let service = Arc::new(DhcpService::new(
         Arc::clone(&store),
         8080,
@@ -561,4 +566,305 @@ async fn server_mode_gives_real_clients_leases_that_survive_a_restart() {
     let _ = stop.send(true);
     task.await.expect("serve task");
     drop(lab);
+}
+
+/// A child process that is stopped (SIGTERM) and reaped when dropped, also after a panic.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id())
+            && self.0.try_wait().is_ok_and(|s| s.is_none())
+        {
+            // SAFETY: kill(2) on the PID of our own child, which has not been reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let _status = self.0.wait();
+    }
+}
+
+/// A pool of `10.<net>.0.0/24` handing out .100 to .150, with the interface's address
+/// (`.1`) as router.
+fn pool(net: u8, interface: Option<String>) -> netboot_daemon::dhcp::server::Pool {
+    netboot_daemon::dhcp::server::Pool {
+        network: Ipv4Addr::new(10, net, 0, 0),
+        prefix: 24,
+        first: Ipv4Addr::new(10, net, 0, 100),
+        last: Ipv4Addr::new(10, net, 0, 150),
+        router: Some(Ipv4Addr::new(10, net, 0, 1)),
+        dns: vec![],
+        domain: None,
+        lease_secs: 600,
+        interface,
+    }
+}
+
+/// Moves the server end of `pair` into `ns`, brings it up and gives it `addr`.
+fn move_server_end(pair: &Veth, ns: &str, addr: &str) {
+    ip(&[
+        "-n",
+        &pair.srv_ns,
+        "link",
+        "set",
+        "dev",
+        &pair.srv_if,
+        "netns",
+        ns,
+    ]);
+    ip(&["-n", ns, "link", "set", "dev", &pair.srv_if, "up"]);
+    ip(&["-n", ns, "addr", "add", addr, "dev", &pair.srv_if]);
+}
+
+/// One socket on port 67 (and one on 4011), bound to 0.0.0.0, serves two boot
+/// interfaces on two subnets: busybox udhcpc behind one and ISC dhclient behind the
+/// other, at the same time, each get an address of their own interface's subnet from
+/// our address on it, which only the ingress interface (`IP_PKTINFO`) can tell apart.
+/// A third interface, not a boot interface, is not answered, and the drop is counted.
+/// A relay (crafted, from the first client's namespace) gets its offer unicast on port
+/// 67, from the address it sent to, with its subnet's address and option 82 back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_socket_serves_two_interfaces_by_ingress_index_and_a_relay() {
+    const TEST: &str = "one_socket_serves_two_interfaces_by_ingress_index_and_a_relay";
+    if let Err(why) = privileged(&["ip"]) {
+        return skip(TEST, &why);
+    }
+    for tool in ["busybox", "dhclient"] {
+        if !common::have(tool) {
+            return skip(TEST, &format!("{tool} is not installed"));
+        }
+    }
+    // Three pairs; the server ends of the second and third move into the first's server
+    // namespace, which then has 10.81.0.1 (a), 10.82.0.1 (b) and 10.85.0.1 (c).
+    let a = Veth::create("nbd", 'a', "52:54:00:81:00:01", "52:54:00:81:00:02", false);
+    let b = Veth::create("nbd", 'b', "52:54:00:82:00:01", "52:54:00:82:00:02", false);
+    let c = Veth::create("nbd", 'c', "52:54:00:85:00:01", "52:54:00:85:00:02", false);
+    let srv = a.srv_ns.clone();
+    ip(&["-n", &srv, "addr", "add", "10.81.0.1/24", "dev", &a.srv_if]);
+    move_server_end(&b, &srv, "10.82.0.1/24");
+    move_server_end(&c, &srv, "10.85.0.1/24");
+    for ns in [&srv, &a.cli_ns, &b.cli_ns, &c.cli_ns] {
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    // The relay's subnet is behind the first client's namespace.
+    ip(&[
+        "-n",
+        &srv,
+        "route",
+        "add",
+        "10.83.0.0/24",
+        "via",
+        "10.81.0.254",
+    ]);
+
+    let config = netboot_daemon::dhcp::server::Config {
+        // 10.81 by a's address, 10.82 by b's name, 10.83 by the relay, and 10.85 for c,
+        // which would be answered if c were served.
+        pools: vec![
+            pool(81, None),
+            pool(82, Some(b.srv_if.clone())),
+            pool(83, None),
+            pool(85, None),
+        ],
+        reservations: vec![],
+        offer_secs: 60,
+        decline_secs: 600,
+    };
+    let boot = [a.srv_if.clone(), b.srv_if.clone()];
+    let listeners = in_netns(&a.srv_path(), || bind(&boot, 67, 4011))
+        .expect("setns")
+        .expect("bind");
+    let mut names: Vec<&str> = listeners
+        .interfaces
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect();
+    names.sort_unstable();
+    let mut want = vec![a.srv_if.as_str(), b.srv_if.as_str()];
+    want.sort_unstable();
+    assert_eq!(names, want);
+    let store: Arc<dyn Store> = Arc::new(Sqlite::in_memory().expect("store"));
+    let service = Arc::new(
+        DhcpService::new(Arc::clone(&store), 8080, BootFiles::default(), 68)
+            .with_server(config)
+            .expect("server mode"),
+    );
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(Arc::clone(&service).serve(listeners, stop_rx));
+
+    let dir = common::TestDir::new("dhcp-two-interfaces");
+    // ISC dhclient behind b, in the foreground until stopped; udhcpc behind a meanwhile.
+    let dh_out = dir.path().join("dhclient.env");
+    let dh_script = hook_script(dir.path(), "dhclient.sh", &dh_out);
+    let lease_file = dir.path().join("dhclient.leases");
+    let pid_file = dir.path().join("dhclient.pid");
+    let mut dhclient = Stopped(
+        Command::new("ip")
+            .args(["netns", "exec", &b.cli_ns, "dhclient", "-d", "-1", "-4"])
+            .arg("-sf")
+            .arg(&dh_script)
+            .arg("-lf")
+            .arg(&lease_file)
+            .arg("-pf")
+            .arg(&pid_file)
+            .arg(&b.cli_if)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dhclient"),
+    );
+    let ud_out = dir.path().join("udhcpc.env");
+    let ud_script = hook_script(dir.path(), "udhcpc.sh", &ud_out);
+    let (ns, dev, script) = (
+        a.cli_ns.clone(),
+        a.cli_if.clone(),
+        ud_script.to_str().expect("utf-8").to_owned(),
+    );
+    tokio::task::spawn_blocking(move || {
+        run_in(
+            &ns,
+            &[
+                "busybox", "udhcpc", "-i", &dev, "-f", "-q", "-n", "-t", "3", "-T", "2", "-s",
+                &script,
+            ],
+        )
+    })
+    .await
+    .expect("udhcpc");
+    let env = hook_env(&ud_out);
+    let got: Ipv4Addr = env["ip"].parse().expect("udhcpc address");
+    assert!(pool(81, None).in_range(got), "{env:?}");
+    assert_eq!(env["serverid"], "10.81.0.1", "{env:?}");
+    assert_eq!(env["router"], "10.81.0.1", "{env:?}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !dh_out.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dhclient got no lease"
+        );
+        assert!(
+            dhclient.0.try_wait().expect("wait").is_none(),
+            "dhclient quit without a lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let env = hook_env(&dh_out);
+    let dh_ip: Ipv4Addr = env["new_ip_address"].parse().expect("dhclient address");
+    assert!(pool(82, None).in_range(dh_ip), "{env:?}");
+    assert_eq!(env["new_dhcp_server_identifier"], "10.82.0.1", "{env:?}");
+    assert_eq!(env["new_routers"], "10.82.0.1", "{env:?}");
+    drop(dhclient);
+
+    // c is not a boot interface: its DISCOVER is dropped and counted, never answered.
+    let (replies, dropped) = (
+        service.stats.replies.load(Ordering::Relaxed),
+        service.stats.unknown_interface.load(Ordering::Relaxed),
+    );
+    let dev = c.cli_if.clone();
+    let outsider = in_netns(&c.cli_path(), || {
+        let s = common::broadcast_socket(&dev)?;
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)).into())?;
+        s.set_nonblocking(true)?;
+        tokio::net::UdpSocket::from_std(s.into())
+    })
+    .expect("setns")
+    .expect("client socket");
+    let mut m = Message::default();
+    m.set_xid(0x8500_0001)
+        .set_chaddr(&[0x52, 0x54, 0, 0x85, 0, 0x02])
+        .set_flags(Flags::default().set_broadcast());
+    m.opts_mut()
+        .insert(DhcpOption::MessageType(MessageType::Discover));
+    let mut buf = Vec::new();
+    m.encode(&mut Encoder::new(&mut buf)).expect("encode");
+    outsider
+        .send_to(&buf, (Ipv4Addr::BROADCAST, 67))
+        .await
+        .expect("send");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while service.stats.unknown_interface.load(Ordering::Relaxed) == dropped {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the DISCOVER on a non-boot interface was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(service.stats.replies.load(Ordering::Relaxed), replies);
+    let mut e =
+        netboot_daemon::metrics::Exposition::new(netboot_daemon::metrics::Format::Prometheus);
+    service.write_metrics(&mut e);
+    let text = e.finish();
+    assert!(
+        text.contains(&format!(
+            "netboot_dhcp_dropped_datagrams_total{{reason=\"unknown_interface\"}} {}\n",
+            dropped + 1
+        )),
+        "{text}"
+    );
+
+    // A relay in a's client namespace (10.81.0.254 towards us, 10.83.0.1 towards its
+    // clients) forwards a DISCOVER to 10.81.0.1.
+    ip(&[
+        "-n",
+        &a.cli_ns,
+        "addr",
+        "add",
+        "10.81.0.254/24",
+        "dev",
+        &a.cli_if,
+    ]);
+    ip(&["-n", &a.cli_ns, "addr", "add", "10.83.0.1/32", "dev", "lo"]);
+    let relay = in_netns(&a.cli_path(), || {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 67))?;
+        s.set_nonblocking(true)?;
+        tokio::net::UdpSocket::from_std(s)
+    })
+    .expect("setns")
+    .expect("relay socket");
+    let mut info = dhcproto::v4::relay::RelayAgentInformation::default();
+    info.insert(dhcproto::v4::relay::RelayInfo::AgentCircuitId(
+        b"port-7".to_vec(),
+    ));
+    let mut m = Message::default();
+    m.set_xid(0x8300_0001)
+        .set_hops(1)
+        .set_giaddr(Ipv4Addr::new(10, 83, 0, 1))
+        .set_chaddr(&[0x52, 0x54, 0, 0x83, 0, 0x07]);
+    m.opts_mut()
+        .insert(DhcpOption::MessageType(MessageType::Discover));
+    m.opts_mut()
+        .insert(DhcpOption::RelayAgentInformation(info.clone()));
+    let mut out = Vec::new();
+    m.encode(&mut Encoder::new(&mut out)).expect("encode");
+    relay
+        .send_to(&out, (Ipv4Addr::new(10, 81, 0, 1), 67))
+        .await
+        .expect("send");
+    let mut buf = vec![0u8; 1500];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), relay.recv_from(&mut buf))
+        .await
+        .expect("an offer for the relay")
+        .expect("recv");
+    let offer = Message::decode(&mut Decoder::new(&buf[..n])).expect("decode");
+    assert_eq!(
+        from,
+        SocketAddr::from((Ipv4Addr::new(10, 81, 0, 1), 67)),
+        "unicast from the address the relay sent to, on the server port"
+    );
+    assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(offer.xid(), 0x8300_0001);
+    assert!(pool(83, None).in_range(offer.yiaddr()), "{offer:?}");
+    assert_eq!(offer.giaddr(), Ipv4Addr::new(10, 83, 0, 1));
+    assert_eq!(
+        offer.opts().get(OptionCode::ServerIdentifier),
+        Some(&DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 81, 0, 1)))
+    );
+    assert_eq!(
+        offer.opts().get(OptionCode::RelayAgentInformation),
+        Some(&DhcpOption::RelayAgentInformation(info))
+    );
+
+    let _ = stop.send(true);
+    task.await.expect("serve task");
+    drop((a, b, c));
 }

@@ -10,14 +10,14 @@
 #![no_main]
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use dhcproto::v4::{Encodable, Encoder, Message, MessageType};
 use libfuzzer_sys::fuzz_target;
 use netboot_daemon::dhcp::proxy::{self, BootFiles, Context, Port};
 use netboot_daemon::dhcp::pxe::IpxeFeature;
 use netboot_daemon::dhcp::server::{Config, Meta, Pool, Reservation, Server};
-use netboot_daemon::dhcp::wire;
+use netboot_daemon::dhcp::{RecvMeta, wire};
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 
@@ -63,7 +63,6 @@ fn build(ty: u8, who: u8, req: u8, ci: u8, sid: u8, relay: u8, extra: &[u8]) -> 
 
 fuzz_target!(|data: &[u8]| {
     let ctx = Context {
-        server: SERVER,
         http_port: 8080,
         files: BootFiles::default(),
         ipxe_required: vec![IpxeFeature(27)],
@@ -101,7 +100,7 @@ fuzz_target!(|data: &[u8]| {
         offer_secs: 10,
         decline_secs: 30,
     });
-    let meta = Meta { iface: "eth0", server: SERVER };
+    let addrs = [SERVER];
     let mut now = 1_800_000_000u64;
     // address -> (chaddr, lease end) of every ACK given
     let mut acked: HashMap<Ipv4Addr, (Vec<u8>, u64)> = HashMap::new();
@@ -121,8 +120,21 @@ fuzz_target!(|data: &[u8]| {
             [] => continue,
         };
         let Ok(msg) = wire::decode(&bytes) else { continue };
+        // As the datagram would arrive: from the relay, from the client's address, or
+        // broadcast from 0.0.0.0.
+        let (gi, ci) = (msg.giaddr(), msg.ciaddr());
+        let recv = match (gi.is_unspecified(), ci.is_unspecified()) {
+            (false, _) => RecvMeta { ifindex: 2, src: SocketAddrV4::new(gi, 67), dst: SERVER },
+            (true, false) => RecvMeta { ifindex: 2, src: SocketAddrV4::new(ci, 68), dst: SERVER },
+            (true, true) => RecvMeta {
+                ifindex: 2,
+                src: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+                dst: Ipv4Addr::BROADCAST,
+            },
+        };
+        let meta = Meta { recv, iface: "eth0", addrs: &addrs };
         for port in [Port::Dhcp, Port::Pxe] {
-            if let Ok(r) = proxy::handle(&msg, port, &ctx) {
+            if let Ok(r) = proxy::handle(&msg, port, &meta, &ctx) {
                 encodes(&r.message);
             }
         }

@@ -14,6 +14,7 @@ use std::net::Ipv4Addr;
 
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode};
 
+use super::Meta;
 use super::pxe::{Client, ClientArch, IpxeFeature, Vendor};
 
 /// Boot files for firmware PXE, relative to the TFTP root.
@@ -40,11 +41,9 @@ impl Default for BootFiles {
     }
 }
 
-/// Where the reply comes from and what it offers.
+/// What the replies offer, whichever interface a request arrived on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Context {
-    /// Our address on the interface the request arrived on.
-    pub server: Ipv4Addr,
     /// HTTP port of netbootd.
     pub http_port: u16,
     /// Firmware boot files.
@@ -84,7 +83,7 @@ pub enum Destination {
     /// To the relay agent that forwarded the request (`giaddr`), on the server port.
     Relay(Ipv4Addr),
     /// Back to where the request came from: a client that has its address (a request on
-    /// port 4011, or with `ciaddr` set).
+    /// port 4011, or with `ciaddr` set) and sent from it.
     Source,
     /// Broadcast on the client port (the client has no address yet).
     Broadcast,
@@ -106,9 +105,10 @@ pub struct Reply {
     pub boot_file: String,
 }
 
-/// The boot file for a client, or `None` if there is nothing to boot it with.
-pub fn boot_file(client: &Client, ctx: &Context) -> Option<String> {
-    let http = format!("http://{}:{}", ctx.server, ctx.http_port);
+/// The boot file for a client that reached us at `server`, or `None` if there is
+/// nothing to boot it with.
+pub fn boot_file(client: &Client, ctx: &Context, server: Ipv4Addr) -> Option<String> {
+    let http = format!("http://{server}:{}", ctx.http_port);
     let capable = ctx
         .ipxe_required
         .iter()
@@ -163,8 +163,8 @@ pub(super) fn reply_header(req: &Message) -> Message {
     m
 }
 
-/// Decides the proxyDHCP answer to `req`, which arrived on `port`.
-pub fn handle(req: &Message, port: Port, ctx: &Context) -> Result<Reply, Ignored> {
+/// Decides the proxyDHCP answer to `req`, which arrived on `port` as `meta` says.
+pub fn handle(req: &Message, port: Port, meta: &Meta<'_>, ctx: &Context) -> Result<Reply, Ignored> {
     if req.opcode() != Opcode::BootRequest {
         return Err(Ignored::NotARequest);
     }
@@ -177,19 +177,20 @@ pub fn handle(req: &Message, port: Port, ctx: &Context) -> Result<Reply, Ignored
         (Some(MessageType::Inform), Port::Pxe) => MessageType::Ack,
         _ => return Err(Ignored::MessageType),
     };
+    let server = meta.server();
     let pi = client.is_raspberry_pi();
     // A Raspberry Pi's loader fetches its own files from the TFTP root: no boot file.
     let file = if pi {
         String::new()
     } else {
-        boot_file(&client, ctx).ok_or(Ignored::Arch)?
+        boot_file(&client, ctx, server).ok_or(Ignored::Arch)?
     };
 
     let mut m = reply_header(req);
-    m.set_siaddr(ctx.server).set_fname_str(&file);
+    m.set_siaddr(server).set_fname_str(&file);
     let opts = m.opts_mut();
     opts.insert(DhcpOption::MessageType(reply_type));
-    opts.insert(DhcpOption::ServerIdentifier(ctx.server));
+    opts.insert(DhcpOption::ServerIdentifier(server));
     opts.insert(DhcpOption::ClassIdentifier(match vendor {
         Vendor::Pxe => b"PXEClient".to_vec(),
         Vendor::Http => b"HTTPClient".to_vec(),
@@ -204,9 +205,7 @@ pub fn handle(req: &Message, port: Port, ctx: &Context) -> Result<Reply, Ignored
         } else {
             vec![6, 1, 8, 255]
         }));
-        opts.insert(DhcpOption::TFTPServerName(
-            ctx.server.to_string().into_bytes(),
-        ));
+        opts.insert(DhcpOption::TFTPServerName(server.to_string().into_bytes()));
     }
     if !file.is_empty() {
         opts.insert(DhcpOption::BootfileName(file.clone().into_bytes()));
@@ -217,7 +216,7 @@ pub fn handle(req: &Message, port: Port, ctx: &Context) -> Result<Reply, Ignored
     }
     let to = if !req.giaddr().is_unspecified() {
         Destination::Relay(req.giaddr())
-    } else if port == Port::Pxe || !req.ciaddr().is_unspecified() {
+    } else if (port == Port::Pxe || !req.ciaddr().is_unspecified()) && meta.has_source() {
         Destination::Source
     } else {
         Destination::Broadcast

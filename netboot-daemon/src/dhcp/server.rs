@@ -22,6 +22,7 @@ use std::net::Ipv4Addr;
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use serde::Serialize;
 
+pub use super::Meta;
 use super::proxy::{self, Destination, reply_header};
 use super::pxe::{Client, Vendor};
 use crate::mac::MacAddr;
@@ -171,15 +172,6 @@ pub enum LeaseEvent {
     Saved(Lease),
     /// The address has no lease any more.
     Removed(Ipv4Addr),
-}
-
-/// Where a request came in.
-#[derive(Debug, Clone, Copy)]
-pub struct Meta<'a> {
-    /// The interface's name.
-    pub iface: &'a str,
-    /// Our address on it: the server identifier.
-    pub server: Ipv4Addr,
 }
 
 /// Why a request got no answer (counted by the driver).
@@ -341,9 +333,10 @@ impl Server {
             .iter()
             .find(|p| p.interface.as_deref() == Some(meta.iface))
             .or_else(|| {
+                let server = meta.server();
                 pools
                     .iter()
-                    .find(|p| p.interface.is_none() && p.contains(meta.server))
+                    .find(|p| p.interface.is_none() && p.contains(server))
             })
     }
 
@@ -448,7 +441,7 @@ impl Server {
             MessageType::Discover => {
                 let pool = self.pool_for(req, meta).ok_or(Ignored::NoPool)?.clone();
                 let ip = self
-                    .choose(&pool, mac, requested, now, meta.server)
+                    .choose(&pool, mac, requested, now, meta.server())
                     .ok_or(Ignored::PoolExhausted)?;
                 let hostname = self.hostname_for(mac, hostname);
                 let current = self
@@ -557,7 +550,7 @@ impl Server {
         let ip = match server_id {
             // SELECTING: the answer to an offer, ours or another server's.
             Some(sid) => {
-                if sid != meta.server {
+                if sid != meta.server() {
                     if let Some(&ip) = self.by_mac.get(&mac)
                         && self
                             .leases
@@ -598,7 +591,7 @@ impl Server {
                     .is_some_and(|r| pool.contains(r.ip) && r.ip != ip);
                 let usable = (pool.in_range(ip)
                     || self.reservation(mac).is_some_and(|r| r.ip == ip))
-                    && self.available(&pool, ip, mac, now, meta.server);
+                    && self.available(&pool, ip, mac, now, meta.server());
                 if reserved_elsewhere || !usable {
                     return Ok(Some(self.nak(req, client, meta, "address not available")));
                 }
@@ -634,7 +627,7 @@ impl Server {
         m.set_flags(Flags::default().set_broadcast());
         let o = m.opts_mut();
         o.insert(DhcpOption::MessageType(MessageType::Nak));
-        o.insert(DhcpOption::ServerIdentifier(meta.server));
+        o.insert(DhcpOption::ServerIdentifier(meta.server()));
         o.insert(DhcpOption::Message(why.to_owned()));
         echo_relay_info(req, &mut m);
         Reply {
@@ -664,6 +657,7 @@ impl Server {
         pxe: &proxy::Context,
         hostname: Option<String>,
     ) -> Reply {
+        let server = meta.server();
         let mut m = reply_header(req);
         m.set_ciaddr(req.ciaddr());
         if let Some(ip) = ip {
@@ -671,7 +665,7 @@ impl Server {
         }
         let o = m.opts_mut();
         o.insert(DhcpOption::MessageType(kind));
-        o.insert(DhcpOption::ServerIdentifier(meta.server));
+        o.insert(DhcpOption::ServerIdentifier(server));
         if ip.is_some() {
             o.insert(DhcpOption::AddressLeaseTime(pool.lease_secs));
             o.insert(DhcpOption::Renewal(pool.lease_secs / 2));
@@ -691,38 +685,30 @@ impl Server {
         if let Some(h) = hostname {
             o.insert(DhcpOption::Hostname(h));
         }
-        let pxe_ctx = proxy::Context {
-            server: meta.server,
-            ..pxe.clone()
-        };
         let pi = client.is_raspberry_pi();
         let boot_file = if (client.vendor.is_some() || client.ipxe) && !pi {
-            proxy::boot_file(&client, &pxe_ctx)
+            proxy::boot_file(&client, pxe, server)
         } else {
             None
         };
         if pi {
             // The Pi's loader needs the PXE vendor options and the TFTP server, no file.
-            m.set_siaddr(meta.server);
+            m.set_siaddr(server);
             let o = m.opts_mut();
             o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
-            o.insert(DhcpOption::TFTPServerName(
-                meta.server.to_string().into_bytes(),
-            ));
+            o.insert(DhcpOption::TFTPServerName(server.to_string().into_bytes()));
             o.insert(DhcpOption::VendorExtensions(
                 super::pxe::RASPBERRY_PI_OPTION_43.to_vec(),
             ));
         }
         if let Some(file) = &boot_file {
-            m.set_siaddr(meta.server).set_fname_str(file);
+            m.set_siaddr(server).set_fname_str(file);
             let o = m.opts_mut();
             o.insert(DhcpOption::BootfileName(file.clone().into_bytes()));
             match client.vendor {
                 Some(Vendor::Pxe) => {
                     o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
-                    o.insert(DhcpOption::TFTPServerName(
-                        meta.server.to_string().into_bytes(),
-                    ));
+                    o.insert(DhcpOption::TFTPServerName(server.to_string().into_bytes()));
                 }
                 Some(Vendor::Http) => {
                     o.insert(DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()));
@@ -744,7 +730,7 @@ impl Server {
         let giaddr = req.giaddr();
         let to = if !giaddr.is_unspecified() {
             Destination::Relay(giaddr)
-        } else if !req.ciaddr().is_unspecified() {
+        } else if !req.ciaddr().is_unspecified() && meta.has_source() {
             Destination::Source
         } else {
             m.set_flags(Flags::default().set_broadcast());

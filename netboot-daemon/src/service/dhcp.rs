@@ -1,5 +1,9 @@
-//! The DHCP service on tokio: one pair of sockets (ports 67 and 4011) per boot
-//! interface, bound to the interface so that each reply names the right server address.
+//! The DHCP service on tokio: one socket on port 67 and one on 4011, bound to
+//! `0.0.0.0`, for every boot interface. Each datagram's `IP_PKTINFO` ([`crate::net`])
+//! names the interface it came in on, which picks the interface's configuration (and
+//! drops datagrams from other interfaces), and the address it was sent to; broadcast
+//! replies leave through the interface the request came in on, and every reply leaves
+//! from our address on it.
 //!
 //! All decisions are the cores': [`crate::dhcp::proxy`] in proxy mode (and on port 4011
 //! in both modes), [`crate::dhcp::server`] on port 67 in server mode. This module
@@ -7,24 +11,24 @@
 //! what it saw in the store and counts.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dhcproto::v4::{Encodable as _, Encoder, Message};
 use netboot_common::PORT_DHCP_SERVER;
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
 use crate::bindings::{Bindings, Source as BindingSource};
 use dhcproto::v4::MessageType;
 
+use crate::dhcp::Meta;
 use crate::dhcp::proxy::{self, BootFiles, Context, Destination, Port};
 use crate::dhcp::pxe::{Client, IpxeFeature};
 use crate::dhcp::server::{self, Lease, LeaseEvent, Server};
 use crate::metrics::{Exposition, Kind};
+use crate::net::{Egress, PktinfoSocket};
 use crate::store::{EventSource, NewBootEvent, Sighting, Store};
 use crate::time::Timestamp;
 
@@ -37,6 +41,8 @@ pub struct Stats {
     pub replies: AtomicU64,
     /// Datagrams that were not DHCP.
     pub malformed: AtomicU64,
+    /// Datagrams that came in on an interface that is not a boot interface.
+    pub unknown_interface: AtomicU64,
     /// Requests left to the real DHCP server (not PXE, other message types), or that
     /// get no answer in server mode (no pool, pool exhausted, another server chosen).
     pub ignored: AtomicU64,
@@ -60,61 +66,75 @@ const RECORD_BATCH: usize = 512;
 /// How long the recorder gathers records after the first before it writes them.
 const RECORD_WINDOW: Duration = Duration::from_millis(25);
 
-/// The sockets of one boot interface.
+/// A boot interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    /// Its index (what `IP_PKTINFO` names).
+    pub index: u32,
+    /// Its name.
+    pub name: String,
+    /// Our IPv4 addresses on it, the primary (first listed by the kernel) first.
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+/// The DHCP sockets, ports 67 and 4011 on `0.0.0.0`, and the boot interfaces they serve.
 #[derive(Debug)]
-pub struct Listener {
-    /// Interface name.
-    pub iface: String,
-    /// Our IPv4 address on it.
-    pub ip: Ipv4Addr,
-    dhcp: UdpSocket,
-    pxe: UdpSocket,
+pub struct Listeners {
+    /// The boot interfaces: datagrams from any other interface are dropped.
+    pub interfaces: Vec<Interface>,
+    dhcp: PktinfoSocket,
+    pxe: PktinfoSocket,
 }
 
-fn udp_socket(iface: &str, port: u16) -> io::Result<UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_address(true)?;
-    s.set_broadcast(true)?;
-    s.bind_device(Some(iface.as_bytes()))?;
-    s.set_nonblocking(true)?;
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-    UdpSocket::from_std(s.into())
+impl Listeners {
+    fn interface(&self, index: u32) -> Option<&Interface> {
+        self.interfaces.iter().find(|i| i.index == index)
+    }
 }
 
-/// Binds ports 67 and 4011 on each interface in `ifaces` (all up, non-loopback IPv4
-/// interfaces when empty), in the calling thread's network namespace. Interfaces that
-/// cannot be bound are reported and skipped.
-pub fn bind(ifaces: &[String], dhcp_port: u16, pxe_port: u16) -> io::Result<Vec<Listener>> {
-    let addrs = if_addrs::get_if_addrs()?;
-    let mut out = Vec::new();
-    for a in addrs {
+/// The boot interfaces: those in `names` that have IPv4 (all up, non-loopback IPv4
+/// interfaces when `names` is empty), in the calling thread's network namespace.
+pub fn interfaces(names: &[String]) -> io::Result<Vec<Interface>> {
+    let mut out: Vec<Interface> = Vec::new();
+    for a in if_addrs::get_if_addrs()? {
         let if_addrs::IfAddr::V4(v4) = &a.addr else {
             continue;
         };
-        let wanted = if ifaces.is_empty() {
+        let wanted = if names.is_empty() {
             !a.is_loopback() && a.is_oper_up()
         } else {
-            ifaces.contains(&a.name)
+            names.contains(&a.name)
         };
-        if !wanted || out.iter().any(|l: &Listener| l.iface == a.name) {
+        let Some(index) = a.index.filter(|_| wanted) else {
             continue;
-        }
-        match (
-            udp_socket(&a.name, dhcp_port),
-            udp_socket(&a.name, pxe_port),
-        ) {
-            (Ok(dhcp), Ok(pxe)) => out.push(Listener {
-                iface: a.name.clone(),
-                ip: v4.ip,
-                dhcp,
-                pxe,
+        };
+        match out.iter_mut().find(|i| i.index == index) {
+            Some(i) => i.addrs.push(v4.ip),
+            None => out.push(Interface {
+                index,
+                name: a.name.clone(),
+                addrs: vec![v4.ip],
             }),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(iface = %a.name, error = %e, "proxyDHCP cannot listen on this interface")
-            }
+        }
+    }
+    for name in names {
+        if !out.iter().any(|i| &i.name == name) {
+            tracing::warn!(iface = %name, "DHCP boot interface missing or without IPv4; not served");
         }
     }
     Ok(out)
+}
+
+/// Binds ports 67 and 4011 (`dhcp_port`, `pxe_port`) on `0.0.0.0` for the boot
+/// interfaces `names` (see [`interfaces`]), in the calling thread's network namespace.
+/// Must run inside a tokio runtime.
+pub fn bind(names: &[String], dhcp_port: u16, pxe_port: u16) -> io::Result<Listeners> {
+    let interfaces = interfaces(names)?;
+    Ok(Listeners {
+        interfaces,
+        dhcp: PktinfoSocket::bind(dhcp_port)?,
+        pxe: PktinfoSocket::bind(pxe_port)?,
+    })
 }
 
 /// What the service does in server mode.
@@ -266,6 +286,17 @@ impl DhcpService {
         );
         e.counter("netboot_dhcp_received_datagrams", &[], load(&st.received));
         e.family(
+            "netboot_dhcp_dropped_datagrams",
+            Kind::Counter,
+            None,
+            "Datagrams on the DHCP ports dropped before decoding, by reason: unknown_interface (it came in on an interface that is not a boot interface).",
+        );
+        e.counter(
+            "netboot_dhcp_dropped_datagrams",
+            &[("reason", "unknown_interface")],
+            load(&st.unknown_interface),
+        );
+        e.family(
             "netboot_dhcp_records_dropped",
             Kind::Counter,
             None,
@@ -338,20 +369,18 @@ impl DhcpService {
         self
     }
 
-    /// Serves every listener until `shutdown` turns true.
-    pub async fn serve(self: Arc<Self>, listeners: Vec<Listener>, shutdown: watch::Receiver<bool>) {
+    /// Serves both ports until `shutdown` turns true.
+    pub async fn serve(self: Arc<Self>, listeners: Listeners, shutdown: watch::Receiver<bool>) {
         let mut tasks = tokio::task::JoinSet::new();
-        for l in listeners {
-            let l = Arc::new(l);
-            for port in [Port::Dhcp, Port::Pxe] {
-                let (this, l, mut stop) = (Arc::clone(&self), Arc::clone(&l), shutdown.clone());
-                tasks.spawn(async move {
-                    tokio::select! {
-                        () = this.receive_loop(&l, port) => {}
-                        _ = stop.changed() => {}
-                    }
-                });
-            }
+        let l = Arc::new(listeners);
+        for port in [Port::Dhcp, Port::Pxe] {
+            let (this, l, mut stop) = (Arc::clone(&self), Arc::clone(&l), shutdown.clone());
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = this.receive_loop(&l, port) => {}
+                    _ = stop.changed() => {}
+                }
+            });
         }
         let persist = self.server.as_ref().and_then(|m| {
             m.persist_rx
@@ -474,14 +503,10 @@ impl DhcpService {
     }
 
     /// Decides the answer to one datagram; `None` when there is none to send.
-    fn decide(&self, msg: &Message, port: Port, ctx: &Context, l: &Listener) -> Option<Answer> {
+    fn decide(&self, msg: &Message, port: Port, ctx: &Context, meta: &Meta<'_>) -> Option<Answer> {
         let from_server = match (&self.server, port) {
             (Some(mode), Port::Dhcp) => {
-                let meta = server::Meta {
-                    iface: &l.iface,
-                    server: l.ip,
-                };
-                Some(mode.with_core(|c| c.handle(Timestamp::now().unix_secs(), msg, &meta, ctx)))
+                Some(mode.with_core(|c| c.handle(Timestamp::now().unix_secs(), msg, meta, ctx)))
             }
             _ => None,
         };
@@ -514,10 +539,10 @@ impl DhcpService {
             }
             Some(Err(why)) => {
                 self.stats.ignored.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(?why, iface = %l.iface, "DHCP request not answered");
+                tracing::debug!(?why, iface = %meta.iface, "DHCP request not answered");
                 None
             }
-            None => match proxy::handle(msg, port, ctx) {
+            None => match proxy::handle(msg, port, meta, ctx) {
                 Ok(r) => {
                     let kind = if r.is_ack() {
                         "dhcp_pxe_ack"
@@ -535,27 +560,27 @@ impl DhcpService {
                 }
                 Err(why) => {
                     self.stats.ignored.fetch_add(1, Ordering::Relaxed);
-                    tracing::trace!(?why, iface = %l.iface, "dhcp request left to the DHCP server");
+                    tracing::trace!(?why, iface = %meta.iface, "dhcp request left to the DHCP server");
                     None
                 }
             },
         }
     }
 
-    async fn receive_loop(&self, l: &Listener, port: Port) {
+    async fn receive_loop(&self, l: &Listeners, port: Port) {
         let socket = match port {
             Port::Dhcp => &l.dhcp,
             Port::Pxe => &l.pxe,
         };
         let mut buf = vec![0u8; 1500];
+        let mut out = Vec::with_capacity(600);
         let ctx = Context {
-            server: l.ip,
             http_port: self.http_port,
             files: self.files.clone(),
             ipxe_required: self.ipxe_required.clone(),
         };
         loop {
-            let (n, from) = match socket.recv_from(&mut buf).await {
+            let (n, recv) = match socket.recv(&mut buf).await {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::debug!(error = %e, "dhcp receive error");
@@ -563,22 +588,32 @@ impl DhcpService {
                 }
             };
             self.stats.received.fetch_add(1, Ordering::Relaxed);
+            let Some(iface) = l.interface(recv.ifindex) else {
+                self.stats.unknown_interface.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(ifindex = recv.ifindex, from = %recv.src, "DHCP datagram from an interface that is not a boot interface dropped");
+                continue;
+            };
+            let meta = Meta {
+                recv,
+                iface: &iface.name,
+                addrs: &iface.addrs,
+            };
             let msg = match crate::dhcp::wire::decode(&buf[..n]) {
                 Ok(m) => m,
                 Err(why) => {
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(?why, %from, iface = %l.iface, "malformed DHCP datagram dropped");
+                    tracing::debug!(?why, from = %recv.src, iface = %iface.name, "malformed DHCP datagram dropped");
                     continue;
                 }
             };
-            let Some(answer) = self.decide(&msg, port, &ctx, l) else {
+            let Some(answer) = self.decide(&msg, port, &ctx, &meta) else {
                 continue;
             };
-            if let (Some(b), SocketAddr::V4(source)) = (&self.bindings, from) {
+            if let Some(b) = &self.bindings {
                 let ip = answer
                     .ip
                     .filter(|_| answer.kind == "dhcp_ack")
-                    .or_else(|| proxy::client_address(&msg, *source.ip()));
+                    .or_else(|| proxy::client_address(&msg, *recv.src.ip()));
                 if let Some(ip) = ip {
                     b.learn(
                         ip.into(),
@@ -588,37 +623,29 @@ impl DhcpService {
                     );
                 }
             }
-            let mut out = Vec::with_capacity(600);
+            out.clear();
             if answer.message.encode(&mut Encoder::new(&mut out)).is_err() {
                 continue;
             }
-            let to = match answer.to {
-                Destination::Relay(relay) => {
-                    SocketAddr::V4(SocketAddrV4::new(relay, PORT_DHCP_SERVER))
-                }
-                Destination::Source => from,
-                Destination::Broadcast => {
-                    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::BROADCAST, self.client_port))
-                }
-            };
-            match socket.send_to(&out, to).await {
+            let (to, egress) = route(answer.to, &meta, self.client_port);
+            match socket.send(&out, to, egress).await {
                 Ok(_) => {
                     self.stats.replies.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => tracing::debug!(error = %e, %to, "dhcp send failed"),
+                Err(e) => tracing::debug!(error = %e, %to, iface = %iface.name, "dhcp send failed"),
             }
-            tracing::debug!(mac = %answer.client.mac, iface = %l.iface, kind = answer.kind, ip = ?answer.ip, file = ?answer.boot_file, "DHCP answered");
-            self.record(&answer, l);
+            tracing::debug!(mac = %answer.client.mac, iface = %iface.name, kind = answer.kind, ip = ?answer.ip, file = ?answer.boot_file, "DHCP answered");
+            self.record(&answer, &iface.name);
         }
     }
 
     /// Queues the client's sighting and the exchange's boot event for the recorder.
-    fn record(&self, a: &Answer, l: &Listener) {
+    fn record(&self, a: &Answer, iface: &str) {
         let c = &a.client;
         let mut detail = format!(
             "{} on {}: {} (arch {})",
             a.kind.trim_start_matches("dhcp_").replace('_', " "),
-            l.iface,
+            iface,
             if c.ipxe {
                 "iPXE"
             } else if c.vendor.is_some() {
@@ -656,5 +683,66 @@ impl DhcpService {
         if self.records.try_send((sighting, event)).is_err() {
             self.stats.records_dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Where a reply goes and how it leaves, for the core's `to` and the request's `meta`.
+/// Every reply leaves from our address in the exchange ([`Meta::server`]). A broadcast
+/// leaves through the interface the request came in on: with one socket for every
+/// interface nothing else would choose it. A unicast reply (to the client's address, or
+/// to the relay on the server port) follows the routing table, which knows the way to
+/// a renewing client or a relay behind a router better than the ingress interface does.
+fn route(to: Destination, meta: &Meta<'_>, client_port: u16) -> (SocketAddrV4, Egress) {
+    let src = meta.server();
+    match to {
+        Destination::Relay(relay) => (
+            SocketAddrV4::new(relay, PORT_DHCP_SERVER),
+            Egress { ifindex: 0, src },
+        ),
+        Destination::Source => (meta.recv.src, Egress { ifindex: 0, src }),
+        Destination::Broadcast => (
+            SocketAddrV4::new(Ipv4Addr::BROADCAST, client_port),
+            Egress {
+                ifindex: meta.recv.ifindex,
+                src,
+            },
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::RecvMeta;
+
+    #[test]
+    fn broadcasts_leave_through_the_ingress_interface_unicasts_by_route() {
+        let addrs = [Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 1, 1)];
+        let meta = Meta {
+            recv: RecvMeta {
+                ifindex: 7,
+                src: SocketAddrV4::new(Ipv4Addr::new(10, 1, 1, 50), 68),
+                dst: addrs[1],
+            },
+            iface: "eth1",
+            addrs: &addrs,
+        };
+        let from_second = |ifindex| Egress {
+            ifindex,
+            src: addrs[1],
+        };
+        assert_eq!(
+            route(Destination::Broadcast, &meta, 68),
+            (SocketAddrV4::new(Ipv4Addr::BROADCAST, 68), from_second(7))
+        );
+        assert_eq!(
+            route(Destination::Source, &meta, 68),
+            (meta.recv.src, from_second(0))
+        );
+        let relay = Ipv4Addr::new(10, 50, 0, 1);
+        assert_eq!(
+            route(Destination::Relay(relay), &meta, 68),
+            (SocketAddrV4::new(relay, 67), from_second(0))
+        );
     }
 }

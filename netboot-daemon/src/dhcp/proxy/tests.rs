@@ -7,13 +7,50 @@ use dhcproto::v4::{Architecture, Decodable, Decoder, Encodable, Encoder, Unknown
 use super::*;
 use dhcproto::v4::OptionCode;
 
+use crate::net::RecvMeta;
+use std::net::SocketAddrV4;
+
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+
 fn ctx() -> Context {
     Context {
-        server: Ipv4Addr::new(10, 0, 0, 1),
         http_port: 8080,
         files: BootFiles::default(),
         ipxe_required: vec![],
     }
+}
+
+/// How `req` reaches `port` on an interface whose address is `SERVER`: unicast from the
+/// client's address (`ciaddr`, or the one it has by then on 4011), else broadcast from
+/// 0.0.0.0.
+fn at(req: &Message, port: Port) -> Meta<'static> {
+    let client = match (req.ciaddr(), port) {
+        (ci, _) if !ci.is_unspecified() => Some(ci),
+        (_, Port::Pxe) => Some(Ipv4Addr::new(10, 0, 0, 50)),
+        (_, Port::Dhcp) => None,
+    };
+    let recv = match client {
+        Some(ip) => RecvMeta {
+            ifindex: 2,
+            src: SocketAddrV4::new(ip, 68),
+            dst: SERVER,
+        },
+        None => RecvMeta {
+            ifindex: 2,
+            src: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+            dst: Ipv4Addr::BROADCAST,
+        },
+    };
+    Meta {
+        recv,
+        iface: "eth0",
+        addrs: &[SERVER],
+    }
+}
+
+/// The core's answer to `req` arriving on `port` as [`at`] says.
+fn handle(req: &Message, port: Port, ctx: &Context) -> Result<Reply, Ignored> {
+    super::handle(req, port, &at(req, port), ctx)
 }
 
 /// A request as firmware builds it, encoded and decoded again.
@@ -312,4 +349,33 @@ fn a_raspberry_pi_gets_the_pi_boot_menu_and_no_file() {
     assert!(v43.windows(17).any(|w| w == b"Raspberry Pi Boot"));
     assert!(reply.opts().get(OptionCode::BootfileName).is_none());
     assert_eq!(r.boot_file, "");
+}
+
+#[test]
+fn the_server_address_is_the_one_the_request_reached() {
+    let pxe = Some("PXEClient:Arch:00007:UNDI:003016");
+    let req = request(MessageType::Request, pxe, Some(7), &[]);
+    let second = Ipv4Addr::new(10, 0, 1, 1);
+    let addrs = [SERVER, second];
+    let mut meta = Meta {
+        addrs: &addrs,
+        ..at(&req, Port::Pxe)
+    };
+    // Sent to the interface's second address: that is the server in the answer.
+    meta.recv.dst = second;
+    let r = super::handle(&req, Port::Pxe, &meta, &ctx()).expect("ack");
+    assert_eq!(r.message.siaddr(), second);
+    assert!(
+        matches!(r.message.opts().get(OptionCode::ServerIdentifier), Some(DhcpOption::ServerIdentifier(ip)) if *ip == second)
+    );
+    assert_eq!(r.to, Destination::Source);
+    // Broadcast: the primary address.
+    meta.recv.dst = Ipv4Addr::BROADCAST;
+    let r = super::handle(&req, Port::Pxe, &meta, &ctx()).expect("ack");
+    assert_eq!(r.message.siaddr(), SERVER);
+    // A client without an address yet (source 0.0.0.0) is answered by broadcast: there
+    // is nowhere to unicast to.
+    meta.recv.src = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
+    let r = super::handle(&req, Port::Pxe, &meta, &ctx()).expect("ack");
+    assert_eq!(r.to, Destination::Broadcast);
 }

@@ -8,6 +8,8 @@ use proptest::prelude::*;
 use super::*;
 use crate::dhcp::proxy::BootFiles;
 use crate::dhcp::pxe::IpxeFeature;
+use crate::net::RecvMeta;
+use std::net::SocketAddrV4;
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
 const NOW: u64 = 1_800_000_000;
@@ -53,16 +55,39 @@ fn server() -> Server {
     })
 }
 
-fn meta() -> Meta<'static> {
+/// How `m` reaches the server on br0, whose address is `SERVER`: broadcast from 0.0.0.0
+/// until the client has an address (`ciaddr`), then unicast from it; from the relay
+/// when relayed.
+fn meta_for(m: &Message) -> Meta<'static> {
+    let (ci, gi) = (m.ciaddr(), m.giaddr());
+    let recv = if !gi.is_unspecified() {
+        RecvMeta {
+            ifindex: 2,
+            src: SocketAddrV4::new(gi, 67),
+            dst: SERVER,
+        }
+    } else if !ci.is_unspecified() {
+        RecvMeta {
+            ifindex: 2,
+            src: SocketAddrV4::new(ci, 68),
+            dst: SERVER,
+        }
+    } else {
+        RecvMeta {
+            ifindex: 2,
+            src: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+            dst: Ipv4Addr::BROADCAST,
+        }
+    };
     Meta {
+        recv,
         iface: "br0",
-        server: SERVER,
+        addrs: &[SERVER],
     }
 }
 
 fn pxe() -> proxy::Context {
     proxy::Context {
-        server: Ipv4Addr::UNSPECIFIED,
         http_port: 8080,
         files: BootFiles::default(),
         ipxe_required: vec![],
@@ -91,7 +116,7 @@ fn msg(kind: MessageType, client: MacAddr, opts: &[DhcpOption]) -> Message {
 }
 
 fn handle(s: &mut Server, now: u64, m: &Message) -> Result<Option<Reply>, Ignored> {
-    s.handle(now, m, &meta(), &pxe()).map(|r| {
+    s.handle(now, m, &meta_for(m), &pxe()).map(|r| {
         r.map(|mut r| {
             r.message = round_trip(&r.message);
             r
@@ -563,10 +588,13 @@ fn a_pool_bound_to_an_interface_serves_that_interface() {
         decline_secs: 600,
     });
     let m = msg(MessageType::Discover, mac(1), &[]);
-    assert_eq!(s.handle(NOW, &m, &meta(), &pxe()), Err(Ignored::NoPool));
+    assert_eq!(
+        s.handle(NOW, &m, &meta_for(&m), &pxe()),
+        Err(Ignored::NoPool)
+    );
     let eth7 = Meta {
         iface: "eth7",
-        server: SERVER,
+        ..meta_for(&m)
     };
     let offer = s
         .handle(NOW, &m, &eth7, &pxe())
@@ -658,13 +686,13 @@ fn pxe_clients_get_their_boot_file_and_ipxe_is_told_not_to_wait_for_proxies() {
         ..pxe()
     };
     let offer = s
-        .handle(NOW, &rom, &meta(), &strict)
+        .handle(NOW, &rom, &meta_for(&rom), &strict)
         .expect("ok")
         .expect("offer");
     assert_eq!(offer.boot_file.as_deref(), Some("undionly.kpxe"));
     let full = msg(MessageType::Discover, mac(2), &ipxe_opts(&[19, 17, 27]));
     let offer = s
-        .handle(NOW, &full, &meta(), &strict)
+        .handle(NOW, &full, &meta_for(&full), &strict)
         .expect("ok")
         .expect("offer");
     assert_eq!(
@@ -870,5 +898,80 @@ fn a_raspberry_pi_gets_its_vendor_options_and_no_boot_file() {
     assert_eq!(
         reply(&mut s, NOW, &pc).boot_file.as_deref(),
         Some("undionly.kpxe")
+    );
+}
+
+#[test]
+fn a_renewal_to_a_second_address_is_answered_from_it_and_unicast() {
+    let mut s = server();
+    let ip = dora(&mut s, NOW, mac(0x31));
+    // br0 has a second address; the client renews by unicast to it.
+    let second = Ipv4Addr::new(10, 9, 0, 2);
+    let addrs = [SERVER, second];
+    let mut renew = msg(MessageType::Request, mac(0x31), &[]);
+    renew.set_ciaddr(ip);
+    let mut meta = Meta {
+        addrs: &addrs,
+        ..meta_for(&renew)
+    };
+    meta.recv.dst = second;
+    let ack = s
+        .handle(NOW + 10, &renew, &meta, &pxe())
+        .expect("ok")
+        .expect("ack");
+    assert_eq!(ack.kind(), Some(MessageType::Ack));
+    assert_eq!(ack.to, Destination::Source);
+    assert_eq!(
+        ack.message.opts().get(OptionCode::ServerIdentifier),
+        Some(&DhcpOption::ServerIdentifier(second))
+    );
+    // The same request from 0.0.0.0 cannot be unicast back: it is broadcast.
+    meta.recv.src = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
+    let ack = s
+        .handle(NOW + 20, &renew, &meta, &pxe())
+        .expect("ok")
+        .expect("ack");
+    assert_eq!(ack.to, Destination::Broadcast);
+}
+
+#[test]
+fn a_pool_is_chosen_by_the_ingress_interface_then_by_its_address() {
+    let other = Pool {
+        network: Ipv4Addr::new(10, 8, 0, 0),
+        prefix: 24,
+        first: Ipv4Addr::new(10, 8, 0, 100),
+        last: Ipv4Addr::new(10, 8, 0, 109),
+        interface: Some("eth8".into()),
+        ..pool()
+    };
+    let mut s = Server::new(Config {
+        pools: vec![pool(), other.clone()],
+        reservations: vec![],
+        offer_secs: 60,
+        decline_secs: 600,
+    });
+    let m = msg(MessageType::Discover, mac(0x41), &[]);
+    // On br0 (address 10.9.0.1): the pool holding the address.
+    let offer = s
+        .handle(NOW, &m, &meta_for(&m), &pxe())
+        .expect("ok")
+        .expect("offer");
+    assert!(pool().in_range(offer.message.yiaddr()));
+    // On eth8, whatever its address: the pool naming it, and its address as server.
+    let eth8_addrs = [Ipv4Addr::new(192, 168, 8, 1)];
+    let m = msg(MessageType::Discover, mac(0x42), &[]);
+    let eth8 = Meta {
+        iface: "eth8",
+        addrs: &eth8_addrs,
+        ..meta_for(&m)
+    };
+    let offer = s
+        .handle(NOW, &m, &eth8, &pxe())
+        .expect("ok")
+        .expect("offer");
+    assert!(other.in_range(offer.message.yiaddr()));
+    assert_eq!(
+        offer.message.opts().get(OptionCode::ServerIdentifier),
+        Some(&DhcpOption::ServerIdentifier(eth8_addrs[0]))
     );
 }
