@@ -138,7 +138,13 @@ pub async fn serve(
             Counters::Userspace { tally, .. } => service.set_tally(Arc::clone(tally)),
         }
     }
-    let dhcp = start_dhcp(&cfg, &store, &bindings, addr.port(), stop_rx.clone());
+    let dhcp = start_dhcp(
+        &cfg,
+        &store,
+        (&bindings, tally.as_ref()),
+        addr.port(),
+        stop_rx.clone(),
+    );
     let iscsi = start_iscsi(&cfg, &store, &bindings, stop_rx.clone()).await?;
 
     let traffic = Arc::new(crate::service::accounting::Traffic::new(
@@ -274,7 +280,7 @@ fn start_tftp(
 fn start_dhcp(
     cfg: &Validated,
     store: &Arc<dyn Store>,
-    bindings: &Arc<Bindings>,
+    (bindings, tally): (&Arc<Bindings>, Option<&Arc<Tally>>),
     http_port: u16,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Option<(Arc<DhcpService>, tokio::task::JoinHandle<()>)> {
@@ -312,7 +318,8 @@ fn start_dhcp(
         PORT_DHCP_CLIENT,
     )
     .with_ipxe_required(required)
-    .with_bindings(Arc::clone(bindings));
+    .with_bindings(Arc::clone(bindings))
+    .with_tally(tally.cloned());
     if server_mode {
         let pools = match d.server() {
             Ok(p) => p,

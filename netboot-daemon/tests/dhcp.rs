@@ -359,12 +359,15 @@ async fn server_mode_gives_real_clients_leases_that_survive_a_restart() {
     }
     let dir = common::TestDir::new("dhcp-server");
     let db = dir.path().join("netboot.db");
+    // Without eBPF, the service counts each client's datagrams itself.
+    let tally = Arc::new(netboot_daemon::service::tally::Tally::new(Arc::default()));
     let start = |store: Arc<dyn Store>| {
         let listeners = in_netns(&lab.srv_path(), || bind(&[], 67, 4011))
             .expect("setns")
             .expect("bind");
         let service = Arc::new(
             DhcpService::new(store, 8080, BootFiles::default(), 68)
+                .with_tally(Some(Arc::clone(&tally)))
                 .with_server(server_config())
                 .expect("leases load"),
         );
@@ -393,6 +396,30 @@ async fn server_mode_gives_real_clients_leases_that_survive_a_restart() {
     assert_eq!(env["lease"], "600", "{env:?}");
     assert_eq!(env["serverid"], "10.78.0.1", "{env:?}");
     assert_eq!(env["subnet"], "255.255.255.0", "{env:?}");
+    // udhcpc -q: DISCOVER and REQUEST from it, OFFER and ACK to it, all under its chaddr.
+    let client: netboot_daemon::mac::MacAddr = "52:54:00:78:00:02".parse().expect("mac");
+    let rows = tally.rows();
+    let dhcp = |dir| {
+        rows.iter()
+            .filter(|r| {
+                r.mac == client
+                    && r.direction == dir
+                    && r.service == netboot_daemon::ebpf::Service::Dhcp
+            })
+            .fold((0, 0), |(p, b), r| (p + r.packets, b + r.bytes))
+    };
+    let (rx, tx) = (
+        dhcp(netboot_daemon::ebpf::Direction::Ingress),
+        dhcp(netboot_daemon::ebpf::Direction::Egress),
+    );
+    assert_eq!(
+        (rx.0, tx.0),
+        (2, 2),
+        "datagrams from and to the client: {rows:?}"
+    );
+    // A BOOTP message is at least 240 bytes before its options.
+    assert!(rx.1 > 2 * 240 && tx.1 > 2 * 240, "{rows:?}");
+    assert!(rows.iter().all(|r| r.mac == client), "{rows:?}");
 
     // The same client asks again: the same address. This time udhcpc stays (no -q: it
     // only releases from the bound state) until SIGTERM, and releases on exit (-R).

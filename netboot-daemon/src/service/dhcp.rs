@@ -10,6 +10,8 @@
 //! receives, sends, persists the server's lease changes (write-behind, batched), records
 //! what it saw in the store and counts.
 
+use crate::ebpf::{Direction, Service};
+use crate::service::tally::Tally;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,6 +184,7 @@ pub struct DhcpService {
     ipxe_required: Vec<IpxeFeature>,
     client_port: u16,
     bindings: Option<Arc<Bindings>>,
+    tally: Option<Arc<Tally>>,
     server: Option<ServerMode>,
     records: mpsc::Sender<(Sighting, NewBootEvent)>,
     records_rx: Mutex<Option<mpsc::Receiver<(Sighting, NewBootEvent)>>>,
@@ -211,11 +214,20 @@ impl DhcpService {
             ipxe_required: Vec::new(),
             client_port,
             bindings: None,
+            tally: None,
             server: None,
             records,
             records_rx: Mutex::new(Some(records_rx)),
             stats: Stats::default(),
         }
+    }
+
+    /// Counts every request and reply under the client's `chaddr` in `tally` (when the
+    /// eBPF program does not count).
+    #[must_use]
+    pub fn with_tally(mut self, tally: Option<Arc<Tally>>) -> Self {
+        self.tally = tally;
+        self
     }
 
     /// iPXE clients lacking one of `features` get the firmware boot file.
@@ -606,6 +618,10 @@ impl DhcpService {
                     continue;
                 }
             };
+            let client = crate::dhcp::pxe::Client::from_message(&msg).map(|c| c.mac);
+            if let (Some(t), Some(mac)) = (&self.tally, client) {
+                t.count_mac(mac, Service::Dhcp, Direction::Ingress, 1, n as u64);
+            }
             let Some(answer) = self.decide(&msg, port, &ctx, &meta) else {
                 continue;
             };
@@ -631,6 +647,15 @@ impl DhcpService {
             match socket.send(&out, to, egress).await {
                 Ok(_) => {
                     self.stats.replies.fetch_add(1, Ordering::Relaxed);
+                    if let Some(t) = &self.tally {
+                        t.count_mac(
+                            answer.client.mac,
+                            Service::Dhcp,
+                            Direction::Egress,
+                            1,
+                            out.len() as u64,
+                        );
+                    }
                 }
                 Err(e) => tracing::debug!(error = %e, %to, iface = %iface.name, "dhcp send failed"),
             }
