@@ -618,7 +618,7 @@ impl DhcpService {
                     continue;
                 }
             };
-            let client = crate::dhcp::pxe::Client::from_message(&msg).map(|c| c.mac);
+            let client = Client::from_message(&msg).map(|c| c.mac);
             if let (Some(t), Some(mac)) = (&self.tally, client) {
                 t.count_mac(mac, Service::Dhcp, Direction::Ingress, 1, n as u64);
             }
