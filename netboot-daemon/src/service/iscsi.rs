@@ -6,6 +6,8 @@
 //! it does not exist yet. An image accepts an initiator whose name carries the MAC of the
 //! device the image is linked to (in any common spelling, as the boot scripts set it), or
 //! one listed in `iscsi.allow`; discovery shows each initiator only what it may use.
+//! When that device has CHAP credentials, its image's target requires CHAP (mutual when
+//! the device has a target secret too); each connection gets a fresh random challenge.
 //!
 //! The driver runs one task per connection: it decodes PDUs, feeds them to
 //! [`Connection`], runs each command's I/O on the blocking pool (in order), and writes the
@@ -28,12 +30,13 @@ use tokio::sync::Notify;
 
 use crate::bindings::{Bindings, Source as BindingSource};
 use crate::config::IscsiConfig;
+use crate::iscsi::chap;
 use crate::iscsi::conn::{Connection, Login, Refusal, SessionEvent, Target, Targets};
 use crate::iscsi::file::FileBacking;
 use crate::iscsi::pdu::{DecodeError, Decoder};
 use crate::iscsi::scsi::{DeviceType, Lun, LunConfig};
 use crate::mac::MacAddr;
-use crate::store::{EventSource, Image, NewBootEvent, Store};
+use crate::store::{ChapCredentials, EventSource, Image, NewBootEvent, Store};
 use crate::time::Timestamp;
 
 /// A live normal session, as [`Sessions::on`] lists it.
@@ -294,6 +297,13 @@ impl Targets for StoreTargets {
             );
             return Err(Refusal::NotAllowed);
         }
+        let chap = match image.linked_mac {
+            Some(mac) => self.store.device_chap(mac).map_err(|error| {
+                tracing::warn!(target = name, %error, "iSCSI target cannot read its CHAP");
+                Refusal::Unavailable
+            })?,
+            None => None,
+        };
         let lun = self.lun(&image).map_err(|error| {
             tracing::warn!(target = name, %error, "iSCSI target cannot open its image");
             Refusal::Unavailable
@@ -301,6 +311,7 @@ impl Targets for StoreTargets {
         Ok(Target {
             name: name.to_owned(),
             luns: vec![(0, lun)],
+            chap: chap.map(|c| chap_credentials(&c)),
         })
     }
 
@@ -343,6 +354,24 @@ impl Targets for StoreTargets {
         if let Err(error) = self.store.add_event(&ev) {
             tracing::warn!(%error, kind, "recording an iSCSI event failed");
         }
+    }
+}
+
+/// A device's CHAP as the login needs it.
+fn chap_credentials(c: &ChapCredentials) -> chap::Credentials {
+    chap::Credentials {
+        initiator: chap::Secret {
+            user: c.user.clone(),
+            secret: c.secret.as_bytes().to_vec(),
+        },
+        target: c
+            .target_user
+            .as_ref()
+            .zip(c.target_secret.as_ref())
+            .map(|(user, secret)| chap::Secret {
+                user: user.clone(),
+                secret: secret.as_bytes().to_vec(),
+            }),
     }
 }
 
@@ -395,7 +424,12 @@ pub async fn serve(
         if handle == 0 {
             handle = tsih.fetch_add(1, Ordering::Relaxed);
         }
-        let conn = Connection::new(Arc::clone(&targets), portal(local), handle);
+        // A fresh CHAP challenge per connection, from the thread-local CSPRNG.
+        let challenge = chap::Challenge {
+            id: rand::random(),
+            bytes: rand::random(),
+        };
+        let conn = Connection::new(Arc::clone(&targets), portal(local), handle, challenge);
         let targets = Arc::clone(&targets);
         let sessions = Arc::clone(&sessions);
         tokio::spawn(async move {
