@@ -479,6 +479,79 @@ fn chap_guards_the_image_of_a_device_that_has_it() {
     assert!(ok, "CHAP removed: {out}");
 }
 
+/// An ISO installer is a shared read-only CD-ROM target: any initiator finds it in
+/// discovery and logs in, it is a DVD of 2048-byte blocks, reads are byte-identical to
+/// the file, and a write ends in DATA PROTECT.
+#[test]
+fn installer_isos_are_shared_read_only_cdroms() {
+    if !tools(&[
+        "iscsi-ls",
+        "iscsi-inq",
+        "iscsi-readcapacity16",
+        "qemu-img",
+        "qemu-io",
+    ]) {
+        return;
+    }
+    let d = Daemon::start("installer");
+    let dir = d.dir.path().join("data/installers/isos");
+    std::fs::create_dir_all(&dir).expect("installers dir");
+    let iso: Vec<u8> = (0..(3u32 << 20) + 2048 * 7)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 9) as u8)
+        .collect();
+    std::fs::write(dir.join("rescue.iso"), &iso).expect("write ISO");
+    d.api(
+        "POST",
+        "/api/v1/installers",
+        r#"{"path":"isos/rescue.iso","kind":"iso","name":"Rescue (x86_64).iso"}"#,
+    );
+    let target = format!("{PREFIX}:installer:rescue-x86-64");
+    let url = format!("iscsi://{}/{target}/0", d.iscsi);
+    let stranger = "iqn.2026-01.org.example:any-pc";
+    let (ok, out) = run(
+        "iscsi-ls",
+        &["-i", stranger, "-s", &format!("iscsi://{}", d.iscsi)],
+    );
+    assert!(ok && out.contains(&target), "discovery: {out}\n{}", d.log());
+    let (ok, out) = run("iscsi-inq", &["-i", stranger, &url]);
+    assert!(ok, "iscsi-inq: {out}\n{}", d.log());
+    // libiscsi names peripheral device type 0x05 (CD/DVD) "MMC".
+    assert!(
+        out.contains("Peripheral Device Type:MMC"),
+        "a CD-ROM: {out}"
+    );
+    let (ok, out) = run("iscsi-readcapacity16", &["-i", stranger, &url]);
+    assert!(ok, "iscsi-readcapacity16: {out}");
+    assert!(out.contains("LOGICAL BLOCK LENGTH IN BYTES:2048"), "{out}");
+    assert!(out.contains(&format!("Total size:{}", iso.len())), "{out}");
+    let copy = d.dir.path().join("copy.iso");
+    let (ok, out) = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url,
+            copy.to_str().expect("utf8"),
+        ],
+    );
+    assert!(ok, "qemu-img convert: {out}\n{}", d.log());
+    assert!(
+        std::fs::read(&copy).expect("copy") == iso,
+        "the copy differs from the ISO"
+    );
+    // A write reaches the LUN and ends in DATA PROTECT, which qemu reports as EACCES.
+    let (_, out) = run("qemu-io", &["-f", "raw", "-c", "write -P 0x55 0 4k", &url]);
+    assert!(
+        out.contains("write failed: Permission denied"),
+        "qemu-io write: {out}\n{}",
+        d.log()
+    );
+    assert_eq!(std::fs::read(dir.join("rescue.iso")).expect("ISO"), iso);
+}
+
 /// libiscsi's conformance suites that must pass, each in its own process: every suite of
 /// iscsi-test-cu 1.19 except two with a known failure (see docs/compliance.md):
 /// SCSI.Sanitize and iSCSI.iSCSIdatasn.

@@ -9,6 +9,12 @@
 //! When that device has CHAP credentials, its image's target requires CHAP (mutual when
 //! the device has a target secret too); each connection gets a fresh random challenge.
 //!
+//! Every installer of kind `iso` is a shared read-only target
+//! `<iscsi.iqn_prefix>:installer:<name>` (see [`installer_targets`]) with one CD-ROM LUN
+//! of 2048-byte blocks over the ISO file (opened read-only, inside `paths.installers`);
+//! every initiator may log in to it and sees it in discovery, and writes end in DATA
+//! PROTECT.
+//!
 //! The driver runs one task per connection: it decodes PDUs, feeds them to
 //! [`Connection`], runs each command's I/O on the blocking pool (in order), and writes the
 //! responses. Logical units are shared between sessions, so reservations and the write
@@ -36,7 +42,9 @@ use crate::iscsi::file::FileBacking;
 use crate::iscsi::pdu::{DecodeError, Decoder};
 use crate::iscsi::scsi::{DeviceType, Lun, LunConfig};
 use crate::mac::MacAddr;
-use crate::store::{ChapCredentials, EventSource, Image, NewBootEvent, Store};
+use crate::store::{
+    ChapCredentials, EventSource, Image, Installer, InstallerKind, NewBootEvent, Store,
+};
 use crate::time::Timestamp;
 
 /// A live normal session, as [`Sessions::on`] lists it.
@@ -157,6 +165,8 @@ pub struct StoreTargets {
     sessions: Arc<Sessions>,
     bindings: Option<Arc<Bindings>>,
     images: PathBuf,
+    /// Where installer media live (`paths.installers`); `None`: no installer targets.
+    installers: Option<PathBuf>,
     prefix: String,
     allow: Vec<String>,
     /// Open logical units by image name.
@@ -180,6 +190,7 @@ impl StoreTargets {
             sessions: Arc::default(),
             bindings: None,
             images,
+            installers: None,
             prefix: cfg.iqn_prefix.clone(),
             allow: cfg.allow.clone(),
             luns: Mutex::new(HashMap::new()),
@@ -192,6 +203,64 @@ impl StoreTargets {
     pub fn with_bindings(mut self, bindings: Arc<Bindings>) -> Self {
         self.bindings = Some(bindings);
         self
+    }
+
+    /// Serves the ISO installers under `root` as read-only CD-ROM targets.
+    #[must_use]
+    pub fn with_installers(mut self, root: PathBuf) -> Self {
+        self.installers = Some(root);
+        self
+    }
+
+    /// The installer targets: (target name, path under the installers directory).
+    fn installer_targets(&self) -> Vec<(String, String)> {
+        if self.installers.is_none() {
+            return Vec::new();
+        }
+        match self.store.list_installers() {
+            Ok(list) => installer_targets(&list)
+                .into_iter()
+                .map(|(name, path)| (format!("{}:installer:{name}", self.prefix), path))
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "iSCSI cannot list installers");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Opens an installer target: a read-only CD-ROM LUN over the ISO file. Each login
+    /// opens the file anew, so a replaced ISO is served from the next login on.
+    fn open_installer(&self, name: &str) -> Result<Target, Refusal> {
+        let root = self.installers.as_ref().ok_or(Refusal::NotFound)?;
+        let (_, path) = self
+            .installer_targets()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .ok_or(Refusal::NotFound)?;
+        let (_, file, _) = crate::jail::open(root, &path).map_err(|error| {
+            tracing::warn!(target = name, %error, "iSCSI installer target cannot open its ISO");
+            Refusal::Unavailable
+        })?;
+        let lun = Lun::new(
+            LunConfig {
+                device_type: DeviceType::CdRom,
+                read_only: true,
+                block_size: 2048,
+                vendor: "NETBOOT".into(),
+                product: "installer DVD".into(),
+                revision: crate::api::VERSION.chars().take(4).collect(),
+                serial: name.rsplit(':').next().unwrap_or(name).to_owned(),
+                naa_id: naa_id(name),
+                write_cache: false,
+            },
+            Arc::new(FileBacking::new(file, true)),
+        );
+        Ok(Target {
+            name: name.to_owned(),
+            luns: vec![(0, Arc::new(lun))],
+            chap: None,
+        })
     }
 
     /// The target name of an image.
@@ -270,7 +339,7 @@ impl StoreTargets {
 
 impl Targets for StoreTargets {
     fn visible(&self, initiator: &str) -> Vec<String> {
-        match self.store.list_images() {
+        let mut names = match self.store.list_images() {
             Ok(images) => images
                 .iter()
                 .filter(|i| self.allowed(i, initiator))
@@ -280,10 +349,16 @@ impl Targets for StoreTargets {
                 tracing::warn!(%error, "iSCSI discovery cannot list images");
                 Vec::new()
             }
-        }
+        };
+        // Installer media are shared and read-only: every initiator sees them.
+        names.extend(self.installer_targets().into_iter().map(|(n, _)| n));
+        names
     }
 
     fn open(&self, name: &str, initiator: &str) -> Result<Target, Refusal> {
+        if name.starts_with(&format!("{}:installer:", self.prefix)) {
+            return self.open_installer(name);
+        }
         let image = name
             .strip_prefix(&self.prefix)
             .and_then(|rest| rest.strip_prefix(':'))
@@ -355,6 +430,45 @@ impl Targets for StoreTargets {
             tracing::warn!(%error, kind, "recording an iSCSI event failed");
         }
     }
+}
+
+/// The ISO installers as targets: (last part of the target name, path). The name is the
+/// installer's display name in IQN characters (lower-case letters, digits, `-`, `.`;
+/// everything else becomes `-`, a `.iso` suffix goes); when two installers come out the
+/// same, the later ones (by id) get `-<id>` appended.
+pub fn installer_targets(installers: &[Installer]) -> Vec<(String, String)> {
+    let mut isos: Vec<&Installer> = installers
+        .iter()
+        .filter(|i| i.kind == InstallerKind::Iso)
+        .collect();
+    isos.sort_by_key(|i| i.id);
+    let mut taken = HashSet::new();
+    let mut out = Vec::new();
+    for i in isos {
+        let lower = i.name.to_ascii_lowercase();
+        let stem = lower.strip_suffix(".iso").unwrap_or(&lower);
+        let mut name = String::new();
+        for c in stem.chars() {
+            let c = if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            };
+            if !(c == '-' && (name.is_empty() || name.ends_with('-'))) {
+                name.push(c);
+            }
+        }
+        let mut name = name.trim_end_matches('-').to_owned();
+        if name.is_empty() {
+            name = "iso".into();
+        }
+        if !taken.insert(name.clone()) {
+            name = format!("{name}-{}", i.id);
+            taken.insert(name.clone());
+        }
+        out.push((name, i.path.clone()));
+    }
+    out
 }
 
 /// A device's CHAP as the login needs it.
@@ -582,6 +696,36 @@ mod tests {
         assert!(initiator_carries("iqn.2010-04.org.ipxe:525400123456", mac));
         assert!(initiator_carries("iqn.x:52:54:00:12:34:56", mac));
         assert!(!initiator_carries("iqn.x:52:54:00:12:34:57", mac));
+    }
+
+    #[test]
+    fn installer_target_names_are_iqn_safe_and_unique() {
+        let at = Timestamp(0);
+        let inst = |id, name: &str, kind| Installer {
+            id,
+            path: format!("isos/{id}.iso"),
+            name: name.into(),
+            kind,
+            arch: None,
+            size_bytes: 0,
+            description: String::new(),
+            created_at: at,
+            updated_at: at,
+        };
+        let list = [
+            inst(3, "Debian 12 (netinst).iso", InstallerKind::Iso),
+            inst(1, "debian_12 netinst", InstallerKind::Iso),
+            inst(2, "Windows 11", InstallerKind::Windows),
+            inst(4, "???", InstallerKind::Iso),
+        ];
+        assert_eq!(
+            installer_targets(&list),
+            vec![
+                ("debian-12-netinst".into(), "isos/1.iso".into()),
+                ("debian-12-netinst-3".into(), "isos/3.iso".into()),
+                ("iso".into(), "isos/4.iso".into()),
+            ]
+        );
     }
 
     #[test]
