@@ -370,7 +370,8 @@ async fn start_iscsi(
         .context("reading the iSCSI listener address")?;
     let targets = Arc::new(
         crate::service::iscsi::StoreTargets::new(Arc::clone(store), cfg.paths.images.clone(), i)
-            .with_bindings(Arc::clone(bindings)),
+            .with_bindings(Arc::clone(bindings))
+            .with_installers(cfg.paths.installers.clone()),
     );
     tracing::info!(%addr, prefix = %i.iqn_prefix, "iSCSI listening");
     let sessions = Arc::clone(targets.sessions());

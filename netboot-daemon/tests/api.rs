@@ -1272,6 +1272,26 @@ async fn the_openapi_document_covers_the_routes() {
     assert_eq!(r.body["info"]["version"], api::VERSION);
     let paths = r.body["paths"].as_object().expect("paths");
     assert!(paths.len() >= 25, "{} paths", paths.len());
+    // A device's CHAP: set through the PATCH, shown as names and "set"/"not set".
+    let schemas = &r.body["components"]["schemas"];
+    assert!(
+        schemas["DevicePatch"]["properties"]["chap"].is_object(),
+        "{schemas}"
+    );
+    assert!(
+        schemas["Device"]["properties"]["chap"].is_object(),
+        "{schemas}"
+    );
+    for field in ["user", "secret", "target_user", "target_secret"] {
+        assert!(
+            schemas["ChapCredentials"]["properties"][field].is_object(),
+            "{field}"
+        );
+        assert!(
+            schemas["ChapSummary"]["properties"][field].is_object(),
+            "{field}"
+        );
+    }
     // Every documented operation is routed: none answers 404 for a missing route or 405.
     for (path, ops) in paths {
         let concrete = path

@@ -111,6 +111,25 @@ impl Daemon {
     fn log(&self) -> String {
         self.log.text()
     }
+
+    /// An authenticated API call with a JSON body; returns the response body.
+    fn api(&self, method: &str, path: &str, body: &str) -> String {
+        self.curl(&[
+            "-X",
+            method,
+            "-H",
+            "content-type: application/json",
+            "-b",
+            &self.cookie,
+            "-d",
+            body,
+            &format!("http://{}{path}", self.http),
+        ])
+    }
+
+    fn get(&self, path: &str) -> String {
+        self.curl(&["-b", &self.cookie, &format!("http://{}{path}", self.http)])
+    }
 }
 
 impl Drop for Daemon {
@@ -290,6 +309,247 @@ fn qemu_writes_and_reads_back_an_image_that_survives_kill_9() {
     let file = std::fs::read(d.dir.path().join("data/images/disk2.img")).expect("image file");
     assert_eq!(&file[..data.len()], &data[..]);
     assert_eq!(file.len(), 32 << 20);
+}
+
+/// CHAP secrets of the device in the CHAP test.
+const INITIATOR_SECRET: &str = "initiator-secret";
+const TARGET_SECRET: &str = "target-secret-1";
+
+/// A device with mutual CHAP: its image's target takes libiscsi and qemu only with the
+/// right secret, refuses a login without CHAP, and libiscsi itself refuses a target that
+/// answers its challenge with the wrong secret. The API shows only that secrets are set,
+/// and the audit log says they changed without them.
+#[test]
+fn chap_guards_the_image_of_a_device_that_has_it() {
+    if !tools(&["iscsi-inq", "qemu-img"]) {
+        return;
+    }
+    let d = Daemon::start("chap");
+    let url = d.image("pc9", 16 << 20);
+    let mac = "52:54:00:ab:cd:09";
+    d.api("POST", "/api/v1/devices", &format!(r#"{{"mac":"{mac}"}}"#));
+    let device = d.api(
+        "PATCH",
+        &format!("/api/v1/devices/{mac}"),
+        &format!(
+            r#"{{"image":"pc9","chap":{{"user":"pc9","secret":"{INITIATOR_SECRET}","target_user":"netboot","target_secret":"{TARGET_SECRET}"}}}}"#
+        ),
+    );
+    assert!(
+        device.contains(
+            r#""chap":{"user":"pc9","secret":"set","target_user":"netboot","target_secret":"set"}"#
+        ),
+        "{device}"
+    );
+    let shown = d.get(&format!("/api/v1/devices/{mac}"))
+        + &d.get("/api/v1/devices")
+        + &d.get("/api/v1/audit");
+    assert!(
+        shown.contains("chap_secrets"),
+        "the change is audited: {shown}"
+    );
+    for secret in [INITIATOR_SECRET, TARGET_SECRET] {
+        assert!(!shown.contains(secret), "a secret is shown: {shown}");
+    }
+    // Short secrets are refused.
+    let (ok, out) = run(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PATCH",
+            "-H",
+            "content-type: application/json",
+            "-b",
+            &d.cookie,
+            "-d",
+            r#"{"chap":{"user":"pc9","secret":"short"}}"#,
+            &format!("http://{}/api/v1/devices/{mac}", d.http),
+        ],
+    );
+    assert!(ok && out == "422", "{out}");
+
+    let initiator = TEST_INITIATORS[2];
+    let with = |user: &str, secret: &str, tail: &str| {
+        url.replacen("iscsi://", &format!("iscsi://{user}%{secret}@"), 1) + tail
+    };
+    let (ok, out) = run(
+        "iscsi-inq",
+        &["-i", initiator, &with("pc9", INITIATOR_SECRET, "")],
+    );
+    assert!(
+        ok && out.contains("NETBOOT"),
+        "the right secret: {out}\n{}",
+        d.log()
+    );
+    let (ok, out) = run(
+        "iscsi-inq",
+        &["-i", initiator, &with("pc9", "wrong-secret-12", "")],
+    );
+    assert!(
+        !ok && out.contains("Authentication failure"),
+        "a wrong secret: {out}"
+    );
+    let (ok, out) = run(
+        "iscsi-inq",
+        &["-i", initiator, &with("pc8", INITIATOR_SECRET, "")],
+    );
+    assert!(
+        !ok && out.contains("Authentication failure"),
+        "a wrong name: {out}"
+    );
+    let (ok, out) = run("iscsi-inq", &["-i", initiator, &url]);
+    assert!(
+        !ok && out.contains("Authentication failure"),
+        "no CHAP: {out}"
+    );
+    // Mutual: libiscsi checks the target's answer to its own challenge.
+    let mutual = |secret: &str| format!("?target_user=netboot&target_password={secret}");
+    let (ok, out) = run(
+        "iscsi-inq",
+        &[
+            "-i",
+            initiator,
+            &with("pc9", INITIATOR_SECRET, &mutual(TARGET_SECRET)),
+        ],
+    );
+    assert!(
+        ok && out.contains("NETBOOT"),
+        "mutual CHAP: {out}\n{}",
+        d.log()
+    );
+    let (ok, out) = run(
+        "iscsi-inq",
+        &[
+            "-i",
+            initiator,
+            &with("pc9", INITIATOR_SECRET, &mutual("other-secret-99")),
+        ],
+    );
+    assert!(
+        !ok && out.contains("Invalid CHAP_R response from the target"),
+        "the initiator must refuse a target with the wrong secret: {out}"
+    );
+
+    // qemu writes and reads the image through a CHAP login.
+    let src = d.dir.path().join("chap.raw");
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(&src, &data).expect("write source");
+    let src = src.to_str().expect("utf8");
+    let chap_url = with("pc9", INITIATOR_SECRET, "");
+    let (ok, out) = run(
+        "qemu-img",
+        &["convert", "-n", "-f", "raw", "-O", "raw", src, &chap_url],
+    );
+    assert!(ok, "qemu-img convert with CHAP: {out}\n{}", d.log());
+    let read = d.dir.path().join("chap-back.raw");
+    let (ok, out) = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &chap_url,
+            read.to_str().expect("utf8"),
+        ],
+    );
+    assert!(ok, "qemu-img read with CHAP: {out}");
+    assert_eq!(
+        &std::fs::read(&read).expect("read back")[..data.len()],
+        &data[..]
+    );
+    let (ok, _) = run("qemu-img", &["info", &with("pc9", "wrong-secret-12", "")]);
+    assert!(!ok, "qemu logged in with a wrong secret");
+
+    // Without CHAP the image takes AuthMethod=None again.
+    d.api(
+        "PATCH",
+        &format!("/api/v1/devices/{mac}"),
+        r#"{"chap":null}"#,
+    );
+    let (ok, out) = run("iscsi-inq", &["-i", initiator, &url]);
+    assert!(ok, "CHAP removed: {out}");
+}
+
+/// An ISO installer is a shared read-only CD-ROM target: any initiator finds it in
+/// discovery and logs in, it is a DVD of 2048-byte blocks, reads are byte-identical to
+/// the file, and a write ends in DATA PROTECT.
+#[test]
+fn installer_isos_are_shared_read_only_cdroms() {
+    if !tools(&[
+        "iscsi-ls",
+        "iscsi-inq",
+        "iscsi-readcapacity16",
+        "qemu-img",
+        "qemu-io",
+    ]) {
+        return;
+    }
+    let d = Daemon::start("installer");
+    let dir = d.dir.path().join("data/installers/isos");
+    std::fs::create_dir_all(&dir).expect("installers dir");
+    let iso: Vec<u8> = (0..(3u32 << 20) + 2048 * 7)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 9) as u8)
+        .collect();
+    std::fs::write(dir.join("rescue.iso"), &iso).expect("write ISO");
+    d.api(
+        "POST",
+        "/api/v1/installers",
+        r#"{"path":"isos/rescue.iso","kind":"iso","name":"Rescue (x86_64).iso"}"#,
+    );
+    let target = format!("{PREFIX}:installer:rescue-x86-64");
+    let url = format!("iscsi://{}/{target}/0", d.iscsi);
+    let stranger = "iqn.2026-01.org.example:any-pc";
+    let (ok, out) = run(
+        "iscsi-ls",
+        &["-i", stranger, "-s", &format!("iscsi://{}", d.iscsi)],
+    );
+    assert!(ok && out.contains(&target), "discovery: {out}\n{}", d.log());
+    let (ok, out) = run("iscsi-inq", &["-i", stranger, &url]);
+    assert!(ok, "iscsi-inq: {out}\n{}", d.log());
+    // libiscsi names peripheral device type 0x05 (CD/DVD) "MMC".
+    assert!(
+        out.contains("Peripheral Device Type:MMC"),
+        "a CD-ROM: {out}"
+    );
+    let (ok, out) = run("iscsi-readcapacity16", &["-i", stranger, &url]);
+    assert!(ok, "iscsi-readcapacity16: {out}");
+    assert!(out.contains("LOGICAL BLOCK LENGTH IN BYTES:2048"), "{out}");
+    assert!(out.contains(&format!("Total size:{}", iso.len())), "{out}");
+    let copy = d.dir.path().join("copy.iso");
+    let (ok, out) = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url,
+            copy.to_str().expect("utf8"),
+        ],
+    );
+    assert!(ok, "qemu-img convert: {out}\n{}", d.log());
+    assert!(
+        std::fs::read(&copy).expect("copy") == iso,
+        "the copy differs from the ISO"
+    );
+    // A write reaches the LUN and ends in DATA PROTECT, which qemu reports as EACCES.
+    let (_, out) = run("qemu-io", &["-f", "raw", "-c", "write -P 0x55 0 4k", &url]);
+    assert!(
+        out.contains("write failed: Permission denied"),
+        "qemu-io write: {out}\n{}",
+        d.log()
+    );
+    assert_eq!(std::fs::read(dir.join("rescue.iso")).expect("ISO"), iso);
 }
 
 /// libiscsi's conformance suites that must pass, each in its own process: every suite of

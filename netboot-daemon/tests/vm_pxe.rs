@@ -97,6 +97,15 @@ enum Payload {
     Linux,
     /// An iSCSI image linked to the device: `sanboot` of an MBR that exits qemu.
     Iscsi,
+    /// The same with mutual CHAP set on the device: iPXE gets the secrets from its script,
+    /// the target requires them, and iPXE checks the target's answer.
+    IscsiChap,
+}
+
+impl Payload {
+    fn iscsi(self) -> bool {
+        matches!(self, Self::Iscsi | Self::IscsiChap)
+    }
 }
 
 /// One boot.
@@ -190,6 +199,17 @@ fn iscsi_sanboot_bios_reads_the_disk_over_iscsi() {
     });
 }
 
+#[test]
+fn iscsi_sanboot_bios_with_mutual_chap() {
+    run(Case {
+        name: "iscsi-chap-bios",
+        index: 7,
+        firmware: Firmware::Bios,
+        mode: Mode::Proxy,
+        payload: Payload::IscsiChap,
+    });
+}
+
 /// The kernel and the marker initrd.
 struct Assets {
     vmlinuz: PathBuf,
@@ -213,7 +233,7 @@ fn preflight(case: &Case) -> Result<Assets, String> {
         ("dnsmasq", "--version"),
         ("qemu-system-x86_64", "--version"),
     ];
-    if case.payload == Payload::Iscsi {
+    if case.payload.iscsi() {
         tools.push(("nasm", "-v"));
     }
     for (tool, arg) in tools {
@@ -315,7 +335,7 @@ fn run(case: Case) {
             std::fs::copy(from, &to).expect("copy payload");
         }
     }
-    if case.payload == Payload::Iscsi {
+    if case.payload.iscsi() {
         write_disk(&case, &data.join("images/vmdisk.img"), &logs.dir);
     }
     let config_path = dir.path().join("netboot.toml");
@@ -385,7 +405,7 @@ fn run(case: Case) {
                 fail(&format!("no initrd= on the EFI command line: {line}"));
             }
         }
-        Payload::Iscsi => {
+        Payload::Iscsi | Payload::IscsiChap => {
             if status.code() != Some(DEBUG_EXIT_PASS) {
                 fail("the MBR did not exit through isa-debug-exit with 33");
             }
@@ -446,7 +466,7 @@ fn run(case: Case) {
     let mut need: Vec<&str> = vec!["dhcp", "ipxe_script"];
     need.push(match case.payload {
         Payload::Linux => "http_file",
-        Payload::Iscsi => "iscsi_login",
+        Payload::Iscsi | Payload::IscsiChap => "iscsi_login",
     });
     if case.firmware == Firmware::Uefi || case.mode == Mode::Server {
         // The firmware loaded iPXE over TFTP.
@@ -1032,7 +1052,7 @@ fn register(case: &Case, api: &Api) {
             );
             json!({"mac": mac, "name": format!("vm-{}", case.name), "boot_policy": "profile", "profile": "vm-marker"})
         }
-        Payload::Iscsi => {
+        Payload::Iscsi | Payload::IscsiChap => {
             // The test wrote images/vmdisk.img (with its MBR) before netbootd started,
             // which adopted it as an image.
             let image = api.get("/api/v1/images/vmdisk");
@@ -1046,6 +1066,16 @@ fn register(case: &Case, api: &Api) {
     };
     let d = api.call("POST", "/api/v1/devices", Some(&device));
     assert_eq!(d["mac"], mac.as_str(), "{d}");
+    if case.payload == Payload::IscsiChap {
+        let chap = json!({"chap": {
+            "user": "vm-initiator",
+            "secret": "initiator-secret",
+            "target_user": "netboot-target",
+            "target_secret": "target-secret-1",
+        }});
+        let d = api.call("PATCH", &format!("/api/v1/devices/{mac}"), Some(&chap));
+        assert_eq!(d["chap"]["target_secret"], "set", "{d}");
+    }
 }
 
 /// The iSCSI disk: an MBR that prints a marker, reads LBA 1 with INT 13h extensions (hooked
@@ -1156,7 +1186,7 @@ fn boot(case: &Case, lab: &Lab, logs: &Logs, scratch: &Path) -> (ExitStatus, Str
         // OVMF's own PXE client (VirtioNetDxe) instead of the iPXE EFI ROM.
         nic.push_str(",romfile=");
     }
-    if case.payload == Payload::Iscsi {
+    if case.payload.iscsi() {
         cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
     }
     let qemu_log = std::fs::File::create(logs.dir.join("qemu.log")).expect("qemu.log");

@@ -1,11 +1,13 @@
-//! An iSCSI connection fed arbitrary bytes, first as a fresh connection and then after a
-//! valid login: the decoder and the connection never panic, every PDU the target sends
-//! decodes again, and no data segment it sends exceeds what the initiator declared.
+//! An iSCSI connection fed arbitrary bytes, first as a fresh connection, then in the middle
+//! of a CHAP exchange (challenge sent, response expected), then after a valid login: the
+//! decoder and the connection never panic, every PDU the target sends decodes again, and
+//! no data segment it sends exceeds what the initiator declared.
 #![no_main]
 
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
+use netboot_daemon::iscsi::chap::{self, Challenge, Credentials, Secret};
 use netboot_daemon::iscsi::conn::{Connection, Refusal, Target, Targets};
 use netboot_daemon::iscsi::pdu::{Decoder, Pdu, op};
 use netboot_daemon::iscsi::scsi::{DeviceType, Lun, LunConfig, MemoryBacking};
@@ -15,15 +17,22 @@ struct One(Arc<Lun>);
 
 impl Targets for One {
     fn visible(&self, _: &str) -> Vec<String> {
-        vec!["iqn.t:d".into()]
+        vec!["iqn.t:d".into(), "iqn.t:c".into()]
     }
     fn open(&self, name: &str, _: &str) -> Result<Target, Refusal> {
-        if name != "iqn.t:d" {
-            return Err(Refusal::NotFound);
-        }
+        let chap = match name {
+            "iqn.t:d" => None,
+            // Mutual CHAP.
+            "iqn.t:c" => Some(Credentials {
+                initiator: Secret { user: "u".into(), secret: SECRET.to_vec() },
+                target: Some(Secret { user: "t".into(), secret: b"target-secret".to_vec() }),
+            }),
+            _ => return Err(Refusal::NotFound),
+        };
         Ok(Target {
             name: name.into(),
             luns: vec![(0, Arc::clone(&self.0))],
+            chap,
         })
     }
 }
@@ -43,8 +52,11 @@ fn connection() -> Connection {
         },
         Arc::new(MemoryBacking::new(256 * 1024)),
     );
-    Connection::new(Arc::new(One(Arc::new(lun))), "192.0.2.1:3260".into(), 1)
+    Connection::new(Arc::new(One(Arc::new(lun))), "192.0.2.1:3260".into(), 1, CHALLENGE)
 }
+
+const SECRET: &[u8] = b"initiator-secret";
+const CHALLENGE: Challenge = Challenge { id: 9, bytes: [0x5a; chap::CHALLENGE_LEN] };
 
 /// Feeds `bytes` and checks everything the connection sends.
 fn feed(c: &mut Connection, d: &mut Decoder, bytes: &[u8], max_send: usize) {
@@ -115,5 +127,23 @@ fuzz_target!(|data: &[u8]| {
     let mut login = login_pdu(0x81, &[("InitiatorName", "iqn.i:x"), ("TargetName", "iqn.t:d"), ("AuthMethod", "None")]);
     login.extend(login_pdu(0x87, &[("MaxRecvDataSegmentLength", "8192"), ("ImmediateData", "Yes"), ("InitialR2T", "No")]));
     feed(&mut c, &mut d, &login, 8192);
+    feed(&mut c, &mut d, data, 8192);
+
+    // A CHAP login: the challenge went out, the bytes take the place of the response.
+    let mut c = connection();
+    let mut d = Decoder::new(8192);
+    let mut login = login_pdu(0x81, &[("InitiatorName", "iqn.i:x"), ("TargetName", "iqn.t:c"), ("AuthMethod", "CHAP,None")]);
+    login.extend(login_pdu(0x81, &[("CHAP_A", "5")]));
+    feed(&mut c, &mut d, &login, 8192);
+    feed(&mut c, &mut d, data, 8192);
+
+    // A completed mutual CHAP login, then the same bytes.
+    let mut c = connection();
+    let mut d = Decoder::new(8192);
+    let response = chap::encode_binary(&chap::response(CHALLENGE.id, SECRET, &CHALLENGE.bytes));
+    login.extend(login_pdu(0x81, &[("CHAP_N", "u"), ("CHAP_R", &response), ("CHAP_I", "1"), ("CHAP_C", "0x0102030405060708")]));
+    login.extend(login_pdu(0x87, &[("MaxRecvDataSegmentLength", "8192")]));
+    feed(&mut c, &mut d, &login, 8192);
+    assert!(!c.is_closing(), "the CHAP login succeeds");
     feed(&mut c, &mut d, data, 8192);
 });

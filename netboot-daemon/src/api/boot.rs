@@ -103,7 +103,7 @@ pub(super) async fn device_script(
             .bindings()
             .learn(addr, mac, BindingSource::Http, Timestamp::now());
     }
-    let (device, profile, settings, profiles) = blocking(&state, move |s| {
+    let (device, profile, settings, profiles, chap) = blocking(&state, move |s| {
         let now = Timestamp::now();
         s.record_sighting(&Sighting {
             mac,
@@ -122,6 +122,10 @@ pub(super) async fn device_script(
             None => None,
         };
         let settings = s.get_settings()?;
+        let chap = match &device {
+            Some(d) if d.image.is_some() => s.device_chap(mac)?,
+            _ => None,
+        };
         let detail = match &device {
             Some(d) => format!(
                 "iPXE script ({} firmware), policy {}",
@@ -147,7 +151,7 @@ pub(super) async fn device_script(
         } else {
             Vec::new()
         };
-        Ok((device, profile, settings, profiles))
+        Ok((device, profile, settings, profiles, chap))
     })
     .await?;
     let token =
@@ -158,6 +162,7 @@ pub(super) async fn device_script(
         device: device.as_ref(),
         profile: profile.as_ref(),
         iscsi_host: &iscsi_host,
+        chap: chap.as_ref(),
         settings: &settings,
         efi,
         version: VERSION,

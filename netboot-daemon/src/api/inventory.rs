@@ -144,7 +144,8 @@ pub(super) async fn create_device(
     ))
 }
 
-/// Changes a device (operator). `image: null` unlinks the image.
+/// Changes a device (operator). `image: null` unlinks the image; `chap` sets the CHAP its
+/// image's target requires (`null` removes it); secrets are audited as changed, never shown.
 #[utoipa::path(patch, path = "/api/v1/devices/{mac}", tag = "devices", params(("mac" = String, Path)),
     request_body = DevicePatch, responses((status = 200, body = Device), (status = 404), (status = 409)))]
 pub(super) async fn update_device(
@@ -156,6 +157,10 @@ pub(super) async fn update_device(
     auth.require(Role::Operator)?;
     let mac = parse_mac(&mac)?;
     check_device_fields(patch.name.as_deref(), patch.notes.as_deref())?;
+    if let Some(Some(chap)) = &patch.chap {
+        chap.validate()
+            .map_err(|e| ApiError::unprocessable(e.to_string()))?;
+    }
     let a = auth.audit();
     Ok(axum::Json(
         blocking(&state, move |s| s.update_device(&a, mac, &patch)).await?,

@@ -6,11 +6,16 @@
 //! iPXE settings nor start a second command) or [`url_path`] (percent-encoding).
 //! Kernel command lines are operator-controlled and may use iPXE settings on purpose
 //! (`BOOTIF=01-${net0/mac:hexhyp}`); they lose control characters and `||`/`&&`.
+//! CHAP names and secrets go through [`chap_value`]: the store admits only characters
+//! that iPXE takes literally, and anything else is dropped (the login then fails, which
+//! is better than a script that does something else).
 
 use std::fmt::Write as _;
 
 use crate::mac::MacAddr;
-use crate::store::{Arch, BootPolicy, BootProfile, Device, ProfileKind, Settings};
+use crate::store::{
+    Arch, BootPolicy, BootProfile, ChapCredentials, Device, ProfileKind, Settings, chap_char,
+};
 
 /// Makes `s` safe as iPXE display text: transliterates common accents and typographic
 /// marks, replaces every other character outside a conservative ASCII set by `_`, and
@@ -95,6 +100,8 @@ pub struct Plan<'a> {
     pub profile: Option<&'a BootProfile>,
     /// iSCSI server address for `sanboot` (host or IP as the client reaches it).
     pub iscsi_host: &'a str,
+    /// The device's CHAP credentials: iPXE must present them to its image's target.
+    pub chap: Option<&'a ChapCredentials>,
     /// Run-time settings (menu timeout, IQN prefix).
     pub settings: &'a Settings,
     /// Whether the firmware is EFI (iPXE's `${platform}` is `efi`).
@@ -160,11 +167,28 @@ fn file_url(base: &str, path: &str) -> String {
     )
 }
 
+/// A CHAP name or secret as a literal `set` argument: only the characters the store
+/// admits ([`chap_char`]: no whitespace, `$`, quotes, backslash, `#`, `|` or `&`), so it can
+/// neither expand a setting nor end the command.
+pub fn chap_value(s: &str) -> String {
+    s.chars().filter(|&c| chap_char(c)).collect()
+}
+
 fn write_iscsi(s: &mut Script, p: &Plan<'_>, image: &str) {
     s.line(format!(
         "set initiator-iqn {}",
         initiator_iqn(p.settings, p.mac)
     ));
+    if let Some(chap) = p.chap {
+        // iPXE answers the target's CHAP challenge with these (MD5), and with the
+        // reverse pair checks the target's answer to its own (mutual CHAP).
+        s.line(format!("set username {}", chap_value(&chap.user)));
+        s.line(format!("set password {}", chap_value(&chap.secret)));
+        if let (Some(user), Some(secret)) = (&chap.target_user, &chap.target_secret) {
+            s.line(format!("set reverse-username {}", chap_value(user)));
+            s.line(format!("set reverse-password {}", chap_value(secret)));
+        }
+    }
     s.line(format!("echo Booting iSCSI disk {} ...", text(image, 64)));
     s.line(format!(
         "sanboot iscsi:{}::::{} || goto failed",

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use super::chap::{self, Challenge, Credentials};
 use super::pdu::{Pdu, RESERVED_TAG, op};
 use super::scsi::{
     COMPARE_AND_WRITE, Lun, MAX_TRANSFER_BYTES, REPORT_LUNS, ScsiResult, Sense, report_luns,
@@ -35,6 +36,8 @@ pub struct Target {
     pub name: String,
     /// Logical units by number.
     pub luns: Vec<(u64, Arc<Lun>)>,
+    /// CHAP this target requires; `None`: AuthMethod=None.
+    pub chap: Option<Credentials>,
 }
 
 impl std::fmt::Debug for Target {
@@ -42,6 +45,7 @@ impl std::fmt::Debug for Target {
         f.debug_struct("Target")
             .field("name", &self.name)
             .field("luns", &self.luns.len())
+            .field("chap", &self.chap.is_some())
             .finish()
     }
 }
@@ -141,6 +145,43 @@ enum Phase {
     Closing,
 }
 
+/// Where a login's authentication stands (RFC 7143 section 12.1.3), named after what it
+/// waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// No AuthMethod chosen yet.
+    ExpectMethod,
+    /// AuthMethod=None (the target requires no CHAP).
+    NoneChosen,
+    /// AuthMethod=CHAP: the initiator's CHAP_A comes next.
+    ExpectAlgorithm,
+    /// The challenge went out: CHAP_N and CHAP_R come next.
+    ExpectResponse,
+    /// The initiator proved its secret (and the target its own, when asked).
+    Done,
+}
+
+/// Why an authentication failed (for the debug log; the initiator only sees 02/01).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthFailure {
+    /// No method offered that this target accepts for this target.
+    NoAcceptableMethod,
+    /// CHAP_A without MD5.
+    NoAcceptableAlgorithm,
+    /// A CHAP key out of turn.
+    UnexpectedKey,
+    /// CHAP_N, CHAP_R, or one of CHAP_I/CHAP_C without the other, missing.
+    MissingKey,
+    /// A binary value or identifier that does not decode.
+    BadValue,
+    /// Wrong name or wrong response.
+    WrongCredentials,
+    /// Mutual CHAP asked for, but the target has no secret of its own.
+    MutualNotConfigured,
+    /// The initiator's challenge is this target's own (RFC 7143 section 12.1.3).
+    ReflectedChallenge,
+}
+
 /// Login stages (RFC 7143 section 11.12.3).
 const STAGE_SECURITY: u8 = 0;
 const STAGE_OPERATIONAL: u8 = 1;
@@ -197,6 +238,9 @@ pub struct Connection {
     isid: [u8; 6],
     discovery: bool,
     target: Option<Target>,
+    auth: Auth,
+    /// This login's CHAP challenge (used only when the target requires CHAP).
+    challenge: Challenge,
     stat_sn: u32,
     exp_cmd_sn: u32,
     /// Text of a login or text request continued over several PDUs.
@@ -223,8 +267,10 @@ impl std::fmt::Debug for Connection {
 
 impl Connection {
     /// A new connection to the portal `portal` (`address:port`); `tsih` is the session
-    /// handle it gets if its login succeeds (unique per portal, non-zero).
-    pub fn new(targets: Arc<dyn Targets>, portal: String, tsih: u16) -> Self {
+    /// handle it gets if its login succeeds (unique per portal, non-zero); `challenge` is
+    /// the CHAP challenge it sends if its target requires CHAP (fresh random bytes from the
+    /// driver, never reused).
+    pub fn new(targets: Arc<dyn Targets>, portal: String, tsih: u16, challenge: Challenge) -> Self {
         Self {
             targets,
             portal,
@@ -238,6 +284,8 @@ impl Connection {
             isid: [0; 6],
             discovery: false,
             target: None,
+            auth: Auth::ExpectMethod,
+            challenge,
             stat_sn: 1,
             exp_cmd_sn: 0,
             text_in: Vec::new(),
@@ -433,15 +481,6 @@ impl Connection {
             // Missing parameter (RFC 7143 section 11.13.5).
             return self.login_fail(resp, 0x02, 0x07);
         }
-        if csg == STAGE_SECURITY {
-            match offers.iter().find(|(k, _)| k == "AuthMethod") {
-                Some((_, methods)) if methods.split(',').any(|m| m == "None") => {
-                    answers.push(("AuthMethod".into(), "None".into()));
-                }
-                Some(_) => return self.login_fail(resp, 0x02, 0x01),
-                None => {}
-            }
-        }
         if !self.discovery && self.target.is_none() {
             let Some((_, name)) = offers.iter().find(|(k, _)| k == "TargetName") else {
                 return self.login_fail(resp, 0x02, 0x07);
@@ -455,11 +494,31 @@ impl Connection {
             }
             answers.push(("TargetPortalGroupTag".into(), "1".into()));
         }
+        if csg == STAGE_SECURITY {
+            if let Err(why) = self.authenticate(&offers, &mut answers) {
+                tracing::debug!(initiator = %self.initiator, ?why, "iSCSI authentication failed");
+                return self.login_fail(resp, 0x02, 0x01);
+            }
+        } else if self.chap().is_some() && self.auth != Auth::Done {
+            // RFC 7143 section 12: a target that requires CHAP refuses a login that skips
+            // the security stage or leaves it unauthenticated.
+            tracing::debug!(initiator = %self.initiator, "iSCSI login without the CHAP the target requires");
+            return self.login_fail(resp, 0x02, 0x01);
+        }
         if csg == STAGE_OPERATIONAL {
             let negotiated = self.negotiation.answer(&offers, self.discovery);
             answers.extend(negotiated);
         }
         resp.data = text::encode(&answers);
+        if transit && csg == STAGE_SECURITY && self.chap().is_some() && self.auth != Auth::Done {
+            if matches!(self.auth, Auth::ExpectAlgorithm | Auth::ExpectResponse) {
+                // RFC 7143 section 11.13.1: the exchange is not over; answer without
+                // transit and the initiator sends the next step.
+                return self.send(resp, true);
+            }
+            tracing::debug!(initiator = %self.initiator, "iSCSI login leaves the security stage without CHAP");
+            return self.login_fail(resp, 0x02, 0x01);
+        }
         if transit {
             if !(nsg == STAGE_OPERATIONAL || nsg == STAGE_FULL_FEATURE) || nsg <= csg {
                 return self.login_fail(resp, 0x02, 0x00);
@@ -479,6 +538,98 @@ impl Connection {
             }
         }
         self.send(resp, true);
+    }
+
+    /// The CHAP the target being logged in to requires.
+    fn chap(&self) -> Option<&Credentials> {
+        self.target.as_ref().and_then(|t| t.chap.as_ref())
+    }
+
+    /// The security stage's keys (RFC 7143 section 12): picks the AuthMethod (CHAP if the
+    /// target requires it, else None) and runs CHAP: CHAP_A → CHAP_I/CHAP_C, then checks
+    /// CHAP_N/CHAP_R and, for mutual CHAP, answers the initiator's CHAP_I/CHAP_C.
+    fn authenticate(
+        &mut self,
+        offers: &[(String, String)],
+        answers: &mut Vec<(String, String)>,
+    ) -> Result<(), AuthFailure> {
+        let get = |key: &str| {
+            offers
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        let before = self.auth;
+        let creds = self.chap().cloned();
+        if let Some(methods) = get("AuthMethod") {
+            if before != Auth::ExpectMethod {
+                return Err(AuthFailure::UnexpectedKey);
+            }
+            let offered = |m: &str| methods.split(',').any(|x| x == m);
+            let (method, next) = match &creds {
+                Some(_) if offered("CHAP") => ("CHAP", Auth::ExpectAlgorithm),
+                None if offered("None") => ("None", Auth::NoneChosen),
+                _ => return Err(AuthFailure::NoAcceptableMethod),
+            };
+            answers.push(("AuthMethod".into(), method.into()));
+            self.auth = next;
+        }
+        if let Some(algorithms) = get("CHAP_A") {
+            if self.auth != Auth::ExpectAlgorithm {
+                return Err(AuthFailure::UnexpectedKey);
+            }
+            if !algorithms.split(',').any(|a| a == chap::ALGORITHM_MD5) {
+                return Err(AuthFailure::NoAcceptableAlgorithm);
+            }
+            answers.push(("CHAP_A".into(), chap::ALGORITHM_MD5.into()));
+            answers.push(("CHAP_I".into(), self.challenge.id.to_string()));
+            answers.push(("CHAP_C".into(), chap::encode_binary(&self.challenge.bytes)));
+            self.auth = Auth::ExpectResponse;
+        }
+        let responding = ["CHAP_N", "CHAP_R", "CHAP_I", "CHAP_C"]
+            .iter()
+            .any(|k| get(k).is_some());
+        if !responding {
+            return Ok(());
+        }
+        let (Auth::ExpectResponse, Some(creds)) = (before, creds) else {
+            return Err(AuthFailure::UnexpectedKey);
+        };
+        let user = get("CHAP_N").ok_or(AuthFailure::MissingKey)?;
+        let r = get("CHAP_R").ok_or(AuthFailure::MissingKey)?;
+        let r = chap::decode_binary(r).ok_or(AuthFailure::BadValue)?;
+        let want = chap::response(
+            self.challenge.id,
+            &creds.initiator.secret,
+            &self.challenge.bytes,
+        );
+        // Name and response are checked together, so a failure tells nothing of which.
+        let user_ok = chap::same(user.as_bytes(), creds.initiator.user.as_bytes());
+        if !(chap::same(&r, &want) & user_ok) {
+            return Err(AuthFailure::WrongCredentials);
+        }
+        match (get("CHAP_I"), get("CHAP_C")) {
+            (None, None) => {}
+            (Some(id), Some(challenge)) => {
+                let target = creds
+                    .target
+                    .as_ref()
+                    .ok_or(AuthFailure::MutualNotConfigured)?;
+                let id = chap::decode_id(id).ok_or(AuthFailure::BadValue)?;
+                let challenge = chap::decode_binary(challenge).ok_or(AuthFailure::BadValue)?;
+                if challenge == self.challenge.bytes {
+                    return Err(AuthFailure::ReflectedChallenge);
+                }
+                answers.push(("CHAP_N".into(), target.user.clone()));
+                answers.push((
+                    "CHAP_R".into(),
+                    chap::encode_binary(&chap::response(id, &target.secret, &challenge)),
+                ));
+            }
+            _ => return Err(AuthFailure::MissingKey),
+        }
+        self.auth = Auth::Done;
+        Ok(())
     }
 
     fn login_fail(&mut self, mut resp: Pdu, class: u8, detail: u8) {
@@ -1027,15 +1178,34 @@ mod tests {
             }
         }
         fn open(&self, name: &str, initiator: &str) -> Result<Target, Refusal> {
-            if name != "iqn.t:disk" {
-                return Err(Refusal::NotFound);
-            }
+            let chap = match name {
+                "iqn.t:disk" => None,
+                "iqn.t:chap" => Some(Credentials {
+                    initiator: chap::Secret {
+                        user: "pc7".into(),
+                        secret: INITIATOR_SECRET.to_vec(),
+                    },
+                    target: None,
+                }),
+                "iqn.t:mutual" => Some(Credentials {
+                    initiator: chap::Secret {
+                        user: "pc7".into(),
+                        secret: INITIATOR_SECRET.to_vec(),
+                    },
+                    target: Some(chap::Secret {
+                        user: "netboot".into(),
+                        secret: TARGET_SECRET.to_vec(),
+                    }),
+                }),
+                _ => return Err(Refusal::NotFound),
+            };
             if !initiator.ends_with(":ok") {
                 return Err(Refusal::NotAllowed);
             }
             Ok(Target {
                 name: name.into(),
                 luns: vec![(0, Arc::clone(&self.0))],
+                chap,
             })
         }
     }
@@ -1055,8 +1225,24 @@ mod tests {
             },
             Arc::new(MemoryBacking::new(1 << 20)),
         );
-        Connection::new(Arc::new(One(Arc::new(lun))), "192.0.2.1:3260".into(), 7)
+        Connection::new(
+            Arc::new(One(Arc::new(lun))),
+            "192.0.2.1:3260".into(),
+            7,
+            CHALLENGE,
+        )
     }
+
+    const INITIATOR_SECRET: &[u8] = b"initiator-secret";
+    const TARGET_SECRET: &[u8] = b"target-secret-1";
+    /// The challenge the tests' target sends: CHAP_I 0x2a, CHAP_C 0xa0..0xaf.
+    const CHALLENGE: Challenge = Challenge {
+        id: 0x2a,
+        bytes: [
+            0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, 0xa9, 0xaa, 0xab, 0xac, 0xad,
+            0xae, 0xaf,
+        ],
+    };
 
     fn login(flags: u8, keys: &[(&str, &str)]) -> Pdu {
         let mut p = Pdu::new(op::LOGIN);
@@ -1261,5 +1447,207 @@ mod tests {
         assert_eq!(r[0].bhs[3], 0, "GOOD");
         assert_eq!(r[0].flags() & 0x04, 0x04, "residual overflow");
         assert_eq!(r[0].u32_at(44), 512);
+    }
+
+    /// Runs the CHAP exchange of the security stage the way iPXE and libiscsi do (T=1
+    /// throughout, AuthMethod, then CHAP_A, then the response); returns the answer to the
+    /// response.
+    fn chap_login(c: &mut Connection, target: &str, response: &[(&str, &str)]) -> Pdu {
+        c.handle(login(
+            0x81,
+            &[
+                ("InitiatorName", "iqn.x:ok"),
+                ("SessionType", "Normal"),
+                ("TargetName", target),
+                ("AuthMethod", "CHAP,None"),
+            ],
+        ));
+        let r = sent(c);
+        assert_eq!((r[0].bhs[36], r[0].bhs[37]), (0, 0));
+        assert_eq!(r[0].flags() & 0x80, 0, "no transit during CHAP");
+        let keys = text::parse(&r[0].data).expect("text");
+        assert!(keys.contains(&("AuthMethod".into(), "CHAP".into())));
+        c.handle(login(0x81, &[("CHAP_A", "7,5")]));
+        let r = sent(c);
+        assert_eq!(r[0].flags() & 0x80, 0, "no transit during CHAP");
+        let keys = text::parse(&r[0].data).expect("text");
+        assert!(keys.contains(&("CHAP_A".into(), "5".into())));
+        assert!(keys.contains(&("CHAP_I".into(), "42".into())));
+        assert!(keys.contains(&("CHAP_C".into(), "0xa0a1a2a3a4a5a6a7a8a9aaabacadaeaf".into())));
+        c.handle(login(0x81, response));
+        sent(c).remove(0)
+    }
+
+    /// The response to the tests' challenge with `secret`, as the initiator sends it.
+    fn answer(secret: &[u8]) -> String {
+        chap::encode_binary(&chap::response(CHALLENGE.id, secret, &CHALLENGE.bytes))
+    }
+
+    #[test]
+    fn chap_with_the_right_secret_logs_in() {
+        let mut c = conn();
+        let right = answer(INITIATOR_SECRET);
+        // RFC 1994 section 4.1 by hand: MD5(0x2a || secret || challenge).
+        assert_eq!(right, "0x7a2f899fe0486f5be3682c9ec92e37e7");
+        let r = chap_login(
+            &mut c,
+            "iqn.t:chap",
+            &[("CHAP_N", "pc7"), ("CHAP_R", &right)],
+        );
+        assert_eq!((r.bhs[36], r.bhs[37]), (0, 0));
+        assert_eq!(r.flags(), 0x81, "transit to the operational stage");
+        c.handle(login(
+            0x80 | (1 << 2) | 0x03,
+            &[("MaxRecvDataSegmentLength", "8192")],
+        ));
+        let r = sent(&mut c);
+        assert_eq!((r[0].bhs[36], r[0].bhs[37]), (0, 0));
+        assert!(c.take_login().is_some());
+    }
+
+    #[test]
+    fn chap_failures_are_authentication_failures() {
+        let wrong = answer(b"not-the-secret!");
+        let right = answer(INITIATOR_SECRET);
+        for (why, response) in [
+            (
+                "wrong secret",
+                vec![("CHAP_N", "pc7"), ("CHAP_R", wrong.as_str())],
+            ),
+            (
+                "wrong name",
+                vec![("CHAP_N", "pc8"), ("CHAP_R", right.as_str())],
+            ),
+            ("no CHAP_R", vec![("CHAP_N", "pc7")]),
+            ("bad value", vec![("CHAP_N", "pc7"), ("CHAP_R", "0xnothex")]),
+            (
+                "mutual, not configured",
+                vec![
+                    ("CHAP_N", "pc7"),
+                    ("CHAP_R", right.as_str()),
+                    ("CHAP_I", "1"),
+                    ("CHAP_C", "0x0102030405060708"),
+                ],
+            ),
+        ] {
+            let mut c = conn();
+            let r = chap_login(&mut c, "iqn.t:chap", &response);
+            assert_eq!((r.bhs[36], r.bhs[37]), (0x02, 0x01), "{why}");
+            assert!(c.is_closing(), "{why}");
+        }
+        // A target that requires CHAP refuses AuthMethod=None, and a login that skips the
+        // security stage.
+        for first in [
+            login(
+                0x81,
+                &[
+                    ("InitiatorName", "iqn.x:ok"),
+                    ("TargetName", "iqn.t:chap"),
+                    ("AuthMethod", "None"),
+                ],
+            ),
+            login(
+                0x80 | (1 << 2) | 0x03,
+                &[("InitiatorName", "iqn.x:ok"), ("TargetName", "iqn.t:chap")],
+            ),
+            login(
+                0x81,
+                &[("InitiatorName", "iqn.x:ok"), ("TargetName", "iqn.t:chap")],
+            ),
+        ] {
+            let mut c = conn();
+            c.handle(first);
+            let r = sent(&mut c);
+            assert_eq!((r[0].bhs[36], r[0].bhs[37]), (0x02, 0x01));
+            assert!(c.take_login().is_none());
+        }
+        // CHAP keys out of turn.
+        let mut c = conn();
+        c.handle(login(
+            0x01,
+            &[
+                ("InitiatorName", "iqn.x:ok"),
+                ("TargetName", "iqn.t:chap"),
+                ("AuthMethod", "CHAP"),
+            ],
+        ));
+        sent(&mut c);
+        c.handle(login(0x01, &[("CHAP_N", "pc7"), ("CHAP_R", &right)]));
+        assert_eq!(
+            sent(&mut c)[0].bhs[37],
+            0x01,
+            "response before the challenge"
+        );
+    }
+
+    #[test]
+    fn mutual_chap_answers_the_initiator_challenge() {
+        let mut c = conn();
+        let right = answer(INITIATOR_SECRET);
+        let r = chap_login(
+            &mut c,
+            "iqn.t:mutual",
+            &[
+                ("CHAP_N", "pc7"),
+                ("CHAP_R", &right),
+                ("CHAP_I", "0x07"),
+                ("CHAP_C", "0b3q2+7w=="),
+            ],
+        );
+        assert_eq!((r.bhs[36], r.bhs[37]), (0, 0));
+        assert_eq!(r.flags(), 0x81);
+        let keys = text::parse(&r.data).expect("text");
+        assert!(keys.contains(&("CHAP_N".into(), "netboot".into())));
+        // MD5(0x07 || "target-secret-1" || de ad be ef), by Python's hashlib.
+        assert!(
+            keys.contains(&("CHAP_R".into(), "0x9f63282afe3acc547120d0ed05b6dbcb".into())),
+            "{keys:?}"
+        );
+        // The initiator's challenge must not be the target's own.
+        let mut c = conn();
+        let reflected = chap::encode_binary(&CHALLENGE.bytes);
+        let r = chap_login(
+            &mut c,
+            "iqn.t:mutual",
+            &[
+                ("CHAP_N", "pc7"),
+                ("CHAP_R", &right),
+                ("CHAP_I", "42"),
+                ("CHAP_C", &reflected),
+            ],
+        );
+        assert_eq!((r.bhs[36], r.bhs[37]), (0x02, 0x01));
+        let keys = text::parse(&r.data).expect("text");
+        assert!(keys.is_empty(), "nothing answered to a reflected challenge");
+    }
+
+    #[test]
+    fn targets_without_chap_choose_none_and_refuse_chap_only() {
+        let mut c = conn();
+        c.handle(login(
+            0x81,
+            &[
+                ("InitiatorName", "iqn.x:ok"),
+                ("TargetName", "iqn.t:disk"),
+                ("AuthMethod", "CHAP,None"),
+            ],
+        ));
+        let r = sent(&mut c);
+        assert_eq!(r[0].flags(), 0x81);
+        assert!(
+            text::parse(&r[0].data)
+                .expect("text")
+                .contains(&("AuthMethod".into(), "None".into()))
+        );
+        let mut c = conn();
+        c.handle(login(
+            0x81,
+            &[
+                ("InitiatorName", "iqn.x:ok"),
+                ("SessionType", "Discovery"),
+                ("AuthMethod", "CHAP"),
+            ],
+        ));
+        assert_eq!(sent(&mut c)[0].bhs[37], 0x01);
     }
 }

@@ -3,6 +3,7 @@
 //! - [`pdu`]: PDUs on the wire (headers, data segments, CRC32C digests) and the decoder
 //!   that cuts a connection's bytes into PDUs, with every peer length checked;
 //! - [`text`]: text keys and the negotiation of operational parameters;
+//! - [`chap`]: CHAP authentication (MD5, mutual) for logins to targets that require it;
 //! - [`conn`]: one connection as a state machine (login, commands, R2T/Data-Out,
 //!   Data-In, NOP, task management, SendTargets, logout), without I/O;
 //! - [`scsi`]: logical units: CDBs executed against a [`scsi::Backing`];
@@ -10,6 +11,7 @@
 //!
 //! The driver that owns the sockets is `service::iscsi`.
 
+pub mod chap;
 pub mod conn;
 #[allow(
     unsafe_code,

@@ -537,7 +537,7 @@ static COMMANDS: &[OpInfo] = &[
     op(VERIFY_16, None, &[0x8F, 0xF6, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Read, Lun::verify),
     op(SYNCHRONIZE_CACHE_16, None, &[0x91, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Write, Lun::synchronize_cache),
     op(WRITE_SAME_16, None, &[0x93, 0xF9, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Write, Lun::write_same),
-    op(SERVICE_ACTION_IN_16, Some(SA_READ_CAPACITY_16), &[0x9E, SA_READ_CAPACITY_16, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, C], DISK, Always, Lun::read_capacity_16),
+    op(SERVICE_ACTION_IN_16, Some(SA_READ_CAPACITY_16), &[0x9E, SA_READ_CAPACITY_16, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, C], ANY, Always, Lun::read_capacity_16),
     op(REPORT_LUNS, None, &[0xA0, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, C], ANY, Always, Lun::report_luns),
     op(MAINTENANCE_IN, Some(SA_REPORT_SUPPORTED_OPCODES), &[0xA3, SA_REPORT_SUPPORTED_OPCODES, 0x87, FF, FF, FF, FF, FF, FF, FF, 0, C], ANY, Always, Lun::report_supported_opcodes),
     op(READ_12, None, &[0xA8, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], ANY, Read, Lun::read),
@@ -1209,13 +1209,17 @@ impl Lun {
         Ok(d)
     }
 
-    /// READ CAPACITY(16) (SBC-3 5.16), with LBPME and LBPRZ.
+    /// READ CAPACITY(16) (SBC-3 5.16), with LBPME and LBPRZ on disks. MMC-6 does not
+    /// define it; CD-ROM LUNs answer it too (without thin provisioning), as initiators and
+    /// tools that size every LUN with it expect.
     fn read_capacity_16(&self, cmd: &Cmd<'_>) -> Outcome {
         let last = self.capacity()?.saturating_sub(1);
         let mut d = vec![0u8; 32];
         d[0..8].copy_from_slice(&last.to_be_bytes());
         d[8..12].copy_from_slice(&self.block_size.to_be_bytes());
-        d[14] = 0xC0; // LBPME, LBPRZ
+        if self.is_disk() {
+            d[14] = 0xC0; // LBPME, LBPRZ
+        }
         Ok(truncated(d, be32(cmd.cdb, 10) as usize))
     }
 
@@ -3260,6 +3264,14 @@ mod tests {
         let (_, cd) = make(cfg(DeviceType::CdRom), 1000);
         let d = ok(&cd, &[READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
         assert_eq!((be32(&d, 0), be32(&d, 4)), (999, 2048));
+        let mut rc16 = [0u8; 16];
+        (rc16[0], rc16[1], rc16[13]) = (SERVICE_ACTION_IN_16, SA_READ_CAPACITY_16, 32);
+        let d = ok(&cd, &rc16, &[]);
+        assert_eq!(
+            (be32(&d, 4), be32(&d, 8), d[14]),
+            (999, 2048, 0),
+            "no thin provisioning"
+        );
         let toc = ok(&cd, &[READ_TOC_PMA_ATIP, 0, 0, 0, 0, 0, 0, 0, 100, 0], &[]);
         assert_eq!((be16(&toc, 0), toc[2], toc[3]), (18, 1, 1));
         assert_eq!(

@@ -6,6 +6,14 @@
 //! it does not exist yet. An image accepts an initiator whose name carries the MAC of the
 //! device the image is linked to (in any common spelling, as the boot scripts set it), or
 //! one listed in `iscsi.allow`; discovery shows each initiator only what it may use.
+//! When that device has CHAP credentials, its image's target requires CHAP (mutual when
+//! the device has a target secret too); each connection gets a fresh random challenge.
+//!
+//! Every installer of kind `iso` is a shared read-only target
+//! `<iscsi.iqn_prefix>:installer:<name>` (see [`installer_targets`]) with one CD-ROM LUN
+//! of 2048-byte blocks over the ISO file (opened read-only, inside `paths.installers`);
+//! every initiator may log in to it and sees it in discovery, and writes end in DATA
+//! PROTECT.
 //!
 //! The driver runs one task per connection: it decodes PDUs, feeds them to
 //! [`Connection`], runs each command's I/O on the blocking pool (in order), and writes the
@@ -28,12 +36,15 @@ use tokio::sync::Notify;
 
 use crate::bindings::{Bindings, Source as BindingSource};
 use crate::config::IscsiConfig;
+use crate::iscsi::chap;
 use crate::iscsi::conn::{Connection, Login, Refusal, SessionEvent, Target, Targets};
 use crate::iscsi::file::FileBacking;
 use crate::iscsi::pdu::{DecodeError, Decoder};
 use crate::iscsi::scsi::{DeviceType, Lun, LunConfig};
 use crate::mac::MacAddr;
-use crate::store::{EventSource, Image, NewBootEvent, Store};
+use crate::store::{
+    ChapCredentials, EventSource, Image, Installer, InstallerKind, NewBootEvent, Store,
+};
 use crate::time::Timestamp;
 
 /// A live normal session, as [`Sessions::on`] lists it.
@@ -154,6 +165,8 @@ pub struct StoreTargets {
     sessions: Arc<Sessions>,
     bindings: Option<Arc<Bindings>>,
     images: PathBuf,
+    /// Where installer media live (`paths.installers`); `None`: no installer targets.
+    installers: Option<PathBuf>,
     prefix: String,
     allow: Vec<String>,
     /// Open logical units by image name.
@@ -177,6 +190,7 @@ impl StoreTargets {
             sessions: Arc::default(),
             bindings: None,
             images,
+            installers: None,
             prefix: cfg.iqn_prefix.clone(),
             allow: cfg.allow.clone(),
             luns: Mutex::new(HashMap::new()),
@@ -189,6 +203,64 @@ impl StoreTargets {
     pub fn with_bindings(mut self, bindings: Arc<Bindings>) -> Self {
         self.bindings = Some(bindings);
         self
+    }
+
+    /// Serves the ISO installers under `root` as read-only CD-ROM targets.
+    #[must_use]
+    pub fn with_installers(mut self, root: PathBuf) -> Self {
+        self.installers = Some(root);
+        self
+    }
+
+    /// The installer targets: (target name, path under the installers directory).
+    fn installer_targets(&self) -> Vec<(String, String)> {
+        if self.installers.is_none() {
+            return Vec::new();
+        }
+        match self.store.list_installers() {
+            Ok(list) => installer_targets(&list)
+                .into_iter()
+                .map(|(name, path)| (format!("{}:installer:{name}", self.prefix), path))
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "iSCSI cannot list installers");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Opens an installer target: a read-only CD-ROM LUN over the ISO file. Each login
+    /// opens the file anew, so a replaced ISO is served from the next login on.
+    fn open_installer(&self, name: &str) -> Result<Target, Refusal> {
+        let root = self.installers.as_ref().ok_or(Refusal::NotFound)?;
+        let (_, path) = self
+            .installer_targets()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .ok_or(Refusal::NotFound)?;
+        let (_, file, _) = crate::jail::open(root, &path).map_err(|error| {
+            tracing::warn!(target = name, %error, "iSCSI installer target cannot open its ISO");
+            Refusal::Unavailable
+        })?;
+        let lun = Lun::new(
+            LunConfig {
+                device_type: DeviceType::CdRom,
+                read_only: true,
+                block_size: 2048,
+                vendor: "NETBOOT".into(),
+                product: "installer DVD".into(),
+                revision: crate::api::VERSION.chars().take(4).collect(),
+                serial: name.rsplit(':').next().unwrap_or(name).to_owned(),
+                naa_id: naa_id(name),
+                write_cache: false,
+            },
+            Arc::new(FileBacking::new(file, true)),
+        );
+        Ok(Target {
+            name: name.to_owned(),
+            luns: vec![(0, Arc::new(lun))],
+            chap: None,
+        })
     }
 
     /// The target name of an image.
@@ -267,7 +339,7 @@ impl StoreTargets {
 
 impl Targets for StoreTargets {
     fn visible(&self, initiator: &str) -> Vec<String> {
-        match self.store.list_images() {
+        let mut names = match self.store.list_images() {
             Ok(images) => images
                 .iter()
                 .filter(|i| self.allowed(i, initiator))
@@ -277,10 +349,16 @@ impl Targets for StoreTargets {
                 tracing::warn!(%error, "iSCSI discovery cannot list images");
                 Vec::new()
             }
-        }
+        };
+        // Installer media are shared and read-only: every initiator sees them.
+        names.extend(self.installer_targets().into_iter().map(|(n, _)| n));
+        names
     }
 
     fn open(&self, name: &str, initiator: &str) -> Result<Target, Refusal> {
+        if name.starts_with(&format!("{}:installer:", self.prefix)) {
+            return self.open_installer(name);
+        }
         let image = name
             .strip_prefix(&self.prefix)
             .and_then(|rest| rest.strip_prefix(':'))
@@ -294,6 +372,13 @@ impl Targets for StoreTargets {
             );
             return Err(Refusal::NotAllowed);
         }
+        let chap = match image.linked_mac {
+            Some(mac) => self.store.device_chap(mac).map_err(|error| {
+                tracing::warn!(target = name, %error, "iSCSI target cannot read its CHAP");
+                Refusal::Unavailable
+            })?,
+            None => None,
+        };
         let lun = self.lun(&image).map_err(|error| {
             tracing::warn!(target = name, %error, "iSCSI target cannot open its image");
             Refusal::Unavailable
@@ -301,6 +386,7 @@ impl Targets for StoreTargets {
         Ok(Target {
             name: name.to_owned(),
             luns: vec![(0, lun)],
+            chap: chap.map(|c| chap_credentials(&c)),
         })
     }
 
@@ -343,6 +429,63 @@ impl Targets for StoreTargets {
         if let Err(error) = self.store.add_event(&ev) {
             tracing::warn!(%error, kind, "recording an iSCSI event failed");
         }
+    }
+}
+
+/// The ISO installers as targets: (last part of the target name, path). The name is the
+/// installer's display name in IQN characters (lower-case letters, digits, `-`, `.`;
+/// everything else becomes `-`, a `.iso` suffix goes); when two installers come out the
+/// same, the later ones (by id) get `-<id>` appended.
+pub fn installer_targets(installers: &[Installer]) -> Vec<(String, String)> {
+    let mut isos: Vec<&Installer> = installers
+        .iter()
+        .filter(|i| i.kind == InstallerKind::Iso)
+        .collect();
+    isos.sort_by_key(|i| i.id);
+    let mut taken = HashSet::new();
+    let mut out = Vec::new();
+    for i in isos {
+        let lower = i.name.to_ascii_lowercase();
+        let stem = lower.strip_suffix(".iso").unwrap_or(&lower);
+        let mut name = String::new();
+        for c in stem.chars() {
+            let c = if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            };
+            if !(c == '-' && (name.is_empty() || name.ends_with('-'))) {
+                name.push(c);
+            }
+        }
+        let mut name = name.trim_end_matches('-').to_owned();
+        if name.is_empty() {
+            name = "iso".into();
+        }
+        if !taken.insert(name.clone()) {
+            name = format!("{name}-{}", i.id);
+            taken.insert(name.clone());
+        }
+        out.push((name, i.path.clone()));
+    }
+    out
+}
+
+/// A device's CHAP as the login needs it.
+fn chap_credentials(c: &ChapCredentials) -> chap::Credentials {
+    chap::Credentials {
+        initiator: chap::Secret {
+            user: c.user.clone(),
+            secret: c.secret.as_bytes().to_vec(),
+        },
+        target: c
+            .target_user
+            .as_ref()
+            .zip(c.target_secret.as_ref())
+            .map(|(user, secret)| chap::Secret {
+                user: user.clone(),
+                secret: secret.as_bytes().to_vec(),
+            }),
     }
 }
 
@@ -395,7 +538,12 @@ pub async fn serve(
         if handle == 0 {
             handle = tsih.fetch_add(1, Ordering::Relaxed);
         }
-        let conn = Connection::new(Arc::clone(&targets), portal(local), handle);
+        // A fresh CHAP challenge per connection, from the thread-local CSPRNG.
+        let challenge = chap::Challenge {
+            id: rand::random(),
+            bytes: rand::random(),
+        };
+        let conn = Connection::new(Arc::clone(&targets), portal(local), handle, challenge);
         let targets = Arc::clone(&targets);
         let sessions = Arc::clone(&sessions);
         tokio::spawn(async move {
@@ -548,6 +696,36 @@ mod tests {
         assert!(initiator_carries("iqn.2010-04.org.ipxe:525400123456", mac));
         assert!(initiator_carries("iqn.x:52:54:00:12:34:56", mac));
         assert!(!initiator_carries("iqn.x:52:54:00:12:34:57", mac));
+    }
+
+    #[test]
+    fn installer_target_names_are_iqn_safe_and_unique() {
+        let at = Timestamp(0);
+        let inst = |id, name: &str, kind| Installer {
+            id,
+            path: format!("isos/{id}.iso"),
+            name: name.into(),
+            kind,
+            arch: None,
+            size_bytes: 0,
+            description: String::new(),
+            created_at: at,
+            updated_at: at,
+        };
+        let list = [
+            inst(3, "Debian 12 (netinst).iso", InstallerKind::Iso),
+            inst(1, "debian_12 netinst", InstallerKind::Iso),
+            inst(2, "Windows 11", InstallerKind::Windows),
+            inst(4, "???", InstallerKind::Iso),
+        ];
+        assert_eq!(
+            installer_targets(&list),
+            vec![
+                ("debian-12-netinst".into(), "isos/1.iso".into()),
+                ("debian-12-netinst-3".into(), "isos/3.iso".into()),
+                ("iso".into(), "isos/4.iso".into()),
+            ]
+        );
     }
 
     #[test]

@@ -146,6 +146,9 @@ pub trait Store: Send + Sync + 'static {
     fn update_device(&self, audit: &Audit, mac: MacAddr, patch: &DevicePatch) -> Result<Device>;
     /// Removes a device; its boot events stay until retention removes them.
     fn delete_device(&self, audit: &Audit, mac: MacAddr) -> Result<()>;
+    /// A device's CHAP credentials with their secrets (for the iSCSI target and the boot
+    /// script; never for the API), `None` when it has none.
+    fn device_chap(&self, mac: MacAddr) -> Result<Option<ChapCredentials>>;
     /// Records that a MAC showed up on the network: updates a known device's last-seen
     /// fields, or adds or refreshes an unknown device.
     fn record_sighting(&self, s: &Sighting) -> Result<SightingOutcome>;

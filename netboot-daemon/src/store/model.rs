@@ -235,6 +235,142 @@ pub struct Device {
     pub last_seen: Option<Timestamp>,
     /// The address it last used.
     pub last_ip: Option<String>,
+    /// CHAP its image's target requires (names only; secrets are never shown).
+    pub chap: ChapSummary,
+}
+
+/// Whether a CHAP secret is stored; the secret itself is never shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub enum SecretState {
+    /// A secret is stored.
+    #[serde(rename = "set")]
+    Set,
+    /// No secret.
+    #[serde(rename = "not set")]
+    NotSet,
+}
+
+/// A device's CHAP as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ChapSummary {
+    /// The name the device's initiator logs in with (`CHAP_N`); `null`: no CHAP, the
+    /// target takes AuthMethod=None.
+    pub user: Option<String>,
+    /// Its secret.
+    pub secret: SecretState,
+    /// For mutual CHAP: the name the target answers with.
+    pub target_user: Option<String>,
+    /// The target's secret.
+    pub target_secret: SecretState,
+}
+
+impl ChapSummary {
+    /// No CHAP.
+    pub const NONE: Self = Self {
+        user: None,
+        secret: SecretState::NotSet,
+        target_user: None,
+        target_secret: SecretState::NotSet,
+    };
+}
+
+/// A device's CHAP credentials: with them set, the target of the device's image
+/// requires CHAP (RFC 7143 section 12.1.3), and the device's boot script hands them to
+/// iPXE. Secrets are 12 to 64 characters (RFC 3720 section 8.2.1 asks for at least 96
+/// bits; Windows' initiator takes at most 16); names and secrets use letters, digits and
+/// `-._~:+=/!*,^@`, so that they need no quoting in iPXE scripts and URLs.
+#[derive(Clone, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChapCredentials {
+    /// The name the initiator sends (`CHAP_N`), 1-64 characters.
+    pub user: String,
+    /// The secret the initiator proves it knows.
+    pub secret: String,
+    /// Mutual CHAP: the name the target answers with.
+    #[serde(default)]
+    pub target_user: Option<String>,
+    /// Mutual CHAP: the target's secret (different from the initiator's).
+    #[serde(default)]
+    pub target_secret: Option<String>,
+}
+
+impl std::fmt::Debug for ChapCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChapCredentials")
+            .field("user", &self.user)
+            .field("target_user", &self.target_user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why CHAP credentials were refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChapError {
+    /// A name is empty, too long or has a character outside the allowed set.
+    #[error("CHAP names are 1-64 of letters, digits and -._~:+=/!*,^@")]
+    BadName,
+    /// A secret is too short, too long or has a character outside the allowed set.
+    #[error("CHAP secrets are 12-64 of letters, digits and -._~:+=/!*,^@")]
+    BadSecret,
+    /// Only one of the target's name and secret.
+    #[error("mutual CHAP needs both target_user and target_secret")]
+    HalfMutual,
+    /// The same secret in both directions (RFC 7143 section 12.1.3 forbids it).
+    #[error("the target's secret must differ from the initiator's")]
+    SameSecret,
+}
+
+/// Whether `c` may appear in a CHAP name or secret.
+pub const fn chap_char(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+        || matches!(
+            c,
+            '-' | '.' | '_' | '~' | ':' | '+' | '=' | '/' | '!' | '*' | ',' | '^' | '@'
+        )
+}
+
+impl ChapCredentials {
+    /// Checks lengths, characters and the mutual pair.
+    pub fn validate(&self) -> Result<(), ChapError> {
+        let name_ok = |n: &str| (1..=64).contains(&n.len()) && n.chars().all(chap_char);
+        let secret_ok = |n: &str| (12..=64).contains(&n.len()) && n.chars().all(chap_char);
+        if !name_ok(&self.user) {
+            return Err(ChapError::BadName);
+        }
+        if !secret_ok(&self.secret) {
+            return Err(ChapError::BadSecret);
+        }
+        match (&self.target_user, &self.target_secret) {
+            (None, None) => Ok(()),
+            (Some(u), Some(s)) => {
+                if !name_ok(u) {
+                    Err(ChapError::BadName)
+                } else if !secret_ok(s) {
+                    Err(ChapError::BadSecret)
+                } else if *s == self.secret {
+                    Err(ChapError::SameSecret)
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Err(ChapError::HalfMutual),
+        }
+    }
+
+    /// What the API shows of them.
+    pub fn summary(&self) -> ChapSummary {
+        ChapSummary {
+            user: Some(self.user.clone()),
+            secret: SecretState::Set,
+            target_user: self.target_user.clone(),
+            target_secret: if self.target_secret.is_some() {
+                SecretState::Set
+            } else {
+                SecretState::NotSet
+            },
+        }
+    }
 }
 
 /// Input for registering a device.
@@ -294,6 +430,11 @@ pub struct DevicePatch {
     /// New notes.
     #[serde(default)]
     pub notes: Option<String>,
+    /// Set CHAP credentials (the image's target then requires CHAP), or `null` to remove
+    /// them. Audited without the secrets.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<ChapCredentials>)]
+    pub chap: Option<Option<ChapCredentials>>,
 }
 
 /// Sort order of the device list.

@@ -19,6 +19,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("migrations/0001_inventory.sql")),
     (2, include_str!("migrations/0002_dhcp_leases.sql")),
     (3, include_str!("migrations/0003_device_traffic.sql")),
+    (4, include_str!("migrations/0004_device_chap.sql")),
 ];
 
 /// Reader connections for a file database (the writer is separate).
@@ -258,6 +259,9 @@ fn audit(
 // Row mappers.
 
 const DEVICE_COLS: &str = "mac, name, arch, enabled, boot_policy, image, profile, notes, created_at, updated_at, first_seen, last_seen, last_ip";
+/// What a device row shows of its CHAP: names, and whether the secrets are set.
+const DEVICE_CHAP_COLS: &str =
+    "chap_user, chap_secret IS NOT NULL, chap_target_user, chap_target_secret IS NOT NULL";
 
 fn device_row(r: &Row<'_>) -> rusqlite::Result<Device> {
     Ok(Device {
@@ -274,6 +278,21 @@ fn device_row(r: &Row<'_>) -> rusqlite::Result<Device> {
         first_seen: col_ts_opt(r, 10)?,
         last_seen: col_ts_opt(r, 11)?,
         last_ip: r.get(12)?,
+        chap: {
+            let state = |set: bool| {
+                if set {
+                    SecretState::Set
+                } else {
+                    SecretState::NotSet
+                }
+            };
+            ChapSummary {
+                user: r.get(13)?,
+                secret: state(r.get(14)?),
+                target_user: r.get(15)?,
+                target_secret: state(r.get(16)?),
+            }
+        },
     })
 }
 
@@ -401,7 +420,7 @@ fn audit_row(r: &Row<'_>) -> rusqlite::Result<AuditEntry> {
 
 fn device_in(c: &Connection, mac: MacAddr) -> Result<Device> {
     c.query_row(
-        &format!("SELECT {DEVICE_COLS} FROM devices WHERE mac = ?1"),
+        &format!("SELECT {DEVICE_COLS}, {DEVICE_CHAP_COLS} FROM devices WHERE mac = ?1"),
         [mac.to_string()],
         device_row,
     )
@@ -621,7 +640,7 @@ impl Store for Sqlite {
             let total: i64 =
                 c.query_row(&format!("SELECT count(*) FROM devices {}", f.sql()), f.refs().as_slice(), |r| r.get(0))?;
             let sql = format!(
-                "SELECT {DEVICE_COLS} FROM devices {} ORDER BY {order} {dir}, mac {dir} LIMIT {limit} OFFSET {}",
+                "SELECT {DEVICE_COLS}, {DEVICE_CHAP_COLS} FROM devices {} ORDER BY {order} {dir}, mac {dir} LIMIT {limit} OFFSET {}",
                 f.sql(),
                 q.page.offset
             );
@@ -702,6 +721,20 @@ impl Store for Sqlite {
                 d.notes.clone_from(notes);
             }
             check_links(tx, mac, d.image.as_deref(), d.profile.as_deref())?;
+            if let Some(chap) = &p.chap {
+                let c = chap.as_ref();
+                tx.execute(
+                    "UPDATE devices SET chap_user = ?2, chap_secret = ?3, chap_target_user = ?4, \
+                     chap_target_secret = ?5 WHERE mac = ?1",
+                    params![
+                        mac.to_string(),
+                        c.map(|c| &c.user),
+                        c.map(|c| &c.secret),
+                        c.and_then(|c| c.target_user.as_ref()),
+                        c.and_then(|c| c.target_secret.as_ref()),
+                    ],
+                )?;
+            }
             tx.execute(
                 "UPDATE devices SET name = ?2, arch = ?3, enabled = ?4, boot_policy = ?5, image = ?6, profile = ?7, \
                  notes = ?8, updated_at = ?9 WHERE mac = ?1",
@@ -718,8 +751,35 @@ impl Store for Sqlite {
                 ],
             )?;
             let after = device_in(tx, mac)?;
-            audit(tx, a, "device.update", &mac.to_string(), &diff(&before, &after))?;
+            let mut detail = diff(&before, &after);
+            if let (Some(chap), Value::Object(m)) = (&p.chap, &mut detail) {
+                // The secrets never reach the audit log; that they were written does.
+                m.insert("chap_secrets".into(), json!(if chap.is_some() { "set" } else { "removed" }));
+            }
+            audit(tx, a, "device.update", &mac.to_string(), &detail)?;
             Ok(after)
+        })
+    }
+
+    fn device_chap(&self, mac: MacAddr) -> Result<Option<ChapCredentials>> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT chap_user, chap_secret, chap_target_user, chap_target_secret FROM devices WHERE mac = ?1",
+                [mac.to_string()],
+                |r| {
+                    let user: Option<String> = r.get(0)?;
+                    let secret: Option<String> = r.get(1)?;
+                    let (target_user, target_secret) = (r.get(2)?, r.get(3)?);
+                    Ok(user.zip(secret).map(|(user, secret)| ChapCredentials {
+                        user,
+                        secret,
+                        target_user,
+                        target_secret,
+                    }))
+                },
+            )
+            .optional()?
+            .ok_or_else(|| not_found("device", mac))
         })
     }
 

@@ -506,3 +506,92 @@ fn renamed_images_keep_their_link_and_adopted_ones_are_audited() {
     assert!(actions.iter().any(|x| x == "image.rename"), "{actions:?}");
     assert!(actions.iter().any(|x| x == "image.adopt"), "{actions:?}");
 }
+
+#[test]
+fn device_chap_is_stored_shown_as_set_and_audited_without_secrets() {
+    let s = Sqlite::in_memory().expect("db");
+    let m = mac("52:54:00:00:00:42");
+    s.create_device(&admin(), &device("52:54:00:00:00:42"))
+        .expect("create");
+    assert_eq!(s.device_chap(m).expect("chap"), None);
+    assert_eq!(s.get_device(m).expect("get").chap, ChapSummary::NONE);
+    let chap = ChapCredentials {
+        user: "node42".into(),
+        secret: "initiator-secret".into(),
+        target_user: Some("netboot".into()),
+        target_secret: Some("target-secret-1".into()),
+    };
+    let patch = DevicePatch {
+        chap: Some(Some(chap.clone())),
+        ..DevicePatch::default()
+    };
+    let d = s.update_device(&admin(), m, &patch).expect("set chap");
+    assert_eq!(d.chap, chap.summary());
+    assert_eq!(d.chap.target_secret, SecretState::Set);
+    assert_eq!(s.device_chap(m).expect("chap"), Some(chap));
+    let shown = serde_json::to_string(&s.list_devices(&DeviceQuery::default()).expect("list"))
+        .expect("json");
+    let audit = s
+        .list_audit(&AuditQuery {
+            action: Some("device.update".into()),
+            limit: 10,
+            ..AuditQuery::default()
+        })
+        .expect("audit")
+        .items[0]
+        .detail
+        .clone();
+    assert_eq!(audit["chap_secrets"], "set");
+    for text in [shown, audit.to_string()] {
+        assert!(
+            !text.contains("initiator-secret") && !text.contains("target-secret-1"),
+            "{text}"
+        );
+    }
+    let clear = DevicePatch {
+        chap: Some(None),
+        ..DevicePatch::default()
+    };
+    assert_eq!(
+        s.update_device(&admin(), m, &clear).expect("clear").chap,
+        ChapSummary::NONE
+    );
+    assert_eq!(s.device_chap(m).expect("chap"), None);
+}
+
+#[test]
+fn chap_credentials_are_validated() {
+    let ok = ChapCredentials {
+        user: "node42".into(),
+        secret: "twelve-chars".into(),
+        target_user: None,
+        target_secret: None,
+    };
+    assert_eq!(ok.validate(), Ok(()));
+    let bad = |f: fn(&mut ChapCredentials)| {
+        let mut c = ok.clone();
+        f(&mut c);
+        c.validate()
+    };
+    assert_eq!(
+        bad(|c| c.secret = "eleven-char".into()),
+        Err(ChapError::BadSecret)
+    );
+    assert_eq!(
+        bad(|c| c.secret = "with space 12".into()),
+        Err(ChapError::BadSecret)
+    );
+    assert_eq!(bad(|c| c.user = "a$b".into()), Err(ChapError::BadName));
+    assert_eq!(bad(|c| c.user = String::new()), Err(ChapError::BadName));
+    assert_eq!(
+        bad(|c| c.target_user = Some("t".into())),
+        Err(ChapError::HalfMutual)
+    );
+    assert_eq!(
+        bad(|c| {
+            c.target_user = Some("t".into());
+            c.target_secret = Some("twelve-chars".into());
+        }),
+        Err(ChapError::SameSecret)
+    );
+}

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use super::*;
+use crate::store::ChapSummary;
 use crate::time::Timestamp;
 
 fn golden(name: &str, got: &str) {
@@ -42,6 +43,7 @@ fn device(policy: BootPolicy, image: Option<&str>, profile: Option<&str>) -> Dev
         first_seen: None,
         last_seen: None,
         last_ip: None,
+        chap: ChapSummary::NONE,
     }
 }
 
@@ -78,6 +80,7 @@ fn plan<'a>(
         device,
         profile,
         iscsi_host: "10.0.0.1",
+        chap: None,
         settings,
         efi,
         version: "0.1.0",
@@ -155,6 +158,47 @@ fn iscsi_policy() {
     let s = Settings::default();
     let d = device(BootPolicy::Iscsi, Some("win11-rack1"), None);
     golden("iscsi", &device_script(&plan(Some(&d), None, &s, true)));
+}
+
+#[test]
+fn iscsi_with_mutual_chap_sets_the_credentials_before_sanboot() {
+    let s = Settings::default();
+    let d = device(BootPolicy::Iscsi, Some("win11-rack1"), None);
+    let chap = ChapCredentials {
+        user: "rack1-node1".into(),
+        secret: "initiator-secret".into(),
+        target_user: Some("netboot".into()),
+        target_secret: Some("target-secret-1".into()),
+    };
+    let script = device_script(&Plan {
+        chap: Some(&chap),
+        ..plan(Some(&d), None, &s, true)
+    });
+    golden("iscsi-chap", &script);
+    let at = |l: &str| {
+        script
+            .find(l)
+            .unwrap_or_else(|| panic!("{l} missing:\n{script}"))
+    };
+    assert!(at("set password initiator-secret") < at("sanboot iscsi:"));
+    assert!(at("set reverse-password target-secret-1") < at("sanboot iscsi:"));
+    // One-way CHAP sets no reverse pair.
+    let one_way = ChapCredentials {
+        target_user: None,
+        target_secret: None,
+        ..chap
+    };
+    let script = device_script(&Plan {
+        chap: Some(&one_way),
+        ..plan(Some(&d), None, &s, true)
+    });
+    assert!(script.contains("set username rack1-node1\n") && !script.contains("reverse"));
+}
+
+#[test]
+fn chap_values_cannot_expand_settings_or_end_the_command() {
+    assert_eq!(chap_value("abc-DEF_1.2~:+=/!*,^@"), "abc-DEF_1.2~:+=/!*,^@");
+    assert_eq!(chap_value("a b${x}\"'c;#|&\n"), "abxc");
 }
 
 #[test]
