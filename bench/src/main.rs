@@ -7,6 +7,8 @@
 //!   side, in a network namespace and cgroups of its own ([`tftp::compare`]);
 //! - `dhcp-compare [--quick]`: netbootd's DHCP server against dnsmasq under Kea's
 //!   perfdhcp ([`dhcp`]);
+//! - `iscsi-compare [--quick]`: netbootd's iSCSI target against tgtd and the raw file
+//!   under fio, with a load generator of our own and libiscsi's iscsi-perf ([`iscsi`]);
 //! - `ebpf-overhead [--quick]`, `ebpf-scrape`: the accounting programs' cost on a veth, and
 //!   the `/metrics` families with 10 000 client MACs ([`ebpf`]).
 //!
@@ -14,6 +16,7 @@
 
 mod dhcp;
 mod ebpf;
+mod iscsi;
 mod store;
 mod tftp;
 
@@ -41,6 +44,8 @@ enum Cmd {
     TftpCompare(tftp::compare::CompareArgs),
     /// netbootd's DHCP server against dnsmasq under perfdhcp (root).
     DhcpCompare(dhcp::CompareArgs),
+    /// netbootd's iSCSI target against tgtd and raw fio on the same file (root for tgtd).
+    IscsiCompare(iscsi::CompareArgs),
     /// Throughput over a veth with and without the accounting programs (root).
     EbpfOverhead(ebpf::OverheadArgs),
     /// The accounting's /metrics families with 10 000 client MACs (root).
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
         }),
         Cmd::TftpCompare(a) => tftp::compare::run(a),
         Cmd::DhcpCompare(a) => dhcp::run(a),
+        Cmd::IscsiCompare(a) => iscsi::run(a),
         Cmd::EbpfOverhead(a) => ebpf::overhead(a),
         Cmd::EbpfScrape(a) => ebpf::scrape(a),
     };

@@ -201,7 +201,7 @@ fn median(v: &mut [f64]) -> Option<f64> {
 }
 
 /// The cargo target directory this binary lives in (`target/<profile>/netboot-bench`).
-fn target_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn target_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating this binary")?;
     exe.parent()
         .and_then(Path::parent)
@@ -210,8 +210,8 @@ fn target_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// netbootd: the given path, or built by cargo (same profile as this binary) next to it.
-fn netbootd(args: &CompareArgs) -> anyhow::Result<PathBuf> {
-    if let Some(p) = &args.netbootd {
+pub(crate) fn netbootd(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
         anyhow::ensure!(p.is_file(), "{} does not exist", p.display());
         return Ok(p.clone());
     }
@@ -489,7 +489,7 @@ fn single(
 }
 
 /// Machine description for the report.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -551,7 +551,7 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<bool> {
         storm_limit: Duration::from_secs(if args.quick { 40 } else { 600 }),
         settle: Duration::from_millis(if args.quick { 100 } else { 1000 }),
     };
-    let netbootd = netbootd(args)?;
+    let netbootd = netbootd(args.netbootd.as_ref())?;
     let bins = Binaries::find(&cache);
     let root_user = sandbox::is_root();
 

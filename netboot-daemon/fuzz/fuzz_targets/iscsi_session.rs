@@ -76,25 +76,28 @@ fn feed(c: &mut Connection, d: &mut Decoder, bytes: &[u8], max_send: usize) {
                 }
             }
             while let Some(e) = c.poll_execute() {
-                let r = e.lun.execute(&e.initiator, &e.cdb, &e.data_out);
+                let r = e
+                    .lun
+                    .try_execute(&e.initiator, &e.cdb)
+                    .unwrap_or_else(|| e.lun.execute(&e.initiator, &e.cdb, &e.data_out));
                 c.complete(e.itt, r);
             }
             while let Some(o) = c.poll_transmit() {
                 let mut wire = Vec::new();
-                o.pdu.encode(o.header_digest, o.data_digest, &mut wire);
+                o.encode(&mut wire);
                 let mut back = Decoder::new(1 << 24);
                 back.header_digest = o.header_digest;
                 back.data_digest = o.data_digest;
                 back.extend(&wire);
                 assert_eq!(back.next_pdu().expect("decodes").expect("whole"), {
-                    let mut p = o.pdu.clone();
+                    let mut p = o.clone().into_pdu();
                     p.bhs[4] = (p.ahs.len() / 4) as u8;
                     let n = p.data.len() as u32;
                     p.bhs[5..8].copy_from_slice(&n.to_be_bytes()[1..]);
                     p
                 });
                 if o.pdu.opcode() == op::DATA_IN {
-                    assert!(o.pdu.data.len() <= max_send.max(512));
+                    assert!(o.data().len() <= max_send.max(512));
                 }
             }
             if c.is_closing() {

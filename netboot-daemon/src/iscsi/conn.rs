@@ -102,7 +102,7 @@ pub struct Exec {
     /// All of its Data-Out.
     pub data_out: Vec<u8>,
     /// The I_T nexus (initiator name and ISID).
-    pub initiator: String,
+    pub initiator: Arc<str>,
 }
 
 impl std::fmt::Debug for Exec {
@@ -116,14 +116,56 @@ impl std::fmt::Debug for Exec {
 }
 
 /// A PDU to send, with the digests to put on it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Outgoing {
     /// The PDU.
     pub pdu: Pdu,
+    /// Its data segment when that is a part of a buffer shared with other PDUs (the
+    /// Data-In of one read, cut into segments without copying); `pdu.data` is then empty.
+    /// [`Outgoing::data`] is the data segment either way.
+    pub shared: Option<SharedData>,
     /// CRC32C on the header.
     pub header_digest: bool,
     /// CRC32C on the data.
     pub data_digest: bool,
+}
+
+/// A range of a buffer shared by several PDUs.
+#[derive(Debug, Clone)]
+pub struct SharedData {
+    /// The whole buffer.
+    pub buf: Arc<Vec<u8>>,
+    /// This PDU's part of it.
+    pub range: std::ops::Range<usize>,
+}
+
+impl Outgoing {
+    /// The data segment.
+    pub fn data(&self) -> &[u8] {
+        match &self.shared {
+            Some(s) => s.buf.get(s.range.clone()).unwrap_or_default(),
+            None => &self.pdu.data,
+        }
+    }
+
+    /// Writes the whole PDU (header, data, padding, digests) to `out`. A driver that
+    /// avoids the copy writes [`Pdu::encode_header`], [`Outgoing::data`] and
+    /// [`super::pdu::encode_trailer`] as one vectored write instead.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let data = self.data();
+        self.pdu.encode_header(data.len(), self.header_digest, out);
+        out.extend_from_slice(data);
+        super::pdu::encode_trailer(data, self.data_digest, out);
+    }
+
+    /// The PDU with its data segment in `pdu.data`.
+    pub fn into_pdu(self) -> Pdu {
+        let mut pdu = self.pdu;
+        if let Some(s) = self.shared {
+            pdu.data = s.buf.get(s.range).unwrap_or_default().to_vec();
+        }
+        pdu
+    }
 }
 
 /// What the driver's decoder must accept next.
@@ -253,6 +295,8 @@ pub struct Connection {
     exec: VecDeque<Exec>,
     /// Set when the login completes, until taken.
     login: Option<Login>,
+    /// The I_T nexus name, made once in the full feature phase (see [`Self::nexus_id`]).
+    nexus: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -295,6 +339,7 @@ impl Connection {
             out: VecDeque::new(),
             exec: VecDeque::new(),
             login: None,
+            nexus: None,
         }
     }
 
@@ -415,7 +460,13 @@ impl Connection {
 
     /// Fills StatSN, ExpCmdSN and MaxCmdSN (bytes 24..36) and queues the PDU; `status`
     /// PDUs advance StatSN.
-    fn send(&mut self, mut pdu: Pdu, status: bool) {
+    fn send(&mut self, pdu: Pdu, status: bool) {
+        self.send_shared(pdu, None, status);
+    }
+
+    /// Queues `pdu` (with its data segment in `shared`, if given) with the sequence
+    /// numbers; `status` advances StatSN.
+    fn send_shared(&mut self, mut pdu: Pdu, shared: Option<SharedData>, status: bool) {
         pdu.set_u32(24, self.stat_sn);
         if status {
             self.stat_sn = self.stat_sn.wrapping_add(1);
@@ -424,6 +475,7 @@ impl Connection {
         pdu.set_u32(32, self.exp_cmd_sn.wrapping_add(CMD_WINDOW - 1));
         self.out.push_back(Outgoing {
             pdu,
+            shared,
             header_digest: self.wire_params.header_digest,
             data_digest: self.wire_params.data_digest,
         });
@@ -734,12 +786,13 @@ impl Connection {
                     residual: Residual::default(),
                 },
             );
+            let initiator = self.command_nexus();
             self.exec.push_back(Exec {
                 itt,
                 lun,
                 cdb,
                 data_out: Vec::new(),
-                initiator: self.nexus_id(),
+                initiator,
             });
             return;
         }
@@ -811,6 +864,19 @@ impl Connection {
     fn nexus_id(&self) -> String {
         let isid: String = self.isid.iter().map(|b| format!("{b:02x}")).collect();
         format!("{},i,0x{isid}", self.initiator)
+    }
+
+    /// [`Self::nexus_id`] for commands: made once per connection (the initiator name and
+    /// ISID are fixed after login), shared by every [`Exec`].
+    fn command_nexus(&mut self) -> Arc<str> {
+        if let Some(n) = &self.nexus {
+            return Arc::clone(n);
+        }
+        let n: Arc<str> = self.nexus_id().into();
+        if self.phase == Phase::FullFeature {
+            self.nexus = Some(Arc::clone(&n));
+        }
+        n
     }
 
     /// Sends R2Ts for the next bursts of a write, up to MaxOutstandingR2T.
@@ -893,12 +959,13 @@ impl Connection {
                     residual: task.residual,
                 },
             );
+            let initiator = self.command_nexus();
             self.exec.push_back(Exec {
                 itt,
                 lun: task.lun,
                 cdb: task.cdb,
                 data_out: task.data,
-                initiator: self.nexus_id(),
+                initiator,
             });
         }
     }
@@ -941,10 +1008,13 @@ impl Connection {
         let residual_count = residual.overflow.max(residual.underflow);
         let collapse = result.status == 0 && result.sense.is_none();
         let seg = (self.params.max_send_data as usize).max(512);
-        let chunks: Vec<Vec<u8>> = result.data_in.chunks(seg).map(<[u8]>::to_vec).collect();
-        let n = chunks.len();
+        let total = result.data_in.len();
+        let n = total.div_ceil(seg);
+        // One segment takes the buffer; several share it (no copy either way).
+        let mut single = (n == 1).then(|| std::mem::take(&mut result.data_in));
+        let shared = (n > 1).then(|| Arc::new(std::mem::take(&mut result.data_in)));
         let mut data_sn = 0u32;
-        for (i, chunk) in chunks.into_iter().enumerate() {
+        for i in 0..n {
             let last = i + 1 == n;
             let mut pdu = Pdu::new(op::DATA_IN);
             let with_status = last && collapse;
@@ -960,9 +1030,20 @@ impl Connection {
             pdu.set_u32(20, RESERVED_TAG);
             pdu.set_u32(36, data_sn);
             pdu.set_u32(40, u32::try_from(i * seg).unwrap_or(u32::MAX));
-            pdu.data = chunk;
             data_sn += 1;
-            self.send(pdu, with_status);
+            match &shared {
+                Some(buf) => {
+                    let part = SharedData {
+                        buf: Arc::clone(buf),
+                        range: i * seg..((i + 1) * seg).min(total),
+                    };
+                    self.send_shared(pdu, Some(part), with_status);
+                }
+                None => {
+                    pdu.data = single.take().unwrap_or_default();
+                    self.send(pdu, with_status);
+                }
+            }
         }
         if n > 0 && collapse {
             return;
@@ -1259,7 +1340,7 @@ mod tests {
     }
 
     fn sent(c: &mut Connection) -> Vec<Pdu> {
-        std::iter::from_fn(|| c.poll_transmit().map(|o| o.pdu)).collect()
+        std::iter::from_fn(|| c.poll_transmit().map(Outgoing::into_pdu)).collect()
     }
 
     /// Logs in the way iPXE does: security, then operational with its conservative keys.

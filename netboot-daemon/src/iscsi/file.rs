@@ -1,4 +1,5 @@
-//! The backing of a disk image: a sparse raw file, read and written with `pread`/`pwrite`,
+//! The backing of a disk image: a sparse raw file, read and written with `pread`/`pwrite`
+//! (and `preadv2(RWF_NOWAIT)` for reads that must not block: page-cache hits only),
 //! made durable with `fdatasync`, deallocated with `fallocate(PUNCH_HOLE)`; and copies of
 //! image files that keep them sparse: [`reflink`] (`ioctl(FICLONE)`, the blocks are
 //! shared) and [`copy_sparse`] (only the data extents, found with `SEEK_DATA`/`SEEK_HOLE`,
@@ -41,6 +42,39 @@ impl Backing for FileBacking {
                 break;
             }
             done += n;
+        }
+        Ok(())
+    }
+
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let off =
+            i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: preadv2(2) writes at most `iov_len` bytes into `buf`, which is borrowed
+        // mutably for the call; the descriptor is kept open by `self.file`.
+        let n = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &raw const iov,
+                1,
+                off,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            // EAGAIN: not all in the page cache; EOPNOTSUPP: no RWF_NOWAIT here.
+            return Err(match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EOPNOTSUPP) => io::ErrorKind::WouldBlock.into(),
+                _ => e,
+            });
+        }
+        if n as usize != buf.len() {
+            // Partly cached, or the end of the file: the blocking read handles both.
+            return Err(io::ErrorKind::WouldBlock.into());
         }
         Ok(())
     }
@@ -308,6 +342,20 @@ mod tests {
         assert!(buf[..4096].iter().all(|&x| x == 0));
         assert!(buf[4096..].iter().all(|&x| x == 0xab));
         assert_eq!(b.len().expect("len"), 1 << 20);
+        // A cached range reads without blocking; past the end it would block (the
+        // blocking read fills zeros).
+        let mut cached = vec![0u8; 8192];
+        match b.read_at_nowait(&mut cached, 4096) {
+            Ok(()) => assert!(cached[4096..].iter().all(|&x| x == 0xab)),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
+        }
+        let mut tail = [0xff; 16];
+        assert_eq!(
+            b.read_at_nowait(&mut tail, (1 << 20) - 8)
+                .expect_err("short")
+                .kind(),
+            io::ErrorKind::WouldBlock
+        );
         let mut past = [0xff; 16];
         b.read_at(&mut past, (1 << 20) - 8)
             .expect("read past the end");

@@ -15,7 +15,7 @@ pub mod chap;
 pub mod conn;
 #[allow(
     unsafe_code,
-    reason = "fallocate(2) to punch holes, ioctl(FICLONE) and lseek(SEEK_DATA/SEEK_HOLE) for copies; each block has a SAFETY comment"
+    reason = "preadv2(2) with RWF_NOWAIT, fallocate(2) to punch holes, ioctl(FICLONE) and lseek(SEEK_DATA/SEEK_HOLE) for copies; each block has a SAFETY comment"
 )]
 pub mod file;
 pub mod pdu;

@@ -148,9 +148,18 @@ impl Pdu {
     /// Writes the PDU: header (with its digest), AHS, data padded to 4 bytes (with its
     /// digest if there is data).
     pub fn encode(&self, header_digest: bool, data_digest: bool, out: &mut Vec<u8>) {
+        self.encode_header(self.data.len(), header_digest, out);
+        out.extend_from_slice(&self.data);
+        encode_trailer(&self.data, data_digest, out);
+    }
+
+    /// Writes the header of the PDU for a data segment of `data_len` bytes (which need
+    /// not be `self.data`): the BHS with its lengths, the AHS and the header digest. The
+    /// data segment and then [`encode_trailer`] follow it on the wire.
+    pub fn encode_header(&self, data_len: usize, header_digest: bool, out: &mut Vec<u8>) {
         let mut bhs = self.bhs;
         bhs[4] = u8::try_from(self.ahs.len() / 4).unwrap_or(u8::MAX);
-        let len = u32::try_from(self.data.len()).unwrap_or(u32::MAX) & 0x00ff_ffff;
+        let len = u32::try_from(data_len).unwrap_or(u32::MAX) & 0x00ff_ffff;
         bhs[5..8].copy_from_slice(&len.to_be_bytes()[1..]);
         let start = out.len();
         out.extend_from_slice(&bhs);
@@ -159,15 +168,21 @@ impl Pdu {
             let digest = crc32c::crc32c(&out[start..]);
             out.extend_from_slice(&digest.to_le_bytes());
         }
-        if !self.data.is_empty() {
-            let data_start = out.len();
-            out.extend_from_slice(&self.data);
-            out.resize(out.len() + pad(self.data.len()), 0);
-            if data_digest {
-                let digest = crc32c::crc32c(&out[data_start..]);
-                out.extend_from_slice(&digest.to_le_bytes());
-            }
-        }
+    }
+}
+
+/// Writes what follows a data segment on the wire: its padding to 4 bytes and, with
+/// `data_digest`, the CRC32C of the data and padding (nothing for an empty segment).
+pub fn encode_trailer(data: &[u8], data_digest: bool, out: &mut Vec<u8>) {
+    if data.is_empty() {
+        return;
+    }
+    let padding = [0u8; 3];
+    let padding = &padding[..pad(data.len())];
+    out.extend_from_slice(padding);
+    if data_digest {
+        let digest = crc32c::crc32c_append(crc32c::crc32c(data), padding);
+        out.extend_from_slice(&digest.to_le_bytes());
     }
 }
 
@@ -202,6 +217,8 @@ pub enum DecodeError {
 #[derive(Debug)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Bytes of `buf` before this offset are consumed (compacted before more are read).
+    start: usize,
     /// Largest data segment accepted (this side's MaxRecvDataSegmentLength, or the login
     /// limit during login).
     pub max_data: usize,
@@ -216,6 +233,7 @@ impl Decoder {
     pub fn new(max_data: usize) -> Self {
         Self {
             buf: Vec::new(),
+            start: 0,
             max_data,
             header_digest: false,
             data_digest: false,
@@ -224,18 +242,38 @@ impl Decoder {
 
     /// Appends bytes read from the connection.
     pub fn extend(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        self.buffer().extend_from_slice(bytes);
+    }
+
+    /// The buffer to append bytes read from the connection to (a driver reads straight
+    /// into its spare capacity); consumed bytes are dropped from its front first.
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        &mut self.buf
+    }
+
+    /// Marks the first `n` unconsumed bytes as consumed: one move of the rest per read,
+    /// in [`Decoder::buffer`], instead of one per PDU.
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start >= self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
     }
 
     /// The next whole PDU, `Ok(None)` if more bytes are needed.
     pub fn next_pdu(&mut self) -> Result<Option<Pdu>, DecodeError> {
-        if self.buf.len() < BHS_LEN {
+        let buf = &self.buf[self.start..];
+        if buf.len() < BHS_LEN {
             return Ok(None);
         }
-        let ahs_len = usize::from(self.buf[4]) * 4;
-        let data_len = (usize::from(self.buf[5]) << 16)
-            | (usize::from(self.buf[6]) << 8)
-            | usize::from(self.buf[7]);
+        let ahs_len = usize::from(buf[4]) * 4;
+        let data_len =
+            (usize::from(buf[5]) << 16) | (usize::from(buf[6]) << 8) | usize::from(buf[7]);
         if data_len > self.max_data {
             return Err(DecodeError::TooLong {
                 len: data_len,
@@ -251,33 +289,33 @@ impl Decoder {
         let header_end = BHS_LEN + ahs_len;
         let data_start = header_end + hd;
         let total = data_start + data_len + pad(data_len) + dd;
-        if self.buf.len() < total {
+        if buf.len() < total {
             return Ok(None);
         }
         let mut bhs = [0; BHS_LEN];
-        bhs.copy_from_slice(&self.buf[..BHS_LEN]);
+        bhs.copy_from_slice(&buf[..BHS_LEN]);
         if self.header_digest {
-            let want = crc32c::crc32c(&self.buf[..header_end]);
-            let got = le32(&self.buf[header_end..header_end + 4]);
+            let want = crc32c::crc32c(&buf[..header_end]);
+            let got = le32(&buf[header_end..header_end + 4]);
             if want != got {
                 return Err(DecodeError::HeaderDigest);
             }
         }
         if dd != 0 {
             let padded = data_start + data_len + pad(data_len);
-            let want = crc32c::crc32c(&self.buf[data_start..padded]);
-            let got = le32(&self.buf[padded..padded + 4]);
+            let want = crc32c::crc32c(&buf[data_start..padded]);
+            let got = le32(&buf[padded..padded + 4]);
             if want != got {
-                self.buf.drain(..total);
+                self.consume(total);
                 return Err(DecodeError::DataDigest { bhs: Box::new(bhs) });
             }
         }
         let pdu = Pdu {
             bhs,
-            ahs: self.buf[BHS_LEN..header_end].to_vec(),
-            data: self.buf[data_start..data_start + data_len].to_vec(),
+            ahs: buf[BHS_LEN..header_end].to_vec(),
+            data: buf[data_start..data_start + data_len].to_vec(),
         };
-        self.buf.drain(..total);
+        self.consume(total);
         Ok(Some(pdu))
     }
 }
@@ -322,6 +360,62 @@ mod tests {
                     want.bhs[4] = 2;
                     want.bhs[5..8].copy_from_slice(&[0, 0, 5]);
                     assert_eq!(got, Some(want));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pdus_read_in_pieces_come_out_whole_and_in_order() {
+        // Three PDUs (digests on), cut in the middle of the third; the rest is appended
+        // through `buffer()` after the first two were taken.
+        let mut wire = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..3u8 {
+            let mut p = sample();
+            p.data = vec![i; 1000 + usize::from(i)];
+            p.encode(true, true, &mut wire);
+            let mut w = p.clone();
+            w.bhs[4] = 2;
+            let n = u32::try_from(p.data.len()).expect("len");
+            w.bhs[5..8].copy_from_slice(&n.to_be_bytes()[1..]);
+            want.push(w);
+        }
+        let cut = wire.len() - 500;
+        let mut d = Decoder::new(8192);
+        d.header_digest = true;
+        d.data_digest = true;
+        d.extend(&wire[..cut]);
+        assert_eq!(d.next_pdu().expect("valid").as_ref(), Some(&want[0]));
+        assert_eq!(d.next_pdu().expect("valid").as_ref(), Some(&want[1]));
+        assert_eq!(d.next_pdu().expect("valid"), None);
+        d.buffer().extend_from_slice(&wire[cut..]);
+        assert_eq!(d.next_pdu().expect("valid").as_ref(), Some(&want[2]));
+        assert_eq!(d.next_pdu().expect("valid"), None);
+        assert!(d.buffer().is_empty(), "everything was consumed");
+    }
+
+    #[test]
+    fn split_encoding_is_the_same_bytes() {
+        for (hd, dd) in [(false, false), (true, true), (true, false), (false, true)] {
+            for len in [0, 1, 3, 4, 5] {
+                let mut p = sample();
+                p.data = vec![0x5a; len];
+                let mut whole = Vec::new();
+                p.encode(hd, dd, &mut whole);
+                let mut parts = Vec::new();
+                let data = std::mem::take(&mut p.data);
+                p.encode_header(data.len(), hd, &mut parts);
+                parts.extend_from_slice(&data);
+                encode_trailer(&data, dd, &mut parts);
+                assert_eq!(parts, whole, "digests {hd}/{dd}, {len} bytes");
+                if dd && len > 0 {
+                    // The data digest covers the data and its padding (RFC 7143 11.1).
+                    let padded_len = len.div_ceil(4) * 4;
+                    let mut padded = data.clone();
+                    padded.resize(padded_len, 0);
+                    let digest = crc32c::crc32c(&padded).to_le_bytes();
+                    assert_eq!(&whole[whole.len() - 4..], &digest);
                 }
             }
         }

@@ -47,6 +47,11 @@ pub trait Backing: Send + Sync {
     /// Reads exactly `buf.len()` bytes at `offset` (beyond EOF of a sparse file reads
     /// zeros: implementations handle that).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// [`Backing::read_at`] only if it cannot block (the bytes are in memory, e.g. in the
+    /// page cache); `ErrorKind::WouldBlock` otherwise, and by default.
+    fn read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> io::Result<()> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
     /// Writes all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync).
@@ -571,6 +576,8 @@ const RESERVE_6_EXEMPT: &[u8] = &[INQUIRY, REPORT_LUNS, REQUEST_SENSE, RELEASE_6
 enum Failure {
     Check(Sense),
     Conflict,
+    /// A read in [`Lun::try_execute`] would block: nothing was done.
+    WouldBlock,
 }
 
 impl From<Sense> for Failure {
@@ -584,6 +591,8 @@ struct Cmd<'a> {
     initiator: &'a str,
     cdb: &'a [u8],
     data_out: &'a [u8],
+    /// Reads must not block ([`Lun::try_execute`]).
+    nowait: bool,
 }
 
 /// Persistent reservation type (SPC-4 table 180).
@@ -769,10 +778,39 @@ impl Lun {
     /// exactly `data_out_len` bytes (extra bytes are ignored, missing ones end the command
     /// with ABORTED COMMAND, DATA PHASE ERROR).
     pub fn execute(&self, initiator: &str, cdb: &[u8], data_out: &[u8]) -> ScsiResult {
-        match self.dispatch(initiator, cdb, data_out) {
+        match self.dispatch(initiator, cdb, data_out, false) {
             Ok(data) => ScsiResult::good(data),
             Err(Failure::Check(sense)) => ScsiResult::check_condition(sense),
             Err(Failure::Conflict) => ScsiResult::reservation_conflict(),
+            // invariant: only reads with `nowait` report WouldBlock.
+            Err(Failure::WouldBlock) => ScsiResult::check_condition(Sense::of(
+                SENSE_KEY_HARDWARE_ERROR,
+                ASC_INTERNAL_TARGET_FAILURE,
+            )),
+        }
+    }
+
+    /// Executes a READ(6/10/12/16) without blocking, if it can: the nexus has no
+    /// pending unit attention and the backing has the bytes in memory
+    /// ([`Backing::read_at_nowait`]). `None` (any other command, or a read that would
+    /// block) leaves the LUN as it was: run the command with [`Lun::execute`] where
+    /// blocking is fine. A driver calls this on its network thread for page-cached reads.
+    pub fn try_execute(&self, initiator: &str, cdb: &[u8]) -> Option<ScsiResult> {
+        if !matches!(cdb.first(), Some(&(READ_6 | READ_10 | READ_12 | READ_16))) {
+            return None;
+        }
+        {
+            // Taking a unit attention changes the state: leave that to `execute`.
+            let state = self.state();
+            if !state.nexuses.get(initiator).is_some_and(VecDeque::is_empty) {
+                return None;
+            }
+        }
+        match self.dispatch(initiator, cdb, &[], true) {
+            Ok(data) => Some(ScsiResult::good(data)),
+            Err(Failure::Check(sense)) => Some(ScsiResult::check_condition(sense)),
+            Err(Failure::Conflict) => Some(ScsiResult::reservation_conflict()),
+            Err(Failure::WouldBlock) => None,
         }
     }
 
@@ -835,7 +873,7 @@ impl Lun {
         self.config.device_type == DeviceType::Disk
     }
 
-    fn dispatch(&self, initiator: &str, cdb: &[u8], data_out: &[u8]) -> Outcome {
+    fn dispatch(&self, initiator: &str, cdb: &[u8], data_out: &[u8], nowait: bool) -> Outcome {
         let Some(&opcode) = cdb.first() else {
             return illegal(ASC_INVALID_COMMAND_OPERATION_CODE);
         };
@@ -856,6 +894,7 @@ impl Lun {
             initiator,
             cdb,
             data_out,
+            nowait,
         };
         (info.handler)(self, &cmd)
     }
@@ -1036,6 +1075,16 @@ impl Lun {
             .read_at(&mut buf, self.offset(lba))
             .map_err(|e| io_sense(&e, ASC_UNRECOVERED_READ_ERROR, lba))?;
         Ok(buf)
+    }
+
+    /// [`Self::read_blocks`] that reports [`Failure::WouldBlock`] instead of blocking.
+    fn read_blocks_nowait(&self, lba: u64, blocks: u32) -> Result<Vec<u8>, Failure> {
+        let mut buf = vec![0u8; blocks as usize * self.block_size as usize];
+        match self.backing.read_at_nowait(&mut buf, self.offset(lba)) {
+            Ok(()) => Ok(buf),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Failure::WouldBlock),
+            Err(e) => Err(io_sense(&e, ASC_UNRECOVERED_READ_ERROR, lba).into()),
+        }
     }
 
     fn write_blocks(&self, lba: u64, data: &[u8], fua: bool) -> Result<(), Sense> {
@@ -1229,6 +1278,9 @@ impl Lun {
         let (lba, blocks) = lba_and_length(cmd.cdb);
         self.check_transfer(blocks)?;
         self.check_range(lba, u64::from(blocks))?;
+        if cmd.nowait {
+            return self.read_blocks_nowait(lba, blocks);
+        }
         Ok(self.read_blocks(lba, blocks)?)
     }
 

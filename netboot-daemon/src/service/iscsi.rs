@@ -15,9 +15,11 @@
 //! every initiator may log in to it and sees it in discovery, and writes end in DATA
 //! PROTECT.
 //!
-//! The driver runs one task per connection: it decodes PDUs, feeds them to
-//! [`Connection`], runs each command's I/O on the blocking pool (in order), and writes the
-//! responses. Logical units are shared between sessions, so reservations and the write
+//! The driver runs one task per connection: it reads into the decoder's buffer, feeds
+//! the PDUs to [`Connection`], runs the commands in order (reads of page-cached data
+//! right away with [`Lun::try_execute`], everything else in one batch per round on the
+//! blocking pool) and writes all queued responses with one vectored write, large Data-In
+//! segments straight from the buffer the read filled. Logical units are shared between sessions, so reservations and the write
 //! cache setting are per image.
 //!
 //! [`Sessions`] lists the live sessions by target, so that image management can refuse
@@ -25,6 +27,7 @@
 //! target while it changes its file: a login that completes on a held target is dropped.
 
 use std::collections::{HashMap, HashSet};
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -37,9 +40,10 @@ use tokio::sync::Notify;
 use crate::bindings::{Bindings, Source as BindingSource};
 use crate::config::IscsiConfig;
 use crate::iscsi::chap;
+use crate::iscsi::conn::Outgoing;
 use crate::iscsi::conn::{Connection, Login, Refusal, SessionEvent, Target, Targets};
 use crate::iscsi::file::FileBacking;
-use crate::iscsi::pdu::{DecodeError, Decoder};
+use crate::iscsi::pdu::{DecodeError, Decoder, encode_trailer};
 use crate::iscsi::scsi::{DeviceType, Lun, LunConfig};
 use crate::mac::MacAddr;
 use crate::store::{
@@ -603,18 +607,33 @@ async fn run(
     stream.set_nodelay(true)?;
     let wire = conn.wire();
     let mut decoder = Decoder::new(wire.max_data);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut out = Vec::with_capacity(256 * 1024);
+    let mut out = Outbox::default();
     loop {
-        // Run what is ready, in order, then send everything queued.
+        // Run what is ready, in order: reads of cached data right here, the rest (and
+        // everything after the first of them, so nothing overtakes) in one batch on the
+        // blocking pool; then send everything queued.
+        let mut batch = Vec::new();
         while let Some(exec) = conn.poll_execute() {
-            let itt = exec.itt;
-            let result = tokio::task::spawn_blocking(move || {
-                exec.lun.execute(&exec.initiator, &exec.cdb, &exec.data_out)
+            if batch.is_empty()
+                && let Some(result) = exec.lun.try_execute(&exec.initiator, &exec.cdb)
+            {
+                conn.complete(exec.itt, result);
+                continue;
+            }
+            batch.push(exec);
+        }
+        if !batch.is_empty() {
+            let results = tokio::task::spawn_blocking(move || {
+                batch
+                    .into_iter()
+                    .map(|e| (e.itt, e.lun.execute(&e.initiator, &e.cdb, &e.data_out)))
+                    .collect::<Vec<_>>()
             })
             .await
             .map_err(std::io::Error::other)?;
-            conn.complete(itt, result);
+            for (itt, result) in results {
+                conn.complete(itt, result);
+            }
         }
         if let Some(mut l) = conn.take_login() {
             l.peer = Some(peer);
@@ -635,12 +654,9 @@ async fn run(
             *login = Some(l);
         }
         while let Some(o) = conn.poll_transmit() {
-            o.pdu.encode(o.header_digest, o.data_digest, &mut out);
+            out.push(o);
         }
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-            out.clear();
-        }
+        out.send(&mut stream).await?;
         if conn.is_closing() {
             let (initiator, target) = conn.nexus();
             tracing::debug!(initiator, target, "iSCSI connection closed");
@@ -652,8 +668,10 @@ async fn run(
                 None => std::future::pending().await,
             }
         };
+        let rx = decoder.buffer();
+        rx.reserve(READ_CHUNK);
         let n = tokio::select! {
-            n = stream.read(&mut buf) => n?,
+            n = stream.read_buf(rx) => n?,
             () = ended => {
                 tracing::info!(%peer, "iSCSI session ended by image management");
                 return Ok(());
@@ -662,7 +680,6 @@ async fn run(
         if n == 0 {
             return Ok(());
         }
-        decoder.extend(&buf[..n]);
         loop {
             let wire = conn.wire();
             decoder.max_data = wire.max_data;
@@ -679,6 +696,89 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+/// Bytes a connection asks the socket for at a time.
+const READ_CHUNK: usize = 256 * 1024;
+/// Data segments up to this size are copied next to their header; larger ones are
+/// written from where they are (one vectored write for everything queued).
+const COPY_DATA_BELOW: usize = 2048;
+
+/// The PDUs queued for one write: headers, trailers and small data segments in `frame`,
+/// large data segments where the core left them.
+#[derive(Default)]
+struct Outbox {
+    pdus: Vec<Outgoing>,
+    frame: Vec<u8>,
+    /// Pieces in order: a range of `frame`, or the data segment of `pdus[i]`.
+    pieces: Vec<Piece>,
+}
+
+enum Piece {
+    Frame(std::ops::Range<usize>),
+    Data(usize),
+}
+
+impl Outbox {
+    fn push(&mut self, o: Outgoing) {
+        let data = o.data();
+        let mut start = self.frame.len();
+        o.pdu
+            .encode_header(data.len(), o.header_digest, &mut self.frame);
+        if data.len() < COPY_DATA_BELOW {
+            // Header, data and trailer: one piece.
+            self.frame.extend_from_slice(data);
+        } else {
+            self.frame_piece(start);
+            self.pieces.push(Piece::Data(self.pdus.len()));
+            start = self.frame.len();
+        }
+        encode_trailer(data, o.data_digest, &mut self.frame);
+        self.frame_piece(start);
+        self.pdus.push(o);
+    }
+
+    /// Adds `frame[start..]` to the pieces, merged with a frame piece just before it.
+    fn frame_piece(&mut self, start: usize) {
+        let end = self.frame.len();
+        if let Some(Piece::Frame(r)) = self.pieces.last_mut()
+            && r.end == start
+        {
+            r.end = end;
+        } else if end > start {
+            self.pieces.push(Piece::Frame(start..end));
+        }
+    }
+
+    /// Writes everything queued (vectored, resumed after partial writes), then empties.
+    async fn send(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+        if self.pieces.is_empty() {
+            self.pdus.clear();
+            self.frame.clear();
+            return Ok(());
+        }
+        let mut slices: Vec<IoSlice<'_>> = self
+            .pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Frame(r) => IoSlice::new(&self.frame[r.clone()]),
+                Piece::Data(i) => IoSlice::new(self.pdus[*i].data()),
+            })
+            .collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = stream.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        drop(slices);
+        self.pieces.clear();
+        self.pdus.clear();
+        self.frame.clear();
+        Ok(())
     }
 }
 
@@ -725,6 +825,62 @@ mod tests {
                 ("debian-12-netinst-3".into(), "isos/3.iso".into()),
                 ("iso".into(), "isos/4.iso".into()),
             ]
+        );
+    }
+
+    #[test]
+    fn the_outbox_writes_the_bytes_encode_writes() {
+        use crate::iscsi::conn::SharedData;
+        use crate::iscsi::pdu::{Pdu, op};
+        let mut outbox = Outbox::default();
+        let mut want = Vec::new();
+        let mut queue = Vec::new();
+        for (len, digests) in [
+            (0, false),
+            (5, true),
+            (4096, false),
+            (3001, true),
+            (10, false),
+        ] {
+            let mut pdu = Pdu::new(op::DATA_IN);
+            pdu.data = vec![len as u8; len];
+            queue.push(Outgoing {
+                pdu,
+                shared: None,
+                header_digest: digests,
+                data_digest: digests,
+            });
+        }
+        // Two parts of one shared buffer, as a multi-PDU Data-In sends them.
+        let buf = Arc::new((0..10_000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        for range in [0..4998, 4998..10_000] {
+            queue.push(Outgoing {
+                pdu: Pdu::new(op::DATA_IN),
+                shared: Some(SharedData {
+                    buf: Arc::clone(&buf),
+                    range,
+                }),
+                header_digest: false,
+                data_digest: true,
+            });
+        }
+        for o in queue {
+            o.encode(&mut want);
+            outbox.push(o);
+        }
+        let got: Vec<u8> = outbox
+            .pieces
+            .iter()
+            .flat_map(|p| match p {
+                Piece::Frame(r) => outbox.frame[r.clone()].to_vec(),
+                Piece::Data(i) => outbox.pdus[*i].data().to_vec(),
+            })
+            .collect();
+        assert!(got == want, "the pieces differ from the encoded PDUs");
+        assert!(
+            outbox.pieces.len() < 2 * 7,
+            "small PDUs share pieces: {}",
+            outbox.pieces.len()
         );
     }
 
