@@ -145,7 +145,7 @@ pub async fn serve(
         addr.port(),
         stop_rx.clone(),
     );
-    let iscsi = start_iscsi(&cfg, &store, &bindings, stop_rx.clone()).await?;
+    let iscsi = start_iscsi(&cfg, &store, (&bindings, tally.as_ref()), stop_rx.clone()).await?;
 
     let traffic = Arc::new(crate::service::accounting::Traffic::new(
         counters,
@@ -169,7 +169,12 @@ pub async fn serve(
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&store)));
     let accounting = tokio::spawn(crate::service::accounting::run(
         Arc::clone(&traffic),
-        tftp.as_ref().map(|(service, _)| Arc::clone(service)),
+        (
+            tftp.as_ref().map(|(service, _)| Arc::clone(service)),
+            iscsi
+                .as_ref()
+                .map(|(targets, _)| Arc::clone(targets.sessions())),
+        ),
         Arc::clone(&store),
     ));
 
@@ -346,7 +351,7 @@ fn start_dhcp(
 async fn start_iscsi(
     cfg: &Validated,
     store: &Arc<dyn Store>,
-    bindings: &Arc<Bindings>,
+    (bindings, tally): (&Arc<Bindings>, Option<&Arc<Tally>>),
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<
     Option<(
@@ -379,6 +384,7 @@ async fn start_iscsi(
         listener,
         Arc::clone(&targets) as Arc<dyn crate::iscsi::conn::Targets>,
         sessions,
+        tally.cloned(),
         stop,
     ));
     Ok(Some((targets, task)))

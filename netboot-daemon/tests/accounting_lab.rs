@@ -278,6 +278,41 @@ fn every_byte_lands_on_its_clients_mac_and_survives_a_restart() {
         assert_eq!(k["rx_payload"], t["received_bytes"], "{t}");
     }
 
+    // Per iSCSI session (qemu-img's, from the routed installer): the kernel's payload of
+    // its connection equals what the target itself read and wrote, login included.
+    let session = loop {
+        let list = lab.api(&cookie, "/api/v1/iscsi/sessions");
+        let done: Vec<Value> = list["recent"]
+            .as_array()
+            .expect("recent")
+            .iter()
+            .filter(|s| {
+                s["initiator"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with("iqn.2010-04.org.ipxe:"))
+            })
+            .cloned()
+            .collect();
+        if let [one] = &done[..]
+            && !one["kernel"].is_null()
+        {
+            break one.clone();
+        }
+        assert!(
+            Instant::now() < deadline + SETTLE,
+            "the iSCSI session has no kernel figures: {list}"
+        );
+        std::thread::yield_now();
+    };
+    let k = &session["kernel"];
+    assert!(
+        session["rx_bytes"].as_u64() > Some(DISK_WRITE as u64),
+        "the target read the written data: {session}"
+    );
+    assert!(session["commands"].as_u64() > Some(0), "{session}");
+    assert_eq!(k["rx_payload"], session["rx_bytes"], "{session}");
+    assert_eq!(k["tx_payload"], session["tx_bytes"], "{session}");
+
     // The per-device view agrees with /metrics, and lists the HTTP connection of a client
     // that fetched over HTTP (index 0 did).
     let c0 = &lab.direct[0];

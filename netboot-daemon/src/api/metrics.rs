@@ -12,6 +12,7 @@ use super::inventory::parse_mac;
 use super::{AppState, Auth, VERSION, blocking};
 use crate::metrics::{Exposition, Format, Kind};
 use crate::service::accounting::{Attribution, DeviceTraffic, LifetimeTotal, ServiceFigures};
+use crate::service::iscsi::SessionRecord;
 use crate::service::tftp::TransferRecord;
 
 /// Without the daemon's services (tests of the API alone) there is no accounting.
@@ -99,6 +100,36 @@ pub(super) async fn tftp_transfers(
     let (active, recent) = tftp.map(|t| t.transfers_snapshot()).unwrap_or_default();
     axum::Json(TftpTransfers {
         enabled: tftp.is_some(),
+        active,
+        recent,
+    })
+}
+
+/// Live and recent iSCSI sessions.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct IscsiSessions {
+    /// Whether the iSCSI target runs.
+    enabled: bool,
+    /// Sessions logged in now, oldest first, with their figures so far.
+    active: Vec<SessionRecord>,
+    /// The most recent ended sessions (up to 256), newest first; `kernel` is filled in
+    /// shortly after the end.
+    recent: Vec<SessionRecord>,
+}
+
+/// Live and recent iSCSI normal sessions: initiator, target, the connection's addresses,
+/// bytes and commands by the target's own count, command latency, and the kernel's count
+/// of the same connection once it ended.
+#[utoipa::path(get, path = "/api/v1/iscsi/sessions", tag = "iscsi",
+    responses((status = 200, body = IscsiSessions)))]
+pub(super) async fn iscsi_sessions(
+    State(state): State<AppState>,
+    _auth: Auth,
+) -> axum::Json<IscsiSessions> {
+    let iscsi = state.iscsi();
+    let (active, recent) = iscsi.map(|t| t.sessions().records()).unwrap_or_default();
+    axum::Json(IscsiSessions {
+        enabled: iscsi.is_some(),
         active,
         recent,
     })

@@ -247,6 +247,7 @@ where
         system::patch_settings,
         system::list_audit,
         metrics::tftp_transfers,
+        metrics::iscsi_sessions,
         metrics::device_metrics,
         metrics::attribution,
         metrics::services,
@@ -354,6 +355,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/audit", get(system::list_audit))
         .route("/tftp/transfers", get(metrics::tftp_transfers))
+        .route("/iscsi/sessions", get(metrics::iscsi_sessions))
         .route("/dhcp/leases", get(dhcp::leases))
         .route("/devices/{mac}/metrics", get(metrics::device_metrics))
         .route("/accounting/attribution", get(metrics::attribution))

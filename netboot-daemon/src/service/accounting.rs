@@ -24,6 +24,7 @@ use crate::ebpf::{
 use crate::mac::MacAddr;
 use crate::metrics::{Exposition, Kind};
 use crate::service::install::{self, Watch};
+use crate::service::iscsi::Sessions;
 use crate::service::tally::Tally;
 use crate::service::tftp::{KernelBytes, Tftp, TransferPorts};
 use crate::store::{EventSource, NewBootEvent, Store, TrafficTotal};
@@ -870,9 +871,13 @@ impl TransferPorts for Accounting {
     }
 }
 
-/// Runs until aborted: forwards kernel logs, joins ended TFTP transfers to their kernel
-/// counts, samples rates and sweeps idle connections.
-pub async fn run(traffic: Arc<Traffic>, tftp: Option<Arc<Tftp>>, store: Arc<dyn Store>) {
+/// Runs until aborted: forwards kernel logs, joins ended TFTP transfers and iSCSI sessions
+/// to their kernel counts, samples rates and sweeps idle connections.
+pub async fn run(
+    traffic: Arc<Traffic>,
+    (tftp, iscsi): (Option<Arc<Tftp>>, Option<Arc<Sessions>>),
+    store: Arc<dyn Store>,
+) {
     let mut tick = tokio::time::interval(TICK);
     let mut ticks = 0u32;
     loop {
@@ -880,6 +885,7 @@ pub async fn run(traffic: Arc<Traffic>, tftp: Option<Arc<Tftp>>, store: Arc<dyn 
         ticks = ticks.wrapping_add(1);
         let traffic = Arc::clone(&traffic);
         let tftp = tftp.clone();
+        let iscsi = iscsi.clone();
         let sweep = ticks.is_multiple_of(SWEEP_EVERY);
         let sample = ticks.is_multiple_of(RATE_EVERY);
         let fold = ticks.is_multiple_of(FOLD_EVERY);
@@ -915,6 +921,9 @@ pub async fn run(traffic: Arc<Traffic>, tftp: Option<Arc<Tftp>>, store: Arc<dyn 
             if let Some(tftp) = &tftp {
                 join_tftp(acc, tftp);
             }
+            if let Some(iscsi) = &iscsi {
+                join_iscsi(acc, iscsi);
+            }
             if sweep {
                 sweep_flows(acc);
             }
@@ -944,7 +953,37 @@ fn iscsi_totals(rows: impl Iterator<Item = (RowKey, u64)>) -> Vec<(MacAddr, u64,
 /// Attaches the kernel's figures to TFTP transfers that ended in the last [`JOIN_WINDOW`],
 /// and removes their connections from the flow table.
 pub fn join_tftp(acc: &Accounting, tftp: &Tftp) {
-    let waiting = tftp.awaiting_kernel_bytes(JOIN_WINDOW);
+    join(
+        acc,
+        Protocol::Udp,
+        tftp.awaiting_kernel_bytes(JOIN_WINDOW),
+        |id, k| {
+            tftp.set_kernel_bytes(id, k);
+        },
+    );
+}
+
+/// Attaches the kernel's figures to iSCSI sessions that ended in the last
+/// [`JOIN_WINDOW`], and removes their connections from the flow table.
+pub fn join_iscsi(acc: &Accounting, sessions: &Sessions) {
+    join(
+        acc,
+        Protocol::Tcp,
+        sessions.awaiting_kernel_bytes(JOIN_WINDOW),
+        |id, k| {
+            sessions.set_kernel_bytes(id, k);
+        },
+    );
+}
+
+/// For each ended session (id, client, server) of `protocol`: sums its connection rows
+/// (one per interface that saw it), hands the sum to `set` and removes the rows.
+fn join(
+    acc: &Accounting,
+    protocol: Protocol,
+    waiting: Vec<(u64, SocketAddr, SocketAddr)>,
+    set: impl Fn(u64, KernelBytes),
+) {
     if waiting.is_empty() {
         return;
     }
@@ -958,7 +997,7 @@ pub fn join_tftp(acc: &Accounting, tftp: &Tftp) {
     for (id, client, server) in waiting {
         let mut total: Option<FlowCounters> = None;
         for flow in &flows {
-            if flow.protocol == Protocol::Udp
+            if flow.protocol == protocol
                 && same_ip(flow.client.ip(), client.ip())
                 && flow.client.port() == client.port()
                 && flow.server.port() == server.port()
@@ -971,7 +1010,7 @@ pub fn join_tftp(acc: &Accounting, tftp: &Tftp) {
             }
         }
         if let Some(c) = total {
-            tftp.set_kernel_bytes(
+            set(
                 id,
                 KernelBytes {
                     tx_packets: c.tx_packets,

@@ -26,12 +26,16 @@
 //! to rename or delete an image in use, end its sessions (a forced delete), and hold a
 //! target while it changes its file: a login that completes on a held target is dropped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -39,6 +43,7 @@ use tokio::sync::Notify;
 
 use crate::bindings::{Bindings, Source as BindingSource};
 use crate::config::IscsiConfig;
+use crate::ebpf::Service;
 use crate::iscsi::chap;
 use crate::iscsi::conn::Outgoing;
 use crate::iscsi::conn::{Connection, Login, Refusal, SessionEvent, Target, Targets};
@@ -46,6 +51,9 @@ use crate::iscsi::file::FileBacking;
 use crate::iscsi::pdu::{DecodeError, Decoder, encode_trailer};
 use crate::iscsi::scsi::{DeviceType, Lun, LunConfig};
 use crate::mac::MacAddr;
+use crate::metrics::DurationHistogram;
+use crate::service::tally::{Counted, Tally};
+use crate::service::tftp::KernelBytes;
 use crate::store::{
     ChapCredentials, EventSource, Image, Installer, InstallerKind, NewBootEvent, Store,
 };
@@ -60,6 +68,113 @@ pub struct LiveSession {
     pub peer: SocketAddr,
 }
 
+/// What the target itself counted on one connection, from its first byte: the figures
+/// the eBPF accounting's count of the same TCP connection is checked against.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Bytes read from the initiator (its PDUs, digests included).
+    pub rx_bytes: AtomicU64,
+    /// Bytes written to it.
+    pub tx_bytes: AtomicU64,
+    /// SCSI commands completed.
+    pub commands: AtomicU64,
+    /// Each command, from the core handing it out to its result.
+    pub latency: DurationHistogram,
+}
+
+impl ConnStats {
+    /// Counts a command the core handed out at `handed` and that has its result now.
+    fn completed(&self, handed: Instant) {
+        self.commands.fetch_add(1, Ordering::Relaxed);
+        self.latency.record(handed.elapsed());
+    }
+}
+
+/// A normal session as the API shows it: who, on which connection, and what the target
+/// counted; once it ended, what the kernel counted on the same connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct SessionRecord {
+    /// Increasing identifier, unique while the daemon runs.
+    pub id: u64,
+    /// The initiator's iSCSI name.
+    pub initiator: String,
+    /// The target.
+    pub target: String,
+    /// The initiator's address and port.
+    #[schema(value_type = String)]
+    pub client: SocketAddr,
+    /// The target's address and port.
+    #[schema(value_type = String)]
+    pub server: SocketAddr,
+    /// When the connection's login completed.
+    #[schema(value_type = String)]
+    pub started_at: Timestamp,
+    /// When it ended.
+    #[schema(value_type = Option<String>)]
+    pub ended_at: Option<Timestamp>,
+    /// TCP payload bytes from the initiator, by the target's own count (login included).
+    pub rx_bytes: u64,
+    /// TCP payload bytes to the initiator, by the target's own count.
+    pub tx_bytes: u64,
+    /// SCSI commands completed.
+    pub commands: u64,
+    /// Median command latency, microseconds.
+    pub latency_p50_us: Option<u64>,
+    /// 99th percentile command latency, microseconds.
+    pub latency_p99_us: Option<u64>,
+    /// The connection as the eBPF accounting counted it, joined shortly after the end
+    /// (absent without eBPF accounting or when the initiator is not on a counted
+    /// interface); `tx_payload`/`rx_payload` equal `tx_bytes`/`rx_bytes` above.
+    pub kernel: Option<KernelBytes>,
+}
+
+/// Ended sessions kept for the API.
+const RECENT_SESSIONS: usize = 256;
+
+struct LiveEntry {
+    target: String,
+    session: LiveSession,
+    server: SocketAddr,
+    started_at: Timestamp,
+    stats: Arc<ConnStats>,
+    end: Arc<Notify>,
+}
+
+impl std::fmt::Debug for LiveEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveEntry")
+            .field("target", &self.target)
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveEntry {
+    fn record(&self, id: u64, ended_at: Option<Timestamp>) -> SessionRecord {
+        let us = |q| {
+            self.stats
+                .latency
+                .quantile(q)
+                .map(|d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        };
+        SessionRecord {
+            id,
+            initiator: self.session.initiator.clone(),
+            target: self.target.clone(),
+            client: self.session.peer,
+            server: self.server,
+            started_at: self.started_at,
+            ended_at,
+            rx_bytes: self.stats.rx_bytes.load(Ordering::Relaxed),
+            tx_bytes: self.stats.tx_bytes.load(Ordering::Relaxed),
+            commands: self.stats.commands.load(Ordering::Relaxed),
+            latency_p50_us: us(0.5),
+            latency_p99_us: us(0.99),
+            kernel: None,
+        }
+    }
+}
+
 /// The live normal sessions by target name, and the targets held by image management.
 #[derive(Debug, Default)]
 pub struct Sessions {
@@ -69,7 +184,8 @@ pub struct Sessions {
 #[derive(Debug, Default)]
 struct SessionsInner {
     next: u64,
-    live: HashMap<u64, (String, LiveSession, Arc<Notify>)>,
+    live: HashMap<u64, LiveEntry>,
+    recent: VecDeque<SessionRecord>,
     held: HashSet<String>,
 }
 
@@ -93,7 +209,13 @@ impl Sessions {
 
     /// Records a session that completed its login; `None` (drop the connection) while the
     /// target is held.
-    fn register(&self, target: &str, session: LiveSession) -> Option<(u64, Arc<Notify>)> {
+    fn register(
+        &self,
+        target: &str,
+        session: LiveSession,
+        server: SocketAddr,
+        stats: Arc<ConnStats>,
+    ) -> Option<(u64, Arc<Notify>)> {
         let mut s = self.lock();
         if s.held.contains(target) {
             return None;
@@ -101,13 +223,60 @@ impl Sessions {
         s.next += 1;
         let id = s.next;
         let end = Arc::new(Notify::new());
-        s.live
-            .insert(id, (target.to_owned(), session, Arc::clone(&end)));
+        s.live.insert(
+            id,
+            LiveEntry {
+                target: target.to_owned(),
+                session,
+                server,
+                started_at: Timestamp::now(),
+                stats,
+                end: Arc::clone(&end),
+            },
+        );
         Some((id, end))
     }
 
+    /// Ends a session: its final figures go to the recent ones.
     fn unregister(&self, id: u64) {
-        self.lock().live.remove(&id);
+        let mut s = self.lock();
+        if let Some(e) = s.live.remove(&id) {
+            if s.recent.len() == RECENT_SESSIONS {
+                s.recent.pop_front();
+            }
+            s.recent.push_back(e.record(id, Some(Timestamp::now())));
+        }
+    }
+
+    /// Live sessions (oldest first) and the recent ended ones (newest first).
+    pub fn records(&self) -> (Vec<SessionRecord>, Vec<SessionRecord>) {
+        let s = self.lock();
+        let mut live: Vec<SessionRecord> =
+            s.live.iter().map(|(id, e)| e.record(*id, None)).collect();
+        live.sort_by_key(|r| r.id);
+        (live, s.recent.iter().rev().cloned().collect())
+    }
+
+    /// Sessions that ended in the last `window` without kernel figures yet: (id, client,
+    /// server).
+    pub fn awaiting_kernel_bytes(
+        &self,
+        window: std::time::Duration,
+    ) -> Vec<(u64, SocketAddr, SocketAddr)> {
+        let since = Timestamp::now().0 - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        self.lock()
+            .recent
+            .iter()
+            .filter(|r| r.kernel.is_none() && r.ended_at.is_some_and(|t| t.0 >= since))
+            .map(|r| (r.id, r.client, r.server))
+            .collect()
+    }
+
+    /// Attaches the kernel's figures to an ended session.
+    pub fn set_kernel_bytes(&self, id: u64, kernel: KernelBytes) {
+        if let Some(r) = self.lock().recent.iter_mut().find(|r| r.id == id) {
+            r.kernel = Some(kernel);
+        }
     }
 
     /// The live sessions on `target`.
@@ -115,8 +284,8 @@ impl Sessions {
         self.lock()
             .live
             .values()
-            .filter(|(t, ..)| t == target)
-            .map(|(_, s, _)| s.clone())
+            .filter(|e| e.target == target)
+            .map(|e| e.session.clone())
             .collect()
     }
 
@@ -130,8 +299,8 @@ impl Sessions {
         let live = s
             .live
             .values()
-            .filter(|(t, ..)| t == target)
-            .map(|(_, l, _)| l.clone())
+            .filter(|e| e.target == target)
+            .map(|e| e.session.clone())
             .collect();
         Some((
             Hold {
@@ -145,17 +314,17 @@ impl Sessions {
     /// Ends every session on `target` (their connections close) and waits up to
     /// `timeout` for them to go; returns whether none is left.
     pub fn end(&self, target: &str, timeout: std::time::Duration) -> bool {
-        for (t, _, end) in self.lock().live.values() {
-            if t == target {
-                end.notify_one();
+        for e in self.lock().live.values() {
+            if e.target == target {
+                e.end.notify_one();
             }
         }
-        let until = std::time::Instant::now() + timeout;
+        let until = Instant::now() + timeout;
         loop {
             if self.on(target).is_empty() {
                 return true;
             }
-            if std::time::Instant::now() >= until {
+            if Instant::now() >= until {
                 return false;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -520,6 +689,7 @@ pub async fn serve(
     listener: TcpListener,
     targets: Arc<dyn Targets>,
     sessions: Arc<Sessions>,
+    tally: Option<Arc<Tally>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let tsih = Arc::new(AtomicU16::new(1));
@@ -550,6 +720,11 @@ pub async fn serve(
         let conn = Connection::new(Arc::clone(&targets), portal(local), handle, challenge);
         let targets = Arc::clone(&targets);
         let sessions = Arc::clone(&sessions);
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, %error, "TCP_NODELAY");
+        }
+        // Without eBPF, the connection's bytes count for its initiator in userspace.
+        let stream = Counted::new(stream, tally.as_ref(), Service::Iscsi, peer, local);
         tokio::spawn(async move {
             let mut conn = conn;
             let mut login = None;
@@ -557,7 +732,7 @@ pub async fn serve(
             if let Err(error) = run(
                 stream,
                 &mut conn,
-                peer,
+                (peer, local),
                 (&targets, &sessions),
                 &mut login,
                 &mut live,
@@ -596,15 +771,15 @@ async fn notify(targets: &Arc<dyn Targets>, event: SessionEvent, login: Login) {
 }
 
 async fn run(
-    mut stream: TcpStream,
+    mut stream: Counted<TcpStream>,
     conn: &mut Connection,
-    peer: SocketAddr,
+    (peer, local): (SocketAddr, SocketAddr),
     (targets, sessions): (&Arc<dyn Targets>, &Sessions),
     login: &mut Option<Login>,
     live: &mut Option<u64>,
 ) -> std::io::Result<()> {
     let mut end: Option<Arc<Notify>> = None;
-    stream.set_nodelay(true)?;
+    let stats = Arc::new(ConnStats::default());
     let wire = conn.wire();
     let mut decoder = Decoder::new(wire.max_data);
     let mut out = Outbox::default();
@@ -614,25 +789,31 @@ async fn run(
         // blocking pool; then send everything queued.
         let mut batch = Vec::new();
         while let Some(exec) = conn.poll_execute() {
+            let handed = Instant::now();
             if batch.is_empty()
                 && let Some(result) = exec.lun.try_execute(&exec.initiator, &exec.cdb)
             {
                 conn.complete(exec.itt, result);
+                stats.completed(handed);
                 continue;
             }
-            batch.push(exec);
+            batch.push((handed, exec));
         }
         if !batch.is_empty() {
             let results = tokio::task::spawn_blocking(move || {
                 batch
                     .into_iter()
-                    .map(|e| (e.itt, e.lun.execute(&e.initiator, &e.cdb, &e.data_out)))
+                    .map(|(handed, e)| {
+                        let result = e.lun.execute(&e.initiator, &e.cdb, &e.data_out);
+                        (handed, e.itt, result)
+                    })
                     .collect::<Vec<_>>()
             })
             .await
             .map_err(std::io::Error::other)?;
-            for (itt, result) in results {
+            for (handed, itt, result) in results {
                 conn.complete(itt, result);
+                stats.completed(handed);
             }
         }
         if let Some(mut l) = conn.take_login() {
@@ -642,7 +823,8 @@ async fn run(
                     initiator: l.initiator.clone(),
                     peer,
                 };
-                let Some((id, e)) = sessions.register(target, session) else {
+                let Some((id, e)) = sessions.register(target, session, local, Arc::clone(&stats))
+                else {
                     tracing::info!(initiator = %l.initiator, %target, %peer, "iSCSI login dropped: the image is being changed");
                     return Ok(());
                 };
@@ -656,7 +838,8 @@ async fn run(
         while let Some(o) = conn.poll_transmit() {
             out.push(o);
         }
-        out.send(&mut stream).await?;
+        let sent = out.send(&mut stream).await?;
+        stats.tx_bytes.fetch_add(sent, Ordering::Relaxed);
         if conn.is_closing() {
             let (initiator, target) = conn.nexus();
             tracing::debug!(initiator, target, "iSCSI connection closed");
@@ -680,6 +863,7 @@ async fn run(
         if n == 0 {
             return Ok(());
         }
+        stats.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
         loop {
             let wire = conn.wire();
             decoder.max_data = wire.max_data;
@@ -752,12 +936,14 @@ impl Outbox {
     }
 
     /// Writes everything queued (vectored, resumed after partial writes), then empties.
-    async fn send(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+    /// Writes everything queued; returns the bytes written.
+    async fn send(&mut self, stream: &mut Counted<TcpStream>) -> std::io::Result<u64> {
         if self.pieces.is_empty() {
             self.pdus.clear();
             self.frame.clear();
-            return Ok(());
+            return Ok(0);
         }
+        let mut total = 0u64;
         let mut slices: Vec<IoSlice<'_>> = self
             .pieces
             .iter()
@@ -772,13 +958,14 @@ impl Outbox {
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
+            total += n as u64;
             IoSlice::advance_slices(&mut rest, n);
         }
         drop(slices);
         self.pieces.clear();
         self.pdus.clear();
         self.frame.clear();
-        Ok(())
+        Ok(total)
     }
 }
 
