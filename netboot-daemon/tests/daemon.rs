@@ -92,6 +92,13 @@ impl Daemon {
         )
     }
 
+    /// Whether a startup record of `level` has a message containing `text`.
+    fn logged(&self, level: &str, text: &str) -> bool {
+        self.startup
+            .iter()
+            .any(|v| v["level"] == level && v["message"].as_str().is_some_and(|m| m.contains(text)))
+    }
+
     /// A field of the startup record with `message`.
     fn startup_field(&self, message: &str, field: &str) -> String {
         self.startup
@@ -197,21 +204,13 @@ fn runs_on_when_ebpf_accounting_cannot_attach() {
     let v: Value =
         serde_json::from_str(&curl(&format!("http://{addr}/api/v1/version"))).expect("json");
     assert_eq!(v["name"], "netboot");
-    let warned = d.startup.iter().any(|v| {
-        v["level"] == "WARN"
-            && v["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("eBPF accounting"))
-    });
-    assert!(warned, "a warning says accounting is off: {:?}", d.startup);
-    let userspace = d.startup.iter().any(|v| {
-        v["level"] == "WARN"
-            && v["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("counted in userspace"))
-    });
     assert!(
-        userspace,
+        d.logged("WARN", "eBPF accounting"),
+        "a warning says accounting is off: {:?}",
+        d.startup
+    );
+    assert!(
+        d.logged("WARN", "counted in userspace"),
         "and that figures are counted in userspace: {:?}",
         d.startup
     );
@@ -307,14 +306,8 @@ fn counts_in_userspace_without_ebpf_and_keeps_the_totals_across_a_restart() {
     let env = [("NETBOOT_EBPF_INTERFACES", "")];
     let (mut d, addr) = Daemon::start_in(dir, Some(&ns.0), "10.77.0.1", &env);
     // No interfaces configured is a choice: said at start-up, not warned about.
-    let said = d.startup.iter().any(|v| {
-        v["level"] == "INFO"
-            && v["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("counted in userspace"))
-    });
     assert!(
-        said,
+        d.logged("INFO", "counted in userspace"),
         "the log says figures are counted in userspace: {:?}",
         d.startup
     );
