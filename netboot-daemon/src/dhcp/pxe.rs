@@ -180,11 +180,16 @@ fn encapsulated_flags(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The client hardware address of `msg` as an Ethernet MAC (its first six bytes).
+pub fn chaddr_mac(msg: &Message) -> Option<MacAddr> {
+    let mac: [u8; 6] = msg.chaddr().get(..6)?.try_into().ok()?;
+    Some(MacAddr(mac))
+}
+
 impl Client {
     /// Reads the PXE facts of `msg`; `None` for anything but an Ethernet client.
     pub fn from_message(msg: &Message) -> Option<Self> {
-        let chaddr = msg.chaddr();
-        let mac: [u8; 6] = chaddr.get(..6)?.try_into().ok()?;
+        let mac = chaddr_mac(msg)?;
         let opts = msg.opts();
         let arch = match opts.get(OptionCode::ClientSystemArchitecture) {
             Some(DhcpOption::ClientSystemArchitecture(a)) => Some(ClientArch(u16::from(*a))),
@@ -223,7 +228,7 @@ impl Client {
             _ => None,
         };
         Some(Self {
-            mac: MacAddr(mac),
+            mac,
             arch,
             vendor,
             vendor_class,

@@ -27,7 +27,7 @@ use dhcproto::v4::MessageType;
 
 use crate::dhcp::Meta;
 use crate::dhcp::proxy::{self, BootFiles, Context, Destination, Port};
-use crate::dhcp::pxe::{Client, IpxeFeature};
+use crate::dhcp::pxe::{Client, IpxeFeature, chaddr_mac};
 use crate::dhcp::server::{self, Lease, LeaseEvent, Server};
 use crate::metrics::{Exposition, Kind};
 use crate::net::{Egress, PktinfoSocket};
@@ -618,8 +618,9 @@ impl DhcpService {
                     continue;
                 }
             };
-            let client = Client::from_message(&msg).map(|c| c.mac);
-            if let (Some(t), Some(mac)) = (&self.tally, client) {
+            if let Some(t) = &self.tally
+                && let Some(mac) = chaddr_mac(&msg)
+            {
                 t.count_mac(mac, Service::Dhcp, Direction::Ingress, 1, n as u64);
             }
             let Some(answer) = self.decide(&msg, port, &ctx, &meta) else {
