@@ -148,11 +148,16 @@ impl Bindings {
         self.lock().iter().map(|(ip, b)| (*ip, *b)).collect()
     }
 
+    /// The MAC of `ip` from a learned binding only (no read of the neighbour table).
+    pub fn learned(&self, ip: IpAddr) -> Option<Binding> {
+        self.lock().get(&canonical(ip)).copied()
+    }
+
     /// The MAC of `ip`: a learned binding, else the kernel's neighbour table.
     pub fn lookup(&self, ip: IpAddr) -> Option<Binding> {
         let ip = canonical(ip);
-        if let Some(b) = self.lock().get(&ip) {
-            return Some(*b);
+        if let Some(b) = self.learned(ip) {
+            return Some(b);
         }
         let IpAddr::V4(v4) = ip else {
             return None;

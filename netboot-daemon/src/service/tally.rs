@@ -7,7 +7,9 @@
 //! [`FLUSH_EVERY`]). A client address is turned into a MAC through the daemon's
 //! [`Bindings`] (DHCP leases, MACs in request paths, iSCSI initiator names) and, for
 //! on-link clients, the kernel's neighbour table; bytes of an address with neither are
-//! unattributed.
+//! unattributed. A connection looks its client up at each flush until it is found (the
+//! neighbour table, a file read, only at the first), and keeps it from then on, so the
+//! data path reads no file once the client is known.
 //!
 //! These are socket payload bytes (UDP payload, TCP stream bytes), not wire bytes: no
 //! Ethernet, IP or TCP headers, no retransmitted TCP segments, nothing netbootd did not
@@ -121,13 +123,20 @@ impl Tally {
         packets: u64,
         bytes: u64,
     ) -> Option<MacAddr> {
-        let found = self.attribute(ip);
+        let found = self.attribute(ip, true);
         self.add(found, service, direction, packets, bytes);
         found.map(|(mac, _)| mac)
     }
 
-    fn attribute(&self, ip: IpAddr) -> Option<(MacAddr, Method)> {
-        self.bindings.lookup(ip).map(|b| {
+    /// The client at `ip`: its learned binding, else, with `neighbours`, the kernel's
+    /// neighbour table.
+    fn attribute(&self, ip: IpAddr, neighbours: bool) -> Option<(MacAddr, Method)> {
+        let binding = if neighbours {
+            self.bindings.lookup(ip)
+        } else {
+            self.bindings.learned(ip)
+        };
+        binding.map(|b| {
             let method = match b.source {
                 // The neighbour table: the client is on-link, its frames carry its MAC.
                 bindings::Source::Neighbour => Method::L2,
@@ -212,10 +221,9 @@ impl Tally {
         id
     }
 
-    /// Adds a connection's pending bytes: to its client's rows (attributed now, so that a
-    /// binding learned from the connection's own request counts) and to its own figures.
-    fn flush(&self, id: u64, service: Service, client: IpAddr, rx: u64, tx: u64) {
-        let found = self.attribute(client);
+    /// Adds a connection's pending bytes: to the rows of its client `found` and to its own
+    /// figures.
+    fn flush(&self, id: u64, service: Service, found: Option<(MacAddr, Method)>, rx: u64, tx: u64) {
         self.add(found, service, Direction::Ingress, 0, rx);
         self.add(found, service, Direction::Egress, 0, tx);
         if let Some(c) = lock(&self.connections).get_mut(&id) {
@@ -245,6 +253,11 @@ struct Meter {
     id: u64,
     service: Service,
     client: IpAddr,
+    /// The client once found; looked up at each flush until then (so that a binding
+    /// learned from the connection's own request counts).
+    found: Option<(MacAddr, Method)>,
+    /// Whether the neighbour table was read for it already.
+    neighbours_read: bool,
     rx: u64,
     tx: u64,
     flushed: Instant,
@@ -261,8 +274,12 @@ impl Meter {
 
     fn flush(&mut self) {
         if self.rx + self.tx > 0 {
+            if self.found.is_none() {
+                self.found = self.tally.attribute(self.client, !self.neighbours_read);
+                self.neighbours_read = true;
+            }
             self.tally
-                .flush(self.id, self.service, self.client, self.rx, self.tx);
+                .flush(self.id, self.service, self.found, self.rx, self.tx);
         }
         self.rx = 0;
         self.tx = 0;
@@ -292,6 +309,8 @@ impl<S> Counted<S> {
             tally: Arc::clone(tally),
             service,
             client: client.ip(),
+            found: None,
+            neighbours_read: false,
             rx: 0,
             tx: 0,
             flushed: Instant::now(),
