@@ -263,10 +263,11 @@ impl Service {
 
     /// The service of a label written by [`Service::as_str`] (not `unknown`).
     pub fn parse(label: &str) -> Option<Self> {
-        [Self::Dhcp, Self::Tftp, Self::Http, Self::Iscsi, Self::Other]
-            .into_iter()
-            .find(|s| s.as_str() == label)
+        Self::KNOWN.into_iter().find(|s| s.as_str() == label)
     }
+
+    /// The services this daemon classifies, in the order it shows them.
+    pub const KNOWN: [Self; 5] = [Self::Dhcp, Self::Tftp, Self::Http, Self::Iscsi, Self::Other];
 
     /// The value of `MacKey::service` in the kernel maps.
     const fn to_raw(self) -> u8 {

@@ -49,8 +49,6 @@ const ACTIVE: Duration = Duration::from_secs(30);
 /// Aggregate rate samples kept for the dashboard: five minutes at one per [`RATE_EVERY`]
 /// ticks.
 const HISTORY: usize = 60;
-/// The services in the order the dashboard shows them.
-const SERVICES: [&str; 5] = ["dhcp", "tftp", "http", "iscsi", "other"];
 
 /// Where the per-client figures come from.
 #[derive(Debug)]
@@ -180,6 +178,12 @@ fn record_devices(
     devices.retain(|_, h| h.iter().any(|(rx, tx)| *rx > 0.0 || *tx > 0.0));
 }
 
+/// Bytes per second of a counter that reads `now`, `secs` after it read `before` (none:
+/// it did not exist then).
+fn rate(now: u64, before: Option<u64>, secs: f64) -> f64 {
+    now.saturating_sub(before.unwrap_or(0)) as f64 / secs
+}
+
 /// Bytes per service name and direction.
 type ServiceBytes = BTreeMap<(&'static str, Direction), u64>;
 
@@ -214,10 +218,7 @@ impl ServiceRates {
             if secs > 0.0 {
                 let rates = bytes
                     .iter()
-                    .map(|(k, v)| {
-                        let delta = v.saturating_sub(before.get(k).copied().unwrap_or(0));
-                        (*k, delta as f64 / secs)
-                    })
+                    .map(|(k, v)| (*k, rate(*v, before.get(k).copied(), secs)))
                     .collect();
                 if self.history.len() == HISTORY {
                     self.history.pop_front();
@@ -231,7 +232,7 @@ impl ServiceRates {
     /// Each service's figures from the current byte counts `bytes`: the known services
     /// always, in a fixed order, then any other the counters name.
     fn figures(&self, bytes: &ServiceBytes) -> Vec<ServiceFigures> {
-        let mut names: Vec<&'static str> = SERVICES.to_vec();
+        let mut names: Vec<&'static str> = Service::KNOWN.iter().map(|s| s.as_str()).collect();
         for (name, _) in bytes.keys() {
             if !names.contains(name) {
                 names.push(name);
@@ -298,14 +299,11 @@ impl Traffic {
     /// Reads the client rows, updates the rates and feeds each device's iSCSI totals to
     /// the install watch; returns the install changes (blocking: map reads are syscalls).
     pub fn sample(&self) -> Vec<(MacAddr, install::Change)> {
-        let Ok(rows) = self.counters.rows() else {
+        let Ok(rows) = self.per_row() else {
             return Vec::new();
         };
         let now = Instant::now();
-        let mut bytes: HashMap<RowKey, u64> = HashMap::new();
-        for r in rows {
-            *bytes.entry((r.mac, r.service, r.direction)).or_default() += r.bytes;
-        }
+        let bytes: HashMap<RowKey, u64> = rows.into_iter().map(|(k, (_, b))| (k, b)).collect();
         let services = service_bytes(
             bytes.iter().map(|((_, s, d), b)| (*s, *d, *b)),
             self.counters
@@ -326,10 +324,7 @@ impl Traffic {
             if secs > 0.0 {
                 rates.current = bytes
                     .iter()
-                    .map(|(k, v)| {
-                        let delta = v.saturating_sub(before.get(k).copied().unwrap_or(0));
-                        (*k, delta as f64 / secs)
-                    })
+                    .map(|(k, v)| (*k, rate(*v, before.get(k).copied(), secs)))
                     .filter(|(_, r)| *r > 0.0)
                     .collect();
                 let Rates {
