@@ -289,7 +289,19 @@ impl Log {
 
 /// `curl -sS --fail ARGS`: the body, failing the test on any error.
 pub(crate) fn curl_ok(args: &[&str]) -> String {
-    let out = Command::new("curl")
+    checked_curl(Command::new("curl"), args)
+}
+
+/// [`curl_ok`] in the network namespace `ns`.
+#[allow(dead_code, reason = "each test binary uses its part of common")]
+pub(crate) fn curl_ok_in(ns: &str, args: &[&str]) -> String {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "curl"]);
+    checked_curl(c, args)
+}
+
+fn checked_curl(mut curl: Command, args: &[&str]) -> String {
+    let out = curl
         .args(["-sS", "--fail"])
         .args(args)
         .output()
