@@ -333,16 +333,26 @@ fn server_config() -> netboot_daemon::dhcp::server::Config {
     }
 }
 
+/// Whether `test`, which drives busybox udhcpc and ISC dhclient in namespaces, can run
+/// here; says loudly why not when it cannot.
+fn real_clients_can_run(test: &str) -> bool {
+    let why = privileged(&["ip"]).err().or_else(|| {
+        ["busybox", "dhclient"]
+            .into_iter()
+            .find(|t| !common::have(t))
+            .map(|t| format!("{t} is not installed"))
+    });
+    if let Some(why) = &why {
+        skip(test, why);
+    }
+    why.is_none()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_mode_gives_real_clients_leases_that_survive_a_restart() {
     const TEST: &str = "server_mode_gives_real_clients_leases_that_survive_a_restart";
-    if let Err(why) = privileged(&["ip"]) {
-        return skip(TEST, &why);
-    }
-    for tool in ["busybox", "dhclient"] {
-        if !common::have(tool) {
-            return skip(TEST, &format!("{tool} is not installed"));
-        }
+    if !real_clients_can_run(TEST) {
+        return;
     }
     let lab = Veth::create("nbd", 's', "52:54:00:78:00:01", "52:54:00:78:00:02", false);
     ip(&[
@@ -652,13 +662,8 @@ fn move_server_end(pair: &Veth, ns: &str, addr: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_socket_serves_two_interfaces_by_ingress_index_and_a_relay() {
     const TEST: &str = "one_socket_serves_two_interfaces_by_ingress_index_and_a_relay";
-    if let Err(why) = privileged(&["ip"]) {
-        return skip(TEST, &why);
-    }
-    for tool in ["busybox", "dhclient"] {
-        if !common::have(tool) {
-            return skip(TEST, &format!("{tool} is not installed"));
-        }
+    if !real_clients_can_run(TEST) {
+        return;
     }
     // Three pairs; the server ends of the second and third move into the first's server
     // namespace, which then has 10.81.0.1 (a), 10.82.0.1 (b) and 10.85.0.1 (c).
