@@ -123,10 +123,7 @@ pub async fn serve(
             }
         }
     };
-    let tally = match &counters {
-        Counters::Kernel(_) => None,
-        Counters::Userspace { tally, .. } => Some(Arc::clone(tally)),
-    };
+    let tally = counters.tally().cloned();
     let tftp = start_tftp(&cfg, &store, &bindings, addr.port(), stop_rx.clone())?;
     if let Some((service, _)) = &tftp {
         match &counters {

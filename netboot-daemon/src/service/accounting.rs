@@ -74,6 +74,14 @@ impl Counters {
         }
     }
 
+    /// The userspace counters, when they are the source.
+    pub fn tally(&self) -> Option<&Arc<Tally>> {
+        match self {
+            Self::Kernel(_) => None,
+            Self::Userspace { tally, .. } => Some(tally),
+        }
+    }
+
     /// Every client row.
     pub fn rows(&self) -> Result<Vec<MacCounters>, crate::ebpf::EbpfError> {
         match self {
