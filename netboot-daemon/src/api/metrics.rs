@@ -177,17 +177,10 @@ pub(super) async fn device_metrics(
     let source = traffic.counters().source();
     let warnings = traffic.counters().warnings();
     let store = state.store_arc();
-    let (read, lifetime) = tokio::task::spawn_blocking(move || {
-        let read = traffic
-            .device(mac)
-            .map_err(|e| ApiError::internal(format!("reading the eBPF tables: {e}")))?;
-        let lifetime = traffic
-            .lifetime(mac, store.as_ref())
-            .map_err(|e| ApiError::internal(format!("reading the traffic totals: {e}")))?;
-        Ok::<_, ApiError>((read, lifetime))
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
+    let (read, lifetime) = tokio::task::spawn_blocking(move || traffic.device(mac, store.as_ref()))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("reading the device's traffic: {e}")))?;
     Ok(axum::Json(DeviceMetrics {
         mac: mac.to_string(),
         source,

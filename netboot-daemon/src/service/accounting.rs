@@ -441,7 +441,16 @@ impl Traffic {
         mac: MacAddr,
         store: &dyn Store,
     ) -> Result<Vec<LifetimeTotal>, FoldError> {
-        let rows = self.per_row()?;
+        self.lifetime_of(mac, &self.per_row()?, store)
+    }
+
+    /// [`Traffic::lifetime`] from counters already read.
+    fn lifetime_of(
+        &self,
+        mac: MacAddr,
+        rows: &HashMap<RowKey, (u64, u64)>,
+        store: &dyn Store,
+    ) -> Result<Vec<LifetimeTotal>, FoldError> {
         let mut slot = self.folded.lock().unwrap_or_else(PoisonError::into_inner);
         let folded = self.folded(&mut slot, store)?;
         let mut keys: Vec<RowKey> = folded
@@ -496,15 +505,21 @@ impl Traffic {
         Ok(rates.services.figures(&bytes))
     }
 
-    /// One device's figures: totals, rates and active sessions.
-    pub fn device(&self, mac: MacAddr) -> Result<DeviceTraffic, crate::ebpf::EbpfError> {
+    /// One device's figures (totals, rates and active sessions) and its totals of all
+    /// time (see [`Traffic::lifetime`]), from one read of the counters.
+    pub fn device(
+        &self,
+        mac: MacAddr,
+        store: &dyn Store,
+    ) -> Result<(DeviceTraffic, Vec<LifetimeTotal>), FoldError> {
+        let rows = self.per_row()?;
+        let lifetime = self.lifetime_of(mac, &rows, store)?;
         let source = self.counters.source();
-        let mut totals: BTreeMap<(Service, Direction), (u64, u64)> = BTreeMap::new();
-        for r in self.counters.rows()?.into_iter().filter(|r| r.mac == mac) {
-            let t = totals.entry((r.service, r.direction)).or_default();
-            t.0 += r.packets;
-            t.1 += r.bytes;
-        }
+        let totals: BTreeMap<(Service, Direction), (u64, u64)> = rows
+            .into_iter()
+            .filter(|((m, ..), _)| *m == mac)
+            .map(|((_, service, direction), v)| ((service, direction), v))
+            .collect();
         let rates = self.rates.lock().unwrap_or_else(PoisonError::into_inner);
         let totals = totals
             .into_iter()
@@ -566,13 +581,16 @@ impl Traffic {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .status(mac);
-        Ok(DeviceTraffic {
-            totals,
-            rx_history,
-            tx_history,
-            sessions,
-            install,
-        })
+        Ok((
+            DeviceTraffic {
+                totals,
+                rx_history,
+                tx_history,
+                sessions,
+                install,
+            },
+            lifetime,
+        ))
     }
 
     /// How the bytes of each client (or only `only`) were attributed.
