@@ -534,7 +534,7 @@ pub(super) async fn device(
                 (l.name, href, Size(l.size_bytes), iso(l.modified_at))
             })
             .collect(),
-        logs_folder: mac.to_string().replace(':', "-"),
+        logs_folder: crate::api::logs::folder_name(mac),
         events: events.iter().map(EventRow::from).collect(),
         chart: Chart::per_hour(&times, now, 24),
     }))
