@@ -935,14 +935,9 @@ impl Outbox {
         }
     }
 
-    /// Writes everything queued (vectored, resumed after partial writes), then empties.
-    /// Writes everything queued; returns the bytes written.
+    /// Writes everything queued (vectored, resumed after partial writes), then empties;
+    /// returns the bytes written.
     async fn send(&mut self, stream: &mut Counted<TcpStream>) -> std::io::Result<u64> {
-        if self.pieces.is_empty() {
-            self.pdus.clear();
-            self.frame.clear();
-            return Ok(0);
-        }
         let mut total = 0u64;
         let mut slices: Vec<IoSlice<'_>> = self
             .pieces
