@@ -94,17 +94,11 @@ impl Daemon {
 
     /// Creates an image of `size` bytes through the API; returns its target URL.
     fn image(&self, name: &str, size: u64) -> String {
-        self.curl(&[
-            "-X",
+        self.api(
             "POST",
-            "-H",
-            "content-type: application/json",
-            "-b",
-            &self.cookie,
-            "-d",
+            "/api/v1/images",
             &format!(r#"{{"name":"{name}","size_bytes":{size}}}"#),
-            &format!("http://{}/api/v1/images", self.http),
-        ]);
+        );
         format!("iscsi://{}/{PREFIX}:{name}/0", self.iscsi)
     }
 
@@ -170,6 +164,17 @@ fn run(program: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// `qemu-img convert` of the raw image `from` to the raw image `to`; into the existing
+/// image (`-n`) when `to` is an iSCSI URL (qemu cannot create a target).
+fn qemu_convert(from: &str, to: &str) -> (bool, String) {
+    let mut args = vec!["convert"];
+    if to.starts_with("iscsi://") {
+        args.push("-n");
+    }
+    args.extend(["-f", "raw", "-O", "raw", from, to]);
+    run("qemu-img", &args)
+}
+
 #[test]
 fn discovery_shows_each_initiator_only_its_targets_and_inquiry_works() {
     if !tools(&["iscsi-ls", "iscsi-inq"]) {
@@ -220,21 +225,8 @@ fn the_linked_device_logs_in_and_its_timeline_shows_it() {
     let d = Daemon::start("linked");
     let url = d.image("pc7", 16 << 20);
     let mac = "52:54:00:ab:cd:07";
-    let api = |method: &str, path: &str, body: &str| {
-        d.curl(&[
-            "-X",
-            method,
-            "-H",
-            "content-type: application/json",
-            "-b",
-            &d.cookie,
-            "-d",
-            body,
-            &format!("http://{}{path}", d.http),
-        ])
-    };
-    api("POST", "/api/v1/devices", &format!(r#"{{"mac":"{mac}"}}"#));
-    api(
+    d.api("POST", "/api/v1/devices", &format!(r#"{{"mac":"{mac}"}}"#));
+    d.api(
         "PATCH",
         &format!("/api/v1/devices/{mac}"),
         r#"{"image":"pc7"}"#,
@@ -249,12 +241,9 @@ fn the_linked_device_logs_in_and_its_timeline_shows_it() {
     );
     assert!(!ok, "another device logged in");
     let events = |kind: &str| {
-        let list = d.curl(&[
-            "-b",
-            &d.cookie,
-            &format!("http://{}/api/v1/devices/{mac}/events", d.http),
-        ]);
-        list.matches(kind).count()
+        d.get(&format!("/api/v1/devices/{mac}/events"))
+            .matches(kind)
+            .count()
     };
     // The logout is recorded when the connection ends, just after iscsi-inq exits.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -292,10 +281,7 @@ fn qemu_writes_and_reads_back_an_image_that_survives_kill_9() {
         .collect();
     std::fs::write(&src, &data).expect("write source");
     let src = src.to_str().expect("utf8");
-    let (ok, out) = run(
-        "qemu-img",
-        &["convert", "-n", "-f", "raw", "-O", "raw", src, &url],
-    );
+    let (ok, out) = qemu_convert(src, &url);
     assert!(ok, "qemu-img convert: {out}\n{}", d.log());
     let (ok, out) = run(
         "qemu-img",
@@ -443,24 +429,10 @@ fn chap_guards_the_image_of_a_device_that_has_it() {
     std::fs::write(&src, &data).expect("write source");
     let src = src.to_str().expect("utf8");
     let chap_url = with("pc9", INITIATOR_SECRET, "");
-    let (ok, out) = run(
-        "qemu-img",
-        &["convert", "-n", "-f", "raw", "-O", "raw", src, &chap_url],
-    );
+    let (ok, out) = qemu_convert(src, &chap_url);
     assert!(ok, "qemu-img convert with CHAP: {out}\n{}", d.log());
     let read = d.dir.path().join("chap-back.raw");
-    let (ok, out) = run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &chap_url,
-            read.to_str().expect("utf8"),
-        ],
-    );
+    let (ok, out) = qemu_convert(&chap_url, read.to_str().expect("utf8"));
     assert!(ok, "qemu-img read with CHAP: {out}");
     assert_eq!(
         &std::fs::read(&read).expect("read back")[..data.len()],
@@ -525,18 +497,7 @@ fn installer_isos_are_shared_read_only_cdroms() {
     assert!(out.contains("LOGICAL BLOCK LENGTH IN BYTES:2048"), "{out}");
     assert!(out.contains(&format!("Total size:{}", iso.len())), "{out}");
     let copy = d.dir.path().join("copy.iso");
-    let (ok, out) = run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &url,
-            copy.to_str().expect("utf8"),
-        ],
-    );
+    let (ok, out) = qemu_convert(&url, copy.to_str().expect("utf8"));
     assert!(ok, "qemu-img convert: {out}\n{}", d.log());
     assert!(
         std::fs::read(&copy).expect("copy") == iso,

@@ -544,20 +544,7 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
     // Fails only on a failed or corrupted netboot transfer; absent peers (or no root)
     // are reported as SKIPPED. Builds netbootd in release first (once).
     say("TFTP smoke benchmark: netbootd side by side with the peers (bench tftp-compare --quick)");
-    run(&mut cargo(
-        tc,
-        &[
-            "run",
-            "--release",
-            "--locked",
-            "-p",
-            "bench",
-            "--",
-            "tftp-compare",
-            "--quick",
-            "--fetch-peers",
-        ],
-    ))?;
+    bench(tc, &["tftp-compare", "--quick", "--fetch-peers"])?;
     if is_root() {
         say(
             "DHCP smoke benchmark: netbootd's DHCP server and dnsmasq under perfdhcp; eBPF smoke benchmarks: throughput with and without the accounting programs, and /metrics with 2000 client MACs",
@@ -567,9 +554,7 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
             &["ebpf-overhead", "--quick"][..],
             &["ebpf-scrape", "--macs", "2000", "--rounds", "3"][..],
         ] {
-            let mut all = vec!["run", "--release", "--locked", "-p", "bench", "--"];
-            all.extend_from_slice(args);
-            run(&mut cargo(tc, &all))?;
+            bench(tc, args)?;
         }
     } else {
         say("SKIPPED: the DHCP and eBPF smoke benchmarks need root");
@@ -579,20 +564,15 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
     say(
         "iSCSI smoke benchmark: netbootd's target, tgtd and raw fio on the same file (bench iscsi-compare --quick)",
     );
-    run(&mut cargo(
-        tc,
-        &[
-            "run",
-            "--release",
-            "--locked",
-            "-p",
-            "bench",
-            "--",
-            "iscsi-compare",
-            "--quick",
-        ],
-    ))?;
+    bench(tc, &["iscsi-compare", "--quick"])?;
     Ok(())
+}
+
+/// `cargo run --release --locked -p bench -- <args>`: one smoke benchmark.
+fn bench(tc: &Toolchain, args: &[&str]) -> anyhow::Result<()> {
+    let mut all = vec!["run", "--release", "--locked", "-p", "bench", "--"];
+    all.extend_from_slice(args);
+    run(&mut cargo(tc, &all))
 }
 
 /// How long `cargo xtask test` runs each fuzz target.

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use hdrhistogram::Histogram;
 
+use crate::tftp::load::proc_cpu_seconds;
 use crate::tftp::sandbox::{self, Server, interrupted};
 use initiator::Session;
 
@@ -196,23 +197,7 @@ fn have(tool: &str) -> bool {
 
 /// utime + stime of a process (all its threads), seconds.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("malformed stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of proc(5); `rest` starts at field 3.
-    let ticks: u64 = f
-        .get(11)
-        .and_then(|u| u.parse::<u64>().ok())
-        .zip(f.get(12).and_then(|s| s.parse::<u64>().ok()))
-        .map(|(u, s)| u + s)
-        .context("utime/stime")?;
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Ok(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+    proc_cpu_seconds(&pid.to_string())
 }
 
 /// A free TCP port on loopback (bound and released).
@@ -221,18 +206,10 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// The median of the finite values; NaN when there is none.
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        f64::midpoint(v[n / 2 - 1], v[n / 2])
-    }
+    crate::tftp::compare::median(&mut v).unwrap_or(f64::NAN)
 }
 
 /// splitmix64.

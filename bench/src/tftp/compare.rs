@@ -187,7 +187,7 @@ fn loud(msg: impl AsRef<str>) {
     banner("SKIPPED", msg.as_ref());
 }
 
-fn median(v: &mut [f64]) -> Option<f64> {
+pub(crate) fn median(v: &mut [f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
     }

@@ -107,7 +107,8 @@ pub(crate) struct Folder {
     pub(crate) entries: Vec<FolderEntry>,
 }
 
-fn modified(meta: &std::fs::Metadata) -> Option<Timestamp> {
+/// A file's last modification, if the file system keeps it.
+pub(super) fn modified(meta: &std::fs::Metadata) -> Option<Timestamp> {
     let d = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
     Some(Timestamp(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
 }

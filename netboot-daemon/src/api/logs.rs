@@ -5,8 +5,8 @@
 //! flow); whatever puts a device's logs in its folder makes them visible here. Names are
 //! plain file names: no `/`, no leading `.`; the folder is jailed.
 
+use std::io::Read as _;
 use std::path::PathBuf;
-use std::time::UNIX_EPOCH;
 
 use axum::extract::{Path, State};
 use axum::http::header;
@@ -15,6 +15,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::ApiError;
+use super::folders::modified;
 use super::inventory::parse_mac;
 use super::{AppState, Auth};
 use crate::jail;
@@ -36,9 +37,14 @@ pub(crate) struct LogFile {
     pub(crate) modified_at: Option<Timestamp>,
 }
 
-/// The folder of `mac`'s logs: `aa-bb-cc-dd-ee-ff` under `paths.logs`.
+/// The name of `mac`'s log folder: `aa-bb-cc-dd-ee-ff`.
+pub(crate) fn folder_name(mac: MacAddr) -> String {
+    mac.to_string().replace(':', "-")
+}
+
+/// The folder of `mac`'s logs under `paths.logs`.
 fn folder(state: &AppState, mac: MacAddr) -> PathBuf {
-    state.paths().logs.join(mac.to_string().replace(':', "-"))
+    state.paths().logs.join(folder_name(mac))
 }
 
 fn plain(name: &str) -> bool {
@@ -59,15 +65,10 @@ pub(crate) fn list(state: &AppState, mac: MacAddr) -> Vec<LogFile> {
             let name = e.file_name().to_str().filter(|n| plain(n))?.to_owned();
             // Regular files only: a symlink could point anywhere.
             let meta = e.metadata().ok().filter(std::fs::Metadata::is_file)?;
-            let modified_at = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map(|d| Timestamp(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
             Some(LogFile {
                 name,
                 size_bytes: meta.len(),
-                modified_at,
+                modified_at: modified(&meta),
             })
         })
         .collect();
@@ -113,7 +114,7 @@ pub(super) async fn get_log(
     let n = name.clone();
     let body = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
         let missing = || ApiError::not_found(format!("no log {n:?} for this device"));
-        let (path, _, meta) = jail::open(&dir, &n).map_err(|_| missing())?;
+        let (_, mut file, meta) = jail::open(&dir, &n).map_err(|_| missing())?;
         // Only the folder's own files, not what a symlink in it points to.
         if std::fs::symlink_metadata(dir.join(&n))
             .map_err(|_| missing())?
@@ -124,7 +125,9 @@ pub(super) async fn get_log(
         if meta.len() > MAX_LOG_BYTES {
             return Err(ApiError::unprocessable("the log is larger than 64 MiB"));
         }
-        std::fs::read(path).map_err(ApiError::internal)
+        let mut body = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        file.read_to_end(&mut body).map_err(ApiError::internal)?;
+        Ok(body)
     })
     .await
     .map_err(ApiError::internal)??;

@@ -130,7 +130,8 @@ impl Script {
     }
 }
 
-fn iqn_part(s: &str) -> String {
+/// `s` in IQN characters: lower case, and `-` for anything but letters, digits, `-`, `.`.
+pub(crate) fn iqn_part(s: &str) -> String {
     // RFC 3720 §3.2.6.2: lower-case letters, digits, '-', '.', ':'.
     s.chars()
         .map(|c| c.to_ascii_lowercase())

@@ -295,8 +295,9 @@ pub struct Connection {
     exec: VecDeque<Exec>,
     /// Set when the login completes, until taken.
     login: Option<Login>,
-    /// The I_T nexus name, made once in the full feature phase (see [`Self::nexus_id`]).
-    nexus: Option<Arc<str>>,
+    /// [`Self::nexus_id`], made when the login completes (the initiator name and ISID are
+    /// fixed from then on) and shared by every [`Exec`].
+    nexus: Arc<str>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -339,7 +340,7 @@ impl Connection {
             out: VecDeque::new(),
             exec: VecDeque::new(),
             login: None,
-            nexus: None,
+            nexus: Arc::from(""),
         }
     }
 
@@ -580,6 +581,7 @@ impl Connection {
                 self.params = self.negotiation.finish();
                 resp.set_u16(14, self.tsih);
                 self.phase = Phase::FullFeature;
+                self.nexus = self.nexus_id().into();
                 self.login = Some(Login {
                     initiator: self.initiator.clone(),
                     target: self.target.as_ref().map(|t| t.name.clone()),
@@ -786,13 +788,12 @@ impl Connection {
                     residual: Residual::default(),
                 },
             );
-            let initiator = self.command_nexus();
             self.exec.push_back(Exec {
                 itt,
                 lun,
                 cdb,
                 data_out: Vec::new(),
-                initiator,
+                initiator: Arc::clone(&self.nexus),
             });
             return;
         }
@@ -864,19 +865,6 @@ impl Connection {
     fn nexus_id(&self) -> String {
         let isid: String = self.isid.iter().map(|b| format!("{b:02x}")).collect();
         format!("{},i,0x{isid}", self.initiator)
-    }
-
-    /// [`Self::nexus_id`] for commands: made once per connection (the initiator name and
-    /// ISID are fixed after login), shared by every [`Exec`].
-    fn command_nexus(&mut self) -> Arc<str> {
-        if let Some(n) = &self.nexus {
-            return Arc::clone(n);
-        }
-        let n: Arc<str> = self.nexus_id().into();
-        if self.phase == Phase::FullFeature {
-            self.nexus = Some(Arc::clone(&n));
-        }
-        n
     }
 
     /// Sends R2Ts for the next bursts of a write, up to MaxOutstandingR2T.
@@ -959,13 +947,12 @@ impl Connection {
                     residual: task.residual,
                 },
             );
-            let initiator = self.command_nexus();
             self.exec.push_back(Exec {
                 itt,
                 lun: task.lun,
                 cdb: task.cdb,
                 data_out: task.data,
-                initiator,
+                initiator: Arc::clone(&self.nexus),
             });
         }
     }

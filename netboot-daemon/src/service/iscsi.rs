@@ -42,6 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::bindings::{Bindings, Source as BindingSource};
+use crate::boot::ipxe::iqn_part;
 use crate::config::IscsiConfig;
 use crate::ebpf::Service;
 use crate::iscsi::chap;
@@ -606,7 +607,7 @@ impl Targets for StoreTargets {
 }
 
 /// The ISO installers as targets: (last part of the target name, path). The name is the
-/// installer's display name in IQN characters (lower-case letters, digits, `-`, `.`;
+/// installer's display name in IQN characters ([`iqn_part`]: lower-case letters, digits, `-`, `.`;
 /// everything else becomes `-`, a `.iso` suffix goes); when two installers come out the
 /// same, the later ones (by id) get `-<id>` appended.
 pub fn installer_targets(installers: &[Installer]) -> Vec<(String, String)> {
@@ -618,20 +619,14 @@ pub fn installer_targets(installers: &[Installer]) -> Vec<(String, String)> {
     let mut taken = HashSet::new();
     let mut out = Vec::new();
     for i in isos {
-        let lower = i.name.to_ascii_lowercase();
-        let stem = lower.strip_suffix(".iso").unwrap_or(&lower);
-        let mut name = String::new();
-        for c in stem.chars() {
-            let c = if c.is_ascii_alphanumeric() || c == '.' {
-                c
-            } else {
-                '-'
-            };
-            if !(c == '-' && (name.is_empty() || name.ends_with('-'))) {
-                name.push(c);
-            }
-        }
-        let mut name = name.trim_end_matches('-').to_owned();
+        let part = iqn_part(&i.name);
+        let stem = part.strip_suffix(".iso").unwrap_or(&part);
+        // No runs of `-`, none at either end.
+        let mut name = stem
+            .split('-')
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("-");
         if name.is_empty() {
             name = "iso".into();
         }
@@ -935,14 +930,9 @@ impl Outbox {
         }
     }
 
-    /// Writes everything queued (vectored, resumed after partial writes), then empties.
-    /// Writes everything queued; returns the bytes written.
+    /// Writes everything queued (vectored, resumed after partial writes), then empties;
+    /// returns the bytes written.
     async fn send(&mut self, stream: &mut Counted<TcpStream>) -> std::io::Result<u64> {
-        if self.pieces.is_empty() {
-            self.pdus.clear();
-            self.frame.clear();
-            return Ok(0);
-        }
         let mut total = 0u64;
         let mut slices: Vec<IoSlice<'_>> = self
             .pieces

@@ -63,6 +63,16 @@ fn audit_actions(s: &dyn Store) -> Vec<String> {
         .collect()
 }
 
+/// The detail of the newest audit entry whose action is (or starts with) `action`.
+fn latest_audit_detail(s: &dyn Store, action: &str) -> serde_json::Value {
+    let q = AuditQuery {
+        action: Some(action.into()),
+        limit: 10,
+        ..AuditQuery::default()
+    };
+    s.list_audit(&q).expect("audit").items[0].detail.clone()
+}
+
 #[test]
 fn migrates_from_empty_and_reopens() {
     let db = TempDb::new("migrate");
@@ -202,16 +212,7 @@ fn sessions_end_when_the_password_changes_and_expire() {
         s.get_session("other", now).expect("q").is_none(),
         "the other session ended"
     );
-    let detail = s
-        .list_audit(&AuditQuery {
-            action: Some("user.update".into()),
-            limit: 10,
-            ..AuditQuery::default()
-        })
-        .expect("audit")
-        .items[0]
-        .detail
-        .clone();
+    let detail = latest_audit_detail(&s, "user.update");
     assert_eq!(detail["password"], "changed");
     assert!(
         !detail.to_string().contains("$new"),
@@ -405,12 +406,7 @@ fn settings_round_trip_and_keep_unknown_keys_out() {
         new,
         "keys of newer versions are ignored"
     );
-    let q = AuditQuery {
-        action: Some("settings.".into()),
-        limit: 10,
-        ..AuditQuery::default()
-    };
-    let detail = s.list_audit(&q).expect("audit").items[0].detail.clone();
+    let detail = latest_audit_detail(&s, "settings.");
     assert_eq!(detail["menu_timeout_secs"], serde_json::json!([10, 3]));
 }
 
@@ -531,16 +527,7 @@ fn device_chap_is_stored_shown_as_set_and_audited_without_secrets() {
     assert_eq!(s.device_chap(m).expect("chap"), Some(chap));
     let shown = serde_json::to_string(&s.list_devices(&DeviceQuery::default()).expect("list"))
         .expect("json");
-    let audit = s
-        .list_audit(&AuditQuery {
-            action: Some("device.update".into()),
-            limit: 10,
-            ..AuditQuery::default()
-        })
-        .expect("audit")
-        .items[0]
-        .detail
-        .clone();
+    let audit = latest_audit_detail(&s, "device.update");
     assert_eq!(audit["chap_secrets"], "set");
     for text in [shown, audit.to_string()] {
         assert!(

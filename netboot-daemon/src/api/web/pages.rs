@@ -534,7 +534,7 @@ pub(super) async fn device(
                 (l.name, href, Size(l.size_bytes), iso(l.modified_at))
             })
             .collect(),
-        logs_folder: mac.to_string().replace(':', "-"),
+        logs_folder: crate::api::logs::folder_name(mac),
         events: events.iter().map(EventRow::from).collect(),
         chart: Chart::per_hour(&times, now, 24),
     }))
@@ -755,22 +755,22 @@ pub(super) async fn installers(
         at.push_str(part);
         crumbs.push((part.to_owned(), url_path(&at)));
     }
-    let record = |e: &crate::api::folders::FolderEntry| {
-        e.installer_id.and_then(|id| by_id.get(&id).copied())
-    };
     let entries: Vec<EntryRow> = folder
         .entries
         .iter()
-        .map(|e| EntryRow {
-            name: e.name.clone(),
-            href: url_path(&e.path),
-            path: e.path.clone(),
-            is_folder: e.kind == crate::api::folders::EntryKind::Folder,
-            size: e.size_bytes.map(Size),
-            items: e.items.unwrap_or(0),
-            modified: iso(e.modified_at),
-            record_name: record(e).map(|i| i.name.clone()).unwrap_or_default(),
-            record_kind: record(e).map(|i| i.kind.to_string()).unwrap_or_default(),
+        .map(|e| {
+            let record = e.installer_id.and_then(|id| by_id.get(&id));
+            EntryRow {
+                name: e.name.clone(),
+                href: url_path(&e.path),
+                path: e.path.clone(),
+                is_folder: e.kind == crate::api::folders::EntryKind::Folder,
+                size: e.size_bytes.map(Size),
+                items: e.items.unwrap_or(0),
+                modified: iso(e.modified_at),
+                record_name: record.map(|i| i.name.clone()).unwrap_or_default(),
+                record_kind: record.map(|i| i.kind.to_string()).unwrap_or_default(),
+            }
         })
         .collect();
     let folder_size = entries

@@ -169,18 +169,12 @@ const STEPS: [(&str, &[&str]); 7] = [
     ("iSCSI logout", &["iscsi_logout"]),
 ];
 
-/// Kinds that begin a boot: a boot begins at one of them that follows the previous one
-/// by more than [`BOOT_GAP_MS`].
-const START_KINDS: [&str; 8] = [
-    "dhcp_offer",
-    "dhcp_proxy_offer",
-    "dhcp_ack",
-    "dhcp_pxe_ack",
-    "tftp_done",
-    "tftp_failed",
-    "tftp_refused",
-    "ipxe_script",
-];
+/// Whether an event of `kind` may begin a boot: those of the first three steps (DHCP,
+/// TFTP, iPXE script). A boot begins at one that follows the previous one by more than
+/// [`BOOT_GAP_MS`].
+fn starts_a_boot(kind: &str) -> bool {
+    STEPS[..3].iter().any(|(_, kinds)| kinds.contains(&kind))
+}
 
 /// Early-boot events closer than this belong to one boot (PXE ROM, then iPXE, ask
 /// DHCP again within seconds).
@@ -209,7 +203,7 @@ pub(super) fn latest_boot(events: &[BootEvent]) -> Option<Vec<Step>> {
     let starts: Vec<usize> = oldest_first
         .iter()
         .enumerate()
-        .filter(|(_, e)| START_KINDS.contains(&e.kind.as_str()))
+        .filter(|(_, e)| starts_a_boot(&e.kind))
         .map(|(i, _)| i)
         .collect();
     // The newest start whose previous start is far enough back (or that has none).
@@ -226,6 +220,11 @@ pub(super) fn latest_boot(events: &[BootEvent]) -> Option<Vec<Step>> {
         .map(|(_, i)| *i)?;
     let run = &oldest_first[begin..];
     let t0 = run[0].at.as_millis();
+    let install = run
+        .iter()
+        .rev()
+        .find(|e| e.kind.starts_with("install_"))
+        .map(|e| e.kind.as_str());
     let offset = |ms: i64| {
         let secs = ms as f64 / 1000.0;
         if secs < 60.0 {
@@ -254,11 +253,6 @@ pub(super) fn latest_boot(events: &[BootEvent]) -> Option<Vec<Step>> {
                 let ok = mine
                     .iter()
                     .any(|e| !matches!(e.kind.as_str(), "tftp_failed" | "tftp_refused"));
-                let install = run
-                    .iter()
-                    .rev()
-                    .find(|e| e.kind.starts_with("install_"))
-                    .map(|e| e.kind.as_str());
                 let state = if !ok {
                     "failed"
                 } else if *name == "First write" && install == Some("install_stalled") {

@@ -266,22 +266,8 @@
 
   // A sparkline of two rate series, with its legend: the current rates.
   function rateSpark(label, rx, tx) {
-    const ns = "http://www.w3.org/2000/svg";
     const p = text("p", "", "rate-line");
-    const svg = document.createElementNS(ns, "svg");
-    svg.setAttribute("class", "spark");
-    svg.setAttribute("viewBox", `0 0 ${SPARK_W} ${SPARK_H}`);
-    svg.setAttribute("width", SPARK_W);
-    svg.setAttribute("height", SPARK_H);
-    svg.setAttribute("role", "img");
-    svg.setAttribute("aria-label", label);
-    const [a, b] = sparkPoints(rx, tx);
-    for (const [cls, points] of [["rx", a], ["tx", b]]) {
-      const line = document.createElementNS(ns, "polyline");
-      line.setAttribute("class", cls);
-      line.setAttribute("points", points);
-      svg.appendChild(line);
-    }
+    const svg = sparkSvg(label, rx, tx);
     const last = (h) => Math.round(h.length ? h[h.length - 1] : 0);
     p.append(
       svg,
@@ -467,6 +453,26 @@
     return [line(a), line(b)];
   }
 
+  // The SVG of a sparkline of `rx` and `tx`, labelled for screen readers.
+  function sparkSvg(label, rx, tx) {
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("class", "spark");
+    svg.setAttribute("viewBox", `0 0 ${SPARK_W} ${SPARK_H}`);
+    svg.setAttribute("width", SPARK_W);
+    svg.setAttribute("height", SPARK_H);
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", label);
+    const [a, b] = sparkPoints(rx, tx);
+    for (const [cls, points] of [["rx", a], ["tx", b]]) {
+      const line = document.createElementNS(ns, "polyline");
+      line.setAttribute("class", cls);
+      line.setAttribute("points", points);
+      svg.appendChild(line);
+    }
+    return svg;
+  }
+
   function sizeSpan(cls, bytes, suffix, unit) {
     const el = text("span", `${binary(bytes)}${suffix}`, cls);
     el.title = `${bytes} ${unit}`;
@@ -476,7 +482,6 @@
   // The dashboard's throughput per service: the API's figures, polled at its sampling
   // interval and drawn into rows of fixed height, so that nothing moves when they change.
   function throughput(box) {
-    const ns = "http://www.w3.org/2000/svg";
     const row = (f) => {
       const tr = document.createElement("tr");
       tr.dataset.service = f.service;
@@ -490,21 +495,7 @@
         tr.appendChild(td);
       }
       const td = document.createElement("td");
-      const svg = document.createElementNS(ns, "svg");
-      svg.setAttribute("class", "spark");
-      svg.setAttribute("viewBox", `0 0 ${SPARK_W} ${SPARK_H}`);
-      svg.setAttribute("width", SPARK_W);
-      svg.setAttribute("height", SPARK_H);
-      svg.setAttribute("role", "img");
-      svg.setAttribute("aria-label", `${f.service}: bytes per second in and out, last 5 minutes`);
-      const [rx, tx] = sparkPoints(f.rx_history || [], f.tx_history || []);
-      for (const [cls, points] of [["rx", rx], ["tx", tx]]) {
-        const line = document.createElementNS(ns, "polyline");
-        line.setAttribute("class", cls);
-        line.setAttribute("points", points);
-        svg.appendChild(line);
-      }
-      td.appendChild(svg);
+      td.appendChild(sparkSvg(`${f.service}: bytes per second in and out, last 5 minutes`, f.rx_history || [], f.tx_history || []));
       tr.appendChild(td);
       return tr;
     };
