@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::dhcp::proxy::BootFiles;
 use crate::dhcp::pxe::IpxeFeature;
 use crate::dhcp::server;
+use crate::ebpf::RunTimeStats;
 use crate::mac::MacAddr;
 
 /// The sample configuration shipped in `docs/netboot.toml`; a test parses it.
@@ -530,6 +531,10 @@ pub struct EbpfConfig {
     /// A device whose iSCSI writes make no progress for this many seconds is reported
     /// stalled (a boot event and `install.phase` in its metrics); writes again: resumed.
     pub install_stall_secs: u64,
+    /// When the kernel measures the programs' run time
+    /// (`netboot_ebpf_program_run_seconds_total`): `sampled` (one second in every minute),
+    /// `always` (about 60 ns more per frame) or `off`.
+    pub run_time_stats: RunTimeStats,
 }
 
 impl Default for EbpfConfig {
@@ -543,6 +548,7 @@ impl Default for EbpfConfig {
             pin_dir: PathBuf::from("/sys/fs/bpf/netboot"),
             metrics_max_macs: 10_000,
             install_stall_secs: 300,
+            run_time_stats: RunTimeStats::Sampled,
         }
     }
 }

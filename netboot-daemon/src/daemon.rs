@@ -405,6 +405,7 @@ fn start_accounting(cfg: &Validated) -> Result<Arc<Accounting>, String> {
         ),
         routers: ebpf.routers.clone(),
         pin_dir: (!ebpf.pin_dir.as_os_str().is_empty()).then(|| ebpf.pin_dir.clone()),
+        run_time_stats: ebpf.run_time_stats,
     };
     let acc = match Accounting::load(&options) {
         Ok(a) => a,

@@ -12,6 +12,8 @@
 use aya_ebpf::programs::TcContext;
 use netboot_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 
+use crate::keys::set_mapped;
+
 /// Ethernet header length (IEEE 802.3 clause 3.1.1).
 const ETH_HLEN: usize = 14;
 /// Offset of the destination MAC.
@@ -121,17 +123,14 @@ pub(crate) struct L4 {
 }
 
 /// Parses the frame, seen from the server: the client is the sender of a received frame and
-/// the receiver of a sent one. Writes the client and server address (IPv4 mapped into IPv6),
-/// ports and protocol into `key`, and zeroes them when there is no L4 part.
+/// the receiver of a sent one. With an [`L4`] part, writes the client and server address
+/// (IPv4 mapped into IPv6) and the protocol into `key`, and the ports when [`L4::ports`];
+/// what it does not write is left from an earlier frame and must not be read (zeroing the
+/// key for every frame cost a 37-byte byte-by-byte `memset` call, a quarter of the run time).
 /// `None` if the frame is shorter than an Ethernet header.
 #[inline(always)]
 pub(crate) fn frame(ctx: &TcContext, ingress: bool, key: &mut FlowKey) -> Option<Frame> {
     let l2_client = load::<[u8; 6]>(ctx, if ingress { ETH_SRC } else { ETH_DST })?;
-    key.client = [0; 16];
-    key.server = [0; 16];
-    key.client_port = 0;
-    key.server_port = 0;
-    key.protocol = 0;
     Some(Frame {
         l2_client,
         l4: l4(ctx, ingress, key),
@@ -229,8 +228,8 @@ fn ipv4_header(ctx: &TcContext, l3: usize, ingress: bool, key: &mut FlowKey) -> 
     } else {
         (ipv4::DST, ipv4::SRC)
     };
-    map_into(&mut key.client, load::<[u8; 4]>(ctx, l3 + client)?);
-    map_into(&mut key.server, load::<[u8; 4]>(ctx, l3 + server)?);
+    set_mapped(&mut key.client, load::<[u8; 4]>(ctx, l3 + client)?);
+    set_mapped(&mut key.server, load::<[u8; 4]>(ctx, l3 + server)?);
     Some(IpHeader {
         protocol,
         l4: l3 + header_len,
@@ -283,18 +282,6 @@ pub(crate) fn bootp(ctx: &TcContext, l4: &L4, protocol: u8) -> Option<Bootp> {
         chaddr: Some(load::<[u8; 6]>(ctx, base + bootp::CHADDR)?),
         relayed: op == bootp::BOOTREQUEST && giaddr != [0; 4],
     })
-}
-
-/// Writes an IPv4 address mapped into IPv6 (`::ffff:a.b.c.d`, RFC 4291 section 2.5.5.2).
-#[inline(always)]
-fn map_into(out: &mut [u8; 16], v4: [u8; 4]) {
-    *out = [0; 16];
-    out[10] = 0xff;
-    out[11] = 0xff;
-    out[12] = v4[0];
-    out[13] = v4[1];
-    out[14] = v4[2];
-    out[15] = v4[3];
 }
 
 /// The L4 payload of a packet.
@@ -380,15 +367,5 @@ mod tests {
         assert!(is_group(&[0x01, 0x00, 0x5e, 0, 0, 1]));
         assert!(is_group(&[0x33, 0x33, 0, 0, 0, 1]));
         assert!(!is_group(&[0x02, 0x6e, 0x62, 0, 0, 1]));
-    }
-
-    #[test]
-    fn ipv4_is_mapped_into_ipv6() {
-        let mut out = [7; 16];
-        map_into(&mut out, [192, 0, 2, 1]);
-        assert_eq!(
-            out,
-            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 1]
-        );
     }
 }

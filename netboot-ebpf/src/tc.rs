@@ -18,12 +18,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use netboot_common::{
-    Counters, EGRESS, FlowCounters, FlowKey, INGRESS, IfKey, IpKey, METHOD_BINDING, METHOD_CHADDR,
-    METHOD_L2, MacKey, MacOnly, ROUTER_DHCP_RELAY, SERVICE_DHCP, SERVICE_HTTP, SERVICE_ISCSI,
-    SERVICE_OTHER, SERVICE_TFTP, port_index,
+    Counters, EGRESS, FlowCounters, FlowKey, INGRESS, IpKey, METHOD_BINDING, METHOD_CHADDR,
+    METHOD_L2, MacKey, ROUTER_DHCP_RELAY, SERVICE_DHCP, SERVICE_HTTP, SERVICE_ISCSI, SERVICE_OTHER,
+    SERVICE_TFTP, port_index,
 };
 
 use crate::{
+    keys,
     maps::{
         BINDINGS, Error, FLOWS, HAVE_ROUTERS, MAC_STATS, PORTS, ROUTERS, SCRATCH, Scratch,
         UNATTRIBUTED, record_error,
@@ -116,14 +117,7 @@ fn count(ctx: &TcContext, direction: u8) {
     let client = client(ctx, &frame, key, service, direction);
     match client {
         Some((mac, method)) => {
-            let key = MacKey {
-                mac,
-                direction,
-                service,
-                ifindex,
-                method,
-                pad: [0; 3],
-            };
+            let key = keys::mac_key(mac, direction, service, ifindex, method);
             if let Err(err) = add(ctx, key, packets, bytes) {
                 record_error(err, packets, bytes);
             }
@@ -134,7 +128,7 @@ fn count(ctx: &TcContext, direction: u8) {
         && (service == SERVICE_TFTP || service == SERVICE_HTTP || service == SERVICE_ISCSI)
     {
         scratch.flow.service = service;
-        scratch.flow.pad = [0; 2];
+        keys::clear_pad(&mut scratch.flow);
         scratch.flow.ifindex = ifindex;
         let mac = client.map_or([0; 6], |(mac, _)| mac);
         if let Err(err) = add_flow(scratch, l4.payload, direction, packets, bytes, mac) {
@@ -180,8 +174,7 @@ fn client(
     // A unicast frame from or to a host on the link is that host's, whatever address it
     // uses: an address that moved to another MAC cannot mislead this.
     let mac = frame.l2_client;
-    let router = MacOnly { mac, pad: [0; 2] };
-    if !parse::is_group(&mac) && !is_router(router) {
+    if !parse::is_group(&mac) && !is_router(mac) {
         return Some((mac, METHOD_L2));
     }
     // A router's frame (or a group-addressed one) belongs to the client its IP address is
@@ -199,21 +192,24 @@ fn client(
     None
 }
 
-/// Whether `key` is a router's MAC; no hash lookup while there are no routers.
+/// Whether `mac` is a router's; no hash lookup while there are no routers.
 #[inline(always)]
-fn is_router(key: MacOnly) -> bool {
+fn is_router(mac: [u8; 6]) -> bool {
     if HAVE_ROUTERS.get(0).is_none_or(|&n| n == 0) {
         return false;
     }
     // SAFETY: only the presence of the key is used.
-    unsafe { ROUTERS.get(key) }.is_some()
+    unsafe { ROUTERS.get(keys::mac_only(mac)) }.is_some()
 }
 
 /// Records `mac` as a router: it relays DHCP, so the clients behind it share its MAC.
 #[inline(always)]
 fn learn_router(mac: [u8; 6]) {
-    let key = MacOnly { mac, pad: [0; 2] };
-    match ROUTERS.insert(key, ROUTER_DHCP_RELAY, u64::from(BPF_NOEXIST)) {
+    match ROUTERS.insert(
+        keys::mac_only(mac),
+        ROUTER_DHCP_RELAY,
+        u64::from(BPF_NOEXIST),
+    ) {
         Ok(()) => {
             if let Some(flag) = HAVE_ROUTERS.get_ptr_mut(0) {
                 // SAFETY: slot 0 of a one-slot array, valid while the program runs; a plain
@@ -263,12 +259,7 @@ fn add(ctx: &TcContext, key: MacKey, packets: u64, bytes: u64) -> Result<(), Err
 /// Adds a packet's frames to its interface's unattributed row.
 #[inline(always)]
 fn unattributed(ifindex: u32, direction: u8, service: u8, packets: u64, bytes: u64) {
-    let key = IfKey {
-        ifindex,
-        direction,
-        service,
-        pad: [0; 2],
-    };
+    let key = keys::if_key(ifindex, direction, service);
     if let Some(counters) = UNATTRIBUTED.get_ptr_mut(key) {
         // SAFETY: as in `add`.
         unsafe {

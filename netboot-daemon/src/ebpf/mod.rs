@@ -392,6 +392,38 @@ pub struct Options {
     /// Where to pin the counter maps (a directory in bpffs, which is mounted at
     /// `/sys/fs/bpf` if needed); `None` keeps them in this process only.
     pub pin_dir: Option<PathBuf>,
+    /// When the kernel measures the programs' run time.
+    pub run_time_stats: RunTimeStats,
+}
+
+/// When the kernel measures the programs' run time (`BPF_STATS_RUN_TIME`, which adds two
+/// clock reads to every run of every BPF program on the host while it is on: about 60 ns
+/// per frame here, a third of the accounting program's own cost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunTimeStats {
+    /// Never: the run-time figures stay at zero.
+    Off,
+    /// One second in every [`RunTimeStats::SAMPLE_EVERY`]: the figures count the runs of
+    /// those seconds only, and their ratio is the cost of a run.
+    #[default]
+    Sampled,
+    /// Always, from load on: every run is measured.
+    Always,
+}
+
+impl RunTimeStats {
+    /// The sampling period, in seconds, of [`RunTimeStats::Sampled`].
+    pub const SAMPLE_EVERY: u32 = 60;
+
+    /// Its name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Sampled => "sampled",
+            Self::Always => "always",
+        }
+    }
 }
 
 impl Options {
@@ -405,6 +437,7 @@ impl Options {
             ports: ServicePort::standard(&[80, 8080], &[]),
             routers: Vec::new(),
             pin_dir: None,
+            run_time_stats: RunTimeStats::Always,
         }
     }
 }
@@ -606,8 +639,10 @@ pub struct Accounting {
     maps: Maps,
     pinned: Option<PathBuf>,
     resumed: bool,
-    /// Keeps `BPF_STATS_RUN_TIME` enabled while it is open.
-    _stats: Option<OwnedFd>,
+    /// Keeps `BPF_STATS_RUN_TIME` enabled while it is open; see [`Accounting::start_measuring`].
+    stats: Mutex<Option<OwnedFd>>,
+    /// When run time is measured: [`Options::run_time_stats`], or `Off` if it cannot be.
+    run_time_stats: RunTimeStats,
 }
 
 impl fmt::Debug for Accounting {
@@ -678,13 +713,6 @@ impl Accounting {
                 None
             }
         };
-        let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-            Ok(fd) => Some(fd),
-            Err(error) => {
-                tracing::warn!(%error, "eBPF program run-time statistics are unavailable");
-                None
-            }
-        };
         for (program, _, _) in PROGRAMS {
             classifier(&mut ebpf, program)?
                 .load()
@@ -707,7 +735,7 @@ impl Accounting {
             have_routers: Mutex::new(typed(take(&mut ebpf, HAVE_ROUTERS)?, HAVE_ROUTERS)?),
             capacity,
         };
-        let acc = Self {
+        let mut acc = Self {
             programs: Mutex::new(Programs {
                 ebpf,
                 links: Vec::new(),
@@ -717,8 +745,20 @@ impl Accounting {
             maps,
             pinned,
             resumed,
-            _stats: stats,
+            stats: Mutex::new(None),
+            run_time_stats: options.run_time_stats,
         };
+        if acc.run_time_stats != RunTimeStats::Off {
+            // Sampled: tried once here, so that a kernel without them is said at start-up.
+            let tried = acc.start_measuring();
+            if acc.run_time_stats == RunTimeStats::Sampled {
+                acc.stop_measuring();
+            }
+            if let Err(error) = tried {
+                tracing::warn!(%error, "eBPF program run-time statistics are unavailable");
+                acc.run_time_stats = RunTimeStats::Off;
+            }
+        }
         for port in &options.ports {
             acc.set_port(*port)?;
         }
@@ -1066,7 +1106,41 @@ impl Accounting {
         ])
     }
 
-    /// The programs' run time and run count (zero when statistics could not be enabled).
+    /// Turns the kernel's measurement of program run time on (see [`RunTimeStats`]). It is
+    /// global: while any process keeps it on, every BPF program on the host is timed.
+    pub fn start_measuring(&self) -> io::Result<()> {
+        let mut stats = lock(&self.stats);
+        if stats.is_none() {
+            *stats =
+                Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| e.io_error)?);
+        }
+        Ok(())
+    }
+
+    /// Turns this process's measurement of program run time off.
+    pub fn stop_measuring(&self) {
+        *lock(&self.stats) = None;
+    }
+
+    /// For [`RunTimeStats::Sampled`], called once a second with a running count: measures
+    /// run time during the second after each multiple of [`RunTimeStats::SAMPLE_EVERY`].
+    pub fn sample_run_time(&self, second: u32) {
+        if self.run_time_stats == RunTimeStats::Sampled {
+            if !second.is_multiple_of(RunTimeStats::SAMPLE_EVERY) {
+                self.stop_measuring();
+            } else if let Err(error) = self.start_measuring() {
+                tracing::debug!(%error, "eBPF run-time statistics could not be turned on");
+            }
+        }
+    }
+
+    /// When run time is measured (`Off` when the kernel refused at load).
+    pub fn run_time_stats(&self) -> RunTimeStats {
+        self.run_time_stats
+    }
+
+    /// The programs' run time and run count while run-time statistics were on (see
+    /// [`Accounting::start_measuring`]).
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>, EbpfError> {
         let mut p = lock(&self.programs);
         PROGRAMS

@@ -939,6 +939,7 @@ pub async fn run(
                 return;
             };
             acc.drain_logs();
+            acc.sample_run_time(ticks);
             if let Some(tftp) = &tftp {
                 join_tftp(acc, tftp);
             }
@@ -1317,7 +1318,7 @@ pub fn write_metrics(counters: &Counters, e: &mut Exposition, max_macs: usize) {
             "netboot_ebpf_program_run_seconds",
             Kind::Counter,
             Some("seconds"),
-            "Time spent in the eBPF accounting programs, as the kernel measures it.",
+            "Time spent in the eBPF accounting programs, as the kernel measures it while its run-time statistics are on (ebpf.run_time_stats: always, or one second in every minute when sampled).",
         );
         for s in &stats {
             e.counter_f64(
@@ -1330,7 +1331,7 @@ pub fn write_metrics(counters: &Counters, e: &mut Exposition, max_macs: usize) {
             "netboot_ebpf_program_runs",
             Kind::Counter,
             None,
-            "Runs of the eBPF accounting programs (one per frame).",
+            "Runs of the eBPF accounting programs (one per frame) while the kernel's run-time statistics are on; run seconds / runs is the cost of a run.",
         );
         for s in &stats {
             e.counter(
