@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use netboot_daemon::ebpf::{Accounting, Options, RunTimeStats, in_netns};
+use netboot_daemon::ebpf::{Accounting, Direction, Options, RunTimeStats, in_netns};
 use netboot_daemon::metrics::{Exposition, Format};
 
 /// Options of `ebpf-overhead`.
@@ -33,6 +33,17 @@ pub(crate) struct OverheadArgs {
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
     /// A smoke run: 2 rounds of 0.5 s.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// Options of `ebpf-cost`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct CostArgs {
+    /// Runs per measurement (each kind of frame is measured 5 times; the median is shown).
+    #[arg(long, default_value_t = 1_000_000)]
+    repeat: u32,
+    /// A smoke run: 50 000 runs per measurement.
     #[arg(long)]
     quick: bool,
 }
@@ -334,6 +345,172 @@ pub(crate) fn overhead(args: &OverheadArgs) -> anyhow::Result<bool> {
     );
     if runs == 0 {
         bail!("the programs never ran while attached");
+    }
+    Ok(true)
+}
+
+/// An Ethernet frame between [`CLI_MAC`]/[`CLI_IP`] and [`SRV_MAC`]/[`SRV_IP`] as the
+/// server's interface sees it, optionally 802.1Q-tagged (VLAN 10) inside the data.
+struct Frame {
+    to_server: bool,
+    vlan: bool,
+    protocol: u8,
+    client_port: u16,
+    server_port: u16,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    fn bytes(&self) -> Vec<u8> {
+        let mac = |m: &str| -> Vec<u8> {
+            m.split(':')
+                .map(|h| u8::from_str_radix(h, 16).unwrap_or(0))
+                .collect()
+        };
+        let (src_mac, dst_mac, src_ip, dst_ip, src_port, dst_port) = if self.to_server {
+            (
+                CLI_MAC,
+                SRV_MAC,
+                CLI_IP,
+                SRV_IP,
+                self.client_port,
+                self.server_port,
+            )
+        } else {
+            (
+                SRV_MAC,
+                CLI_MAC,
+                SRV_IP,
+                CLI_IP,
+                self.server_port,
+                self.client_port,
+            )
+        };
+        let mut f = mac(dst_mac);
+        f.extend(mac(src_mac));
+        if self.vlan {
+            f.extend([0x81, 0x00, 0x00, 10]);
+        }
+        f.extend([0x08, 0x00]);
+        let l4_len = if self.protocol == libc::IPPROTO_UDP as u8 {
+            8
+        } else {
+            20
+        } + self.payload.len();
+        let total = u16::try_from(20 + l4_len).unwrap_or(u16::MAX);
+        let mut ip = vec![0x45, 0];
+        ip.extend(total.to_be_bytes());
+        ip.extend([0, 1, 0x40, 0, 64, self.protocol, 0, 0]);
+        ip.extend(src_ip.octets());
+        ip.extend(dst_ip.octets());
+        let sum = !ip
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .fold(0u32, |a, b| {
+                let s = a + b;
+                (s & 0xffff) + (s >> 16)
+            }) as u16;
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        f.extend(ip);
+        f.extend(src_port.to_be_bytes());
+        f.extend(dst_port.to_be_bytes());
+        if self.protocol == libc::IPPROTO_UDP as u8 {
+            f.extend(u16::try_from(l4_len).unwrap_or(u16::MAX).to_be_bytes());
+            f.extend([0, 0]);
+        } else {
+            // seq, ack, data offset 5, PSH|ACK, window, checksum, urgent pointer.
+            f.extend([0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+        }
+        f.extend(&self.payload);
+        f
+    }
+}
+
+/// The kinds of frames `ebpf-cost` times: (what, frame).
+fn cost_frames() -> Vec<(&'static str, Frame)> {
+    let udp = libc::IPPROTO_UDP as u8;
+    let tcp = libc::IPPROTO_TCP as u8;
+    let frame = |to_server, protocol, server_port, payload: Vec<u8>| Frame {
+        to_server,
+        vlan: false,
+        protocol,
+        client_port: 40_000,
+        server_port,
+        payload,
+    };
+    // A DHCPDISCOVER's fixed BOOTP header: op 1, Ethernet, chaddr = the client's MAC.
+    let mut bootp = vec![0u8; 300];
+    bootp[..4].copy_from_slice(&[1, 1, 6, 0]);
+    bootp[28..34].copy_from_slice(&[0x02, 0x6e, 0x62, 0x88, 0x00, 0x02]);
+    let mut dhcp = frame(true, udp, 67, bootp);
+    dhcp.client_port = 68;
+    vec![
+        (
+            "UDP, 64-byte payload, no service port (other)",
+            frame(true, udp, 40_001, vec![0x5a; SMALL]),
+        ),
+        (
+            "the same, 802.1Q-tagged in the data",
+            Frame {
+                vlan: true,
+                ..frame(true, udp, 40_001, vec![0x5a; SMALL])
+            },
+        ),
+        ("DHCPDISCOVER to 67 (client from chaddr)", dhcp),
+        (
+            "TFTP RRQ to 69 (connection row too)",
+            frame(true, udp, 69, b"\0\x01pxe.bin\0octet\0".to_vec()),
+        ),
+        (
+            "TCP segment to HTTP 8080, 1448 B",
+            frame(true, tcp, 8080, vec![0x5a; 1448]),
+        ),
+        (
+            "TCP segment to iSCSI 3260, 1448 B",
+            frame(true, tcp, 3260, vec![0x5a; 1448]),
+        ),
+    ]
+}
+
+/// Each kind of frame through the ingress program in the kernel (`BPF_PROG_TEST_RUN`):
+/// the program's own cost, without TCX dispatch, run-time statistics or the network stack.
+pub(crate) fn cost(args: &CostArgs) -> anyhow::Result<bool> {
+    let repeat = if args.quick {
+        50_000
+    } else {
+        args.repeat.max(1)
+    };
+    let options = Options {
+        run_time_stats: RunTimeStats::Off,
+        ..Options::new(4096)
+    };
+    let acc = Accounting::load(&options).context("loading the eBPF object")?;
+    let mut table = String::from("| frame | ns per run (median of 5) |\n|---|---|\n");
+    for (what, frame) in cost_frames() {
+        let bytes = frame.bytes();
+        let mut runs = (0..5)
+            .map(|_| {
+                acc.test_run(Direction::Ingress, &bytes, repeat)
+                    .map(|d| d.as_nanos() as f64)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("test run of: {what}"))?;
+        let ns = median(&mut runs);
+        eprintln!("ebpf-cost: {what}: {ns:.0} ns");
+        table.push_str(&format!("| {what} | {ns:.0} |\n"));
+    }
+    // The frames must have been counted as what they are, or the figures time something else.
+    let rows = acc.mac_counters()?;
+    let services: std::collections::BTreeSet<_> = rows.iter().map(|r| r.service.as_str()).collect();
+    ensure!(
+        ["dhcp", "http", "iscsi", "other", "tftp"]
+            .iter()
+            .all(|s| services.contains(s)),
+        "the test frames were not counted as expected: services {services:?}"
+    );
+    #[allow(clippy::print_stdout, reason = "the table is the requested output")]
+    {
+        print!("{table}");
     }
     Ok(true)
 }

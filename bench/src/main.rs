@@ -50,6 +50,8 @@ enum Cmd {
     EbpfOverhead(ebpf::OverheadArgs),
     /// The accounting's /metrics families with 10 000 client MACs (root).
     EbpfScrape(ebpf::ScrapeArgs),
+    /// The accounting program's run time per kind of frame, in the kernel's test runner (root).
+    EbpfCost(ebpf::CostArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Cmd::IscsiCompare(a) => iscsi::run(a),
         Cmd::EbpfOverhead(a) => ebpf::overhead(a),
         Cmd::EbpfScrape(a) => ebpf::scrape(a),
+        Cmd::EbpfCost(a) => ebpf::cost(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -11,8 +11,8 @@
 //! - `cargo xtask test`: setup, then rustfmt, clippy and the whole test suite, the
 //!   privileged tests included when running as root, a short run of every fuzz target,
 //!   then the smoke benchmarks (`netboot-bench tftp-compare --quick`, peers that are
-//!   absent are skipped loudly; as root, `dhcp-compare --quick`, `ebpf-overhead --quick`
-//!   and `ebpf-scrape`; then `iscsi-compare --quick`, against tgtd as root, loudly
+//!   absent are skipped loudly; as root, `dhcp-compare --quick`, `ebpf-overhead --quick`,
+//!   `ebpf-cost --quick` and `ebpf-scrape`; then `iscsi-compare --quick`, against tgtd as root, loudly
 //!   without it otherwise).
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`: the fuzz targets in netboot-daemon/fuzz.
 //! - `cargo xtask vm-assets`: the payload the VM tests (tests/vm_pxe.rs) boot: a Debian
@@ -547,11 +547,12 @@ fn test(tc: &Toolchain) -> anyhow::Result<()> {
     bench(tc, &["tftp-compare", "--quick", "--fetch-peers"])?;
     if is_root() {
         say(
-            "DHCP smoke benchmark: netbootd's DHCP server and dnsmasq under perfdhcp; eBPF smoke benchmarks: throughput with and without the accounting programs, and /metrics with 2000 client MACs",
+            "DHCP smoke benchmark: netbootd's DHCP server and dnsmasq under perfdhcp; eBPF smoke benchmarks: throughput with and without the accounting programs, their run time per kind of frame, and /metrics with 2000 client MACs",
         );
         for args in [
             &["dhcp-compare", "--quick"][..],
             &["ebpf-overhead", "--quick"][..],
+            &["ebpf-cost", "--quick"][..],
             &["ebpf-scrape", "--macs", "2000", "--rounds", "3"][..],
         ] {
             bench(tc, args)?;
