@@ -311,6 +311,7 @@ const ASC_INVALID_FIELD_IN_CDB: Asc = (0x24, 0x00);
 const ASC_INVALID_FIELD_IN_PARAMETER_LIST: Asc = (0x26, 0x00);
 const ASC_INVALID_RELEASE_OF_PR: Asc = (0x26, 0x04);
 const ASC_WRITE_PROTECTED: Asc = (0x27, 0x00);
+const ASC_SOFTWARE_WRITE_PROTECTED: Asc = (0x27, 0x02);
 const ASC_SPACE_ALLOCATION_FAILED_WRITE_PROTECT: Asc = (0x27, 0x07);
 const ASC_MODE_PARAMETERS_CHANGED: Asc = (0x2A, 0x01);
 const ASC_RESERVATIONS_PREEMPTED: Asc = (0x2A, 0x03);
@@ -427,6 +428,8 @@ const MODE_PAGE_CD_CAPABILITIES: u8 = 0x2A;
 const MODE_PAGE_ALL: u8 = 0x3F;
 /// WCE bit of the caching mode page byte 2 (SBC-3 6.4.5).
 const CACHING_WCE: u8 = 0x04;
+/// SWP (software write protect) in byte 4 of the control mode page.
+const CONTROL_SWP: u8 = 0x08;
 /// SPF bit of a mode page's byte 0 (SPC-4 7.5.7): sub-page format, none supported.
 const MODE_PAGE_SPF: u8 = 0x40;
 // Page control values (SPC-4 6.11.1).
@@ -655,6 +658,13 @@ struct PrOutParams {
     sa_key: u64,
 }
 
+/// The changeable mode parameters a MODE SELECT sent (None: page not sent).
+#[derive(Debug, Default)]
+struct ModeChanges {
+    write_cache: Option<bool>,
+    software_write_protect: Option<bool>,
+}
+
 /// Unit attentions to queue: (I_T nexus, additional sense code).
 type Notices = Vec<(String, Asc)>;
 
@@ -671,6 +681,8 @@ struct Reservations {
 #[derive(Debug)]
 struct State {
     write_cache: bool,
+    /// The control mode page's SWP: every medium write fails with DATA PROTECT.
+    software_write_protect: bool,
     /// Pending unit attentions of every I_T nexus seen.
     nexuses: HashMap<String, VecDeque<Asc>>,
     pr: Reservations,
@@ -745,6 +757,7 @@ impl Lun {
         let read_only = config.read_only || config.device_type == DeviceType::CdRom;
         let state = State {
             write_cache: config.write_cache,
+            software_write_protect: false,
             nexuses: HashMap::new(),
             pr: Reservations::default(),
             reserve_6: None,
@@ -1060,6 +1073,12 @@ impl Lun {
     fn check_writable(&self) -> Result<(), Sense> {
         if self.read_only {
             return Err(Sense::of(SENSE_KEY_DATA_PROTECT, ASC_WRITE_PROTECTED));
+        }
+        if self.state().software_write_protect {
+            return Err(Sense::of(
+                SENSE_KEY_DATA_PROTECT,
+                ASC_SOFTWARE_WRITE_PROTECTED,
+            ));
         }
         Ok(())
     }
@@ -1449,7 +1468,8 @@ impl Lun {
 
     /// Mode parameter header (SPC-4 7.5.4-7.5.5) followed by descriptor and pages.
     fn mode_parameters(&self, ten: bool, long_lba: bool, desc: &[u8], pages: &[u8]) -> Vec<u8> {
-        let device_specific = match (self.is_disk(), self.read_only) {
+        let write_protected = self.read_only || self.state().software_write_protect;
+        let device_specific = match (self.is_disk(), write_protected) {
             (true, true) => 0x90, // WP, DPOFUA
             (true, false) => 0x10,
             (false, _) => 0x00,
@@ -1538,11 +1558,11 @@ impl Lun {
         }
         let mut d = match page {
             MODE_PAGE_CACHING => self.caching_page(pc),
-            MODE_PAGE_CONTROL => control_page(),
+            MODE_PAGE_CONTROL => self.control_page(pc),
             MODE_PAGE_INFORMATIONAL_EXCEPTIONS => informational_exceptions_page(),
             _ => cd_capabilities_page(),
         };
-        if pc == PC_CHANGEABLE && page != MODE_PAGE_CACHING {
+        if pc == PC_CHANGEABLE && page != MODE_PAGE_CACHING && page != MODE_PAGE_CONTROL {
             d[2..].fill(0);
         }
         Some(d)
@@ -1564,8 +1584,29 @@ impl Lun {
         d
     }
 
-    /// MODE SELECT(6/10) (SPC-4 6.9-6.10): only WCE of the caching page may change; other
-    /// supported pages are accepted when sent back unchanged.
+    /// Control mode page (SPC-4 7.5.8): GLTSD, QUEUE ALGORITHM MODIFIER 1; on a disk SWP
+    /// is changeable (and current when set), nothing else.
+    fn control_page(&self, pc: u8) -> Vec<u8> {
+        let mut d = vec![0u8; 12];
+        d[0] = MODE_PAGE_CONTROL;
+        d[1] = 0x0A;
+        if pc == PC_CHANGEABLE {
+            if self.is_disk() {
+                d[4] = CONTROL_SWP;
+            }
+            return d;
+        }
+        d[2] = 0x02; // GLTSD
+        d[3] = 0x10; // QUEUE ALGORITHM MODIFIER 1
+        if pc == PC_CURRENT && self.state().software_write_protect {
+            d[4] = CONTROL_SWP;
+        }
+        d
+    }
+
+    /// MODE SELECT(6/10) (SPC-4 6.9-6.10): only WCE of the caching page and SWP of the
+    /// control page (disks) may change; other supported pages are accepted when sent back
+    /// unchanged. A change raises MODE PARAMETERS CHANGED on every other I_T nexus.
     fn mode_select(&self, cmd: &Cmd<'_>) -> Outcome {
         let flags = byte(cmd.cdb, 1);
         if flags & 0x01 != 0 {
@@ -1594,13 +1635,17 @@ impl Lun {
             return illegal(ASC_PARAMETER_LIST_LENGTH_ERROR);
         };
         self.check_block_descriptors(desc, long_lba)?;
-        let wce = self.parse_mode_pages(&data[header + desc_len..])?;
-        if let Some(wce) = wce {
-            let mut state = self.state();
-            if state.write_cache != wce {
-                state.write_cache = wce;
-                state.notify_all_but(cmd.initiator, ASC_MODE_PARAMETERS_CHANGED);
-            }
+        let changes = self.parse_mode_pages(&data[header + desc_len..])?;
+        let mut state = self.state();
+        let mut changed = false;
+        if let Some(wce) = changes.write_cache {
+            changed |= std::mem::replace(&mut state.write_cache, wce) != wce;
+        }
+        if let Some(swp) = changes.software_write_protect {
+            changed |= std::mem::replace(&mut state.software_write_protect, swp) != swp;
+        }
+        if changed {
+            state.notify_all_but(cmd.initiator, ASC_MODE_PARAMETERS_CHANGED);
         }
         Ok(Vec::new())
     }
@@ -1630,10 +1675,10 @@ impl Lun {
         Ok(())
     }
 
-    /// Checks every page against the changeable mask; returns the new WCE if the caching
-    /// page was sent.
-    fn parse_mode_pages(&self, mut rest: &[u8]) -> Result<Option<bool>, Sense> {
-        let mut wce = None;
+    /// Checks every page against the changeable mask; returns the new WCE and SWP of the
+    /// pages that were sent.
+    fn parse_mode_pages(&self, mut rest: &[u8]) -> Result<ModeChanges, Sense> {
+        let mut changes = ModeChanges::default();
         while !rest.is_empty() {
             if rest.len() < 2 {
                 return illegal(ASC_PARAMETER_LIST_LENGTH_ERROR);
@@ -1647,12 +1692,16 @@ impl Lun {
                 return illegal(ASC_PARAMETER_LIST_LENGTH_ERROR);
             };
             self.check_mode_page(code, page)?;
-            if code == MODE_PAGE_CACHING {
-                wce = Some(page[2] & CACHING_WCE != 0);
+            match code {
+                MODE_PAGE_CACHING => changes.write_cache = Some(page[2] & CACHING_WCE != 0),
+                MODE_PAGE_CONTROL if self.is_disk() => {
+                    changes.software_write_protect = Some(page[4] & CONTROL_SWP != 0);
+                }
+                _ => {}
             }
             rest = &rest[len..];
         }
-        Ok(wce)
+        Ok(changes)
     }
 
     fn check_mode_page(&self, code: u8, page: &[u8]) -> Result<(), Sense> {
@@ -2385,15 +2434,6 @@ fn logical_block_provisioning() -> Vec<u8> {
 
 /// Control mode page (SPC-4 7.5.8): D_SENSE=0, TST=0, QErr=0, unrestricted reordering,
 /// GLTSD (no log pages).
-fn control_page() -> Vec<u8> {
-    let mut d = vec![0u8; 12];
-    d[0] = MODE_PAGE_CONTROL;
-    d[1] = 0x0A;
-    d[2] = 0x02; // GLTSD
-    d[3] = 0x10; // QUEUE ALGORITHM MODIFIER 1
-    d
-}
-
 /// Informational exceptions control mode page (SPC-4 7.5.12): DEXCPT, nothing reported.
 fn informational_exceptions_page() -> Vec<u8> {
     let mut d = vec![0u8; 12];
@@ -3034,11 +3074,66 @@ mod tests {
         other[8 + 3] = 0x11;
         assert_eq!(ck(&lun, A, &select_10(&other), &other).1, 0x26);
         assert_eq!(ck(&lun, A, &select_10(&list[..5]), &list[..5]).1, 0x1A);
-        let ctl = [vec![0; 8], control_page()].concat();
+        let ctl = [vec![0; 8], lun.control_page(PC_CURRENT)].concat();
         ok(&lun, &select_10(&ctl), &ctl);
         let mut d_sense = ctl.clone();
         d_sense[8 + 2] |= 0x04;
         assert_eq!(ck(&lun, A, &select_10(&d_sense), &d_sense).1, 0x26);
+    }
+
+    #[test]
+    fn software_write_protect_is_changeable_and_refuses_every_medium_write() {
+        let (backing, lun) = disk();
+        exec(&lun, B, &TUR, &[]);
+        let sense = |pc: u8| {
+            ok(
+                &lun,
+                &[MODE_SENSE_6, 0x08, (pc << 6) | 0x0A, 0, 255, 0],
+                &[],
+            )
+        };
+        assert_eq!(
+            sense(PC_CHANGEABLE)[4 + 4],
+            CONTROL_SWP,
+            "SWP is the changeable bit"
+        );
+        let mut list = sense(PC_CURRENT);
+        assert_eq!((list[2] & 0x80, list[4 + 4] & CONTROL_SWP), (0, 0));
+        list[0] = 0;
+        list[4 + 4] |= CONTROL_SWP;
+        let select = [MODE_SELECT_6, 0x10, 0, 0, list.len() as u8, 0];
+        ok(&lun, &select, &list);
+        let current = sense(PC_CURRENT);
+        assert_eq!(
+            (current[2] & 0x80, current[4 + 4]),
+            (0x80, CONTROL_SWP),
+            "WP and SWP"
+        );
+        assert_eq!(sense(PC_DEFAULT)[4 + 4], 0);
+        // Reads still work; every medium write from every nexus is refused, nothing written.
+        ok(&lun, &rw(READ_10, 0, 1, 0), &[]);
+        let block = vec![0xAB; 512];
+        let protected = (SENSE_KEY_DATA_PROTECT, 0x27, 0x02);
+        assert_eq!(ck(&lun, A, &rw(WRITE_10, 0, 1, 0), &block), protected);
+        assert_eq!(ck(&lun, B, &TUR, &[]), (0x06, 0x2A, 0x01), "B is told");
+        assert_eq!(ck(&lun, B, &rw(WRITE_16, 0, 1, 0), &block), protected);
+        let mut ws = [0u8; 10];
+        ws[0] = WRITE_SAME_10;
+        ws[8] = 1;
+        assert_eq!(ck(&lun, A, &ws, &block), protected);
+        let mut unmap = [0u8; 10];
+        unmap[0] = UNMAP;
+        unmap[8] = 24;
+        let mut params = vec![0, 22, 0, 16, 0, 0, 0, 0];
+        params.extend_from_slice(&[0; 8]);
+        params.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
+        assert_eq!(ck(&lun, A, &unmap, &params), protected);
+        assert!(backing.data.lock().unwrap().iter().all(|&b| b == 0));
+        // Clearing it makes the LUN writable again.
+        list[4 + 4] &= !CONTROL_SWP;
+        ok(&lun, &select, &list);
+        ok(&lun, &rw(WRITE_10, 0, 1, 0), &block);
+        assert_eq!(backing.data.lock().unwrap()[..512], block[..]);
     }
 
     #[test]
