@@ -451,3 +451,203 @@ fn counts_in_userspace_without_ebpf_and_keeps_the_totals_across_a_restart() {
     assert_eq!(total(&m, "lifetime", "tftp", "tx"), tftp_tx, "{m}");
     drop(d2);
 }
+
+/// Without the eBPF program, a real iSCSI initiator's bytes count in userspace for the
+/// device its initiator name carries: `netboot_client_bytes_total{service="iscsi"}` of the
+/// MAC equals, exactly, the target's own figures of that initiator's connections in
+/// `GET /api/v1/iscsi/sessions`, and the device's metrics show the same.
+#[test]
+fn counts_iscsi_in_userspace_exactly_as_the_target_counts_it() {
+    const TEST: &str = "counts_iscsi_in_userspace_exactly_as_the_target_counts_it";
+    if let Err(why) = common::privileged(&["ip", "curl"]) {
+        common::skip(TEST, &why);
+        return;
+    }
+    for tool in ["iscsi-inq", "iscsi-readcapacity16", "qemu-img", "qemu-io"] {
+        if !common::have(tool) {
+            common::skip(TEST, &format!("{tool} is not installed"));
+            return;
+        }
+    }
+    let ns = Netns::create("i");
+    // The target listens on 10.77.0.4; connections to it leave from 10.77.0.3 (the local
+    // route's preferred source), an address only the iSCSI login binds to the device.
+    for a in ["10.77.0.3/32", "10.77.0.4/32"] {
+        common::ip(&["-n", &ns.0, "addr", "add", a, "dev", "lo"]);
+    }
+    common::ip(&[
+        "-n",
+        &ns.0,
+        "route",
+        "replace",
+        "local",
+        "10.77.0.4",
+        "dev",
+        "lo",
+        "table",
+        "local",
+        "src",
+        "10.77.0.3",
+    ]);
+    let env = [
+        ("NETBOOT_EBPF_INTERFACES", ""),
+        ("NETBOOT_ISCSI_LISTEN", "10.77.0.4:0"),
+    ];
+    let dir = TestDir::new("daemon-userspace-iscsi");
+    let (d, addr) = Daemon::start_in(dir, Some(&ns.0), "10.77.0.1", &env);
+    let portal = d.startup_field("iSCSI listening", "addr");
+    let base = format!("http://{addr}");
+    let jar = d.dir.path().join("cookies");
+    let jar = jar.to_str().expect("utf8 path");
+    ns.curl(&[
+        "-c",
+        jar,
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"username":"admin","password":"admin-pass-1"}"#,
+        &format!("{base}/api/v1/auth/setup"),
+    ]);
+    let api = |method: &str, path: &str, body: &str| {
+        ns.curl(&[
+            "-b",
+            jar,
+            "-X",
+            method,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            &format!("{base}{path}"),
+        ])
+    };
+    let mac = "52:54:00:77:00:05";
+    api(
+        "POST",
+        "/api/v1/images",
+        r#"{"name":"acct","size_bytes":16777216}"#,
+    );
+    api("POST", "/api/v1/devices", &format!(r#"{{"mac":"{mac}"}}"#));
+    api(
+        "PATCH",
+        &format!("/api/v1/devices/{mac}"),
+        r#"{"image":"acct"}"#,
+    );
+
+    // The initiator name iPXE gives the device: the MAC without separators.
+    let initiator = "iqn.2010-04.org.ipxe:525400770005";
+    let iqn = "iqn.2026-01.org.netboot:acct";
+    let url = format!("iscsi://{portal}/{iqn}/0");
+    let opts = format!(
+        "driver=iscsi,transport=tcp,portal={portal},target={iqn},lun=0,initiator-name={initiator}"
+    );
+    let src = d.dir.path().join("src.raw");
+    let data: Vec<u8> = (0..(2u32 << 20) + 4096)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(&src, &data).expect("write source");
+    let src = src.to_str().expect("utf8");
+    let runs: [Vec<&str>; 4] = [
+        vec!["iscsi-inq", "-i", initiator, &url],
+        vec!["iscsi-readcapacity16", "-i", initiator, &url],
+        vec![
+            "qemu-img",
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "--target-image-opts",
+            src,
+            &opts,
+        ],
+        vec!["qemu-io", "--image-opts", "-c", "read -v 0 64k", &opts],
+    ];
+    for args in &runs {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg("timeout")
+            .arg("60")
+            .args(args)
+            .output()
+            .expect("run the initiator");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Once every connection of the initiator ended, the metrics equal the target's count.
+    let sessions_total = || -> (usize, usize, u64, u64) {
+        let v: Value =
+            serde_json::from_str(&ns.curl(&["-b", jar, &format!("{base}/api/v1/iscsi/sessions")]))
+                .expect("json");
+        let mine = |key: &str| -> Vec<Value> {
+            v[key]
+                .as_array()
+                .expect("array")
+                .iter()
+                .filter(|s| s["initiator"] == initiator)
+                .cloned()
+                .collect()
+        };
+        let (active, recent) = (mine("active"), mine("recent"));
+        let sum = |f: &str| recent.iter().map(|s| s[f].as_u64().expect(f)).sum::<u64>();
+        (active.len(), recent.len(), sum("rx_bytes"), sum("tx_bytes"))
+    };
+    let scrape = || common::Samples::parse(&ns.curl(&[&format!("{base}/metrics")]));
+    let counted = |s: &common::Samples, dir: &str| {
+        s.sum(
+            "netboot_client_bytes_total",
+            &[
+                ("mac", mac),
+                ("service", "iscsi"),
+                ("direction", dir),
+                ("source", "userspace"),
+            ],
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (rx, tx) = loop {
+        let (active, ended, rx, tx) = sessions_total();
+        let s = scrape();
+        let (m_rx, m_tx) = (counted(&s, "rx"), counted(&s, "tx"));
+        if active == 0 && ended == runs.len() && (m_rx, m_tx) == (rx, tx) {
+            break (rx, tx);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{active} live and {ended} ended sessions of {initiator}, target's count rx {rx} \
+             tx {tx}, metrics of {mac} rx {m_rx} tx {m_tx}"
+        );
+        std::thread::yield_now();
+    };
+    eprintln!("{mac}: iSCSI rx {rx} tx {tx}, as the target counted them");
+    assert!(rx > data.len() as u64, "the written bytes are in: {rx}");
+    assert!(tx > 64 << 10, "the read bytes are out: {tx}");
+
+    // The device's metrics say the same, and where the figures come from.
+    let m: Value = serde_json::from_str(&ns.curl(&[
+        "-b",
+        jar,
+        &format!("{base}/api/v1/devices/{mac}/metrics"),
+    ]))
+    .expect("json");
+    assert_eq!(m["source"], "userspace", "{m}");
+    let total = |key: &str, dir: &str| {
+        m[key]
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter(|t| t["service"] == "iscsi" && t["direction"] == dir)
+            .map(|t| t["bytes"].as_u64().expect("bytes"))
+            .sum::<u64>()
+    };
+    assert_eq!(
+        (total("totals", "rx"), total("totals", "tx")),
+        (rx, tx),
+        "{m}"
+    );
+    drop(d);
+}

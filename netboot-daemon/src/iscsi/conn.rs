@@ -8,7 +8,8 @@
 //! network thread) and hands the result back with [`Connection::complete`].
 //!
 //! Invariants: one connection per session (MaxConnections=1) and ErrorRecoveryLevel 0, so a
-//! protocol error ends the connection; a write never buffers more than [`MAX_TRANSFER_BYTES`]
+//! protocol error ends the connection, except a Data-Out out of DataSN order, which fails
+//! only its command (RFC 7143 section 7.8); a write never buffers more than [`MAX_TRANSFER_BYTES`]
 //! bytes, and nothing else buffers more than one PDU.
 
 use std::collections::{HashMap, VecDeque};
@@ -17,8 +18,8 @@ use std::sync::Arc;
 use super::chap::{self, Challenge, Credentials};
 use super::pdu::{Pdu, RESERVED_TAG, op};
 use super::scsi::{
-    COMPARE_AND_WRITE, Lun, MAX_TRANSFER_BYTES, REPORT_LUNS, ScsiResult, Sense, report_luns,
-    shorten_write,
+    COMPARE_AND_WRITE, Lun, MAX_TRANSFER_BYTES, REPORT_LUNS, SENSE_KEY_ABORTED_COMMAND, ScsiResult,
+    Sense, report_luns, shorten_write,
 };
 use super::text::{self, Negotiation, Params};
 
@@ -253,6 +254,9 @@ struct WriteTask {
     r2ts: Vec<(u32, u64)>,
     /// The next DataSN of each data sequence, by TTT (unsolicited data: the reserved tag).
     data_sn: HashMap<u32, u32>,
+    /// A Data-Out came out of DataSN order: the command ends in CHECK CONDITION once all
+    /// its data is in, without running.
+    data_sn_error: bool,
     r2t_sn: u32,
     residual: Residual,
 }
@@ -841,6 +845,7 @@ impl Connection {
             solicited: 0,
             r2ts: Vec::new(),
             data_sn: HashMap::new(),
+            data_sn_error: false,
             r2t_sn: 0,
             residual,
         };
@@ -909,18 +914,23 @@ impl Connection {
             return self.reject(&pdu.bhs, REJECT_INVALID_FIELD);
         }
         let expected = task.data_sn.entry(ttt).or_insert(0);
-        if pdu.u32_at(36) != *expected {
-            // A lost or reordered Data-Out: without ErrorRecoveryLevel 1 the only recovery is
-            // to end the connection (RFC 7143 section 7.1.4.1), which fails the task.
-            tracing::warn!(
-                itt,
-                "iSCSI Data-Out out of sequence: dropping the connection"
-            );
-            self.writes.remove(&itt);
-            self.phase = Phase::Closing;
-            return;
+        let data_sn = pdu.u32_at(36);
+        if data_sn != *expected {
+            // A lost or reordered Data-Out implies a digest error on an earlier one. Without
+            // recovery R2Ts (ErrorRecoveryLevel 0) the target terminates the task with
+            // CHECK CONDITION, "protocol service CRC error", once all its data is in (RFC
+            // 7143 sections 7.8 and 7.8.1); the connection stays up.
+            if !task.data_sn_error {
+                tracing::warn!(
+                    itt,
+                    expected = *expected,
+                    data_sn,
+                    "iSCSI Data-Out out of DataSN order: failing the command"
+                );
+            }
+            task.data_sn_error = true;
         }
-        *expected += 1;
+        *expected = data_sn.wrapping_add(1);
         store(task, offset, &pdu.data);
         let need = task.data.len() as u64;
         if pdu.is_final() && ttt != RESERVED_TAG {
@@ -938,6 +948,12 @@ impl Connection {
 
     fn finish_write(&mut self, itt: u32) {
         if let Some(task) = self.writes.remove(&itt) {
+            if task.data_sn_error {
+                // ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (RFC 7143 section 11.4.7.2).
+                let sense = Sense::new(SENSE_KEY_ABORTED_COMMAND, 0x47, 0x05);
+                let result = ScsiResult::check_condition(sense);
+                return self.respond(itt, task.lun_field, task.edtl, false, result, task.residual);
+            }
             self.running.insert(
                 itt,
                 Running {
@@ -1447,6 +1463,46 @@ mod tests {
         assert_eq!(r[1].data, vec![0x22; 8192]);
         assert_eq!(r[1].flags() & 0x81, 0x81, "final, with status");
         assert_eq!(r[1].u32_at(36), 1, "DataSN");
+    }
+
+    #[test]
+    fn a_data_out_out_of_datasn_order_fails_its_command_and_keeps_the_connection() {
+        let mut c = logged_in();
+        let write = [0x2a, 0, 0, 0, 0, 8, 0, 0, 32, 0];
+        // DataSN 1 then 0 (libiscsi's iSCSIDataSnInvalid), then 0, 1 in order.
+        for (cmd_sn, itt, sns) in [(0, 10, [1u32, 0]), (2, 11, [0, 1])] {
+            c.handle(command(cmd_sn, itt, 0x20, 16384, &write));
+            let r = sent(&mut c);
+            assert_eq!(r[0].opcode(), op::R2T);
+            let ttt = r[0].u32_at(20);
+            for (i, sn) in sns.into_iter().enumerate() {
+                let mut d = Pdu::new(op::DATA_OUT);
+                d.set_flags(if i == 1 { 0x80 } else { 0 });
+                d.set_itt(itt);
+                d.set_u32(20, ttt);
+                d.set_u32(36, sn);
+                d.set_u32(40, i as u32 * 8192);
+                d.data = vec![0x33; 8192];
+                c.handle(d);
+            }
+            run(&mut c);
+            let r = sent(&mut c);
+            assert!(!c.is_closing());
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].opcode(), op::SCSI_RESPONSE);
+            if itt == 10 {
+                assert_eq!(r[0].bhs[3], 0x02, "CHECK CONDITION");
+                let sense = &r[0].data[2..];
+                assert_eq!((sense[2] & 0x0F, sense[12], sense[13]), (0x0B, 0x47, 0x05));
+                // Nothing was written.
+                let read = [0x28, 0, 0, 0, 0, 8, 0, 0, 32, 0];
+                c.handle(command(1, 12, 0x40, 16384, &read));
+                run(&mut c);
+                assert!(sent(&mut c).iter().all(|p| p.data.iter().all(|&b| b == 0)));
+            } else {
+                assert_eq!(r[0].bhs[3], 0, "GOOD");
+            }
+        }
     }
 
     #[test]

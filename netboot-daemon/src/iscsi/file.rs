@@ -90,6 +90,21 @@ impl Backing for FileBacking {
         self.file.sync_data()
     }
 
+    fn extent(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        match seek(&self.file, offset, libc::SEEK_DATA) {
+            Ok(Some(data)) if data <= offset => {
+                let hole = seek(&self.file, offset, libc::SEEK_HOLE)?.unwrap_or(len);
+                Ok((true, hole.min(len)))
+            }
+            Ok(Some(data)) => Ok((false, data.min(len))),
+            // No data at or after `offset` (ENXIO, also past the end of a short file).
+            Ok(None) => Ok((false, len)),
+            // A filesystem that does not report holes: all allocated.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((true, len)),
+            Err(e) => Err(e),
+        }
+    }
+
     fn unmap(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
@@ -318,6 +333,25 @@ mod tests {
             ext.iter()
                 .any(|&(s, e)| s <= 8 << 20 && e >= (8 << 20) + 4096)
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn extents_tell_holes_from_data() {
+        let dir = scratch("extent");
+        let f = rw(&dir.join("f"));
+        let len = 16 << 20;
+        f.set_len(len).expect("size");
+        f.write_all_at(&[1; 4096], 8 << 20).expect("write");
+        let b = FileBacking::new(f, false);
+        let (mapped, end) = b.extent(0, len).expect("extent");
+        assert!(!mapped && end <= 8 << 20 && end > 0, "a hole first: {end}");
+        let (mapped, end) = b.extent(8 << 20, len).expect("extent");
+        assert!(
+            mapped && end >= (8 << 20) + 4096 && end <= len,
+            "then data: {end}"
+        );
+        assert_eq!(b.extent(len - 512, len).expect("extent"), (false, len));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -58,6 +58,11 @@ pub trait Backing: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Deallocates the range (hole punch); the range then reads as zeros.
     fn unmap(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Whether the byte at `offset` (below `len`) is allocated, and where that run of
+    /// allocated or deallocated bytes ends (at most `len`). By default all is allocated.
+    fn extent(&self, _offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        Ok((true, len))
+    }
     /// Whether the backing holds no bytes at all.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -311,6 +316,7 @@ const ASC_INVALID_FIELD_IN_CDB: Asc = (0x24, 0x00);
 const ASC_INVALID_FIELD_IN_PARAMETER_LIST: Asc = (0x26, 0x00);
 const ASC_INVALID_RELEASE_OF_PR: Asc = (0x26, 0x04);
 const ASC_WRITE_PROTECTED: Asc = (0x27, 0x00);
+const ASC_SOFTWARE_WRITE_PROTECTED: Asc = (0x27, 0x02);
 const ASC_SPACE_ALLOCATION_FAILED_WRITE_PROTECT: Asc = (0x27, 0x07);
 const ASC_MODE_PARAMETERS_CHANGED: Asc = (0x2A, 0x01);
 const ASC_RESERVATIONS_PREEMPTED: Asc = (0x2A, 0x03);
@@ -342,7 +348,9 @@ const PREVENT_ALLOW_MEDIUM_REMOVAL: u8 = 0x1E;
 const READ_CAPACITY_10: u8 = 0x25;
 const READ_10: u8 = 0x28;
 const WRITE_10: u8 = 0x2A;
+const WRITE_AND_VERIFY_10: u8 = 0x2E;
 const VERIFY_10: u8 = 0x2F;
+const PRE_FETCH_10: u8 = 0x34;
 const SYNCHRONIZE_CACHE_10: u8 = 0x35;
 const WRITE_SAME_10: u8 = 0x41;
 const UNMAP: u8 = 0x42;
@@ -358,7 +366,10 @@ const READ_16: u8 = 0x88;
 /// COMPARE AND WRITE (SBC-3 5.2).
 pub const COMPARE_AND_WRITE: u8 = 0x89;
 const WRITE_16: u8 = 0x8A;
+const ORWRITE_16: u8 = 0x8B;
+const WRITE_AND_VERIFY_16: u8 = 0x8E;
 const VERIFY_16: u8 = 0x8F;
+const PRE_FETCH_16: u8 = 0x90;
 const SYNCHRONIZE_CACHE_16: u8 = 0x91;
 const WRITE_SAME_16: u8 = 0x93;
 const SERVICE_ACTION_IN_16: u8 = 0x9E;
@@ -367,9 +378,12 @@ pub const REPORT_LUNS: u8 = 0xA0;
 const MAINTENANCE_IN: u8 = 0xA3;
 const READ_12: u8 = 0xA8;
 const WRITE_12: u8 = 0xAA;
+const WRITE_AND_VERIFY_12: u8 = 0xAE;
+const VERIFY_12: u8 = 0xAF;
 
 // Service actions (SBC-3 5.16, SPC-4 6.35, 6.13, 6.14).
 const SA_READ_CAPACITY_16: u8 = 0x10;
+const SA_GET_LBA_STATUS: u8 = 0x12;
 const SA_REPORT_SUPPORTED_OPCODES: u8 = 0x0C;
 const PR_IN_READ_KEYS: u8 = 0x00;
 const PR_IN_READ_RESERVATION: u8 = 0x01;
@@ -416,6 +430,9 @@ const OPTIMAL_TRANSFER_BYTES: u32 = 1 << 20;
 /// Bytes written per call while filling a WRITE SAME range.
 const WRITE_SAME_CHUNK_BYTES: usize = 1 << 20;
 
+/// Most descriptors one GET LBA STATUS returns.
+const MAX_LBA_STATUS_DESCRIPTORS: usize = 64;
+
 /// Parameter list length of PERSISTENT RESERVE OUT without SPEC_I_PT (SPC-4 6.15.3).
 const PR_OUT_PARAMETER_LEN: usize = 24;
 
@@ -427,6 +444,8 @@ const MODE_PAGE_CD_CAPABILITIES: u8 = 0x2A;
 const MODE_PAGE_ALL: u8 = 0x3F;
 /// WCE bit of the caching mode page byte 2 (SBC-3 6.4.5).
 const CACHING_WCE: u8 = 0x04;
+/// SWP (software write protect) in byte 4 of the control mode page.
+const CONTROL_SWP: u8 = 0x08;
 /// SPF bit of a mode page's byte 0 (SPC-4 7.5.7): sub-page format, none supported.
 const MODE_PAGE_SPF: u8 = 0x40;
 // Page control values (SPC-4 6.11.1).
@@ -515,7 +534,9 @@ static COMMANDS: &[OpInfo] = &[
     op(READ_CAPACITY_10, None, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, C], ANY, Always, Lun::read_capacity_10),
     op(READ_10, None, &[0x28, 0xF8, FF, FF, FF, FF, 0, FF, FF, C], ANY, Read, Lun::read),
     op(WRITE_10, None, &[0x2A, 0xF8, FF, FF, FF, FF, 0, FF, FF, C], DISK, Write, Lun::write),
+    op(WRITE_AND_VERIFY_10, None, &[0x2E, 0xF2, FF, FF, FF, FF, 0, FF, FF, C], DISK, Write, Lun::write_and_verify),
     op(VERIFY_10, None, &[0x2F, 0xF6, FF, FF, FF, FF, 0, FF, FF, C], DISK, Read, Lun::verify),
+    op(PRE_FETCH_10, None, &[0x34, 0x02, FF, FF, FF, FF, 0, FF, FF, C], DISK, Read, Lun::pre_fetch),
     op(SYNCHRONIZE_CACHE_10, None, &[0x35, 0x02, FF, FF, FF, FF, 0, FF, FF, C], ANY, Write, Lun::synchronize_cache),
     op(WRITE_SAME_10, None, &[0x41, 0xF8, FF, FF, FF, FF, 0, FF, FF, C], DISK, Write, Lun::write_same),
     op(UNMAP, None, &[0x42, 0x01, 0, 0, 0, 0, 0, FF, FF, C], DISK, Write, Lun::unmap),
@@ -539,14 +560,20 @@ static COMMANDS: &[OpInfo] = &[
     op(READ_16, None, &[0x88, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Read, Lun::read),
     op(COMPARE_AND_WRITE, None, &[0x89, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0, C], DISK, Write, Lun::compare_and_write),
     op(WRITE_16, None, &[0x8A, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Write, Lun::write),
+    op(ORWRITE_16, None, &[0x8B, 0xFA, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, C], DISK, Write, Lun::orwrite),
+    op(WRITE_AND_VERIFY_16, None, &[0x8E, 0xF2, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Write, Lun::write_and_verify),
     op(VERIFY_16, None, &[0x8F, 0xF6, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Read, Lun::verify),
+    op(PRE_FETCH_16, None, &[0x90, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Read, Lun::pre_fetch),
     op(SYNCHRONIZE_CACHE_16, None, &[0x91, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Write, Lun::synchronize_cache),
     op(WRITE_SAME_16, None, &[0x93, 0xF9, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Write, Lun::write_same),
     op(SERVICE_ACTION_IN_16, Some(SA_READ_CAPACITY_16), &[0x9E, SA_READ_CAPACITY_16, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, C], ANY, Always, Lun::read_capacity_16),
+    op(SERVICE_ACTION_IN_16, Some(SA_GET_LBA_STATUS), &[0x9E, SA_GET_LBA_STATUS, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Read, Lun::get_lba_status),
     op(REPORT_LUNS, None, &[0xA0, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, C], ANY, Always, Lun::report_luns),
     op(MAINTENANCE_IN, Some(SA_REPORT_SUPPORTED_OPCODES), &[0xA3, SA_REPORT_SUPPORTED_OPCODES, 0x87, FF, FF, FF, FF, FF, FF, FF, 0, C], ANY, Always, Lun::report_supported_opcodes),
     op(READ_12, None, &[0xA8, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], ANY, Read, Lun::read),
     op(WRITE_12, None, &[0xAA, 0xF8, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Write, Lun::write),
+    op(WRITE_AND_VERIFY_12, None, &[0xAE, 0xF2, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Write, Lun::write_and_verify),
+    op(VERIFY_12, None, &[0xAF, 0xF6, FF, FF, FF, FF, FF, FF, FF, FF, 0, C], DISK, Read, Lun::verify),
 ];
 
 /// Opcodes that change the medium: on a CD-ROM they end in DATA PROTECT, not in
@@ -556,6 +583,10 @@ const MEDIUM_WRITES: &[u8] = &[
     WRITE_10,
     WRITE_12,
     WRITE_16,
+    ORWRITE_16,
+    WRITE_AND_VERIFY_10,
+    WRITE_AND_VERIFY_12,
+    WRITE_AND_VERIFY_16,
     WRITE_SAME_10,
     WRITE_SAME_16,
     UNMAP,
@@ -655,6 +686,13 @@ struct PrOutParams {
     sa_key: u64,
 }
 
+/// The changeable mode parameters a MODE SELECT sent (None: page not sent).
+#[derive(Debug, Default)]
+struct ModeChanges {
+    write_cache: Option<bool>,
+    software_write_protect: Option<bool>,
+}
+
 /// Unit attentions to queue: (I_T nexus, additional sense code).
 type Notices = Vec<(String, Asc)>;
 
@@ -671,6 +709,8 @@ struct Reservations {
 #[derive(Debug)]
 struct State {
     write_cache: bool,
+    /// The control mode page's SWP: every medium write fails with DATA PROTECT.
+    software_write_protect: bool,
     /// Pending unit attentions of every I_T nexus seen.
     nexuses: HashMap<String, VecDeque<Asc>>,
     pr: Reservations,
@@ -745,6 +785,7 @@ impl Lun {
         let read_only = config.read_only || config.device_type == DeviceType::CdRom;
         let state = State {
             write_cache: config.write_cache,
+            software_write_protect: false,
             nexuses: HashMap::new(),
             pr: Reservations::default(),
             reserve_6: None,
@@ -932,7 +973,8 @@ impl Lun {
     fn parameter_len(&self, cdb: &[u8]) -> Result<u64, Sense> {
         let bs = u64::from(self.block_size);
         Ok(match byte(cdb, 0) {
-            WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 => {
+            WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 | ORWRITE_16 | WRITE_AND_VERIFY_10
+            | WRITE_AND_VERIFY_12 | WRITE_AND_VERIFY_16 => {
                 let (_, blocks) = lba_and_length(cdb);
                 self.check_transfer(blocks)?;
                 u64::from(blocks) * bs
@@ -942,7 +984,7 @@ impl Lun {
             WRITE_SAME_16 => bs,
             UNMAP | MODE_SELECT_10 => u64::from(be16(cdb, 7)),
             MODE_SELECT_6 => u64::from(byte(cdb, 4)),
-            VERIFY_10 | VERIFY_16 => self.verify_len(cdb)?,
+            VERIFY_10 | VERIFY_12 | VERIFY_16 => self.verify_len(cdb)?,
             COMPARE_AND_WRITE => {
                 let blocks = byte(cdb, 13);
                 if blocks > MAX_COMPARE_AND_WRITE_BLOCKS {
@@ -1060,6 +1102,12 @@ impl Lun {
     fn check_writable(&self) -> Result<(), Sense> {
         if self.read_only {
             return Err(Sense::of(SENSE_KEY_DATA_PROTECT, ASC_WRITE_PROTECTED));
+        }
+        if self.state().software_write_protect {
+            return Err(Sense::of(
+                SENSE_KEY_DATA_PROTECT,
+                ASC_SOFTWARE_WRITE_PROTECTED,
+            ));
         }
         Ok(())
     }
@@ -1297,7 +1345,90 @@ impl Lun {
         Ok(Vec::new())
     }
 
-    /// VERIFY(10/16) (SBC-3 5.26-5.27): BYTCHK 0 checks the range, 1 compares every
+    /// WRITE AND VERIFY(10/12/16) (SBC-3 5.37-5.39): a write (durable as a WRITE without
+    /// FUA is), then the blocks read back and compared with what was sent (BYTCHK 0 and 1
+    /// alike).
+    fn write_and_verify(&self, cmd: &Cmd<'_>) -> Outcome {
+        self.check_writable()?;
+        check_protect_field(cmd.cdb)?;
+        let (lba, blocks) = lba_and_length(cmd.cdb);
+        self.check_transfer(blocks)?;
+        self.check_range(lba, u64::from(blocks))?;
+        if blocks > 0 {
+            self.write_blocks(lba, cmd.data_out, false)?;
+            self.compare_medium(lba, cmd.data_out)?;
+        }
+        Ok(Vec::new())
+    }
+
+    /// ORWRITE(16) (SBC-3 5.13): each block becomes itself OR the Data-Out, atomically
+    /// with respect to COMPARE AND WRITE and other ORWRITE commands.
+    fn orwrite(&self, cmd: &Cmd<'_>) -> Outcome {
+        self.check_writable()?;
+        check_protect_field(cmd.cdb)?;
+        let (lba, blocks) = lba_and_length(cmd.cdb);
+        self.check_transfer(blocks)?;
+        self.check_range(lba, u64::from(blocks))?;
+        if blocks == 0 {
+            return Ok(Vec::new());
+        }
+        let _guard = self
+            .compare_and_write
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut data = self.read_blocks(lba, blocks)?;
+        for (d, o) in data.iter_mut().zip(cmd.data_out) {
+            *d |= o;
+        }
+        self.write_blocks(lba, &data, has_fua(cmd.cdb))?;
+        Ok(Vec::new())
+    }
+
+    /// GET LBA STATUS (SBC-3 5.7): from the starting LBA, runs of mapped and deallocated
+    /// blocks as the backing reports them (holes of a sparse file), as many descriptors as
+    /// the allocation length holds (at most [`MAX_LBA_STATUS_DESCRIPTORS`]).
+    fn get_lba_status(&self, cmd: &Cmd<'_>) -> Outcome {
+        let start = be64(cmd.cdb, 2);
+        let alloc = be32(cmd.cdb, 10) as usize;
+        let capacity = self.capacity()?;
+        if start >= capacity {
+            return Err(Sense::illegal(ASC_LBA_OUT_OF_RANGE)
+                .with_information(start)
+                .into());
+        }
+        let bs = u64::from(self.block_size);
+        let len = capacity * bs;
+        let wanted = alloc.saturating_sub(8) / 16;
+        let mut d = vec![0u8; 8];
+        let mut lba = start;
+        while lba < capacity && (d.len() - 8) / 16 < wanted.clamp(1, MAX_LBA_STATUS_DESCRIPTORS) {
+            let (mapped, end) = self
+                .backing
+                .extent(self.offset(lba), len)
+                .map_err(|e| io_sense(&e, ASC_UNRECOVERED_READ_ERROR, lba))?;
+            // A run ends on a block boundary; a partial block counts as its run's kind.
+            let end_lba = end.div_ceil(bs).clamp(lba + 1, capacity);
+            let blocks = u32::try_from(end_lba - lba).unwrap_or(u32::MAX);
+            d.extend_from_slice(&lba.to_be_bytes());
+            d.extend_from_slice(&blocks.to_be_bytes());
+            d.extend_from_slice(&[u8::from(!mapped), 0, 0, 0]);
+            lba += u64::from(blocks);
+        }
+        // invariant: at most MAX_LBA_STATUS_DESCRIPTORS descriptors of 16 bytes.
+        let param_len = (d.len() - 4) as u32;
+        d[..4].copy_from_slice(&param_len.to_be_bytes());
+        Ok(truncated(d, alloc))
+    }
+
+    /// PRE-FETCH(10/16) (SBC-3 5.6-5.7): the range is checked; the page cache reads ahead
+    /// on its own, so nothing is loaded and the status is GOOD (not CONDITION MET).
+    fn pre_fetch(&self, cmd: &Cmd<'_>) -> Outcome {
+        let (lba, blocks) = lba_and_length(cmd.cdb);
+        self.check_range(lba, u64::from(blocks))?;
+        Ok(Vec::new())
+    }
+
+    /// VERIFY(10/12/16) (SBC-3 5.26-5.28): BYTCHK 0 checks the range, 1 compares every
     /// block, 3 compares one block against each.
     fn verify(&self, cmd: &Cmd<'_>) -> Outcome {
         check_protect_field(cmd.cdb)?;
@@ -1449,7 +1580,8 @@ impl Lun {
 
     /// Mode parameter header (SPC-4 7.5.4-7.5.5) followed by descriptor and pages.
     fn mode_parameters(&self, ten: bool, long_lba: bool, desc: &[u8], pages: &[u8]) -> Vec<u8> {
-        let device_specific = match (self.is_disk(), self.read_only) {
+        let write_protected = self.read_only || self.state().software_write_protect;
+        let device_specific = match (self.is_disk(), write_protected) {
             (true, true) => 0x90, // WP, DPOFUA
             (true, false) => 0x10,
             (false, _) => 0x00,
@@ -1538,11 +1670,11 @@ impl Lun {
         }
         let mut d = match page {
             MODE_PAGE_CACHING => self.caching_page(pc),
-            MODE_PAGE_CONTROL => control_page(),
+            MODE_PAGE_CONTROL => self.control_page(pc),
             MODE_PAGE_INFORMATIONAL_EXCEPTIONS => informational_exceptions_page(),
             _ => cd_capabilities_page(),
         };
-        if pc == PC_CHANGEABLE && page != MODE_PAGE_CACHING {
+        if pc == PC_CHANGEABLE && page != MODE_PAGE_CACHING && page != MODE_PAGE_CONTROL {
             d[2..].fill(0);
         }
         Some(d)
@@ -1564,8 +1696,29 @@ impl Lun {
         d
     }
 
-    /// MODE SELECT(6/10) (SPC-4 6.9-6.10): only WCE of the caching page may change; other
-    /// supported pages are accepted when sent back unchanged.
+    /// Control mode page (SPC-4 7.5.8): GLTSD, QUEUE ALGORITHM MODIFIER 1; on a disk SWP
+    /// is changeable (and current when set), nothing else.
+    fn control_page(&self, pc: u8) -> Vec<u8> {
+        let mut d = vec![0u8; 12];
+        d[0] = MODE_PAGE_CONTROL;
+        d[1] = 0x0A;
+        if pc == PC_CHANGEABLE {
+            if self.is_disk() {
+                d[4] = CONTROL_SWP;
+            }
+            return d;
+        }
+        d[2] = 0x02; // GLTSD
+        d[3] = 0x10; // QUEUE ALGORITHM MODIFIER 1
+        if pc == PC_CURRENT && self.state().software_write_protect {
+            d[4] = CONTROL_SWP;
+        }
+        d
+    }
+
+    /// MODE SELECT(6/10) (SPC-4 6.9-6.10): only WCE of the caching page and SWP of the
+    /// control page (disks) may change; other supported pages are accepted when sent back
+    /// unchanged. A change raises MODE PARAMETERS CHANGED on every other I_T nexus.
     fn mode_select(&self, cmd: &Cmd<'_>) -> Outcome {
         let flags = byte(cmd.cdb, 1);
         if flags & 0x01 != 0 {
@@ -1594,13 +1747,17 @@ impl Lun {
             return illegal(ASC_PARAMETER_LIST_LENGTH_ERROR);
         };
         self.check_block_descriptors(desc, long_lba)?;
-        let wce = self.parse_mode_pages(&data[header + desc_len..])?;
-        if let Some(wce) = wce {
-            let mut state = self.state();
-            if state.write_cache != wce {
-                state.write_cache = wce;
-                state.notify_all_but(cmd.initiator, ASC_MODE_PARAMETERS_CHANGED);
-            }
+        let changes = self.parse_mode_pages(&data[header + desc_len..])?;
+        let mut state = self.state();
+        let mut changed = false;
+        if let Some(wce) = changes.write_cache {
+            changed |= std::mem::replace(&mut state.write_cache, wce) != wce;
+        }
+        if let Some(swp) = changes.software_write_protect {
+            changed |= std::mem::replace(&mut state.software_write_protect, swp) != swp;
+        }
+        if changed {
+            state.notify_all_but(cmd.initiator, ASC_MODE_PARAMETERS_CHANGED);
         }
         Ok(Vec::new())
     }
@@ -1630,10 +1787,10 @@ impl Lun {
         Ok(())
     }
 
-    /// Checks every page against the changeable mask; returns the new WCE if the caching
-    /// page was sent.
-    fn parse_mode_pages(&self, mut rest: &[u8]) -> Result<Option<bool>, Sense> {
-        let mut wce = None;
+    /// Checks every page against the changeable mask; returns the new WCE and SWP of the
+    /// pages that were sent.
+    fn parse_mode_pages(&self, mut rest: &[u8]) -> Result<ModeChanges, Sense> {
+        let mut changes = ModeChanges::default();
         while !rest.is_empty() {
             if rest.len() < 2 {
                 return illegal(ASC_PARAMETER_LIST_LENGTH_ERROR);
@@ -1647,12 +1804,16 @@ impl Lun {
                 return illegal(ASC_PARAMETER_LIST_LENGTH_ERROR);
             };
             self.check_mode_page(code, page)?;
-            if code == MODE_PAGE_CACHING {
-                wce = Some(page[2] & CACHING_WCE != 0);
+            match code {
+                MODE_PAGE_CACHING => changes.write_cache = Some(page[2] & CACHING_WCE != 0),
+                MODE_PAGE_CONTROL if self.is_disk() => {
+                    changes.software_write_protect = Some(page[4] & CONTROL_SWP != 0);
+                }
+                _ => {}
             }
             rest = &rest[len..];
         }
-        Ok(wce)
+        Ok(changes)
     }
 
     fn check_mode_page(&self, code: u8, page: &[u8]) -> Result<(), Sense> {
@@ -2179,7 +2340,7 @@ fn report_capabilities() -> Vec<u8> {
 // Free functions
 // ------------------------------------------------------------------------------------
 
-/// A WRITE(6/10/12/16) whose Expected Data Transfer Length is shorter than its transfer
+/// A WRITE(6/10/12/16) or WRITE AND VERIFY(10/12/16) whose Expected Data Transfer Length is shorter than its transfer
 /// length: the same write of only the whole blocks the initiator will send, and their
 /// bytes (RFC 7143 section 11.4.5.2: the residual overflow is reported, and the blocks
 /// beyond are left alone). `None` for other commands or when the data suffices.
@@ -2193,13 +2354,13 @@ pub fn shorten_write(cdb: &[u8], need: u64, edtl: u64, block_size: u32) -> Optio
         // WRITE(6): a length of 0 means 256, so no blocks cannot be expressed.
         WRITE_6 if blocks == 0 => return Some((short, 0)),
         WRITE_6 => *short.get_mut(4)? = u8::try_from(blocks).ok()?,
-        WRITE_10 => short
+        WRITE_10 | WRITE_AND_VERIFY_10 => short
             .get_mut(7..9)?
             .copy_from_slice(&u16::try_from(blocks).ok()?.to_be_bytes()),
-        WRITE_12 => short
+        WRITE_12 | WRITE_AND_VERIFY_12 => short
             .get_mut(6..10)?
             .copy_from_slice(&u32::try_from(blocks).ok()?.to_be_bytes()),
-        WRITE_16 => short
+        WRITE_16 | WRITE_AND_VERIFY_16 => short
             .get_mut(10..14)?
             .copy_from_slice(&u32::try_from(blocks).ok()?.to_be_bytes()),
         _ => return None,
@@ -2385,15 +2546,6 @@ fn logical_block_provisioning() -> Vec<u8> {
 
 /// Control mode page (SPC-4 7.5.8): D_SENSE=0, TST=0, QErr=0, unrestricted reordering,
 /// GLTSD (no log pages).
-fn control_page() -> Vec<u8> {
-    let mut d = vec![0u8; 12];
-    d[0] = MODE_PAGE_CONTROL;
-    d[1] = 0x0A;
-    d[2] = 0x02; // GLTSD
-    d[3] = 0x10; // QUEUE ALGORITHM MODIFIER 1
-    d
-}
-
 /// Informational exceptions control mode page (SPC-4 7.5.12): DEXCPT, nothing reported.
 fn informational_exceptions_page() -> Vec<u8> {
     let mut d = vec![0u8; 12];
@@ -3034,11 +3186,134 @@ mod tests {
         other[8 + 3] = 0x11;
         assert_eq!(ck(&lun, A, &select_10(&other), &other).1, 0x26);
         assert_eq!(ck(&lun, A, &select_10(&list[..5]), &list[..5]).1, 0x1A);
-        let ctl = [vec![0; 8], control_page()].concat();
+        let ctl = [vec![0; 8], lun.control_page(PC_CURRENT)].concat();
         ok(&lun, &select_10(&ctl), &ctl);
         let mut d_sense = ctl.clone();
         d_sense[8 + 2] |= 0x04;
         assert_eq!(ck(&lun, A, &select_10(&d_sense), &d_sense).1, 0x26);
+    }
+
+    #[test]
+    fn software_write_protect_is_changeable_and_refuses_every_medium_write() {
+        let (backing, lun) = disk();
+        exec(&lun, B, &TUR, &[]);
+        let sense = |pc: u8| {
+            ok(
+                &lun,
+                &[MODE_SENSE_6, 0x08, (pc << 6) | 0x0A, 0, 255, 0],
+                &[],
+            )
+        };
+        assert_eq!(
+            sense(PC_CHANGEABLE)[4 + 4],
+            CONTROL_SWP,
+            "SWP is the changeable bit"
+        );
+        let mut list = sense(PC_CURRENT);
+        assert_eq!((list[2] & 0x80, list[4 + 4] & CONTROL_SWP), (0, 0));
+        list[0] = 0;
+        list[4 + 4] |= CONTROL_SWP;
+        let select = [MODE_SELECT_6, 0x10, 0, 0, list.len() as u8, 0];
+        ok(&lun, &select, &list);
+        let current = sense(PC_CURRENT);
+        assert_eq!(
+            (current[2] & 0x80, current[4 + 4]),
+            (0x80, CONTROL_SWP),
+            "WP and SWP"
+        );
+        assert_eq!(sense(PC_DEFAULT)[4 + 4], 0);
+        // Reads still work; every medium write from every nexus is refused, nothing written.
+        ok(&lun, &rw(READ_10, 0, 1, 0), &[]);
+        let block = vec![0xAB; 512];
+        let protected = (SENSE_KEY_DATA_PROTECT, 0x27, 0x02);
+        assert_eq!(ck(&lun, A, &rw(WRITE_10, 0, 1, 0), &block), protected);
+        assert_eq!(ck(&lun, B, &TUR, &[]), (0x06, 0x2A, 0x01), "B is told");
+        assert_eq!(ck(&lun, B, &rw(WRITE_16, 0, 1, 0), &block), protected);
+        let mut ws = [0u8; 10];
+        ws[0] = WRITE_SAME_10;
+        ws[8] = 1;
+        assert_eq!(ck(&lun, A, &ws, &block), protected);
+        let mut unmap = [0u8; 10];
+        unmap[0] = UNMAP;
+        unmap[8] = 24;
+        let mut params = vec![0, 22, 0, 16, 0, 0, 0, 0];
+        params.extend_from_slice(&[0; 8]);
+        params.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
+        assert_eq!(ck(&lun, A, &unmap, &params), protected);
+        assert!(backing.data.lock().unwrap().iter().all(|&b| b == 0));
+        // Clearing it makes the LUN writable again.
+        list[4 + 4] &= !CONTROL_SWP;
+        ok(&lun, &select, &list);
+        ok(&lun, &rw(WRITE_10, 0, 1, 0), &block);
+        assert_eq!(backing.data.lock().unwrap()[..512], block[..]);
+    }
+
+    #[test]
+    fn write_and_verify_pre_fetch_and_verify_12() {
+        let (backing, lun) = disk();
+        let data: Vec<u8> = (0..1024u32).map(|i| i as u8).collect();
+        for opcode in [
+            WRITE_AND_VERIFY_10,
+            WRITE_AND_VERIFY_12,
+            WRITE_AND_VERIFY_16,
+        ] {
+            let cdb = rw(opcode, 2, 2, 0x02);
+            assert_eq!(lun.data_out_len(&cdb), Ok(1024));
+            ok(&lun, &cdb, &data);
+            assert_eq!(backing.data.lock().unwrap()[1024..2048], data[..]);
+            assert_eq!(
+                ck(&lun, A, &rw(opcode, 63, 2, 0), &data).1,
+                0x21,
+                "beyond the end"
+            );
+        }
+        // VERIFY(12) with BYTCHK=1 compares; PRE-FETCH checks the range only.
+        ok(&lun, &rw(VERIFY_12, 2, 2, 0x02), &data);
+        let other = vec![0xEE; 1024];
+        assert_eq!(
+            ck(&lun, A, &rw(VERIFY_12, 2, 2, 0x02), &other).0,
+            SENSE_KEY_MISCOMPARE
+        );
+        ok(&lun, &rw(PRE_FETCH_10, 0, 64, 0), &[]);
+        ok(&lun, &rw(PRE_FETCH_16, 60, 0, 0x02), &[]);
+        assert_eq!(ck(&lun, A, &rw(PRE_FETCH_16, 60, 5, 0), &[]).1, 0x21);
+        // A short Expected Data Transfer Length writes the whole blocks sent.
+        let cdb = rw(WRITE_AND_VERIFY_10, 0, 4, 0);
+        let (short, bytes) = shorten_write(&cdb, 2048, 1000, 512).expect("shortened");
+        assert_eq!((be16(&short, 7), bytes), (1, 512));
+    }
+
+    #[test]
+    fn orwrite_ors_and_get_lba_status_reports_runs() {
+        let (backing, lun) = disk();
+        ok(&lun, &rw(WRITE_10, 1, 1, 0), &[0x0F; 512]);
+        let cdb = rw(ORWRITE_16, 1, 1, 0x18);
+        assert_eq!(lun.data_out_len(&cdb), Ok(512));
+        ok(&lun, &cdb, &[0xF0; 512]);
+        assert!(
+            backing.data.lock().unwrap()[512..1024]
+                .iter()
+                .all(|&b| b == 0xFF)
+        );
+        assert_eq!(
+            ck(&lun, A, &rw(ORWRITE_16, 1, 1, 0x20), &[0; 512]).1,
+            0x24,
+            "ORPROTECT"
+        );
+        assert_eq!(ck(&lun, A, &rw(ORWRITE_16, 64, 1, 0), &[0; 512]).1, 0x21);
+        // GET LBA STATUS: the whole rest of the LUN is one mapped run in memory.
+        let mut cdb = [0u8; 16];
+        cdb[0] = SERVICE_ACTION_IN_16;
+        cdb[1] = SA_GET_LBA_STATUS;
+        cdb[9] = 5;
+        cdb[13] = 24;
+        let d = ok(&lun, &cdb, &[]);
+        assert_eq!(
+            (be32(&d, 0), be64(&d, 8), be32(&d, 16), d[20]),
+            (20, 5, 59, 0)
+        );
+        cdb[9] = 64;
+        assert_eq!(ck(&lun, A, &cdb, &[]).1, 0x21, "beyond the end");
     }
 
     #[test]
