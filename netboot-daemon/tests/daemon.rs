@@ -255,6 +255,20 @@ impl Netns {
     fn curl(&self, args: &[&str]) -> String {
         common::curl_ok_in(&self.0, args)
     }
+
+    /// Creates the first administrator of the daemon at `base` and keeps its session
+    /// cookie in the file `jar`.
+    fn set_up_admin(&self, base: &str, jar: &str) {
+        self.curl(&[
+            "-c",
+            jar,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"username":"admin","password":"admin-pass-1"}"#,
+            &format!("{base}/api/v1/auth/setup"),
+        ]);
+    }
 }
 
 impl Drop for Netns {
@@ -396,15 +410,7 @@ fn counts_in_userspace_without_ebpf_and_keeps_the_totals_across_a_restart() {
     let base = format!("http://{addr}");
     let jar = d.dir.path().join("cookies");
     let jar = jar.to_str().expect("utf8 path");
-    ns.curl(&[
-        "-c",
-        jar,
-        "-H",
-        "content-type: application/json",
-        "-d",
-        r#"{"username":"admin","password":"admin-pass-1"}"#,
-        &format!("{base}/api/v1/auth/setup"),
-    ]);
+    ns.set_up_admin(&base, jar);
     let metrics = |ns: &Netns, base: &str| -> Value {
         serde_json::from_str(&ns.curl(&[
             "-b",
@@ -499,15 +505,7 @@ fn counts_iscsi_in_userspace_exactly_as_the_target_counts_it() {
     let base = format!("http://{addr}");
     let jar = d.dir.path().join("cookies");
     let jar = jar.to_str().expect("utf8 path");
-    ns.curl(&[
-        "-c",
-        jar,
-        "-H",
-        "content-type: application/json",
-        "-d",
-        r#"{"username":"admin","password":"admin-pass-1"}"#,
-        &format!("{base}/api/v1/auth/setup"),
-    ]);
+    ns.set_up_admin(&base, jar);
     let api = |method: &str, path: &str, body: &str| {
         ns.curl(&[
             "-b",

@@ -1332,13 +1332,20 @@ impl Lun {
         Ok(self.read_blocks(lba, blocks)?)
     }
 
-    /// WRITE(6/10/12/16) (SBC-3 5.32-5.35).
-    fn write(&self, cmd: &Cmd<'_>) -> Outcome {
+    /// The LBA and block count of a WRITE-like command (WRITE, WRITE AND VERIFY, ORWRITE),
+    /// once the LUN is writable, the protection field zero and the blocks in range.
+    fn write_extent(&self, cmd: &Cmd<'_>) -> Result<(u64, u32), Sense> {
         self.check_writable()?;
         check_protect_field(cmd.cdb)?;
         let (lba, blocks) = lba_and_length(cmd.cdb);
         self.check_transfer(blocks)?;
         self.check_range(lba, u64::from(blocks))?;
+        Ok((lba, blocks))
+    }
+
+    /// WRITE(6/10/12/16) (SBC-3 5.32-5.35).
+    fn write(&self, cmd: &Cmd<'_>) -> Outcome {
+        let (lba, blocks) = self.write_extent(cmd)?;
         if blocks > 0 {
             self.write_blocks(lba, cmd.data_out, has_fua(cmd.cdb))?;
         }
@@ -1349,11 +1356,7 @@ impl Lun {
     /// FUA is), then the blocks read back and compared with what was sent (BYTCHK 0 and 1
     /// alike).
     fn write_and_verify(&self, cmd: &Cmd<'_>) -> Outcome {
-        self.check_writable()?;
-        check_protect_field(cmd.cdb)?;
-        let (lba, blocks) = lba_and_length(cmd.cdb);
-        self.check_transfer(blocks)?;
-        self.check_range(lba, u64::from(blocks))?;
+        let (lba, blocks) = self.write_extent(cmd)?;
         if blocks > 0 {
             self.write_blocks(lba, cmd.data_out, false)?;
             self.compare_medium(lba, cmd.data_out)?;
@@ -1364,11 +1367,7 @@ impl Lun {
     /// ORWRITE(16) (SBC-3 5.13): each block becomes itself OR the Data-Out, atomically
     /// with respect to COMPARE AND WRITE and other ORWRITE commands.
     fn orwrite(&self, cmd: &Cmd<'_>) -> Outcome {
-        self.check_writable()?;
-        check_protect_field(cmd.cdb)?;
-        let (lba, blocks) = lba_and_length(cmd.cdb);
-        self.check_transfer(blocks)?;
-        self.check_range(lba, u64::from(blocks))?;
+        let (lba, blocks) = self.write_extent(cmd)?;
         if blocks == 0 {
             return Ok(Vec::new());
         }
