@@ -33,7 +33,13 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// netbootd with its default iSCSI driver (io_uring), checked to be the one running.
     fn start(tag: &str) -> Self {
+        Self::start_with(tag, "uring")
+    }
+
+    /// netbootd with `iscsi.driver = driver`.
+    fn start_with(tag: &str, driver: &str) -> Self {
         let dir = TestDir::new(&format!("iscsi-{tag}"));
         let config = dir.path().join("netboot.toml");
         let allow: Vec<String> = TEST_INITIATORS
@@ -45,7 +51,8 @@ impl Daemon {
             &config,
             format!(
                 "data_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:0\"\n[dhcp]\nmode = \"off\"\n\
-                 [tftp]\nenabled = false\n[iscsi]\nlisten = \"127.0.0.1:0\"\nallow = [{}]\n",
+                 [tftp]\nenabled = false\n[iscsi]\nlisten = \"127.0.0.1:0\"\nallow = [{}]\n\
+                 driver = \"{driver}\"\n",
                 allow.join(", ")
             ),
         )
@@ -57,6 +64,13 @@ impl Daemon {
         let iscsi = log
             .field("iSCSI listening", "addr")
             .unwrap_or_else(|| panic!("no iSCSI listener:\n{}", log.text()));
+        let running = log.field("iSCSI listening", "driver");
+        assert_eq!(
+            running.map(|d| d.to_lowercase()).as_deref(),
+            Some(driver),
+            "the iSCSI driver asked for runs:\n{}",
+            log.text()
+        );
         let mut d = Self {
             child,
             dir,
@@ -570,10 +584,20 @@ const SUITES: &[&str] = &[
 
 #[test]
 fn libiscsi_conformance_suites_pass() {
+    conformance("uring");
+}
+
+/// The tokio driver, the fallback when a ring cannot be set up, passes the same suites.
+#[test]
+fn libiscsi_conformance_suites_pass_on_the_tokio_driver() {
+    conformance("tokio");
+}
+
+fn conformance(driver: &str) {
     if !tools(&["iscsi-test-cu"]) {
         return;
     }
-    let d = Daemon::start("conformance");
+    let d = Daemon::start_with(&format!("conformance-{driver}"), driver);
     let url = d.image("conformance", 128 << 20);
     let mut failed = Vec::new();
     let mut skipped = 0;

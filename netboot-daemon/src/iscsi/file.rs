@@ -90,6 +90,10 @@ impl Backing for FileBacking {
         self.file.sync_data()
     }
 
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn unmap(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));

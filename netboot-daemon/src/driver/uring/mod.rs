@@ -30,6 +30,7 @@
 //! [`crate::service::tftp::Tftp`]'s.
 
 mod bufring;
+pub mod iscsi;
 mod msg;
 
 use std::cmp::Reverse;
