@@ -1,5 +1,6 @@
 //! The iSCSI target service: targets from the store's images, with their access control,
-//! and the tokio driver that owns the sockets.
+//! the accept loop, and the tokio driver (the io_uring one, the default, is
+//! [`crate::driver::uring::iscsi`]; [`IscsiRunner::start`] picks one from `iscsi.driver`).
 //!
 //! Every image in the store is a target named `<iscsi.iqn_prefix>:<image>` with one disk
 //! LUN (0) backed by `<images>/<image>.img`, a sparse file created at the image's size when
@@ -15,7 +16,7 @@
 //! every initiator may log in to it and sees it in discovery, and writes end in DATA
 //! PROTECT.
 //!
-//! The driver runs one task per connection: it reads into the decoder's buffer, feeds
+//! The tokio driver runs one task per connection: it reads into the decoder's buffer, feeds
 //! the PDUs to [`Connection`], runs the commands in order (reads of page-cached data
 //! right away with [`Lun::try_execute`], everything else in one batch per round on the
 //! blocking pool) and writes all queued responses with one vectored write, large Data-In
