@@ -1191,3 +1191,39 @@ fn conn_of(conns: &mut Slab<Conn>, key: Key) -> Option<&mut Conn> {
         .get_mut(key.idx)
         .filter(|c| c.generation == key.generation)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active(kind: Kind, range: std::ops::Range<u64>) -> Active {
+        Active {
+            seq: 0,
+            kind,
+            range,
+        }
+    }
+
+    #[test]
+    fn commands_wait_only_for_the_running_ones_they_conflict_with() {
+        let read = active(Kind::Read, 0..4096);
+        let write = active(Kind::Write, 4096..8192);
+        // Reads share; a write waits for an overlapping read and the other way round.
+        assert!(!read.blocks(Kind::Read, &(0..4096)));
+        assert!(read.blocks(Kind::Write, &(2048..6144)));
+        assert!(
+            !read.blocks(Kind::Write, &(4096..8192)),
+            "adjacent, not overlapping"
+        );
+        assert!(write.blocks(Kind::Read, &(8191..8192)));
+        assert!(write.blocks(Kind::Write, &(0..4097)));
+        assert!(!write.blocks(Kind::Read, &(0..4096)));
+        // A flush waits for every running write, not for reads.
+        assert!(write.blocks(Kind::Flush, &(0..u64::MAX)));
+        assert!(!read.blocks(Kind::Flush, &(0..u64::MAX)));
+        // A command that runs alone waits for everything, and everything for it.
+        assert!(read.blocks(Kind::Barrier, &(0..u64::MAX)));
+        let barrier = active(Kind::Barrier, 0..u64::MAX);
+        assert!(barrier.blocks(Kind::Read, &(0..1)));
+    }
+}
