@@ -429,6 +429,32 @@ pub struct IscsiConfig {
     /// Initiator names that may use every image (installers, tests). Otherwise an image
     /// accepts only initiators whose name carries the MAC of the device it is linked to.
     pub allow: Vec<String>,
+    /// Which driver runs the connections: io_uring (falls back to tokio when a ring cannot
+    /// be set up) or tokio.
+    pub driver: IscsiDriver,
+}
+
+/// The iSCSI driver (`iscsi.driver`, `NETBOOT_ISCSI_DRIVER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IscsiDriver {
+    /// One io_uring on a dedicated thread (`crate::driver::uring::iscsi`).
+    #[default]
+    Uring,
+    /// One tokio task per connection (`crate::service::iscsi`).
+    Tokio,
+}
+
+impl std::str::FromStr for IscsiDriver {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "uring" => Ok(Self::Uring),
+            "tokio" => Ok(Self::Tokio),
+            _ => Err(()),
+        }
+    }
 }
 
 impl Default for IscsiConfig {
@@ -438,6 +464,7 @@ impl Default for IscsiConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 3260)),
             iqn_prefix: "iqn.2026-01.org.netboot".into(),
             allow: Vec::new(),
+            driver: IscsiDriver::Uring,
         }
     }
 }
@@ -636,6 +663,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         help: "iscsi.listen (address:port)",
     },
     EnvVar {
+        name: "NETBOOT_ISCSI_DRIVER",
+        aliases: &[],
+        help: "iscsi.driver (uring or tokio)",
+    },
+    EnvVar {
         name: "NETBOOT_TFTP_LISTEN",
         aliases: &[],
         help: "tftp.listen (address:port)",
@@ -803,6 +835,9 @@ impl Config {
         }
         if let Some((k, v)) = lookup(env, "NETBOOT_ISCSI_LISTEN") {
             self.iscsi.listen = parse_env(k, v, "expected address:port, e.g. 0.0.0.0:3260")?;
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_ISCSI_DRIVER") {
+            self.iscsi.driver = parse_env(k, v, "expected uring or tokio")?;
         }
         if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_LISTEN") {
             self.tftp.listen = parse_env(k, v, "expected address:port, e.g. 0.0.0.0:69")?;

@@ -375,13 +375,16 @@ async fn start_iscsi(
             .with_bindings(Arc::clone(bindings))
             .with_installers(cfg.paths.installers.clone()),
     );
-    tracing::info!(%addr, prefix = %i.iqn_prefix, "iSCSI listening");
     let sessions = Arc::clone(targets.sessions());
+    let dyn_targets = Arc::clone(&targets) as Arc<dyn crate::iscsi::conn::Targets>;
+    let runner = crate::service::iscsi::IscsiRunner::start(i.driver, &dyn_targets, &sessions);
+    tracing::info!(%addr, prefix = %i.iqn_prefix, driver = ?runner.kind(), "iSCSI listening");
     let task = tokio::spawn(crate::service::iscsi::serve(
         listener,
-        Arc::clone(&targets) as Arc<dyn crate::iscsi::conn::Targets>,
+        dyn_targets,
         sessions,
         tally.cloned(),
+        runner,
         stop,
     ));
     Ok(Some((targets, task)))

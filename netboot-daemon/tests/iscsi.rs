@@ -34,7 +34,13 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// netbootd with its default iSCSI driver (io_uring), checked to be the one running.
     fn start(tag: &str) -> Self {
+        Self::start_with(tag, "uring")
+    }
+
+    /// netbootd with `iscsi.driver = driver`.
+    fn start_with(tag: &str, driver: &str) -> Self {
         let dir = TestDir::new(&format!("iscsi-{tag}"));
         let config = dir.path().join("netboot.toml");
         let allow: Vec<String> = TEST_INITIATORS
@@ -46,7 +52,8 @@ impl Daemon {
             &config,
             format!(
                 "data_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:0\"\n[dhcp]\nmode = \"off\"\n\
-                 [tftp]\nenabled = false\n[iscsi]\nlisten = \"127.0.0.1:0\"\nallow = [{}]\n",
+                 [tftp]\nenabled = false\n[iscsi]\nlisten = \"127.0.0.1:0\"\nallow = [{}]\n\
+                 driver = \"{driver}\"\n",
                 allow.join(", ")
             ),
         )
@@ -58,6 +65,13 @@ impl Daemon {
         let iscsi = log
             .field("iSCSI listening", "addr")
             .unwrap_or_else(|| panic!("no iSCSI listener:\n{}", log.text()));
+        let running = log.field("iSCSI listening", "driver");
+        assert_eq!(
+            running.map(|d| d.to_lowercase()).as_deref(),
+            Some(driver),
+            "the iSCSI driver asked for runs:\n{}",
+            log.text()
+        );
         let mut d = Self {
             child,
             dir,
@@ -793,11 +807,24 @@ impl Drop for Tgtd {
 /// `target/tmp/libiscsi-conformance.md` (the source of docs/libiscsi-tgtd-baseline.md).
 #[test]
 fn libiscsi_conformance_suites_pass() {
+    conformance_on("uring", true);
+}
+
+/// The tokio driver, the fallback when a ring cannot be set up, passes the same suites
+/// (the comparison with tgtd runs once, above).
+#[test]
+fn libiscsi_conformance_suites_pass_on_the_tokio_driver() {
+    conformance_on("tokio", false);
+}
+
+/// Runs the claimed suites against netbootd on `driver`, then, if `against_tgtd`, against
+/// tgtd, and compares them test by test.
+fn conformance_on(driver: &str, against_tgtd: bool) {
     if !tools(&["iscsi-test-cu"]) {
         return;
     }
     let suites = claimed_suites();
-    let d = Daemon::start("conformance");
+    let d = Daemon::start_with(&format!("conformance-{driver}"), driver);
     let url = d.image("conformance", 128 << 20);
     let ours = conformance(&url, &suites);
     let failed: Vec<&String> = ours
@@ -819,7 +846,9 @@ fn libiscsi_conformance_suites_pass() {
         d.log()
     );
     drop(d);
-
+    if !against_tgtd {
+        return;
+    }
     if let Some(why) = Tgtd::unavailable() {
         common::skip("libiscsi conformance: the tgtd baseline", &why);
         return;

@@ -1,11 +1,13 @@
 //! Drivers: they own sockets, rings, files and timers, feed the protocol cores and carry
 //! out what the cores ask for. They make no protocol decision.
 //!
-//! - [`uring`]: TFTP on one io_uring, on a dedicated thread (the default);
+//! - [`uring`]: TFTP on one io_uring, on a dedicated thread (the default), and iSCSI
+//!   connections on another ([`uring::iscsi`], the default);
 //! - [`tokio`]: TFTP on tokio tasks (development, tests, and the fallback when a ring
-//!   cannot be set up).
+//!   cannot be set up); iSCSI's tokio driver lives in [`crate::service::iscsi`].
 //!
-//! [`start_tftp`] picks one as configured (`tftp.driver`).
+//! [`start_tftp`] picks one as configured (`tftp.driver`);
+//! [`crate::service::iscsi::IscsiRunner::start`] does so for iSCSI (`iscsi.driver`).
 
 use std::io;
 use std::sync::Arc;

@@ -233,6 +233,8 @@ const STAGE_FULL_FEATURE: u8 = 3;
 /// What the response to a running command needs.
 #[derive(Debug, Clone, Copy)]
 struct Running {
+    /// Aborted by task management while the driver ran it: its result gets no response.
+    aborted: bool,
     lun_field: u64,
     edtl: u64,
     reading: bool,
@@ -294,6 +296,9 @@ pub struct Connection {
     writes: HashMap<u32, WriteTask>,
     /// Commands handed to the driver, by ITT, with what their response needs.
     running: HashMap<u32, Running>,
+    /// Task management responses held until the tasks they abort, which the driver was
+    /// running, have completed (SAM-5 7.1: no response before the tasks are gone).
+    tmf_waiting: Vec<(Pdu, Vec<u32>)>,
     next_ttt: u32,
     out: VecDeque<Outgoing>,
     exec: VecDeque<Exec>,
@@ -340,6 +345,7 @@ impl Connection {
             text_in: Vec::new(),
             writes: HashMap::new(),
             running: HashMap::new(),
+            tmf_waiting: Vec::new(),
             next_ttt: 1,
             out: VecDeque::new(),
             exec: VecDeque::new(),
@@ -786,6 +792,7 @@ impl Connection {
             self.running.insert(
                 itt,
                 Running {
+                    aborted: false,
                     lun_field: req.lun(),
                     edtl,
                     reading,
@@ -957,6 +964,7 @@ impl Connection {
             self.running.insert(
                 itt,
                 Running {
+                    aborted: false,
                     lun_field: task.lun_field,
                     edtl: task.edtl,
                     reading: false,
@@ -975,9 +983,36 @@ impl Connection {
 
     /// The result of an [`Exec`].
     pub fn complete(&mut self, itt: u32, result: ScsiResult) {
-        if let Some(r) = self.running.remove(&itt) {
+        let Some(r) = self.running.remove(&itt) else {
+            return;
+        };
+        if !r.aborted {
             self.respond(itt, r.lun_field, r.edtl, r.reading, result, r.residual);
+            return;
         }
+        let mut ready = Vec::new();
+        self.tmf_waiting.retain_mut(|(resp, left)| {
+            left.retain(|&t| t != itt);
+            if left.is_empty() {
+                ready.push(std::mem::replace(resp, Pdu::new(op::TASK_MGMT_RESPONSE)));
+            }
+            !left.is_empty()
+        });
+        for resp in ready {
+            self.send(resp, true);
+        }
+    }
+
+    /// Marks the tasks the driver is running that `hit` selects as aborted; returns them.
+    fn abort_running(&mut self, hit: impl Fn(u32, &Running) -> bool) -> Vec<u32> {
+        let mut aborted = Vec::new();
+        for (&itt, r) in &mut self.running {
+            if !r.aborted && hit(itt, r) {
+                r.aborted = true;
+                aborted.push(itt);
+            }
+        }
+        aborted
     }
 
     /// Sends the result of a command: Data-In PDUs (the last carrying the status when
@@ -1070,11 +1105,18 @@ impl Connection {
 
     fn task_mgmt(&mut self, req: &Pdu) {
         let function = req.flags() & 0x7f;
+        // Tasks the driver is running that this function aborts: the response waits for them.
+        let mut running = Vec::new();
         let response = match function {
             // ABORT TASK
             1 => {
                 let referenced = req.u32_at(20);
                 if self.writes.remove(&referenced).is_some() || self.drop_queued(Some(referenced)) {
+                    0
+                } else if !self.writes.contains_key(&referenced)
+                    && self.running.contains_key(&referenced)
+                {
+                    running = self.abort_running(|itt, _| itt == referenced);
                     0
                 } else {
                     let ref_cmd_sn = req.u32_at(32);
@@ -1093,6 +1135,8 @@ impl Connection {
                 Some(lun) => {
                     self.writes.clear();
                     self.drop_queued(None);
+                    let field = req.lun();
+                    running = self.abort_running(|_, r| r.lun_field == field);
                     if function == 5 {
                         lun.reset();
                     }
@@ -1105,6 +1149,7 @@ impl Connection {
             6 | 7 => {
                 self.writes.clear();
                 self.drop_queued(None);
+                running = self.abort_running(|_, _| true);
                 for (_, lun) in self.target.iter().flat_map(|t| t.luns.iter()) {
                     lun.reset();
                 }
@@ -1118,7 +1163,11 @@ impl Connection {
         resp.set_flags(0x80);
         resp.bhs[2] = response;
         resp.set_itt(req.itt());
-        self.send(resp, true);
+        if running.is_empty() || function == 7 {
+            self.send(resp, true);
+        } else {
+            self.tmf_waiting.push((resp, running));
+        }
         if function == 7 {
             // A cold reset ends every connection (RFC 7143 section 11.5.1).
             self.phase = Phase::Closing;
@@ -1544,6 +1593,41 @@ mod tests {
         let r = sent(&mut c);
         assert_eq!(r.len(), 1);
         assert_eq!((r[0].opcode(), r[0].bhs[2]), (op::TASK_MGMT_RESPONSE, 0));
+    }
+
+    #[test]
+    fn an_abort_of_a_running_command_answers_once_it_completed_without_its_response() {
+        let mut c = logged_in();
+        // Two commands handed to the driver (as the io_uring driver runs several at once).
+        c.handle(command(0, 30, 0, 0, &[0u8; 6]));
+        c.handle(command(1, 32, 0, 0, &[0u8; 6]));
+        let first = c.poll_execute().expect("handed out");
+        let second = c.poll_execute().expect("handed out");
+        let mut abort = Pdu::new(op::TASK_MGMT);
+        abort.bhs[0] |= 0x40;
+        abort.set_flags(0x80 | 1);
+        abort.set_itt(31);
+        abort.set_u32(20, 30);
+        abort.set_u32(24, 2);
+        abort.set_u32(32, 0);
+        c.handle(abort);
+        assert!(
+            sent(&mut c).is_empty(),
+            "the response waits for the running task"
+        );
+        c.complete(second.itt, ScsiResult::good(Vec::new()));
+        let r = sent(&mut c);
+        assert_eq!(
+            (r.len(), r[0].opcode(), r[0].itt()),
+            (1, op::SCSI_RESPONSE, 32)
+        );
+        c.complete(first.itt, ScsiResult::good(Vec::new()));
+        let r = sent(&mut c);
+        assert_eq!(r.len(), 1, "no response for the aborted task");
+        assert_eq!(
+            (r[0].opcode(), r[0].itt(), r[0].bhs[2]),
+            (op::TASK_MGMT_RESPONSE, 31, 0)
+        );
     }
 
     #[test]

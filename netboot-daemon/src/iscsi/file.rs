@@ -105,6 +105,10 @@ impl Backing for FileBacking {
         }
     }
 
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn unmap(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));

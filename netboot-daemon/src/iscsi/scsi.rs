@@ -67,6 +67,12 @@ pub trait Backing: Send + Sync {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
+    /// The file a driver may read, write and fdatasync itself for [`Lun::stage`]d
+    /// commands (with the same semantics as the methods above); `None` (the default):
+    /// no such file, every command runs through [`Lun::execute`].
+    fn file(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 /// A disk in memory, zero-filled: for tests, fuzzing and scratch units.
@@ -125,6 +131,49 @@ impl Backing for MemoryBacking {
         d[r].fill(0);
         Ok(())
     }
+}
+
+/// What [`Lun::stage`] made of a command.
+#[derive(Debug)]
+pub enum Staged {
+    /// Executed already (no backing I/O, or a check failed): the result.
+    Done(ScsiResult),
+    /// The driver does this I/O on [`Backing::file`], then calls [`Lun::finish_staged`].
+    Io(StagedIo),
+    /// A command whose backing I/O the LUN does itself: run [`Lun::execute`] off the
+    /// network thread (nothing was done yet).
+    Blocking,
+}
+
+/// Backing I/O of a [`Staged`] command, in bytes of the backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagedIo {
+    /// Read `len` bytes at `offset` (zeros past the end of the file).
+    Read {
+        /// The command's LBA (for the sense data of a failure).
+        lba: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: usize,
+    },
+    /// Write the first `len` bytes of the Data-Out at `offset`; then fdatasync if `flush`
+    /// (FUA, or the write cache is off) before the command completes.
+    Write {
+        /// The command's LBA.
+        lba: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: usize,
+        /// Whether the write must be durable before GOOD.
+        flush: bool,
+    },
+    /// fdatasync the file (SYNCHRONIZE CACHE).
+    Flush {
+        /// The command's LBA.
+        lba: u64,
+    },
 }
 
 /// Kind of logical unit.
@@ -609,6 +658,8 @@ enum Failure {
     Conflict,
     /// A read in [`Lun::try_execute`] would block: nothing was done.
     WouldBlock,
+    /// [`Lun::stage`]: the checks passed, the driver does this backing I/O.
+    Staged(StagedIo),
 }
 
 impl From<Sense> for Failure {
@@ -624,6 +675,8 @@ struct Cmd<'a> {
     data_out: &'a [u8],
     /// Reads must not block ([`Lun::try_execute`]).
     nowait: bool,
+    /// Backing I/O is handed to the driver ([`Lun::stage`]).
+    stage: bool,
 }
 
 /// Persistent reservation type (SPC-4 table 180).
@@ -824,10 +877,59 @@ impl Lun {
             Err(Failure::Check(sense)) => ScsiResult::check_condition(sense),
             Err(Failure::Conflict) => ScsiResult::reservation_conflict(),
             // invariant: only reads with `nowait` report WouldBlock.
-            Err(Failure::WouldBlock) => ScsiResult::check_condition(Sense::of(
-                SENSE_KEY_HARDWARE_ERROR,
-                ASC_INTERNAL_TARGET_FAILURE,
-            )),
+            Err(Failure::WouldBlock | Failure::Staged(_)) => ScsiResult::check_condition(
+                Sense::of(SENSE_KEY_HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE),
+            ),
+        }
+    }
+
+    /// Runs a command's checks and everything but its backing I/O, for a driver that does
+    /// that I/O itself on [`Backing::file`] (io_uring): READ, WRITE and SYNCHRONIZE CACHE
+    /// come back as [`Staged::Io`] (finish them with [`Lun::finish_staged`]), the other
+    /// commands that touch the medium (VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE) as
+    /// [`Staged::Blocking`] (run them with [`Lun::execute`] where blocking is fine), and
+    /// every other command is executed here ([`Staged::Done`]). Without a backing file
+    /// every command is [`Staged::Blocking`]. `data_out` is the command's Data-Out, as for
+    /// [`Lun::execute`]; a staged write writes its first [`StagedIo::len`] bytes.
+    pub fn stage(&self, initiator: &str, cdb: &[u8], data_out: &[u8]) -> Staged {
+        if self.backing.file().is_none()
+            || matches!(
+                cdb.first(),
+                Some(
+                    &(VERIFY_10
+                        | VERIFY_16
+                        | WRITE_SAME_10
+                        | WRITE_SAME_16
+                        | UNMAP
+                        | COMPARE_AND_WRITE)
+                )
+            )
+        {
+            return Staged::Blocking;
+        }
+        match self.dispatch_mode(initiator, cdb, data_out, false, true) {
+            Ok(data) => Staged::Done(ScsiResult::good(data)),
+            Err(Failure::Check(sense)) => Staged::Done(ScsiResult::check_condition(sense)),
+            Err(Failure::Conflict) => Staged::Done(ScsiResult::reservation_conflict()),
+            Err(Failure::Staged(io)) => Staged::Io(io),
+            // invariant: only reads with `nowait` report WouldBlock.
+            Err(Failure::WouldBlock) => Staged::Blocking,
+        }
+    }
+
+    /// The result of a [`Staged::Io`] the driver carried out: for a read, the bytes read
+    /// (exactly [`StagedIo::len`], zeros past the end of the file); for a write, the
+    /// write and then, when [`StagedIo::Write::flush`] asked for it, the fdatasync; for a
+    /// flush, the fdatasync.
+    pub fn finish_staged(&self, io: &StagedIo, result: io::Result<Vec<u8>>) -> ScsiResult {
+        let (lba, asc) = match *io {
+            StagedIo::Read { lba, .. } => (lba, ASC_UNRECOVERED_READ_ERROR),
+            StagedIo::Write { lba, .. } | StagedIo::Flush { lba } => (lba, ASC_WRITE_ERROR),
+        };
+        match result {
+            Ok(data) if matches!(io, StagedIo::Read { .. }) => ScsiResult::good(data),
+            Ok(_) => ScsiResult::good(Vec::new()),
+            Err(e) => ScsiResult::check_condition(io_sense(&e, asc, lba)),
         }
     }
 
@@ -851,8 +953,13 @@ impl Lun {
             Ok(data) => Some(ScsiResult::good(data)),
             Err(Failure::Check(sense)) => Some(ScsiResult::check_condition(sense)),
             Err(Failure::Conflict) => Some(ScsiResult::reservation_conflict()),
-            Err(Failure::WouldBlock) => None,
+            Err(Failure::WouldBlock | Failure::Staged(_)) => None,
         }
+    }
+
+    /// The backing's file, for a driver that does [`Lun::stage`]d I/O itself.
+    pub fn file(&self) -> Option<&std::fs::File> {
+        self.backing.file()
     }
 
     /// The capacity in blocks right now (0 if the backing cannot tell its size).
@@ -915,6 +1022,17 @@ impl Lun {
     }
 
     fn dispatch(&self, initiator: &str, cdb: &[u8], data_out: &[u8], nowait: bool) -> Outcome {
+        self.dispatch_mode(initiator, cdb, data_out, nowait, false)
+    }
+
+    fn dispatch_mode(
+        &self,
+        initiator: &str,
+        cdb: &[u8],
+        data_out: &[u8],
+        nowait: bool,
+        stage: bool,
+    ) -> Outcome {
         let Some(&opcode) = cdb.first() else {
             return illegal(ASC_INVALID_COMMAND_OPERATION_CODE);
         };
@@ -936,6 +1054,7 @@ impl Lun {
             cdb,
             data_out,
             nowait,
+            stage,
         };
         (info.handler)(self, &cmd)
     }
@@ -1329,6 +1448,13 @@ impl Lun {
         if cmd.nowait {
             return self.read_blocks_nowait(lba, blocks);
         }
+        if cmd.stage && blocks > 0 {
+            return Err(Failure::Staged(StagedIo::Read {
+                lba,
+                offset: self.offset(lba),
+                len: blocks as usize * self.block_size as usize,
+            }));
+        }
         Ok(self.read_blocks(lba, blocks)?)
     }
 
@@ -1346,6 +1472,14 @@ impl Lun {
     /// WRITE(6/10/12/16) (SBC-3 5.32-5.35).
     fn write(&self, cmd: &Cmd<'_>) -> Outcome {
         let (lba, blocks) = self.write_extent(cmd)?;
+        if cmd.stage && blocks > 0 {
+            return Err(Failure::Staged(StagedIo::Write {
+                lba,
+                offset: self.offset(lba),
+                len: cmd.data_out.len(),
+                flush: has_fua(cmd.cdb) || !self.state().write_cache,
+            }));
+        }
         if blocks > 0 {
             self.write_blocks(lba, cmd.data_out, has_fua(cmd.cdb))?;
         }
@@ -1453,6 +1587,9 @@ impl Lun {
     fn synchronize_cache(&self, cmd: &Cmd<'_>) -> Outcome {
         let (lba, blocks) = lba_and_length(cmd.cdb);
         self.check_range(lba, u64::from(blocks))?;
+        if cmd.stage {
+            return Err(Failure::Staged(StagedIo::Flush { lba }));
+        }
         self.backing
             .flush()
             .map_err(|e| io_sense(&e, ASC_WRITE_ERROR, lba))?;
@@ -3021,6 +3158,90 @@ mod tests {
         let c = rw(WRITE_10, 0, 1, 0);
         assert_eq!(cd.data_out_len(&c), Ok(2048));
         assert_eq!(ck(&cd, A, &c, &[0; 2048]), (0x07, 0x27, 0x00));
+    }
+
+    #[test]
+    fn staging_hands_reads_writes_and_flushes_to_the_driver() {
+        /// The test backing with a file, as a driver that does its own I/O sees it.
+        struct WithFile(Arc<Mem>, std::fs::File);
+        impl Backing for WithFile {
+            fn len(&self) -> io::Result<u64> {
+                self.0.len()
+            }
+            fn read_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+                self.0.read_at(buf, at)
+            }
+            fn write_at(&self, buf: &[u8], at: u64) -> io::Result<()> {
+                self.0.write_at(buf, at)
+            }
+            fn flush(&self) -> io::Result<()> {
+                self.0.flush()
+            }
+            fn unmap(&self, at: u64, len: u64) -> io::Result<()> {
+                self.0.unmap(at, len)
+            }
+            fn file(&self) -> Option<&std::fs::File> {
+                Some(&self.1)
+            }
+        }
+        let mem = Arc::new(Mem::default());
+        *mem.data.lock().unwrap() = vec![0; 64 * 512];
+        let file = std::fs::File::open("/dev/null").expect("open /dev/null");
+        let lun = Lun::new(cfg(DeviceType::Disk), Arc::new(WithFile(mem, file)));
+        let staged = |cdb: &[u8], data: &[u8]| match lun.stage(A, cdb, data) {
+            Staged::Io(io) => Ok(io),
+            Staged::Done(r) => Err(Some(r.status)),
+            Staged::Blocking => Err(None),
+        };
+        assert_eq!(
+            staged(&rw(READ_10, 4, 2, 0), &[]),
+            Ok(StagedIo::Read {
+                lba: 4,
+                offset: 2048,
+                len: 1024
+            })
+        );
+        let write = |flags| staged(&rw(WRITE_16, 1, 1, flags), &[7; 600]);
+        let w = |flush| {
+            Ok(StagedIo::Write {
+                lba: 1,
+                offset: 512,
+                len: 512,
+                flush,
+            })
+        };
+        assert_eq!(write(CDB_FUA), w(true), "FUA: durable before GOOD");
+        assert_eq!(write(0), w(false), "write cache on: no flush");
+        assert_eq!(
+            staged(&rw(SYNCHRONIZE_CACHE_10, 0, 0, 0), &[]),
+            Ok(StagedIo::Flush { lba: 0 })
+        );
+        assert_eq!(
+            staged(&rw(READ_10, 64, 1, 0), &[]),
+            Err(Some(STATUS_CHECK_CONDITION)),
+            "out of range: answered without I/O"
+        );
+        assert_eq!(staged(&TUR, &[]), Err(Some(STATUS_GOOD)));
+        assert_eq!(staged(&rw(READ_10, 0, 0, 0), &[]), Err(Some(STATUS_GOOD)));
+        assert_eq!(
+            staged(&rw(WRITE_SAME_10, 0, 2, 0), &[0; 512]),
+            Err(None),
+            "the LUN does WRITE SAME's I/O itself"
+        );
+        let io = StagedIo::Read {
+            lba: 4,
+            offset: 2048,
+            len: 512,
+        };
+        let r = lun.finish_staged(&io, Err(io::ErrorKind::Other.into()));
+        assert_eq!(r.status, STATUS_CHECK_CONDITION);
+        assert_eq!(
+            lun.finish_staged(&io, Ok(vec![9; 512])).data_in,
+            vec![9; 512]
+        );
+        // Without a file, the LUN does every command's I/O itself.
+        let (_, plain) = disk();
+        assert!(matches!(plain.stage(A, &TUR, &[]), Staged::Blocking));
     }
 
     #[test]

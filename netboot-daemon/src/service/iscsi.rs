@@ -1,5 +1,6 @@
 //! The iSCSI target service: targets from the store's images, with their access control,
-//! and the tokio driver that owns the sockets.
+//! the accept loop, and the tokio driver (the io_uring one, the default, is
+//! [`crate::driver::uring::iscsi`]; [`IscsiRunner::start`] picks one from `iscsi.driver`).
 //!
 //! Every image in the store is a target named `<iscsi.iqn_prefix>:<image>` with one disk
 //! LUN (0) backed by `<images>/<image>.img`, a sparse file created at the image's size when
@@ -15,7 +16,7 @@
 //! every initiator may log in to it and sees it in discovery, and writes end in DATA
 //! PROTECT.
 //!
-//! The driver runs one task per connection: it reads into the decoder's buffer, feeds
+//! The tokio driver runs one task per connection: it reads into the decoder's buffer, feeds
 //! the PDUs to [`Connection`], runs the commands in order (reads of page-cached data
 //! right away with [`Lun::try_execute`], everything else in one batch per round on the
 //! blocking pool) and writes all queued responses with one vectored write, large Data-In
@@ -43,7 +44,7 @@ use tokio::sync::Notify;
 
 use crate::bindings::{Bindings, Source as BindingSource};
 use crate::boot::ipxe::iqn_part;
-use crate::config::IscsiConfig;
+use crate::config::{IscsiConfig, IscsiDriver};
 use crate::ebpf::Service;
 use crate::iscsi::chap;
 use crate::iscsi::conn::Outgoing;
@@ -85,7 +86,7 @@ pub struct ConnStats {
 
 impl ConnStats {
     /// Counts a command the core handed out at `handed` and that has its result now.
-    fn completed(&self, handed: Instant) {
+    pub(crate) fn completed(&self, handed: Instant) {
         self.commands.fetch_add(1, Ordering::Relaxed);
         self.latency.record(handed.elapsed());
     }
@@ -138,8 +139,11 @@ struct LiveEntry {
     server: SocketAddr,
     started_at: Timestamp,
     stats: Arc<ConnStats>,
-    end: Arc<Notify>,
+    end: Ender,
 }
+
+/// How [`Sessions::end`] ends one connection (its driver's way of being told).
+pub(crate) type Ender = Box<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for LiveEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -210,20 +214,20 @@ impl Sessions {
 
     /// Records a session that completed its login; `None` (drop the connection) while the
     /// target is held.
-    fn register(
+    pub(crate) fn register(
         &self,
         target: &str,
         session: LiveSession,
         server: SocketAddr,
         stats: Arc<ConnStats>,
-    ) -> Option<(u64, Arc<Notify>)> {
+        end: Ender,
+    ) -> Option<u64> {
         let mut s = self.lock();
         if s.held.contains(target) {
             return None;
         }
         s.next += 1;
         let id = s.next;
-        let end = Arc::new(Notify::new());
         s.live.insert(
             id,
             LiveEntry {
@@ -232,14 +236,14 @@ impl Sessions {
                 server,
                 started_at: Timestamp::now(),
                 stats,
-                end: Arc::clone(&end),
+                end,
             },
         );
-        Some((id, end))
+        Some(id)
     }
 
     /// Ends a session: its final figures go to the recent ones.
-    fn unregister(&self, id: u64) {
+    pub(crate) fn unregister(&self, id: u64) {
         let mut s = self.lock();
         if let Some(e) = s.live.remove(&id) {
             if s.recent.len() == RECENT_SESSIONS {
@@ -317,7 +321,7 @@ impl Sessions {
     pub fn end(&self, target: &str, timeout: std::time::Duration) -> bool {
         for e in self.lock().live.values() {
             if e.target == target {
-                e.end.notify_one();
+                (e.end)();
             }
         }
         let until = Instant::now() + timeout;
@@ -679,19 +683,63 @@ fn naa_id(name: &str) -> u64 {
     (0x6u64 << 60) | (0x02_6e_62u64 << 36) | (h & 0xf_ffff_ffff)
 }
 
-/// Accepts connections until `stop` turns true.
+/// The driver that runs the accepted connections.
+#[derive(Debug)]
+pub enum IscsiRunner {
+    /// Every connection on one io_uring ([`crate::driver::uring::iscsi`]).
+    Uring(crate::driver::uring::iscsi::Handle),
+    /// One tokio task per connection.
+    Tokio,
+}
+
+impl IscsiRunner {
+    /// Starts the driver `choice`; when the io_uring driver cannot be set up (old kernel,
+    /// io_uring disabled by sysctl or seccomp), warns and falls back to tokio.
+    pub fn start(
+        choice: IscsiDriver,
+        targets: &Arc<dyn Targets>,
+        sessions: &Arc<Sessions>,
+    ) -> Self {
+        match choice {
+            IscsiDriver::Uring => {
+                match crate::driver::uring::iscsi::spawn(Arc::clone(targets), Arc::clone(sessions))
+                {
+                    Ok(handle) => Self::Uring(handle),
+                    Err(error) => {
+                        tracing::warn!(%error, "io_uring unavailable for iSCSI; using the tokio driver");
+                        Self::Tokio
+                    }
+                }
+            }
+            IscsiDriver::Tokio => Self::Tokio,
+        }
+    }
+
+    /// Which driver runs.
+    pub fn kind(&self) -> IscsiDriver {
+        match self {
+            Self::Uring(_) => IscsiDriver::Uring,
+            Self::Tokio => IscsiDriver::Tokio,
+        }
+    }
+}
+
+/// Accepts connections until `stop` turns true, and runs them on `runner`. Stopping the
+/// io_uring driver closes its connections; tokio connection tasks run on until the
+/// runtime ends.
 pub async fn serve(
     listener: TcpListener,
     targets: Arc<dyn Targets>,
     sessions: Arc<Sessions>,
     tally: Option<Arc<Tally>>,
+    runner: IscsiRunner,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let tsih = Arc::new(AtomicU16::new(1));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = stop.changed() => return,
+            _ = stop.changed() => break,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -713,11 +761,23 @@ pub async fn serve(
             bytes: rand::random(),
         };
         let conn = Connection::new(Arc::clone(&targets), portal(local), handle, challenge);
-        let targets = Arc::clone(&targets);
-        let sessions = Arc::clone(&sessions);
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%peer, %error, "TCP_NODELAY");
         }
+        if let IscsiRunner::Uring(ring) = &runner {
+            match stream.into_std() {
+                Ok(stream) => ring.add(crate::driver::uring::iscsi::NewConn::new(
+                    stream,
+                    (peer, local),
+                    conn,
+                    tally.as_ref(),
+                )),
+                Err(error) => tracing::debug!(%peer, %error, "iSCSI socket handover"),
+            }
+            continue;
+        }
+        let targets = Arc::clone(&targets);
+        let sessions = Arc::clone(&sessions);
         // Without eBPF, the connection's bytes count for its initiator in userspace.
         let stream = Counted::new(stream, tally.as_ref(), Service::Iscsi, peer, local);
         tokio::spawn(async move {
@@ -746,10 +806,13 @@ pub async fn serve(
             }
         });
     }
+    if let IscsiRunner::Uring(ring) = runner {
+        let _ = tokio::task::spawn_blocking(move || ring.stop()).await;
+    }
 }
 
 /// `address:port` as SendTargets writes it (IPv6 in brackets).
-fn portal(addr: SocketAddr) -> String {
+pub(crate) fn portal(addr: SocketAddr) -> String {
     match addr {
         SocketAddr::V4(a) => a.to_string(),
         SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
@@ -818,7 +881,10 @@ async fn run(
                     initiator: l.initiator.clone(),
                     peer,
                 };
-                let Some((id, e)) = sessions.register(target, session, local, Arc::clone(&stats))
+                let e = Arc::new(Notify::new());
+                let notify_end = Arc::clone(&e);
+                let ender: Ender = Box::new(move || notify_end.notify_one());
+                let Some(id) = sessions.register(target, session, local, Arc::clone(&stats), ender)
                 else {
                     tracing::info!(initiator = %l.initiator, %target, %peer, "iSCSI login dropped: the image is being changed");
                     return Ok(());
@@ -887,7 +953,7 @@ const COPY_DATA_BELOW: usize = 2048;
 /// The PDUs queued for one write: headers, trailers and small data segments in `frame`,
 /// large data segments where the core left them.
 #[derive(Default)]
-struct Outbox {
+pub(crate) struct Outbox {
     pdus: Vec<Outgoing>,
     frame: Vec<u8>,
     /// Pieces in order: a range of `frame`, or the data segment of `pdus[i]`.
@@ -900,7 +966,30 @@ enum Piece {
 }
 
 impl Outbox {
-    fn push(&mut self, o: Outgoing) {
+    /// Whether nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// The queued bytes in order, as (pointer, length) pairs for an iovec: they stay
+    /// valid while the outbox is neither changed nor dropped (moving it moves no byte).
+    pub(crate) fn iovecs(&self) -> Vec<libc::iovec> {
+        self.pieces
+            .iter()
+            .map(|p| {
+                let b: &[u8] = match p {
+                    Piece::Frame(r) => &self.frame[r.clone()],
+                    Piece::Data(i) => self.pdus[*i].data(),
+                };
+                libc::iovec {
+                    iov_base: b.as_ptr().cast_mut().cast(),
+                    iov_len: b.len(),
+                }
+            })
+            .collect()
+    }
+
+    pub(crate) fn push(&mut self, o: Outgoing) {
         let data = o.data();
         let mut start = self.frame.len();
         o.pdu

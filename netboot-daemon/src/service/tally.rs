@@ -322,6 +322,15 @@ impl<S> Counted<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// Counts bytes that moved on the connection outside the `AsyncRead`/`AsyncWrite`
+    /// methods: a driver that does its own socket I/O (io_uring) keeps a `Counted<()>`
+    /// per connection and reports each completed receive and send here.
+    pub fn moved(&mut self, rx: usize, tx: usize) {
+        if let Some(m) = &mut self.meter {
+            m.moved(rx, tx);
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {

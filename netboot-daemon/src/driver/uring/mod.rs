@@ -1,4 +1,5 @@
 //! The TFTP driver on io_uring: one ring on one dedicated thread serves every transfer.
+//! The iSCSI driver has its own ring and thread: [`iscsi`].
 //!
 //! Ring layout (all on one `IoUring`, one `io_uring_enter` per loop iteration):
 //! - the listening socket: one multishot `RECVMSG` on buffer group 0 (2 KiB buffers; the
@@ -30,6 +31,7 @@
 //! [`crate::service::tftp::Tftp`]'s.
 
 mod bufring;
+pub mod iscsi;
 mod msg;
 
 use std::cmp::Reverse;
