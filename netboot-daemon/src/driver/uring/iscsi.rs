@@ -43,7 +43,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use io_uring::types::{CancelBuilder, Fd, FsyncFlags, SubmitArgs, Timespec};
-use io_uring::{IoUring, Probe, opcode, squeue};
+use io_uring::{IoUring, opcode, squeue};
 use slab::Slab;
 
 use crate::ebpf::Service;
@@ -233,20 +233,6 @@ pub fn spawn(targets: Arc<dyn Targets>, sessions: Arc<Sessions>) -> io::Result<H
     }
 }
 
-fn build_ring() -> io::Result<IoUring> {
-    IoUring::builder()
-        .setup_cqsize(CQ_ENTRIES)
-        .setup_submit_all()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(SQ_ENTRIES)
-        .or_else(|_| {
-            IoUring::builder()
-                .setup_cqsize(CQ_ENTRIES)
-                .build(SQ_ENTRIES)
-        })
-}
-
 /// What a running or waiting command does to the medium, for ordering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -385,24 +371,18 @@ impl Driver {
         sessions: Arc<Sessions>,
         events: mpsc::Sender<(SessionEvent, Login)>,
     ) -> io::Result<Self> {
-        let ring = build_ring()?;
-        let mut probe = Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        for (code, name) in [
-            (opcode::Recv::CODE, "RECV"),
-            (opcode::SendMsg::CODE, "SENDMSG"),
-            (opcode::Read::CODE, "READ"),
-            (opcode::Write::CODE, "WRITE"),
-            (opcode::Fsync::CODE, "FSYNC"),
-            (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
-        ] {
-            if !probe.is_supported(code) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("io_uring lacks {name}"),
-                ));
-            }
-        }
+        let ring = super::ring_for(
+            SQ_ENTRIES,
+            CQ_ENTRIES,
+            &[
+                (opcode::Recv::CODE, "RECV"),
+                (opcode::SendMsg::CODE, "SENDMSG"),
+                (opcode::Read::CODE, "READ"),
+                (opcode::Write::CODE, "WRITE"),
+                (opcode::Fsync::CODE, "FSYNC"),
+                (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
+            ],
+        )?;
         Ok(Self {
             ring,
             rx,

@@ -244,20 +244,27 @@ fn spawn_inner(tftp: Arc<Tftp>, listener: UdpSocket, opts: Options) -> Result<Ha
     }
 }
 
-fn build_ring() -> io::Result<IoUring> {
+/// A ring of `sq` submission and `cq` completion entries that supports every opcode of
+/// `ops` (code, name for the error), or why not.
+pub(super) fn ring_for(sq: u32, cq: u32, ops: &[(u8, &str)]) -> io::Result<IoUring> {
     // Deferred task work suits one thread that owns the ring (Linux 6.1); without it the
     // ring still works.
-    IoUring::builder()
-        .setup_cqsize(CQ_ENTRIES)
+    let ring = IoUring::builder()
+        .setup_cqsize(cq)
         .setup_submit_all()
         .setup_single_issuer()
         .setup_defer_taskrun()
-        .build(SQ_ENTRIES)
-        .or_else(|_| {
-            IoUring::builder()
-                .setup_cqsize(CQ_ENTRIES)
-                .build(SQ_ENTRIES)
-        })
+        .build(sq)
+        .or_else(|_| IoUring::builder().setup_cqsize(cq).build(sq))?;
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    if let Some((_, name)) = ops.iter().find(|(code, _)| !probe.is_supported(*code)) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("io_uring lacks {name}"),
+        ));
+    }
+    Ok(ring)
 }
 
 struct Driver {
@@ -300,31 +307,25 @@ impl Driver {
         stop: PipeReader,
         opts: Options,
     ) -> io::Result<Self> {
-        let ring = build_ring()?;
+        // SEND_ZC came with Linux 6.0, as did multishot receive, which a probe cannot see.
+        let ring = ring_for(
+            SQ_ENTRIES,
+            CQ_ENTRIES,
+            &[
+                (opcode::SendMsg::CODE, "SENDMSG"),
+                (opcode::RecvMsg::CODE, "RECVMSG"),
+                (opcode::Recv::CODE, "RECV"),
+                (opcode::Read::CODE, "READ"),
+                (opcode::PollAdd::CODE, "POLL_ADD"),
+                (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+                (opcode::SendZc::CODE, "SEND_ZC (Linux 6.0)"),
+            ],
+        )?;
         if !ring.params().is_feature_ext_arg() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "io_uring without IORING_FEAT_EXT_ARG",
             ));
-        }
-        let mut probe = Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        // SEND_ZC came with Linux 6.0, as did multishot receive, which a probe cannot see.
-        for (code, name) in [
-            (opcode::SendMsg::CODE, "SENDMSG"),
-            (opcode::RecvMsg::CODE, "RECVMSG"),
-            (opcode::Recv::CODE, "RECV"),
-            (opcode::Read::CODE, "READ"),
-            (opcode::PollAdd::CODE, "POLL_ADD"),
-            (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
-            (opcode::SendZc::CODE, "SEND_ZC (Linux 6.0)"),
-        ] {
-            if !probe.is_supported(code) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("io_uring lacks {name}"),
-                ));
-            }
         }
         let listen_bufs = BufRing::new(
             &ring.submitter(),
