@@ -203,34 +203,17 @@ pub fn spawn(targets: Arc<dyn Targets>, sessions: Arc<Sessions>) -> io::Result<H
                 targets.session(event, &login);
             }
         })?;
-    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
     let ring_chan = chan.clone();
-    let thread = std::thread::Builder::new()
-        .name("iscsi-ring".into())
-        .spawn(move || {
-            let mut driver = match Driver::new(rx, ring_chan, wake, sessions, events) {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            if let Err(error) = driver.run() {
-                tracing::error!(%error, "iSCSI io_uring driver failed; iSCSI connections are stopped");
-            }
-            driver.shutdown();
-        })?;
-    let handle = Handle {
+    let thread = super::start_ring_thread(
+        "iscsi-ring".into(),
+        "iSCSI io_uring driver failed; iSCSI connections are stopped",
+        move || Driver::new(rx, ring_chan, wake, sessions, events),
+    )?;
+    Ok(Handle {
         chan,
         thread: Some(thread),
         notifier: Some(notifier),
-    };
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(handle),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(io::Error::other("io_uring thread ended")),
-    }
+    })
 }
 
 /// What a running or waiting command does to the medium, for ordering.
@@ -444,41 +427,6 @@ impl Driver {
 
     fn mark(&mut self, key: Key) {
         self.dirty.push(key);
-    }
-
-    fn run(&mut self) -> io::Result<()> {
-        self.arm_wake()?;
-        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(CQ_ENTRIES as usize);
-        loop {
-            if let Some(since) = self.stopping {
-                if self.conns.is_empty() {
-                    return Ok(());
-                }
-                if since.elapsed() > DRAIN_LIMIT {
-                    return Err(io::Error::other("connections did not close in time"));
-                }
-            }
-            self.wait()?;
-            cqes.clear();
-            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-            for &(ud, res) in &cqes {
-                self.inflight = self.inflight.saturating_sub(1);
-                match ud & (0xff << 56) {
-                    TAG_WAKE => {
-                        self.wake_armed = false;
-                        self.drain_messages();
-                    }
-                    TAG_OP => self.on_op((ud & 0xffff_ffff) as usize, res),
-                    _ => {}
-                }
-            }
-            while let Some(key) = self.dirty.pop() {
-                self.service(key);
-            }
-            if !self.wake_armed {
-                self.arm_wake()?;
-            }
-        }
     }
 
     /// Submits what is queued and waits for a completion (while stopping, at most 50 ms).
@@ -1119,6 +1067,54 @@ impl Driver {
         // Dropping the counter flushes the connection's last bytes to the tally; dropping
         // the stream closes the socket.
     }
+}
+
+fn zeroed_msghdr() -> libc::msghdr {
+    // SAFETY: msghdr is plain data for which all zeros is valid (no name, no control).
+    unsafe { std::mem::zeroed() }
+}
+
+fn conn_of(conns: &mut Slab<Conn>, key: Key) -> Option<&mut Conn> {
+    conns
+        .get_mut(key.idx)
+        .filter(|c| c.generation == key.generation)
+}
+
+impl super::RingDriver for Driver {
+    fn run(&mut self) -> io::Result<()> {
+        self.arm_wake()?;
+        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(CQ_ENTRIES as usize);
+        loop {
+            if let Some(since) = self.stopping {
+                if self.conns.is_empty() {
+                    return Ok(());
+                }
+                if since.elapsed() > DRAIN_LIMIT {
+                    return Err(io::Error::other("connections did not close in time"));
+                }
+            }
+            self.wait()?;
+            cqes.clear();
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for &(ud, res) in &cqes {
+                self.inflight = self.inflight.saturating_sub(1);
+                match ud & (0xff << 56) {
+                    TAG_WAKE => {
+                        self.wake_armed = false;
+                        self.drain_messages();
+                    }
+                    TAG_OP => self.on_op((ud & 0xffff_ffff) as usize, res),
+                    _ => {}
+                }
+            }
+            while let Some(key) = self.dirty.pop() {
+                self.service(key);
+            }
+            if !self.wake_armed {
+                self.arm_wake()?;
+            }
+        }
+    }
 
     /// Cancels what is left and waits for it before any buffer is freed.
     fn shutdown(mut self) {
@@ -1159,17 +1155,6 @@ impl Driver {
         }
         tracing::debug!("iSCSI io_uring driver stopped");
     }
-}
-
-fn zeroed_msghdr() -> libc::msghdr {
-    // SAFETY: msghdr is plain data for which all zeros is valid (no name, no control).
-    unsafe { std::mem::zeroed() }
-}
-
-fn conn_of(conns: &mut Slab<Conn>, key: Key) -> Option<&mut Conn> {
-    conns
-        .get_mut(key.idx)
-        .filter(|c| c.generation == key.generation)
 }
 
 #[cfg(test)]

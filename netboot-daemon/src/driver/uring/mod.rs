@@ -204,42 +204,63 @@ fn spawn_inner(tftp: Arc<Tftp>, listener: UdpSocket, opts: Options) -> Result<Ha
         Ok(p) => p,
         Err(e) => return Err(fail(e, spare)),
     };
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-    let thread = std::thread::Builder::new()
-        .name(format!(
-            "tftp-ring-{}",
-            listener.local_addr().map_or(0, |a| a.port())
-        ))
-        .spawn(move || {
-            let mut driver = match Driver::new(tftp, listener, stop_rx, opts) {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            if let Err(error) = driver.run() {
-                tracing::error!(%error, "TFTP io_uring driver failed; TFTP is stopped");
-            }
-            driver.shutdown();
-        });
-    let thread = match thread {
-        Ok(t) => t,
-        Err(e) => return Err(fail(e, spare)),
-    };
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(Handle {
+    let name = format!(
+        "tftp-ring-{}",
+        listener.local_addr().map_or(0, |a| a.port())
+    );
+    match start_ring_thread(
+        name,
+        "TFTP io_uring driver failed; TFTP is stopped",
+        move || Driver::new(tftp, listener, stop_rx, opts),
+    ) {
+        Ok(thread) => Ok(Handle {
             stop: Some(stop_tx),
             thread: Some(thread),
         }),
+        Err(e) => Err(fail(e, spare)),
+    }
+}
+
+/// A driver that [`start_ring_thread`] runs on its own thread.
+pub(super) trait RingDriver {
+    /// Runs until stopped, or fails.
+    fn run(&mut self) -> io::Result<()>;
+    /// Closes everything and waits for the ring's requests.
+    fn shutdown(self);
+}
+
+/// Starts a thread named `name` that builds its driver with `make`, runs it, logs `failed`
+/// if it fails, and shuts it down. Returns once the driver is built, or why it could not be
+/// (the thread has then ended).
+pub(super) fn start_ring_thread<D: RingDriver>(
+    name: String,
+    failed: &'static str,
+    make: impl FnOnce() -> io::Result<D> + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let mut driver = match make() {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
+        if let Err(error) = driver.run() {
+            tracing::error!(%error, "{failed}");
+        }
+        driver.shutdown();
+    })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(thread),
         Ok(Err(e)) => {
             let _ = thread.join();
-            Err(fail(e, spare))
+            Err(e)
         }
         Err(_) => {
             let _ = thread.join();
-            Err(fail(io::Error::other("io_uring thread ended"), spare))
+            Err(io::Error::other("io_uring thread ended"))
         }
     }
 }
@@ -441,55 +462,6 @@ impl Driver {
         }
         if !armed {
             self.rearm.push(key);
-        }
-    }
-
-    fn run(&mut self) -> io::Result<()> {
-        self.arm_stop()?;
-        self.arm_listener();
-        let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(CQ_ENTRIES as usize);
-        loop {
-            self.wait()?;
-            if self.ring.submission().is_empty() {
-                // Every SQE that named these sockets has reached the kernel, which holds
-                // its own reference to the file from then on.
-                self.to_close.clear();
-            }
-            cqes.clear();
-            cqes.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result(), c.flags())),
-            );
-            let now = Instant::now();
-            for &(ud, res, flags) in &cqes {
-                self.complete(now, ud, res, flags);
-            }
-            self.listen_bufs.publish();
-            self.session_bufs.publish();
-            if self.stopping {
-                return Ok(());
-            }
-            self.run_timers(now);
-            while !self.dirty.is_empty() {
-                let mut batch = std::mem::take(&mut self.dirty);
-                for &key in &batch {
-                    self.service(key, now);
-                }
-                batch.clear();
-                if self.dirty.is_empty() {
-                    self.dirty = batch;
-                }
-            }
-            for key in std::mem::take(&mut self.rearm) {
-                self.arm_recv(key);
-            }
-            if !self.listen_armed {
-                if self.listen_failures > MAX_LISTEN_FAILURES {
-                    return Err(io::Error::other("the TFTP listener keeps failing"));
-                }
-                self.arm_listener();
-            }
         }
     }
 
@@ -950,49 +922,6 @@ impl Driver {
         s.span.in_scope(|| self.tftp.finished(now, s.peer, outcome));
         self.to_close.push(s.socket);
     }
-
-    /// Cancels every request and waits for all of them, so that no buffer is freed
-    /// while the kernel may still use it. Running transfers are abandoned.
-    fn shutdown(mut self) {
-        let sqe = opcode::AsyncCancel2::new(CancelBuilder::any())
-            .build()
-            .user_data(user_data(Tag::Cancel, 0, 0));
-        // SAFETY: a cancellation points at no memory.
-        unsafe { self.push(&sqe) };
-        let limit = Instant::now() + DRAIN_LIMIT;
-        while self.inflight > 0 && Instant::now() < limit {
-            let ts = Timespec::from(Duration::from_millis(50));
-            let args = SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.submitter().submit_with_args(1, &args);
-            let done: Vec<u32> = self.ring.completion().map(|c| c.flags()).collect();
-            for flags in done {
-                if !cqueue::more(flags) {
-                    self.inflight = self.inflight.saturating_sub(1);
-                }
-            }
-        }
-        if self.inflight > 0 {
-            tracing::warn!(
-                requests = self.inflight,
-                "io_uring requests still running at shutdown; leaking their buffers"
-            );
-            let Self {
-                ring,
-                listen_bufs,
-                session_bufs,
-                ops,
-                ..
-            } = self;
-            drop(ring);
-            std::mem::forget(listen_bufs);
-            std::mem::forget(session_bufs);
-            std::mem::forget(ops);
-            return;
-        }
-        let _ = self.ring.submitter().unregister_buf_ring(LISTEN_GROUP);
-        let _ = self.ring.submitter().unregister_buf_ring(SESSION_GROUP);
-        tracing::debug!("TFTP io_uring driver stopped");
-    }
 }
 
 /// A run of datagrams written back to back by [`fill_train`].
@@ -1049,6 +978,100 @@ fn fill_train(t: &mut Transfer, now: Instant, data: &mut Vec<u8>, max_seg: usize
     }
     train.gso = (train.segments > 1).then_some(seg);
     Some(train)
+}
+
+impl RingDriver for Driver {
+    fn run(&mut self) -> io::Result<()> {
+        self.arm_stop()?;
+        self.arm_listener();
+        let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(CQ_ENTRIES as usize);
+        loop {
+            self.wait()?;
+            if self.ring.submission().is_empty() {
+                // Every SQE that named these sockets has reached the kernel, which holds
+                // its own reference to the file from then on.
+                self.to_close.clear();
+            }
+            cqes.clear();
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            let now = Instant::now();
+            for &(ud, res, flags) in &cqes {
+                self.complete(now, ud, res, flags);
+            }
+            self.listen_bufs.publish();
+            self.session_bufs.publish();
+            if self.stopping {
+                return Ok(());
+            }
+            self.run_timers(now);
+            while !self.dirty.is_empty() {
+                let mut batch = std::mem::take(&mut self.dirty);
+                for &key in &batch {
+                    self.service(key, now);
+                }
+                batch.clear();
+                if self.dirty.is_empty() {
+                    self.dirty = batch;
+                }
+            }
+            for key in std::mem::take(&mut self.rearm) {
+                self.arm_recv(key);
+            }
+            if !self.listen_armed {
+                if self.listen_failures > MAX_LISTEN_FAILURES {
+                    return Err(io::Error::other("the TFTP listener keeps failing"));
+                }
+                self.arm_listener();
+            }
+        }
+    }
+
+    /// Cancels every request and waits for all of them, so that no buffer is freed
+    /// while the kernel may still use it. Running transfers are abandoned.
+    fn shutdown(mut self) {
+        let sqe = opcode::AsyncCancel2::new(CancelBuilder::any())
+            .build()
+            .user_data(user_data(Tag::Cancel, 0, 0));
+        // SAFETY: a cancellation points at no memory.
+        unsafe { self.push(&sqe) };
+        let limit = Instant::now() + DRAIN_LIMIT;
+        while self.inflight > 0 && Instant::now() < limit {
+            let ts = Timespec::from(Duration::from_millis(50));
+            let args = SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            let done: Vec<u32> = self.ring.completion().map(|c| c.flags()).collect();
+            for flags in done {
+                if !cqueue::more(flags) {
+                    self.inflight = self.inflight.saturating_sub(1);
+                }
+            }
+        }
+        if self.inflight > 0 {
+            tracing::warn!(
+                requests = self.inflight,
+                "io_uring requests still running at shutdown; leaking their buffers"
+            );
+            let Self {
+                ring,
+                listen_bufs,
+                session_bufs,
+                ops,
+                ..
+            } = self;
+            drop(ring);
+            std::mem::forget(listen_bufs);
+            std::mem::forget(session_bufs);
+            std::mem::forget(ops);
+            return;
+        }
+        let _ = self.ring.submitter().unregister_buf_ring(LISTEN_GROUP);
+        let _ = self.ring.submitter().unregister_buf_ring(SESSION_GROUP);
+        tracing::debug!("TFTP io_uring driver stopped");
+    }
 }
 
 #[cfg(test)]
