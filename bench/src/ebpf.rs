@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use netboot_daemon::ebpf::{Accounting, Direction, Options, RunTimeStats, in_netns};
+use netboot_daemon::mac::MacAddr;
 use netboot_daemon::metrics::{Exposition, Format};
 
 /// Options of `ebpf-overhead`.
@@ -362,11 +363,7 @@ struct Frame {
 
 impl Frame {
     fn bytes(&self) -> Vec<u8> {
-        let mac = |m: &str| -> Vec<u8> {
-            m.split(':')
-                .map(|h| u8::from_str_radix(h, 16).unwrap_or(0))
-                .collect()
-        };
+        let mac = |m: &str| m.parse::<MacAddr>().map_or([0; 6], |m| m.0);
         let (src_mac, dst_mac, src_ip, dst_ip, src_port, dst_port) = if self.to_server {
             (
                 CLI_MAC,
@@ -386,7 +383,7 @@ impl Frame {
                 self.client_port,
             )
         };
-        let mut f = mac(dst_mac);
+        let mut f = mac(dst_mac).to_vec();
         f.extend(mac(src_mac));
         if self.vlan {
             f.extend([0x81, 0x00, 0x00, 10]);
