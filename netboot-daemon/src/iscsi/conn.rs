@@ -19,7 +19,7 @@ use super::chap::{self, Challenge, Credentials};
 use super::pdu::{Pdu, RESERVED_TAG, op};
 use super::scsi::{
     COMPARE_AND_WRITE, Lun, MAX_TRANSFER_BYTES, REPORT_LUNS, SENSE_KEY_ABORTED_COMMAND, ScsiResult,
-    Sense, report_luns, shorten_write,
+    Sense, WRITE_SAME_10, WRITE_SAME_16, report_luns, shorten_write,
 };
 use super::text::{self, Negotiation, Params};
 
@@ -783,8 +783,14 @@ impl Connection {
             }
         };
         let expected = if writing { edtl } else { 0 };
-        if cdb[0] == COMPARE_AND_WRITE && need != expected {
+        let exact = match cdb[0] {
             // SBC-4 5.3: the Data-Out buffer is exactly twice NUMBER OF LOGICAL BLOCKS.
+            COMPARE_AND_WRITE => true,
+            // SBC-4 5.48-5.50: the Data-Out buffer is one logical block (none with NDOB).
+            WRITE_SAME_10 | WRITE_SAME_16 => need > 0,
+            _ => false,
+        };
+        if exact && need != expected {
             let result = ScsiResult::check_condition(invalid_field_in_cdb());
             return self.respond(itt, req.lun(), edtl, reading, result, Residual::default());
         }

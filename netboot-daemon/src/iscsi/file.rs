@@ -110,31 +110,43 @@ impl Backing for FileBacking {
     }
 
     fn unmap(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+}
+
+impl FileBacking {
+    /// fallocate(2) with `mode` (a hole punch or a zeroed range: either way the range
+    /// reads as zeros afterwards); on a filesystem without that mode, zeros are written.
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
         }
-        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         };
         // SAFETY: fallocate(2) on a file descriptor that `self.file` keeps open; it touches
         // no memory of ours.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            )
-        };
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) };
         if rc == 0 {
             return Ok(());
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            // A filesystem without holes: write zeros instead, so the range reads as zeros.
             let zeros = vec![0u8; 1 << 20];
             let mut at = offset;
-            let end = offset + len as u64;
+            let end = offset + len;
             while at < end {
                 let n = ((end - at) as usize).min(zeros.len());
                 self.file.write_all_at(&zeros[..n], at)?;

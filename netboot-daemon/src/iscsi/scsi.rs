@@ -58,6 +58,19 @@ pub trait Backing: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Deallocates the range (hole punch); the range then reads as zeros.
     fn unmap(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes the range read as zeros while it stays allocated (`FALLOC_FL_ZERO_RANGE` on a
+    /// file); by default, zeros are written.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; (len as usize).min(1 << 20)];
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = ((end - at) as usize).min(zeros.len());
+            self.write_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
     /// Whether the byte at `offset` (below `len`) is allocated, and where that run of
     /// allocated or deallocated bytes ends (at most `len`). By default all is allocated.
     fn extent(&self, _offset: u64, len: u64) -> io::Result<(bool, u64)> {
@@ -401,7 +414,7 @@ const WRITE_AND_VERIFY_10: u8 = 0x2E;
 const VERIFY_10: u8 = 0x2F;
 const PRE_FETCH_10: u8 = 0x34;
 const SYNCHRONIZE_CACHE_10: u8 = 0x35;
-const WRITE_SAME_10: u8 = 0x41;
+pub const WRITE_SAME_10: u8 = 0x41;
 const UNMAP: u8 = 0x42;
 const READ_TOC_PMA_ATIP: u8 = 0x43;
 const GET_CONFIGURATION: u8 = 0x46;
@@ -420,7 +433,7 @@ const WRITE_AND_VERIFY_16: u8 = 0x8E;
 const VERIFY_16: u8 = 0x8F;
 const PRE_FETCH_16: u8 = 0x90;
 const SYNCHRONIZE_CACHE_16: u8 = 0x91;
-const WRITE_SAME_16: u8 = 0x93;
+pub const WRITE_SAME_16: u8 = 0x93;
 const SERVICE_ACTION_IN_16: u8 = 0x9E;
 /// REPORT LUNS (SPC-4 6.33): answered by the iSCSI layer, which knows every LUN.
 pub const REPORT_LUNS: u8 = 0xA0;
@@ -468,11 +481,13 @@ const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 8;
 const MAX_UNMAP_LBA_COUNT: u32 = 1 << 20;
 /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
 const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-/// MAXIMUM WRITE SAME LENGTH, in blocks: under 65536, so that initiators (libiscsi's suite
-/// among them) do not pair a larger WRITE SAME with a WRITE of the same length, which would
-/// exceed the transfer limit.
+/// MAXIMUM WRITE SAME LENGTH, in blocks, also for NUMBER OF LOGICAL BLOCKS 0 (WSNZ is
+/// clear: "to the last LBA"), so that no command rewrites a whole image: under 65536, so that
+/// initiators (libiscsi's suite among them) do not pair a larger WRITE SAME with a WRITE of
+/// the same length, which would exceed the transfer limit.
 const MAX_WRITE_SAME_BLOCKS: u64 = 0xFFFF;
-/// Granularity of hole punching and of efficient writes (a filesystem block), in bytes.
+/// Granularity of hole punching and of efficient writes (a filesystem block), in bytes;
+/// reported as the physical block size of disks with smaller logical blocks.
 const GRANULARITY_BYTES: u32 = 4096;
 /// OPTIMAL TRANSFER LENGTH, in bytes.
 const OPTIMAL_TRANSFER_BYTES: u32 = 1 << 20;
@@ -1401,7 +1416,7 @@ impl Lun {
     fn block_limits(&self) -> Vec<u8> {
         let granularity = (GRANULARITY_BYTES / self.block_size).max(1);
         let mut d = vec![0u8; 0x3C];
-        d[0] = 0x01; // WSNZ: WRITE SAME with 0 blocks is refused
+        // WSNZ clear: WRITE SAME with 0 blocks writes to the last LBA.
         d[1] = MAX_COMPARE_AND_WRITE_BLOCKS;
         // invariant: granularity <= 8 (4096 / 512).
         d[2..4].copy_from_slice(&(granularity as u16).to_be_bytes());
@@ -1435,6 +1450,10 @@ impl Lun {
         d[8..12].copy_from_slice(&self.block_size.to_be_bytes());
         if self.is_disk() {
             d[14] = 0xC0; // LBPME, LBPRZ
+            // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: a physical block is what a hole
+            // punch deallocates whole, so aligned I/O and unmaps do not straddle one.
+            let per_physical = (GRANULARITY_BYTES / self.block_size).max(1);
+            d[13] = per_physical.trailing_zeros() as u8;
         }
         Ok(truncated(d, be32(cmd.cdb, 10) as usize))
     }
@@ -1596,15 +1615,26 @@ impl Lun {
         Ok(Vec::new())
     }
 
-    /// WRITE SAME(10/16) (SBC-3 5.42-5.43): one block repeated; with UNMAP and a block of
-    /// zeros the range is deallocated instead (LBPRZ=1: it then reads as zeros).
+    /// WRITE SAME(10/16) (SBC-3 5.42-5.43): one block repeated, to the last LBA when
+    /// NUMBER OF LOGICAL BLOCKS is 0 (WSNZ is clear), at most [`MAX_WRITE_SAME_BLOCKS`].
+    /// With UNMAP the range is deallocated whatever the block holds (LBPRZ=1: it then
+    /// reads as zeros); a block of zeros is written as a zeroed range, without the bytes.
     fn write_same(&self, cmd: &Cmd<'_>) -> Outcome {
         self.check_writable()?;
         check_protect_field(cmd.cdb)?;
         let flags = byte(cmd.cdb, 1);
         let (lba, blocks) = lba_and_length(cmd.cdb);
-        let blocks = u64::from(blocks);
-        if flags & CDB_WS_ANCHOR != 0 || blocks == 0 || blocks > MAX_WRITE_SAME_BLOCKS {
+        if flags & CDB_WS_ANCHOR != 0 {
+            return illegal(ASC_INVALID_FIELD_IN_CDB);
+        }
+        let blocks = match blocks {
+            0 => {
+                self.check_range(lba, 1)?;
+                self.capacity()? - lba
+            }
+            n => u64::from(n),
+        };
+        if blocks > MAX_WRITE_SAME_BLOCKS {
             return illegal(ASC_INVALID_FIELD_IN_CDB);
         }
         self.check_range(lba, blocks)?;
@@ -1614,8 +1644,12 @@ impl Lun {
         } else {
             cmd.data_out.to_vec()
         };
-        if flags & CDB_WS_UNMAP != 0 && block.iter().all(|&b| b == 0) {
+        if flags & CDB_WS_UNMAP != 0 {
             self.deallocate(lba, blocks)?;
+        } else if block.iter().all(|&b| b == 0) {
+            self.backing
+                .write_zeroes(self.offset(lba), self.offset(blocks))
+                .map_err(|e| io_sense(&e, ASC_WRITE_ERROR, lba))?;
         } else {
             self.fill(lba, blocks, &block)?;
         }
@@ -2996,7 +3030,8 @@ mod tests {
         let d = page(0xB0);
         assert_eq!(
             (d.len(), d[4] & 1, d[5]),
-            (64, 1, MAX_COMPARE_AND_WRITE_BLOCKS)
+            (64, 0, MAX_COMPARE_AND_WRITE_BLOCKS),
+            "WSNZ clear"
         );
         assert_eq!(
             (be16(&d, 6), be32(&d, 8)),
@@ -3054,6 +3089,7 @@ mod tests {
         let d = ok(&lun, &c, &[]);
         assert_eq!((d.len(), be64(&d, 0), be32(&d, 8)), (32, 999, 512));
         assert_eq!(d[14] & 0xC0, 0xC0, "LBPME, LBPRZ");
+        assert_eq!(d[13] & 0x0F, 3, "8 logical blocks per 4 KiB physical block");
         c[13] = 12;
         assert_eq!(ok(&lun, &c, &[]).len(), 12);
         c[1] = 0x11;
@@ -3259,12 +3295,25 @@ mod tests {
             &[],
         );
         assert!(zeros(&mem.data.lock().unwrap(), 10, 12));
-        assert_eq!(
-            ck(&lun, A, &rw(WRITE_SAME_10, 0, 0, 0), &block).1,
-            0x24,
-            "WSNZ"
-        );
         assert_eq!(ck(&lun, A, &rw(WRITE_SAME_10, 60, 8, 0), &block).1, 0x21);
+        // UNMAP deallocates whatever the block holds.
+        ok(&lun, &rw(WRITE_SAME_10, 20, 4, CDB_WS_UNMAP), &block);
+        assert!(zeros(&mem.data.lock().unwrap(), 20, 24));
+        // 0 blocks: to the last LBA (WSNZ is clear), within MAXIMUM WRITE SAME LENGTH.
+        let last = lun.capacity().unwrap();
+        let end = last as usize;
+        ok(&lun, &rw(WRITE_SAME_10, last - 3, 0, 0), &block);
+        let tail = ok(&lun, &rw(READ_10, last - 4, 4, 0), &[]);
+        assert_ne!(&tail[..512], &block[..]);
+        assert_eq!(&tail[512..], &block.repeat(3)[..]);
+        assert_eq!(ck(&lun, A, &rw(WRITE_SAME_10, last, 0, 0), &block).1, 0x21);
+        // A block of zeros zeroes the range.
+        ok(&lun, &rw(WRITE_SAME_10, last - 3, 0, 0), &[0; 512]);
+        assert!(zeros(&mem.data.lock().unwrap(), end - 3, end));
+        // Further than MAXIMUM WRITE SAME LENGTH from the end, 0 blocks are too many.
+        let (_, big) = make(cfg(DeviceType::Disk), MAX_WRITE_SAME_BLOCKS as usize + 2);
+        assert_eq!(ck(&big, A, &rw(WRITE_SAME_10, 1, 0, 0), &block).1, 0x24);
+        ok(&big, &rw(WRITE_SAME_10, 2, 0, 0), &block);
     }
 
     fn unmap(ranges: &[(u64, u32)]) -> (Vec<u8>, Vec<u8>) {
