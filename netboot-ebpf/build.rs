@@ -21,4 +21,9 @@ fn main() {
         )
     });
     println!("cargo:rerun-if-changed={}", bpf_linker.display());
+    // Header fields sit at any byte offset in a frame. Without this LLVM reads a multi-byte
+    // field byte by byte (a load, a shift and an or per byte); the verifier accepts
+    // misaligned packet and map reads where the CPU handles them (x86-64, arm64), and
+    // still checks that stack accesses are aligned.
+    println!("cargo:rustc-link-arg=--cpu-features=+allows-misaligned-mem-access");
 }

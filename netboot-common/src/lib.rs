@@ -263,7 +263,8 @@ pub struct FlowCounters {
     pub tx_bytes: u64,
     /// L4 payload bytes to the client.
     pub tx_payload: u64,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last frame this CPU counted.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, a few milliseconds coarse) of the last
+    /// frame this CPU counted.
     pub last_seen_ns: u64,
     /// The client the last frame this CPU counted was attributed to; zero if none.
     pub mac: [u8; 6],

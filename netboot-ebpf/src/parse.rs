@@ -9,7 +9,9 @@
 //! Headers that are missing or malformed are data, not errors: such a frame has no [`L4`]
 //! part and is counted as `SERVICE_OTHER` under its L2 client.
 
-use aya_ebpf::programs::TcContext;
+use core::mem::MaybeUninit;
+
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use netboot_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::keys::set_mapped;
@@ -84,8 +86,27 @@ pub(crate) fn load<T>(ctx: &TcContext, offset: usize) -> Option<T> {
         // again by the verifier); `T` is plain bytes, read unaligned.
         return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
     }
-    ctx.load::<T>(offset).ok()
+    // The helper writes into an 8-aligned stack slot: LLVM, allowed misaligned accesses
+    // (netboot-ebpf's build.rs), would otherwise copy a byte array out of the slot with wide
+    // loads at odd stack offsets, which the verifier refuses ("misaligned stack access").
+    let mut slot = Aligned(MaybeUninit::<T>::uninit());
+    // SAFETY: the helper writes at most `size_of::<T>()` bytes into `slot`, which lives for
+    // the call; `ctx.skb.skb` is the context the kernel passed to the program.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset as u32,
+            (&raw mut slot.0).cast(),
+            size_of::<T>() as u32,
+        )
+    };
+    // SAFETY: a return of 0 means every byte of `slot` was written; `T` is plain bytes.
+    (ret == 0).then(|| unsafe { slot.0.assume_init() })
 }
+
+/// A stack slot aligned for 8-byte loads, whatever `T`'s own alignment.
+#[repr(C, align(8))]
+struct Aligned<T>(MaybeUninit<T>);
 
 /// Reads the big-endian `u16` at `offset`.
 #[inline(always)]
