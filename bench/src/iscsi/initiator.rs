@@ -66,6 +66,9 @@ impl Pdu {
     }
 }
 
+/// The receive buffer for headers and small PDUs.
+const READ_BUFFER: usize = 64 * 1024;
+
 fn put32(bhs: &mut [u8; BHS], at: usize, v: u32) {
     bhs[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
@@ -149,7 +152,11 @@ impl Session {
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let writer = stream.try_clone()?;
         let mut s = Self {
-            reader: BufReader::with_capacity(1 << 20, stream),
+            // Small enough that a large data segment is read from the socket straight into
+            // its buffer (BufReader bypasses itself for reads larger than it when it is
+            // empty) instead of being copied twice; large enough for many small PDUs per
+            // receive.
+            reader: BufReader::with_capacity(READ_BUFFER, stream),
             writer,
             out: Vec::with_capacity(1 << 20),
             cmd_sn: 1,

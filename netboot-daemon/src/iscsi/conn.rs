@@ -18,8 +18,8 @@ use std::sync::Arc;
 use super::chap::{self, Challenge, Credentials};
 use super::pdu::{Pdu, RESERVED_TAG, op};
 use super::scsi::{
-    COMPARE_AND_WRITE, Lun, MAX_TRANSFER_BYTES, REPORT_LUNS, SENSE_KEY_ABORTED_COMMAND, ScsiResult,
-    Sense, WRITE_SAME_10, WRITE_SAME_16, report_luns, shorten_write,
+    COMPARE_AND_WRITE, FileData, Lun, MAX_TRANSFER_BYTES, REPORT_LUNS, SENSE_KEY_ABORTED_COMMAND,
+    ScsiResult, Sense, WRITE_SAME_10, WRITE_SAME_16, report_luns, shorten_write,
 };
 use super::text::{self, Negotiation, Params};
 
@@ -104,6 +104,10 @@ pub struct Exec {
     pub data_out: Vec<u8>,
     /// The I_T nexus (initiator name and ISID).
     pub initiator: Arc<str>,
+    /// Whether a staged read's Data-In may come back as [`FileData`]
+    /// ([`Lun::finish_staged_file`]): file bytes the driver sends without reading them.
+    /// Only when the connection puts no data digest on them, which needs the bytes.
+    pub file_data_in: bool,
 }
 
 impl std::fmt::Debug for Exec {
@@ -125,6 +129,9 @@ pub struct Outgoing {
     /// Data-In of one read, cut into segments without copying); `pdu.data` is then empty.
     /// [`Outgoing::data`] is the data segment either way.
     pub shared: Option<SharedData>,
+    /// Its data segment when that is a part of a read the driver staged from the file
+    /// ([`FileData`]); `pdu.data` is then empty and the driver sends the bytes itself.
+    pub file: Option<FileSegment>,
     /// CRC32C on the header.
     pub header_digest: bool,
     /// CRC32C on the data.
@@ -140,8 +147,17 @@ pub struct SharedData {
     pub range: std::ops::Range<usize>,
 }
 
+/// A range of a read staged from the file, [`FileData`]: the data segment of one Data-In.
+#[derive(Debug, Clone)]
+pub struct FileSegment {
+    /// The whole read.
+    pub data: FileData,
+    /// This PDU's part of it (bytes of the read, not of the file).
+    pub range: std::ops::Range<usize>,
+}
+
 impl Outgoing {
-    /// The data segment.
+    /// The data segment's bytes (none for a [`FileSegment`], which the driver sends).
     pub fn data(&self) -> &[u8] {
         match &self.shared {
             Some(s) => s.buf.get(s.range.clone()).unwrap_or_default(),
@@ -149,9 +165,18 @@ impl Outgoing {
         }
     }
 
+    /// The data segment's length, whoever holds its bytes.
+    pub fn data_len(&self) -> usize {
+        match &self.file {
+            Some(f) => f.range.len(),
+            None => self.data().len(),
+        }
+    }
+
     /// Writes the whole PDU (header, data, padding, digests) to `out`. A driver that
     /// avoids the copy writes [`Pdu::encode_header`], [`Outgoing::data`] and
-    /// [`super::pdu::encode_trailer`] as one vectored write instead.
+    /// [`super::pdu::encode_trailer`] as one vectored write instead. A [`FileSegment`]'s
+    /// bytes are not in memory: only a driver that staged it can send that PDU.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let data = self.data();
         self.pdu.encode_header(data.len(), self.header_digest, out);
@@ -167,6 +192,16 @@ impl Outgoing {
         }
         pdu
     }
+}
+
+/// Where a queued PDU's data segment is.
+enum Segment {
+    /// In `pdu.data`.
+    Own,
+    /// In a buffer shared with other PDUs.
+    Shared(SharedData),
+    /// In a read the driver staged from the file.
+    File(FileSegment),
 }
 
 /// What the driver's decoder must accept next.
@@ -472,12 +507,17 @@ impl Connection {
     /// Fills StatSN, ExpCmdSN and MaxCmdSN (bytes 24..36) and queues the PDU; `status`
     /// PDUs advance StatSN.
     fn send(&mut self, pdu: Pdu, status: bool) {
-        self.send_shared(pdu, None, status);
+        self.send_segment(pdu, Segment::Own, status);
     }
 
-    /// Queues `pdu` (with its data segment in `shared`, if given) with the sequence
-    /// numbers; `status` advances StatSN.
-    fn send_shared(&mut self, mut pdu: Pdu, shared: Option<SharedData>, status: bool) {
+    /// Queues `pdu` (with its data segment in `pdu.data`, a shared buffer or a staged
+    /// read) with the sequence numbers; `status` advances StatSN.
+    fn send_segment(&mut self, mut pdu: Pdu, segment: Segment, status: bool) {
+        let (shared, file) = match segment {
+            Segment::Own => (None, None),
+            Segment::Shared(s) => (Some(s), None),
+            Segment::File(f) => (None, Some(f)),
+        };
         pdu.set_u32(24, self.stat_sn);
         if status {
             self.stat_sn = self.stat_sn.wrapping_add(1);
@@ -487,6 +527,7 @@ impl Connection {
         self.out.push_back(Outgoing {
             pdu,
             shared,
+            file,
             header_digest: self.wire_params.header_digest,
             data_digest: self.wire_params.data_digest,
         });
@@ -756,6 +797,7 @@ impl Connection {
                 status: 0,
                 sense: None,
                 data_in: report_luns(&luns, alloc),
+                file_data: None,
             };
             return self.respond(itt, req.lun(), edtl, reading, result, Residual::default());
         }
@@ -811,6 +853,7 @@ impl Connection {
                 cdb,
                 data_out: Vec::new(),
                 initiator: Arc::clone(&self.nexus),
+                file_data_in: !self.wire_params.data_digest,
             });
             return;
         }
@@ -983,6 +1026,7 @@ impl Connection {
                 cdb: task.cdb,
                 data_out: task.data,
                 initiator: Arc::clone(&self.nexus),
+                file_data_in: !self.wire_params.data_digest,
             });
         }
     }
@@ -1033,10 +1077,18 @@ impl Connection {
         mut residual: Residual,
     ) {
         let limit = if reading { edtl } else { 0 };
-        let produced = result.data_in.len() as u64;
+        let mut file = result.file_data.take();
+        let produced = match &file {
+            Some(f) => f.len as u64,
+            None => result.data_in.len() as u64,
+        };
         if produced > limit {
             residual.overflow = u32::try_from(produced - limit).unwrap_or(u32::MAX);
-            result.data_in.truncate(usize::try_from(limit).unwrap_or(0));
+            let keep = usize::try_from(limit).unwrap_or(0);
+            match &mut file {
+                Some(f) => f.len = keep,
+                None => result.data_in.truncate(keep),
+            }
         } else if reading && produced < limit {
             residual.underflow = u32::try_from(limit - produced).unwrap_or(u32::MAX);
         }
@@ -1052,11 +1104,16 @@ impl Connection {
         let residual_count = residual.overflow.max(residual.underflow);
         let collapse = result.status == 0 && result.sense.is_none();
         let seg = (self.params.max_send_data as usize).max(512);
-        let total = result.data_in.len();
+        let total = match &file {
+            Some(f) => f.len,
+            None => result.data_in.len(),
+        };
         let n = total.div_ceil(seg);
-        // One segment takes the buffer; several share it (no copy either way).
-        let mut single = (n == 1).then(|| std::mem::take(&mut result.data_in));
-        let shared = (n > 1).then(|| Arc::new(std::mem::take(&mut result.data_in)));
+        // One segment takes the buffer; several share it (no copy either way); a read
+        // staged from the file is cut into ranges of it.
+        let mut single = (n == 1 && file.is_none()).then(|| std::mem::take(&mut result.data_in));
+        let shared =
+            (n > 1 && file.is_none()).then(|| Arc::new(std::mem::take(&mut result.data_in)));
         let mut data_sn = 0u32;
         for i in 0..n {
             let last = i + 1 == n;
@@ -1075,19 +1132,22 @@ impl Connection {
             pdu.set_u32(36, data_sn);
             pdu.set_u32(40, u32::try_from(i * seg).unwrap_or(u32::MAX));
             data_sn += 1;
-            match &shared {
-                Some(buf) => {
-                    let part = SharedData {
-                        buf: Arc::clone(buf),
-                        range: i * seg..((i + 1) * seg).min(total),
-                    };
-                    self.send_shared(pdu, Some(part), with_status);
-                }
-                None => {
+            let range = i * seg..((i + 1) * seg).min(total);
+            let segment = match (&file, &shared) {
+                (Some(f), _) => Segment::File(FileSegment {
+                    data: f.clone(),
+                    range,
+                }),
+                (None, Some(buf)) => Segment::Shared(SharedData {
+                    buf: Arc::clone(buf),
+                    range,
+                }),
+                (None, None) => {
                     pdu.data = single.take().unwrap_or_default();
-                    self.send(pdu, with_status);
+                    Segment::Own
                 }
-            }
+            };
+            self.send_segment(pdu, segment, with_status);
         }
         if n > 0 && collapse {
             return;
@@ -1403,6 +1463,11 @@ mod tests {
 
     /// Logs in the way iPXE does: security, then operational with its conservative keys.
     fn logged_in() -> Connection {
+        logged_in_with("None")
+    }
+
+    /// [`logged_in`] offering `data_digest` as DataDigest.
+    fn logged_in_with(data_digest: &str) -> Connection {
         let mut c = conn();
         c.handle(login(
             0x80 | 0x01,
@@ -1423,7 +1488,7 @@ mod tests {
             0x80 | (1 << 2) | 0x03,
             &[
                 ("HeaderDigest", "None"),
-                ("DataDigest", "None"),
+                ("DataDigest", data_digest),
                 ("InitialR2T", "Yes"),
                 ("ImmediateData", "No"),
                 ("MaxRecvDataSegmentLength", "8192"),
@@ -1453,6 +1518,106 @@ mod tests {
             let r = e.lun.execute(&e.initiator, &e.cdb, &e.data_out);
             c.complete(e.itt, r);
         }
+    }
+
+    /// A read the driver staged from the file ([`FileData`]) goes out as ranges of it, cut
+    /// and numbered as bytes are, truncated to the expected length like bytes; only a
+    /// connection without data digests hands reads out for that.
+    #[test]
+    fn a_read_staged_from_the_file_goes_out_as_ranges_of_it() {
+        use crate::iscsi::scsi::{FileData, StagedIo};
+        let mut c = logged_in();
+        // READ(10) of 40 blocks (20 KiB) at LBA 8; the initiator expects 18000 bytes only.
+        let read = [0x28, 0, 0, 0, 0, 8, 0, 0, 40, 0];
+        c.handle(command(0, 11, 0x40, 18000, &read));
+        let e = c.poll_execute().expect("the read");
+        assert!(
+            e.file_data_in,
+            "no data digest: the bytes may stay in the file"
+        );
+        // What `Lun::stage` makes of it on a LUN with a backing file.
+        let (offset, len) = (4096, 20480);
+        let io = StagedIo::Read {
+            lba: 8,
+            offset,
+            len,
+        };
+        let holder: Arc<dyn std::any::Any + Send + Sync> = Arc::new(7u32);
+        let data = FileData {
+            offset,
+            len,
+            holder: Arc::clone(&holder),
+        };
+        // Staged bytes of the wrong length are the driver's failure, not GOOD.
+        let short = FileData {
+            len: len - 512,
+            ..data.clone()
+        };
+        assert_eq!(
+            e.lun.finish_staged_file(&io, Ok(short)).status,
+            crate::iscsi::scsi::STATUS_CHECK_CONDITION
+        );
+        c.complete(e.itt, e.lun.finish_staged_file(&io, Ok(data)));
+        let out: Vec<Outgoing> = std::iter::from_fn(|| c.poll_transmit()).collect();
+        let ranges: Vec<_> = out
+            .iter()
+            .map(|o| o.file.as_ref().expect("a file segment").range.clone())
+            .collect();
+        assert_eq!(ranges, [0..8192, 8192..16384, 16384..18000]);
+        for (i, o) in out.iter().enumerate() {
+            let f = o.file.as_ref().expect("a file segment");
+            assert!(Arc::ptr_eq(&f.data.holder, &holder));
+            assert_eq!(f.data.offset, 4096);
+            assert!(o.pdu.data.is_empty() && o.data().is_empty());
+            assert_eq!(o.data_len(), f.range.len());
+            assert_eq!(o.pdu.opcode(), op::DATA_IN);
+            assert_eq!(o.pdu.u32_at(36), i as u32, "DataSN");
+            assert_eq!(o.pdu.u32_at(40), f.range.start as u32, "buffer offset");
+        }
+        let last = &out[2].pdu;
+        assert_eq!(last.flags(), 0x80 | 0x01 | 0x04, "final, status, overflow");
+        assert_eq!(last.u32_at(44), 20480 - 18000, "residual");
+        drop(out);
+        assert_eq!(
+            Arc::strong_count(&holder),
+            1,
+            "the core keeps no holder once sent"
+        );
+
+        // A read error while staging is the copying read's medium error.
+        c.handle(command(
+            1,
+            12,
+            0x40,
+            512,
+            &[0x28, 0, 0, 0, 0, 9, 0, 0, 1, 0],
+        ));
+        let e = c.poll_execute().expect("the read");
+        let io = StagedIo::Read {
+            lba: 9,
+            offset: 9 * 512,
+            len: 512,
+        };
+        let failed = e
+            .lun
+            .finish_staged_file(&io, Err(std::io::Error::other("EIO")));
+        assert_eq!(
+            failed,
+            e.lun.finish_staged(&io, Err(std::io::Error::other("EIO")))
+        );
+        assert_eq!(failed.sense.map(|s| s.key), Some(0x03), "MEDIUM ERROR");
+
+        // With DataDigest=CRC32C the digest needs the bytes: reads are copied.
+        let mut c = logged_in_with("CRC32C");
+        assert!(c.wire().data_digest);
+        c.handle(command(
+            0,
+            11,
+            0x40,
+            512,
+            &[0x28, 0, 0, 0, 0, 8, 0, 0, 1, 0],
+        ));
+        assert!(!c.poll_execute().expect("the read").file_data_in);
     }
 
     #[test]

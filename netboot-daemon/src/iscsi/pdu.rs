@@ -186,6 +186,13 @@ pub fn encode_trailer(data: &[u8], data_digest: bool, out: &mut Vec<u8>) {
     }
 }
 
+/// The padding after a data segment of `len` bytes whose bytes the driver sends itself
+/// (a file segment, [`super::conn::FileSegment`]): zeros, no digest (a file segment is
+/// only made when the connection has no data digest).
+pub fn encode_padding(len: usize, out: &mut Vec<u8>) {
+    out.extend_from_slice(&[0u8; 3][..pad(len)]);
+}
+
 /// Padding after a data segment of `len` bytes.
 fn pad(len: usize) -> usize {
     (4 - len % 4) % 4

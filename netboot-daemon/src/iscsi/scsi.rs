@@ -234,9 +234,46 @@ pub struct ScsiResult {
     /// Set with CHECK CONDITION.
     pub sense: Option<Sense>,
     /// Data for the initiator, already truncated to the CDB's allocation length or
-    /// transfer length.
+    /// transfer length (empty when `file_data` holds it).
     pub data_in: Vec<u8>,
+    /// The Data-In as a range of the backing file that the driver staged without reading
+    /// it into memory ([`Lun::finish_staged_file`]), instead of `data_in`.
+    pub file_data: Option<FileData>,
 }
+
+/// Data-In that a driver staged from the backing file without reading it into memory
+/// (for example spliced into pipes, to be spliced on to the socket): `len` bytes of the
+/// file at `offset`. The core cuts it into Data-In segments by range, as it cuts bytes;
+/// the driver sends each range. `holder` is the driver's (what holds the staged data):
+/// the core only keeps it alive while a PDU refers to it, and drops it after.
+#[derive(Clone)]
+pub struct FileData {
+    /// Byte offset in the backing file.
+    pub offset: u64,
+    /// Bytes.
+    pub len: usize,
+    /// What holds the staged bytes, opaque to the core.
+    pub holder: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl fmt::Debug for FileData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileData")
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for FileData {
+    fn eq(&self, other: &Self) -> bool {
+        self.offset == other.offset
+            && self.len == other.len
+            && Arc::ptr_eq(&self.holder, &other.holder)
+    }
+}
+
+impl Eq for FileData {}
 
 impl ScsiResult {
     /// GOOD status with Data-In.
@@ -245,6 +282,7 @@ impl ScsiResult {
             status: STATUS_GOOD,
             sense: None,
             data_in,
+            file_data: None,
         }
     }
 
@@ -254,6 +292,7 @@ impl ScsiResult {
             status: STATUS_CHECK_CONDITION,
             sense: Some(sense),
             data_in: Vec::new(),
+            file_data: None,
         }
     }
 
@@ -263,6 +302,7 @@ impl ScsiResult {
             status: STATUS_RESERVATION_CONFLICT,
             sense: None,
             data_in: Vec::new(),
+            file_data: None,
         }
     }
 }
@@ -945,6 +985,26 @@ impl Lun {
             Ok(data) if matches!(io, StagedIo::Read { .. }) => ScsiResult::good(data),
             Ok(_) => ScsiResult::good(Vec::new()),
             Err(e) => ScsiResult::check_condition(io_sense(&e, asc, lba)),
+        }
+    }
+
+    /// The result of a staged read whose bytes the driver staged from the file without
+    /// reading them into memory ([`FileData`], all of [`StagedIo::Read::len`], inside the
+    /// file), or the error that staging them met (the same sense as [`Lun::finish_staged`]).
+    /// Only for a read: any other staged I/O has no Data-In.
+    pub fn finish_staged_file(&self, io: &StagedIo, result: io::Result<FileData>) -> ScsiResult {
+        match (io, result) {
+            (StagedIo::Read { len, .. }, Ok(data)) if data.len == *len => ScsiResult {
+                status: STATUS_GOOD,
+                sense: None,
+                data_in: Vec::new(),
+                file_data: Some(data),
+            },
+            (_, Ok(_)) => ScsiResult::check_condition(Sense::of(
+                SENSE_KEY_HARDWARE_ERROR,
+                ASC_INTERNAL_TARGET_FAILURE,
+            )),
+            (_, Err(e)) => self.finish_staged(io, Err(e)),
         }
     }
 

@@ -47,10 +47,10 @@ use crate::boot::ipxe::iqn_part;
 use crate::config::{IscsiConfig, IscsiDriver};
 use crate::ebpf::Service;
 use crate::iscsi::chap;
-use crate::iscsi::conn::Outgoing;
 use crate::iscsi::conn::{Connection, Login, Refusal, SessionEvent, Target, Targets};
+use crate::iscsi::conn::{FileSegment, Outgoing};
 use crate::iscsi::file::FileBacking;
-use crate::iscsi::pdu::{DecodeError, Decoder, encode_trailer};
+use crate::iscsi::pdu::{DecodeError, Decoder, encode_padding, encode_trailer};
 use crate::iscsi::scsi::{DeviceType, Lun, LunConfig};
 use crate::mac::MacAddr;
 use crate::metrics::DurationHistogram;
@@ -78,6 +78,9 @@ pub struct ConnStats {
     pub rx_bytes: AtomicU64,
     /// Bytes written to it.
     pub tx_bytes: AtomicU64,
+    /// Of `tx_bytes`, Data-In bytes that went from the image file to the socket through
+    /// pipes (splice), never copied by the target.
+    pub spliced_bytes: AtomicU64,
     /// SCSI commands completed.
     pub commands: AtomicU64,
     /// Each command, from the core handing it out to its result.
@@ -118,6 +121,9 @@ pub struct SessionRecord {
     pub rx_bytes: u64,
     /// TCP payload bytes to the initiator, by the target's own count.
     pub tx_bytes: u64,
+    /// Of `tx_bytes`, the Data-In bytes sent from the image file through pipes (splice),
+    /// without copies in the target (the io_uring driver, without data digests).
+    pub spliced_bytes: u64,
     /// SCSI commands completed.
     pub commands: u64,
     /// Median command latency, microseconds.
@@ -172,6 +178,7 @@ impl LiveEntry {
             ended_at,
             rx_bytes: self.stats.rx_bytes.load(Ordering::Relaxed),
             tx_bytes: self.stats.tx_bytes.load(Ordering::Relaxed),
+            spliced_bytes: self.stats.spliced_bytes.load(Ordering::Relaxed),
             commands: self.stats.commands.load(Ordering::Relaxed),
             latency_p50_us: us(0.5),
             latency_p99_us: us(0.99),
@@ -963,6 +970,17 @@ pub(crate) struct Outbox {
 enum Piece {
     Frame(std::ops::Range<usize>),
     Data(usize),
+    /// The file segment of `pdus[i]`, which the driver sends from where it staged it.
+    File(usize),
+}
+
+/// A stretch of an [`Outbox`] that goes to the socket one way.
+pub(crate) enum Run {
+    /// Bytes in memory, as (pointer, length) pairs for an iovec: they stay valid while
+    /// the outbox is neither changed nor dropped.
+    Bytes(Vec<libc::iovec>),
+    /// A data segment staged from the backing file.
+    File(FileSegment),
 }
 
 impl Outbox {
@@ -971,29 +989,50 @@ impl Outbox {
         self.pieces.is_empty()
     }
 
-    /// The queued bytes in order, as (pointer, length) pairs for an iovec: they stay
-    /// valid while the outbox is neither changed nor dropped (moving it moves no byte).
-    pub(crate) fn iovecs(&self) -> Vec<libc::iovec> {
-        self.pieces
-            .iter()
-            .map(|p| {
-                let b: &[u8] = match p {
-                    Piece::Frame(r) => &self.frame[r.clone()],
-                    Piece::Data(i) => self.pdus[*i].data(),
-                };
-                libc::iovec {
-                    iov_base: b.as_ptr().cast_mut().cast(),
-                    iov_len: b.len(),
+    /// The queued PDUs in order, as runs of bytes in memory between the file segments.
+    pub(crate) fn runs(&self) -> Vec<Run> {
+        let mut runs = Vec::new();
+        let mut iov = Vec::new();
+        for p in &self.pieces {
+            let b: &[u8] = match p {
+                Piece::Frame(r) => &self.frame[r.clone()],
+                Piece::Data(i) => self.pdus[*i].data(),
+                Piece::File(i) => {
+                    if !iov.is_empty() {
+                        runs.push(Run::Bytes(std::mem::take(&mut iov)));
+                    }
+                    if let Some(f) = &self.pdus[*i].file {
+                        runs.push(Run::File(f.clone()));
+                    }
+                    continue;
                 }
-            })
-            .collect()
+            };
+            iov.push(libc::iovec {
+                iov_base: b.as_ptr().cast_mut().cast(),
+                iov_len: b.len(),
+            });
+        }
+        if !iov.is_empty() {
+            runs.push(Run::Bytes(iov));
+        }
+        runs
     }
 
     pub(crate) fn push(&mut self, o: Outgoing) {
         let data = o.data();
         let mut start = self.frame.len();
         o.pdu
-            .encode_header(data.len(), o.header_digest, &mut self.frame);
+            .encode_header(o.data_len(), o.header_digest, &mut self.frame);
+        if o.file.is_some() {
+            // invariant: the core makes file segments only without data digests.
+            self.frame_piece(start);
+            self.pieces.push(Piece::File(self.pdus.len()));
+            start = self.frame.len();
+            encode_padding(o.data_len(), &mut self.frame);
+            self.frame_piece(start);
+            self.pdus.push(o);
+            return;
+        }
         if data.len() < COPY_DATA_BELOW {
             // Header, data and trailer: one piece.
             self.frame.extend_from_slice(data);
@@ -1023,14 +1062,16 @@ impl Outbox {
     /// returns the bytes written.
     async fn send(&mut self, stream: &mut Counted<TcpStream>) -> std::io::Result<u64> {
         let mut total = 0u64;
-        let mut slices: Vec<IoSlice<'_>> = self
-            .pieces
-            .iter()
-            .map(|p| match p {
+        let mut slices = Vec::with_capacity(self.pieces.len());
+        for p in &self.pieces {
+            slices.push(match p {
                 Piece::Frame(r) => IoSlice::new(&self.frame[r.clone()]),
                 Piece::Data(i) => IoSlice::new(self.pdus[*i].data()),
-            })
-            .collect();
+                // invariant: this driver never stages reads, so no core result has a
+                // file segment; refuse rather than send a PDU without its data.
+                Piece::File(_) => return Err(std::io::ErrorKind::Unsupported.into()),
+            });
+        }
         let mut rest = &mut slices[..];
         while !rest.is_empty() {
             let n = stream.write_vectored(rest).await?;
@@ -1113,6 +1154,7 @@ mod tests {
             queue.push(Outgoing {
                 pdu,
                 shared: None,
+                file: None,
                 header_digest: digests,
                 data_digest: digests,
             });
@@ -1126,6 +1168,7 @@ mod tests {
                     buf: Arc::clone(&buf),
                     range,
                 }),
+                file: None,
                 header_digest: false,
                 data_digest: true,
             });
@@ -1140,6 +1183,7 @@ mod tests {
             .flat_map(|p| match p {
                 Piece::Frame(r) => outbox.frame[r.clone()].to_vec(),
                 Piece::Data(i) => outbox.pdus[*i].data().to_vec(),
+                Piece::File(_) => unreachable!("no file segment queued"),
             })
             .collect();
         assert!(got == want, "the pieces differ from the encoded PDUs");
@@ -1148,6 +1192,88 @@ mod tests {
             "small PDUs share pieces: {}",
             outbox.pieces.len()
         );
+    }
+
+    /// File segments become runs of their own, between runs of bytes that carry the
+    /// headers, padding and other PDUs: the runs in order are the bytes `encode` writes for
+    /// the same PDUs with their data in memory.
+    #[test]
+    fn the_outbox_runs_put_file_segments_between_their_headers() {
+        use crate::iscsi::conn::FileSegment;
+        use crate::iscsi::pdu::{Pdu, op};
+        use crate::iscsi::scsi::FileData;
+        let bytes: Arc<Vec<u8>> = Arc::new((0..20_000u32).map(|i| (i * 7) as u8).collect());
+        let read = FileData {
+            offset: 1 << 20,
+            len: bytes.len(),
+            holder: Arc::clone(&bytes) as Arc<dyn std::any::Any + Send + Sync>,
+        };
+        let mut outbox = Outbox::default();
+        let mut want = Vec::new();
+        // A small PDU, then a read cut into segments (one of a length that needs padding),
+        // then a response.
+        let mut first = Pdu::new(op::NOP_IN);
+        first.data = vec![1, 2, 3];
+        let mut queue = vec![(first, None)];
+        for range in [0..8192, 8192..12_289, 12_289..20_000] {
+            let mut p = Pdu::new(op::DATA_IN);
+            p.set_u32(40, range.start as u32);
+            queue.push((p, Some(range)));
+        }
+        queue.push((Pdu::new(op::SCSI_RESPONSE), None));
+        for (pdu, range) in queue {
+            let mut plain = pdu.clone();
+            let file = range.map(|range| {
+                plain.data = bytes[range.clone()].to_vec();
+                FileSegment {
+                    data: read.clone(),
+                    range,
+                }
+            });
+            Outgoing {
+                pdu: plain,
+                shared: None,
+                file: None,
+                header_digest: true,
+                data_digest: false,
+            }
+            .encode(&mut want);
+            outbox.push(Outgoing {
+                pdu,
+                shared: None,
+                file,
+                header_digest: true,
+                data_digest: false,
+            });
+        }
+        let runs = outbox.runs();
+        let kinds: Vec<bool> = runs.iter().map(|r| matches!(r, Run::File(_))).collect();
+        assert_eq!(kinds, [false, true, false, true, false, true, false]);
+        let got: Vec<u8> = outbox
+            .pieces
+            .iter()
+            .flat_map(|p| match p {
+                Piece::Frame(r) => outbox.frame[r.clone()].to_vec(),
+                Piece::Data(i) => outbox.pdus[*i].data().to_vec(),
+                Piece::File(i) => {
+                    let f = outbox.pdus[*i].file.as_ref().expect("a file segment");
+                    let held = Arc::clone(&f.data.holder)
+                        .downcast::<Vec<u8>>()
+                        .expect("the test's holder");
+                    held[f.range.clone()].to_vec()
+                }
+            })
+            .collect();
+        // The runs cover the same bytes: the file runs' ranges and the byte runs' iovecs.
+        let run_len: usize = runs
+            .iter()
+            .map(|r| match r {
+                Run::Bytes(iov) => iov.iter().map(|v| v.iov_len).sum(),
+                Run::File(f) => f.range.len(),
+            })
+            .sum();
+        assert_eq!(run_len, want.len());
+        assert!(got == want, "the runs differ from the encoded PDUs");
     }
 
     #[test]

@@ -8,13 +8,21 @@
 //!
 //! Ring layout (all on one `IoUring`, one `io_uring_enter` per loop iteration):
 //! - per connection, one `RECV` at a time straight into the PDU decoder's spare capacity;
-//! - per connection, one `SENDMSG` at a time carrying every PDU queued since the last one
-//!   (headers and small segments copied into one frame, Data-In segments sent from the
-//!   buffer the backing file was read into; `MSG_NOSIGNAL`), resumed after partial sends;
+//! - per connection, one send at a time carrying every PDU queued since the last one, as
+//!   one chain of linked requests: `SENDMSG` for the bytes in memory (headers and small
+//!   segments copied into one frame, Data-In segments sent from the buffer the backing
+//!   file was read into; `MSG_NOSIGNAL`) and `SPLICE` pipe -> socket for the segments of a
+//!   spliced read, resumed from the first byte not sent after a short one;
 //! - the backing file's `READ`, `WRITE` and `FSYNC(DATASYNC)` for READ, WRITE and
 //!   SYNCHRONIZE CACHE ([`crate::iscsi::scsi::Lun::stage`]): a read fills a fresh
 //!   buffer that becomes the Data-In as it is (no copy); a write is made durable with an
 //!   fdatasync before its completion when FUA or WCE=0 asks for it;
+//! - the splice path: a read of [`SPLICE_MIN`] bytes or more whose Data-In the core
+//!   takes as file data (no data digest, [`Exec::file_data_in`]) is a `SPLICE` file ->
+//!   pipes instead (page references, no copy) and goes to the core as
+//!   [`FileData`] once all of it is in the pipes, so that a read error still ends the
+//!   command before any of its Data-In is sent; the end of the file, a kernel without
+//!   `SPLICE` or a connection without a free pipe fall back to the copying read;
 //! - a `READ` of an eventfd: new connections, results of commands run off the ring, and
 //!   sessions ended by image management arrive through a channel and this wakes the ring.
 //!
@@ -26,8 +34,9 @@
 //! Buffer ownership: a connection (its decoder buffer, the receive's target) lives until
 //! every request naming it has completed: closing it shuts the socket down (which ends
 //! its receive and send) and waits. Every send owns its boxed outbox, iovecs and msghdr,
-//! every file request its buffer and an `Arc` of the LUN that keeps the file open, in the
-//! `ops` slab until their CQE.
+//! every file request its buffer (or its pipes) and an `Arc` of the LUN that keeps the file
+//! open, in the `ops` slab until their CQE (a send's chain: until its last CQE). The pipes
+//! of a spliced read live as long as a PDU of it is queued or being sent.
 //!
 //! The driver makes no protocol decision: it feeds [`Connection`] and carries out its
 //! outputs; sessions, counters and session events are the service's
@@ -37,8 +46,8 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-use std::sync::mpsc;
-use std::sync::{Arc, atomic::Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -49,8 +58,8 @@ use slab::Slab;
 use crate::ebpf::Service;
 use crate::iscsi::conn::{Connection, Exec, Login, SessionEvent, Targets};
 use crate::iscsi::pdu::{DecodeError, Decoder};
-use crate::iscsi::scsi::{Lun, ScsiResult, Staged, StagedIo};
-use crate::service::iscsi::{ConnStats, Ender, LiveSession, Outbox, Sessions};
+use crate::iscsi::scsi::{FileData, Lun, ScsiResult, Staged, StagedIo};
+use crate::service::iscsi::{ConnStats, Ender, LiveSession, Outbox, Run, Sessions};
 use crate::service::tally::{Counted, Tally};
 
 const SQ_ENTRIES: u32 = 512;
@@ -61,6 +70,19 @@ const READ_CHUNK: usize = 256 * 1024;
 const IOV_MAX: usize = 1024;
 /// How long shutdown waits for the connections' requests.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// Bytes each pipe of the splice path is asked to hold (`F_SETPIPE_SZ`; the kernel's
+/// default `pipe-max-size`); a read larger than a pipe takes several.
+const PIPE_BYTES: usize = 1 << 20;
+/// Pipes a connection has at most (two descriptors each), idle or holding reads; a read
+/// that finds none left is read and copied.
+const MAX_PIPES: usize = 16;
+/// A pipe buffer holds at most one page of a file.
+const PAGE: usize = 4096;
+/// Requests in one send's chain at most.
+const MAX_CHAIN: usize = 64;
+/// Reads smaller than this are read and copied: for them the trips of two splices through
+/// the kernel's workers cost more than the copies.
+const SPLICE_MIN: usize = 64 * 1024;
 
 const TAG_WAKE: u64 = 1 << 56;
 const TAG_OP: u64 = 2 << 56;
@@ -250,6 +272,8 @@ struct Planned {
     itt: u32,
     lun: Arc<Lun>,
     handed: Instant,
+    /// The core takes this read's Data-In as [`FileData`].
+    file_data_in: bool,
     work: Work,
 }
 
@@ -289,6 +313,8 @@ struct Conn {
     recv_armed: bool,
     sending: bool,
     out: Outbox,
+    /// Empty pipes for the splice path, closed with the connection.
+    pipes: PipePool,
     waiting: VecDeque<Planned>,
     active: Vec<Active>,
     next_seq: u64,
@@ -300,18 +326,197 @@ struct Conn {
 
 /// A request in flight that owns memory the kernel uses.
 enum Op {
-    Recv {
-        key: Key,
-    },
-    Send {
-        key: Key,
-        out: Box<Outbox>,
-        iov: Vec<libc::iovec>,
-        /// The first iovec not sent completely.
-        at: usize,
-        msg: Box<libc::msghdr>,
-    },
+    Recv { key: Key },
+    Send(Box<SendOp>),
     File(Box<FileOp>),
+}
+
+/// One connection's send: the PDUs queued since the last one, as one chain of linked
+/// requests (`IOSQE_IO_LINK`, so they run in order, one after the other, without a trip
+/// through this thread): bytes in memory with `SENDMSG`, file segments with a `SPLICE`
+/// from each pipe that holds a part of them. A short or failed request ends the chain (the
+/// kernel cancels the rest); once every request of it has completed the send goes on from
+/// the first byte not sent, with a new chain.
+struct SendOp {
+    key: Key,
+    /// Owns the bytes the runs point to.
+    #[allow(
+        dead_code,
+        reason = "never read: it keeps the bytes the runs point to until the last CQE"
+    )]
+    out: Outbox,
+    runs: Vec<Run>,
+    /// The run being sent.
+    run: usize,
+    /// In a run of bytes, the first iovec not sent completely; in a file segment, the
+    /// bytes of it sent.
+    at: usize,
+    /// The chain in flight: each request's length and, once completed, its result.
+    steps: Vec<(usize, Option<i32>)>,
+    /// The msghdr of each `SENDMSG` of the chain (allocated once, never moved while it
+    /// is in flight).
+    msgs: Vec<libc::msghdr>,
+    /// Requests of the chain without their completion yet.
+    pending: usize,
+}
+
+/// One pipe of the splice path.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Pipe buffers (each holds at most a page of the file).
+    slots: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2(2) writes two descriptors into the array it is given.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors are fresh and owned by nothing else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A smaller pipe (F_SETPIPE_SZ refused) still works: reads take more of them.
+        // SAFETY: fcntl(2) on a descriptor we own, with integer arguments.
+        unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_BYTES as libc::c_int,
+            )
+        };
+        // SAFETY: as above.
+        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if size < PAGE as libc::c_int {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            read,
+            write,
+            slots: size as usize / PAGE,
+        })
+    }
+}
+
+/// A connection's pipes: the idle ones, and how many it has in all.
+#[derive(Default)]
+struct Pipes {
+    idle: Vec<Pipe>,
+    open: usize,
+}
+
+type PipePool = Arc<Mutex<Pipes>>;
+
+/// A pipe holding bytes `start..start + len` of a spliced read.
+struct Filled {
+    pipe: Pipe,
+    start: usize,
+    len: usize,
+    /// Pipe buffers used at most (each splice of `n` bytes at file offset `o` takes at
+    /// most the pages it spans).
+    used: usize,
+    /// Bytes spliced on to the socket.
+    drained: AtomicUsize,
+}
+
+/// A read spliced from the file into pipes: the holder of its [`FileData`]. Dropping it
+/// gives the pipes that were drained back to the connection's pool and closes the others
+/// (bytes the core cut off, or a connection that ended before they were sent).
+struct Spliced {
+    pipes: Vec<Filled>,
+    pool: PipePool,
+}
+
+impl Spliced {
+    fn new(pool: PipePool) -> Self {
+        Self {
+            pipes: Vec::new(),
+            pool,
+        }
+    }
+
+    /// The pipe the next bytes (`at` of the read, at file offset `file_at`) go to, and how
+    /// many of them it surely has room for; a new pipe when the last one is full.
+    fn room(&mut self, at: usize, file_at: u64) -> io::Result<(&Filled, usize)> {
+        let head = file_at as usize % PAGE;
+        let fits = |f: &Filled| {
+            (f.pipe.slots - f.used)
+                .saturating_mul(PAGE)
+                .saturating_sub(head)
+        };
+        if self.pipes.last().is_none_or(|f| fits(f) == 0) {
+            let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+            let pipe = match pool.idle.pop() {
+                Some(p) => p,
+                None if pool.open < MAX_PIPES => {
+                    let p = Pipe::new()?;
+                    pool.open += 1;
+                    p
+                }
+                None => return Err(io::Error::from_raw_os_error(libc::EMFILE)),
+            };
+            drop(pool);
+            self.pipes.push(Filled {
+                pipe,
+                start: at,
+                len: 0,
+                used: 0,
+                drained: AtomicUsize::new(0),
+            });
+        }
+        let last = self
+            .pipes
+            .last()
+            .expect("invariant: a pipe was just added if none was");
+        let room = fits(last);
+        if room == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok((last, room))
+    }
+
+    /// `n` bytes at file offset `file_at` went into the last pipe.
+    fn filled(&mut self, n: usize, file_at: u64) {
+        if let Some(f) = self.pipes.last_mut() {
+            f.len += n;
+            f.used += (file_at as usize % PAGE + n).div_ceil(PAGE);
+        }
+    }
+
+    /// The last pipe took no more (the kernel found it full): the next bytes go to a new one.
+    fn seal(&mut self) -> bool {
+        match self.pipes.last_mut() {
+            Some(f) if f.len > 0 => {
+                f.used = f.pipe.slots;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The pipe holding byte `at` of the read and how many bytes of `at..end` it holds.
+    fn segment(&self, at: usize, end: usize) -> Option<(&Filled, usize)> {
+        let f = self
+            .pipes
+            .iter()
+            .find(|f| f.start <= at && at < f.start + f.len)?;
+        Some((f, end.min(f.start + f.len) - at))
+    }
+}
+
+impl Drop for Spliced {
+    fn drop(&mut self) {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        for f in self.pipes.drain(..) {
+            if f.drained.load(Ordering::Relaxed) == f.len {
+                pool.idle.push(f.pipe);
+            } else {
+                // Bytes the core cut off are still in it: closed.
+                pool.open -= 1;
+            }
+        }
+    }
 }
 
 struct FileOp {
@@ -323,6 +528,8 @@ struct FileOp {
     io: StagedIo,
     /// Read: filled up to `done`; write: the data.
     buf: Vec<u8>,
+    /// A read on the splice path: the pipes its bytes go to instead of `buf`.
+    spliced: Option<Spliced>,
     done: usize,
     /// The transfer is done: the fdatasync is what runs.
     syncing: bool,
@@ -344,6 +551,9 @@ struct Driver {
     sessions: Arc<Sessions>,
     events: mpsc::Sender<(SessionEvent, Login)>,
     stopping: Option<Instant>,
+    /// The kernel has `IORING_OP_SPLICE`: reads whose Data-In the core takes as
+    /// [`FileData`] go file -> pipe -> socket.
+    splice: bool,
 }
 
 impl Driver {
@@ -366,7 +576,12 @@ impl Driver {
                 (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
             ],
         )?;
+        let splice = super::supports(&ring, opcode::Splice::CODE);
+        if !splice {
+            tracing::info!("io_uring lacks SPLICE: iSCSI Data-In is read and copied");
+        }
         Ok(Self {
+            splice,
             ring,
             rx,
             chan,
@@ -529,6 +744,7 @@ impl Driver {
             recv_armed: false,
             sending: false,
             out: Outbox::default(),
+            pipes: PipePool::default(),
             waiting: VecDeque::new(),
             active: Vec::new(),
             next_seq: 0,
@@ -646,6 +862,7 @@ impl Driver {
                         itt: exec.itt,
                         lun: exec.lun,
                         handed,
+                        file_data_in: exec.file_data_in,
                         work: Work::Io(io, data),
                     });
                 }
@@ -653,6 +870,7 @@ impl Driver {
                     itt: exec.itt,
                     lun: Arc::clone(&exec.lun),
                     handed,
+                    file_data_in: false,
                     work: Work::Blocking(exec),
                 }),
             }
@@ -662,11 +880,21 @@ impl Driver {
     fn start(&mut self, key: Key, seq: u64, p: Planned) {
         match p.work {
             Work::Io(io, data) => {
+                // A read whose Data-In the core takes as file data goes through pipes.
+                let splice = p.file_data_in && self.splice;
+                let spliced = match (io, self.conn(key)) {
+                    (StagedIo::Read { len, .. }, Some(c)) if splice && len >= SPLICE_MIN => {
+                        Some(Spliced::new(Arc::clone(&c.pipes)))
+                    }
+                    _ => None,
+                };
                 let buf = match io {
+                    StagedIo::Read { .. } if spliced.is_some() => Vec::new(),
                     StagedIo::Read { len, .. } => Vec::with_capacity(len),
                     _ => data,
                 };
                 let op = FileOp {
+                    spliced,
                     key,
                     seq,
                     itt: p.itt,
@@ -720,12 +948,39 @@ impl Driver {
             return;
         };
         let key = op.key;
+        // The splice path: the next bytes into a pipe (never more than it has room for,
+        // and without blocking on a full one, which nothing would drain).
+        let mut spliced = None;
+        if let (Some(sp), StagedIo::Read { offset, len, .. }) = (&mut op.spliced, op.io) {
+            let file_at = offset + op.done as u64;
+            match sp.room(op.done, file_at) {
+                Ok((f, room)) => {
+                    spliced = Some(
+                        opcode::Splice::new(
+                            Fd(fd),
+                            file_at as i64,
+                            Fd(f.pipe.write.as_raw_fd()),
+                            -1,
+                            (len - op.done).min(room) as u32,
+                        )
+                        .flags(libc::SPLICE_F_NONBLOCK)
+                        .build(),
+                    );
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "iSCSI read cannot use pipes; copying it");
+                    to_copy(&mut op);
+                }
+            }
+        }
         let entry = self.ops.vacant_entry();
         let ud = TAG_OP | entry.key() as u64;
         let file = Fd(fd);
         // The whole allocation: a read fills its spare capacity, a write sends its bytes.
         let base = op.buf.as_mut_ptr();
-        let sqe = if op.syncing {
+        let sqe = if let Some(sqe) = spliced {
+            sqe
+        } else if op.syncing {
             opcode::Fsync::new(file).flags(FsyncFlags::DATASYNC).build()
         } else {
             match op.io {
@@ -752,9 +1007,9 @@ impl Driver {
         }
         .user_data(ud);
         entry.insert(Op::File(op));
-        // SAFETY: the buffer is owned by the boxed FileOp in the ops slab until the CQE
-        // (the Box's heap and the Vec's heap do not move); the LUN it holds keeps the
-        // file open.
+        // SAFETY: the buffer (or the pipes) is owned by the boxed FileOp in the ops slab
+        // until the CQE (the Box's heap and the Vec's heap do not move); the LUN it holds
+        // keeps the file open.
         if unsafe { self.push(&sqe) } {
             if let Some(c) = self.conn(key) {
                 c.ops += 1;
@@ -777,9 +1032,20 @@ impl Driver {
             lun,
             io,
             buf,
+            spliced,
             ..
         } = *op;
-        let result = lun.finish_staged(&io, result.map(|()| buf));
+        let result = match (spliced, io) {
+            (Some(sp), StagedIo::Read { offset, len, .. }) => lun.finish_staged_file(
+                &io,
+                result.map(|()| FileData {
+                    offset,
+                    len,
+                    holder: Arc::new(sp),
+                }),
+            ),
+            _ => lun.finish_staged(&io, result.map(|()| buf)),
+        };
         if let Some(c) = self.conn(key) {
             c.active.retain(|a| a.seq != seq);
             c.core.complete(itt, result);
@@ -788,32 +1054,62 @@ impl Driver {
         }
     }
 
-    fn on_op(&mut self, idx: usize, res: i32) {
+    fn on_op(&mut self, idx: usize, step: usize, res: i32) {
+        if matches!(self.ops.get(idx), Some(Op::Send(_))) {
+            self.on_send_step(idx, step, res);
+            return;
+        }
         let Some(op) = self.ops.try_remove(idx) else {
             return;
         };
         let key = match &op {
-            Op::Recv { key } | Op::Send { key, .. } => *key,
+            Op::Recv { key } => *key,
             Op::File(f) => f.key,
+            Op::Send(_) => unreachable!("invariant: sends complete through on_send_step"),
         };
         if let Some(c) = self.conn(key) {
             c.ops -= 1;
         }
         match op {
             Op::Recv { key } => self.on_recv(key, res),
-            Op::Send {
-                key,
-                out,
-                iov,
-                at,
-                msg,
-            } => self.on_send(key, res, (out, iov, at, msg)),
+            Op::Send(_) => {}
             Op::File(f) => self.on_file(f, res),
         }
         self.mark(key);
     }
 
     fn on_file(&mut self, mut op: Box<FileOp>, res: i32) {
+        if let (Some(sp), StagedIo::Read { offset, len, .. }) = (&mut op.spliced, op.io) {
+            let file_at = offset + op.done as u64;
+            match res {
+                n if n > 0 => {
+                    sp.filled(n as usize, file_at);
+                    op.done += n as usize;
+                    if op.done < len {
+                        self.submit_file(op);
+                    } else {
+                        self.finish_file(op, Ok(()));
+                    }
+                }
+                n if -n == libc::EINTR => self.submit_file(op),
+                // The pipe is full: the rest goes to another one.
+                n if -n == libc::EAGAIN && sp.seal() => self.submit_file(op),
+                // The end of the file (the core reads zeros past it), or a file or kernel
+                // the splice does not serve: the copying read does it all again.
+                n if n == 0
+                    || matches!(
+                        -n,
+                        libc::EAGAIN | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS
+                    ) =>
+                {
+                    tracing::debug!(res, "iSCSI read cannot be spliced; copying it");
+                    to_copy(&mut op);
+                    self.submit_file(op);
+                }
+                n => self.finish_file(op, Err(io::Error::from_raw_os_error(-n))),
+            }
+            return;
+        }
         if res < 0 {
             if matches!(-res, libc::EINTR | libc::EAGAIN) {
                 self.submit_file(op);
@@ -940,64 +1236,162 @@ impl Driver {
         let Some(c) = self.conn(key) else {
             return;
         };
-        let out = Box::new(std::mem::take(&mut c.out));
-        let iov = out.iovecs();
-        self.submit_send(key, (out, iov, 0, Box::new(zeroed_msghdr())));
+        let out = std::mem::take(&mut c.out);
+        let runs = out.runs();
+        self.submit_send(Box::new(SendOp {
+            key,
+            out,
+            runs,
+            run: 0,
+            at: 0,
+            steps: Vec::new(),
+            msgs: Vec::with_capacity(MAX_CHAIN),
+            pending: 0,
+        }));
     }
 
-    #[allow(
-        clippy::type_complexity,
-        reason = "the parts of Op::Send, moved in and out"
-    )]
-    fn submit_send(
-        &mut self,
-        key: Key,
-        (out, mut iov, at, mut msg): (Box<Outbox>, Vec<libc::iovec>, usize, Box<libc::msghdr>),
-    ) {
+    /// Submits the rest of a send (from its current run and position) as one chain of
+    /// linked requests, at most [`MAX_CHAIN`] of them.
+    fn submit_send(&mut self, mut s: Box<SendOp>) {
+        let key = s.key;
         let Some(c) = self.conn(key) else {
             return;
         };
-        let fd = c.stream.as_raw_fd();
-        let rest = &mut iov[at..];
-        msg.msg_iov = rest.as_mut_ptr();
-        msg.msg_iovlen = rest.len().min(IOV_MAX);
-        let entry = self.ops.vacant_entry();
-        let sqe = opcode::SendMsg::new(Fd(fd), &raw const *msg)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(TAG_OP | entry.key() as u64);
-        let idx = entry.key();
-        entry.insert(Op::Send {
-            key,
-            out,
-            iov,
-            at,
-            msg,
-        });
-        // SAFETY: the msghdr, the iovecs and the bytes they point to (the boxed outbox's
-        // buffers and the shared Data-In buffers it holds) are owned by the op in the
-        // slab until the CQE; none of their heap allocations moves.
-        if unsafe { self.push(&sqe) } {
+        let fd = Fd(c.stream.as_raw_fd());
+        s.steps.clear();
+        s.msgs.clear();
+        let mut sqes = Vec::new();
+        let (mut run, mut at) = (s.run, s.at);
+        let SendOp {
+            runs, steps, msgs, ..
+        } = &mut *s;
+        while run < runs.len() && sqes.len() < MAX_CHAIN {
+            match &mut runs[run] {
+                Run::Bytes(iov) => {
+                    let rest = &mut iov[at..];
+                    let n = rest.len().min(IOV_MAX);
+                    let mut msg = zeroed_msghdr();
+                    msg.msg_iov = rest.as_mut_ptr();
+                    msg.msg_iovlen = n;
+                    msgs.push(msg);
+                    let m = msgs.last().expect("invariant: just pushed");
+                    sqes.push(Step::Send(
+                        opcode::SendMsg::new(fd, &raw const *m),
+                        rest[..n].iter().map(|v| v.iov_len).sum::<usize>(),
+                    ));
+                    at += n;
+                    if at == iov.len() {
+                        run += 1;
+                        at = 0;
+                    }
+                }
+                Run::File(f) => {
+                    let pos = f.range.start + at;
+                    let holder: &(dyn std::any::Any + Send + Sync) = &*f.data.holder;
+                    let Some((pipe, n)) = holder
+                        .downcast_ref::<Spliced>()
+                        .and_then(|sp| sp.segment(pos, f.range.end))
+                    else {
+                        // invariant: file segments come from this driver's spliced reads,
+                        // sent in order; if not, the connection cannot go on.
+                        tracing::warn!("iSCSI Data-In segment without its pipe; connection closed");
+                        self.close(key);
+                        return;
+                    };
+                    sqes.push(Step::Splice(pipe.pipe.read.as_raw_fd(), n));
+                    at += n;
+                    if at == f.range.len() {
+                        run += 1;
+                        at = 0;
+                    }
+                }
+            }
+            let len = match sqes.last() {
+                Some(Step::Send(_, len) | Step::Splice(_, len)) => *len,
+                None => 0,
+            };
+            steps.push((len, None));
+        }
+        let last_of_send = run == runs.len();
+        // The whole chain goes into the submission queue at once: a chain cut by a full
+        // queue would run as two chains, in any order.
+        {
+            let sq = self.ring.submission();
+            let free = sq.capacity() - sq.len();
+            drop(sq);
+            if free < sqes.len() {
+                let _ = self.ring.submit();
+            }
+        }
+        let idx = self.ops.vacant_entry().key();
+        let count = sqes.len();
+        let mut pushed = 0;
+        for (i, step) in sqes.into_iter().enumerate() {
+            let last = i + 1 == count;
+            // More bytes follow this request: let the socket hold a partial segment for them.
+            let more = !(last && last_of_send);
+            let sqe = match step {
+                Step::Send(op, _) => {
+                    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+                    op.flags(flags as u32).build()
+                }
+                Step::Splice(pipe, n) => opcode::Splice::new(Fd(pipe), -1, fd, -1, n as u32)
+                    .flags(if more { libc::SPLICE_F_MORE } else { 0 })
+                    .build(),
+            };
+            let sqe = if last {
+                sqe
+            } else {
+                sqe.flags(squeue::Flags::IO_LINK)
+            }
+            .user_data(TAG_OP | ((i as u64) << 32) | idx as u64);
+            // SAFETY: the msghdrs, the iovecs and the bytes they point to (the outbox's
+            // buffers and the shared Data-In buffers it holds), and the pipes of the file
+            // segments, are owned by the boxed op in the slab until its last CQE; none of
+            // their heap allocations moves (`msgs` was allocated for MAX_CHAIN entries);
+            // the connection keeps the socket open until its last request completed.
+            if !unsafe { self.push(&sqe) } {
+                break;
+            }
+            pushed += 1;
+        }
+        s.pending = pushed;
+        if pushed > 0 {
             if let Some(c) = self.conn(key) {
-                c.ops += 1;
+                c.ops += pushed;
                 c.sending = true;
             }
-        } else {
-            self.ops.remove(idx);
+            let placed = self.ops.insert(Op::Send(s));
+            debug_assert_eq!(placed, idx);
+        }
+        if pushed < count {
+            // The queue was full even after a submit: the chain is incomplete.
             self.close(key);
         }
     }
 
-    #[allow(
-        clippy::type_complexity,
-        reason = "the parts of Op::Send, moved in and out"
-    )]
-    fn on_send(
-        &mut self,
-        key: Key,
-        res: i32,
-        (out, mut iov, mut at, msg): (Box<Outbox>, Vec<libc::iovec>, usize, Box<libc::msghdr>),
-    ) {
+    /// A request of a send completed; the send goes on once its whole chain has.
+    fn on_send_step(&mut self, idx: usize, step: usize, res: i32) {
+        let Some(Op::Send(s)) = self.ops.get_mut(idx) else {
+            return;
+        };
+        let key = s.key;
+        if let Some(st) = s.steps.get_mut(step) {
+            st.1 = Some(res);
+        }
+        s.pending = s.pending.saturating_sub(1);
+        let done = s.pending == 0;
+        if let Some(c) = self.conn(key) {
+            c.ops -= 1;
+        }
+        if done && let Some(Op::Send(s)) = self.ops.try_remove(idx) {
+            self.on_send(s);
+        }
+        self.mark(key);
+    }
+
+    fn on_send(&mut self, mut s: Box<SendOp>) {
+        let key = s.key;
         let Some(c) = self.conn(key) else {
             return;
         };
@@ -1005,33 +1399,71 @@ impl Driver {
         if c.closing {
             return;
         }
-        if res < 0 && matches!(-res, libc::EINTR | libc::EAGAIN) {
-            self.submit_send(key, (out, iov, at, msg));
-            return;
-        }
-        if res <= 0 {
-            let error = if res < 0 {
-                io::Error::from_raw_os_error(-res)
-            } else {
-                io::ErrorKind::WriteZero.into()
+        let SendOp {
+            runs,
+            run,
+            at,
+            steps,
+            ..
+        } = &mut *s;
+        for &(len, res) in steps.iter() {
+            let res = res.unwrap_or(-libc::ECANCELED);
+            if res < 0 && matches!(-res, libc::EINTR | libc::EAGAIN | libc::ECANCELED) {
+                break;
+            }
+            if res <= 0 {
+                let error = if res < 0 {
+                    io::Error::from_raw_os_error(-res)
+                } else {
+                    io::ErrorKind::WriteZero.into()
+                };
+                tracing::debug!(peer = %c.peer, %error, "iSCSI connection ended");
+                self.close(key);
+                return;
+            }
+            let mut n = res as usize;
+            let sent = n;
+            c.stats.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            c.counted.moved(0, n);
+            let done = match &mut runs[*run] {
+                Run::Bytes(iov) => {
+                    while *at < iov.len() && n >= iov[*at].iov_len {
+                        n -= iov[*at].iov_len;
+                        *at += 1;
+                    }
+                    if *at < iov.len() {
+                        let v = &mut iov[*at];
+                        // SAFETY: `n` is less than this iovec's length: still inside its
+                        // buffer.
+                        v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                        v.iov_len -= n;
+                    }
+                    *at == iov.len()
+                }
+                Run::File(f) => {
+                    c.stats.spliced_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    let holder: &(dyn std::any::Any + Send + Sync) = &*f.data.holder;
+                    if let Some((pipe, _)) = holder
+                        .downcast_ref::<Spliced>()
+                        .and_then(|sp| sp.segment(f.range.start + *at, f.range.end))
+                    {
+                        pipe.drained.fetch_add(n, Ordering::Relaxed);
+                    }
+                    *at += n;
+                    *at >= f.range.len()
+                }
             };
-            tracing::debug!(peer = %c.peer, %error, "iSCSI connection ended");
-            self.close(key);
-            return;
+            if done {
+                *run += 1;
+                *at = 0;
+            }
+            if sent < len {
+                // Short: the kernel cancelled the rest of the chain.
+                break;
+            }
         }
-        let mut n = res as usize;
-        c.stats.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-        c.counted.moved(0, n);
-        while at < iov.len() && n >= iov[at].iov_len {
-            n -= iov[at].iov_len;
-            at += 1;
-        }
-        if at < iov.len() {
-            let v = &mut iov[at];
-            // SAFETY: `n` is less than this iovec's length: still inside its buffer.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-            v.iov_len -= n;
-            self.submit_send(key, (out, iov, at, msg));
+        if s.run < s.runs.len() {
+            self.submit_send(s);
         }
     }
 
@@ -1069,6 +1501,24 @@ impl Driver {
     }
 }
 
+/// Turns a read on the splice path into a copying read, from its start (what went into
+/// pipes is dropped with them).
+fn to_copy(op: &mut FileOp) {
+    if let StagedIo::Read { len, .. } = op.io {
+        op.spliced = None;
+        op.done = 0;
+        op.buf = Vec::with_capacity(len);
+    }
+}
+
+/// A request of a send's chain before it is built.
+enum Step {
+    /// `SENDMSG` of this many bytes.
+    Send(opcode::SendMsg, usize),
+    /// `SPLICE` of this many bytes from this pipe to the socket.
+    Splice(std::os::fd::RawFd, usize),
+}
+
 fn zeroed_msghdr() -> libc::msghdr {
     // SAFETY: msghdr is plain data for which all zeros is valid (no name, no control).
     unsafe { std::mem::zeroed() }
@@ -1103,7 +1553,11 @@ impl super::RingDriver for Driver {
                         self.wake_armed = false;
                         self.drain_messages();
                     }
-                    TAG_OP => self.on_op((ud & 0xffff_ffff) as usize, res),
+                    TAG_OP => self.on_op(
+                        (ud & 0xffff_ffff) as usize,
+                        ((ud >> 32) & 0xff_ffff) as usize,
+                        res,
+                    ),
                     _ => {}
                 }
             }

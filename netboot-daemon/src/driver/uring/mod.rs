@@ -288,6 +288,13 @@ pub(super) fn ring_for(sq: u32, cq: u32, ops: &[(u8, &str)]) -> io::Result<IoUri
     Ok(ring)
 }
 
+/// Whether the kernel behind `ring` supports the operation `code` (for operations a
+/// driver can do without, unlike the ones [`ring_for`] requires).
+pub(super) fn supports(ring: &IoUring, code: u8) -> bool {
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe).is_ok() && probe.is_supported(code)
+}
+
 struct Driver {
     // Declared first, so dropped first: the ring goes before any memory it used.
     ring: IoUring,
