@@ -1187,8 +1187,19 @@ impl Connection {
                 } else {
                     let ref_cmd_sn = req.u32_at(32);
                     let cmd_sn = req.u32_at(24);
-                    // RFC 7143 section 11.6.1: a command that never arrived counts as done.
-                    if (cmd_sn.wrapping_sub(ref_cmd_sn) as i32) > 0 {
+                    // Commands numbered before this request's window start arrived: one that is
+                    // neither queued nor running has completed, and "does not exist" (RFC 7143
+                    // section 11.6.1 c: outside the valid CmdSN window); one numbered from there
+                    // to this request's own CmdSN never arrived, and counts as received and
+                    // done (b). An immediate request does not move ExpCmdSN; another moved it
+                    // past its own CmdSN when it arrived.
+                    let window = if req.immediate() {
+                        self.exp_cmd_sn
+                    } else {
+                        cmd_sn
+                    };
+                    let arrived = (window.wrapping_sub(ref_cmd_sn) as i32) > 0;
+                    if !arrived && (cmd_sn.wrapping_sub(ref_cmd_sn) as i32) > 0 {
                         0
                     } else {
                         1
@@ -1763,6 +1774,37 @@ mod tests {
         run(&mut c);
         let r = sent(&mut c);
         assert_eq!(r.len(), 1);
+        assert_eq!((r[0].opcode(), r[0].bhs[2]), (op::TASK_MGMT_RESPONSE, 0));
+    }
+
+    #[test]
+    fn an_abort_of_a_completed_command_answers_task_does_not_exist() {
+        let mut c = logged_in();
+        c.handle(command(0, 30, 0, 0, &[0u8; 6]));
+        run(&mut c);
+        assert_eq!(sent(&mut c)[0].itt(), 30, "the command's own response");
+        // libiscsi's AbortTaskSimpleAsync: an immediate ABORT TASK for it (CmdSN 1, the
+        // command's 0) arriving after its response went out.
+        let abort = |itt: u32, ref_itt: u32, ref_cmd_sn: u32, cmd_sn: u32| {
+            let mut a = Pdu::new(op::TASK_MGMT);
+            a.bhs[0] |= 0x40;
+            a.set_flags(0x80 | 1);
+            a.set_itt(itt);
+            a.set_u32(20, ref_itt);
+            a.set_u32(24, cmd_sn);
+            a.set_u32(32, ref_cmd_sn);
+            a
+        };
+        c.handle(abort(31, 30, 0, 1));
+        let r = sent(&mut c);
+        assert_eq!(
+            (r.len(), r[0].opcode(), r[0].bhs[2]),
+            (1, op::TASK_MGMT_RESPONSE, 1),
+            "TASK DOES NOT EXIST"
+        );
+        // A command numbered 1 that never arrived, aborted by a request numbered 2: done.
+        c.handle(abort(32, 33, 1, 2));
+        let r = sent(&mut c);
         assert_eq!((r[0].opcode(), r[0].bhs[2]), (op::TASK_MGMT_RESPONSE, 0));
     }
 
