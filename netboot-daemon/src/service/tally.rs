@@ -9,7 +9,10 @@
 //! on-link clients, the kernel's neighbour table; bytes of an address with neither are
 //! unattributed. A connection looks its client up at each flush until it is found (the
 //! neighbour table, a file read, only at the first), and keeps it from then on, so the
-//! data path reads no file once the client is known.
+//! data path reads no file once the client is known. For its first
+//! [`ATTRIBUTION_GRACE`] it keeps bytes it cannot attribute yet instead of flushing them
+//! as unattributed: the binding that names its client may come from the connection's own
+//! first request (an iSCSI login), learned a moment later on another thread.
 //!
 //! These are socket payload bytes (UDP payload, TCP stream bytes), not wire bytes: no
 //! Ethernet, IP or TCP headers, no retransmitted TCP segments, nothing netbootd did not
@@ -34,8 +37,11 @@ use crate::mac::MacAddr;
 
 /// A connection's bytes are added to the client's row at least this often...
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
-/// ...and whenever this many have accumulated.
+/// ...and whenever this many have accumulated, once the client is known or the
+/// connection is older than this; until then, and at its end, bytes wait for the client.
 pub const FLUSH_BYTES: u64 = 256 * 1024;
+/// How long a new connection's bytes wait for a binding before they count as unattributed.
+pub const ATTRIBUTION_GRACE: Duration = Duration::from_secs(5);
 
 type Key = (MacAddr, Method, Service, Direction);
 
@@ -261,6 +267,7 @@ struct Meter {
     rx: u64,
     tx: u64,
     flushed: Instant,
+    opened: Instant,
 }
 
 impl Meter {
@@ -268,28 +275,35 @@ impl Meter {
         self.rx += rx as u64;
         self.tx += tx as u64;
         if self.rx + self.tx >= FLUSH_BYTES || self.flushed.elapsed() >= FLUSH_EVERY {
-            self.flush();
+            self.flush(false);
         }
     }
 
-    fn flush(&mut self) {
-        if self.rx + self.tx > 0 {
-            if self.found.is_none() {
-                self.found = self.tally.attribute(self.client, !self.neighbours_read);
-                self.neighbours_read = true;
-            }
-            self.tally
-                .flush(self.id, self.service, self.found, self.rx, self.tx);
+    /// Adds the pending bytes to the client's row; before the connection's `end`, bytes
+    /// of a client not found yet wait while the connection is younger than
+    /// [`ATTRIBUTION_GRACE`].
+    fn flush(&mut self, end: bool) {
+        self.flushed = Instant::now();
+        if self.rx + self.tx == 0 {
+            return;
         }
+        if self.found.is_none() {
+            self.found = self.tally.attribute(self.client, !self.neighbours_read);
+            self.neighbours_read = true;
+        }
+        if self.found.is_none() && !end && self.opened.elapsed() < ATTRIBUTION_GRACE {
+            return;
+        }
+        self.tally
+            .flush(self.id, self.service, self.found, self.rx, self.tx);
         self.rx = 0;
         self.tx = 0;
-        self.flushed = Instant::now();
     }
 }
 
 impl Drop for Meter {
     fn drop(&mut self) {
-        self.flush();
+        self.flush(true);
         self.tally.close(self.id);
     }
 }
@@ -314,6 +328,7 @@ impl<S> Counted<S> {
             rx: 0,
             tx: 0,
             flushed: Instant::now(),
+            opened: Instant::now(),
         });
         Self { inner, meter }
     }

@@ -217,12 +217,15 @@ pub fn spawn(targets: Arc<dyn Targets>, sessions: Arc<Sessions>) -> io::Result<H
         wake: Arc::clone(&wake),
     };
     // Session events write to the store: one thread runs them, in order.
-    let (events, events_rx) = mpsc::channel::<(SessionEvent, Login)>();
+    let (events, events_rx) = mpsc::channel::<SessionMsg>();
     let notifier = std::thread::Builder::new()
         .name("iscsi-events".into())
         .spawn(move || {
-            for (event, login) in events_rx {
+            for (event, login, counted) in events_rx {
                 targets.session(event, &login);
+                // The connection's last bytes go to the tally only now, after its login
+                // event bound the initiator's address to its device.
+                drop(counted);
             }
         })?;
     let ring_chan = chan.clone();
@@ -266,6 +269,9 @@ impl Active {
         }
     }
 }
+
+/// A session event for the events thread, with the connection's counter when it ended.
+type SessionMsg = (SessionEvent, Login, Option<Counted<()>>);
 
 /// A staged command waiting for its turn.
 struct Planned {
@@ -549,7 +555,7 @@ struct Driver {
     inflight: usize,
     dirty: Vec<Key>,
     sessions: Arc<Sessions>,
-    events: mpsc::Sender<(SessionEvent, Login)>,
+    events: mpsc::Sender<SessionMsg>,
     stopping: Option<Instant>,
     /// The kernel has `IORING_OP_SPLICE`: reads whose Data-In the core takes as
     /// [`FileData`] go file -> pipe -> socket.
@@ -562,7 +568,7 @@ impl Driver {
         chan: Chan,
         wake: Arc<OwnedFd>,
         sessions: Arc<Sessions>,
-        events: mpsc::Sender<(SessionEvent, Login)>,
+        events: mpsc::Sender<SessionMsg>,
     ) -> io::Result<Self> {
         let ring = super::ring_for(
             SQ_ENTRIES,
@@ -790,7 +796,7 @@ impl Driver {
                 }
             }
             tracing::info!(initiator = %l.initiator, target = ?l.target, peer = %c.peer, "iSCSI session started");
-            let _ = self.events.send((SessionEvent::Started, l.clone()));
+            let _ = self.events.send((SessionEvent::Started, l.clone(), None));
             c.login = Some(l);
         }
         while let Some(o) = c.core.poll_transmit() {
@@ -1494,10 +1500,14 @@ impl Driver {
         c.core.end();
         if let Some(login) = c.login.take() {
             tracing::info!(initiator = %login.initiator, target = ?login.target, peer = %c.peer, "iSCSI session ended");
-            let _ = self.events.send((SessionEvent::Ended, login));
+            // The counter goes with the event: its last flush must come after the login's
+            // binding, which the events thread makes (a short session could end first).
+            let _ = self
+                .events
+                .send((SessionEvent::Ended, login, Some(c.counted)));
         }
-        // Dropping the counter flushes the connection's last bytes to the tally; dropping
-        // the stream closes the socket.
+        // Dropping the stream closes the socket (and a counter still here flushes the
+        // connection's last bytes to the tally).
     }
 }
 
@@ -1604,7 +1614,7 @@ impl super::RingDriver for Driver {
             }
             c.core.end();
             if let Some(login) = c.login.take() {
-                let _ = self.events.send((SessionEvent::Ended, login));
+                let _ = self.events.send((SessionEvent::Ended, login, None));
             }
         }
         tracing::debug!("iSCSI io_uring driver stopped");
