@@ -1104,10 +1104,8 @@ impl Connection {
         let residual_count = residual.overflow.max(residual.underflow);
         let collapse = result.status == 0 && result.sense.is_none();
         let seg = (self.params.max_send_data as usize).max(512);
-        let total = match &file {
-            Some(f) => f.len,
-            None => result.data_in.len(),
-        };
+        // What is left of the Data-In after the truncation above.
+        let total = usize::try_from(produced.min(limit)).unwrap_or(0);
         let n = total.div_ceil(seg);
         // One segment takes the buffer; several share it (no copy either way); a read
         // staged from the file is cut into ranges of it.

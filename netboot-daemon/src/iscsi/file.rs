@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::FileExt as _;
 
-use super::scsi::Backing;
+use super::scsi::{Backing, write_zeros_with};
 
 /// A sparse image file.
 #[derive(Debug)]
@@ -144,15 +144,7 @@ impl FileBacking {
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = offset;
-            let end = offset + len;
-            while at < end {
-                let n = ((end - at) as usize).min(zeros.len());
-                self.file.write_all_at(&zeros[..n], at)?;
-                at += n as u64;
-            }
-            return Ok(());
+            return write_zeros_with(offset, len, |zeros, at| self.file.write_all_at(zeros, at));
         }
         Err(e)
     }

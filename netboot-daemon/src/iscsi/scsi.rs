@@ -61,15 +61,7 @@ pub trait Backing: Send + Sync {
     /// Makes the range read as zeros while it stays allocated (`FALLOC_FL_ZERO_RANGE` on a
     /// file); by default, zeros are written.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        let zeros = vec![0u8; (len as usize).min(1 << 20)];
-        let mut at = offset;
-        let end = offset + len;
-        while at < end {
-            let n = ((end - at) as usize).min(zeros.len());
-            self.write_at(&zeros[..n], at)?;
-            at += n as u64;
-        }
-        Ok(())
+        write_zeros_with(offset, len, |zeros, at| self.write_at(zeros, at))
     }
     /// Whether the byte at `offset` (below `len`) is allocated, and where that run of
     /// allocated or deallocated bytes ends (at most `len`). By default all is allocated.
@@ -86,6 +78,23 @@ pub trait Backing: Send + Sync {
     fn file(&self) -> Option<&std::fs::File> {
         None
     }
+}
+
+/// Writes `len` zero bytes at `offset` with `write` (bytes, offset), a MiB at a time.
+pub(crate) fn write_zeros_with(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    let zeros = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX).min(1 << 20)];
+    let mut at = offset;
+    let end = offset + len;
+    while at < end {
+        let n = ((end - at) as usize).min(zeros.len());
+        write(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// A disk in memory, zero-filled: for tests, fuzzing and scratch units.
@@ -1474,7 +1483,7 @@ impl Lun {
 
     /// Block limits VPD page body (SBC-3 6.5.3).
     fn block_limits(&self) -> Vec<u8> {
-        let granularity = (GRANULARITY_BYTES / self.block_size).max(1);
+        let granularity = self.blocks_per_physical();
         let mut d = vec![0u8; 0x3C];
         // WSNZ clear: WRITE SAME with 0 blocks writes to the last LBA.
         d[1] = MAX_COMPARE_AND_WRITE_BLOCKS;
@@ -1489,6 +1498,12 @@ impl Lun {
         d[28] = 0x80; // UGAVALID, alignment 0
         d[32..40].copy_from_slice(&MAX_WRITE_SAME_BLOCKS.to_be_bytes());
         d
+    }
+
+    /// Logical blocks per physical block: per [`GRANULARITY_BYTES`], what a hole punch
+    /// deallocates whole (the unmap granularity, and READ CAPACITY(16)'s exponent).
+    fn blocks_per_physical(&self) -> u32 {
+        (GRANULARITY_BYTES / self.block_size).max(1)
     }
 
     /// READ CAPACITY(10) (SBC-3 5.15): last LBA (saturated) and block length.
@@ -1512,8 +1527,7 @@ impl Lun {
             d[14] = 0xC0; // LBPME, LBPRZ
             // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: a physical block is what a hole
             // punch deallocates whole, so aligned I/O and unmaps do not straddle one.
-            let per_physical = (GRANULARITY_BYTES / self.block_size).max(1);
-            d[13] = per_physical.trailing_zeros() as u8;
+            d[13] = self.blocks_per_physical().trailing_zeros() as u8;
         }
         Ok(truncated(d, be32(cmd.cdb, 10) as usize))
     }

@@ -1177,21 +1177,33 @@ mod tests {
             o.encode(&mut want);
             outbox.push(o);
         }
-        let got: Vec<u8> = outbox
-            .pieces
-            .iter()
-            .flat_map(|p| match p {
-                Piece::Frame(r) => outbox.frame[r.clone()].to_vec(),
-                Piece::Data(i) => outbox.pdus[*i].data().to_vec(),
-                Piece::File(_) => unreachable!("no file segment queued"),
-            })
-            .collect();
+        let got = piece_bytes(&outbox);
         assert!(got == want, "the pieces differ from the encoded PDUs");
         assert!(
             outbox.pieces.len() < 2 * 7,
             "small PDUs share pieces: {}",
             outbox.pieces.len()
         );
+    }
+
+    /// The bytes the outbox's pieces stand for, in order; a file segment's come from its
+    /// holder, which the tests make a `Vec<u8>` of the file's bytes.
+    fn piece_bytes(outbox: &Outbox) -> Vec<u8> {
+        outbox
+            .pieces
+            .iter()
+            .flat_map(|p| match p {
+                Piece::Frame(r) => outbox.frame[r.clone()].to_vec(),
+                Piece::Data(i) => outbox.pdus[*i].data().to_vec(),
+                Piece::File(i) => {
+                    let f = outbox.pdus[*i].file.as_ref().expect("a file segment");
+                    let held = Arc::clone(&f.data.holder)
+                        .downcast::<Vec<u8>>()
+                        .expect("the test's holder");
+                    held[f.range.clone()].to_vec()
+                }
+            })
+            .collect()
     }
 
     /// File segments become runs of their own, between runs of bytes that carry the
@@ -1249,21 +1261,7 @@ mod tests {
         let runs = outbox.runs();
         let kinds: Vec<bool> = runs.iter().map(|r| matches!(r, Run::File(_))).collect();
         assert_eq!(kinds, [false, true, false, true, false, true, false]);
-        let got: Vec<u8> = outbox
-            .pieces
-            .iter()
-            .flat_map(|p| match p {
-                Piece::Frame(r) => outbox.frame[r.clone()].to_vec(),
-                Piece::Data(i) => outbox.pdus[*i].data().to_vec(),
-                Piece::File(i) => {
-                    let f = outbox.pdus[*i].file.as_ref().expect("a file segment");
-                    let held = Arc::clone(&f.data.holder)
-                        .downcast::<Vec<u8>>()
-                        .expect("the test's holder");
-                    held[f.range.clone()].to_vec()
-                }
-            })
-            .collect();
+        let got = piece_bytes(&outbox);
         // The runs cover the same bytes: the file runs' ranges and the byte runs' iovecs.
         let run_len: usize = runs
             .iter()

@@ -51,7 +51,7 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use io_uring::types::{CancelBuilder, Fd, FsyncFlags, SubmitArgs, Timespec};
+use io_uring::types::{Fd, FsyncFlags, SubmitArgs, Timespec};
 use io_uring::{IoUring, opcode, squeue};
 use slab::Slab;
 
@@ -570,7 +570,7 @@ impl Driver {
         sessions: Arc<Sessions>,
         events: mpsc::Sender<SessionMsg>,
     ) -> io::Result<Self> {
-        let ring = super::ring_for(
+        let (ring, probe) = super::ring_for(
             SQ_ENTRIES,
             CQ_ENTRIES,
             &[
@@ -582,7 +582,7 @@ impl Driver {
                 (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
             ],
         )?;
-        let splice = super::supports(&ring, opcode::Splice::CODE);
+        let splice = probe.is_supported(opcode::Splice::CODE);
         if !splice {
             tracing::info!("io_uring lacks SPLICE: iSCSI Data-In is read and copied");
         }
@@ -605,24 +605,15 @@ impl Driver {
         })
     }
 
-    /// Queues an SQE, flushing the submission queue once if it is full.
+    /// Queues an SQE ([`super::push_counted`]).
     ///
     /// # Safety
     ///
     /// Every buffer and descriptor the entry points to must stay valid, and unmoved, until
     /// the request's CQE.
     unsafe fn push(&mut self, sqe: &squeue::Entry) -> bool {
-        for attempt in 0..2 {
-            // SAFETY: the caller guarantees what the entry points to (see above).
-            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-                self.inflight += 1;
-                return true;
-            }
-            if attempt == 0 {
-                let _ = self.ring.submit();
-            }
-        }
-        false
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { super::push_counted(&mut self.ring, &mut self.inflight, sqe) }
     }
 
     fn arm_wake(&mut self) -> io::Result<()> {
@@ -1582,19 +1573,7 @@ impl super::RingDriver for Driver {
 
     /// Cancels what is left and waits for it before any buffer is freed.
     fn shutdown(mut self) {
-        let sqe = opcode::AsyncCancel2::new(CancelBuilder::any())
-            .build()
-            .user_data(TAG_CANCEL);
-        // SAFETY: a cancellation points at no memory.
-        unsafe { self.push(&sqe) };
-        let limit = Instant::now() + DRAIN_LIMIT;
-        while self.inflight > 0 && Instant::now() < limit {
-            let ts = Timespec::from(Duration::from_millis(50));
-            let args = SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.submitter().submit_with_args(1, &args);
-            let done = self.ring.completion().count();
-            self.inflight = self.inflight.saturating_sub(done);
-        }
+        super::cancel_and_drain(&mut self.ring, &mut self.inflight, TAG_CANCEL, DRAIN_LIMIT);
         if self.inflight > 0 {
             tracing::warn!(
                 requests = self.inflight,

@@ -266,8 +266,9 @@ pub(super) fn start_ring_thread<D: RingDriver>(
 }
 
 /// A ring of `sq` submission and `cq` completion entries that supports every opcode of
-/// `ops` (code, name for the error), or why not.
-pub(super) fn ring_for(sq: u32, cq: u32, ops: &[(u8, &str)]) -> io::Result<IoUring> {
+/// `ops` (code, name for the error), or why not; with the kernel's probe of its opcodes,
+/// for the ones a driver can do without.
+pub(super) fn ring_for(sq: u32, cq: u32, ops: &[(u8, &str)]) -> io::Result<(IoUring, Probe)> {
     // Deferred task work suits one thread that owns the ring (Linux 6.1); without it the
     // ring still works.
     let ring = IoUring::builder()
@@ -285,14 +286,61 @@ pub(super) fn ring_for(sq: u32, cq: u32, ops: &[(u8, &str)]) -> io::Result<IoUri
             format!("io_uring lacks {name}"),
         ));
     }
-    Ok(ring)
+    Ok((ring, probe))
 }
 
-/// Whether the kernel behind `ring` supports the operation `code` (for operations a
-/// driver can do without, unlike the ones [`ring_for`] requires).
-pub(super) fn supports(ring: &IoUring, code: u8) -> bool {
-    let mut probe = Probe::new();
-    ring.submitter().register_probe(&mut probe).is_ok() && probe.is_supported(code)
+/// Queues an SQE on `ring`, flushing the submission queue once if it is full, and counts
+/// it in `inflight`; false if there was no room.
+///
+/// # Safety
+///
+/// Every buffer and descriptor the entry points to must stay valid, and unmoved, until
+/// the request's last CQE.
+pub(super) unsafe fn push_counted(
+    ring: &mut IoUring,
+    inflight: &mut usize,
+    sqe: &squeue::Entry,
+) -> bool {
+    for attempt in 0..2 {
+        // SAFETY: the caller guarantees what the entry points to (see above).
+        if unsafe { ring.submission().push(sqe) }.is_ok() {
+            *inflight += 1;
+            return true;
+        }
+        if attempt == 0 {
+            let _ = ring.submit();
+        }
+    }
+    tracing::debug!("io_uring submission queue full");
+    false
+}
+
+/// At shutdown: cancels every request on `ring` (the cancellation tagged `cancel_tag`) and
+/// reaps completions until the `inflight` requests are done (a multishot request ends with
+/// its last CQE, the one without `IORING_CQE_F_MORE`) or `limit` has passed. What is still
+/// in `inflight` afterwards may yet use its memory.
+pub(super) fn cancel_and_drain(
+    ring: &mut IoUring,
+    inflight: &mut usize,
+    cancel_tag: u64,
+    limit: Duration,
+) {
+    let sqe = opcode::AsyncCancel2::new(CancelBuilder::any())
+        .build()
+        .user_data(cancel_tag);
+    // SAFETY: a cancellation points at no memory.
+    unsafe { push_counted(ring, inflight, &sqe) };
+    let deadline = Instant::now() + limit;
+    while *inflight > 0 && Instant::now() < deadline {
+        let ts = Timespec::from(Duration::from_millis(50));
+        let args = SubmitArgs::new().timespec(&ts);
+        let _ = ring.submitter().submit_with_args(1, &args);
+        let ended = ring
+            .completion()
+            .filter(|c| !cqueue::more(c.flags()))
+            .count();
+        *inflight = inflight.saturating_sub(ended);
+    }
 }
 
 struct Driver {
@@ -336,7 +384,7 @@ impl Driver {
         opts: Options,
     ) -> io::Result<Self> {
         // SEND_ZC came with Linux 6.0, as did multishot receive, which a probe cannot see.
-        let ring = ring_for(
+        let (ring, _) = ring_for(
             SQ_ENTRIES,
             CQ_ENTRIES,
             &[
@@ -401,25 +449,14 @@ impl Driver {
         })
     }
 
-    /// Queues an SQE, flushing the submission queue once if it is full.
+    /// Queues an SQE ([`push_counted`]).
     ///
     /// # Safety
     ///
-    /// Every buffer and descriptor the entry points to must stay valid, and unmoved, until
-    /// the request's last CQE.
+    /// As for [`push_counted`].
     unsafe fn push(&mut self, sqe: &squeue::Entry) -> bool {
-        for attempt in 0..2 {
-            // SAFETY: the caller guarantees what the entry points to (see above).
-            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-                self.inflight += 1;
-                return true;
-            }
-            if attempt == 0 {
-                let _ = self.ring.submit();
-            }
-        }
-        tracing::debug!("io_uring submission queue full");
-        false
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { push_counted(&mut self.ring, &mut self.inflight, sqe) }
     }
 
     fn arm_stop(&mut self) -> io::Result<()> {
@@ -1040,23 +1077,12 @@ impl RingDriver for Driver {
     /// Cancels every request and waits for all of them, so that no buffer is freed
     /// while the kernel may still use it. Running transfers are abandoned.
     fn shutdown(mut self) {
-        let sqe = opcode::AsyncCancel2::new(CancelBuilder::any())
-            .build()
-            .user_data(user_data(Tag::Cancel, 0, 0));
-        // SAFETY: a cancellation points at no memory.
-        unsafe { self.push(&sqe) };
-        let limit = Instant::now() + DRAIN_LIMIT;
-        while self.inflight > 0 && Instant::now() < limit {
-            let ts = Timespec::from(Duration::from_millis(50));
-            let args = SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.submitter().submit_with_args(1, &args);
-            let done: Vec<u32> = self.ring.completion().map(|c| c.flags()).collect();
-            for flags in done {
-                if !cqueue::more(flags) {
-                    self.inflight = self.inflight.saturating_sub(1);
-                }
-            }
-        }
+        cancel_and_drain(
+            &mut self.ring,
+            &mut self.inflight,
+            user_data(Tag::Cancel, 0, 0),
+            DRAIN_LIMIT,
+        );
         if self.inflight > 0 {
             tracing::warn!(
                 requests = self.inflight,
