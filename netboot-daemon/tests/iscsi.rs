@@ -1194,5 +1194,17 @@ fn reads_are_byte_exact_with_and_without_data_digests() {
         } else {
             assert_eq!(spliced, 0, "with data digests nothing is spliced: {record}");
         }
+        // Reads under 64 KiB go into the ring's registered buffers (whole reads, past the
+        // initiator's expected length too), with and without digests.
+        let fixed: u64 = reads
+            .iter()
+            .filter(|&&(_, n, _)| n < 128)
+            .map(|&(_, n, _)| u64::from(n) * 512)
+            .sum();
+        assert_eq!(
+            record["fixed_bytes"].as_u64(),
+            Some(2 * fixed),
+            "the small reads went into registered buffers: {record}"
+        );
     }
 }

@@ -163,10 +163,49 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     }
     say(format!("installing Debian packages: {}", missing.join(" ")));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
+    let mut install: Vec<String> = missing.iter().map(|p| (*p).to_owned()).collect();
+    // qemu's block modules must be the version of the qemu-img beside them: a machine
+    // that came with a newer qemu-utils than its package sources carry (a backport) gets
+    // the one that matches the modules, or qemu-img cannot open iscsi:// URLs.
+    if missing.contains(&"qemu-block-extra")
+        && let (Some(want), Some(have)) = (
+            apt_candidate("qemu-block-extra"),
+            installed_version("qemu-utils"),
+        )
+        && want != have
+    {
+        say(format!(
+            "qemu-utils {have} does not match qemu-block-extra {want}: installing qemu-utils {want}"
+        ));
+        install.push(format!("qemu-utils={want}"));
+    }
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "--allow-downgrades",
+        ])
+        .args(&install)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The version `apt-get install package` would install.
+fn apt_candidate(package: &str) -> Option<String> {
+    let policy = output(Command::new("apt-cache").args(["policy", package]))?;
+    policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate:"))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| v != "(none)")
+}
+
+/// The installed version of `package`.
+fn installed_version(package: &str) -> Option<String> {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Version}", package]))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 /// `promtool` from PATH, or from Debian's prometheus package extracted under

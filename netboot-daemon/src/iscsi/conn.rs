@@ -15,6 +15,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use super::chap::{self, Challenge, Credentials};
 use super::pdu::{Pdu, RESERVED_TAG, op};
 use super::scsi::{
@@ -125,10 +127,10 @@ impl std::fmt::Debug for Exec {
 pub struct Outgoing {
     /// The PDU.
     pub pdu: Pdu,
-    /// Its data segment when that is a part of a buffer shared with other PDUs (the
-    /// Data-In of one read, cut into segments without copying); `pdu.data` is then empty.
-    /// [`Outgoing::data`] is the data segment either way.
-    pub shared: Option<SharedData>,
+    /// Its data segment when that is a part of a buffer shared with other PDUs or owned by
+    /// the driver (the Data-In of one read, cut into segments without copying); `pdu.data`
+    /// is then empty. [`Outgoing::data`] is the data segment either way.
+    pub shared: Option<Bytes>,
     /// Its data segment when that is a part of a read the driver staged from the file
     /// ([`FileData`]); `pdu.data` is then empty and the driver sends the bytes itself.
     pub file: Option<FileSegment>,
@@ -136,15 +138,6 @@ pub struct Outgoing {
     pub header_digest: bool,
     /// CRC32C on the data.
     pub data_digest: bool,
-}
-
-/// A range of a buffer shared by several PDUs.
-#[derive(Debug, Clone)]
-pub struct SharedData {
-    /// The whole buffer.
-    pub buf: Arc<Vec<u8>>,
-    /// This PDU's part of it.
-    pub range: std::ops::Range<usize>,
 }
 
 /// A range of a read staged from the file, [`FileData`]: the data segment of one Data-In.
@@ -160,7 +153,7 @@ impl Outgoing {
     /// The data segment's bytes (none for a [`FileSegment`], which the driver sends).
     pub fn data(&self) -> &[u8] {
         match &self.shared {
-            Some(s) => s.buf.get(s.range.clone()).unwrap_or_default(),
+            Some(s) => s,
             None => &self.pdu.data,
         }
     }
@@ -188,7 +181,7 @@ impl Outgoing {
     pub fn into_pdu(self) -> Pdu {
         let mut pdu = self.pdu;
         if let Some(s) = self.shared {
-            pdu.data = s.buf.get(s.range).unwrap_or_default().to_vec();
+            pdu.data = s.to_vec();
         }
         pdu
     }
@@ -198,8 +191,8 @@ impl Outgoing {
 enum Segment {
     /// In `pdu.data`.
     Own,
-    /// In a buffer shared with other PDUs.
-    Shared(SharedData),
+    /// In a buffer shared with other PDUs or owned by the driver.
+    Shared(Bytes),
     /// In a read the driver staged from the file.
     File(FileSegment),
 }
@@ -796,7 +789,7 @@ impl Connection {
             let result = ScsiResult {
                 status: 0,
                 sense: None,
-                data_in: report_luns(&luns, alloc),
+                data_in: report_luns(&luns, alloc).into(),
                 file_data: None,
             };
             return self.respond(itt, req.lun(), edtl, reading, result, Residual::default());
@@ -1107,11 +1100,9 @@ impl Connection {
         // What is left of the Data-In after the truncation above.
         let total = usize::try_from(produced.min(limit)).unwrap_or(0);
         let n = total.div_ceil(seg);
-        // One segment takes the buffer; several share it (no copy either way); a read
-        // staged from the file is cut into ranges of it.
-        let mut single = (n == 1 && file.is_none()).then(|| std::mem::take(&mut result.data_in));
-        let shared =
-            (n > 1 && file.is_none()).then(|| Arc::new(std::mem::take(&mut result.data_in)));
+        // The segments share the buffer (no copy); a read staged from the file is cut into
+        // ranges of it.
+        let data = std::mem::take(&mut result.data_in);
         let mut data_sn = 0u32;
         for i in 0..n {
             let last = i + 1 == n;
@@ -1131,19 +1122,12 @@ impl Connection {
             pdu.set_u32(40, u32::try_from(i * seg).unwrap_or(u32::MAX));
             data_sn += 1;
             let range = i * seg..((i + 1) * seg).min(total);
-            let segment = match (&file, &shared) {
-                (Some(f), _) => Segment::File(FileSegment {
+            let segment = match &file {
+                Some(f) => Segment::File(FileSegment {
                     data: f.clone(),
                     range,
                 }),
-                (None, Some(buf)) => Segment::Shared(SharedData {
-                    buf: Arc::clone(buf),
-                    range,
-                }),
-                (None, None) => {
-                    pdu.data = single.take().unwrap_or_default();
-                    Segment::Own
-                }
+                None => Segment::Shared(data.slice(range)),
             };
             self.send_segment(pdu, segment, with_status);
         }
@@ -1612,7 +1596,8 @@ mod tests {
             .finish_staged_file(&io, Err(std::io::Error::other("EIO")));
         assert_eq!(
             failed,
-            e.lun.finish_staged(&io, Err(std::io::Error::other("EIO")))
+            e.lun
+                .finish_staged(&io, Err::<Bytes, _>(std::io::Error::other("EIO")))
         );
         assert_eq!(failed.sense.map(|s| s.key), Some(0x03), "MEDIUM ERROR");
 

@@ -35,6 +35,8 @@ use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use bytes::Bytes;
+
 // ------------------------------------------------------------------------------------
 // Public types
 // ------------------------------------------------------------------------------------
@@ -243,8 +245,10 @@ pub struct ScsiResult {
     /// Set with CHECK CONDITION.
     pub sense: Option<Sense>,
     /// Data for the initiator, already truncated to the CDB's allocation length or
-    /// transfer length (empty when `file_data` holds it).
-    pub data_in: Vec<u8>,
+    /// transfer length (empty when `file_data` holds it). A driver may hand over a buffer
+    /// of its own ([`Bytes::from_owner`], for example the registered buffer the read went
+    /// into); the core cuts it into Data-In segments without copying.
+    pub data_in: Bytes,
     /// The Data-In as a range of the backing file that the driver staged without reading
     /// it into memory ([`Lun::finish_staged_file`]), instead of `data_in`.
     pub file_data: Option<FileData>,
@@ -286,11 +290,11 @@ impl Eq for FileData {}
 
 impl ScsiResult {
     /// GOOD status with Data-In.
-    pub fn good(data_in: Vec<u8>) -> Self {
+    pub fn good(data_in: impl Into<Bytes>) -> Self {
         Self {
             status: STATUS_GOOD,
             sense: None,
-            data_in,
+            data_in: data_in.into(),
             file_data: None,
         }
     }
@@ -300,7 +304,7 @@ impl ScsiResult {
         Self {
             status: STATUS_CHECK_CONDITION,
             sense: Some(sense),
-            data_in: Vec::new(),
+            data_in: Bytes::new(),
             file_data: None,
         }
     }
@@ -310,7 +314,7 @@ impl ScsiResult {
         Self {
             status: STATUS_RESERVATION_CONFLICT,
             sense: None,
-            data_in: Vec::new(),
+            data_in: Bytes::new(),
             file_data: None,
         }
     }
@@ -985,14 +989,14 @@ impl Lun {
     /// (exactly [`StagedIo::len`], zeros past the end of the file); for a write, the
     /// write and then, when [`StagedIo::Write::flush`] asked for it, the fdatasync; for a
     /// flush, the fdatasync.
-    pub fn finish_staged(&self, io: &StagedIo, result: io::Result<Vec<u8>>) -> ScsiResult {
+    pub fn finish_staged(&self, io: &StagedIo, result: io::Result<impl Into<Bytes>>) -> ScsiResult {
         let (lba, asc) = match *io {
             StagedIo::Read { lba, .. } => (lba, ASC_UNRECOVERED_READ_ERROR),
             StagedIo::Write { lba, .. } | StagedIo::Flush { lba } => (lba, ASC_WRITE_ERROR),
         };
         match result {
             Ok(data) if matches!(io, StagedIo::Read { .. }) => ScsiResult::good(data),
-            Ok(_) => ScsiResult::good(Vec::new()),
+            Ok(_) => ScsiResult::good(Bytes::new()),
             Err(e) => ScsiResult::check_condition(io_sense(&e, asc, lba)),
         }
     }
@@ -1006,14 +1010,14 @@ impl Lun {
             (StagedIo::Read { len, .. }, Ok(data)) if data.len == *len => ScsiResult {
                 status: STATUS_GOOD,
                 sense: None,
-                data_in: Vec::new(),
+                data_in: Bytes::new(),
                 file_data: Some(data),
             },
             (_, Ok(_)) => ScsiResult::check_condition(Sense::of(
                 SENSE_KEY_HARDWARE_ERROR,
                 ASC_INTERNAL_TARGET_FAILURE,
             )),
-            (_, Err(e)) => self.finish_staged(io, Err(e)),
+            (_, Err(e)) => self.finish_staged(io, Err::<Bytes, _>(e)),
         }
     }
 
@@ -2963,7 +2967,7 @@ mod tests {
     fn ok(lun: &Lun, cdb: &[u8], data: &[u8]) -> Vec<u8> {
         let r = exec(lun, A, cdb, data);
         assert_eq!(r.status, STATUS_GOOD, "{cdb:02x?}: {:?}", r.sense);
-        r.data_in
+        r.data_in.to_vec()
     }
 
     fn st(lun: &Lun, who: &str, cdb: &[u8], data: &[u8]) -> u8 {
@@ -3343,7 +3347,7 @@ mod tests {
             offset: 2048,
             len: 512,
         };
-        let r = lun.finish_staged(&io, Err(io::ErrorKind::Other.into()));
+        let r = lun.finish_staged(&io, Err::<Bytes, _>(io::ErrorKind::Other.into()));
         assert_eq!(r.status, STATUS_CHECK_CONDITION);
         assert_eq!(
             lun.finish_staged(&io, Ok(vec![9; 512])).data_in,
@@ -3738,7 +3742,7 @@ mod tests {
             &[],
         );
         assert_eq!(r.status, STATUS_GOOD);
-        r.data_in
+        r.data_in.to_vec()
     }
 
     #[test]

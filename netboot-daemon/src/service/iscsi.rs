@@ -81,6 +81,9 @@ pub struct ConnStats {
     /// Of `tx_bytes`, Data-In bytes that went from the image file to the socket through
     /// pipes (splice), never copied by the target.
     pub spliced_bytes: AtomicU64,
+    /// Bytes the backing file was read into the ring's registered buffers (the io_uring
+    /// driver's `READ_FIXED`), each sent from there as Data-In without a copy.
+    pub fixed_bytes: AtomicU64,
     /// SCSI commands completed.
     pub commands: AtomicU64,
     /// Each command, from the core handing it out to its result.
@@ -124,6 +127,9 @@ pub struct SessionRecord {
     /// Of `tx_bytes`, the Data-In bytes sent from the image file through pipes (splice),
     /// without copies in the target (the io_uring driver, without data digests).
     pub spliced_bytes: u64,
+    /// Bytes of reads the target made into the io_uring ring's registered buffers (small
+    /// reads; sent from there as Data-In without a copy).
+    pub fixed_bytes: u64,
     /// SCSI commands completed.
     pub commands: u64,
     /// Median command latency, microseconds.
@@ -179,6 +185,7 @@ impl LiveEntry {
             rx_bytes: self.stats.rx_bytes.load(Ordering::Relaxed),
             tx_bytes: self.stats.tx_bytes.load(Ordering::Relaxed),
             spliced_bytes: self.stats.spliced_bytes.load(Ordering::Relaxed),
+            fixed_bytes: self.stats.fixed_bytes.load(Ordering::Relaxed),
             commands: self.stats.commands.load(Ordering::Relaxed),
             latency_p50_us: us(0.5),
             latency_p99_us: us(0.99),
@@ -1137,7 +1144,6 @@ mod tests {
 
     #[test]
     fn the_outbox_writes_the_bytes_encode_writes() {
-        use crate::iscsi::conn::SharedData;
         use crate::iscsi::pdu::{Pdu, op};
         let mut outbox = Outbox::default();
         let mut want = Vec::new();
@@ -1160,14 +1166,11 @@ mod tests {
             });
         }
         // Two parts of one shared buffer, as a multi-PDU Data-In sends them.
-        let buf = Arc::new((0..10_000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let buf = bytes::Bytes::from((0..10_000u32).map(|i| i as u8).collect::<Vec<u8>>());
         for range in [0..4998, 4998..10_000] {
             queue.push(Outgoing {
                 pdu: Pdu::new(op::DATA_IN),
-                shared: Some(SharedData {
-                    buf: Arc::clone(&buf),
-                    range,
-                }),
+                shared: Some(buf.slice(range)),
                 file: None,
                 header_digest: false,
                 data_digest: true,

@@ -14,9 +14,12 @@
 //!   file was read into; `MSG_NOSIGNAL`) and `SPLICE` pipe -> socket for the segments of a
 //!   spliced read, resumed from the first byte not sent after a short one;
 //! - the backing file's `READ`, `WRITE` and `FSYNC(DATASYNC)` for READ, WRITE and
-//!   SYNCHRONIZE CACHE ([`crate::iscsi::scsi::Lun::stage`]): a read fills a fresh
-//!   buffer that becomes the Data-In as it is (no copy); a write is made durable with an
-//!   fdatasync before its completion when FUA or WCE=0 asks for it;
+//!   SYNCHRONIZE CACHE ([`crate::iscsi::scsi::Lun::stage`]): a read of up to
+//!   [`FIXED_SLOT`] bytes is a `READ_FIXED` into a slot of the ring's registered buffers
+//!   ([`super::fixed`]; a plain `READ` into a fresh buffer when every slot is taken or the
+//!   kernel would not register them), and that slot or buffer becomes the Data-In as it
+//!   is (no copy); a write is made durable with an fdatasync before its completion when
+//!   FUA or WCE=0 asks for it;
 //! - the splice path: a read of [`SPLICE_MIN`] bytes or more whose Data-In the core
 //!   takes as file data (no data digest, [`Exec::file_data_in`]) is a `SPLICE` file ->
 //!   pipes instead (page references, no copy) and goes to the core as
@@ -55,6 +58,7 @@ use io_uring::types::{Fd, FsyncFlags, SubmitArgs, Timespec};
 use io_uring::{IoUring, opcode, squeue};
 use slab::Slab;
 
+use super::fixed::{self, FixedBufs, Slot};
 use crate::ebpf::Service;
 use crate::iscsi::conn::{Connection, Exec, Login, SessionEvent, Targets};
 use crate::iscsi::pdu::{DecodeError, Decoder};
@@ -83,6 +87,14 @@ const MAX_CHAIN: usize = 64;
 /// Reads smaller than this are read and copied: for them the trips of two splices through
 /// the kernel's workers cost more than the copies.
 const SPLICE_MIN: usize = 64 * 1024;
+/// Bytes in one slot of the registered buffers: reads up to this size go into one (larger
+/// reads are spliced, or read into a buffer of their own).
+const FIXED_SLOT: usize = SPLICE_MIN;
+/// Slots registered at most (8 MiB, the default `RLIMIT_MEMLOCK` of an unprivileged user
+/// on Debian 12); a kernel that refuses that many gets fewer.
+const FIXED_SLOTS: u32 = 128;
+/// Fewer slots than this are not worth registering.
+const FIXED_SLOTS_MIN: u32 = 8;
 
 const TAG_WAKE: u64 = 1 << 56;
 const TAG_OP: u64 = 2 << 56;
@@ -536,6 +548,8 @@ struct FileOp {
     buf: Vec<u8>,
     /// A read on the splice path: the pipes its bytes go to instead of `buf`.
     spliced: Option<Spliced>,
+    /// A read into a registered buffer: the slot its bytes go to instead of `buf`.
+    slot: Option<Slot>,
     done: usize,
     /// The transfer is done: the fdatasync is what runs.
     syncing: bool,
@@ -560,6 +574,8 @@ struct Driver {
     /// The kernel has `IORING_OP_SPLICE`: reads whose Data-In the core takes as
     /// [`FileData`] go file -> pipe -> socket.
     splice: bool,
+    /// The registered buffers small reads go into, when the kernel registered them.
+    fixed: Option<FixedBufs>,
 }
 
 impl Driver {
@@ -586,8 +602,15 @@ impl Driver {
         if !splice {
             tracing::info!("io_uring lacks SPLICE: iSCSI Data-In is read and copied");
         }
+        let fixed = if probe.is_supported(opcode::ReadFixed::CODE) {
+            register_fixed(&ring)
+        } else {
+            tracing::info!("io_uring lacks READ_FIXED: iSCSI reads go into plain buffers");
+            None
+        };
         Ok(Self {
             splice,
+            fixed,
             ring,
             rx,
             chan,
@@ -885,13 +908,21 @@ impl Driver {
                     }
                     _ => None,
                 };
+                // A small read goes into a registered buffer while one is free.
+                let slot = match io {
+                    StagedIo::Read { len, .. } if spliced.is_none() && len <= FIXED_SLOT => {
+                        self.fixed.as_ref().and_then(FixedBufs::take)
+                    }
+                    _ => None,
+                };
                 let buf = match io {
-                    StagedIo::Read { .. } if spliced.is_some() => Vec::new(),
+                    StagedIo::Read { .. } if spliced.is_some() || slot.is_some() => Vec::new(),
                     StagedIo::Read { len, .. } => Vec::with_capacity(len),
                     _ => data,
                 };
                 let op = FileOp {
                     spliced,
+                    slot,
                     key,
                     seq,
                     itt: p.itt,
@@ -981,6 +1012,18 @@ impl Driver {
             opcode::Fsync::new(file).flags(FsyncFlags::DATASYNC).build()
         } else {
             match op.io {
+                StagedIo::Read { offset, len, .. } if op.slot.is_some() => {
+                    let slot = op.slot.as_ref().map_or(std::ptr::null_mut(), Slot::ptr);
+                    opcode::ReadFixed::new(
+                        file,
+                        // SAFETY: `done` is at most `len`, which fits in the slot.
+                        unsafe { slot.add(op.done) },
+                        (len - op.done) as u32,
+                        fixed::BUF_INDEX,
+                    )
+                    .offset(offset + op.done as u64)
+                    .build()
+                }
                 StagedIo::Read { offset, len, .. } => opcode::Read::new(
                     file,
                     // SAFETY: `done` is at most the capacity (`len`).
@@ -1004,9 +1047,10 @@ impl Driver {
         }
         .user_data(ud);
         entry.insert(Op::File(op));
-        // SAFETY: the buffer (or the pipes) is owned by the boxed FileOp in the ops slab
-        // until the CQE (the Box's heap and the Vec's heap do not move); the LUN it holds
-        // keeps the file open.
+        // SAFETY: the buffer (or the pipes, or the registered slot) is owned by the boxed
+        // FileOp in the ops slab until the CQE (the Box's heap and the Vec's heap do not
+        // move; the slot's mapping stays while the slot is held); the LUN it holds keeps
+        // the file open.
         if unsafe { self.push(&sqe) } {
             if let Some(c) = self.conn(key) {
                 c.ops += 1;
@@ -1030,10 +1074,13 @@ impl Driver {
             io,
             buf,
             spliced,
+            slot,
+            done,
             ..
         } = *op;
-        let result = match (spliced, io) {
-            (Some(sp), StagedIo::Read { offset, len, .. }) => lun.finish_staged_file(
+        let fixed = slot.is_some() && result.is_ok();
+        let result = match (spliced, slot, io) {
+            (Some(sp), _, StagedIo::Read { offset, len, .. }) => lun.finish_staged_file(
                 &io,
                 result.map(|()| FileData {
                     offset,
@@ -1041,9 +1088,18 @@ impl Driver {
                     holder: Arc::new(sp),
                 }),
             ),
+            (None, Some(slot), _) => lun.finish_staged(
+                &io,
+                result.map(|()| bytes::Bytes::from_owner(slot.filled(done))),
+            ),
             _ => lun.finish_staged(&io, result.map(|()| buf)),
         };
         if let Some(c) = self.conn(key) {
+            if fixed {
+                c.stats
+                    .fixed_bytes
+                    .fetch_add(done as u64, Ordering::Relaxed);
+            }
             c.active.retain(|a| a.seq != seq);
             c.core.complete(itt, result);
             c.stats.completed(handed);
@@ -1121,6 +1177,22 @@ impl Driver {
             return;
         }
         match op.io {
+            StagedIo::Read { len, .. } if op.slot.is_some() => {
+                if n == 0 {
+                    // Past the end of the file: zeros, as FileBacking::read_at.
+                    if let Some(slot) = &mut op.slot {
+                        slot.zero(op.done..len);
+                    }
+                    op.done = len;
+                } else {
+                    op.done += n;
+                }
+                if op.done < len {
+                    self.submit_file(op);
+                } else {
+                    self.finish_file(op, Ok(()));
+                }
+            }
             StagedIo::Read { len, .. } => {
                 if n == 0 {
                     // Past the end of the file: zeros, as FileBacking::read_at.
@@ -1518,6 +1590,31 @@ enum Step {
     Send(opcode::SendMsg, usize),
     /// `SPLICE` of this many bytes from this pipe to the socket.
     Splice(std::os::fd::RawFd, usize),
+}
+
+/// The ring's registered buffers: [`FIXED_SLOTS`] slots, or fewer where the kernel will
+/// not pin that much memory for this user, or none (reads then use plain buffers).
+fn register_fixed(ring: &IoUring) -> Option<FixedBufs> {
+    let mut slots = FIXED_SLOTS;
+    loop {
+        match FixedBufs::register(&ring.submitter(), slots, FIXED_SLOT) {
+            Ok(bufs) => {
+                tracing::debug!(
+                    slots,
+                    slot_bytes = bufs.slot_size(),
+                    "iSCSI registered buffers"
+                );
+                return Some(bufs);
+            }
+            Err(e) if slots / 2 >= FIXED_SLOTS_MIN && e.raw_os_error() == Some(libc::ENOMEM) => {
+                slots /= 2;
+            }
+            Err(error) => {
+                tracing::info!(%error, "io_uring would not register buffers: iSCSI reads go into plain buffers");
+                return None;
+            }
+        }
+    }
 }
 
 fn zeroed_msghdr() -> libc::msghdr {

@@ -31,6 +31,7 @@
 //! [`crate::service::tftp::Tftp`]'s.
 
 mod bufring;
+mod fixed;
 pub mod iscsi;
 mod msg;
 
