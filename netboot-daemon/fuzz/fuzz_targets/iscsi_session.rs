@@ -79,7 +79,7 @@ fn feed(c: &mut Connection, d: &mut Decoder, bytes: &[u8], max_send: usize) {
                 let r = e
                     .lun
                     .try_execute(&e.initiator, &e.cdb)
-                    .unwrap_or_else(|| e.lun.execute(&e.initiator, &e.cdb, &e.data_out));
+                    .unwrap_or_else(|| e.lun.execute(&e.initiator, &e.cdb, &e.data_out.contiguous()));
                 c.complete(e.itt, r);
             }
             while let Some(o) = c.poll_transmit() {
@@ -112,7 +112,7 @@ fn login_pdu(flags: u8, keys: &[(&str, &str)]) -> Vec<u8> {
     p.bhs[0] |= 0x40;
     p.set_flags(flags);
     let pairs: Vec<(String, String)> = keys.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
-    p.data = text::encode(&pairs);
+    p.data = text::encode(&pairs).into();
     let mut out = Vec::new();
     p.encode(false, false, &mut out);
     out

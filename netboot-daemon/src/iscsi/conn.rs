@@ -20,8 +20,9 @@ use bytes::Bytes;
 use super::chap::{self, Challenge, Credentials};
 use super::pdu::{Pdu, RESERVED_TAG, op};
 use super::scsi::{
-    COMPARE_AND_WRITE, FileData, Lun, MAX_TRANSFER_BYTES, REPORT_LUNS, SENSE_KEY_ABORTED_COMMAND,
-    ScsiResult, Sense, WRITE_SAME_10, WRITE_SAME_16, report_luns, shorten_write,
+    COMPARE_AND_WRITE, DataOut, FileData, Lun, MAX_TRANSFER_BYTES, REPORT_LUNS,
+    SENSE_KEY_ABORTED_COMMAND, ScsiResult, Sense, WRITE_SAME_10, WRITE_SAME_16, is_write,
+    report_luns, shorten_write,
 };
 use super::text::{self, Negotiation, Params};
 
@@ -94,7 +95,7 @@ pub enum SessionEvent {
     Ended,
 }
 
-/// A command ready to run: the driver calls `lun.execute(&initiator, &cdb, &data_out)`.
+/// A command ready to run: the driver calls `lun.execute(&initiator, &cdb, &data_out.contiguous())`.
 pub struct Exec {
     /// The task.
     pub itt: u32,
@@ -102,8 +103,8 @@ pub struct Exec {
     pub lun: Arc<Lun>,
     /// The command descriptor block.
     pub cdb: Vec<u8>,
-    /// All of its Data-Out.
-    pub data_out: Vec<u8>,
+    /// All of its Data-Out: a WRITE's as the segments arrived, in the receive buffer.
+    pub data_out: DataOut,
     /// The I_T nexus (initiator name and ISID).
     pub initiator: Arc<str>,
     /// Whether a staged read's Data-In may come back as [`FileData`]
@@ -181,7 +182,7 @@ impl Outgoing {
     pub fn into_pdu(self) -> Pdu {
         let mut pdu = self.pdu;
         if let Some(s) = self.shared {
-            pdu.data = s.to_vec();
+            pdu.data = s;
         }
         pdu
     }
@@ -274,8 +275,10 @@ struct WriteTask {
     lun: Arc<Lun>,
     lun_field: u64,
     cdb: Vec<u8>,
-    data: Vec<u8>,
-    /// Bytes received inside `data`.
+    data: Gather,
+    /// Bytes the command takes.
+    need: u64,
+    /// Bytes received inside `need`.
     received: u64,
     edtl: u64,
     /// The next offset to solicit.
@@ -289,6 +292,16 @@ struct WriteTask {
     data_sn_error: bool,
     r2t_sn: u32,
     residual: Residual,
+}
+
+/// A command's Data-Out while it arrives.
+enum Gather {
+    /// A WRITE's data, so far in order and back to back from offset 0: kept as received,
+    /// it becomes the [`DataOut`] as it is (no copy).
+    InOrder(DataOut),
+    /// One buffer of the whole length: any other command's data, and a WRITE's once a
+    /// segment came out of order or overlapping (copied here).
+    Buffer(Vec<u8>),
 }
 
 /// A command's residual (RFC 7143 section 11.4.5).
@@ -606,7 +619,7 @@ impl Connection {
             let negotiated = self.negotiation.answer(&offers, self.discovery);
             answers.extend(negotiated);
         }
-        resp.data = text::encode(&answers);
+        resp.data = text::encode(&answers).into();
         if transit && csg == STAGE_SECURITY && self.chap().is_some() && self.auth != Auth::Done {
             if matches!(self.auth, Auth::ExpectAlgorithm | Auth::ExpectResponse) {
                 // RFC 7143 section 11.13.1: the exchange is not over; answer without
@@ -844,7 +857,7 @@ impl Connection {
                 itt,
                 lun,
                 cdb,
-                data_out: Vec::new(),
+                data_out: DataOut::new(),
                 initiator: Arc::clone(&self.nexus),
                 file_data_in: !self.wire_params.data_digest,
             });
@@ -887,8 +900,13 @@ impl Connection {
         let mut task = WriteTask {
             lun,
             lun_field: req.lun(),
+            data: if is_write(cdb[0]) {
+                Gather::InOrder(DataOut::new())
+            } else {
+                Gather::Buffer(vec![0; usize::try_from(need).unwrap_or(0)])
+            },
             cdb,
-            data: vec![0; usize::try_from(need).unwrap_or(0)],
+            need,
             received: 0,
             edtl: expected,
             solicited: 0,
@@ -927,7 +945,7 @@ impl Connection {
         let max_r2t = self.params.max_outstanding_r2t as usize;
         let mut r2ts = Vec::new();
         if let Some(task) = self.writes.get_mut(&itt) {
-            let need = task.data.len() as u64;
+            let need = task.need;
             while task.r2ts.len() < max_r2t && task.solicited < need {
                 let len = (need - task.solicited).min(max_burst);
                 let ttt = self.next_ttt;
@@ -959,7 +977,7 @@ impl Connection {
             // Data for a task that is gone (aborted): ignored.
             return;
         };
-        if offset + pdu.data.len() as u64 > task.edtl.max(task.data.len() as u64) {
+        if offset + pdu.data.len() as u64 > task.edtl.max(task.need) {
             return self.reject(&pdu.bhs, REJECT_INVALID_FIELD);
         }
         let expected = task.data_sn.entry(ttt).or_insert(0);
@@ -981,7 +999,7 @@ impl Connection {
         }
         *expected = data_sn.wrapping_add(1);
         store(task, offset, &pdu.data);
-        let need = task.data.len() as u64;
+        let need = task.need;
         if pdu.is_final() && ttt != RESERVED_TAG {
             task.r2ts.retain(|(t, _)| *t != ttt);
         }
@@ -1017,7 +1035,10 @@ impl Connection {
                 itt,
                 lun: task.lun,
                 cdb: task.cdb,
-                data_out: task.data,
+                data_out: match task.data {
+                    Gather::InOrder(d) => d,
+                    Gather::Buffer(b) => DataOut::from(b),
+                },
                 initiator: Arc::clone(&self.nexus),
                 file_data_in: !self.wire_params.data_digest,
             });
@@ -1146,7 +1167,7 @@ impl Connection {
             let mut data = Vec::with_capacity(bytes.len() + 2);
             data.extend_from_slice(&u16::try_from(bytes.len()).unwrap_or(0).to_be_bytes());
             data.extend_from_slice(&bytes);
-            resp.data = data;
+            resp.data = data.into();
         }
         self.send(resp, true);
     }
@@ -1295,7 +1316,7 @@ impl Connection {
             }
         }
         resp.set_flags(0x80);
-        resp.data = text::encode(&answers);
+        resp.data = text::encode(&answers).into();
         self.send(resp, true);
     }
 
@@ -1314,20 +1335,37 @@ impl Connection {
         resp.set_flags(0x80);
         resp.bhs[2] = reason;
         resp.set_itt(RESERVED_TAG);
-        resp.data = bhs.to_vec();
+        resp.data = bhs.to_vec().into();
         self.send(resp, true);
     }
 }
 
 /// Stores Data-Out bytes at `offset` (bytes past what the command needs are dropped).
-fn store(task: &mut WriteTask, offset: u64, bytes: &[u8]) {
-    let need = task.data.len() as u64;
+fn store(task: &mut WriteTask, offset: u64, bytes: &Bytes) {
+    let need = task.need;
     if offset >= need || bytes.is_empty() {
         return;
     }
     let len = (bytes.len() as u64).min(need - offset);
     let (start, len) = (offset as usize, len as usize);
-    task.data[start..start + len].copy_from_slice(&bytes[..len]);
+    if let Gather::InOrder(d) = &mut task.data {
+        if d.len() == start {
+            d.push(bytes.slice(..len));
+            task.received += len as u64;
+            return;
+        }
+        // Out of order or overlapping: into one buffer from here on.
+        let mut buf = vec![0; usize::try_from(need).unwrap_or(0)];
+        let mut at = 0;
+        for s in d.segments() {
+            buf[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+        }
+        task.data = Gather::Buffer(buf);
+    }
+    if let Gather::Buffer(buf) = &mut task.data {
+        buf[start..start + len].copy_from_slice(&bytes[..len]);
+    }
     task.received += len as u64;
 }
 
@@ -1446,7 +1484,7 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect();
-        p.data = text::encode(&pairs);
+        p.data = text::encode(&pairs).into();
         p
     }
 
@@ -1508,7 +1546,9 @@ mod tests {
 
     fn run(c: &mut Connection) {
         while let Some(e) = c.poll_execute() {
-            let r = e.lun.execute(&e.initiator, &e.cdb, &e.data_out);
+            let r = e
+                .lun
+                .execute(&e.initiator, &e.cdb, &e.data_out.contiguous());
             c.complete(e.itt, r);
         }
     }
@@ -1656,7 +1696,7 @@ mod tests {
             d.set_u32(20, ttt);
             d.set_u32(36, u32::from(sn));
             d.set_u32(40, u32::from(sn) * 8192);
-            d.data = vec![chunk; 8192];
+            d.data = vec![chunk; 8192].into();
             c.handle(d);
         }
         run(&mut c);
@@ -1696,7 +1736,7 @@ mod tests {
                 d.set_u32(20, ttt);
                 d.set_u32(36, sn);
                 d.set_u32(40, i as u32 * 8192);
-                d.data = vec![0x33; 8192];
+                d.data = vec![0x33; 8192].into();
                 c.handle(d);
             }
             run(&mut c);
@@ -1720,6 +1760,44 @@ mod tests {
     }
 
     #[test]
+    fn a_write_keeps_its_data_out_as_received_unless_it_arrives_out_of_order() {
+        let mut c = logged_in();
+        let write = [0x2a, 0, 0, 0, 0, 8, 0, 0, 32, 0];
+        let want: Vec<u8> = [vec![1u8; 8192], vec![2u8; 8192]].concat();
+        for (cmd_sn, itt, order) in [(0, 10, [0usize, 1]), (1, 11, [1, 0])] {
+            c.handle(command(cmd_sn, itt, 0x20, 16384, &write));
+            let r = sent(&mut c);
+            assert_eq!(r[0].opcode(), op::R2T);
+            let ttt = r[0].u32_at(20);
+            let parts: Vec<Bytes> = (1..=2u8).map(|b| Bytes::from(vec![b; 8192])).collect();
+            for (sn, &i) in order.iter().enumerate() {
+                let mut d = Pdu::new(op::DATA_OUT);
+                d.set_flags(if sn == 1 { 0x80 } else { 0 });
+                d.set_itt(itt);
+                d.set_u32(20, ttt);
+                d.set_u32(36, sn as u32);
+                d.set_u32(40, i as u32 * 8192);
+                d.data = parts[i].clone();
+                c.handle(d);
+            }
+            let e = c.poll_execute().expect("the write");
+            assert_eq!(&e.data_out.contiguous()[..], &want[..], "order {order:?}");
+            if order == [0, 1] {
+                // The very bytes the PDUs carried: not copied.
+                let segments = e.data_out.segments();
+                assert_eq!(segments.len(), 2);
+                for (s, p) in segments.iter().zip(&parts) {
+                    assert_eq!(s.as_ptr(), p.as_ptr());
+                }
+            } else {
+                assert!(!e.data_out.segmented(), "gathered into one buffer");
+            }
+            c.complete(e.itt, ScsiResult::good(Bytes::new()));
+            assert_eq!(sent(&mut c)[0].bhs[3], 0, "GOOD");
+        }
+    }
+
+    #[test]
     fn commands_outside_the_window_are_ignored_and_nops_answered() {
         let mut c = logged_in();
         let tur = [0u8; 6];
@@ -1735,11 +1813,11 @@ mod tests {
         nop.set_flags(0x80);
         nop.set_itt(22);
         nop.set_u32(24, 1);
-        nop.data = b"ping".to_vec();
+        nop.data = b"ping".to_vec().into();
         c.handle(nop);
         let r = sent(&mut c);
         assert_eq!((r[0].opcode(), r[0].itt()), (op::NOP_IN, 22));
-        assert_eq!(r[0].data, b"ping");
+        assert_eq!(r[0].data, &b"ping"[..]);
     }
 
     #[test]
@@ -1844,7 +1922,7 @@ mod tests {
         d.set_flags(0x80);
         d.set_itt(40);
         d.set_u32(20, r[0].u32_at(20));
-        d.data = vec![0x33; 512];
+        d.data = vec![0x33; 512].into();
         c.handle(d);
         run(&mut c);
         let r = sent(&mut c);

@@ -6,6 +6,8 @@
 //! cannot make the target buffer more than one maximum-size PDU. [`Pdu::encode`] writes one
 //! PDU with the digests the connection negotiated.
 
+use bytes::{Bytes, BytesMut};
+
 /// Length of the Basic Header Segment.
 pub const BHS_LEN: usize = 48;
 
@@ -57,8 +59,9 @@ pub struct Pdu {
     pub bhs: [u8; BHS_LEN],
     /// Additional header segments, as received (multiple of 4 bytes).
     pub ahs: Vec<u8>,
-    /// The data segment, without padding.
-    pub data: Vec<u8>,
+    /// The data segment, without padding: a received PDU's is a part of the receive
+    /// buffer (no copy), which a WRITE's Data-Out stays until it is in the file.
+    pub data: Bytes,
 }
 
 impl Pdu {
@@ -69,7 +72,7 @@ impl Pdu {
         Self {
             bhs,
             ahs: Vec::new(),
-            data: Vec::new(),
+            data: Bytes::new(),
         }
     }
 
@@ -223,9 +226,9 @@ pub enum DecodeError {
 /// Cuts the byte stream of a connection into PDUs.
 #[derive(Debug)]
 pub struct Decoder {
-    buf: Vec<u8>,
-    /// Bytes of `buf` before this offset are consumed (compacted before more are read).
-    start: usize,
+    /// Unconsumed bytes. Each PDU is split off its front; their data segments share the
+    /// allocation, which a read into a buffer still shared this way does not reuse.
+    buf: BytesMut,
     /// Largest data segment accepted (this side's MaxRecvDataSegmentLength, or the login
     /// limit during login).
     pub max_data: usize,
@@ -239,8 +242,7 @@ impl Decoder {
     /// A decoder without digests, accepting data segments up to `max_data` bytes.
     pub fn new(max_data: usize) -> Self {
         Self {
-            buf: Vec::new(),
-            start: 0,
+            buf: BytesMut::new(),
             max_data,
             header_digest: false,
             data_digest: false,
@@ -253,28 +255,14 @@ impl Decoder {
     }
 
     /// The buffer to append bytes read from the connection to (a driver reads straight
-    /// into its spare capacity); consumed bytes are dropped from its front first.
-    pub fn buffer(&mut self) -> &mut Vec<u8> {
-        if self.start > 0 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
+    /// into its spare capacity).
+    pub fn buffer(&mut self) -> &mut BytesMut {
         &mut self.buf
-    }
-
-    /// Marks the first `n` unconsumed bytes as consumed: one move of the rest per read,
-    /// in [`Decoder::buffer`], instead of one per PDU.
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-        if self.start >= self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        }
     }
 
     /// The next whole PDU, `Ok(None)` if more bytes are needed.
     pub fn next_pdu(&mut self) -> Result<Option<Pdu>, DecodeError> {
-        let buf = &self.buf[self.start..];
+        let buf = &self.buf[..];
         if buf.len() < BHS_LEN {
             return Ok(None);
         }
@@ -313,17 +301,17 @@ impl Decoder {
             let want = crc32c::crc32c(&buf[data_start..padded]);
             let got = le32(&buf[padded..padded + 4]);
             if want != got {
-                self.consume(total);
+                let _ = self.buf.split_to(total);
                 return Err(DecodeError::DataDigest { bhs: Box::new(bhs) });
             }
         }
-        let pdu = Pdu {
+        let ahs = buf[BHS_LEN..header_end].to_vec();
+        let frame = self.buf.split_to(total).freeze();
+        Ok(Some(Pdu {
             bhs,
-            ahs: buf[BHS_LEN..header_end].to_vec(),
-            data: buf[data_start..data_start + data_len].to_vec(),
-        };
-        self.consume(total);
-        Ok(Some(pdu))
+            ahs,
+            data: frame.slice(data_start..data_start + data_len),
+        }))
     }
 }
 
@@ -342,8 +330,30 @@ mod tests {
         p.set_itt(0x1234_5678);
         p.set_u32(20, 4096);
         p.ahs = vec![0, 4, 1, 0, 0xaa, 0xbb, 0xcc, 0xdd];
-        p.data = b"hello".to_vec();
+        p.data = b"hello".to_vec().into();
         p
+    }
+
+    #[test]
+    fn decoded_data_segments_are_parts_of_the_receive_buffer() {
+        let mut wire = Vec::new();
+        for b in [7u8, 9] {
+            let mut p = Pdu::new(op::DATA_OUT);
+            p.data = vec![b; 1000].into();
+            p.encode(false, false, &mut wire);
+        }
+        let mut d = Decoder::new(8192);
+        d.extend(&wire);
+        let first = d.next_pdu().expect("valid").expect("a PDU");
+        let second = d.next_pdu().expect("valid").expect("a PDU");
+        assert_eq!(
+            (&first.data[..], &second.data[..]),
+            (&[7; 1000][..], &[9; 1000][..])
+        );
+        // 48 + 1000 bytes of the first PDU, then the second's header: one allocation.
+        let gap = second.data.as_ptr() as usize - first.data.as_ptr() as usize;
+        assert_eq!(gap, 1000 + BHS_LEN);
+        assert!(d.next_pdu().expect("valid").is_none());
     }
 
     #[test]
@@ -380,7 +390,7 @@ mod tests {
         let mut want = Vec::new();
         for i in 0..3u8 {
             let mut p = sample();
-            p.data = vec![i; 1000 + usize::from(i)];
+            p.data = vec![i; 1000 + usize::from(i)].into();
             p.encode(true, true, &mut wire);
             let mut w = p.clone();
             w.bhs[4] = 2;
@@ -407,7 +417,7 @@ mod tests {
         for (hd, dd) in [(false, false), (true, true), (true, false), (false, true)] {
             for len in [0, 1, 3, 4, 5] {
                 let mut p = sample();
-                p.data = vec![0x5a; len];
+                p.data = vec![0x5a; len].into();
                 let mut whole = Vec::new();
                 p.encode(hd, dd, &mut whole);
                 let mut parts = Vec::new();
@@ -419,7 +429,7 @@ mod tests {
                 if dd && len > 0 {
                     // The data digest covers the data and its padding (RFC 7143 11.1).
                     let padded_len = len.div_ceil(4) * 4;
-                    let mut padded = data.clone();
+                    let mut padded = data.to_vec();
                     padded.resize(padded_len, 0);
                     let digest = crc32c::crc32c(&padded).to_le_bytes();
                     assert_eq!(&whole[whole.len() - 4..], &digest);
@@ -431,7 +441,7 @@ mod tests {
     #[test]
     fn oversized_data_is_refused_before_buffering_it() {
         let mut p = Pdu::new(op::DATA_OUT);
-        p.data = vec![0; 9000];
+        p.data = vec![0; 9000].into();
         let mut wire = Vec::new();
         p.encode(false, false, &mut wire);
         let mut d = Decoder::new(8192);

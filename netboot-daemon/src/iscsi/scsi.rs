@@ -254,6 +254,88 @@ pub struct ScsiResult {
     pub file_data: Option<FileData>,
 }
 
+/// A command's Data-Out: its data segments in order, back to back, as the connection
+/// received them (parts of its receive buffer, not copied). Only a WRITE's data arrives in
+/// several segments ([`DataOut::segmented`]); a driver writes them to the file as they are
+/// (one vectored write), and whatever needs the bytes in one piece gets them from
+/// [`DataOut::contiguous`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataOut {
+    segments: Vec<Bytes>,
+    len: usize,
+}
+
+impl DataOut {
+    /// The Data-Out of a command that has none.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends the next segment.
+    pub fn push(&mut self, segment: Bytes) {
+        if !segment.is_empty() {
+            self.len += segment.len();
+            self.segments.push(segment);
+        }
+    }
+
+    /// Bytes in all.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The segments in order.
+    pub fn segments(&self) -> &[Bytes] {
+        &self.segments
+    }
+
+    /// More than one segment: [`DataOut::contiguous`] would copy.
+    pub fn segmented(&self) -> bool {
+        self.segments.len() > 1
+    }
+
+    /// All of it as one slice: the one segment as it is, several copied into one buffer.
+    pub fn contiguous(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.segments.as_slice() {
+            [] => std::borrow::Cow::Borrowed(&[]),
+            [one] => std::borrow::Cow::Borrowed(one),
+            many => std::borrow::Cow::Owned(many.concat()),
+        }
+    }
+
+    /// Keeps the first `len` bytes.
+    pub fn truncate(&mut self, len: usize) {
+        let mut at = 0;
+        self.segments.retain_mut(|s| {
+            let keep = len.saturating_sub(at).min(s.len());
+            at += s.len();
+            s.truncate(keep);
+            keep > 0
+        });
+        self.len = self.len.min(len);
+    }
+}
+
+impl From<Vec<u8>> for DataOut {
+    fn from(bytes: Vec<u8>) -> Self {
+        let mut d = Self::new();
+        d.push(bytes.into());
+        d
+    }
+}
+
+/// Whether `opcode` is a plain WRITE(6/10/12/16), the one command whose Data-Out a
+/// connection keeps in segments ([`DataOut`]) and [`Lun::stage`] hands to the driver
+/// without looking at it.
+pub fn is_write(opcode: u8) -> bool {
+    matches!(opcode, WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16)
+}
+
 /// Data-In that a driver staged from the backing file without reading it into memory
 /// (for example spliced into pipes, to be spliced on to the socket): `len` bytes of the
 /// file at `offset`. The core cuts it into Data-In segments by range, as it cuts bytes;
@@ -959,7 +1041,7 @@ impl Lun {
     /// every other command is executed here ([`Staged::Done`]). Without a backing file
     /// every command is [`Staged::Blocking`]. `data_out` is the command's Data-Out, as for
     /// [`Lun::execute`]; a staged write writes its first [`StagedIo::len`] bytes.
-    pub fn stage(&self, initiator: &str, cdb: &[u8], data_out: &[u8]) -> Staged {
+    pub fn stage(&self, initiator: &str, cdb: &[u8], data_out: &DataOut) -> Staged {
         if self.backing.file().is_none()
             || matches!(
                 cdb.first(),
@@ -975,7 +1057,14 @@ impl Lun {
         {
             return Staged::Blocking;
         }
-        match self.dispatch_mode(initiator, cdb, data_out, false, true) {
+        // Staging a WRITE reads only its CDB and the data's length (the driver writes the
+        // data, segment by segment): its segments are not joined for nothing.
+        let joined = if data_out.segmented() && cdb.first().is_some_and(|&op| is_write(op)) {
+            std::borrow::Cow::Borrowed(&[][..])
+        } else {
+            data_out.contiguous()
+        };
+        match self.dispatch_mode(initiator, cdb, (&joined, data_out.len()), false, true) {
             Ok(data) => Staged::Done(ScsiResult::good(data)),
             Err(Failure::Check(sense)) => Staged::Done(ScsiResult::check_condition(sense)),
             Err(Failure::Conflict) => Staged::Done(ScsiResult::reservation_conflict()),
@@ -1110,14 +1199,14 @@ impl Lun {
     }
 
     fn dispatch(&self, initiator: &str, cdb: &[u8], data_out: &[u8], nowait: bool) -> Outcome {
-        self.dispatch_mode(initiator, cdb, data_out, nowait, false)
+        self.dispatch_mode(initiator, cdb, (data_out, data_out.len()), nowait, false)
     }
 
     fn dispatch_mode(
         &self,
         initiator: &str,
         cdb: &[u8],
-        data_out: &[u8],
+        (data_out, data_len): (&[u8], usize),
         nowait: bool,
         stage: bool,
     ) -> Outcome {
@@ -1134,9 +1223,11 @@ impl Lun {
         self.check_reservations(initiator, info)?;
         let needed = usize::try_from(self.parameter_len(cdb)?)
             .map_err(|_| Sense::illegal(ASC_INVALID_FIELD_IN_CDB))?;
-        let Some(data_out) = data_out.get(..needed) else {
+        if data_len < needed {
             return Err(Sense::of(SENSE_KEY_ABORTED_COMMAND, ASC_DATA_PHASE_ERROR).into());
-        };
+        }
+        // Empty for a staged WRITE whose segments [`Lun::stage`] did not join.
+        let data_out = data_out.get(..needed).unwrap_or_default();
         let cmd = Cmd {
             initiator,
             cdb,
@@ -1570,10 +1661,11 @@ impl Lun {
     fn write(&self, cmd: &Cmd<'_>) -> Outcome {
         let (lba, blocks) = self.write_extent(cmd)?;
         if cmd.stage && blocks > 0 {
+            // The CDB's length, not the data's: staging does not look at the data.
             return Err(Failure::Staged(StagedIo::Write {
                 lba,
                 offset: self.offset(lba),
-                len: cmd.data_out.len(),
+                len: blocks as usize * self.block_size as usize,
                 flush: has_fua(cmd.cdb) || !self.state().write_cache,
             }));
         }
@@ -3036,6 +3128,24 @@ mod tests {
     }
 
     #[test]
+    fn data_out_joins_and_truncates_its_segments() {
+        let mut d = DataOut::new();
+        assert_eq!(&d.contiguous()[..], &[] as &[u8]);
+        d.push(Bytes::from_static(b"abc"));
+        d.push(Bytes::new());
+        assert!(!d.segmented());
+        assert!(matches!(d.contiguous(), std::borrow::Cow::Borrowed(_)));
+        d.push(Bytes::from_static(b"defg"));
+        assert!(d.segmented());
+        assert_eq!((d.len(), &d.contiguous()[..]), (7, &b"abcdefg"[..]));
+        d.truncate(5);
+        assert_eq!((d.len(), &d.contiguous()[..]), (5, &b"abcde"[..]));
+        d.truncate(2);
+        assert!(!d.segmented());
+        assert_eq!(&d.contiguous()[..], b"ab");
+    }
+
+    #[test]
     fn lun_is_send_sync_and_sense_is_fixed_format() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Lun>();
@@ -3302,11 +3412,12 @@ mod tests {
         *mem.data.lock().unwrap() = vec![0; 64 * 512];
         let file = std::fs::File::open("/dev/null").expect("open /dev/null");
         let lun = Lun::new(cfg(DeviceType::Disk), Arc::new(WithFile(mem, file)));
-        let staged = |cdb: &[u8], data: &[u8]| match lun.stage(A, cdb, data) {
-            Staged::Io(io) => Ok(io),
-            Staged::Done(r) => Err(Some(r.status)),
-            Staged::Blocking => Err(None),
-        };
+        let staged =
+            |cdb: &[u8], data: &[u8]| match lun.stage(A, cdb, &DataOut::from(data.to_vec())) {
+                Staged::Io(io) => Ok(io),
+                Staged::Done(r) => Err(Some(r.status)),
+                Staged::Blocking => Err(None),
+            };
         assert_eq!(
             staged(&rw(READ_10, 4, 2, 0), &[]),
             Ok(StagedIo::Read {
@@ -3326,6 +3437,19 @@ mod tests {
         };
         assert_eq!(write(CDB_FUA), w(true), "FUA: durable before GOOD");
         assert_eq!(write(0), w(false), "write cache on: no flush");
+        // A WRITE's data in segments is staged by its length, without joining it; too
+        // little of it is a data phase error as in one piece.
+        let mut segments = DataOut::new();
+        segments.push(Bytes::from(vec![7; 300]));
+        segments.push(Bytes::from(vec![8; 212]));
+        let write_segments = |data: &DataOut| match lun.stage(A, &rw(WRITE_16, 1, 1, 0), data) {
+            Staged::Io(io) => Ok(io),
+            Staged::Done(r) => Err(Some(r.status)),
+            Staged::Blocking => Err(None),
+        };
+        assert_eq!(write_segments(&segments), w(false));
+        segments.truncate(511);
+        assert_eq!(write_segments(&segments), Err(Some(STATUS_CHECK_CONDITION)));
         assert_eq!(
             staged(&rw(SYNCHRONIZE_CACHE_10, 0, 0, 0), &[]),
             Ok(StagedIo::Flush { lba: 0 })
@@ -3355,7 +3479,10 @@ mod tests {
         );
         // Without a file, the LUN does every command's I/O itself.
         let (_, plain) = disk();
-        assert!(matches!(plain.stage(A, &TUR, &[]), Staged::Blocking));
+        assert!(matches!(
+            plain.stage(A, &TUR, &DataOut::new()),
+            Staged::Blocking
+        ));
     }
 
     #[test]

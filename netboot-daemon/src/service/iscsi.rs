@@ -876,7 +876,9 @@ async fn run(
                 batch
                     .into_iter()
                     .map(|(handed, e)| {
-                        let result = e.lun.execute(&e.initiator, &e.cdb, &e.data_out);
+                        let result = e
+                            .lun
+                            .execute(&e.initiator, &e.cdb, &e.data_out.contiguous());
                         (handed, e.itt, result)
                     })
                     .collect::<Vec<_>>()
@@ -1156,7 +1158,7 @@ mod tests {
             (10, false),
         ] {
             let mut pdu = Pdu::new(op::DATA_IN);
-            pdu.data = vec![len as u8; len];
+            pdu.data = vec![len as u8; len].into();
             queue.push(Outgoing {
                 pdu,
                 shared: None,
@@ -1228,7 +1230,7 @@ mod tests {
         // A small PDU, then a read cut into segments (one of a length that needs padding),
         // then a response.
         let mut first = Pdu::new(op::NOP_IN);
-        first.data = vec![1, 2, 3];
+        first.data = vec![1, 2, 3].into();
         let mut queue = vec![(first, None)];
         for range in [0..8192, 8192..12_289, 12_289..20_000] {
             let mut p = Pdu::new(op::DATA_IN);
@@ -1239,7 +1241,7 @@ mod tests {
         for (pdu, range) in queue {
             let mut plain = pdu.clone();
             let file = range.map(|range| {
-                plain.data = bytes[range.clone()].to_vec();
+                plain.data = bytes[range.clone()].to_vec().into();
                 FileSegment {
                     data: read.clone(),
                     range,

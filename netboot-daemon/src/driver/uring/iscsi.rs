@@ -62,7 +62,7 @@ use super::fixed::{self, FixedBufs, Slot};
 use crate::ebpf::Service;
 use crate::iscsi::conn::{Connection, Exec, Login, SessionEvent, Targets};
 use crate::iscsi::pdu::{DecodeError, Decoder};
-use crate::iscsi::scsi::{FileData, Lun, ScsiResult, Staged, StagedIo};
+use crate::iscsi::scsi::{DataOut, FileData, Lun, ScsiResult, Staged, StagedIo};
 use crate::service::iscsi::{ConnStats, Ender, LiveSession, Outbox, Run, Sessions};
 use crate::service::tally::{Counted, Tally};
 
@@ -297,7 +297,7 @@ struct Planned {
 
 enum Work {
     /// File I/O on the ring; the Data-Out of a write.
-    Io(StagedIo, Vec<u8>),
+    Io(StagedIo, DataOut),
     /// [`Lun::execute`] off the ring.
     Blocking(Exec),
 }
@@ -544,8 +544,12 @@ struct FileOp {
     handed: Instant,
     lun: Arc<Lun>,
     io: StagedIo,
-    /// Read: filled up to `done`; write: the data.
+    /// Read: filled up to `done`.
     buf: Vec<u8>,
+    /// Write: the data, as the connection received it.
+    data: DataOut,
+    /// Write: the iovecs of the `WRITEV` in flight (its segments from `done` on).
+    iov: Vec<libc::iovec>,
     /// A read on the splice path: the pipes its bytes go to instead of `buf`.
     spliced: Option<Spliced>,
     /// A read into a registered buffer: the slot its bytes go to instead of `buf`.
@@ -593,7 +597,7 @@ impl Driver {
                 (opcode::Recv::CODE, "RECV"),
                 (opcode::SendMsg::CODE, "SENDMSG"),
                 (opcode::Read::CODE, "READ"),
-                (opcode::Write::CODE, "WRITE"),
+                (opcode::Writev::CODE, "WRITEV"),
                 (opcode::Fsync::CODE, "FSYNC"),
                 (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
             ],
@@ -876,7 +880,7 @@ impl Driver {
                     let mut data = exec.data_out;
                     match io {
                         StagedIo::Write { len, .. } => data.truncate(len),
-                        _ => data = Vec::new(),
+                        _ => data = DataOut::new(),
                     }
                     c.waiting.push_back(Planned {
                         itt: exec.itt,
@@ -916,11 +920,14 @@ impl Driver {
                     _ => None,
                 };
                 let buf = match io {
-                    StagedIo::Read { .. } if spliced.is_some() || slot.is_some() => Vec::new(),
-                    StagedIo::Read { len, .. } => Vec::with_capacity(len),
-                    _ => data,
+                    StagedIo::Read { len, .. } if spliced.is_none() && slot.is_none() => {
+                        Vec::with_capacity(len)
+                    }
+                    _ => Vec::new(),
                 };
                 let op = FileOp {
+                    data,
+                    iov: Vec::new(),
                     spliced,
                     slot,
                     key,
@@ -933,6 +940,14 @@ impl Driver {
                     done: 0,
                     syncing: matches!(io, StagedIo::Flush { .. }),
                 };
+                if let StagedIo::Write { len, .. } = io
+                    && op.data.len() != len
+                {
+                    // invariant: the core gathers exactly the CDB's length for a WRITE.
+                    let short = io::Error::new(io::ErrorKind::InvalidInput, "short Data-Out");
+                    self.finish_file(Box::new(op), Err(short));
+                    return;
+                }
                 self.submit_file(Box::new(op));
             }
             Work::Blocking(exec) => {
@@ -940,7 +955,9 @@ impl Driver {
                 let itt = p.itt;
                 let handed = p.handed;
                 let run = move || {
-                    let result = exec.lun.execute(&exec.initiator, &exec.cdb, &exec.data_out);
+                    let result =
+                        exec.lun
+                            .execute(&exec.initiator, &exec.cdb, &exec.data_out.contiguous());
                     chan.send(Msg::Done {
                         key,
                         seq,
@@ -1032,14 +1049,13 @@ impl Driver {
                 )
                 .offset(offset + op.done as u64)
                 .build(),
-                StagedIo::Write { offset, .. } => opcode::Write::new(
-                    file,
-                    // SAFETY: `done` is at most the length.
-                    unsafe { base.add(op.done) }.cast_const(),
-                    (op.buf.len() - op.done) as u32,
-                )
-                .offset(offset + op.done as u64)
-                .build(),
+                StagedIo::Write { offset, .. } => {
+                    // The segments as they arrived, from the first byte not written.
+                    op.iov = iovecs_from(&op.data, op.done);
+                    opcode::Writev::new(file, op.iov.as_ptr(), op.iov.len() as u32)
+                        .offset(offset + op.done as u64)
+                        .build()
+                }
                 StagedIo::Flush { .. } => {
                     opcode::Fsync::new(file).flags(FsyncFlags::DATASYNC).build()
                 }
@@ -1047,10 +1063,10 @@ impl Driver {
         }
         .user_data(ud);
         entry.insert(Op::File(op));
-        // SAFETY: the buffer (or the pipes, or the registered slot) is owned by the boxed
-        // FileOp in the ops slab until the CQE (the Box's heap and the Vec's heap do not
-        // move; the slot's mapping stays while the slot is held); the LUN it holds keeps
-        // the file open.
+        // SAFETY: the buffer (or the pipes, or the registered slot, or a write's segments and
+        // their iovecs) is owned by the boxed FileOp in the ops slab until the CQE (the Box's
+        // heap and the Vecs' and the Bytes' heaps do not move; the slot's mapping stays while
+        // the slot is held); the LUN it holds keeps the file open.
         if unsafe { self.push(&sqe) } {
             if let Some(c) = self.conn(key) {
                 c.ops += 1;
@@ -1215,7 +1231,7 @@ impl Driver {
                     return;
                 }
                 op.done += n;
-                if op.done < op.buf.len() {
+                if op.done < op.data.len() {
                     self.submit_file(op);
                 } else if flush {
                     op.syncing = true;
@@ -1576,6 +1592,28 @@ impl Driver {
 
 /// Turns a read on the splice path into a copying read, from its start (what went into
 /// pipes is dropped with them).
+/// iovecs for `data` from byte `from` on, at most [`IOV_MAX`] (a short write goes on
+/// from where it stopped).
+fn iovecs_from(data: &DataOut, from: usize) -> Vec<libc::iovec> {
+    let mut iov = Vec::new();
+    let mut at = 0;
+    for s in data.segments() {
+        let end = at + s.len();
+        if end > from {
+            let skip = from.saturating_sub(at);
+            iov.push(libc::iovec {
+                iov_base: s[skip..].as_ptr().cast_mut().cast(),
+                iov_len: s.len() - skip,
+            });
+            if iov.len() == IOV_MAX {
+                break;
+            }
+        }
+        at = end;
+    }
+    iov
+}
+
 fn to_copy(op: &mut FileOp) {
     if let StagedIo::Read { len, .. } = op.io {
         op.spliced = None;
