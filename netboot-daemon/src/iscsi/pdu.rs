@@ -260,6 +260,18 @@ impl Decoder {
         &mut self.buf
     }
 
+    /// [`Decoder::buffer`] with spare capacity for at least `min` bytes: the rest of the
+    /// current allocation while it has that much (PDUs split off it may still hold its
+    /// front), else `chunk` bytes more, which is a new allocation when a PDU still holds
+    /// the old one. Asking for `chunk` every time would allocate anew on every read while
+    /// a write's data waits for the file.
+    pub fn room(&mut self, min: usize, chunk: usize) -> &mut BytesMut {
+        if self.buf.capacity() - self.buf.len() < min {
+            self.buf.reserve(chunk.max(min));
+        }
+        &mut self.buf
+    }
+
     /// The next whole PDU, `Ok(None)` if more bytes are needed.
     pub fn next_pdu(&mut self) -> Result<Option<Pdu>, DecodeError> {
         let buf = &self.buf[..];

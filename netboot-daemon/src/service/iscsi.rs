@@ -928,8 +928,7 @@ async fn run(
                 None => std::future::pending().await,
             }
         };
-        let rx = decoder.buffer();
-        rx.reserve(READ_CHUNK);
+        let rx = decoder.room(READ_MIN, READ_CHUNK);
         let n = tokio::select! {
             n = stream.read_buf(rx) => n?,
             () = ended => {
@@ -962,6 +961,9 @@ async fn run(
 
 /// Bytes a connection asks the socket for at a time.
 const READ_CHUNK: usize = 256 * 1024;
+/// A read has room for at least this many bytes (the decoder's buffer grows by
+/// [`READ_CHUNK`] when it has less).
+const READ_MIN: usize = 64 * 1024;
 /// Data segments up to this size are copied next to their header; larger ones are
 /// written from where they are (one vectored write for everything queued).
 const COPY_DATA_BELOW: usize = 2048;

@@ -70,6 +70,9 @@ const SQ_ENTRIES: u32 = 512;
 const CQ_ENTRIES: u32 = 4096;
 /// Bytes a receive asks the socket for at most.
 const READ_CHUNK: usize = 256 * 1024;
+/// A receive has room for at least this many bytes (the decoder's buffer grows by
+/// [`READ_CHUNK`] when it has less).
+const READ_MIN: usize = 64 * 1024;
 /// iovecs per `SENDMSG` (the kernel's `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
 /// How long shutdown waits for the connections' requests.
@@ -1249,8 +1252,7 @@ impl Driver {
             return;
         };
         let fd = c.stream.as_raw_fd();
-        let buf = c.decoder.buffer();
-        buf.reserve(READ_CHUNK);
+        let buf = c.decoder.room(READ_MIN, READ_CHUNK);
         let spare = (buf.capacity() - buf.len()).min(u32::MAX as usize);
         // SAFETY: `len()` is within the allocation.
         let ptr = unsafe { buf.as_mut_ptr().add(buf.len()) };
