@@ -4,7 +4,11 @@
 //!   namespaces, with and without the accounting programs attached to the receiving end,
 //!   in interleaved rounds (the median of each round's with/without ratio); then, attached,
 //!   with the kernel's run-time statistics on, which give the programs' own run time per packet (the daemon's default samples
-//!   them one second in every minute, so the plain "with" is what it costs);
+//!   them one second in every minute, so the plain "with" is what it costs); and TCP once
+//!   more as one long stream, the programs attached and detached in alternating slices of
+//!   it (without, with, with, without, ...), the median of each neighbouring pair's ratio:
+//!   no connection setup or slow start in it, and load that drifts over seconds cancels
+//!   within a pair of quarter-second slices;
 //! - `ebpf-scrape`: the `/metrics` families of the accounting with 10 000 client MACs in the
 //!   kernel table (frames from 10 000 source MACs are sent first), median time to write them.
 //!
@@ -33,7 +37,14 @@ pub(crate) struct OverheadArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-    /// A smoke run: 2 rounds of 0.5 s.
+    /// Pairs of slices in the paired TCP measurement (one stream, the programs attached in
+    /// one slice of each pair).
+    #[arg(long, default_value_t = 120)]
+    pairs: usize,
+    /// Milliseconds per slice of the paired TCP measurement.
+    #[arg(long, default_value_t = 250)]
+    slice_ms: u64,
+    /// A smoke run: 2 rounds of 0.5 s, 8 pairs of slices.
     #[arg(long)]
     quick: bool,
 }
@@ -259,17 +270,117 @@ fn udp_once(pair: &Pair, secs: f64) -> anyhow::Result<f64> {
     Ok(n as f64 / took.as_secs_f64())
 }
 
+/// One TCP stream client → server, the programs attached to the server's end in every
+/// other slice of `slice` (the pattern without, with, with, without repeats, so a trend
+/// over time favours neither); returns the with/without ratio of each neighbouring pair of
+/// slices. A first slice, not counted, lets the stream leave slow start.
+fn tcp_paired(
+    pair: &Pair,
+    acc: &Accounting,
+    pairs: usize,
+    slice: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let listener = in_netns(&pair.srv_path(), || {
+        TcpListener::bind(SocketAddrV4::new(SRV_IP, 0))
+    })??;
+    let port = listener.local_addr()?.port();
+    let mut stream = in_netns(&pair.cli_path(), || {
+        TcpStream::connect(SocketAddrV4::new(SRV_IP, port))
+    })??;
+    let cpu = last_cpu();
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let received = Arc::clone(&received);
+        std::thread::spawn(move || -> std::io::Result<()> {
+            pin_to(cpu);
+            let (mut conn, _) = listener.accept()?;
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                received.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    let sender = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || -> std::io::Result<()> {
+            pin_to(cpu);
+            let buf = vec![0xa5u8; 64 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                stream.write_all(&buf)?;
+            }
+            stream.shutdown(std::net::Shutdown::Write)
+        })
+    };
+    // This thread only switches and samples: off the streams' CPU.
+    pin_to(0);
+    let mut attached = false;
+    let mut rates: Vec<(bool, f64)> = Vec::with_capacity(2 * pairs);
+    let measured = (|| -> anyhow::Result<()> {
+        std::thread::sleep(slice);
+        for i in 0..2 * pairs {
+            let with = matches!(i % 4, 1 | 2);
+            if with && !attached {
+                in_netns(&pair.srv_path(), || acc.attach("s0"))??;
+                attached = true;
+            } else if !with && attached {
+                acc.detach_all();
+                attached = false;
+            }
+            let (b0, t0) = (received.load(Ordering::Relaxed), Instant::now());
+            std::thread::sleep(slice);
+            let (b1, t1) = (received.load(Ordering::Relaxed), Instant::now());
+            rates.push((with, (b1 - b0) as f64 * 8.0 / (t1 - t0).as_secs_f64()));
+        }
+        Ok(())
+    })();
+    if attached {
+        acc.detach_all();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))?;
+    let got = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    measured?;
+    sent?;
+    got?;
+    let mut ratios = Vec::with_capacity(pairs);
+    for p in rates.chunks_exact(2) {
+        let (with, without) = if p[0].0 {
+            (p[0].1, p[1].1)
+        } else {
+            (p[1].1, p[0].1)
+        };
+        ensure!(
+            without > 0.0,
+            "a slice without the programs received nothing"
+        );
+        ratios.push(with / without);
+    }
+    Ok(ratios)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 pub(crate) fn overhead(args: &OverheadArgs) -> anyhow::Result<bool> {
-    let (rounds, secs) = if args.quick {
-        (2, 0.5)
+    let (rounds, secs, pairs) = if args.quick {
+        (2, 0.5, 8)
     } else {
-        (args.rounds.max(1), args.seconds)
+        (args.rounds.max(1), args.seconds, args.pairs.max(1))
     };
+    let slice = Duration::from_millis(args.slice_ms.max(10));
     let pair = Pair::create("o")?;
     // As the daemon runs by default (`ebpf.run_time_stats = "sampled"`, off 59 s in 60):
     // run-time statistics off while throughput is compared; on in a third measurement.
@@ -341,17 +452,22 @@ pub(crate) fn overhead(args: &OverheadArgs) -> anyhow::Result<bool> {
     } else {
         run_time.as_nanos() as f64 / runs as f64
     };
+    let mut paired = tcp_paired(&pair, &acc, pairs, slice)?;
+    let paired_median = median(&mut paired);
+    let (lo, hi) = (paired[paired.len() / 4], paired[paired.len() * 3 / 4]);
     eprintln!(
         "ebpf-overhead: {rounds} interleaved rounds of {secs} s; with/without is the median of the rounds' ratios:\n  \
          TCP: with/without {tr1:.3}, with run-time statistics {tr2:.3} (medians: without {:.2} Gbit/s, with {:.2}, with statistics {:.2})\n  \
          UDP {SMALL}-byte datagrams: with/without {ur1:.3}, with run-time statistics {ur2:.3} (medians: without {:.0} pps, with {:.0}, with statistics {:.0})\n  \
-         program run time: {per_packet:.0} ns per packet over {runs} runs (kernel BPF stats)",
+         program run time: {per_packet:.0} ns per packet over {runs} runs (kernel BPF stats)\n  \
+         TCP, one stream in {pairs} pairs of {} ms slices, attached in one of each: with/without {paired_median:.3} (median of the pairs' ratios; quartiles {lo:.3}, {hi:.3})",
         t0 / 1e9,
         t1 / 1e9,
         t2 / 1e9,
         u0,
         u1,
         u2,
+        slice.as_millis(),
     );
     if runs == 0 {
         bail!("the programs never ran while attached");
