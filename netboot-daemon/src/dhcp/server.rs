@@ -293,15 +293,36 @@ impl Server {
     }
 
     fn put(&mut self, lease: Lease) {
-        if let Some(old_ip) = self.by_mac.get(&lease.mac).copied()
-            && old_ip != lease.ip
-            && self.leases.get(&old_ip).is_some_and(|l| l.mac == lease.mac)
-        {
-            // A client holds one address: its previous one goes back to the pool.
-            self.leases.remove(&old_ip);
-            if lease.state == LeaseState::Bound {
-                self.events.push_back(LeaseEvent::Removed(old_ip));
+        let mac = lease.mac;
+        if lease.state == LeaseState::Bound {
+            // A client holds one address: once it is bound to this one, whatever else it
+            // was offered or held goes back to the pool.
+            let others: Vec<Ipv4Addr> = self
+                .leases
+                .values()
+                .filter(|l| l.mac == mac && l.ip != lease.ip && l.state != LeaseState::Declined)
+                .map(|l| l.ip)
+                .collect();
+            for ip in others {
+                if self
+                    .leases
+                    .remove(&ip)
+                    .is_some_and(|l| l.state == LeaseState::Bound)
+                {
+                    self.events.push_back(LeaseEvent::Removed(ip));
+                }
             }
+        } else if let Some(old_ip) = self.by_mac.get(&mac).copied()
+            && old_ip != lease.ip
+            && self
+                .leases
+                .get(&old_ip)
+                .is_some_and(|l| l.mac == mac && l.state == LeaseState::Offered)
+        {
+            // A new offer replaces an earlier one. An address the client holds stays
+            // its own until it is bound to another, releases it or lets it expire: an
+            // offer is not an answer, and the client may still be using it.
+            self.leases.remove(&old_ip);
         }
         if let Some(prev) = self.leases.get(&lease.ip)
             && prev.mac != lease.mac

@@ -5,7 +5,11 @@
 //! short option panics a debug build (found by the `dhcp_server` fuzz target). Before
 //! handing a datagram to it, [`decode`] walks the option area itself (RFC 2131 §3, RFC
 //! 2132 §2): every option must fit in the datagram, and those options must have the
-//! length their RFC gives. Anything else is malformed and dropped.
+//! length their RFC gives, counted over each run of instances that follow each other,
+//! which dhcproto joins into one (RFC 3396; two 4-byte instances of option 153 made an
+//! 8-byte one, found by the same fuzz target), and only over such runs (an empty option
+//! 81 before another option, then a long one, still reached it as an empty one). Anything
+//! else is malformed and dropped.
 
 use dhcproto::v4::{Decodable as _, Decoder, Message};
 
@@ -51,21 +55,36 @@ pub fn decode(datagram: &[u8]) -> Result<Message, Malformed> {
         .and_then(|rest| rest.strip_prefix(&COOKIE))
         .ok_or(Malformed::Header)?;
     let mut rest = options;
+    // The option being read and its length so far: dhcproto joins the instances of an
+    // option that follow each other directly (RFC 3396) and decodes each run as one.
+    let mut run: Option<(u8, usize)> = None;
+    let check = |run: Option<(u8, usize)>| match run {
+        Some((code, len)) if !length_ok(code, len) => Err(Malformed::OptionLength(code)),
+        _ => Ok(()),
+    };
     while let [code, after_code @ ..] = rest {
         match *code {
-            0 => rest = after_code,
+            0 => {
+                check(run.take())?;
+                rest = after_code;
+            }
             255 => break,
             code => {
                 let (&len, body) = after_code.split_first().ok_or(Malformed::Truncated)?;
                 let len = usize::from(len);
                 let (_, after) = body.split_at_checked(len).ok_or(Malformed::Truncated)?;
-                if !length_ok(code, len) {
-                    return Err(Malformed::OptionLength(code));
-                }
+                run = match run {
+                    Some((c, sum)) if c == code => Some((code, sum + len)),
+                    other => {
+                        check(other)?;
+                        Some((code, len))
+                    }
+                };
                 rest = after;
             }
         }
     }
+    check(run)?;
     Message::decode(&mut Decoder::new(datagram)).map_err(|_| Malformed::Decode)
 }
 
@@ -92,6 +111,13 @@ mod tests {
     fn a_well_formed_request_decodes() {
         let m = decode(&request_with(&[94, 3, 1, 2, 0])).expect("decodes");
         assert_eq!(m.opts().msg_type(), Some(MessageType::Discover));
+        // One option in two instances that follow each other (RFC 3396).
+        let m = decode(&request_with(&[94, 2, 1, 2, 94, 1, 0])).expect("decodes");
+        assert_eq!(
+            m.opts()
+                .get(dhcproto::v4::OptionCode::ClientNetworkInterface),
+            Some(&DhcpOption::ClientNetworkInterface(1, 2, 0))
+        );
     }
 
     #[test]
@@ -103,6 +129,15 @@ mod tests {
             (&[151, 0], 151),
             (&[152, 1, 0], 152),
             (&[155, 5, 0, 0, 0, 0, 0], 155),
+            // Instances that follow each other are one option of their lengths together
+            // (RFC 3396); others are separate options, each with its own length.
+            (&[153, 4, 0, 0, 0, 1, 153, 4, 0, 0, 0, 2], 153),
+            (&[94, 2, 1, 2, 94, 2, 0, 0], 94),
+            (
+                &[81, 0, 49, 0, 81, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                81,
+            ),
+            (&[81, 1, 0, 0, 81, 2, 0, 0], 81),
         ] {
             assert_eq!(
                 decode(&request_with(opt)),

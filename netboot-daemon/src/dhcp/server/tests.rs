@@ -975,3 +975,65 @@ fn a_pool_is_chosen_by_the_ingress_interface_then_by_its_address() {
         Some(&DhcpOption::ServerIdentifier(eth8_addrs[0]))
     );
 }
+
+/// Found by the `dhcp_server` fuzz target: an offer on another subnet took the client's
+/// running lease back into the pool, and the next client was acknowledged its address.
+#[test]
+fn an_offer_elsewhere_leaves_the_clients_lease_its_own_until_it_is_bound_again() {
+    let mut s = server();
+    let relayed = |kind, client: MacAddr, opts: &[DhcpOption]| {
+        let mut m = msg(kind, client, opts);
+        m.set_giaddr(Ipv4Addr::new(10, 20, 0, 1));
+        round_trip(&m)
+    };
+    // Client 1 holds an address of the relayed subnet.
+    let offer = reply(&mut s, NOW, &relayed(MessageType::Discover, mac(1), &[]));
+    let held = offer.message.yiaddr();
+    let request = [
+        DhcpOption::ServerIdentifier(SERVER),
+        DhcpOption::RequestedIpAddress(held),
+    ];
+    let ack = reply(
+        &mut s,
+        NOW,
+        &relayed(MessageType::Request, mac(1), &request),
+    );
+    assert_eq!(ack.kind(), Some(MessageType::Ack));
+    // Then it shows up on the local subnet and is offered an address there.
+    let local = reply(&mut s, NOW + 1, &msg(MessageType::Discover, mac(1), &[]));
+    assert!(pool().in_range(local.message.yiaddr()));
+    // Its lease on the relayed subnet still runs: client 2 cannot have that address.
+    let want = [DhcpOption::RequestedIpAddress(held)];
+    let other = reply(
+        &mut s,
+        NOW + 2,
+        &relayed(MessageType::Discover, mac(2), &want),
+    );
+    assert_ne!(other.message.yiaddr(), held);
+    let take = [
+        DhcpOption::ServerIdentifier(SERVER),
+        DhcpOption::RequestedIpAddress(held),
+    ];
+    let nak = reply(
+        &mut s,
+        NOW + 2,
+        &relayed(MessageType::Request, mac(2), &take),
+    );
+    assert_eq!(nak.kind(), Some(MessageType::Nak));
+    // Once client 1 is bound on the local subnet, its old address is free again.
+    events(&mut s);
+    let local_ip = local.message.yiaddr();
+    let bind = [
+        DhcpOption::ServerIdentifier(SERVER),
+        DhcpOption::RequestedIpAddress(local_ip),
+    ];
+    let ack = reply(&mut s, NOW + 3, &msg(MessageType::Request, mac(1), &bind));
+    assert_eq!(ack.kind(), Some(MessageType::Ack));
+    assert!(events(&mut s).contains(&LeaseEvent::Removed(held)));
+    let offer = reply(
+        &mut s,
+        NOW + 4,
+        &relayed(MessageType::Discover, mac(3), &want),
+    );
+    assert_eq!(offer.message.yiaddr(), held, "a new client may have it");
+}
