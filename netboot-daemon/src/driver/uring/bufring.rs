@@ -10,16 +10,18 @@
 //! the group is unregistered (see `Driver::shutdown`).
 
 use std::io;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::Submitter;
 use io_uring::types::BufRingEntry;
 
+use super::mapping::Mapping;
+
 /// One registered buffer group.
 pub(super) struct BufRing {
-    base: NonNull<u8>,
-    map_len: usize,
+    /// The ring entries, then the buffers; unmapped when dropped, which the driver does
+    /// only when the kernel can no longer use it (see the module doc).
+    map: Mapping,
     entries: u16,
     buf_size: usize,
     bufs_offset: usize,
@@ -51,26 +53,9 @@ impl BufRing {
         }
         let ring_bytes = usize::from(entries) * size_of::<BufRingEntry>();
         let bufs_offset = ring_bytes.next_multiple_of(64);
-        let map_len = bufs_offset + usize::from(entries) * buf_size;
-        // SAFETY: an anonymous private mapping: no file, no fixed address; the kernel
-        // checks the arguments and the result is checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        let map = Mapping::new(bufs_offset + usize::from(entries) * buf_size)?;
         let mut ring = Self {
-            base,
-            map_len,
+            map,
             entries,
             buf_size,
             bufs_offset,
@@ -82,10 +67,10 @@ impl BufRing {
         }
         ring.publish();
         // SAFETY: the entries start at a page boundary (a fresh mapping), there are
-        // `entries` of them, and the mapping outlives the registration: `Drop` unmaps it
-        // and the driver drops a group only after unregistering it with no request left.
+        // `entries` of them, and the mapping outlives the registration: it goes with the
+        // group, which the driver drops only after unregistering it with no request left.
         unsafe {
-            submitter.register_buf_ring_with_flags(ring.base.as_ptr() as u64, entries, bgid, 0)?;
+            submitter.register_buf_ring_with_flags(ring.map.as_ptr() as u64, entries, bgid, 0)?;
         }
         Ok(ring)
     }
@@ -106,7 +91,7 @@ impl BufRing {
         // until `recycle` publishes it, which needs `&mut self` and so ends this borrow.
         unsafe {
             std::slice::from_raw_parts(
-                self.base
+                self.map
                     .as_ptr()
                     .add(self.bufs_offset + usize::from(bid) * self.buf_size),
                 len,
@@ -120,15 +105,15 @@ impl BufRing {
             return;
         }
         let slot = usize::from(self.tail & (self.entries - 1));
-        let addr = self.base.as_ptr() as u64
-            + (self.bufs_offset + usize::from(bid) * self.buf_size) as u64;
+        let addr =
+            self.map.as_ptr() as u64 + (self.bufs_offset + usize::from(bid) * self.buf_size) as u64;
         // SAFETY: `slot < entries`, inside the mapping. The kernel only reads entries
         // between its head and the published tail; at most `entries` buffers exist and
         // this one is not in the ring, so the slot at our tail is not among them. The
         // setters write `addr`, `len` and `bid` only, never `resv`, which in entry 0 is
         // the shared tail.
         unsafe {
-            let entry = &mut *self.base.as_ptr().cast::<BufRingEntry>().add(slot);
+            let entry = &mut *self.map.as_ptr().cast::<BufRingEntry>().add(slot);
             entry.set_addr(addr);
             entry.set_len(u32::try_from(self.buf_size).unwrap_or(u32::MAX));
             entry.set_bid(bid);
@@ -142,18 +127,8 @@ impl BufRing {
         // for a u16; the kernel reads it with an acquire load, so a release store makes
         // the entries written before it visible.
         unsafe {
-            let tail = BufRingEntry::tail(self.base.as_ptr().cast::<BufRingEntry>());
+            let tail = BufRingEntry::tail(self.map.as_ptr().cast::<BufRingEntry>());
             AtomicU16::from_ptr(tail.cast_mut()).store(self.tail, Ordering::Release);
-        }
-    }
-}
-
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        // SAFETY: `base` and `map_len` are exactly the mapping made in `new`; the driver
-        // drops a group only when the kernel can no longer use it (see the module doc).
-        unsafe {
-            libc::munmap(self.base.as_ptr().cast(), self.map_len);
         }
     }
 }

@@ -12,37 +12,20 @@
 //! unregisters it, before the pool.
 
 use std::io;
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use io_uring::Submitter;
 
+use super::mapping::Mapping;
+
 /// The index every slot's request names: the whole mapping is one registered buffer.
 pub(super) const BUF_INDEX: u16 = 0;
 
-/// The anonymous mapping the slots are cut from.
-struct Region {
-    base: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain memory; which part of it whom may touch is what the slots
-// decide (each slot's bytes belong to the one `Slot` holding its index).
-unsafe impl Send for Region {}
-// SAFETY: as above; `&Region` gives access to nothing by itself.
-unsafe impl Sync for Region {}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`len` are the mapping made in `FixedBufs::register`, unmapped
-        // once, when the last holder is gone (no request and no `Bytes` use it any more).
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
-    }
-}
-
-/// The registered slots and the list of the free ones.
+/// The registered slots and the list of the free ones. Each slot's bytes belong to the
+/// one [`Slot`] holding its index; the mapping is unmapped when the last holder is gone (no
+/// request and no `Bytes` use it any more).
 pub(super) struct FixedBufs {
-    region: Arc<Region>,
+    region: Arc<Mapping>,
     free: Arc<Mutex<Vec<u32>>>,
     slot_size: usize,
 }
@@ -50,7 +33,7 @@ pub(super) struct FixedBufs {
 impl std::fmt::Debug for FixedBufs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FixedBufs")
-            .field("bytes", &self.region.len)
+            .field("bytes", &self.region.len())
             .field("slot_size", &self.slot_size)
             .finish_non_exhaustive()
     }
@@ -70,25 +53,9 @@ impl FixedBufs {
             .checked_mul(slot_size)
             .filter(|&l| l > 0)
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: an anonymous private mapping: no file, no fixed address; the kernel
-        // checks the arguments and the result is checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
-        let region = Arc::new(Region { base, len });
+        let region = Arc::new(Mapping::new(len)?);
         let iov = libc::iovec {
-            iov_base: base.as_ptr().cast(),
+            iov_base: region.as_ptr().cast(),
             iov_len: len,
         };
         // SAFETY: the iovec names the mapping just made, which `region` keeps mapped for
@@ -124,7 +91,7 @@ impl FixedBufs {
 
 /// One slot, held by one request or one Data-In at a time.
 pub(super) struct Slot {
-    region: Arc<Region>,
+    region: Arc<Mapping>,
     free: Arc<Mutex<Vec<u32>>>,
     idx: u32,
     size: usize,
@@ -134,7 +101,7 @@ impl Slot {
     /// The slot's first byte (inside registered buffer [`BUF_INDEX`]).
     pub(super) fn ptr(&self) -> *mut u8 {
         // SAFETY: `idx < slots`, so the offset is inside the mapping.
-        unsafe { self.region.base.as_ptr().add(self.idx as usize * self.size) }
+        unsafe { self.region.as_ptr().add(self.idx as usize * self.size) }
     }
 
     /// Sets `range` of the slot to zero.

@@ -33,6 +33,7 @@
 mod bufring;
 mod fixed;
 pub mod iscsi;
+mod mapping;
 mod msg;
 
 use std::cmp::Reverse;
