@@ -128,10 +128,6 @@ impl std::fmt::Debug for Exec {
 pub struct Outgoing {
     /// The PDU.
     pub pdu: Pdu,
-    /// Its data segment when that is a part of a buffer shared with other PDUs or owned by
-    /// the driver (the Data-In of one read, cut into segments without copying); `pdu.data`
-    /// is then empty. [`Outgoing::data`] is the data segment either way.
-    pub shared: Option<Bytes>,
     /// Its data segment when that is a part of a read the driver staged from the file
     /// ([`FileData`]); `pdu.data` is then empty and the driver sends the bytes itself.
     pub file: Option<FileSegment>,
@@ -153,10 +149,7 @@ pub struct FileSegment {
 impl Outgoing {
     /// The data segment's bytes (none for a [`FileSegment`], which the driver sends).
     pub fn data(&self) -> &[u8] {
-        match &self.shared {
-            Some(s) => s,
-            None => &self.pdu.data,
-        }
+        &self.pdu.data
     }
 
     /// The data segment's length, whoever holds its bytes.
@@ -178,24 +171,10 @@ impl Outgoing {
         super::pdu::encode_trailer(data, self.data_digest, out);
     }
 
-    /// The PDU with its data segment in `pdu.data`.
+    /// The PDU.
     pub fn into_pdu(self) -> Pdu {
-        let mut pdu = self.pdu;
-        if let Some(s) = self.shared {
-            pdu.data = s;
-        }
-        pdu
+        self.pdu
     }
-}
-
-/// Where a queued PDU's data segment is.
-enum Segment {
-    /// In `pdu.data`.
-    Own,
-    /// In a buffer shared with other PDUs or owned by the driver.
-    Shared(Bytes),
-    /// In a read the driver staged from the file.
-    File(FileSegment),
 }
 
 /// What the driver's decoder must accept next.
@@ -513,17 +492,12 @@ impl Connection {
     /// Fills StatSN, ExpCmdSN and MaxCmdSN (bytes 24..36) and queues the PDU; `status`
     /// PDUs advance StatSN.
     fn send(&mut self, pdu: Pdu, status: bool) {
-        self.send_segment(pdu, Segment::Own, status);
+        self.send_segment(pdu, None, status);
     }
 
-    /// Queues `pdu` (with its data segment in `pdu.data`, a shared buffer or a staged
-    /// read) with the sequence numbers; `status` advances StatSN.
-    fn send_segment(&mut self, mut pdu: Pdu, segment: Segment, status: bool) {
-        let (shared, file) = match segment {
-            Segment::Own => (None, None),
-            Segment::Shared(s) => (Some(s), None),
-            Segment::File(f) => (None, Some(f)),
-        };
+    /// Queues `pdu` (with its data segment in `pdu.data`, or in `file`, a range of a
+    /// staged read) with the sequence numbers; `status` advances StatSN.
+    fn send_segment(&mut self, mut pdu: Pdu, file: Option<FileSegment>, status: bool) {
         pdu.set_u32(24, self.stat_sn);
         if status {
             self.stat_sn = self.stat_sn.wrapping_add(1);
@@ -532,7 +506,6 @@ impl Connection {
         pdu.set_u32(32, self.exp_cmd_sn.wrapping_add(CMD_WINDOW - 1));
         self.out.push_back(Outgoing {
             pdu,
-            shared,
             file,
             header_digest: self.wire_params.header_digest,
             data_digest: self.wire_params.data_digest,
@@ -1121,8 +1094,6 @@ impl Connection {
         // What is left of the Data-In after the truncation above.
         let total = usize::try_from(produced.min(limit)).unwrap_or(0);
         let n = total.div_ceil(seg);
-        // The segments share the buffer (no copy); a read staged from the file is cut into
-        // ranges of it.
         let data = std::mem::take(&mut result.data_in);
         let mut data_sn = 0u32;
         for i in 0..n {
@@ -1143,12 +1114,17 @@ impl Connection {
             pdu.set_u32(40, u32::try_from(i * seg).unwrap_or(u32::MAX));
             data_sn += 1;
             let range = i * seg..((i + 1) * seg).min(total);
+            // The segments share the read's buffer (no copy); a read staged from the file
+            // is cut into ranges of it.
             let segment = match &file {
-                Some(f) => Segment::File(FileSegment {
+                Some(f) => Some(FileSegment {
                     data: f.clone(),
                     range,
                 }),
-                None => Segment::Shared(data.slice(range)),
+                None => {
+                    pdu.data = data.slice(range);
+                    None
+                }
             };
             self.send_segment(pdu, segment, with_status);
         }
@@ -1348,23 +1324,16 @@ fn store(task: &mut WriteTask, offset: u64, bytes: &Bytes) {
     }
     let len = (bytes.len() as u64).min(need - offset);
     let (start, len) = (offset as usize, len as usize);
-    if let Gather::InOrder(d) = &mut task.data {
-        if d.len() == start {
-            d.push(bytes.slice(..len));
-            task.received += len as u64;
-            return;
+    match &mut task.data {
+        Gather::InOrder(d) if d.len() == start => d.push(bytes.slice(..len)),
+        Gather::InOrder(d) => {
+            // Out of order or overlapping: into one buffer from here on.
+            let mut buf = d.contiguous().into_owned();
+            buf.resize(usize::try_from(need).unwrap_or(0), 0);
+            buf[start..start + len].copy_from_slice(&bytes[..len]);
+            task.data = Gather::Buffer(buf);
         }
-        // Out of order or overlapping: into one buffer from here on.
-        let mut buf = vec![0; usize::try_from(need).unwrap_or(0)];
-        let mut at = 0;
-        for s in d.segments() {
-            buf[at..at + s.len()].copy_from_slice(s);
-            at += s.len();
-        }
-        task.data = Gather::Buffer(buf);
-    }
-    if let Gather::Buffer(buf) = &mut task.data {
-        buf[start..start + len].copy_from_slice(&bytes[..len]);
+        Gather::Buffer(buf) => buf[start..start + len].copy_from_slice(&bytes[..len]),
     }
     task.received += len as u64;
 }

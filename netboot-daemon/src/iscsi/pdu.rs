@@ -6,7 +6,7 @@
 //! cannot make the target buffer more than one maximum-size PDU. [`Pdu::encode`] writes one
 //! PDU with the digests the connection negotiated.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf as _, Bytes, BytesMut};
 
 /// Length of the Basic Header Segment.
 pub const BHS_LEN: usize = 48;
@@ -313,7 +313,7 @@ impl Decoder {
             let want = crc32c::crc32c(&buf[data_start..padded]);
             let got = le32(&buf[padded..padded + 4]);
             if want != got {
-                let _ = self.buf.split_to(total);
+                self.buf.advance(total);
                 return Err(DecodeError::DataDigest { bhs: Box::new(bhs) });
             }
         }

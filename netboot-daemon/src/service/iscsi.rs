@@ -1163,7 +1163,6 @@ mod tests {
             pdu.data = vec![len as u8; len].into();
             queue.push(Outgoing {
                 pdu,
-                shared: None,
                 file: None,
                 header_digest: digests,
                 data_digest: digests,
@@ -1172,9 +1171,10 @@ mod tests {
         // Two parts of one shared buffer, as a multi-PDU Data-In sends them.
         let buf = bytes::Bytes::from((0..10_000u32).map(|i| i as u8).collect::<Vec<u8>>());
         for range in [0..4998, 4998..10_000] {
+            let mut pdu = Pdu::new(op::DATA_IN);
+            pdu.data = buf.slice(range);
             queue.push(Outgoing {
-                pdu: Pdu::new(op::DATA_IN),
-                shared: Some(buf.slice(range)),
+                pdu,
                 file: None,
                 header_digest: false,
                 data_digest: true,
@@ -1251,7 +1251,6 @@ mod tests {
             });
             Outgoing {
                 pdu: plain,
-                shared: None,
                 file: None,
                 header_digest: true,
                 data_digest: false,
@@ -1259,7 +1258,6 @@ mod tests {
             .encode(&mut want);
             outbox.push(Outgoing {
                 pdu,
-                shared: None,
                 file,
                 header_digest: true,
                 data_digest: false,

@@ -68,11 +68,6 @@ impl FixedBufs {
         })
     }
 
-    /// Bytes in one slot.
-    pub(super) fn slot_size(&self) -> usize {
-        self.slot_size
-    }
-
     /// A free slot, if there is one.
     pub(super) fn take(&self) -> Option<Slot> {
         let idx = self

@@ -943,14 +943,6 @@ impl Driver {
                     done: 0,
                     syncing: matches!(io, StagedIo::Flush { .. }),
                 };
-                if let StagedIo::Write { len, .. } = io
-                    && op.data.len() != len
-                {
-                    // invariant: the core gathers exactly the CDB's length for a WRITE.
-                    let short = io::Error::new(io::ErrorKind::InvalidInput, "short Data-Out");
-                    self.finish_file(Box::new(op), Err(short));
-                    return;
-                }
                 self.submit_file(Box::new(op));
             }
             Work::Blocking(exec) => {
@@ -1032,26 +1024,22 @@ impl Driver {
             opcode::Fsync::new(file).flags(FsyncFlags::DATASYNC).build()
         } else {
             match op.io {
-                StagedIo::Read { offset, len, .. } if op.slot.is_some() => {
-                    let slot = op.slot.as_ref().map_or(std::ptr::null_mut(), Slot::ptr);
-                    opcode::ReadFixed::new(
-                        file,
+                StagedIo::Read { offset, len, .. } => {
+                    let (at, n) = (offset + op.done as u64, (len - op.done) as u32);
+                    match &op.slot {
                         // SAFETY: `done` is at most `len`, which fits in the slot.
-                        unsafe { slot.add(op.done) },
-                        (len - op.done) as u32,
-                        fixed::BUF_INDEX,
-                    )
-                    .offset(offset + op.done as u64)
-                    .build()
+                        Some(slot) => {
+                            let to = unsafe { slot.ptr().add(op.done) };
+                            opcode::ReadFixed::new(file, to, n, fixed::BUF_INDEX)
+                                .offset(at)
+                                .build()
+                        }
+                        // SAFETY: `done` is at most the capacity (`len`).
+                        None => opcode::Read::new(file, unsafe { base.add(op.done) }, n)
+                            .offset(at)
+                            .build(),
+                    }
                 }
-                StagedIo::Read { offset, len, .. } => opcode::Read::new(
-                    file,
-                    // SAFETY: `done` is at most the capacity (`len`).
-                    unsafe { base.add(op.done) },
-                    (len - op.done) as u32,
-                )
-                .offset(offset + op.done as u64)
-                .build(),
                 StagedIo::Write { offset, .. } => {
                     // The segments as they arrived, from the first byte not written.
                     op.iov = iovecs_from(&op.data, op.done);
@@ -1196,32 +1184,16 @@ impl Driver {
             return;
         }
         match op.io {
-            StagedIo::Read { len, .. } if op.slot.is_some() => {
-                if n == 0 {
-                    // Past the end of the file: zeros, as FileBacking::read_at.
-                    if let Some(slot) = &mut op.slot {
-                        slot.zero(op.done..len);
-                    }
-                    op.done = len;
-                } else {
-                    op.done += n;
-                }
-                if op.done < len {
-                    self.submit_file(op);
-                } else {
-                    self.finish_file(op, Ok(()));
-                }
-            }
             StagedIo::Read { len, .. } => {
-                if n == 0 {
+                match (&mut op.slot, n) {
                     // Past the end of the file: zeros, as FileBacking::read_at.
-                    op.buf.resize(len, 0);
-                    op.done = len;
-                } else {
-                    op.done += n;
+                    (Some(slot), 0) => slot.zero(op.done..len),
+                    (None, 0) => op.buf.resize(len, 0),
                     // SAFETY: the kernel initialised the `n` bytes after `len()`.
-                    unsafe { op.buf.set_len(op.done) };
+                    (None, _) => unsafe { op.buf.set_len(op.done + n) },
+                    (Some(_), _) => {}
                 }
+                op.done = if n == 0 { len } else { op.done + n };
                 if op.done < len {
                     self.submit_file(op);
                 } else {
@@ -1592,8 +1564,6 @@ impl Driver {
     }
 }
 
-/// Turns a read on the splice path into a copying read, from its start (what went into
-/// pipes is dropped with them).
 /// iovecs for `data` from byte `from` on, at most [`IOV_MAX`] (a short write goes on
 /// from where it stopped).
 fn iovecs_from(data: &DataOut, from: usize) -> Vec<libc::iovec> {
@@ -1616,6 +1586,8 @@ fn iovecs_from(data: &DataOut, from: usize) -> Vec<libc::iovec> {
     iov
 }
 
+/// Turns a read on the splice path into a copying read, from its start (what went into
+/// pipes is dropped with them).
 fn to_copy(op: &mut FileOp) {
     if let StagedIo::Read { len, .. } = op.io {
         op.spliced = None;
@@ -1639,11 +1611,7 @@ fn register_fixed(ring: &IoUring) -> Option<FixedBufs> {
     loop {
         match FixedBufs::register(&ring.submitter(), slots, FIXED_SLOT) {
             Ok(bufs) => {
-                tracing::debug!(
-                    slots,
-                    slot_bytes = bufs.slot_size(),
-                    "iSCSI registered buffers"
-                );
+                tracing::debug!(slots, slot_bytes = FIXED_SLOT, "iSCSI registered buffers");
                 return Some(bufs);
             }
             Err(e) if slots / 2 >= FIXED_SLOTS_MIN && e.raw_os_error() == Some(libc::ENOMEM) => {
