@@ -219,6 +219,9 @@ pub struct Server {
     config: Config,
     leases: HashMap<Ipv4Addr, Lease>,
     by_mac: HashMap<MacAddr, Ipv4Addr>,
+    /// The bound address a client still holds while `by_mac` names an offer it was made
+    /// since (on another subnet, say).
+    held: HashMap<MacAddr, Ipv4Addr>,
     events: VecDeque<LeaseEvent>,
 }
 
@@ -233,6 +236,7 @@ impl Server {
             config,
             leases: HashMap::new(),
             by_mac: HashMap::new(),
+            held: HashMap::new(),
             events: VecDeque::new(),
         }
     }
@@ -294,35 +298,42 @@ impl Server {
 
     fn put(&mut self, lease: Lease) {
         let mac = lease.mac;
+        let previous = self
+            .by_mac
+            .get(&mac)
+            .copied()
+            .filter(|&ip| ip != lease.ip && self.leases.get(&ip).is_some_and(|l| l.mac == mac));
         if lease.state == LeaseState::Bound {
-            // A client holds one address: once it is bound to this one, whatever else it
-            // was offered or held goes back to the pool.
-            let others: Vec<Ipv4Addr> = self
-                .leases
-                .values()
-                .filter(|l| l.mac == mac && l.ip != lease.ip && l.state != LeaseState::Declined)
-                .map(|l| l.ip)
-                .collect();
-            for ip in others {
-                if self
+            // A client holds one address: once it is bound to this one, the one it had
+            // and one it still held over an offer go back to the pool.
+            let held = self.held.remove(&mac).filter(|&ip| ip != lease.ip);
+            for ip in previous.into_iter().chain(held) {
+                let theirs = self
                     .leases
-                    .remove(&ip)
-                    .is_some_and(|l| l.state == LeaseState::Bound)
+                    .get(&ip)
+                    .is_some_and(|l| l.mac == mac && l.state != LeaseState::Declined);
+                if theirs
+                    && self
+                        .leases
+                        .remove(&ip)
+                        .is_some_and(|l| l.state == LeaseState::Bound)
                 {
                     self.events.push_back(LeaseEvent::Removed(ip));
                 }
             }
-        } else if let Some(old_ip) = self.by_mac.get(&mac).copied()
-            && old_ip != lease.ip
-            && self
-                .leases
-                .get(&old_ip)
-                .is_some_and(|l| l.mac == mac && l.state == LeaseState::Offered)
-        {
+        } else if let Some(ip) = previous {
             // A new offer replaces an earlier one. An address the client holds stays
             // its own until it is bound to another, releases it or lets it expire: an
             // offer is not an answer, and the client may still be using it.
-            self.leases.remove(&old_ip);
+            match self.leases.get(&ip).map(|l| l.state) {
+                Some(LeaseState::Offered) => {
+                    self.leases.remove(&ip);
+                }
+                Some(LeaseState::Bound) => {
+                    self.held.insert(mac, ip);
+                }
+                _ => {}
+            }
         }
         if let Some(prev) = self.leases.get(&lease.ip)
             && prev.mac != lease.mac
