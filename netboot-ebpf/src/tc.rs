@@ -29,7 +29,7 @@ use crate::{
         BINDINGS, Error, FLOWS, HAVE_ROUTERS, MAC_STATS, PORTS, ROUTERS, SCRATCH, Scratch,
         UNATTRIBUTED, record_error,
     },
-    parse::{self, Frame, VLAN_HLEN},
+    parse::{self, Frame, L4, VLAN_HLEN},
 };
 
 /// `E2BIG`: what a hash map update returns when the map is full.
@@ -100,8 +100,7 @@ fn count(ctx: &TcContext, direction: u8) {
     // SAFETY: this CPU's entry of a per-CPU array, valid while the program runs; TC programs
     // run with migration and bottom halves disabled, so nothing else uses it concurrently.
     let scratch = unsafe { &mut *scratch };
-    let key = &mut scratch.flow;
-    let Some(frame) = parse::frame(ctx, direction == INGRESS, key) else {
+    let Some(frame) = parse::frame(ctx, direction == INGRESS) else {
         // Shorter than an Ethernet header: nobody's frame.
         unattributed(ifindex, direction, SERVICE_OTHER, 1, skb_bytes);
         return;
@@ -111,10 +110,10 @@ fn count(ctx: &TcContext, direction: u8) {
         None => (1, skb_bytes),
     };
     let service = match &frame.l4 {
-        Some(l4) if l4.ports => service(key),
+        Some(l4) if l4.ports => service(l4),
         _ => SERVICE_OTHER,
     };
-    let client = client(ctx, &frame, key, service, direction);
+    let client = client(ctx, &frame, &mut scratch.flow, service, direction);
     match client {
         Some((mac, method)) => {
             let key = keys::mac_key(mac, direction, service, ifindex, method);
@@ -126,6 +125,7 @@ fn count(ctx: &TcContext, direction: u8) {
     }
     if let Some(l4) = &frame.l4
         && (service == SERVICE_TFTP || service == SERVICE_HTTP || service == SERVICE_ISCSI)
+        && parse::fill_key(ctx, l4, direction == INGRESS, &mut scratch.flow).is_some()
     {
         scratch.flow.service = service;
         keys::clear_pad(&mut scratch.flow);
@@ -140,8 +140,8 @@ fn count(ctx: &TcContext, direction: u8) {
 /// The service of a packet: its server-side port (this host's) in [`PORTS`]. Every service
 /// port is this host's, so the client's port is not looked up.
 #[inline(always)]
-fn service(flow: &FlowKey) -> u8 {
-    let Some(index) = port_index(flow.protocol, flow.server_port) else {
+fn service(l4: &L4) -> u8 {
+    let Some(index) = port_index(l4.protocol, l4.server_port) else {
         return SERVICE_OTHER;
     };
     match PORTS.get(index) {
@@ -156,13 +156,13 @@ fn service(flow: &FlowKey) -> u8 {
 fn client(
     ctx: &TcContext,
     frame: &Frame,
-    flow: &FlowKey,
+    flow: &mut FlowKey,
     service: u8,
     direction: u8,
 ) -> Option<([u8; 6], u8)> {
     if let Some(l4) = &frame.l4
         && service == SERVICE_DHCP
-        && let Some(bootp) = parse::bootp(ctx, l4, flow.protocol)
+        && let Some(bootp) = parse::bootp(ctx, l4)
     {
         if bootp.relayed && direction == INGRESS {
             learn_router(frame.l2_client);
@@ -179,7 +179,9 @@ fn client(
     }
     // A router's frame (or a group-addressed one) belongs to the client its IP address is
     // bound to.
-    if frame.l4.is_some() {
+    if let Some(l4) = &frame.l4
+        && parse::fill_key(ctx, l4, direction == INGRESS, flow).is_some()
+    {
         // `IpKey` is `repr(C)` around one `[u8; 16]`, so the client address is one.
         let ip = (&raw const flow.client).cast::<IpKey>();
         // SAFETY: see above; `ip` points into this CPU's scratch entry. The value is copied
