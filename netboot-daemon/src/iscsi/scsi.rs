@@ -14,9 +14,10 @@
 //!
 //! Invariants:
 //! - Data-In never exceeds the CDB's allocation length (or its transfer length);
-//! - capacity is `floor(Backing::len / block_size)`, read again for every command that
-//!   needs it, so a grown image is visible at once ([`Lun::capacity_changed`] tells the
-//!   initiators);
+//! - capacity is `floor(Backing::len / block_size)`, read when the LUN opens, for every
+//!   READ CAPACITY and by [`Lun::capacity_changed`] (which also tells the initiators), so
+//!   an image grown through the API is visible at once; other commands use the value last
+//!   read (a `statx` per READ or WRITE was one of the four system calls of a 4 KiB read);
 //! - no lock is held across backing I/O, except the COMPARE AND WRITE lock, which makes
 //!   COMPARE AND WRITE commands atomic with respect to each other (not to plain WRITEs:
 //!   initiators that use it as a lock, such as VMFS ATS, only race other COMPARE AND
@@ -33,6 +34,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -957,10 +959,16 @@ pub struct Lun {
     block_size: u32,
     read_only: bool,
     backing: Arc<dyn Backing>,
+    /// The capacity in blocks as last read from the backing ([`UNKNOWN_CAPACITY`] if it
+    /// could not tell); see [`Lun::refresh_capacity`].
+    capacity: AtomicU64,
     state: Mutex<State>,
     /// Serialises COMPARE AND WRITE commands (held across their read and write).
     compare_and_write: Mutex<()>,
 }
+
+/// [`Lun::capacity`]'s value while the backing's size is unknown (its last read failed).
+const UNKNOWN_CAPACITY: u64 = u64::MAX;
 
 impl fmt::Debug for Lun {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -993,14 +1001,18 @@ impl Lun {
             pr: Reservations::default(),
             reserve_6: None,
         };
-        Self {
+        let lun = Self {
             config,
             block_size,
             read_only,
             backing,
+            capacity: AtomicU64::new(UNKNOWN_CAPACITY),
             state: Mutex::new(state),
             compare_and_write: Mutex::new(()),
-        }
+        };
+        // An error here is reported by the first command that needs the capacity.
+        let _ = lun.refresh_capacity();
+        lun
     }
 
     /// How many Data-Out bytes the command needs (0 for commands without data-out), from
@@ -1139,9 +1151,9 @@ impl Lun {
         self.backing.file()
     }
 
-    /// The capacity in blocks right now (0 if the backing cannot tell its size).
+    /// The capacity in blocks right now, read from the backing (0 if it cannot tell its size).
     pub fn blocks(&self) -> u64 {
-        self.capacity().unwrap_or(0)
+        self.refresh_capacity().unwrap_or(0)
     }
 
     /// The LUN's configuration (with the block size as configured).
@@ -1152,6 +1164,7 @@ impl Lun {
     /// Queues UNIT ATTENTION, CAPACITY DATA HAS CHANGED for every I_T nexus seen: call
     /// it after growing the backing.
     pub fn capacity_changed(&self) {
+        let _ = self.refresh_capacity();
         let mut state = self.state();
         let all: Vec<String> = state.nexuses.keys().cloned().collect();
         for nexus in all {
@@ -1369,12 +1382,33 @@ impl Lun {
 
     // ------------------------------------------------------------------ helpers
 
+    /// The capacity in blocks as last read ([`Lun::refresh_capacity`]): reading the
+    /// backing's size for every READ and WRITE cost a `statx` per command.
     fn capacity(&self) -> Result<u64, Sense> {
-        let len = self
-            .backing
-            .len()
-            .map_err(|_| Sense::of(SENSE_KEY_HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE))?;
-        Ok(len / u64::from(self.block_size))
+        match self.capacity.load(Ordering::Relaxed) {
+            UNKNOWN_CAPACITY => self.refresh_capacity(),
+            blocks => Ok(blocks),
+        }
+    }
+
+    /// Reads the backing's size again: when the LUN opens, for READ CAPACITY (which
+    /// initiators send when they rescan), and when told that the image grew
+    /// ([`Lun::capacity_changed`]).
+    fn refresh_capacity(&self) -> Result<u64, Sense> {
+        match self.backing.len() {
+            Ok(len) => {
+                let blocks = len / u64::from(self.block_size);
+                self.capacity.store(blocks, Ordering::Relaxed);
+                Ok(blocks)
+            }
+            Err(_) => {
+                self.capacity.store(UNKNOWN_CAPACITY, Ordering::Relaxed);
+                Err(Sense::of(
+                    SENSE_KEY_HARDWARE_ERROR,
+                    ASC_INTERNAL_TARGET_FAILURE,
+                ))
+            }
+        }
     }
 
     fn max_transfer_blocks(&self) -> u32 {
@@ -1603,7 +1637,7 @@ impl Lun {
 
     /// READ CAPACITY(10) (SBC-3 5.15): last LBA (saturated) and block length.
     fn read_capacity_10(&self, _cmd: &Cmd<'_>) -> Outcome {
-        let last = self.capacity()?.saturating_sub(1);
+        let last = self.refresh_capacity()?.saturating_sub(1);
         let last = u32::try_from(last).unwrap_or(u32::MAX);
         let mut d = last.to_be_bytes().to_vec();
         d.extend_from_slice(&self.block_size.to_be_bytes());
@@ -1614,7 +1648,7 @@ impl Lun {
     /// define it; CD-ROM LUNs answer it too (without thin provisioning), as initiators and
     /// tools that size every LUN with it expect.
     fn read_capacity_16(&self, cmd: &Cmd<'_>) -> Outcome {
-        let last = self.capacity()?.saturating_sub(1);
+        let last = self.refresh_capacity()?.saturating_sub(1);
         let mut d = vec![0u8; 32];
         d[0..8].copy_from_slice(&last.to_be_bytes());
         d[8..12].copy_from_slice(&self.block_size.to_be_bytes());
@@ -4228,6 +4262,28 @@ mod tests {
             Err(0x1A)
         );
         assert_eq!(len(&[0xEE]), Ok(0), "unknown opcodes are left to execute");
+    }
+
+    #[test]
+    fn a_grown_backing_is_used_once_read_capacity_or_capacity_changed_reads_it() {
+        let (mem, lun) = disk();
+        let past_end = rw(READ_10, 64, 1, 0);
+        assert_eq!(ck(&lun, A, &past_end, &[]), (0x05, 0x21, 0x00));
+        // Grown behind the LUN's back: READ and WRITE go by the size last read...
+        mem.data.lock().unwrap().resize(128 * 512, 0);
+        assert_eq!(ck(&lun, A, &past_end, &[]), (0x05, 0x21, 0x00));
+        // ...until READ CAPACITY reads it again, as an initiator's rescan does.
+        let d = ok(&lun, &[READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+        assert_eq!(be32(&d, 0), 127);
+        assert_eq!(ok(&lun, &past_end, &[]), vec![0; 512]);
+        // Grown through the API, which calls capacity_changed: at once.
+        mem.data.lock().unwrap().resize(256 * 512, 0);
+        lun.capacity_changed();
+        assert_eq!(
+            ck(&lun, A, &rw(READ_10, 200, 1, 0), &[]),
+            (0x06, 0x2A, 0x09)
+        );
+        assert_eq!(ok(&lun, &rw(READ_10, 200, 1, 0), &[]), vec![0; 512]);
     }
 
     #[test]
