@@ -90,14 +90,14 @@ fn feed(c: &mut Connection, d: &mut Decoder, bytes: &[u8], max_send: usize) {
                 back.data_digest = o.data_digest;
                 back.extend(&wire);
                 assert_eq!(back.next_pdu().expect("decodes").expect("whole"), {
-                    let mut p = o.clone().into_pdu();
+                    let mut p = o.pdu.clone();
                     p.bhs[4] = (p.ahs.len() / 4) as u8;
                     let n = p.data.len() as u32;
                     p.bhs[5..8].copy_from_slice(&n.to_be_bytes()[1..]);
                     p
                 });
                 if o.pdu.opcode() == op::DATA_IN {
-                    assert!(o.data().len() <= max_send.max(512));
+                    assert!(o.pdu.data.len() <= max_send.max(512));
                 }
             }
             if c.is_closing() {

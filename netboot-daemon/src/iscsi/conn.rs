@@ -147,33 +147,23 @@ pub struct FileSegment {
 }
 
 impl Outgoing {
-    /// The data segment's bytes (none for a [`FileSegment`], which the driver sends).
-    pub fn data(&self) -> &[u8] {
-        &self.pdu.data
-    }
-
     /// The data segment's length, whoever holds its bytes.
     pub fn data_len(&self) -> usize {
         match &self.file {
             Some(f) => f.range.len(),
-            None => self.data().len(),
+            None => self.pdu.data.len(),
         }
     }
 
     /// Writes the whole PDU (header, data, padding, digests) to `out`. A driver that
-    /// avoids the copy writes [`Pdu::encode_header`], [`Outgoing::data`] and
+    /// avoids the copy writes [`Pdu::encode_header`], `pdu.data` and
     /// [`super::pdu::encode_trailer`] as one vectored write instead. A [`FileSegment`]'s
     /// bytes are not in memory: only a driver that staged it can send that PDU.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let data = self.data();
+        let data = &self.pdu.data;
         self.pdu.encode_header(data.len(), self.header_digest, out);
         out.extend_from_slice(data);
         super::pdu::encode_trailer(data, self.data_digest, out);
-    }
-
-    /// The PDU.
-    pub fn into_pdu(self) -> Pdu {
-        self.pdu
     }
 }
 
@@ -1458,7 +1448,7 @@ mod tests {
     }
 
     fn sent(c: &mut Connection) -> Vec<Pdu> {
-        std::iter::from_fn(|| c.poll_transmit().map(Outgoing::into_pdu)).collect()
+        std::iter::from_fn(|| c.poll_transmit().map(|o| o.pdu)).collect()
     }
 
     /// Logs in the way iPXE does: security, then operational with its conservative keys.
@@ -1570,7 +1560,7 @@ mod tests {
             let f = o.file.as_ref().expect("a file segment");
             assert!(Arc::ptr_eq(&f.data.holder, &holder));
             assert_eq!(f.data.offset, 4096);
-            assert!(o.pdu.data.is_empty() && o.data().is_empty());
+            assert!(o.pdu.data.is_empty());
             assert_eq!(o.data_len(), f.range.len());
             assert_eq!(o.pdu.opcode(), op::DATA_IN);
             assert_eq!(o.pdu.u32_at(36), i as u32, "DataSN");

@@ -1007,7 +1007,7 @@ impl Outbox {
         for p in &self.pieces {
             let b: &[u8] = match p {
                 Piece::Frame(r) => &self.frame[r.clone()],
-                Piece::Data(i) => self.pdus[*i].data(),
+                Piece::Data(i) => &self.pdus[*i].pdu.data,
                 Piece::File(i) => {
                     if !iov.is_empty() {
                         runs.push(Run::Bytes(std::mem::take(&mut iov)));
@@ -1030,7 +1030,7 @@ impl Outbox {
     }
 
     pub(crate) fn push(&mut self, o: Outgoing) {
-        let data = o.data();
+        let data = &o.pdu.data;
         let mut start = self.frame.len();
         o.pdu
             .encode_header(o.data_len(), o.header_digest, &mut self.frame);
@@ -1077,7 +1077,7 @@ impl Outbox {
         for p in &self.pieces {
             slices.push(match p {
                 Piece::Frame(r) => IoSlice::new(&self.frame[r.clone()]),
-                Piece::Data(i) => IoSlice::new(self.pdus[*i].data()),
+                Piece::Data(i) => IoSlice::new(&self.pdus[*i].pdu.data),
                 // invariant: this driver never stages reads, so no core result has a
                 // file segment; refuse rather than send a PDU without its data.
                 Piece::File(_) => return Err(std::io::ErrorKind::Unsupported.into()),
@@ -1201,7 +1201,7 @@ mod tests {
             .iter()
             .flat_map(|p| match p {
                 Piece::Frame(r) => outbox.frame[r.clone()].to_vec(),
-                Piece::Data(i) => outbox.pdus[*i].data().to_vec(),
+                Piece::Data(i) => outbox.pdus[*i].pdu.data.to_vec(),
                 Piece::File(i) => {
                     let f = outbox.pdus[*i].file.as_ref().expect("a file segment");
                     let held = Arc::clone(&f.data.holder)
