@@ -1151,9 +1151,10 @@ impl Lun {
         self.backing.file()
     }
 
-    /// The capacity in blocks right now, read from the backing (0 if it cannot tell its size).
+    /// The capacity in blocks right now, read from the backing (0 if it cannot tell its
+    /// size); unlike READ CAPACITY, it leaves the size the commands check against alone.
     pub fn blocks(&self) -> u64 {
-        self.refresh_capacity().unwrap_or(0)
+        self.backing_blocks().unwrap_or(0)
     }
 
     /// The LUN's configuration (with the block size as configured).
@@ -1395,9 +1396,8 @@ impl Lun {
     /// initiators send when they rescan), and when told that the image grew
     /// ([`Lun::capacity_changed`]).
     fn refresh_capacity(&self) -> Result<u64, Sense> {
-        match self.backing.len() {
-            Ok(len) => {
-                let blocks = len / u64::from(self.block_size);
+        match self.backing_blocks() {
+            Ok(blocks) => {
                 self.capacity.store(blocks, Ordering::Relaxed);
                 Ok(blocks)
             }
@@ -1409,6 +1409,11 @@ impl Lun {
                 ))
             }
         }
+    }
+
+    /// The backing's size in whole blocks.
+    fn backing_blocks(&self) -> io::Result<u64> {
+        Ok(self.backing.len()? / u64::from(self.block_size))
     }
 
     fn max_transfer_blocks(&self) -> u32 {
