@@ -151,6 +151,26 @@ pub(crate) struct L4 {
     pub(crate) headers: u64,
 }
 
+impl L4 {
+    /// The transport part of a single packet whose ports are not read yet
+    /// ([`with_ports`] completes it).
+    #[inline(always)]
+    fn new(protocol: u8, l3: usize, offset: usize, ipv4: bool) -> Self {
+        Self {
+            protocol,
+            client_port: 0,
+            server_port: 0,
+            payload: 0,
+            l3: l3 as u32,
+            offset: offset as u32,
+            ipv4,
+            ports: false,
+            segments: 1,
+            headers: 0,
+        }
+    }
+}
+
 /// Parses the frame, seen from the server: the client is the sender of a received frame and
 /// the receiver of a sent one. The addresses are not read here: most frames need only the
 /// MAC, protocol and ports, and [`fill_key`] reads them for the frames that need them.
@@ -224,18 +244,7 @@ fn fast(ctx: &TcContext, ingress: bool) -> Option<Frame> {
         )
     };
     let total = u64::from(u16::from_be_bytes(read(L3 + ipv4::TOTAL_LENGTH)));
-    let mut l4 = L4 {
-        protocol,
-        client_port: 0,
-        server_port: 0,
-        payload: 0,
-        l3: L3 as u32,
-        offset: L4_OFFSET as u32,
-        ipv4: true,
-        ports: false,
-        segments: 1,
-        headers: 0,
-    };
+    let mut l4 = L4::new(protocol, L3, L4_OFFSET, true);
     with_ports(
         ctx,
         &mut l4,
@@ -264,18 +273,7 @@ fn l4(ctx: &TcContext, ingress: bool) -> Option<L4> {
         ETH_P_IPV6 => ipv6_header(ctx, l3)?,
         _ => return None,
     };
-    let mut l4 = L4 {
-        protocol: ip.protocol,
-        client_port: 0,
-        server_port: 0,
-        payload: 0,
-        l3: l3 as u32,
-        offset: ip.l4 as u32,
-        ipv4,
-        ports: false,
-        segments: 1,
-        headers: 0,
-    };
+    let mut l4 = L4::new(ip.protocol, l3, ip.l4, ipv4);
     let header_len = match ip.protocol {
         IPPROTO_UDP => UDP_HLEN,
         IPPROTO_TCP => {
@@ -337,7 +335,7 @@ struct IpHeader {
     payload_len: u64,
 }
 
-/// An unfragmented (or first-fragment) IPv4 header; its addresses go into `key`.
+/// An unfragmented (or first-fragment) IPv4 header (its addresses are read by [`fill_key`]).
 #[inline(always)]
 fn ipv4_header(ctx: &TcContext, l3: usize) -> Option<IpHeader> {
     let [version_ihl, _tos] = load::<[u8; 2]>(ctx, l3 + ipv4::VERSION_IHL)?;
@@ -362,6 +360,7 @@ fn ipv4_header(ctx: &TcContext, l3: usize) -> Option<IpHeader> {
 }
 
 /// An IPv6 header; extension headers are not walked (the protocol is then not TCP or UDP).
+/// Its addresses are read by [`fill_key`].
 #[inline(always)]
 fn ipv6_header(ctx: &TcContext, l3: usize) -> Option<IpHeader> {
     Some(IpHeader {
