@@ -242,6 +242,11 @@ impl Transfer {
         }
     }
 
+    /// The negotiated window (RFC 7440): 1 for lock-step.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
     /// True once the transfer has ended (its event is queued).
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
@@ -423,12 +428,14 @@ impl Transfer {
         }
     }
 
-    /// The file data needed next, if any (at most one read is outstanding).
+    /// The file data needed next, if any (at most one read is outstanding). It asks for
+    /// the window and one block more, so that the read of the next block runs while the
+    /// client acknowledges this one rather than after.
     pub fn poll_read(&mut self) -> Option<ReadRequest> {
         if self.read_pending || self.src_eof() || self.state == State::Closed {
             return None;
         }
-        let want_end = (self.base - 1 + self.window) * self.blksize as u64 + 1;
+        let want_end = (self.base + self.window) * self.blksize as u64 + 1;
         let have_end = self.buf_start + self.buf.len() as u64;
         if have_end >= want_end {
             return None;
@@ -488,7 +495,7 @@ impl Transfer {
                 let from = usize::try_from(start - self.buf_start).unwrap_or(0);
                 let out = buf.get_mut(..4 + len)?;
                 wire::emit_data_header(out, (self.next & 0xffff) as u16)?;
-                out[4..].copy_from_slice(self.buf.make_contiguous().get(from..from + len)?);
+                copy_out(&self.buf, from, &mut out[4..])?;
                 self.next += 1;
                 self.summary.packets += 1;
                 self.summary.sent_bytes += 4 + len as u64;
@@ -510,6 +517,24 @@ impl Transfer {
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
+}
+
+/// Copies `out.len()` bytes of `buf` from `from` into `out`, without making `buf`
+/// contiguous (that would move the whole buffer whenever it wraps). None when `buf` is
+/// too short.
+fn copy_out(buf: &VecDeque<u8>, from: usize, out: &mut [u8]) -> Option<()> {
+    let end = from.checked_add(out.len())?;
+    let (a, b) = buf.as_slices();
+    if end <= a.len() {
+        out.copy_from_slice(a.get(from..end)?);
+    } else if from >= a.len() {
+        out.copy_from_slice(b.get(from - a.len()..end - a.len())?);
+    } else {
+        let (head, tail) = out.split_at_mut(a.len() - from);
+        head.copy_from_slice(&a[from..]);
+        tail.copy_from_slice(b.get(..end - a.len())?);
+    }
+    Some(())
 }
 
 #[cfg(test)]

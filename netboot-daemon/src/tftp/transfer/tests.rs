@@ -495,3 +495,66 @@ fn a_client_error_ends_the_transfer() {
     ));
     assert!(t.poll_transmit(t0, &mut buf).is_none());
 }
+
+#[test]
+fn the_next_block_is_read_while_the_client_acknowledges_this_one() {
+    let t0 = Instant::now();
+    let cfg = Config {
+        read_chunk: 1024,
+        ..Config::default()
+    };
+    let neg = Negotiated {
+        blksize: 1024,
+        windowsize: 1,
+        timeout: Duration::from_secs(1),
+        oack: Vec::new(),
+    };
+    let f = file(8192);
+    let mut t = Transfer::new(&neg, Mode::Octet, f.len() as u64, &cfg);
+    let mut buf = [0u8; 1028];
+    let mut at = 0;
+    for block in 1..=3usize {
+        while let Some(r) = t.poll_read() {
+            assert_eq!(r.offset, at as u64);
+            let end = (at + r.len).min(f.len());
+            t.handle_read(Ok(&f[at..end]));
+            at = end;
+        }
+        // Block `block` goes out with the next one (and a byte more: is it the last?)
+        // already in hand, so that the next read does not wait for this ACK.
+        assert!(
+            at > (block + 1) * 1024,
+            "block {block}: read only {at} bytes"
+        );
+        assert!(
+            at <= (block + 2) * 1024 + cfg.read_chunk,
+            "block {block}: read {at} bytes, more than a block ahead"
+        );
+        let n = t.poll_transmit(t0, &mut buf).expect("data");
+        assert_eq!(&buf[4..n], &f[(block - 1) * 1024..block * 1024]);
+        let mut ack = [0u8; 4];
+        let n = emit_ack(&mut ack, block as u16).expect("ack");
+        t.handle_datagram(&ack[..n]);
+    }
+}
+
+#[test]
+fn blocks_come_out_of_a_wrapped_buffer_intact() {
+    let mut d: VecDeque<u8> = VecDeque::with_capacity(8);
+    d.extend(0..6u8);
+    d.drain(..5);
+    d.extend(6..12u8); // wraps: [5, 6, 7] at the back of the storage, [8..11] at the front
+    assert!(
+        !d.as_slices().1.is_empty(),
+        "the test needs a wrapped buffer"
+    );
+    for from in 0..d.len() {
+        for len in 0..=d.len() - from {
+            let mut out = vec![0u8; len];
+            copy_out(&d, from, &mut out).expect("in range");
+            let want: Vec<u8> = d.range(from..from + len).copied().collect();
+            assert_eq!(out, want, "from {from} len {len}");
+        }
+    }
+    assert!(copy_out(&d, 5, &mut [0u8; 3]).is_none(), "past the end");
+}
