@@ -415,6 +415,10 @@ impl DhcpConfig {
     }
 }
 
+/// Upper bound of `busy_poll_us`: a millisecond is far beyond any loopback or LAN round
+/// trip a spin could catch.
+pub const MAX_BUSY_POLL_US: u32 = 1000;
+
 /// iSCSI target settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -432,6 +436,10 @@ pub struct IscsiConfig {
     /// Which driver runs the connections: io_uring (falls back to tokio when a ring cannot
     /// be set up) or tokio.
     pub driver: IscsiDriver,
+    /// io_uring driver: microseconds to spin for the next completion before sleeping.
+    /// Saves a sleeping CPU's wake-up per command at queue depth 1 (iPXE's `sanboot`)
+    /// at the price of a busy core while initiators are active; 0: never spin.
+    pub busy_poll_us: u32,
 }
 
 /// The iSCSI driver (`iscsi.driver`, `NETBOOT_ISCSI_DRIVER`).
@@ -465,6 +473,7 @@ impl Default for IscsiConfig {
             iqn_prefix: "iqn.2026-01.org.netboot".into(),
             allow: Vec::new(),
             driver: IscsiDriver::Uring,
+            busy_poll_us: 0,
         }
     }
 }
@@ -498,6 +507,10 @@ pub struct TftpConfig {
     /// Which driver runs TFTP: io_uring (falls back to tokio when a ring cannot be set
     /// up) or tokio.
     pub driver: TftpDriver,
+    /// io_uring driver: microseconds to spin for the next completion before sleeping.
+    /// Saves a sleeping CPU's wake-up per block of a lock-step transfer at the price of a
+    /// busy core while transfers run; 0: never spin.
+    pub busy_poll_us: u32,
     /// Name of the iPXE script netbootd generates for TFTP clients (also under a MAC
     /// directory, `<mac>/boot.ipxe`); a real file of that name wins. Empty: none.
     pub ipxe_script: String,
@@ -529,6 +542,7 @@ impl Default for TftpConfig {
             cache_file_max_mib: 64,
             cache_total_mib: 512,
             driver: TftpDriver::Uring,
+            busy_poll_us: 0,
             ipxe_script: "boot.ipxe".to_owned(),
         }
     }
@@ -666,6 +680,16 @@ pub const ENV_VARS: &[EnvVar] = &[
         name: "NETBOOT_ISCSI_DRIVER",
         aliases: &[],
         help: "iscsi.driver (uring or tokio)",
+    },
+    EnvVar {
+        name: "NETBOOT_ISCSI_BUSY_POLL_US",
+        aliases: &[],
+        help: "iscsi.busy_poll_us (microseconds)",
+    },
+    EnvVar {
+        name: "NETBOOT_TFTP_BUSY_POLL_US",
+        aliases: &[],
+        help: "tftp.busy_poll_us (microseconds)",
     },
     EnvVar {
         name: "NETBOOT_TFTP_LISTEN",
@@ -839,6 +863,12 @@ impl Config {
         if let Some((k, v)) = lookup(env, "NETBOOT_ISCSI_DRIVER") {
             self.iscsi.driver = parse_env(k, v, "expected uring or tokio")?;
         }
+        if let Some((k, v)) = lookup(env, "NETBOOT_ISCSI_BUSY_POLL_US") {
+            self.iscsi.busy_poll_us = parse_env(k, v, "expected microseconds, e.g. 50")?;
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_BUSY_POLL_US") {
+            self.tftp.busy_poll_us = parse_env(k, v, "expected microseconds, e.g. 50")?;
+        }
         if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_LISTEN") {
             self.tftp.listen = parse_env(k, v, "expected address:port, e.g. 0.0.0.0:69")?;
         }
@@ -910,6 +940,20 @@ impl Config {
                 field: "tftp",
                 why: "max_windowsize, timeout_ms and max_sessions must be at least 1".into(),
             });
+        }
+        for (field, us) in [
+            ("tftp.busy_poll_us", self.tftp.busy_poll_us),
+            ("iscsi.busy_poll_us", self.iscsi.busy_poll_us),
+        ] {
+            if us > MAX_BUSY_POLL_US {
+                return Err(ConfigError::Invalid {
+                    field,
+                    why: format!(
+                        "must be at most {MAX_BUSY_POLL_US} (a spin longer than a round trip \
+                         only burns the core)"
+                    ),
+                });
+            }
         }
         if self.ebpf.max_entries < 64 || self.ebpf.max_flows < 64 || self.ebpf.max_bindings < 64 {
             return Err(ConfigError::Invalid {
@@ -1038,6 +1082,28 @@ mod tests {
         let v = c.validate().expect("valid");
         assert_eq!(v.paths.images, PathBuf::from("/iscsi-images"));
         assert_eq!(v.paths.database, PathBuf::from("/srv/nb/netboot.db"));
+    }
+
+    #[test]
+    fn busy_polls_come_from_the_environment_and_are_bounded() {
+        let mut c = Config::default();
+        c.apply_env(&env(&[
+            ("NETBOOT_TFTP_BUSY_POLL_US", "50"),
+            ("NETBOOT_ISCSI_BUSY_POLL_US", "1000"),
+        ]))
+        .expect("env applies");
+        assert_eq!((c.tftp.busy_poll_us, c.iscsi.busy_poll_us), (50, 1000));
+        assert!(c.clone().validate().is_ok());
+        let e = c
+            .clone()
+            .apply_env(&env(&[("NETBOOT_TFTP_BUSY_POLL_US", "-1")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("NETBOOT_TFTP_BUSY_POLL_US"), "{e}");
+        c.tftp.busy_poll_us = MAX_BUSY_POLL_US + 1;
+        match c.validate() {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "tftp.busy_poll_us"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

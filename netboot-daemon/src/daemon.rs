@@ -377,7 +377,12 @@ async fn start_iscsi(
     );
     let sessions = Arc::clone(targets.sessions());
     let dyn_targets = Arc::clone(&targets) as Arc<dyn crate::iscsi::conn::Targets>;
-    let runner = crate::service::iscsi::IscsiRunner::start(i.driver, &dyn_targets, &sessions);
+    let runner = crate::service::iscsi::IscsiRunner::start(
+        i.driver,
+        Duration::from_micros(u64::from(i.busy_poll_us)),
+        &dyn_targets,
+        &sessions,
+    );
     tracing::info!(%addr, prefix = %i.iqn_prefix, driver = ?runner.kind(), "iSCSI listening");
     let task = tokio::spawn(crate::service::iscsi::serve(
         listener,

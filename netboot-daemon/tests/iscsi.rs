@@ -41,6 +41,11 @@ impl Daemon {
 
     /// netbootd with `iscsi.driver = driver`.
     fn start_with(tag: &str, driver: &str) -> Self {
+        Self::start_configured(tag, driver, "")
+    }
+
+    /// netbootd with `iscsi.driver = driver` and `extra` lines in its `[iscsi]` section.
+    fn start_configured(tag: &str, driver: &str, extra: &str) -> Self {
         let dir = TestDir::new(&format!("iscsi-{tag}"));
         let config = dir.path().join("netboot.toml");
         let allow: Vec<String> = TEST_INITIATORS
@@ -53,7 +58,7 @@ impl Daemon {
             format!(
                 "data_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:0\"\n[dhcp]\nmode = \"off\"\n\
                  [tftp]\nenabled = false\n[iscsi]\nlisten = \"127.0.0.1:0\"\nallow = [{}]\n\
-                 driver = \"{driver}\"\n",
+                 driver = \"{driver}\"\n{extra}",
                 allow.join(", ")
             ),
         )
@@ -288,7 +293,9 @@ fn qemu_writes_and_reads_back_an_image_that_survives_kill_9() {
         );
         return;
     }
-    let d = Daemon::start("qemu");
+    // The io_uring driver busy-polls here: qemu's requests are then taken by the spin
+    // rather than by a wake-up, and every acknowledged write must still be on disk.
+    let d = Daemon::start_configured("qemu", "uring", "busy_poll_us = 100\n");
     let url = d.image("disk2", 32 << 20);
     let src = d.dir.path().join("src.raw");
     let data: Vec<u8> = (0..(6u32 << 20) + 4096)

@@ -886,10 +886,18 @@ fn report(
     writeln!(out, "|---|---|---|---|---|")?;
     for (wi, w) in workloads.iter().enumerate() {
         let nb = med(wi, Who::Netboot, &|m| m.iops);
-        let r = |x: Who| nb / med(wi, x, &|m| m.iops);
+        // A server that did not run (`--no-fio`) shows as a dash, not NaN.
+        let r = |x: Who| {
+            let v = nb / med(wi, x, &|m| m.iops);
+            if v.is_finite() {
+                format!("{v:.2}")
+            } else {
+                "–".to_owned()
+            }
+        };
         writeln!(
             out,
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {:.2} |",
             w.name,
             r(Who::Tgtd),
             r(Who::FioUring),

@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -172,7 +172,7 @@ impl LiveEntry {
             self.stats
                 .latency
                 .quantile(q)
-                .map(|d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+                .map(|d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         };
         SessionRecord {
             id,
@@ -278,10 +278,7 @@ impl Sessions {
 
     /// Sessions that ended in the last `window` without kernel figures yet: (id, client,
     /// server).
-    pub fn awaiting_kernel_bytes(
-        &self,
-        window: std::time::Duration,
-    ) -> Vec<(u64, SocketAddr, SocketAddr)> {
+    pub fn awaiting_kernel_bytes(&self, window: Duration) -> Vec<(u64, SocketAddr, SocketAddr)> {
         let since = Timestamp::now().0 - i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
         self.lock()
             .recent
@@ -332,7 +329,7 @@ impl Sessions {
 
     /// Ends every session on `target` (their connections close) and waits up to
     /// `timeout` for them to go; returns whether none is left.
-    pub fn end(&self, target: &str, timeout: std::time::Duration) -> bool {
+    pub fn end(&self, target: &str, timeout: Duration) -> bool {
         for e in self.lock().live.values() {
             if e.target == target {
                 (e.end)();
@@ -346,7 +343,7 @@ impl Sessions {
             if Instant::now() >= until {
                 return false;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -707,17 +704,22 @@ pub enum IscsiRunner {
 }
 
 impl IscsiRunner {
-    /// Starts the driver `choice`; when the io_uring driver cannot be set up (old kernel,
-    /// io_uring disabled by sysctl or seccomp), warns and falls back to tokio.
+    /// Starts the driver `choice` (the io_uring one spinning for up to `busy_poll` before
+    /// it sleeps); when the io_uring driver cannot be set up (old kernel, io_uring
+    /// disabled by sysctl or seccomp), warns and falls back to tokio.
     pub fn start(
         choice: IscsiDriver,
+        busy_poll: Duration,
         targets: &Arc<dyn Targets>,
         sessions: &Arc<Sessions>,
     ) -> Self {
         match choice {
             IscsiDriver::Uring => {
-                match crate::driver::uring::iscsi::spawn(Arc::clone(targets), Arc::clone(sessions))
-                {
+                match crate::driver::uring::iscsi::spawn(
+                    Arc::clone(targets),
+                    Arc::clone(sessions),
+                    busy_poll,
+                ) {
                     Ok(handle) => Self::Uring(handle),
                     Err(error) => {
                         tracing::warn!(%error, "io_uring unavailable for iSCSI; using the tokio driver");

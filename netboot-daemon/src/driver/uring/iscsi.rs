@@ -217,8 +217,13 @@ impl Drop for Handle {
 }
 
 /// Starts the driver on its own thread. Fails when the ring cannot be set up (io_uring
-/// disabled, or a kernel without the operations it uses).
-pub fn spawn(targets: Arc<dyn Targets>, sessions: Arc<Sessions>) -> io::Result<Handle> {
+/// disabled, or a kernel without the operations it uses). `busy_poll`: how long the loop
+/// spins for a completion before it sleeps ([`super::poll_completions`]); zero: never.
+pub fn spawn(
+    targets: Arc<dyn Targets>,
+    sessions: Arc<Sessions>,
+    busy_poll: Duration,
+) -> io::Result<Handle> {
     // SAFETY: eventfd(2) with valid flags; a non-negative result is a new descriptor we own.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if fd < 0 {
@@ -247,7 +252,7 @@ pub fn spawn(targets: Arc<dyn Targets>, sessions: Arc<Sessions>) -> io::Result<H
     let thread = super::start_ring_thread(
         "iscsi-ring".into(),
         "iSCSI io_uring driver failed; iSCSI connections are stopped",
-        move || Driver::new(rx, ring_chan, wake, sessions, events),
+        move || Driver::new(rx, ring_chan, wake, sessions, events, busy_poll),
     )?;
     Ok(Handle {
         chan,
@@ -583,6 +588,8 @@ struct Driver {
     splice: bool,
     /// The registered buffers small reads go into, when the kernel registered them.
     fixed: Option<FixedBufs>,
+    /// Spin this long for a completion before sleeping (`iscsi.busy_poll_us`).
+    busy_poll: Duration,
 }
 
 impl Driver {
@@ -592,6 +599,7 @@ impl Driver {
         wake: Arc<OwnedFd>,
         sessions: Arc<Sessions>,
         events: mpsc::Sender<SessionMsg>,
+        busy_poll: Duration,
     ) -> io::Result<Self> {
         let (ring, probe) = super::ring_for(
             SQ_ENTRIES,
@@ -618,6 +626,7 @@ impl Driver {
         Ok(Self {
             splice,
             fixed,
+            busy_poll,
             ring,
             rx,
             chan,
@@ -671,14 +680,19 @@ impl Driver {
         self.dirty.push(key);
     }
 
-    /// Submits what is queued and waits for a completion (while stopping, at most 50 ms).
+    /// Submits what is queued and waits for a completion (while stopping, at most 50 ms;
+    /// otherwise spinning first for up to `busy_poll`).
     fn wait(&mut self) -> io::Result<()> {
         let r = if self.stopping.is_some() {
             let ts = Timespec::from(Duration::from_millis(50));
             let args = SubmitArgs::new().timespec(&ts);
             self.ring.submitter().submit_with_args(1, &args)
         } else {
-            self.ring.submit_and_wait(1)
+            match super::poll_completions(&mut self.ring, self.busy_poll) {
+                Ok(true) => return Ok(()),
+                Ok(false) => self.ring.submit_and_wait(1),
+                Err(e) => Err(e),
+            }
         };
         match r {
             Ok(_) => Ok(()),

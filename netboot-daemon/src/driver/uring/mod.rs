@@ -9,7 +9,11 @@
 //!   An ICMP port unreachable ends it with `ECONNREFUSED`, which ends the transfer;
 //! - `SENDMSG` for every datagram the transfers emit in an iteration, all submitted with
 //!   the next wait; a run of equal-sized datagrams from one transfer (a window) goes as one
-//!   `SENDMSG` with a `UDP_SEGMENT` control message (UDP GSO);
+//!   `SENDMSG` with a `UDP_SEGMENT` control message (UDP GSO). A lock-step transfer's
+//!   datagram goes with `MSG_DONTWAIT` and `IOSQE_CQE_SKIP_SUCCESS`: the kernel sends it
+//!   while it takes the submission, posts a CQE only when it fails, and never arms a poll
+//!   for it, so the loop makes one `io_uring_enter` per block (submit the DATA, wait for
+//!   the ACK) instead of two;
 //! - `READ` for file data of files that are not in memory (never a blocking read on this
 //!   thread); files small enough for the cache are collected while they are read and go
 //!   into the cache once complete;
@@ -22,8 +26,10 @@
 //! ([`bufring`]) until a CQE hands one over, and are given back in the same iteration.
 //! Every `SENDMSG` owns a boxed [`msg::SendBuf`] (data, iovec, msghdr, control message),
 //! every `READ` its `Vec` and an `Arc` of the file, in the `ops` slab until their CQE,
-//! whatever happens to the transfer meanwhile. Sockets of ended transfers are closed only
-//! after the submission that names them. At shutdown every request is cancelled and
+//! whatever happens to the transfer meanwhile. A send without a success CQE has finished
+//! with the `io_uring_enter` that submits it (`MSG_DONTWAIT` makes a full socket buffer
+//! a failure, not a wait), so its buffer is kept in `sent` only until then. Sockets of
+//! ended transfers are closed only after the submission that names them. At shutdown every request is cancelled and
 //! awaited before any buffer is freed.
 //!
 //! The driver makes no protocol decision: it feeds [`crate::tftp::transfer::Transfer`]
@@ -88,6 +94,10 @@ enum Tag {
     Recv = 3,
     Op = 4,
     Cancel = 5,
+    /// A send without a success CQE ([`Driver::send_lock_step`]); the index and generation
+    /// are its transfer's. Not counted in `inflight`: it has ended when the submission
+    /// returns.
+    Sent = 6,
 }
 
 fn user_data(tag: Tag, idx: usize, generation: u32) -> u64 {
@@ -185,14 +195,20 @@ impl Drop for Handle {
 /// Fails (returning the listener) when the ring cannot be set up: io_uring disabled,
 /// or a kernel older than 6.0 (multishot receive, provided-buffer rings).
 pub fn spawn(tftp: Arc<Tftp>, listener: UdpSocket) -> Result<Handle, SpawnError> {
-    spawn_inner(tftp, listener, Options::default())
+    let opts = Options {
+        busy_poll: tftp.busy_poll(),
+        ..Options::default()
+    };
+    spawn_inner(tftp, listener, opts)
 }
 
-/// Knobs of the driver that only tests turn.
+/// Knobs of the driver.
 #[derive(Debug, Clone, Copy, Default)]
 struct Options {
-    /// Set `SO_NO_CHECK` on transfer sockets: the kernel then refuses every GSO send with
-    /// `EINVAL`, which exercises the fallback to single datagrams.
+    /// Spin this long for a completion before sleeping (`tftp.busy_poll_us`).
+    busy_poll: Duration,
+    /// Tests only: set `SO_NO_CHECK` on transfer sockets. The kernel then refuses every GSO
+    /// send with `EINVAL`, which exercises the fallback to single datagrams.
     no_udp_checksum: bool,
 }
 
@@ -273,11 +289,14 @@ pub(super) fn start_ring_thread<D: RingDriver>(
 pub(super) fn ring_for(sq: u32, cq: u32, ops: &[(u8, &str)]) -> io::Result<(IoUring, Probe)> {
     // Deferred task work suits one thread that owns the ring (Linux 6.1); without it the
     // ring still works.
+    // The task-run flag lets a busy-poll ([`poll_completions`]) see deferred completions
+    // without entering the kernel.
     let ring = IoUring::builder()
         .setup_cqsize(cq)
         .setup_submit_all()
         .setup_single_issuer()
         .setup_defer_taskrun()
+        .setup_taskrun_flag()
         .build(sq)
         .or_else(|_| IoUring::builder().setup_cqsize(cq).build(sq))?;
     let mut probe = Probe::new();
@@ -289,6 +308,37 @@ pub(super) fn ring_for(sq: u32, cq: u32, ops: &[(u8, &str)]) -> io::Result<(IoUr
         ));
     }
     Ok((ring, probe))
+}
+
+/// Submits what is queued on `ring`, then spins for up to `budget` until a completion is
+/// ready, running the deferred task work the kernel flags (`IORING_SQ_TASKRUN`: a socket
+/// became readable, a read finished). True when one is: the caller then need not sleep.
+///
+/// The caller's wait would otherwise sleep in `io_uring_enter`. On a VM whose idle vCPU
+/// halts, waking it costs tens of microseconds, more than a loopback round trip: a
+/// lock-step peer (TFTP without a window, an iSCSI initiator at queue depth 1) pays that
+/// per exchange. Spinning trades a core's time for that latency, which is why it is
+/// opt-in (`busy_poll_us`) and bounded.
+pub(super) fn poll_completions(ring: &mut IoUring, budget: Duration) -> io::Result<bool> {
+    if budget.is_zero() {
+        return Ok(false);
+    }
+    ring.submit()?;
+    let until = Instant::now() + budget;
+    loop {
+        if !ring.completion().is_empty() {
+            return Ok(true);
+        }
+        if ring.submission().taskrun() {
+            // Runs the deferred work, which posts its completions.
+            ring.submit()?;
+            continue;
+        }
+        if Instant::now() >= until {
+            return Ok(false);
+        }
+        std::hint::spin_loop();
+    }
 }
 
 /// Queues an SQE on `ring`, flushing the submission queue once if it is full, and counts
@@ -370,6 +420,11 @@ struct Driver {
     dirty: Vec<Key>,
     rearm: Vec<Key>,
     to_close: Vec<UdpSocket>,
+    /// Buffers of sends without a success CQE, until the submission that carries them.
+    #[allow(clippy::vec_box, reason = "as for `pool`")]
+    sent: Vec<Box<SendBuf>>,
+    /// Whether the kernel takes `IOSQE_CQE_SKIP_SUCCESS` (Linux 5.17).
+    skip_cqe: bool,
     /// Submitted requests whose last CQE has not arrived.
     inflight: usize,
     gso: Gso,
@@ -424,6 +479,7 @@ impl Driver {
             }
         };
         let local_ip = transfer_ip(listener.local_addr()?);
+        let skip_cqe = ring.params().is_feature_skip_cqe_on_success();
         Ok(Self {
             ring,
             tftp,
@@ -443,6 +499,8 @@ impl Driver {
             dirty: Vec::new(),
             rearm: Vec::new(),
             to_close: Vec::new(),
+            sent: Vec::new(),
+            skip_cqe,
             inflight: 0,
             gso: Gso::Untested,
             opts,
@@ -511,21 +569,19 @@ impl Driver {
         }
     }
 
-    /// Submits what is queued and waits for a completion or the earliest timer.
+    /// Submits what is queued and waits for a completion or the earliest timer (spinning
+    /// first for up to `busy_poll`, see [`poll_completions`]).
     fn wait(&mut self) -> io::Result<()> {
         let deadline = self.timers.peek().map(|Reverse((at, _, _))| *at);
-        let r = match deadline {
-            None => self.ring.submit_and_wait(1),
-            Some(at) => {
-                let left = at.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    self.ring.submit()
-                } else {
-                    let ts = Timespec::from(left);
-                    let args = SubmitArgs::new().timespec(&ts);
-                    self.ring.submitter().submit_with_args(1, &args)
-                }
-            }
+        let budget = deadline.map_or(self.opts.busy_poll, |at| {
+            self.opts
+                .busy_poll
+                .min(at.saturating_duration_since(Instant::now()))
+        });
+        let r = match poll_completions(&mut self.ring, budget) {
+            Ok(true) => return Ok(()),
+            Ok(false) => self.sleep(deadline),
+            Err(e) => Err(e),
         };
         match r {
             Ok(_) => Ok(()),
@@ -541,12 +597,29 @@ impl Driver {
         }
     }
 
+    /// Submits what is queued and sleeps until a completion or `deadline`.
+    fn sleep(&mut self, deadline: Option<Instant>) -> io::Result<usize> {
+        match deadline {
+            None => self.ring.submit_and_wait(1),
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    self.ring.submit()
+                } else {
+                    let ts = Timespec::from(left);
+                    let args = SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+            }
+        }
+    }
+
     fn complete(&mut self, now: Instant, ud: u64, res: i32, flags: u32) {
         let more = cqueue::more(flags);
-        if !more {
+        let (tag, idx, generation) = split_user_data(ud);
+        if !more && tag != Tag::Sent as u8 {
             self.inflight = self.inflight.saturating_sub(1);
         }
-        let (tag, idx, generation) = split_user_data(ud);
         match tag {
             t if t == Tag::Stop as u8 => self.stopping = true,
             t if t == Tag::Listen as u8 => self.on_listen(now, res, flags, more),
@@ -554,6 +627,9 @@ impl Driver {
                 self.on_recv(now, Key { idx, generation }, res, flags, more)
             }
             t if t == Tag::Op as u8 => self.on_op(now, idx, res),
+            t if t == Tag::Sent as u8 && res < 0 => {
+                self.on_send_error(now, Some(Key { idx, generation }), -res);
+            }
             _ => {}
         }
     }
@@ -722,14 +798,9 @@ impl Driver {
                         self.resend_singly(owner, &buf, usize::from(seg));
                         self.recycle(buf);
                     }
-                    (_, Some(owner)) if send_error_ends_transfer(err) => {
-                        self.recycle(buf);
-                        self.end(now, owner, Outcome::Io(io::Error::from_raw_os_error(err)));
-                    }
                     _ => {
-                        // Lost like a datagram on the wire; the transfer retransmits.
-                        tracing::debug!(error = %io::Error::from_raw_os_error(err), "tftp send failed");
                         self.recycle(buf);
+                        self.on_send_error(now, owner, err);
                     }
                 }
             }
@@ -766,6 +837,17 @@ impl Driver {
                     self.dirty.push(owner);
                 }
             }
+        }
+    }
+
+    /// A send failed with `err`: the end of the transfer for a socket error, otherwise a
+    /// datagram lost like one on the wire, which the transfer retransmits.
+    fn on_send_error(&mut self, now: Instant, owner: Option<Key>, err: i32) {
+        match owner {
+            Some(owner) if send_error_ends_transfer(err) => {
+                self.end(now, owner, Outcome::Io(io::Error::from_raw_os_error(err)));
+            }
+            _ => tracing::debug!(error = %io::Error::from_raw_os_error(err), "tftp send failed"),
         }
     }
 
@@ -822,6 +904,34 @@ impl Driver {
         if !unsafe { self.push(&sqe) }
             && let Some(Op::Send { buf, .. }) = self.ops.try_remove(idx)
         {
+            self.recycle(buf);
+        }
+    }
+
+    /// Queues a lock-step transfer's datagram as a `SENDMSG` that the kernel completes
+    /// while it takes the submission and that posts a CQE only on failure (`EAGAIN` from a
+    /// full socket buffer included: with one datagram in flight that is a loss like any
+    /// other). Without `IOSQE_CQE_SKIP_SUCCESS`, a plain [`Driver::send`].
+    fn send_lock_step(&mut self, owner: Key, fd: RawFd, mut buf: Box<SendBuf>) {
+        if !self.skip_cqe {
+            self.send(Some(owner), fd, buf, None, None);
+            return;
+        }
+        let msg = buf.prepare(None, None);
+        let sqe = opcode::SendMsg::new(Fd(fd), msg)
+            .flags(libc::MSG_DONTWAIT as u32)
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(user_data(Tag::Sent, owner.idx, owner.generation));
+        // SAFETY: the SendBuf (msghdr, iovec, data) moves into `sent`, which keeps it until
+        // the submission queue has been emptied by an `io_uring_enter`; with MSG_DONTWAIT
+        // the kernel has finished with it by then (it neither waits for room nor hands the
+        // request to a worker). The socket is closed only after that submission too.
+        if unsafe { self.push(&sqe) } {
+            // Not in `inflight`: no CQE will come when it succeeds.
+            self.inflight -= 1;
+            self.sent.push(buf);
+        } else {
             self.recycle(buf);
         }
     }
@@ -908,10 +1018,15 @@ impl Driver {
             };
             let fd = s.socket.as_raw_fd();
             let max_seg = if gso_on { s.gso_max } else { 0 };
+            let lock_step = s.transfer.window() == 1;
             let Some(train) = fill_train(&mut s.transfer, now, &mut buf.data, max_seg) else {
                 self.recycle(buf);
                 return;
             };
+            if lock_step && train.gso.is_none() && train.spill.is_none() {
+                self.send_lock_step(key, fd, buf);
+                continue;
+            }
             let spill = train.spill.map(|at| {
                 let mut b = self.take_buf();
                 b.data.extend_from_slice(&buf.data[at..]);
@@ -1035,8 +1150,12 @@ impl RingDriver for Driver {
             self.wait()?;
             if self.ring.submission().is_empty() {
                 // Every SQE that named these sockets has reached the kernel, which holds
-                // its own reference to the file from then on.
+                // its own reference to the file from then on; the sends without a success
+                // CQE have been carried out.
                 self.to_close.clear();
+                for buf in std::mem::take(&mut self.sent) {
+                    self.recycle(buf);
+                }
             }
             cqes.clear();
             cqes.extend(
@@ -1224,6 +1343,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let opts = Options {
             no_udp_checksum: true,
+            ..Options::default()
         };
         let handle = spawn_inner(Arc::clone(&tftp), listener, opts).expect("ring");
         assert_eq!(fetch_windowed(addr, "f.bin", 1468, 16), want);
@@ -1241,5 +1361,44 @@ mod tests {
     fn user_data_round_trips() {
         let ud = user_data(Tag::Recv, 123_456, 0xab_cdef);
         assert_eq!(split_user_data(ud), (Tag::Recv as u8, 123_456, 0xab_cdef));
+    }
+
+    #[test]
+    fn a_busy_poll_returns_once_a_datagram_arrives_and_gives_up_without_one() {
+        let Ok((mut ring, _)) = ring_for(8, 16, &[(opcode::Recv::CODE, "RECV")]) else {
+            eprintln!("SKIPPED: no io_uring here");
+            return;
+        };
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let mut buf = [0u8; 16];
+        let sqe = opcode::Recv::new(Fd(rx.as_raw_fd()), buf.as_mut_ptr(), 16)
+            .build()
+            .user_data(7);
+        // SAFETY: `buf` and the socket outlive the ring's use of them: the request completes
+        // (asserted) before either goes.
+        unsafe { ring.submission().push(&sqe) }.expect("room");
+
+        // Nothing to receive: the spin submits the receive, which waits, and gives up.
+        let t0 = Instant::now();
+        assert!(!poll_completions(&mut ring, Duration::from_millis(5)).expect("poll"));
+        assert!(t0.elapsed() >= Duration::from_millis(5));
+        assert!(!poll_completions(&mut ring, Duration::ZERO).expect("poll"));
+
+        // The datagram arrives from another thread, before or during the spin, while no
+        // one waits on the ring: only the deferred task work the kernel flags delivers it.
+        // Without the flag the spin would run its full 10 s and return false.
+        let peer = rx.local_addr().expect("addr");
+        let sender = std::thread::spawn(move || tx.send_to(b"ping", peer).expect("send"));
+        let t0 = Instant::now();
+        assert!(poll_completions(&mut ring, Duration::from_secs(10)).expect("poll"));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        sender.join().expect("sender");
+        let cqe = ring
+            .completion()
+            .next()
+            .map(|c| (c.user_data(), c.result()));
+        assert_eq!(cqe, Some((7, 4)));
+        assert_eq!(&buf[..4], b"ping");
     }
 }
