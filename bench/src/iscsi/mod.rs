@@ -206,6 +206,21 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// A figure for the report with as many decimals as its second field, or a dash where
+/// there is none (NaN: a server that did not run, the CPU of raw fio, which has no target
+/// process).
+struct Fig(f64, usize);
+
+impl std::fmt::Display for Fig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_finite() {
+            write!(f, "{:.*}", self.1, self.0)
+        } else {
+            f.write_str("–")
+        }
+    }
+}
+
 /// The median of the finite values; NaN when there is none.
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
@@ -777,15 +792,15 @@ pub(crate) fn run(a: &CompareArgs) -> anyhow::Result<bool> {
                 }
                 .with_context(|| format!("{} {}", x.name(), w.name))?;
                 say(format!(
-                    "rep {rep} {} {}: {:.0} IOPS, {:.1} MB/s, p50 {:.0} us, p99 {:.0} us, CPU {:.0} % ({:.1} us/IO)",
+                    "rep {rep} {} {}: {:.0} IOPS, {:.1} MB/s, p50 {:.0} us, p99 {:.0} us, CPU {} % ({} us/IO)",
                     w.name,
                     x.name(),
                     m.iops,
                     m.mbs,
                     m.p50_us,
                     m.p99_us,
-                    m.cpu_pct(),
-                    m.cpu_us_per_io()
+                    Fig(m.cpu_pct(), 0),
+                    Fig(m.cpu_us_per_io(), 1)
                 ));
                 results.entry((wi, x)).or_default().push(m);
             }
@@ -867,15 +882,15 @@ fn report(
         for &x in who {
             writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 w.name,
                 x.name(),
-                med(wi, x, &|m| m.iops),
-                med(wi, x, &|m| m.mbs),
-                med(wi, x, &|m| m.p50_us),
-                med(wi, x, &|m| m.p99_us),
-                med(wi, x, &|m| m.cpu_pct()),
-                med(wi, x, &|m| m.cpu_us_per_io()),
+                Fig(med(wi, x, &|m| m.iops), 0),
+                Fig(med(wi, x, &|m| m.mbs), 1),
+                Fig(med(wi, x, &|m| m.p50_us), 0),
+                Fig(med(wi, x, &|m| m.p99_us), 0),
+                Fig(med(wi, x, &|m| m.cpu_pct()), 0),
+                Fig(med(wi, x, &|m| m.cpu_us_per_io()), 1),
             )?;
         }
     }
@@ -886,24 +901,19 @@ fn report(
     writeln!(out, "|---|---|---|---|---|")?;
     for (wi, w) in workloads.iter().enumerate() {
         let nb = med(wi, Who::Netboot, &|m| m.iops);
-        // A server that did not run (`--no-fio`) shows as a dash, not NaN.
-        let r = |x: Who| {
-            let v = nb / med(wi, x, &|m| m.iops);
-            if v.is_finite() {
-                format!("{v:.2}")
-            } else {
-                "–".to_owned()
-            }
-        };
+        let r = |x: Who| Fig(nb / med(wi, x, &|m| m.iops), 2);
         writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2} |",
+            "| {} | {} | {} | {} | {} |",
             w.name,
             r(Who::Tgtd),
             r(Who::FioUring),
             r(Who::FioPsync),
-            med(wi, Who::Netboot, &|m| m.cpu_us_per_io())
-                / med(wi, Who::Tgtd, &|m| m.cpu_us_per_io()),
+            Fig(
+                med(wi, Who::Netboot, &|m| m.cpu_us_per_io())
+                    / med(wi, Who::Tgtd, &|m| m.cpu_us_per_io()),
+                2
+            ),
         )?;
     }
     if !perf_rows.is_empty() {
