@@ -440,6 +440,10 @@ pub struct IscsiConfig {
     /// Saves a sleeping CPU's wake-up per command at queue depth 1 (iPXE's `sanboot`)
     /// at the price of a busy core while initiators are active; 0: never spin.
     pub busy_poll_us: u32,
+    /// io_uring driver: send the Data-In of reads of 64 KiB and more from the page cache
+    /// through pipes (splice, no copy in the target, the work on the kernel's io-wq
+    /// threads) instead of reading into a buffer and sending that from the ring's thread.
+    pub splice_reads: bool,
 }
 
 /// The iSCSI driver (`iscsi.driver`, `NETBOOT_ISCSI_DRIVER`).
@@ -474,6 +478,7 @@ impl Default for IscsiConfig {
             allow: Vec::new(),
             driver: IscsiDriver::Uring,
             busy_poll_us: 0,
+            splice_reads: false,
         }
     }
 }

@@ -379,7 +379,10 @@ async fn start_iscsi(
     let dyn_targets = Arc::clone(&targets) as Arc<dyn crate::iscsi::conn::Targets>;
     let runner = crate::service::iscsi::IscsiRunner::start(
         i.driver,
-        Duration::from_micros(u64::from(i.busy_poll_us)),
+        driver::uring::iscsi::Options {
+            busy_poll: Duration::from_micros(u64::from(i.busy_poll_us)),
+            splice_reads: i.splice_reads,
+        },
         &dyn_targets,
         &sessions,
     );

@@ -704,12 +704,12 @@ pub enum IscsiRunner {
 }
 
 impl IscsiRunner {
-    /// Starts the driver `choice` (the io_uring one spinning for up to `busy_poll` before
-    /// it sleeps); when the io_uring driver cannot be set up (old kernel, io_uring
-    /// disabled by sysctl or seccomp), warns and falls back to tokio.
+    /// Starts the driver `choice` (the io_uring one with `uring`); when the io_uring
+    /// driver cannot be set up (old kernel, io_uring disabled by sysctl or seccomp), warns
+    /// and falls back to tokio.
     pub fn start(
         choice: IscsiDriver,
-        busy_poll: Duration,
+        uring: crate::driver::uring::iscsi::Options,
         targets: &Arc<dyn Targets>,
         sessions: &Arc<Sessions>,
     ) -> Self {
@@ -718,7 +718,7 @@ impl IscsiRunner {
                 match crate::driver::uring::iscsi::spawn(
                     Arc::clone(targets),
                     Arc::clone(sessions),
-                    busy_poll,
+                    uring,
                 ) {
                     Ok(handle) => Self::Uring(handle),
                     Err(error) => {

@@ -216,13 +216,24 @@ impl Drop for Handle {
     }
 }
 
+/// How the driver runs (from `[iscsi]`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// How long the loop spins for a completion before it sleeps
+    /// ([`super::poll_completions`]); zero: never.
+    pub busy_poll: Duration,
+    /// Send the Data-In of reads of 64 KiB and more from the page cache through pipes
+    /// (`SPLICE`, done by io-wq workers) instead of reading it into a buffer and sending
+    /// that (`iscsi.splice_reads`).
+    pub splice_reads: bool,
+}
+
 /// Starts the driver on its own thread. Fails when the ring cannot be set up (io_uring
-/// disabled, or a kernel without the operations it uses). `busy_poll`: how long the loop
-/// spins for a completion before it sleeps ([`super::poll_completions`]); zero: never.
+/// disabled, or a kernel without the operations it uses).
 pub fn spawn(
     targets: Arc<dyn Targets>,
     sessions: Arc<Sessions>,
-    busy_poll: Duration,
+    opts: Options,
 ) -> io::Result<Handle> {
     // SAFETY: eventfd(2) with valid flags; a non-negative result is a new descriptor we own.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -252,7 +263,7 @@ pub fn spawn(
     let thread = super::start_ring_thread(
         "iscsi-ring".into(),
         "iSCSI io_uring driver failed; iSCSI connections are stopped",
-        move || Driver::new(rx, ring_chan, wake, sessions, events, busy_poll),
+        move || Driver::new(rx, ring_chan, wake, sessions, events, opts),
     )?;
     Ok(Handle {
         chan,
@@ -599,7 +610,7 @@ impl Driver {
         wake: Arc<OwnedFd>,
         sessions: Arc<Sessions>,
         events: mpsc::Sender<SessionMsg>,
-        busy_poll: Duration,
+        opts: Options,
     ) -> io::Result<Self> {
         let (ring, probe) = super::ring_for(
             SQ_ENTRIES,
@@ -613,8 +624,8 @@ impl Driver {
                 (opcode::AsyncCancel2::CODE, "ASYNC_CANCEL"),
             ],
         )?;
-        let splice = probe.is_supported(opcode::Splice::CODE);
-        if !splice {
+        let splice = opts.splice_reads && probe.is_supported(opcode::Splice::CODE);
+        if opts.splice_reads && !splice {
             tracing::info!("io_uring lacks SPLICE: iSCSI Data-In is read and copied");
         }
         let fixed = if probe.is_supported(opcode::ReadFixed::CODE) {
@@ -626,7 +637,7 @@ impl Driver {
         Ok(Self {
             splice,
             fixed,
-            busy_poll,
+            busy_poll: opts.busy_poll,
             ring,
             rx,
             chan,
