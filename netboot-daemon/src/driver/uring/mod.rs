@@ -29,8 +29,8 @@
 //! whatever happens to the transfer meanwhile. A send without a success CQE has finished
 //! with the `io_uring_enter` that submits it (`MSG_DONTWAIT` makes a full socket buffer
 //! a failure, not a wait), so its buffer is kept in `sent` only until then. Sockets of
-//! ended transfers are closed only after the submission that names them. At shutdown every request is cancelled and
-//! awaited before any buffer is freed.
+//! ended transfers are closed only after the submission that names them. At shutdown
+//! every request is cancelled and awaited before any buffer is freed.
 //!
 //! The driver makes no protocol decision: it feeds [`crate::tftp::transfer::Transfer`]
 //! and carries out its outputs; admission, files, the cache and counters are
