@@ -469,6 +469,13 @@ impl std::str::FromStr for IscsiDriver {
     }
 }
 
+impl IscsiConfig {
+    /// `busy_poll_us` as a duration.
+    pub fn busy_poll(&self) -> Duration {
+        Duration::from_micros(u64::from(self.busy_poll_us))
+    }
+}
+
 impl Default for IscsiConfig {
     fn default() -> Self {
         Self {
@@ -530,6 +537,13 @@ pub enum TftpDriver {
     Uring,
     /// tokio tasks (`crate::driver::tokio`).
     Tokio,
+}
+
+impl TftpConfig {
+    /// `busy_poll_us` as a duration.
+    pub fn busy_poll(&self) -> Duration {
+        Duration::from_micros(u64::from(self.busy_poll_us))
+    }
 }
 
 impl Default for TftpConfig {

@@ -271,7 +271,7 @@ fn start_tftp(
             records,
         ));
     }
-    let running = driver::start_tftp(Arc::clone(&service), socket, t.driver, stop)
+    let running = driver::start_tftp(Arc::clone(&service), socket, t.driver, t.busy_poll(), stop)
         .context("starting the TFTP driver")?;
     tracing::info!(addr = %tftp_addr, root = %cfg.paths.tftp.display(), driver = ?running.kind(), "TFTP listening");
     Ok(Some((service, running)))
@@ -380,7 +380,7 @@ async fn start_iscsi(
     let runner = crate::service::iscsi::IscsiRunner::start(
         i.driver,
         driver::uring::iscsi::Options {
-            busy_poll: Duration::from_micros(u64::from(i.busy_poll_us)),
+            busy_poll: i.busy_poll(),
             splice_reads: i.splice_reads,
         },
         &dyn_targets,

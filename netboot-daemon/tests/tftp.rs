@@ -48,8 +48,8 @@ impl Server {
         let addr = socket.local_addr().expect("addr");
         let tftp = Arc::new(build(Tftp::new(&cfg, root.join("srv"))));
         let (stop, rx) = tokio::sync::watch::channel(false);
-        let running =
-            driver::start_tftp(Arc::clone(&tftp), socket, driver, rx).expect("start driver");
+        let running = driver::start_tftp(Arc::clone(&tftp), socket, driver, cfg.busy_poll(), rx)
+            .expect("start driver");
         assert_eq!(running.kind(), driver, "the requested driver runs");
         Self {
             addr,

@@ -501,6 +501,7 @@ mod tests {
                         tftp,
                         sock,
                         netboot_daemon::config::TftpDriver::default(),
+                        Duration::ZERO,
                         rx,
                     )
                     .expect("start the TFTP driver");

@@ -11,6 +11,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ::tokio::sync::watch;
 use ::tokio::task::JoinHandle;
@@ -56,17 +57,19 @@ impl Running {
     }
 }
 
-/// Starts serving TFTP on `listener` with the driver `choice`; when the io_uring driver
-/// cannot be set up (old kernel, io_uring disabled by sysctl or seccomp), warns and falls
-/// back to the tokio driver. Must be called inside a tokio runtime.
+/// Starts serving TFTP on `listener` with the driver `choice` (the io_uring one spinning
+/// for up to `busy_poll` before it sleeps); when the io_uring driver cannot be set up (old
+/// kernel, io_uring disabled by sysctl or seccomp), warns and falls back to the tokio
+/// driver. Must be called inside a tokio runtime.
 pub fn start_tftp(
     tftp: Arc<Tftp>,
     listener: std::net::UdpSocket,
     choice: TftpDriver,
+    busy_poll: Duration,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<Running> {
     let listener = match choice {
-        TftpDriver::Uring => match uring::spawn(Arc::clone(&tftp), listener) {
+        TftpDriver::Uring => match uring::spawn(Arc::clone(&tftp), listener, busy_poll) {
             Ok(handle) => return Ok(Running::Uring(handle)),
             Err(e) => {
                 tracing::warn!(error = %e.error, "io_uring unavailable for TFTP; using the tokio driver");

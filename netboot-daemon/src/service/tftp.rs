@@ -475,8 +475,6 @@ pub struct Tftp {
     ports: std::sync::OnceLock<Arc<dyn TransferPorts>>,
     /// Counts each ended transfer for its client when the eBPF program does not.
     tally: std::sync::OnceLock<Arc<Tally>>,
-    /// How long the io_uring driver spins for a completion before it sleeps.
-    busy_poll: Duration,
     /// Counters.
     pub stats: Stats,
 }
@@ -522,15 +520,8 @@ impl Tftp {
             bindings: None,
             ports: std::sync::OnceLock::new(),
             tally: std::sync::OnceLock::new(),
-            busy_poll: Duration::from_micros(u64::from(cfg.busy_poll_us)),
             stats: Stats::default(),
         }
-    }
-
-    /// How long the io_uring driver spins for a completion before it sleeps
-    /// (`tftp.busy_poll_us`; zero: never).
-    pub fn busy_poll(&self) -> Duration {
-        self.busy_poll
     }
 
     /// Serves the files `files` generates (when no real file has the name).

@@ -193,10 +193,16 @@ impl Drop for Handle {
 
 /// Starts the driver on its own thread, serving requests that arrive on `listener`.
 /// Fails (returning the listener) when the ring cannot be set up: io_uring disabled,
-/// or a kernel older than 6.0 (multishot receive, provided-buffer rings).
-pub fn spawn(tftp: Arc<Tftp>, listener: UdpSocket) -> Result<Handle, SpawnError> {
+/// or a kernel older than 6.0 (multishot receive, provided-buffer rings). `busy_poll`:
+/// how long the loop spins for a completion before it sleeps ([`poll_completions`]);
+/// zero: never.
+pub fn spawn(
+    tftp: Arc<Tftp>,
+    listener: UdpSocket,
+    busy_poll: Duration,
+) -> Result<Handle, SpawnError> {
     let opts = Options {
-        busy_poll: tftp.busy_poll(),
+        busy_poll,
         ..Options::default()
     };
     spawn_inner(tftp, listener, opts)
