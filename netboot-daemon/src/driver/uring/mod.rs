@@ -359,10 +359,24 @@ pub(super) unsafe fn push_counted(
     inflight: &mut usize,
     sqe: &squeue::Entry,
 ) -> bool {
+    // SAFETY: the caller's guarantee, passed on.
+    let pushed = unsafe { push(ring, sqe) };
+    if pushed {
+        *inflight += 1;
+    }
+    pushed
+}
+
+/// Queues an SQE on `ring`, flushing the submission queue once if it is full; false if
+/// there was no room. Not counted: for a request that has no CQE to wait for at shutdown.
+///
+/// # Safety
+///
+/// As for [`push_counted`].
+unsafe fn push(ring: &mut IoUring, sqe: &squeue::Entry) -> bool {
     for attempt in 0..2 {
         // SAFETY: the caller guarantees what the entry points to (see above).
         if unsafe { ring.submission().push(sqe) }.is_ok() {
-            *inflight += 1;
             return true;
         }
         if attempt == 0 {
@@ -579,11 +593,11 @@ impl Driver {
     /// first for up to `busy_poll`, see [`poll_completions`]).
     fn wait(&mut self) -> io::Result<()> {
         let deadline = self.timers.peek().map(|Reverse((at, _, _))| *at);
-        let budget = deadline.map_or(self.opts.busy_poll, |at| {
-            self.opts
-                .busy_poll
-                .min(at.saturating_duration_since(Instant::now()))
-        });
+        let spin = self.opts.busy_poll;
+        let budget = match deadline {
+            Some(at) if !spin.is_zero() => spin.min(at.saturating_duration_since(Instant::now())),
+            _ => spin,
+        };
         let r = match poll_completions(&mut self.ring, budget) {
             Ok(true) => return Ok(()),
             Ok(false) => self.sleep(deadline),
@@ -929,13 +943,12 @@ impl Driver {
             .build()
             .flags(squeue::Flags::SKIP_SUCCESS)
             .user_data(user_data(Tag::Sent, owner.idx, owner.generation));
+        // Not in `inflight`: no CQE comes when it succeeds, and it is over by shutdown.
         // SAFETY: the SendBuf (msghdr, iovec, data) moves into `sent`, which keeps it until
         // the submission queue has been emptied by an `io_uring_enter`; with MSG_DONTWAIT
         // the kernel has finished with it by then (it neither waits for room nor hands the
         // request to a worker). The socket is closed only after that submission too.
-        if unsafe { self.push(&sqe) } {
-            // Not in `inflight`: no CQE will come when it succeeds.
-            self.inflight -= 1;
+        if unsafe { push(&mut self.ring, &sqe) } {
             self.sent.push(buf);
         } else {
             self.recycle(buf);
