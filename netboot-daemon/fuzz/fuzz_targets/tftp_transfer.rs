@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
+use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use netboot_daemon::tftp::transfer::{Config, Negotiated, Transfer};
 use netboot_daemon::tftp::wire::{Mode, Packet, emit_ack};
@@ -17,6 +18,8 @@ enum Input {
     Advance(u16),
     Timeout,
     ShortRead,
+    /// The next read returns at most this many bytes (a block then spans reads).
+    PartialRead(u8),
 }
 
 #[derive(Debug, Arbitrary)]
@@ -46,6 +49,7 @@ fuzz_target!(|c: Case| {
     let mut buf = vec![0u8; t.buffer_len()];
     let mut last_data: u16 = 0;
     let mut short_read = false;
+    let mut partial: Option<usize> = None;
     for input in c.inputs {
         while let Some(r) = t.poll_read() {
             let start = (r.offset as usize).min(file.len());
@@ -53,8 +57,10 @@ fuzz_target!(|c: Case| {
             if short_read {
                 end = start;
                 short_read = false;
+            } else if let Some(p) = partial.take() {
+                end = end.min(start + p.max(1));
             }
-            t.handle_read(Ok(&file[start..end]));
+            t.handle_read(Ok(Bytes::copy_from_slice(&file[start..end])));
         }
         while let Some(n) = t.poll_transmit(now, &mut buf) {
             match Packet::parse(&buf[..n]).expect("the transfer emits valid packets") {
@@ -96,6 +102,7 @@ fuzz_target!(|c: Case| {
                 }
             }
             Input::ShortRead => short_read = true,
+            Input::PartialRead(n) => partial = Some(usize::from(n)),
         }
     }
 });

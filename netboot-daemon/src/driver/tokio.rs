@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -165,7 +166,7 @@ async fn drive(
             let data = tokio::task::spawn_blocking(move || read_at(&file, r.offset, r.len))
                 .await
                 .map_err(io::Error::other)?;
-            t.handle_read(data.as_deref().map_err(|_| ()));
+            t.handle_read(data.map(Bytes::from).map_err(|_| ()));
         }
         while let Some(n) = t.poll_transmit(Instant::now(), &mut out) {
             if let Err(e) = socket.send(&out[..n]).await {

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use utoipa::ToSchema;
@@ -236,8 +237,8 @@ struct Transfers {
 /// The bytes of a file being sent.
 #[derive(Debug, Clone)]
 pub(crate) enum Source {
-    /// The whole file, in memory (from the cache).
-    Memory(Arc<[u8]>),
+    /// The whole file, in memory (from the cache): transfers send slices of it.
+    Memory(Bytes),
     /// An open file and its length at open time.
     File(Arc<File>, u64),
 }
@@ -264,18 +265,18 @@ impl Source {
     }
 }
 
-/// The bytes `r` asks for out of `data` (fewer at the end, empty past it).
-pub(crate) fn slice_of(data: &[u8], r: ReadRequest) -> &[u8] {
+/// The bytes `r` asks for out of `data` (fewer at the end, empty past it), shared.
+pub(crate) fn slice_of(data: &Bytes, r: ReadRequest) -> Bytes {
     let start = usize::try_from(r.offset)
         .unwrap_or(usize::MAX)
         .min(data.len());
     let end = start.saturating_add(r.len).min(data.len());
-    &data[start..end]
+    data.slice(start..end)
 }
 
 struct Cached {
     modified: SystemTime,
-    data: Arc<[u8]>,
+    data: Bytes,
     last_used: Instant,
 }
 
@@ -298,20 +299,20 @@ impl FileCache {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn get(&self, path: &Path, meta: &std::fs::Metadata) -> Option<Arc<[u8]>> {
+    fn get(&self, path: &Path, meta: &std::fs::Metadata) -> Option<Bytes> {
         let modified = meta.modified().ok()?;
         let mut state = self.lock();
         let e = state.entries.get_mut(path)?;
         if e.modified == modified && e.data.len() as u64 == meta.len() {
             e.last_used = Instant::now();
-            Some(Arc::clone(&e.data))
+            Some(e.data.clone())
         } else {
             state.entries.remove(path);
             None
         }
     }
 
-    fn insert(&self, path: PathBuf, modified: SystemTime, data: Arc<[u8]>) {
+    fn insert(&self, path: PathBuf, modified: SystemTime, data: Bytes) {
         let mut state = self.lock();
         state.entries.insert(
             path,
@@ -381,13 +382,13 @@ impl CacheFill {
     }
 
     /// Puts the collected file into the cache (if complete) and returns it.
-    pub(crate) fn finish(mut self) -> Option<Arc<[u8]>> {
+    pub(crate) fn finish(mut self) -> Option<Bytes> {
         if !self.is_complete() {
             return None;
         }
-        let data: Arc<[u8]> = std::mem::take(&mut self.data).into();
+        let data = Bytes::from(std::mem::take(&mut self.data));
         self.cache
-            .insert(self.path.clone(), self.modified, Arc::clone(&data));
+            .insert(self.path.clone(), self.modified, data.clone());
         Some(data)
     }
 }

@@ -14,6 +14,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use bytes::{Buf as _, Bytes};
+
 use super::wire::{self, ErrorCode, Mode, Packet, Request};
 
 /// Largest blksize (RFC 2348: 65464 = 65535 - 20 - 8 - 4 - 39 of slack used by everyone).
@@ -179,10 +181,12 @@ pub struct Transfer {
     max_retries: u32,
     read_chunk: usize,
     netascii: bool,
-    oack: Option<Vec<u8>>,
+    oack: Option<Bytes>,
     state: State,
-    // The outgoing stream (after netascii translation) from `buf_start`.
-    buf: VecDeque<u8>,
+    // The outgoing stream (after netascii translation) from `buf_start`, as the chunks
+    // the reads delivered (`buf_len` bytes in all): blocks are slices of them, not copies.
+    buf: VecDeque<Bytes>,
+    buf_len: u64,
     buf_start: u64,
     src_pos: u64,
     src_size: u64,
@@ -196,8 +200,68 @@ pub struct Transfer {
     rto: Duration,
     deadline: Option<Instant>,
     summary: Summary,
-    error_out: Option<Vec<u8>>,
+    error_out: Option<Bytes>,
     events: VecDeque<Event>,
+}
+
+/// A datagram to send: a header of up to four bytes and a body that shares the file data
+/// the transfer was given (a DATA block is never copied on its way to the socket). OACK
+/// and ERROR packets are a body alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    head: [u8; 4],
+    head_len: u8,
+    body: Bytes,
+}
+
+impl Datagram {
+    /// A packet built whole (OACK, ERROR).
+    pub fn whole(packet: Bytes) -> Self {
+        Self {
+            head: [0; 4],
+            head_len: 0,
+            body: packet,
+        }
+    }
+
+    fn data(block: u16, body: Bytes) -> Self {
+        let mut head = [0u8; 4];
+        let head_len = wire::emit_data_header(&mut head, block).unwrap_or(0);
+        Self {
+            head,
+            head_len: head_len as u8,
+            body,
+        }
+    }
+
+    /// The bytes before the body (the DATA header), possibly none.
+    pub fn head(&self) -> &[u8] {
+        &self.head[..usize::from(self.head_len)]
+    }
+
+    /// The rest of the datagram.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Length of the whole datagram.
+    pub fn len(&self) -> usize {
+        usize::from(self.head_len) + self.body.len()
+    }
+
+    /// True for a datagram without bytes (never produced by a transfer).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies the whole datagram to the start of `buf`; its length, or None when `buf`
+    /// is too short.
+    pub fn copy_to(&self, buf: &mut [u8]) -> Option<usize> {
+        let (head, body) = buf.get_mut(..self.len())?.split_at_mut(self.head().len());
+        head.copy_from_slice(self.head());
+        body.copy_from_slice(&self.body);
+        Some(self.len())
+    }
 }
 
 impl Transfer {
@@ -208,7 +272,7 @@ impl Transfer {
             let mut b = vec![0u8; 512];
             let n = wire::emit_oack(&mut b, &neg.oack).unwrap_or(0);
             b.truncate(n);
-            b
+            Bytes::from(b)
         });
         let state = if oack.is_some() {
             State::ExpectOackAck
@@ -225,6 +289,7 @@ impl Transfer {
             oack,
             state,
             buf: VecDeque::new(),
+            buf_len: 0,
             buf_start: 0,
             src_pos: 0,
             src_size: size,
@@ -252,8 +317,9 @@ impl Transfer {
         self.state == State::Closed
     }
 
-    /// The buffer size [`Transfer::poll_transmit`] needs: a DATA packet, an OACK or an
-    /// ERROR, whichever is largest.
+    /// The buffer size [`Transfer::poll_transmit`] needs and the longest
+    /// [`Transfer::poll_datagram`] returns: a DATA packet, an OACK or an ERROR, whichever
+    /// is largest.
     pub fn buffer_len(&self) -> usize {
         (self.blksize + 4).max(516)
     }
@@ -266,7 +332,7 @@ impl Transfer {
     /// Stream length once known (octet: the file size; netascii: at end of file).
     fn stream_len(&self) -> Option<u64> {
         if self.src_eof() {
-            Some(self.buf_start + self.buf.len() as u64)
+            Some(self.buf_start + self.buf_len)
         } else {
             None
         }
@@ -297,7 +363,7 @@ impl Transfer {
         // Counted now: the summary is taken at the end, before the driver sends the ERROR.
         self.summary.sent_bytes += packet.len() as u64;
         self.summary.sent_datagrams += 1;
-        self.error_out = Some(packet);
+        self.error_out = Some(packet.into());
         self.finish(Some(failure));
     }
 
@@ -347,11 +413,7 @@ impl Transfer {
         }
         let (_, end) = self.block_range(acked);
         let acked_bytes = end.min(self.stream_len().unwrap_or(u64::MAX));
-        let drop = usize::try_from(acked_bytes.saturating_sub(self.buf_start))
-            .unwrap_or(usize::MAX)
-            .min(self.buf.len());
-        self.buf.drain(..drop);
-        self.buf_start += drop as u64;
+        self.drop_front(acked_bytes.saturating_sub(self.buf_start));
         self.summary.bytes = acked_bytes;
         self.base = acked + 1;
         self.retries = 0;
@@ -368,9 +430,65 @@ impl Transfer {
         }
     }
 
+    /// Forgets the first `n` bytes of the stream (the client has them).
+    fn drop_front(&mut self, n: u64) {
+        let mut n = n.min(self.buf_len);
+        self.buf_start += n;
+        self.buf_len -= n;
+        while n > 0 {
+            let Some(front) = self.buf.front_mut() else {
+                break;
+            };
+            match usize::try_from(n) {
+                Ok(k) if k < front.len() => {
+                    front.advance(k);
+                    break;
+                }
+                _ => {
+                    n -= front.len() as u64;
+                    self.buf.pop_front();
+                }
+            }
+        }
+    }
+
+    /// The stream's bytes `from..from + len` (relative to `buf_start`): a slice of one
+    /// chunk, or a copy when they span chunks (only after short reads or in netascii,
+    /// since reads end on block boundaries). None when they are not all there.
+    fn stream_slice(&self, from: u64, len: usize) -> Option<Bytes> {
+        let end = from.checked_add(len as u64)?;
+        if end > self.buf_len {
+            return None;
+        }
+        let mut at = 0u64;
+        let mut chunks = self.buf.iter();
+        for c in chunks.by_ref() {
+            let c_end = at + c.len() as u64;
+            if from < c_end {
+                let start = usize::try_from(from - at).ok()?;
+                if end <= c_end {
+                    return Some(c.slice(start..start + len));
+                }
+                let mut v = Vec::with_capacity(len);
+                v.extend_from_slice(&c[start..]);
+                for c in chunks {
+                    let rest = len - v.len();
+                    v.extend_from_slice(&c[..rest.min(c.len())]);
+                    if v.len() == len {
+                        break;
+                    }
+                }
+                return (v.len() == len).then(|| v.into());
+            }
+            at = c_end;
+        }
+        (len == 0).then(Bytes::new)
+    }
+
     /// Handles file data for the last [`ReadRequest`]; fewer bytes than asked means end
-    /// of file. `Err` aborts the transfer.
-    pub fn handle_read(&mut self, data: Result<&[u8], ()>) {
+    /// of file. `Err` aborts the transfer. The bytes are kept as they are (in octet
+    /// mode) and sent as slices of them.
+    pub fn handle_read(&mut self, data: Result<Bytes, ()>) {
         self.read_pending = false;
         if self.state == State::Closed {
             return;
@@ -379,19 +497,26 @@ impl Transfer {
             self.fail_with_error(Failure::ReadFailed, ErrorCode::UNDEFINED, "read error");
             return;
         };
-        if self.netascii {
-            for &c in data {
+        let read = data.len() as u64;
+        let chunk = if self.netascii {
+            let mut out = Vec::with_capacity(data.len() + data.len() / 16);
+            for &c in &data {
                 match c {
-                    b'\n' => self.buf.extend([b'\r', b'\n']),
-                    b'\r' => self.buf.extend([b'\r', 0]),
-                    c => self.buf.push_back(c),
+                    b'\n' => out.extend([b'\r', b'\n']),
+                    b'\r' => out.extend([b'\r', 0]),
+                    c => out.push(c),
                 }
             }
+            Bytes::from(out)
         } else {
-            self.buf.extend(data);
+            data
+        };
+        if !chunk.is_empty() {
+            self.buf_len += chunk.len() as u64;
+            self.buf.push_back(chunk);
         }
-        self.src_pos += data.len() as u64;
-        if data.is_empty() && !self.src_eof() {
+        self.src_pos += read;
+        if read == 0 && !self.src_eof() {
             self.fail_with_error(
                 Failure::FileChanged,
                 ErrorCode::UNDEFINED,
@@ -430,21 +555,26 @@ impl Transfer {
 
     /// The file data needed next, if any (at most one read is outstanding). It asks for
     /// the window and one block more, so that the read of the next block runs while the
-    /// client acknowledges this one rather than after.
+    /// client acknowledges this one rather than after, and for whole blocks, so that a
+    /// block is one slice of one read.
     pub fn poll_read(&mut self) -> Option<ReadRequest> {
         if self.read_pending || self.src_eof() || self.state == State::Closed {
             return None;
         }
         let want_end = (self.base + self.window) * self.blksize as u64 + 1;
-        let have_end = self.buf_start + self.buf.len() as u64;
+        let have_end = self.buf_start + self.buf_len;
         if have_end >= want_end {
             return None;
         }
         // Not past the end: `src_eof` is false, so at least one byte remains.
-        let len = usize::try_from(want_end - have_end)
-            .unwrap_or(usize::MAX)
-            .max(self.read_chunk)
-            .min(usize::try_from(self.src_size - self.src_pos).unwrap_or(usize::MAX));
+        let want = (want_end - have_end).max(self.read_chunk as u64);
+        // Up to a block boundary of the source, even after a short read.
+        let blk = self.blksize as u64;
+        let end = (self.src_pos.saturating_add(want))
+            .div_ceil(blk)
+            .saturating_mul(blk)
+            .min(self.src_size);
+        let len = usize::try_from(end - self.src_pos).unwrap_or(usize::MAX);
         self.read_pending = true;
         Some(ReadRequest {
             offset: self.src_pos,
@@ -452,14 +582,19 @@ impl Transfer {
         })
     }
 
-    /// Writes the next packet to send into `buf` (at least [`Transfer::buffer_len`]
-    /// bytes); returns its length.
+    /// Writes the next packet to send into `buf`, which must hold
+    /// [`Transfer::buffer_len`] bytes; returns its length. A copying
+    /// [`Transfer::poll_datagram`]: a shorter `buf` loses the packet, like the wire.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        self.poll_datagram(now)?.copy_to(buf)
+    }
+
+    /// The next packet to send, its file data shared with what [`Transfer::handle_read`]
+    /// was given.
+    pub fn poll_datagram(&mut self, now: Instant) -> Option<Datagram> {
         if let Some(e) = self.error_out.take() {
             // Already in `sent_bytes` (see `fail_with_error`).
-            let b = buf.get_mut(..e.len())?;
-            b.copy_from_slice(&e);
-            return Some(e.len());
+            return Some(Datagram::whole(e));
         }
         match self.state {
             State::Closed => None,
@@ -467,13 +602,12 @@ impl Transfer {
                 if self.oack_sent {
                     return None;
                 }
-                let oack = self.oack.as_deref()?;
-                buf.get_mut(..oack.len())?.copy_from_slice(oack);
+                let oack = self.oack.clone()?;
                 self.oack_sent = true;
                 self.summary.sent_bytes += oack.len() as u64;
                 self.summary.sent_datagrams += 1;
                 self.deadline = Some(now + self.rto);
-                Some(oack.len())
+                Some(Datagram::whole(oack))
             }
             State::Sending => {
                 let window_end = self.base + self.window;
@@ -482,28 +616,22 @@ impl Transfer {
                     return None;
                 }
                 let (start, end) = self.block_range(self.next);
-                let have_end = self.buf_start + self.buf.len() as u64;
                 let end = match self.stream_len() {
                     Some(len) => end.min(len),
-                    None if have_end >= end => end,
-                    None => return None, // Waiting for data.
+                    None => end,
                 };
-                if have_end < end {
-                    return None;
-                }
                 let len = usize::try_from(end - start).unwrap_or(0);
-                let from = usize::try_from(start - self.buf_start).unwrap_or(0);
-                let out = buf.get_mut(..4 + len)?;
-                wire::emit_data_header(out, (self.next & 0xffff) as u16)?;
-                copy_out(&self.buf, from, &mut out[4..])?;
+                // None while the block's data is still being read.
+                let body = self.stream_slice(start.checked_sub(self.buf_start)?, len)?;
+                let d = Datagram::data((self.next & 0xffff) as u16, body);
                 self.next += 1;
                 self.summary.packets += 1;
-                self.summary.sent_bytes += 4 + len as u64;
+                self.summary.sent_bytes += d.len() as u64;
                 self.summary.sent_datagrams += 1;
                 if self.next >= window_end || last.is_some_and(|l| self.next > l) {
                     self.deadline = Some(now + self.rto);
                 }
-                Some(4 + len)
+                Some(d)
             }
         }
     }
@@ -517,24 +645,6 @@ impl Transfer {
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
-}
-
-/// Copies `out.len()` bytes of `buf` from `from` into `out`, without making `buf`
-/// contiguous (that would move the whole buffer whenever it wraps). None when `buf` is
-/// too short.
-fn copy_out(buf: &VecDeque<u8>, from: usize, out: &mut [u8]) -> Option<()> {
-    let end = from.checked_add(out.len())?;
-    let (a, b) = buf.as_slices();
-    if end <= a.len() {
-        out.copy_from_slice(a.get(from..end)?);
-    } else if from >= a.len() {
-        out.copy_from_slice(b.get(from - a.len()..end - a.len())?);
-    } else {
-        let (head, tail) = out.split_at_mut(a.len() - from);
-        head.copy_from_slice(&a[from..]);
-        tail.copy_from_slice(b.get(..end - a.len())?);
-    }
-    Some(())
 }
 
 #[cfg(test)]

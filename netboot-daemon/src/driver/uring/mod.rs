@@ -43,7 +43,7 @@ mod mapping;
 mod msg;
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::fs::File;
 use std::io::{self, PipeReader, PipeWriter};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -53,6 +53,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use io_uring::types::{CancelBuilder, Fd, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use slab::Slab;
@@ -63,7 +64,7 @@ use crate::service::tftp::{
     CacheFill, Outcome, Request, Source, Tftp, send_error_ends_transfer, transfer_ip,
 };
 use crate::tftp::server::Admitted;
-use crate::tftp::transfer::{ReadRequest, Transfer};
+use crate::tftp::transfer::{Datagram, ReadRequest, Transfer};
 
 const SQ_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
@@ -126,7 +127,9 @@ struct Session {
     transfer: Transfer,
     source: Source,
     fill: Option<CacheFill>,
-    read_buf: Vec<u8>,
+    /// The chunks read for this transfer, oldest first, whose memory the next reads reuse
+    /// once the transfer and every send have let go of them.
+    reads: VecDeque<Bytes>,
     recv_armed: bool,
     /// Largest datagram that may go in a GSO train to this peer (path MTU); 0: none.
     gso_max: usize,
@@ -146,7 +149,7 @@ enum Op {
     Read {
         owner: Key,
         offset: u64,
-        buf: Vec<u8>,
+        buf: BytesMut,
         _file: Arc<File>,
     },
 }
@@ -734,7 +737,7 @@ impl Driver {
             transfer,
             source: opened.source,
             fill: opened.fill,
-            read_buf: Vec::new(),
+            reads: VecDeque::new(),
             recv_armed: false,
             gso_max,
             timer: None,
@@ -786,21 +789,19 @@ impl Driver {
         match op {
             Op::Send { owner, buf, gso } => {
                 if res >= 0 {
-                    if let Some(seg) = gso {
+                    if gso.is_some() {
                         self.gso = Gso::Works;
                         let st = &self.tftp.stats;
                         st.gso_sends.fetch_add(1, Ordering::Relaxed);
-                        st.gso_segments.fetch_add(
-                            buf.data.len().div_ceil(usize::from(seg)) as u64,
-                            Ordering::Relaxed,
-                        );
+                        st.gso_segments
+                            .fetch_add(buf.datagrams.len() as u64, Ordering::Relaxed);
                     }
                     self.recycle(buf);
                     return;
                 }
                 let err = -res;
                 match (gso, owner) {
-                    (Some(seg), Some(owner)) if err == libc::EIO || err == libc::EINVAL => {
+                    (Some(_), Some(owner)) if err == libc::EIO || err == libc::EINVAL => {
                         if self.gso == Gso::Untested {
                             self.gso = Gso::Off;
                             tracing::warn!(
@@ -815,7 +816,7 @@ impl Driver {
                         {
                             s.gso_max = 0;
                         }
-                        self.resend_singly(owner, &buf, usize::from(seg));
+                        self.resend_singly(owner, &buf);
                         self.recycle(buf);
                     }
                     _ => {
@@ -825,7 +826,10 @@ impl Driver {
                 }
             }
             Op::Read {
-                owner, offset, buf, ..
+                owner,
+                offset,
+                mut buf,
+                ..
             } => {
                 let Some(s) = self
                     .sessions
@@ -834,11 +838,19 @@ impl Driver {
                 else {
                     return;
                 };
-                let data = usize::try_from(res)
-                    .ok()
-                    .and_then(|n| buf.get(..n))
-                    .ok_or(());
-                if let (Ok(d), Some(fill)) = (data, s.fill.as_mut()) {
+                let data = match usize::try_from(res) {
+                    Ok(n) if n <= buf.capacity() => {
+                        // SAFETY: the kernel wrote the first `n` bytes of the buffer's
+                        // spare capacity (the read asked for at most its capacity), and
+                        // `buf` was empty.
+                        unsafe { buf.set_len(n) };
+                        let chunk = buf.freeze();
+                        s.reads.push_back(chunk.clone());
+                        Ok(chunk)
+                    }
+                    _ => Err(()),
+                };
+                if let (Ok(d), Some(fill)) = (&data, s.fill.as_mut()) {
                     if !fill.push(offset, d) {
                         s.fill = None;
                     } else if fill.is_complete()
@@ -851,7 +863,6 @@ impl Driver {
                     tracing::debug!(parent: &s.span, error = %io::Error::from_raw_os_error(-res), "tftp file read failed");
                 }
                 s.transfer.handle_read(data);
-                s.read_buf = buf;
                 if !s.dirty {
                     s.dirty = true;
                     self.dirty.push(owner);
@@ -872,8 +883,8 @@ impl Driver {
     }
 
     fn recycle(&mut self, mut buf: Box<SendBuf>) {
+        buf.clear();
         if self.pool.len() < POOL_MAX {
-            buf.data.clear();
             self.pool.push(buf);
         }
     }
@@ -883,13 +894,13 @@ impl Driver {
     }
 
     /// Sends a GSO train the kernel refused as separate datagrams.
-    fn resend_singly(&mut self, owner: Key, train: &SendBuf, seg: usize) {
+    fn resend_singly(&mut self, owner: Key, train: &SendBuf) {
         let Some(fd) = self.socket_of(owner) else {
             return;
         };
-        for chunk in train.data.chunks(seg.max(1)) {
+        for d in &train.datagrams {
             let mut b = self.take_buf();
-            b.data.extend_from_slice(chunk);
+            b.datagrams.push(d.clone());
             self.send(Some(owner), fd, b, None, None);
         }
     }
@@ -960,7 +971,8 @@ impl Driver {
             return;
         }
         let mut b = self.take_buf();
-        b.data.extend_from_slice(packet);
+        b.datagrams
+            .push(Datagram::whole(Bytes::copy_from_slice(packet)));
         let fd = self.listener.as_raw_fd();
         self.send(None, fd, b, Some(peer), None);
     }
@@ -975,10 +987,13 @@ impl Driver {
             return;
         };
         s.dirty = false;
-        if let Some((file, r)) = s.source.feed(&mut s.transfer) {
+        let read = s.source.feed(&mut s.transfer);
+        // The read is queued after the sends: the kernel takes the SQEs in order, and a
+        // block must not wait for the copy of the blocks after it.
+        self.transmit(key, now);
+        if let Some((file, r)) = read {
             self.read(key, file, r);
         }
-        self.transmit(key, now);
         let Some(s) = self.sessions.get_mut(key.idx) else {
             return;
         };
@@ -998,11 +1013,9 @@ impl Driver {
         let Some(s) = self.sessions.get_mut(key.idx) else {
             return;
         };
-        let mut buf = std::mem::take(&mut s.read_buf);
-        if buf.len() < r.len {
-            buf.resize(r.len, 0);
-        }
-        let len = u32::try_from(r.len).unwrap_or(u32::MAX);
+        let mut buf = read_buffer(&mut s.reads);
+        buf.reserve(r.len);
+        let len = u32::try_from(r.len.min(buf.capacity())).unwrap_or(u32::MAX);
         let sqe = opcode::Read::new(Fd(file.as_raw_fd()), buf.as_mut_ptr(), len)
             .offset(r.offset)
             .build();
@@ -1015,9 +1028,9 @@ impl Driver {
             buf,
             _file: file,
         });
-        // SAFETY: the Vec's heap block (at least `len` bytes) and the file are owned by
-        // the op in `ops` until this request's CQE; moving the Vec does not move its heap
-        // block, and nothing resizes it meanwhile.
+        // SAFETY: the buffer's heap block (at least `len` bytes of spare capacity) and the
+        // file are owned by the op in `ops` until this request's CQE; moving the BytesMut
+        // does not move its heap block, and nothing resizes it meanwhile.
         if !unsafe { self.push(&sqe) } {
             if let Some(s) = self.sessions.get_mut(key.idx) {
                 s.transfer.handle_read(Err(()));
@@ -1038,7 +1051,7 @@ impl Driver {
             let fd = s.socket.as_raw_fd();
             let max_seg = if gso_on { s.gso_max } else { 0 };
             let lock_step = s.transfer.window() == 1;
-            let Some(train) = fill_train(&mut s.transfer, now, &mut buf.data, max_seg) else {
+            let Some(train) = fill_train(&mut s.transfer, now, &mut buf.datagrams, max_seg) else {
                 self.recycle(buf);
                 return;
             };
@@ -1046,10 +1059,9 @@ impl Driver {
                 self.send_lock_step(key, fd, buf);
                 continue;
             }
-            let spill = train.spill.map(|at| {
+            let spill = train.spill.map(|d| {
                 let mut b = self.take_buf();
-                b.data.extend_from_slice(&buf.data[at..]);
-                buf.data.truncate(at);
+                b.datagrams.push(d);
                 b
             });
             self.send(Some(key), fd, buf, None, train.gso);
@@ -1104,32 +1116,32 @@ impl Driver {
     }
 }
 
-/// A run of datagrams written back to back by [`fill_train`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A run of datagrams collected by [`fill_train`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Train {
     /// Size of each datagram but the last, which may be shorter.
     segment: usize,
     /// Datagrams in the train.
     segments: usize,
-    /// Offset of one more datagram, longer than `segment`, that ends the buffer and must
-    /// go on its own.
-    spill: Option<usize>,
+    /// One more datagram, longer than `segment`, that must go on its own.
+    spill: Option<Datagram>,
     /// The UDP GSO segment size when the train holds several datagrams.
     gso: Option<u16>,
 }
 
-/// Drains the transfer's next datagrams into `data`: one, or, when `max_seg` allows GSO
+/// Drains the transfer's next datagrams into `out`: one, or, when `max_seg` allows GSO
 /// for the first one's size, every following datagram of the same size (the last may be
 /// shorter) up to the GSO limits. No protocol knowledge: only sizes count.
-fn fill_train(t: &mut Transfer, now: Instant, data: &mut Vec<u8>, max_seg: usize) -> Option<Train> {
-    let room = t.buffer_len();
-    data.clear();
-    data.resize(room, 0);
-    let Some(n) = t.poll_transmit(now, data) else {
-        data.clear();
-        return None;
-    };
-    data.truncate(n);
+fn fill_train(
+    t: &mut Transfer,
+    now: Instant,
+    out: &mut Vec<Datagram>,
+    max_seg: usize,
+) -> Option<Train> {
+    out.clear();
+    let first = t.poll_datagram(now)?;
+    let n = first.len();
+    out.push(first);
     let mut train = Train {
         segment: n,
         segments: 1,
@@ -1140,17 +1152,15 @@ fn fill_train(t: &mut Transfer, now: Instant, data: &mut Vec<u8>, max_seg: usize
         return Some(train);
     };
     while train.segments < GSO_MAX_SEGMENTS && (train.segments + 1) * n <= GSO_MAX_BYTES {
-        let at = train.segments * n;
-        data.resize(at + room, 0);
-        let Some(m) = t.poll_transmit(now, &mut data[at..]) else {
-            data.truncate(at);
+        let Some(d) = t.poll_datagram(now) else {
             break;
         };
-        data.truncate(at + m);
+        let m = d.len();
         if m > n {
-            train.spill = Some(at);
+            train.spill = Some(d);
             break;
         }
+        out.push(d);
         train.segments += 1;
         if m < n {
             break;
@@ -1158,6 +1168,25 @@ fn fill_train(t: &mut Transfer, now: Instant, data: &mut Vec<u8>, max_seg: usize
     }
     train.gso = (train.segments > 1).then_some(seg);
     Some(train)
+}
+
+/// How many chunks read for a transfer are kept for their memory.
+const KEPT_READS: usize = 4;
+
+/// An empty buffer for the next read: the memory of the oldest chunk read before, once
+/// nothing shares it any more (the transfer has had it acknowledged and its sends have
+/// completed), or a new one.
+fn read_buffer(reads: &mut VecDeque<Bytes>) -> BytesMut {
+    if reads.front().is_some_and(Bytes::is_unique)
+        && let Some(Ok(mut b)) = reads.pop_front().map(Bytes::try_into_mut)
+    {
+        b.clear();
+        return b;
+    }
+    while reads.len() >= KEPT_READS {
+        reads.pop_front();
+    }
+    BytesMut::new()
 }
 
 impl RingDriver for Driver {
@@ -1290,9 +1319,12 @@ mod tests {
         let a = fill_train(&mut t, now, &mut buf, 65_000).expect("first train");
         assert_eq!(a.segment, 1472);
         assert_eq!(a.segments, GSO_MAX_BYTES / 1472, "44 datagrams fit 64 KiB");
-        assert_eq!(buf.len(), a.segments * 1472);
-        assert_eq!(&buf[4..1472], &data[..1468]);
-        assert_eq!(&buf[1472..1476], &[0, 3, 0, 2]);
+        assert_eq!(buf.len(), a.segments);
+        assert!(buf.iter().all(|d| d.len() == 1472));
+        assert_eq!(buf[0].head(), &[0, 3, 0, 1]);
+        assert_eq!(&buf[0].body()[..], &data[..1468]);
+        assert_eq!(buf[1].head(), &[0, 3, 0, 2]);
+        assert_eq!(&buf[1].body()[..], &data[1468..2 * 1468]);
         let b = fill_train(&mut t, now, &mut buf, 65_000).expect("rest of the window");
         assert_eq!(b.segments, 64 - 44);
         assert!(
@@ -1310,7 +1342,8 @@ mod tests {
         assert_eq!((one.segment, one.segments), (516, 1));
         let rest = fill_train(&mut t, now, &mut buf, 65_000).expect("train");
         assert_eq!((rest.segment, rest.segments, rest.spill), (516, 2, None));
-        assert_eq!(buf.len(), 516 + 104, "the short last block ends the train");
+        let lens: Vec<usize> = buf.iter().map(Datagram::len).collect();
+        assert_eq!(lens, [516, 104], "the short last block ends the train");
     }
 
     /// A windowed read by hand: RRQ, ACK 0 after the OACK, one ACK per window.

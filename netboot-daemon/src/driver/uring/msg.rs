@@ -5,6 +5,8 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd as _;
 
+use crate::tftp::transfer::Datagram;
+
 /// A `UDP_SEGMENT` control message: the segment size of a GSO send.
 #[repr(C)]
 struct GsoCmsg {
@@ -24,11 +26,13 @@ const _: () = assert!(size_of::<GsoCmsg>() >= GSO_CMSG_SPACE);
 
 /// One send: a datagram, or a train of equal datagrams (the last may be shorter) sent with
 /// UDP GSO. Boxed, so that the pointers in `msg` stay valid while the box moves; the
-/// driver keeps it until the send's CQE.
+/// driver keeps it until the send's CQE. Each datagram is its header and a body shared
+/// with the file data (one iovec each): the kernel copies the file bytes straight from
+/// the buffers they were read into.
 pub(super) struct SendBuf {
-    /// The datagram bytes (GSO: the datagrams back to back).
-    pub(super) data: Vec<u8>,
-    iov: libc::iovec,
+    /// The datagrams (GSO: back to back).
+    pub(super) datagrams: Vec<Datagram>,
+    iovs: Vec<libc::iovec>,
     msg: libc::msghdr,
     cmsg: GsoCmsg,
     v4: libc::sockaddr_in,
@@ -38,7 +42,8 @@ pub(super) struct SendBuf {
 impl std::fmt::Debug for SendBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendBuf")
-            .field("len", &self.data.len())
+            .field("datagrams", &self.datagrams.len())
+            .field("len", &self.len())
             .finish_non_exhaustive()
     }
 }
@@ -46,11 +51,8 @@ impl std::fmt::Debug for SendBuf {
 impl SendBuf {
     pub(super) fn new() -> Box<Self> {
         Box::new(Self {
-            data: Vec::new(),
-            iov: libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            },
+            datagrams: Vec::new(),
+            iovs: Vec::new(),
             msg: libc::msghdr {
                 msg_name: std::ptr::null_mut(),
                 msg_namelen: 0,
@@ -85,20 +87,39 @@ impl SendBuf {
         })
     }
 
-    /// Fills in the `msghdr` for sending `data` to `to` (`None` on a connected socket),
-    /// as GSO segments of `gso` bytes when set, and returns it. `data` must not change
-    /// until the send completes.
+    /// Bytes in all the datagrams.
+    pub(super) fn len(&self) -> usize {
+        self.datagrams.iter().map(Datagram::len).sum()
+    }
+
+    /// Empties it for reuse, releasing the file data it shared.
+    pub(super) fn clear(&mut self) {
+        self.datagrams.clear();
+        self.iovs.clear();
+    }
+
+    /// Fills in the `msghdr` for sending the datagrams to `to` (`None` on a connected
+    /// socket), as GSO segments of `gso` bytes when set, and returns it. The datagrams
+    /// must not change until the send completes.
     pub(super) fn prepare(
         &mut self,
         to: Option<SocketAddr>,
         gso: Option<u16>,
     ) -> *const libc::msghdr {
-        self.iov = libc::iovec {
-            iov_base: self.data.as_mut_ptr().cast(),
-            iov_len: self.data.len(),
-        };
-        self.msg.msg_iov = &raw mut self.iov;
-        self.msg.msg_iovlen = 1;
+        self.iovs.clear();
+        for d in &self.datagrams {
+            for part in [d.head(), &d.body()[..]] {
+                if !part.is_empty() {
+                    // The kernel only reads through it.
+                    self.iovs.push(libc::iovec {
+                        iov_base: part.as_ptr().cast_mut().cast(),
+                        iov_len: part.len(),
+                    });
+                }
+            }
+        }
+        self.msg.msg_iov = self.iovs.as_mut_ptr();
+        self.msg.msg_iovlen = self.iovs.len();
         match to {
             None => {
                 self.msg.msg_name = std::ptr::null_mut();
@@ -224,7 +245,58 @@ pub(super) fn set_no_udp_checksum(socket: &UdpSocket) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
+
+    #[test]
+    fn a_send_carries_each_datagram_s_header_and_body_in_order() {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let file = Bytes::from(b"0123456789abcdef".to_vec());
+        let mut b = SendBuf::new();
+        b.datagrams
+            .push(Datagram::whole(Bytes::from_static(b"whole")));
+        // Two DATA datagrams sharing one file buffer, the second with an empty body.
+        let mut t = {
+            use crate::tftp::transfer::{Config, Negotiated, Transfer};
+            use crate::tftp::wire::Mode;
+            let neg = Negotiated {
+                blksize: 8,
+                windowsize: 4,
+                timeout: std::time::Duration::from_secs(1),
+                oack: Vec::new(),
+            };
+            Transfer::new(&neg, Mode::Octet, 16, &Config::default())
+        };
+        assert!(t.poll_read().is_some());
+        t.handle_read(Ok(file.clone()));
+        let now = std::time::Instant::now();
+        while let Some(d) = t.poll_datagram(now) {
+            b.datagrams.push(d);
+        }
+        assert_eq!(
+            b.datagrams.len(),
+            4,
+            "whole, blocks 1 and 2, and the empty block 3"
+        );
+        assert_eq!(b.len(), 5 + 12 + 12 + 4);
+        let msg = b.prepare(Some(rx.local_addr().expect("addr")), None);
+        // Without GSO the datagrams go as one: their bytes back to back.
+        // SAFETY: `msg` points into `b`, which outlives the call.
+        let n = unsafe { libc::sendmsg(tx.as_raw_fd(), msg, 0) };
+        assert_eq!(usize::try_from(n).ok(), Some(b.len()));
+        let mut got = [0u8; 64];
+        let n = rx.recv(&mut got).expect("recv");
+        assert_eq!(
+            &got[..n],
+            &b"whole\0\x03\0\x0101234567\0\x03\0\x0289abcdef\0\x03\0\x03"[..]
+        );
+        drop(t);
+        b.clear();
+        assert_eq!(b.len(), 0);
+        assert!(file.is_unique(), "clearing releases the shared file data");
+    }
 
     #[test]
     fn socket_addresses_round_trip_through_their_c_form() {

@@ -149,7 +149,7 @@ fn run(
         while let Some(r) = t.poll_read() {
             let start = usize::try_from(r.offset).expect("offset");
             let end = (start + r.len).min(source.len());
-            t.handle_read(Ok(&source[start..end]));
+            t.handle_read(Ok(Bytes::copy_from_slice(&source[start..end])));
         }
         while let Some(n) = t.poll_transmit(now, &mut buf) {
             for at in net.deliveries(now) {
@@ -337,15 +337,19 @@ fn windowed_transfers_with_rollover_are_exact() {
 fn netascii_translates_line_ends() {
     let src = b"line one\nline two\r\nbare cr\r end\n".repeat(40);
     let o = run(&src, Mode::Netascii, &[], &mut clean(), &Config::default());
-    let mut want = Vec::new();
-    for &c in &src {
+    assert_done(&o, &to_netascii(&src));
+}
+
+fn to_netascii(src: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &c in src {
         match c {
-            b'\n' => want.extend_from_slice(b"\r\n"),
-            b'\r' => want.extend_from_slice(b"\r\0"),
-            c => want.push(c),
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            b'\r' => out.extend_from_slice(b"\r\0"),
+            c => out.push(c),
         }
     }
-    assert_done(&o, &want);
+    out
 }
 
 #[test]
@@ -419,7 +423,7 @@ fn a_silent_client_times_out_after_the_retry_limit() {
     let mut timeouts = Vec::new();
     loop {
         if let Some(r) = t.poll_read() {
-            t.handle_read(Ok(&vec![1u8; r.len]));
+            t.handle_read(Ok(vec![1u8; r.len].into()));
         }
         while let Some(n) = t.poll_transmit(now, &mut buf) {
             if Packet::parse(&buf[..n]).is_ok_and(|p| matches!(p, Packet::Data { .. })) {
@@ -457,7 +461,7 @@ fn a_file_that_shrinks_aborts_with_an_error() {
     let mut t = Transfer::new(&neg, Mode::Octet, 10_000, &cfg);
     let r = t.poll_read().expect("read");
     assert_eq!(r.offset, 0);
-    t.handle_read(Ok(&[]));
+    t.handle_read(Ok(Bytes::new()));
     let mut buf = [0u8; 516];
     let n = t.poll_transmit(t0, &mut buf).expect("error packet");
     assert!(matches!(
@@ -517,7 +521,7 @@ fn the_next_block_is_read_while_the_client_acknowledges_this_one() {
         while let Some(r) = t.poll_read() {
             assert_eq!(r.offset, at as u64);
             let end = (at + r.len).min(f.len());
-            t.handle_read(Ok(&f[at..end]));
+            t.handle_read(Ok(Bytes::copy_from_slice(&f[at..end])));
             at = end;
         }
         // Block `block` goes out with the next one (and a byte more: is it the last?)
@@ -539,22 +543,104 @@ fn the_next_block_is_read_while_the_client_acknowledges_this_one() {
 }
 
 #[test]
-fn blocks_come_out_of_a_wrapped_buffer_intact() {
-    let mut d: VecDeque<u8> = VecDeque::with_capacity(8);
-    d.extend(0..6u8);
-    d.drain(..5);
-    d.extend(6..12u8); // wraps: [5, 6, 7] at the back of the storage, [8..11] at the front
-    assert!(
-        !d.as_slices().1.is_empty(),
-        "the test needs a wrapped buffer"
-    );
-    for from in 0..d.len() {
-        for len in 0..=d.len() - from {
-            let mut out = vec![0u8; len];
-            copy_out(&d, from, &mut out).expect("in range");
-            let want: Vec<u8> = d.range(from..from + len).copied().collect();
-            assert_eq!(out, want, "from {from} len {len}");
-        }
+fn blocks_are_slices_of_the_data_read_not_copies() {
+    let t0 = Instant::now();
+    let neg = Negotiated {
+        blksize: 1000,
+        windowsize: 4,
+        timeout: Duration::from_secs(1),
+        oack: Vec::new(),
+    };
+    let f = Bytes::from(file(10_000));
+    let mut t = Transfer::new(&neg, Mode::Octet, f.len() as u64, &Config::default());
+    let r = t.poll_read().expect("read");
+    let (start, end) = (usize::try_from(r.offset).expect("offset"), r.len);
+    t.handle_read(Ok(f.slice(start..start + end)));
+    let f_range = f.as_ptr_range();
+    for block in 1..=4usize {
+        let d = t.poll_datagram(t0).expect("data");
+        assert_eq!(d.head(), &[0, 3, 0, block as u8]);
+        assert_eq!(d.body(), &f[(block - 1) * 1000..block * 1000]);
+        let body = d.body().as_ptr_range();
+        assert!(
+            f_range.contains(&body.start) && body.end <= f_range.end,
+            "block {block} was copied out of the data read"
+        );
     }
-    assert!(copy_out(&d, 5, &mut [0u8; 3]).is_none(), "past the end");
+    assert!(t.poll_datagram(t0).is_none(), "the window is full");
+}
+
+#[test]
+fn reads_end_on_block_boundaries_even_after_a_short_read() {
+    let neg = Negotiated {
+        blksize: 1000,
+        windowsize: 1,
+        timeout: Duration::from_secs(1),
+        oack: Vec::new(),
+    };
+    let cfg = Config {
+        read_chunk: 2500,
+        ..Config::default()
+    };
+    let f = file(100_000);
+    let mut t = Transfer::new(&neg, Mode::Octet, f.len() as u64, &cfg);
+    let r = t.poll_read().expect("read");
+    assert_eq!(
+        (r.offset, r.len),
+        (0, 3000),
+        "2500 bytes, up to a block boundary"
+    );
+    t.handle_read(Ok(Bytes::copy_from_slice(&f[..1234]))); // short
+    let r = t.poll_read().expect("the rest");
+    assert_eq!(r.offset, 1234);
+    assert_eq!((r.offset + r.len as u64) % 1000, 0, "{r:?} ends mid-block");
+}
+
+#[test]
+fn blocks_that_span_short_reads_come_out_intact() {
+    let t0 = Instant::now();
+    for netascii in [false, true] {
+        let neg = Negotiated {
+            blksize: 512,
+            windowsize: 8,
+            timeout: Duration::from_secs(1),
+            oack: Vec::new(),
+        };
+        let mut f = file(20_000);
+        if netascii {
+            f.iter_mut().step_by(37).for_each(|b| *b = b'\n');
+        }
+        let mode = if netascii {
+            Mode::Netascii
+        } else {
+            Mode::Octet
+        };
+        let want = if netascii { to_netascii(&f) } else { f.clone() };
+        let mut t = Transfer::new(&neg, mode, f.len() as u64, &Config::default());
+        // Reads come back in pieces of 1, 7, 300 and 1100 bytes, in turn.
+        let mut pieces = [1usize, 7, 300, 1100].into_iter().cycle();
+        let mut got = Vec::new();
+        let mut block = 0u16;
+        for _ in 0..10_000 {
+            while let Some(r) = t.poll_read() {
+                let start = usize::try_from(r.offset).expect("offset");
+                let end = (start + r.len.min(pieces.next().expect("cycle"))).min(f.len());
+                t.handle_read(Ok(Bytes::copy_from_slice(&f[start..end])));
+            }
+            let Some(d) = t.poll_datagram(t0) else {
+                if t.is_closed() {
+                    break;
+                }
+                let mut ack = [0u8; 4];
+                emit_ack(&mut ack, block).expect("ack");
+                t.handle_datagram(&ack);
+                continue;
+            };
+            block = u16::from_be_bytes([d.head()[2], d.head()[3]]);
+            got.extend_from_slice(d.body());
+            assert!(d.body().len() <= 512);
+        }
+        assert!(matches!(t.poll_event(), Some(Event::Done(_))));
+        assert_eq!(got, want, "netascii {netascii}");
+    }
 }
