@@ -444,6 +444,11 @@ pub struct IscsiConfig {
     /// through pipes (splice, no copy in the target, the work on the kernel's io-wq
     /// threads) instead of reading into a buffer and sending that from the ring's thread.
     pub splice_reads: bool,
+    /// io_uring driver: send the Data-In of reads of 64 KiB and more whose pages are all
+    /// in the page cache straight from there (a read-only mapping of the image, copied
+    /// once, into the socket) instead of reading them into a buffer first; reads of
+    /// pages not in memory, and connections with data digests, read as before.
+    pub mapped_reads: bool,
 }
 
 /// The iSCSI driver (`iscsi.driver`, `NETBOOT_ISCSI_DRIVER`).
@@ -486,6 +491,7 @@ impl Default for IscsiConfig {
             driver: IscsiDriver::Uring,
             busy_poll_us: 0,
             splice_reads: false,
+            mapped_reads: true,
         }
     }
 }

@@ -382,6 +382,7 @@ async fn start_iscsi(
         driver::uring::iscsi::Options {
             busy_poll: i.busy_poll(),
             splice_reads: i.splice_reads,
+            mapped_reads: i.mapped_reads,
         },
         &dyn_targets,
         &sessions,

@@ -1134,6 +1134,43 @@ fn spliced_reads_are_byte_exact_with_and_without_data_digests() {
     reads_are_byte_exact(true);
 }
 
+/// Drops the file's pages from the page cache (they must be clean and mapped by no one),
+/// and checks that they are gone.
+fn evict_from_page_cache(path: &std::path::Path) {
+    use std::os::fd::AsRawFd as _;
+    let f = std::fs::File::open(path).expect("open the image");
+    f.sync_all().expect("fsync the image");
+    // SAFETY: posix_fadvise on an open descriptor, integer arguments.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise(DONTNEED)");
+    let len = usize::try_from(f.metadata().expect("stat").len()).expect("len");
+    // SAFETY: a read-only shared mapping of an open file, checked, only given to
+    // mincore and unmapped below; nothing reads through it.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "mmap the image");
+    let mut pages = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `map` is a mapping of `len` bytes; `pages` has one byte per page of it.
+    let rc = unsafe { libc::mincore(map, len, pages.as_mut_ptr()) };
+    // SAFETY: the mapping made above, unmapped once.
+    unsafe { libc::munmap(map, len) };
+    assert_eq!(rc, 0, "mincore");
+    let cached = pages.iter().filter(|p| *p & 1 == 1).count();
+    assert!(
+        cached * 10 < pages.len(),
+        "the test needs the image out of the page cache: {cached} of {} pages stayed",
+        pages.len()
+    );
+}
+
 fn reads_are_byte_exact(splice: bool) {
     let d = Daemon::start_configured(
         &format!("digests-splice-{splice}"),
@@ -1165,9 +1202,14 @@ fn reads_are_byte_exact(splice: bool) {
     ];
     let target = format!("{PREFIX}:exact");
     let initiator = TEST_INITIATORS[2];
+    let image_path = d.dir.path().join("data/images/exact.img");
     for digest in ["None", "CRC32C"] {
         let mut i = RawInitiator::login(&d.iscsi, initiator, &target, digest);
-        for _ in 0..2 {
+        for pass in 0..2 {
+            if digest == "None" && pass == 0 {
+                // The first reads find nothing in the page cache: they read the file.
+                evict_from_page_cache(&image_path);
+            }
             let got = i.reads(&reads);
             for (&(lba, n, edtl), (data, residual)) in reads.iter().zip(got) {
                 let at = lba as usize * 512;
@@ -1220,6 +1262,23 @@ fn reads_are_byte_exact(splice: bool) {
                 "without splice_reads or with data digests nothing is spliced: {record}"
             );
         }
+        // Without splice_reads and digests, reads of 64 KiB and more whose pages are in
+        // the page cache (the second pass) are sent from there, whole.
+        let large: u64 = reads
+            .iter()
+            .filter(|&&(_, n, _)| n >= 128)
+            .map(|&(_, n, _)| u64::from(n) * 512)
+            .sum();
+        let mapped = if digest == "None" && !splice {
+            large
+        } else {
+            0
+        };
+        assert_eq!(
+            record["mapped_bytes"].as_u64(),
+            Some(mapped),
+            "{digest}: the cached large reads went from the page cache: {record}"
+        );
         // Reads under 64 KiB go into the ring's registered buffers (whole reads, past the
         // initiator's expected length too), with and without digests.
         let fixed: u64 = reads

@@ -9,6 +9,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::FileExt as _;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
 
 use super::scsi::{Backing, write_zeros_with};
 
@@ -17,12 +20,114 @@ use super::scsi::{Backing, write_zeros_with};
 pub struct FileBacking {
     file: File,
     read_only: bool,
+    /// A read-only view of the file for [`Backing::mapped`], made on first use and made
+    /// again when the file has grown past it.
+    map: Mutex<Option<Arc<FileMap>>>,
 }
 
 impl FileBacking {
     /// Wraps an open file (opened read-write unless `read_only`).
     pub fn new(file: File, read_only: bool) -> Self {
-        Self { file, read_only }
+        Self {
+            file,
+            read_only,
+            map: Mutex::new(None),
+        }
+    }
+}
+
+/// A shared, read-only mapping of a whole file. Nothing in this process reads it: its
+/// pages go to sockets in `sendmsg`, which the kernel copies from (a page of a file
+/// truncated meanwhile fails the send with EFAULT, where a read here would be a SIGBUS).
+/// Writes through the file descriptor show in it at once (one page cache).
+#[derive(Debug)]
+struct FileMap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value until it is dropped; the
+// pointer is never written through, and read only by the kernel.
+unsafe impl Send for FileMap {}
+// SAFETY: as above; `&FileMap` only hands out the address and the length.
+unsafe impl Sync for FileMap {}
+
+/// The page size the mappings and `mincore(2)` work in.
+const MAP_PAGE: usize = 4096;
+
+impl FileMap {
+    /// Maps the first `len` bytes of `file` (more than 0).
+    fn new(file: &File, len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        // SAFETY: a new mapping at an address the kernel picks, of a descriptor that is
+        // open for the duration of the call; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Bytes mapped.
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when every page of `offset..offset + len` is in the page cache now
+    /// (`mincore(2)`), so that sending them does not wait for the disk.
+    fn resident(&self, offset: usize, len: usize) -> bool {
+        let start = offset / MAP_PAGE * MAP_PAGE;
+        let end = offset.saturating_add(len).min(self.len);
+        if end <= start {
+            return false;
+        }
+        let mut vec = vec![0u8; (end - start).div_ceil(MAP_PAGE)];
+        // SAFETY: `start` is page-aligned and `start..end` lies inside the mapping;
+        // mincore writes one byte per page of it into `vec`, which is that long.
+        let rc = unsafe {
+            libc::mincore(
+                self.ptr.as_ptr().add(start).cast(),
+                end - start,
+                vec.as_mut_ptr(),
+            )
+        };
+        rc == 0 && vec.iter().all(|b| b & 1 == 1)
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; no view of it outlives this
+        // value (each holds an `Arc` of it).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A range of a [`FileMap`], the owner of the `Bytes` that [`Backing::mapped`] returns.
+struct MapView {
+    map: Arc<FileMap>,
+    offset: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for MapView {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `offset..offset + len` lies inside the mapping (checked in `mapped`),
+        // which lives as long as `self.map`. The slice only carries the address and the
+        // length to an iovec: nothing in this process reads it (see `FileMap`).
+        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr().add(self.offset), self.len) }
     }
 }
 
@@ -77,6 +182,26 @@ impl Backing for FileBacking {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         Ok(())
+    }
+
+    fn mapped(&self, offset: u64, len: usize) -> Option<Bytes> {
+        let offset = usize::try_from(offset).ok()?;
+        let end = offset.checked_add(len)?;
+        let map = {
+            let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+            if map.as_ref().is_none_or(|m| end > m.len()) {
+                let file_len = usize::try_from(self.file.metadata().ok()?.len()).ok()?;
+                if end > file_len {
+                    return None;
+                }
+                *map = Some(Arc::new(FileMap::new(&self.file, file_len).ok()?));
+            }
+            Arc::clone(map.as_ref()?)
+        };
+        if !map.resident(offset, len) {
+            return None;
+        }
+        Some(Bytes::from_owner(MapView { map, offset, len }))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -82,6 +82,15 @@ pub trait Backing: Send + Sync {
     fn file(&self) -> Option<&std::fs::File> {
         None
     }
+    /// Bytes `offset..offset + len` as a view of the file's pages in the page cache, for
+    /// a driver to hand to the socket without reading them (the kernel copies them once,
+    /// into the socket); `None` (the default) when not all of them are in memory now or
+    /// the backing cannot. Nothing in this process may read the view: a file truncated
+    /// behind netbootd's back would make that a SIGBUS, where the kernel's copy into the
+    /// socket fails with EFAULT instead.
+    fn mapped(&self, _offset: u64, _len: usize) -> Option<Bytes> {
+        None
+    }
 }
 
 /// Writes `len` zero bytes at `offset` with `write` (bytes, offset), a MiB at a time.
@@ -1149,6 +1158,12 @@ impl Lun {
     /// The backing's file, for a driver that does [`Lun::stage`]d I/O itself.
     pub fn file(&self) -> Option<&std::fs::File> {
         self.backing.file()
+    }
+
+    /// [`Backing::mapped`]: a staged read's bytes as a view of the page cache, if they are
+    /// all there.
+    pub fn mapped(&self, offset: u64, len: usize) -> Option<Bytes> {
+        self.backing.mapped(offset, len)
     }
 
     /// The capacity in blocks right now, read from the backing (0 if it cannot tell its

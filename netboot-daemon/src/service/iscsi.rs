@@ -84,6 +84,9 @@ pub struct ConnStats {
     /// Bytes the backing file was read into the ring's registered buffers (the io_uring
     /// driver's `READ_FIXED`), each sent from there as Data-In without a copy.
     pub fixed_bytes: AtomicU64,
+    /// Bytes of large reads sent straight from the page cache through a mapping of the
+    /// image (the io_uring driver: no read into a buffer, one copy into the socket).
+    pub mapped_bytes: AtomicU64,
     /// SCSI commands completed.
     pub commands: AtomicU64,
     /// Each command, from the core handing it out to its result.
@@ -130,6 +133,9 @@ pub struct SessionRecord {
     /// Bytes of reads the target made into the io_uring ring's registered buffers (small
     /// reads; sent from there as Data-In without a copy).
     pub fixed_bytes: u64,
+    /// Bytes of large reads the target sent straight from the page cache through a
+    /// mapping of the image (one copy, into the socket).
+    pub mapped_bytes: u64,
     /// SCSI commands completed.
     pub commands: u64,
     /// Median command latency, microseconds.
@@ -186,6 +192,7 @@ impl LiveEntry {
             tx_bytes: self.stats.tx_bytes.load(Ordering::Relaxed),
             spliced_bytes: self.stats.spliced_bytes.load(Ordering::Relaxed),
             fixed_bytes: self.stats.fixed_bytes.load(Ordering::Relaxed),
+            mapped_bytes: self.stats.mapped_bytes.load(Ordering::Relaxed),
             commands: self.stats.commands.load(Ordering::Relaxed),
             latency_p50_us: us(0.5),
             latency_p99_us: us(0.99),
