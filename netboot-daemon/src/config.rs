@@ -449,6 +449,12 @@ pub struct IscsiConfig {
     /// once, into the socket) instead of reading them into a buffer first; reads of
     /// pages not in memory, and connections with data digests, read as before.
     pub mapped_reads: bool,
+    /// TCP congestion control of the iSCSI connections, e.g. `"cubic"` or `"reno"`
+    /// (`setsockopt(TCP_CONGESTION)` on the listening socket, which its connections
+    /// inherit); empty: the system's (`net.ipv4.tcp_congestion_control`). An algorithm the
+    /// kernel lacks, or one an unprivileged netbootd may not use
+    /// (`net.ipv4.tcp_allowed_congestion_control`), stops the start with an error.
+    pub tcp_congestion: String,
 }
 
 /// The iSCSI driver (`iscsi.driver`, `NETBOOT_ISCSI_DRIVER`).
@@ -492,6 +498,7 @@ impl Default for IscsiConfig {
             busy_poll_us: 0,
             splice_reads: false,
             mapped_reads: true,
+            tcp_congestion: String::new(),
         }
     }
 }
@@ -712,6 +719,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         help: "iscsi.busy_poll_us (microseconds)",
     },
     EnvVar {
+        name: "NETBOOT_ISCSI_TCP_CONGESTION",
+        aliases: &[],
+        help: "iscsi.tcp_congestion (a TCP congestion control, e.g. cubic)",
+    },
+    EnvVar {
         name: "NETBOOT_TFTP_BUSY_POLL_US",
         aliases: &[],
         help: "tftp.busy_poll_us (microseconds)",
@@ -891,6 +903,9 @@ impl Config {
         if let Some((k, v)) = lookup(env, "NETBOOT_ISCSI_BUSY_POLL_US") {
             self.iscsi.busy_poll_us = parse_env(k, v, "expected microseconds, e.g. 50")?;
         }
+        if let Some((_, v)) = lookup(env, "NETBOOT_ISCSI_TCP_CONGESTION") {
+            self.iscsi.tcp_congestion = v.to_owned();
+        }
         if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_BUSY_POLL_US") {
             self.tftp.busy_poll_us = parse_env(k, v, "expected microseconds, e.g. 50")?;
         }
@@ -979,6 +994,16 @@ impl Config {
                     ),
                 });
             }
+        }
+        let cc = &self.iscsi.tcp_congestion;
+        if cc.len() > 15 || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(ConfigError::Invalid {
+                field: "iscsi.tcp_congestion",
+                why: format!(
+                    "{cc:?} is not a TCP congestion control name (such as cubic, reno or bbr: \
+                     at most 15 letters, digits or underscores)"
+                ),
+            });
         }
         if self.ebpf.max_entries < 64 || self.ebpf.max_flows < 64 || self.ebpf.max_bindings < 64 {
             return Err(ConfigError::Invalid {
@@ -1128,6 +1153,26 @@ mod tests {
         match c.validate() {
             Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "tftp.busy_poll_us"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_iscsi_congestion_control_comes_from_the_environment_and_is_a_name() {
+        let mut c = Config::default();
+        assert_eq!(c.iscsi.tcp_congestion, "", "the system's by default");
+        c.apply_env(&env(&[("NETBOOT_ISCSI_TCP_CONGESTION", "reno")]))
+            .expect("env applies");
+        assert_eq!(c.iscsi.tcp_congestion, "reno");
+        assert!(c.clone().validate().is_ok());
+        for bad in ["reno; rm", "a_name_longer_than_15", "cubic\n"] {
+            let mut b = c.clone();
+            b.iscsi.tcp_congestion = bad.into();
+            match b.validate() {
+                Err(ConfigError::Invalid { field, .. }) => {
+                    assert_eq!(field, "iscsi.tcp_congestion", "{bad:?}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
         }
     }
 

@@ -367,6 +367,23 @@ async fn start_iscsi(
             i.listen
         )
     })?;
+    if !i.tcp_congestion.is_empty() {
+        socket2::SockRef::from(&listener)
+            .set_tcp_congestion(i.tcp_congestion.as_bytes())
+            .with_context(|| {
+                let list = |f: &str| {
+                    std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}"))
+                        .map(|s| s.trim().to_owned())
+                        .unwrap_or_else(|_| "?".into())
+                };
+                format!(
+                    "iscsi.tcp_congestion = {:?}: the kernel has {}; without CAP_NET_ADMIN only {} may be used",
+                    i.tcp_congestion,
+                    list("tcp_available_congestion_control"),
+                    list("tcp_allowed_congestion_control"),
+                )
+            })?;
+    }
     let addr = listener
         .local_addr()
         .context("reading the iSCSI listener address")?;

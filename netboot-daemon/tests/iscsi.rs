@@ -1128,6 +1128,81 @@ fn reads_are_byte_exact_with_and_without_data_digests() {
     reads_are_byte_exact(false);
 }
 
+/// `iscsi.tcp_congestion` is the congestion control of the target's side of every
+/// connection (as `ss` reports it), and one the kernel lacks stops the start, naming it.
+#[test]
+fn iscsi_connections_use_the_configured_congestion_control() {
+    if !have("ss") {
+        panic!("ss (iproute2) is missing: apt-get install iproute2");
+    }
+    let system = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .expect("the system's congestion control");
+    // reno is always built in; take cubic when reno already is the default.
+    let want = if system.trim() == "reno" {
+        "cubic"
+    } else {
+        "reno"
+    };
+    let d = Daemon::start_configured(
+        &format!("cc-{want}"),
+        "uring",
+        &format!("tcp_congestion = \"{want}\"\n"),
+    );
+    let conn = std::net::TcpStream::connect(&d.iscsi).expect("connect");
+    let port = d.iscsi.rsplit(':').next().expect("port");
+    let out = Command::new("ss")
+        .args([
+            "-tni",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let local = conn.peer_addr().expect("peer").to_string();
+    assert!(
+        text.contains(&local),
+        "no connection on {local} in:\n{text}"
+    );
+    assert!(
+        text.split_whitespace().any(|w| w == want),
+        "the target's side of the connection does not use {want} (the system's is {}):\n{text}",
+        system.trim()
+    );
+    drop(conn);
+
+    let dir = TestDir::new("iscsi-cc-missing");
+    std::fs::write(
+        dir.path().join("netboot.toml"),
+        "data_dir = \"data\"\n[http]\nlisten = \"127.0.0.1:0\"\n[dhcp]\nmode = \"off\"\n\
+         [tftp]\nenabled = false\n[iscsi]\nlisten = \"127.0.0.1:0\"\n\
+         tcp_congestion = \"nosuchcc\"\n",
+    )
+    .expect("write config");
+    // Under timeout(1): a netbootd that started anyway must not hang the test.
+    let out = Command::new("timeout")
+        .args([
+            "30",
+            env!("CARGO_BIN_EXE_netbootd"),
+            "--config",
+            "netboot.toml",
+        ])
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run netbootd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "netbootd started with nosuchcc:\n{err}"
+    );
+    assert!(
+        err.contains("iscsi.tcp_congestion") && err.contains("nosuchcc"),
+        "the error names the setting:\n{err}"
+    );
+}
+
 /// The same with `splice_reads`.
 #[test]
 fn spliced_reads_are_byte_exact_with_and_without_data_digests() {
