@@ -80,11 +80,6 @@ impl FileMap {
         Ok(Self { ptr, len })
     }
 
-    /// Bytes mapped.
-    fn len(&self) -> usize {
-        self.len
-    }
-
     /// True when every page of `offset..offset + len` is in the page cache now
     /// (`mincore(2)`), so that sending them does not wait for the disk.
     fn resident(&self, offset: usize, len: usize) -> bool {
@@ -93,17 +88,17 @@ impl FileMap {
         if end <= start {
             return false;
         }
-        let mut vec = vec![0u8; (end - start).div_ceil(MAP_PAGE)];
-        // SAFETY: `start` is page-aligned and `start..end` lies inside the mapping;
-        // mincore writes one byte per page of it into `vec`, which is that long.
-        let rc = unsafe {
-            libc::mincore(
-                self.ptr.as_ptr().add(start).cast(),
-                end - start,
-                vec.as_mut_ptr(),
-            )
-        };
-        rc == 0 && vec.iter().all(|b| b & 1 == 1)
+        // A MiB of pages per call, on the stack: this runs for every large read.
+        let mut pages = [0u8; 256];
+        let step = pages.len() * MAP_PAGE;
+        (start..end).step_by(step).all(|at| {
+            let n = (end - at).min(step);
+            // SAFETY: `at` is page-aligned and `at..at + n` lies inside the mapping;
+            // mincore writes one byte per page of it, at most `pages.len()`, into `pages`.
+            let rc =
+                unsafe { libc::mincore(self.ptr.as_ptr().add(at).cast(), n, pages.as_mut_ptr()) };
+            rc == 0 && pages[..n.div_ceil(MAP_PAGE)].iter().all(|b| b & 1 == 1)
+        })
     }
 }
 
@@ -189,7 +184,7 @@ impl Backing for FileBacking {
         let end = offset.checked_add(len)?;
         let map = {
             let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-            if map.as_ref().is_none_or(|m| end > m.len()) {
+            if map.as_ref().is_none_or(|m| end > m.len) {
                 let file_len = usize::try_from(self.file.metadata().ok()?.len()).ok()?;
                 if end > file_len {
                     return None;

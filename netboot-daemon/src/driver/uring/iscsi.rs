@@ -365,6 +365,17 @@ struct Conn {
     span: tracing::Span,
 }
 
+impl Conn {
+    /// Command `seq` (tag `itt`, handed out at `handed`) ended with `result`: it stops
+    /// blocking the commands that conflict with it, and its response goes to the core.
+    /// The caller marks the connection for service.
+    fn finish(&mut self, seq: u64, itt: u32, handed: Instant, result: ScsiResult) {
+        self.active.retain(|a| a.seq != seq);
+        self.core.complete(itt, result);
+        self.stats.completed(handed);
+    }
+}
+
 /// A request in flight that owns memory the kernel uses.
 enum Op {
     Recv { key: Key },
@@ -749,9 +760,7 @@ impl Driver {
                 } => {
                     if let Some(c) = self.conn(key) {
                         c.ops -= 1;
-                        c.active.retain(|a| a.seq != seq);
-                        c.core.complete(itt, result);
-                        c.stats.completed(handed);
+                        c.finish(seq, itt, handed, result);
                         self.mark(key);
                     }
                 }
@@ -953,9 +962,7 @@ impl Driver {
                     c.stats
                         .mapped_bytes
                         .fetch_add(len as u64, Ordering::Relaxed);
-                    c.active.retain(|a| a.seq != seq);
-                    c.core.complete(p.itt, result);
-                    c.stats.completed(p.handed);
+                    c.finish(seq, p.itt, p.handed, result);
                     self.mark(key);
                 }
             }
@@ -1160,9 +1167,7 @@ impl Driver {
                     .fixed_bytes
                     .fetch_add(done as u64, Ordering::Relaxed);
             }
-            c.active.retain(|a| a.seq != seq);
-            c.core.complete(itt, result);
-            c.stats.completed(handed);
+            c.finish(seq, itt, handed, result);
             self.mark(key);
         }
     }
