@@ -1015,7 +1015,7 @@ impl Driver {
         };
         let mut buf = read_buffer(&mut s.reads);
         buf.reserve(r.len);
-        let len = u32::try_from(r.len.min(buf.capacity())).unwrap_or(u32::MAX);
+        let len = u32::try_from(r.len).unwrap_or(u32::MAX);
         let sqe = opcode::Read::new(Fd(file.as_raw_fd()), buf.as_mut_ptr(), len)
             .offset(r.offset)
             .build();

@@ -96,6 +96,17 @@ struct Outcome {
     client_done: bool,
 }
 
+/// What a request without options gets, but with this block and window size (the
+/// transfer's own choice in the tests; no OACK, 1 s timeout).
+fn without_options(blksize: u16, windowsize: u16) -> Negotiated {
+    Negotiated {
+        blksize,
+        windowsize,
+        timeout: Duration::from_secs(1),
+        oack: Vec::new(),
+    }
+}
+
 fn file(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
 }
@@ -410,12 +421,7 @@ fn a_silent_client_times_out_after_the_retry_limit() {
         max_retries: 3,
         ..Config::default()
     };
-    let neg = Negotiated {
-        blksize: 512,
-        windowsize: 1,
-        timeout: Duration::from_secs(1),
-        oack: Vec::new(),
-    };
+    let neg = without_options(512, 1);
     let mut t = Transfer::new(&neg, Mode::Octet, 2000, &cfg);
     let mut buf = [0u8; 516];
     let mut now = t0;
@@ -452,12 +458,7 @@ fn a_silent_client_times_out_after_the_retry_limit() {
 fn a_file_that_shrinks_aborts_with_an_error() {
     let t0 = Instant::now();
     let cfg = Config::default();
-    let neg = Negotiated {
-        blksize: 512,
-        windowsize: 1,
-        timeout: Duration::from_secs(1),
-        oack: Vec::new(),
-    };
+    let neg = without_options(512, 1);
     let mut t = Transfer::new(&neg, Mode::Octet, 10_000, &cfg);
     let r = t.poll_read().expect("read");
     assert_eq!(r.offset, 0);
@@ -507,12 +508,7 @@ fn the_next_block_is_read_while_the_client_acknowledges_this_one() {
         read_chunk: 1024,
         ..Config::default()
     };
-    let neg = Negotiated {
-        blksize: 1024,
-        windowsize: 1,
-        timeout: Duration::from_secs(1),
-        oack: Vec::new(),
-    };
+    let neg = without_options(1024, 1);
     let f = file(8192);
     let mut t = Transfer::new(&neg, Mode::Octet, f.len() as u64, &cfg);
     let mut buf = [0u8; 1028];
@@ -545,12 +541,7 @@ fn the_next_block_is_read_while_the_client_acknowledges_this_one() {
 #[test]
 fn blocks_are_slices_of_the_data_read_not_copies() {
     let t0 = Instant::now();
-    let neg = Negotiated {
-        blksize: 1000,
-        windowsize: 4,
-        timeout: Duration::from_secs(1),
-        oack: Vec::new(),
-    };
+    let neg = without_options(1000, 4);
     let f = Bytes::from(file(10_000));
     let mut t = Transfer::new(&neg, Mode::Octet, f.len() as u64, &Config::default());
     let r = t.poll_read().expect("read");
@@ -572,12 +563,7 @@ fn blocks_are_slices_of_the_data_read_not_copies() {
 
 #[test]
 fn reads_end_on_block_boundaries_even_after_a_short_read() {
-    let neg = Negotiated {
-        blksize: 1000,
-        windowsize: 1,
-        timeout: Duration::from_secs(1),
-        oack: Vec::new(),
-    };
+    let neg = without_options(1000, 1);
     let cfg = Config {
         read_chunk: 2500,
         ..Config::default()
@@ -600,12 +586,7 @@ fn reads_end_on_block_boundaries_even_after_a_short_read() {
 fn blocks_that_span_short_reads_come_out_intact() {
     let t0 = Instant::now();
     for netascii in [false, true] {
-        let neg = Negotiated {
-            blksize: 512,
-            windowsize: 8,
-            timeout: Duration::from_secs(1),
-            oack: Vec::new(),
-        };
+        let neg = without_options(512, 8);
         let mut f = file(20_000);
         if netascii {
             f.iter_mut().step_by(37).for_each(|b| *b = b'\n');
