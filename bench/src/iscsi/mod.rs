@@ -10,6 +10,9 @@
 //!   1 MiB sequential read and write at QD8;
 //! - libiscsi's `iscsi-perf -m 32 -b 8 -r` (4 KiB random read, QD32) cross-checks one
 //!   workload with a real initiator;
+//! - for sequential reads, a plain TCP pair on loopback ([`tcp_pair`]: a sender that
+//!   writes the image from a mapping of it, a receiver that reads it) measures what one
+//!   loopback connection carries on this machine, the ceiling of any target over TCP;
 //! - the servers are interleaved (the order rotates each repetition) and the tables
 //!   report medians; the target's CPU is utime + stime from `/proc/PID/stat`.
 //!
@@ -143,6 +146,7 @@ enum Who {
     Tgtd,
     FioUring,
     FioPsync,
+    TcpPair,
 }
 
 impl Who {
@@ -152,6 +156,7 @@ impl Who {
             Self::Tgtd => "tgtd",
             Self::FioUring => "raw fio io_uring",
             Self::FioPsync => "raw fio psync (QD1)",
+            Self::TcpPair => "plain TCP pair",
         }
     }
 }
@@ -606,6 +611,155 @@ fn load(
     })
 }
 
+/// What one loopback TCP connection carries on this machine, the ceiling of any target
+/// over TCP: a sender thread writes the image into the connection `w.bs` bytes at a time
+/// from a read-only shared mapping of it (one copy, into the socket, as netbootd's mapped
+/// reads), and this thread reads `w.bs` bytes at a time into one buffer (as the initiator
+/// reads a data segment) and checks the first bytes of each against the file. No
+/// commands, no headers, no queue depth. The CPU columns are the sender thread's.
+fn tcp_pair(
+    w: Workload,
+    file: &Path,
+    (ramp, secs): (Duration, Duration),
+) -> anyhow::Result<Measure> {
+    use std::io::Read as _;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let map = Arc::new(Mapping::of(file)?);
+    ensure!(map.len() >= w.bs, "the image is smaller than one IO");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the pair")?;
+    let addr = listener.local_addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let sender = {
+        let (map, stop) = (Arc::clone(&map), Arc::clone(&stop));
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            // SAFETY: gettid has no preconditions.
+            let _ = tid_tx.send(unsafe { libc::gettid() });
+            let (mut s, _) = listener.accept().context("accepting the pair")?;
+            s.set_nodelay(true)?;
+            let mut at = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if at + w.bs > map.len() {
+                    at = 0;
+                }
+                if let Err(e) = s.write_all(&map.bytes()[at..at + w.bs]) {
+                    // The receiver hangs up when it has measured.
+                    return if stop.load(Ordering::Relaxed) {
+                        Ok(())
+                    } else {
+                        Err(e).context("sending")
+                    };
+                }
+                at += w.bs;
+            }
+            Ok(())
+        })
+    };
+    let task = format!("{}/task/{}", std::process::id(), tid_rx.recv()?);
+    let mut rx = std::net::TcpStream::connect(addr).context("connecting the pair")?;
+    rx.set_nodelay(true)?;
+    let mut buf = vec![0u8; w.bs];
+    let mut at = 0;
+    let mut count = 0u64;
+    let start = Instant::now();
+    let mut window: Option<(Instant, u64, f64)> = None;
+    let result = loop {
+        rx.read_exact(&mut buf).context("receiving")?;
+        if at + w.bs > map.len() {
+            at = 0;
+        }
+        ensure!(
+            buf[..64] == map.bytes()[at..at + 64],
+            "the pair received bytes that are not the file's at offset {at}"
+        );
+        at += w.bs;
+        count += 1;
+        let now = Instant::now();
+        match window {
+            None if now - start >= ramp => {
+                window = Some((now, count, proc_cpu_seconds(&task)?));
+            }
+            Some((t0, c0, cpu0)) if now - t0 >= secs => {
+                let elapsed = (now - t0).as_secs_f64();
+                let iops = (count - c0) as f64 / elapsed;
+                break Measure {
+                    iops,
+                    mbs: iops * w.bs as f64 / 1e6,
+                    // A stream has no per-IO latency.
+                    p50_us: f64::NAN,
+                    p99_us: f64::NAN,
+                    cpu_s: proc_cpu_seconds(&task)? - cpu0,
+                    secs: elapsed,
+                };
+            }
+            _ => {}
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    drop(rx);
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the pair's sender panicked"))??;
+    Ok(result)
+}
+
+/// A read-only shared mapping of a whole file.
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and lives until drop; `&[u8]` views of it may be shared.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn of(path: &Path) -> anyhow::Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let len = usize::try_from(f.metadata()?.len())?;
+        ensure!(len > 0, "{} is empty", path.display());
+        // SAFETY: a fresh read-only mapping of an open file; checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        ensure!(
+            ptr != libc::MAP_FAILED,
+            "mapping {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        Ok(Self { ptr, len })
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes until drop. The benchmark does not
+        // truncate the image while the pair runs.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `of`, unmapped once.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
 /// fio on the raw file: `engine` io_uring (at the workload's queue depth) or psync.
 fn fio(
     engine: &str,
@@ -767,12 +921,16 @@ pub(crate) fn run(a: &CompareArgs) -> anyhow::Result<bool> {
     if fio_ok {
         who.extend([Who::FioUring, Who::FioPsync]);
     }
+    who.push(Who::TcpPair);
     let mut results: BTreeMap<(usize, Who), Vec<Measure>> = BTreeMap::new();
     for rep in 0..reps {
         for (wi, w) in workloads.iter().enumerate() {
             let mut order = who.clone();
             order.rotate_left((rep + wi) % who.len());
             for &x in &order {
+                if x == Who::TcpPair && w.pattern != Pattern::SeqRead {
+                    continue;
+                }
                 let m = match x {
                     Who::Netboot => load(
                         &nb.iscsi,
@@ -789,16 +947,17 @@ pub(crate) fn run(a: &CompareArgs) -> anyhow::Result<bool> {
                     }
                     Who::FioUring => fio("io_uring", *w, &nb.image, size, (ramp, dur)),
                     Who::FioPsync => fio("psync", *w, &nb.image, size, (ramp, dur)),
+                    Who::TcpPair => tcp_pair(*w, &nb.image, (ramp, dur)),
                 }
                 .with_context(|| format!("{} {}", x.name(), w.name))?;
                 say(format!(
-                    "rep {rep} {} {}: {:.0} IOPS, {:.1} MB/s, p50 {:.0} us, p99 {:.0} us, CPU {} % ({} us/IO)",
+                    "rep {rep} {} {}: {:.0} IOPS, {:.1} MB/s, p50 {} us, p99 {} us, CPU {} % ({} us/IO)",
                     w.name,
                     x.name(),
                     m.iops,
                     m.mbs,
-                    m.p50_us,
-                    m.p99_us,
+                    Fig(m.p50_us, 0),
+                    Fig(m.p99_us, 0),
                     Fig(m.cpu_pct(), 0),
                     Fig(m.cpu_us_per_io(), 1)
                 ));
@@ -896,15 +1055,15 @@ fn report(
     }
     writeln!(
         out,
-        "\n| workload | netbootd / tgtd (IOPS) | netbootd / raw io_uring | netbootd / raw psync | CPU per IO netbootd / tgtd |"
+        "\n| workload | netbootd / tgtd (IOPS) | netbootd / raw io_uring | netbootd / raw psync | CPU per IO netbootd / tgtd | netbootd / plain TCP pair | plain TCP pair / raw io_uring |"
     )?;
-    writeln!(out, "|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|---|")?;
     for (wi, w) in workloads.iter().enumerate() {
         let nb = med(wi, Who::Netboot, &|m| m.iops);
         let r = |x: Who| Fig(nb / med(wi, x, &|m| m.iops), 2);
         writeln!(
             out,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             w.name,
             r(Who::Tgtd),
             r(Who::FioUring),
@@ -912,6 +1071,11 @@ fn report(
             Fig(
                 med(wi, Who::Netboot, &|m| m.cpu_us_per_io())
                     / med(wi, Who::Tgtd, &|m| m.cpu_us_per_io()),
+                2
+            ),
+            r(Who::TcpPair),
+            Fig(
+                med(wi, Who::TcpPair, &|m| m.iops) / med(wi, Who::FioUring, &|m| m.iops),
                 2
             ),
         )?;
