@@ -439,6 +439,54 @@ async fn concurrent_clients_all_get_exact_files(driver: TftpDriver) {
     srv.stop().await;
 }
 
+/// A boot storm: 500 curl processes at once, each fetching the same 1 MiB file lock-step
+/// at blksize 1432 (as iPXE does), every one byte-identical, none failed, and each a
+/// transfer of its own.
+async fn a_storm_of_500_real_clients_all_get_exact_files(driver: TftpDriver) {
+    const CLIENTS: usize = 500;
+    if !have("curl") {
+        let msg = "SKIPPED: curl is not installed (cargo xtask setup installs it)";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("{msg}");
+        return;
+    }
+    let cfg = TftpConfig {
+        per_client: CLIENTS,
+        ..TftpConfig::default()
+    };
+    let srv = Server::start("storm", cfg, driver).await;
+    let file = data(1 << 20, 33);
+    srv.put("storm.bin", &file);
+    let started = Instant::now();
+    let runs: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let o = srv.out(&format!("s{i}.bin"));
+            let args = curl_args(&srv, "storm.bin", &o, 1432);
+            (o, tokio::spawn(client("curl", args)))
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for (o, run) in runs {
+        let (ok, log) = run.await.expect("client task");
+        if !ok {
+            failed.push(format!("{}: {log}", o.display()));
+            continue;
+        }
+        same(&o, &file);
+        std::fs::remove_file(&o).expect("remove a client's copy");
+    }
+    eprintln!("{CLIENTS} clients in {:?}", started.elapsed());
+    assert!(
+        failed.is_empty(),
+        "{} of {CLIENTS} failed: {failed:?}",
+        failed.len()
+    );
+    let st = &srv.tftp.stats;
+    assert_eq!(st.completed(), CLIENTS as u64, "one transfer per client");
+    assert_eq!(st.failed(), 0);
+    srv.stop().await;
+}
+
 /// A scrape of `/metrics` over HTTP (curl), in the format `accept` asks for.
 async fn scrape(http: SocketAddr, accept: &str) -> String {
     let out = tokio::process::Command::new("curl")
@@ -807,6 +855,7 @@ with_both_drivers!(
     files_too_large_for_the_cache_are_read_by_the_driver,
     a_vanished_client_ends_the_transfer_at_once,
     concurrent_clients_all_get_exact_files,
+    a_storm_of_500_real_clients_all_get_exact_files,
     transfers_are_recorded_and_exposed_as_metrics,
     mac_directories_and_the_generated_script,
     case_insensitive_lookup_stays_in_the_jail,
