@@ -419,6 +419,10 @@ impl DhcpConfig {
 /// trip a spin could catch.
 pub const MAX_BUSY_POLL_US: u32 = 1000;
 
+/// Upper bound of `iscsi.dead_peer_secs`: half of it is the keepalive idle time, which
+/// the kernel caps at 32767 seconds.
+pub const MAX_DEAD_PEER_SECS: u32 = 65_534;
+
 /// iSCSI target settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -455,6 +459,12 @@ pub struct IscsiConfig {
     /// kernel lacks, or one an unprivileged netbootd may not use
     /// (`net.ipv4.tcp_allowed_congestion_control`), stops the start with an error.
     pub tcp_congestion: String,
+    /// Seconds after which the connection of an initiator that has stopped answering
+    /// (switched off, cable pulled) is closed and its session ends: TCP keepalive probes
+    /// start after half of it idle and three probes share the rest, and data left
+    /// unacknowledged that long ends the connection too (`TCP_USER_TIMEOUT`). Set on the
+    /// listening socket, which its connections inherit. 0: never (no keepalive).
+    pub dead_peer_secs: u32,
 }
 
 /// The iSCSI driver (`iscsi.driver`, `NETBOOT_ISCSI_DRIVER`).
@@ -499,6 +509,7 @@ impl Default for IscsiConfig {
             splice_reads: false,
             mapped_reads: true,
             tcp_congestion: String::new(),
+            dead_peer_secs: 120,
         }
     }
 }
@@ -724,6 +735,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         help: "iscsi.tcp_congestion (a TCP congestion control, e.g. cubic)",
     },
     EnvVar {
+        name: "NETBOOT_ISCSI_DEAD_PEER_SECS",
+        aliases: &[],
+        help: "iscsi.dead_peer_secs (seconds; 0: never)",
+    },
+    EnvVar {
         name: "NETBOOT_TFTP_BUSY_POLL_US",
         aliases: &[],
         help: "tftp.busy_poll_us (microseconds)",
@@ -906,6 +922,9 @@ impl Config {
         if let Some((_, v)) = lookup(env, "NETBOOT_ISCSI_TCP_CONGESTION") {
             self.iscsi.tcp_congestion = v.to_owned();
         }
+        if let Some((k, v)) = lookup(env, "NETBOOT_ISCSI_DEAD_PEER_SECS") {
+            self.iscsi.dead_peer_secs = parse_env(k, v, "expected seconds, e.g. 120")?;
+        }
         if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_BUSY_POLL_US") {
             self.tftp.busy_poll_us = parse_env(k, v, "expected microseconds, e.g. 50")?;
         }
@@ -1002,6 +1021,17 @@ impl Config {
                 why: format!(
                     "{cc:?} is not a TCP congestion control name (such as cubic, reno or bbr: \
                      at most 15 letters, digits or underscores)"
+                ),
+            });
+        }
+        if !(self.iscsi.dead_peer_secs == 0
+            || (3..=MAX_DEAD_PEER_SECS).contains(&self.iscsi.dead_peer_secs))
+        {
+            return Err(ConfigError::Invalid {
+                field: "iscsi.dead_peer_secs",
+                why: format!(
+                    "must be 0 (never) or 3 to {MAX_DEAD_PEER_SECS} seconds (a keepalive probe \
+                     every second at the least, the kernel's keepalive idle time at the most)"
                 ),
             });
         }
@@ -1174,6 +1204,36 @@ mod tests {
                 other => panic!("{bad:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_dead_peer_time_comes_from_the_environment_and_is_bounded() {
+        let mut c = Config::default();
+        assert_eq!(c.iscsi.dead_peer_secs, 120);
+        c.apply_env(&env(&[("NETBOOT_ISCSI_DEAD_PEER_SECS", "0")]))
+            .expect("env applies");
+        assert_eq!(c.iscsi.dead_peer_secs, 0, "0: never");
+        assert!(c.clone().validate().is_ok());
+        for (secs, ok) in [
+            (1, false),
+            (2, false),
+            (3, true),
+            (MAX_DEAD_PEER_SECS, true),
+        ] {
+            let mut b = c.clone();
+            b.iscsi.dead_peer_secs = secs;
+            assert_eq!(b.validate().is_ok(), ok, "{secs}");
+        }
+        let mut b = c.clone();
+        b.iscsi.dead_peer_secs = MAX_DEAD_PEER_SECS + 1;
+        match b.validate() {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "iscsi.dead_peer_secs"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            c.apply_env(&env(&[("NETBOOT_ISCSI_DEAD_PEER_SECS", "soon")]))
+                .is_err()
+        );
     }
 
     #[test]

@@ -384,6 +384,10 @@ async fn start_iscsi(
                 )
             })?;
     }
+    if i.dead_peer_secs > 0 {
+        dead_peer_detection(&listener, i.dead_peer_secs)
+            .context("setting iscsi.dead_peer_secs on the iSCSI listener")?;
+    }
     let addr = listener
         .local_addr()
         .context("reading the iSCSI listener address")?;
@@ -414,6 +418,24 @@ async fn start_iscsi(
         stop,
     ));
     Ok(Some((targets, task)))
+}
+
+/// Makes the connections accepted on `listener` end `secs` seconds after their peer
+/// stopped answering: keepalive probes after half of it idle, three probes in the other
+/// half, and `TCP_USER_TIMEOUT` for data left unacknowledged. Accepted sockets inherit
+/// all of it from the listener.
+fn dead_peer_detection(listener: &TcpListener, secs: u32) -> std::io::Result<()> {
+    let idle = (secs / 2).max(1);
+    let interval = ((secs - idle) / 3).max(1);
+    let sock = socket2::SockRef::from(listener);
+    sock.set_keepalive(true)?;
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(idle.into()))
+            .with_interval(Duration::from_secs(interval.into()))
+            .with_retries(3),
+    )?;
+    sock.set_tcp_user_timeout(Some(Duration::from_secs(secs.into())))
 }
 
 /// Loads the eBPF program and attaches it to the configured interfaces. Failure is not

@@ -1203,6 +1203,103 @@ fn iscsi_connections_use_the_configured_congestion_control() {
     );
 }
 
+/// An initiator that vanishes without a word (no FIN, no RST: a machine switched off) is
+/// found out within `iscsi.dead_peer_secs` and its session ends; the idle connection of a
+/// live initiator stays. The vanished socket is put in TCP repair mode and closed, which
+/// discards it silently; the target's next keepalive probe then meets no socket.
+#[test]
+fn a_vanished_initiator_s_session_ends_after_dead_peer_secs() {
+    vanished_initiator("uring");
+}
+
+/// The same on the tokio driver.
+#[test]
+fn a_vanished_initiator_s_session_ends_after_dead_peer_secs_on_the_tokio_driver() {
+    vanished_initiator("tokio");
+}
+
+fn vanished_initiator(driver: &str) {
+    use std::os::fd::AsRawFd as _;
+    use std::time::{Duration, Instant};
+
+    const SECS: u64 = 4;
+    let d = Daemon::start_configured(
+        &format!("dead-peer-{driver}"),
+        driver,
+        &format!("dead_peer_secs = {SECS}\n"),
+    );
+    d.image("deadpeer", 1 << 20);
+    let target = format!("{PREFIX}:deadpeer");
+    let sessions = || -> (Vec<String>, Vec<String>) {
+        let v: serde_json::Value =
+            serde_json::from_str(&d.get("/api/v1/iscsi/sessions")).expect("json");
+        let names = |k: &str| -> Vec<String> {
+            v[k].as_array()
+                .unwrap_or_else(|| panic!("{k} in {v}"))
+                .iter()
+                .map(|s| s["initiator"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        };
+        (names("active"), names("recent"))
+    };
+    let [gone, stays, _] = TEST_INITIATORS;
+    let vanishing = RawInitiator::login(&d.iscsi, gone, &target, "None");
+    let mut live = RawInitiator::login(&d.iscsi, stays, &target, "None");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sessions().0.len() < 2 {
+        assert!(Instant::now() < deadline, "two sessions: {:?}", sessions());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fd = vanishing.stream.as_raw_fd();
+    let set = |option: libc::c_int, name: &str| {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and an int option.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                option,
+                (&raw const on).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{name}: {}", std::io::Error::last_os_error());
+    };
+    // The login response's delayed ACK goes now: the target has nothing left to
+    // retransmit, so only a keepalive probe can find the vanished peer.
+    set(libc::TCP_QUICKACK, "TCP_QUICKACK");
+    set(libc::TCP_REPAIR, "TCP_REPAIR");
+    let vanished = Instant::now();
+    drop(vanishing);
+    let deadline = vanished + Duration::from_secs(SECS + 10);
+    loop {
+        let (active, recent) = sessions();
+        if recent.iter().any(|i| i == gone) {
+            assert!(!active.iter().any(|i| i == gone), "{active:?}");
+            assert!(
+                active.iter().any(|i| i == stays),
+                "the idle live session stays: {active:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the vanished initiator's session is still there {:?} later: {active:?}",
+            vanished.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = vanished.elapsed();
+    assert!(
+        took >= Duration::from_secs(SECS / 2),
+        "ended after {took:?}, before the keepalive idle time:\n{}",
+        d.log()
+    );
+    // The live session still works after its idle time.
+    let got = live.reads(&[(0, 8, 4096)]);
+    assert_eq!(got[0].0, vec![0u8; 4096]);
+}
+
 /// The same with `splice_reads`.
 #[test]
 fn spliced_reads_are_byte_exact_with_and_without_data_digests() {
