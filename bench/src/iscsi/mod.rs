@@ -616,7 +616,8 @@ fn load(
 /// from a read-only shared mapping of it (one copy, into the socket, as netbootd's mapped
 /// reads), and this thread reads `w.bs` bytes at a time into one buffer (as the initiator
 /// reads a data segment) and checks the first bytes of each against the file. No
-/// commands, no headers, no queue depth. The CPU columns are the sender thread's.
+/// commands, no headers, no queue depth. The CPU columns are the sender thread's. The
+/// sender uses the congestion control that `NETBOOT_ISCSI_TCP_CONGESTION` gives netbootd.
 fn tcp_pair(
     w: Workload,
     file: &Path,
@@ -629,6 +630,29 @@ fn tcp_pair(
     let map = Arc::new(Mapping::of(file)?);
     ensure!(map.len() >= w.bs, "the image is smaller than one IO");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the pair")?;
+    // The congestion control netbootd is given (its connections inherit it from the
+    // listener), so that the pair carries what netbootd's connections could.
+    if let Some(cc) = std::env::var("NETBOOT_ISCSI_TCP_CONGESTION")
+        .ok()
+        .filter(|c| !c.is_empty())
+    {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: a valid socket; the option value is the name's bytes and their length.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                cc.as_ptr().cast(),
+                libc::socklen_t::try_from(cc.len())?,
+            )
+        };
+        ensure!(
+            rc == 0,
+            "TCP_CONGESTION {cc:?} on the pair: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     let addr = listener.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
