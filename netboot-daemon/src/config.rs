@@ -431,7 +431,7 @@ pub struct IscsiConfig {
     /// and a reversed domain you own).
     pub iqn_prefix: String,
     /// Initiator names that may use every image (installers, tests). Otherwise an image
-    /// accepts only initiators whose name carries the MAC of the device it is linked to.
+    /// accepts only initiators whose name ends in the MAC of the device it is linked to.
     pub allow: Vec<String>,
     /// Which driver runs the connections: io_uring (falls back to tokio when a ring cannot
     /// be set up) or tokio.

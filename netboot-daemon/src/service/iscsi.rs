@@ -5,8 +5,9 @@
 //! Every image in the store is a target named `<iscsi.iqn_prefix>:<image>` with one disk
 //! LUN (0) backed by `<images>/<image>.img`, a sparse file created at the image's size when
 //! it does not exist yet. An image accepts an initiator whose name carries the MAC of the
-//! device the image is linked to (in any common spelling, as the boot scripts set it), or
-//! one listed in `iscsi.allow`; discovery shows each initiator only what it may use.
+//! device the image is linked to as its last token (in any common spelling; the boot
+//! scripts set `...:initiator:aa-bb-cc-dd-ee-ff`), or one listed in `iscsi.allow`;
+//! discovery shows each initiator only what it may use.
 //! When that device has CHAP credentials, its image's target requires CHAP (mutual when
 //! the device has a target secret too); each connection gets a fresh random challenge.
 //!
@@ -679,15 +680,29 @@ fn chap_credentials(c: &ChapCredentials) -> chap::Credentials {
     }
 }
 
-/// Whether an initiator name carries `mac` (12 hex digits, separators ignored).
+/// Whether an initiator name carries `mac` as its last token: everything after the last
+/// `:` in a spelling [`MacAddr`] reads (`aa-bb-cc-dd-ee-ff`, as the boot scripts set it,
+/// [`crate::boot::ipxe::initiator_iqn`]; `aabbccddeeff`; `aabb.ccdd.eeff`), or its last
+/// six `:`-separated parts (`...:aa:bb:cc:dd:ee:ff`). A MAC elsewhere in the name, or hex
+/// digits that merely contain it, do not count.
 fn initiator_carries(initiator: &str, mac: MacAddr) -> bool {
-    let digits: String = initiator
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    let want: String = mac.0.iter().map(|b| format!("{b:02x}")).collect();
-    digits.contains(&want)
+    let last = initiator.rsplit(':').next().unwrap_or_default();
+    if last.parse::<MacAddr>() == Ok(mac) {
+        return true;
+    }
+    let mut parts = initiator.rsplitn(7, ':');
+    let six: Vec<&str> = parts.by_ref().take(6).collect();
+    // Exactly six parts after a separator, each two digits (MacAddr checks the groups).
+    parts.next().is_some()
+        && six.len() == 6
+        && six
+            .iter()
+            .rev()
+            .copied()
+            .collect::<Vec<_>>()
+            .join(":")
+            .parse::<MacAddr>()
+            == Ok(mac)
 }
 
 /// A stable NAA identifier for an image: NAA 6 (IEEE registered extended) with a locally
@@ -1122,7 +1137,35 @@ mod tests {
         ));
         assert!(initiator_carries("iqn.2010-04.org.ipxe:525400123456", mac));
         assert!(initiator_carries("iqn.x:52:54:00:12:34:56", mac));
+        assert!(initiator_carries("iqn.x:5254.0012.3456", mac));
+        assert!(initiator_carries("IQN.X:52-54-00-12-34-56", mac));
         assert!(!initiator_carries("iqn.x:52:54:00:12:34:57", mac));
+    }
+
+    /// The MAC is a whole token of the name, not any run of its hex digits: the `e` of
+    /// "ipxe" followed by another device's hexraw MAC is not this device's.
+    #[test]
+    fn initiator_names_carry_a_mac_only_as_a_whole_token() {
+        let other: MacAddr = "e5:25:40:01:23:45".parse().expect("mac");
+        let mac: MacAddr = "52:54:00:12:34:56".parse().expect("mac");
+        for name in [
+            "iqn.2010-04.org.ipxe:525400123456",
+            "iqn.2026-01.org.netboot:initiator:52-54-00-12-34-56",
+            "iqn.x:52:54:00:12:34:56",
+        ] {
+            assert!(initiator_carries(name, mac), "{name}");
+            assert!(!initiator_carries(name, other), "{name} carries {other}");
+        }
+        for name in [
+            // The MAC in the middle, or as part of a longer token.
+            "iqn.x:52-54-00-12-34-56:disk",
+            "iqn.x:pc-525400123456",
+            "iqn.x:5254001234567",
+            "iqn.x:0:52:54:00:12:34:56:0",
+            "iqn.2010-04.org.ipxe:52540012345",
+        ] {
+            assert!(!initiator_carries(name, mac), "{name}");
+        }
     }
 
     #[test]
