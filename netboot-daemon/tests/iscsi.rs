@@ -278,6 +278,138 @@ fn the_linked_device_logs_in_and_its_timeline_shows_it() {
     assert_eq!(events("iscsi_login"), 1);
 }
 
+/// HTTP status of an authenticated API call.
+fn api_status(d: &Daemon, method: &str, path: &str, body: &str) -> String {
+    let (ok, out) = run(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            method,
+            "-H",
+            "content-type: application/json",
+            "-b",
+            &d.cookie,
+            "-d",
+            body,
+            &format!("http://{}{path}", d.http),
+        ],
+    );
+    assert!(ok, "curl: {out}");
+    out
+}
+
+/// An image whose name has capitals and `_` (which an IQN cannot hold) boots: the target
+/// its boot script names is exactly the one SendTargets lists to the initiator the script
+/// sets, and that initiator logs in to it. The prefix is the configuration's
+/// (`iscsi.iqn_prefix`), which the settings cannot change behind the target's back, and
+/// a name whose target would be another image's is refused.
+#[test]
+fn the_boot_script_names_the_target_that_discovery_lists() {
+    if !tools(&["iscsi-ls", "iscsi-inq"]) {
+        return;
+    }
+    let prefix = "iqn.2026-02.org.example.lab";
+    let d = Daemon::start_configured(
+        "iqn-names",
+        "uring",
+        &format!("iqn_prefix = \"{prefix}\"\n"),
+    );
+    d.image("Win11_Base", 16 << 20);
+    let mac = "52:54:00:ab:cd:11";
+    d.api("POST", "/api/v1/devices", &format!(r#"{{"mac":"{mac}"}}"#));
+    d.api(
+        "PATCH",
+        &format!("/api/v1/devices/{mac}"),
+        r#"{"image":"Win11_Base","boot_policy":"iscsi"}"#,
+    );
+    assert_eq!(
+        api_status(
+            &d,
+            "PATCH",
+            "/api/v1/settings",
+            r#"{"iqn_prefix":"iqn.2026-03.org.elsewhere"}"#
+        ),
+        "422",
+        "the settings cannot change the target names"
+    );
+    let script = d.curl(&[&format!(
+        "http://{}/boot/ipxe/device?mac={}&platform=efi&arch=x86_64",
+        d.http,
+        mac.replace(':', "-")
+    )]);
+    let value = |key: &str| {
+        script
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key:?} in the script:\n{script}"))
+            .to_owned()
+    };
+    let initiator = value("set initiator-iqn ");
+    let sanboot = value("sanboot iscsi:");
+    let target = sanboot
+        .split(' ')
+        .next()
+        .and_then(|uri| uri.rsplit("::::").next())
+        .expect("the sanboot URI's target")
+        .to_owned();
+    assert_eq!(target, format!("{prefix}:win11-base"), "{script}");
+    let (ok, out) = run(
+        "iscsi-ls",
+        &["-i", &initiator, "-s", &format!("iscsi://{}", d.iscsi)],
+    );
+    assert!(ok, "iscsi-ls: {out}\n{}", d.log());
+    let listed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Target:"))
+        .map(|t| t.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(listed, [target.as_str()], "SendTargets: {out}");
+    let url = format!("iscsi://{}/{target}/0", d.iscsi);
+    let (ok, out) = run(
+        "iscsi-inq",
+        &["-i", &initiator, "-e", "1", "-c", "128", &url],
+    );
+    assert!(
+        ok && out.contains("Win11_Base"),
+        "the script's initiator logs in to the script's target: {out}\n{}",
+        d.log()
+    );
+    // Another image whose target name would be the same is refused, created or renamed.
+    let clash = r#"{"name":"win11-base","size_bytes":1048576}"#;
+    assert_eq!(api_status(&d, "POST", "/api/v1/images", clash), "409");
+    d.api(
+        "POST",
+        "/api/v1/images",
+        r#"{"name":"other","size_bytes":1048576}"#,
+    );
+    assert_eq!(
+        api_status(
+            &d,
+            "POST",
+            "/api/v1/images/other/rename",
+            r#"{"name":"WIN11_base"}"#
+        ),
+        "409"
+    );
+    // Renaming the image itself to another spelling keeps its target.
+    assert_eq!(
+        api_status(
+            &d,
+            "POST",
+            "/api/v1/images/Win11_Base/rename",
+            r#"{"name":"win11_BASE"}"#
+        ),
+        "200"
+    );
+    let (ok, out) = run("iscsi-inq", &["-i", &initiator, &url]);
+    assert!(ok, "after the rename: {out}\n{}", d.log());
+}
+
 /// qemu writes an image through the target and reads it back identical; everything it was
 /// told is written is in the image file after `kill -9` of the daemon.
 #[test]

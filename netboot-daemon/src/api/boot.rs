@@ -164,6 +164,7 @@ pub(super) async fn device_script(
         iscsi_host: &iscsi_host,
         chap: chap.as_ref(),
         settings: &settings,
+        iqn_prefix: &state.config().iscsi.iqn_prefix,
         efi,
         version: VERSION,
         registration: token.as_deref(),

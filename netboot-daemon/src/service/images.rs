@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::store::{Audit, Image, NewImage, Store, StoreError};
+use crate::store::{Audit, ConflictReason, Image, NewImage, Store, StoreError};
 use crate::time::Timestamp;
 
 /// Finished operations kept for `GET /api/v1/operations`.
@@ -223,6 +223,18 @@ impl ImageOps {
                 }
                 Err(StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
+            }
+            // The store refuses it at the end too; say so before copying.
+            if let Some(other) = store
+                .list_images()?
+                .into_iter()
+                .find(|i| crate::iscsi::name::same_target(&i.name, target))
+            {
+                return Err(StoreError::Conflict(ConflictReason::SameTarget {
+                    image: target.to_owned(),
+                    other: other.name,
+                })
+                .into());
             }
             if image_path(&self.dir, target).symlink_metadata().is_ok() {
                 return Err(CopyError::Conflict(format!(
@@ -443,7 +455,14 @@ pub fn adopt(dir: &Path, store: &dyn Store, audit: &Audit) -> Result<Vec<Image>,
             description: format!("adopted from {name}.img"),
             cloned_from: None,
         };
-        let img = store.adopt_image(audit, &new)?;
+        let img = match store.adopt_image(audit, &new) {
+            Ok(img) => img,
+            Err(StoreError::Conflict(why @ ConflictReason::SameTarget { .. })) => {
+                tracing::warn!(image = %name, %why, "not adopting an image file");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         tracing::info!(image = %img.name, size = img.size_bytes, "adopted an image file without a record");
         adopted.push(img);
     }

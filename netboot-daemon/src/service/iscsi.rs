@@ -2,7 +2,9 @@
 //! the accept loop, and the tokio driver (the io_uring one, the default, is
 //! [`crate::driver::uring::iscsi`]; [`IscsiRunner::start`] picks one from `iscsi.driver`).
 //!
-//! Every image in the store is a target named `<iscsi.iqn_prefix>:<image>` with one disk
+//! Every image in the store is a target named `<iscsi.iqn_prefix>:<image>`, the image
+//! name in IQN characters ([`name::image_target`], the mapping the boot scripts use too:
+//! `Win11_Base` is `...:win11-base`; names are compared case-folded), with one disk
 //! LUN (0) backed by `<images>/<image>.img`, a sparse file created at the image's size when
 //! it does not exist yet. An image accepts an initiator whose name carries the MAC of the
 //! device the image is linked to as its last token (in any common spelling; the boot
@@ -44,13 +46,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::bindings::{Bindings, Source as BindingSource};
-use crate::boot::ipxe::iqn_part;
 use crate::config::{IscsiConfig, IscsiDriver};
 use crate::ebpf::Service;
 use crate::iscsi::chap;
 use crate::iscsi::conn::{Connection, Login, Refusal, SessionEvent, Target, Targets};
 use crate::iscsi::conn::{FileSegment, Outgoing};
 use crate::iscsi::file::FileBacking;
+use crate::iscsi::name;
 use crate::iscsi::pdu::{DecodeError, Decoder, encode_padding, encode_trailer};
 use crate::iscsi::scsi::{DeviceType, Lun, LunConfig};
 use crate::mac::MacAddr;
@@ -460,9 +462,38 @@ impl StoreTargets {
         })
     }
 
-    /// The target name of an image.
+    /// The target name of an image ([`name::image_target`], as the boot scripts name it).
     pub fn target_name(&self, image: &str) -> String {
-        format!("{}:{image}", self.prefix)
+        name::image_target(&self.prefix, image)
+    }
+
+    /// The image whose target is `target` (a name as the initiator sent it: compared
+    /// case-folded). `None` when there is none, and when two images' names would both
+    /// give it (the store refuses that; only a database written before can hold it).
+    fn image_of(&self, target: &str) -> Option<Image> {
+        let target = name::fold(target);
+        let part = target
+            .strip_prefix(&self.prefix)
+            .and_then(|rest| rest.strip_prefix(':'))?;
+        let images = match self.store.list_images() {
+            Ok(images) => images,
+            Err(error) => {
+                tracing::warn!(%error, "iSCSI cannot list images");
+                return None;
+            }
+        };
+        let mut matching = images.into_iter().filter(|i| name::part(&i.name) == part);
+        let image = matching.next()?;
+        if let Some(other) = matching.next() {
+            tracing::warn!(
+                target,
+                image = %image.name,
+                other = %other.name,
+                "iSCSI target refused: two images have its name; rename one"
+            );
+            return None;
+        }
+        Some(image)
     }
 
     /// The live sessions (for [`serve`] and image management).
@@ -552,18 +583,17 @@ impl Targets for StoreTargets {
         names
     }
 
-    fn open(&self, name: &str, initiator: &str) -> Result<Target, Refusal> {
-        if name.starts_with(&format!("{}:installer:", self.prefix)) {
-            return self.open_installer(name);
+    fn open(&self, target: &str, initiator: &str) -> Result<Target, Refusal> {
+        let folded = name::fold(target);
+        if folded.starts_with(&format!("{}:installer:", self.prefix)) {
+            return self.open_installer(&folded);
         }
-        let image = name
-            .strip_prefix(&self.prefix)
-            .and_then(|rest| rest.strip_prefix(':'))
-            .ok_or(Refusal::NotFound)?;
-        let image = self.store.get_image(image).map_err(|_| Refusal::NotFound)?;
+        let image = self.image_of(target).ok_or(Refusal::NotFound)?;
+        // The target's own spelling, as discovery and image management name it.
+        let canonical = self.target_name(&image.name);
         if !self.allowed(&image, initiator) {
             tracing::warn!(
-                target = name,
+                target = %canonical,
                 initiator,
                 "iSCSI login refused: initiator not allowed"
             );
@@ -571,17 +601,17 @@ impl Targets for StoreTargets {
         }
         let chap = match image.linked_mac {
             Some(mac) => self.store.device_chap(mac).map_err(|error| {
-                tracing::warn!(target = name, %error, "iSCSI target cannot read its CHAP");
+                tracing::warn!(target = %canonical, %error, "iSCSI target cannot read its CHAP");
                 Refusal::Unavailable
             })?,
             None => None,
         };
         let lun = self.lun(&image).map_err(|error| {
-            tracing::warn!(target = name, %error, "iSCSI target cannot open its image");
+            tracing::warn!(target = %canonical, %error, "iSCSI target cannot open its image");
             Refusal::Unavailable
         })?;
         Ok(Target {
-            name: name.to_owned(),
+            name: canonical,
             luns: vec![(0, lun)],
             chap: chap.map(|c| chap_credentials(&c)),
         })
@@ -593,11 +623,7 @@ impl Targets for StoreTargets {
         let Some(name) = login.target.as_deref() else {
             return;
         };
-        let Some(image) = name
-            .strip_prefix(&self.prefix)
-            .and_then(|rest| rest.strip_prefix(':'))
-            .and_then(|image| self.store.get_image(image).ok())
-        else {
+        let Some(image) = self.image_of(name) else {
             return;
         };
         let Some(mac) = image.linked_mac else {
@@ -630,7 +656,7 @@ impl Targets for StoreTargets {
 }
 
 /// The ISO installers as targets: (last part of the target name, path). The name is the
-/// installer's display name in IQN characters ([`iqn_part`]: lower-case letters, digits, `-`, `.`;
+/// installer's display name in IQN characters ([`name::part`]: lower-case letters, digits, `-`, `.`;
 /// everything else becomes `-`, a `.iso` suffix goes); when two installers come out the
 /// same, the later ones (by id) get `-<id>` appended.
 pub fn installer_targets(installers: &[Installer]) -> Vec<(String, String)> {
@@ -642,7 +668,7 @@ pub fn installer_targets(installers: &[Installer]) -> Vec<(String, String)> {
     let mut taken = HashSet::new();
     let mut out = Vec::new();
     for i in isos {
-        let part = iqn_part(&i.name);
+        let part = name::part(&i.name);
         let stem = part.strip_suffix(".iso").unwrap_or(&part);
         // No runs of `-`, none at either end.
         let mut name = stem

@@ -796,8 +796,6 @@ pub struct Settings {
     pub events_per_device: u32,
     /// Boot events older than this many days are removed.
     pub event_max_age_days: u32,
-    /// Naming authority for iSCSI target IQNs.
-    pub iqn_prefix: String,
 }
 
 impl Default for Settings {
@@ -808,7 +806,6 @@ impl Default for Settings {
             default_boot_policy: BootPolicy::Menu,
             events_per_device: 1000,
             event_max_age_days: 30,
-            iqn_prefix: "iqn.2026-01.org.netboot".into(),
         }
     }
 }

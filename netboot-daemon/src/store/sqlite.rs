@@ -540,6 +540,27 @@ fn settings_in(c: &Connection) -> Result<Settings> {
     serde_json::from_value(Value::Object(map)).map_err(|_| StoreError::Corrupt { what: "settings" })
 }
 
+/// Checks that no image but `name` itself and `except` (the one being renamed) has the
+/// iSCSI target name `name` would have: the boot scripts and the target find an image by
+/// that name, so two images must not share it.
+fn check_target(tx: &Transaction<'_>, name: &str, except: Option<&str>) -> Result<()> {
+    let mut stmt = tx.prepare("SELECT name FROM images")?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    for other in names {
+        let other = other?;
+        if other != name
+            && Some(other.as_str()) != except
+            && crate::iscsi::name::same_target(&other, name)
+        {
+            return Err(StoreError::Conflict(ConflictReason::SameTarget {
+                image: name.to_owned(),
+                other,
+            }));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that the links of a device point at existing objects and that the image is
 /// not linked to another device.
 fn check_links(
@@ -879,6 +900,7 @@ impl Store for Sqlite {
             if let Some(src) = &new.cloned_from {
                 image_in(tx, src)?;
             }
+            check_target(tx, &new.name, None)?;
             let now = Timestamp::now().0;
             tx.execute(
                 "INSERT INTO images (name, size_bytes, description, cloned_from, created_at, updated_at) \
@@ -928,6 +950,7 @@ impl Store for Sqlite {
     fn rename_image(&self, a: &Audit, name: &str, new_name: &str) -> Result<Image> {
         self.write(|tx| {
             image_in(tx, name)?;
+            check_target(tx, new_name, Some(name))?;
             // The device link follows through `ON UPDATE CASCADE`.
             tx.execute(
                 "UPDATE images SET name = ?2, updated_at = ?3 WHERE name = ?1",
@@ -958,6 +981,7 @@ impl Store for Sqlite {
 
     fn adopt_image(&self, a: &Audit, new: &NewImage) -> Result<Image> {
         self.write(|tx| {
+            check_target(tx, &new.name, None)?;
             let now = Timestamp::now().0;
             tx.execute(
                 "INSERT INTO images (name, size_bytes, description, cloned_from, created_at, updated_at) \

@@ -503,6 +503,36 @@ fn renamed_images_keep_their_link_and_adopted_ones_are_audited() {
     assert!(actions.iter().any(|x| x == "image.adopt"), "{actions:?}");
 }
 
+/// Image names that give one iSCSI target name (case, `_` against `-`) are refused:
+/// created, adopted or renamed; an image may take another spelling of its own name.
+#[test]
+fn images_that_would_share_a_target_name_are_refused() {
+    let s = Sqlite::in_memory().expect("store");
+    let a = admin();
+    let img = |name: &str| NewImage {
+        name: name.into(),
+        size_bytes: 1 << 20,
+        description: String::new(),
+        cloned_from: None,
+    };
+    s.create_image(&a, &img("Win11_Base")).expect("create");
+    let same = |r: Result<Image, StoreError>| {
+        matches!(
+            r,
+            Err(StoreError::Conflict(ConflictReason::SameTarget { ref other, .. })) if other == "Win11_Base"
+        )
+    };
+    assert!(same(s.create_image(&a, &img("win11-base"))));
+    assert!(same(s.adopt_image(&Audit::system(), &img("WIN11_BASE"))));
+    s.create_image(&a, &img("other")).expect("other");
+    assert!(same(s.rename_image(&a, "other", "win11_base")));
+    let renamed = s
+        .rename_image(&a, "Win11_Base", "win11-base")
+        .expect("its own target");
+    assert_eq!(renamed.name, "win11-base");
+    assert_eq!(s.list_images().expect("list").len(), 2);
+}
+
 #[test]
 fn device_chap_is_stored_shown_as_set_and_audited_without_secrets() {
     let s = Sqlite::in_memory().expect("db");
