@@ -432,7 +432,8 @@ pub struct IscsiConfig {
     /// the target (RFC 7143 section 4.2.7.2: `iqn.YYYY-MM.` and a reversed domain you own).
     pub iqn_prefix: String,
     /// Initiator names that may use every image (installers, tests). Otherwise an image
-    /// accepts only initiators whose name ends in the MAC of the device it is linked to.
+    /// accepts only initiators whose name ends in the MAC of the device it is linked to, and
+    /// the initiator names that device lists (`initiators`).
     pub allow: Vec<String>,
     /// Which driver runs the connections: io_uring (falls back to tokio when a ring cannot
     /// be set up) or tokio.

@@ -278,6 +278,74 @@ fn the_linked_device_logs_in_and_its_timeline_shows_it() {
     assert_eq!(events("iscsi_login"), 1);
 }
 
+/// A device's explicit initiator names: its image's target takes a listed IQN (one that
+/// neither carries the MAC nor is on `iscsi.allow`), in discovery and at login, and
+/// refuses another with status 02/02 (authorization failure). The API validates the list
+/// and shows it.
+#[test]
+fn a_device_admits_the_initiator_names_listed_on_it() {
+    if !tools(&["iscsi-ls", "iscsi-inq"]) {
+        return;
+    }
+    let d = Daemon::start("initiators");
+    let url = d.image("pc12", 16 << 20);
+    let mac = "52:54:00:ab:cd:12";
+    let listed = "iqn.1991-05.com.microsoft:pc12.lab.example";
+    let other = "iqn.1991-05.com.microsoft:pc13.lab.example";
+    d.api("POST", "/api/v1/devices", &format!(r#"{{"mac":"{mac}"}}"#));
+    for bad in [
+        r#"["not an iqn"]"#,
+        r#"["iqn.1991-05.com.microsoft:a b"]"#,
+        r#"["iqn.x"]"#,
+        r#""iqn.1991-05.com.microsoft:pc12""#,
+    ] {
+        assert_eq!(
+            api_status(
+                &d,
+                "PATCH",
+                &format!("/api/v1/devices/{mac}"),
+                &format!(r#"{{"initiators":{bad}}}"#)
+            ),
+            "422",
+            "{bad}"
+        );
+    }
+    let device = d.api(
+        "PATCH",
+        &format!("/api/v1/devices/{mac}"),
+        // Names are case-insensitive (RFC 3722): stored folded.
+        r#"{"image":"pc12","initiators":["IQN.1991-05.com.Microsoft:PC12.lab.example"]}"#,
+    );
+    assert!(
+        device.contains(&format!(r#""initiators":["{listed}"]"#)),
+        "{device}"
+    );
+    let portal = format!("iscsi://{}", d.iscsi);
+    let (ok, out) = run("iscsi-ls", &["-i", listed, "-s", &portal]);
+    assert!(
+        ok && out.contains(&format!("{PREFIX}:pc12")),
+        "discovery: {out}\n{}",
+        d.log()
+    );
+    let (ok, out) = run("iscsi-inq", &["-i", listed, &url]);
+    assert!(ok, "the listed initiator logs in: {out}\n{}", d.log());
+    let (ok, out) = run("iscsi-ls", &["-i", other, "-s", &portal]);
+    assert!(ok && !out.contains("pc12"), "another sees nothing: {out}");
+    let (ok, out) = run("iscsi-inq", &["-i", other, &url]);
+    assert!(
+        !ok && out.contains("Authorization failure"),
+        "another initiator is refused, 02/02: {out}"
+    );
+    // The list is the device's: cleared, the name is refused too.
+    d.api(
+        "PATCH",
+        &format!("/api/v1/devices/{mac}"),
+        r#"{"initiators":[]}"#,
+    );
+    let (ok, out) = run("iscsi-inq", &["-i", listed, &url]);
+    assert!(!ok, "the cleared name logged in: {out}");
+}
+
 /// HTTP status of an authenticated API call.
 fn api_status(d: &Daemon, method: &str, path: &str, body: &str) -> String {
     let (ok, out) = run(

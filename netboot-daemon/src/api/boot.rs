@@ -288,6 +288,7 @@ pub(super) async fn register(
                 image,
                 profile: None,
                 notes: Some("registered from the boot console".into()),
+                initiators: None,
             },
         )?;
         Ok(Ok(device))

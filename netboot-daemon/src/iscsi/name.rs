@@ -57,6 +57,34 @@ pub fn valid_prefix(prefix: &str) -> bool {
         })
 }
 
+/// The longest iSCSI name (RFC 7143 section 4.2.7.1), in bytes.
+pub const MAX_LEN: usize = 223;
+
+/// Whether `name`, case-folded ([`fold`]), is an iSCSI name in one of RFC 7143 section
+/// 4.2.7's types, in ASCII: `iqn.yyyy-mm.<reversed domain>[:<anything>]` of lower-case
+/// letters, digits, `-`, `.` and `:`, `eui.` and 16 hex digits, or `naa.` and 16 or 32 hex
+/// digits; at most [`MAX_LEN`] bytes.
+pub fn valid(name: &str) -> bool {
+    let name = fold(name);
+    if name.len() > MAX_LEN {
+        return false;
+    }
+    let hex = |s: &str, lens: &[usize]| {
+        lens.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    if let Some(id) = name.strip_prefix("eui.") {
+        return hex(id, &[16]);
+    }
+    if let Some(id) = name.strip_prefix("naa.") {
+        return hex(id, &[16, 32]);
+    }
+    let (authority, rest) = name.split_once(':').unwrap_or((&name, ""));
+    valid_prefix(authority)
+        && rest.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b':')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +126,36 @@ mod tests {
             assert!(!valid_prefix(bad), "{bad:?}");
         }
         assert!(!valid_prefix(&format!("iqn.2026-01.{}", "a".repeat(200))));
+    }
+
+    #[test]
+    fn iscsi_names_of_the_three_types() {
+        for good in [
+            "iqn.1991-05.com.microsoft:pc12.lab.example",
+            "IQN.1991-05.com.Microsoft:PC12",
+            "iqn.2010-04.org.ipxe:525400123456",
+            "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test",
+            "iqn.2026-01.org.netboot",
+            "eui.02004567A425678D",
+            "naa.52004567BA64678D",
+            "naa.62004567BA64678D0123456789ABCDEF",
+        ] {
+            assert!(valid(good), "{good:?}");
+        }
+        for bad in [
+            "",
+            "not an iqn",
+            "iqn.x",
+            "iqn.1991-05.com.microsoft:a b",
+            "iqn.1991-05.com.microsoft:a_b",
+            "iqn.1991-05:pc",
+            "eui.0200",
+            "naa.52004567BA64678DXX",
+            "pc12",
+        ] {
+            assert!(!valid(bad), "{bad:?}");
+        }
+        let long = format!("iqn.2026-01.org.netboot:{}", "a".repeat(MAX_LEN));
+        assert!(!valid(&long));
     }
 }

@@ -8,7 +8,8 @@
 //! LUN (0) backed by `<images>/<image>.img`, a sparse file created at the image's size when
 //! it does not exist yet. An image accepts an initiator whose name carries the MAC of the
 //! device the image is linked to as its last token (in any common spelling; the boot
-//! scripts set `...:initiator:aa-bb-cc-dd-ee-ff`), or one listed in `iscsi.allow`;
+//! scripts set `...:initiator:aa-bb-cc-dd-ee-ff`), one of that device's own initiator
+//! names (`initiators`, set through the device's API), or one listed in `iscsi.allow`;
 //! discovery shows each initiator only what it may use.
 //! When that device has CHAP credentials, its image's target requires CHAP (mutual when
 //! the device has a target secret too); each connection gets a fresh random challenge.
@@ -523,11 +524,29 @@ impl StoreTargets {
             .remove(image);
     }
 
+    /// Whether `initiator` may use `image`: it is on `iscsi.allow`, or it is bound to the
+    /// device the image is linked to ([`Self::bound`]).
     fn allowed(&self, image: &Image, initiator: &str) -> bool {
         self.allow.iter().any(|a| a == initiator)
             || image
                 .linked_mac
-                .is_some_and(|mac| initiator_carries(initiator, mac))
+                .is_some_and(|mac| self.bound(mac, initiator))
+    }
+
+    /// Whether `initiator` is the device `mac`'s: its name carries the MAC (as the boot
+    /// scripts set it), or the device lists it among its initiator names (compared
+    /// case-folded).
+    fn bound(&self, mac: MacAddr, initiator: &str) -> bool {
+        if initiator_carries(initiator, mac) {
+            return true;
+        }
+        match self.store.get_device(mac) {
+            Ok(d) => d.initiators.contains(&name::fold(initiator)),
+            Err(error) => {
+                tracing::warn!(%mac, %error, "iSCSI cannot read the device's initiator names");
+                false
+            }
+        }
     }
 
     fn lun(&self, image: &Image) -> std::io::Result<Arc<Lun>> {
@@ -618,7 +637,8 @@ impl Targets for StoreTargets {
     }
 
     /// Puts logins and their ends on the timeline of the device the image is linked to,
-    /// and binds the initiator's address to that device when its name carries the MAC.
+    /// and binds the initiator's address to that device when the initiator is the
+    /// device's (its name carries the MAC, or the device lists it).
     fn session(&self, event: SessionEvent, login: &Login) {
         let Some(name) = login.target.as_deref() else {
             return;
@@ -632,7 +652,7 @@ impl Targets for StoreTargets {
         let at = Timestamp::now();
         let ip = login.peer.map(|p| p.ip());
         if event == SessionEvent::Started
-            && initiator_carries(&login.initiator, mac)
+            && self.bound(mac, &login.initiator)
             && let (Some(b), Some(ip)) = (&self.bindings, ip)
         {
             b.learn(ip, mac, BindingSource::Iscsi, at);

@@ -47,6 +47,7 @@ fn device(m: &str) -> NewDevice {
         image: None,
         profile: None,
         notes: None,
+        initiators: None,
     }
 }
 
@@ -574,6 +575,82 @@ fn device_chap_is_stored_shown_as_set_and_audited_without_secrets() {
         ChapSummary::NONE
     );
     assert_eq!(s.device_chap(m).expect("chap"), None);
+}
+
+/// A device's initiator names: set at creation or by a patch, shown, audited, replaced
+/// and cleared; the API's check folds case and refuses what is not an iSCSI name.
+#[test]
+fn device_initiator_names_are_stored_shown_and_audited() {
+    let s = Sqlite::in_memory().expect("db");
+    let m = mac("52:54:00:00:00:43");
+    let new = NewDevice {
+        initiators: Some(vec!["iqn.1991-05.com.microsoft:pc43".into()]),
+        ..device("52:54:00:00:00:43")
+    };
+    let d = s.create_device(&admin(), &new).expect("device");
+    assert_eq!(d.initiators, ["iqn.1991-05.com.microsoft:pc43"]);
+    let names = initiator_names(&[
+        "IQN.1991-05.com.Microsoft:PC43".into(),
+        "eui.02004567A425678D".into(),
+    ])
+    .expect("valid");
+    assert_eq!(
+        names,
+        ["iqn.1991-05.com.microsoft:pc43", "eui.02004567a425678d"]
+    );
+    let patch = DevicePatch {
+        initiators: Some(names.clone()),
+        ..DevicePatch::default()
+    };
+    assert_eq!(
+        s.update_device(&admin(), m, &patch)
+            .expect("set")
+            .initiators,
+        names
+    );
+    let audit = latest_audit_detail(&s, "device.update");
+    assert!(
+        audit.to_string().contains("eui.02004567a425678d"),
+        "{audit}"
+    );
+    // Other changes leave them.
+    let rename = DevicePatch {
+        name: Some("pc43".into()),
+        ..DevicePatch::default()
+    };
+    assert_eq!(
+        s.update_device(&admin(), m, &rename)
+            .expect("rename")
+            .initiators,
+        names
+    );
+    let clear = DevicePatch {
+        initiators: Some(Vec::new()),
+        ..DevicePatch::default()
+    };
+    assert!(
+        s.update_device(&admin(), m, &clear)
+            .expect("clear")
+            .initiators
+            .is_empty()
+    );
+    assert_eq!(
+        initiator_names(&[
+            "iqn.1991-05.com.microsoft:a".into(),
+            "IQN.1991-05.com.microsoft:A".into()
+        ]),
+        Err(InitiatorsError::Repeated(
+            "IQN.1991-05.com.microsoft:A".into()
+        ))
+    );
+    assert!(matches!(
+        initiator_names(&["pc43".into()]),
+        Err(InitiatorsError::NotAnIscsiName(_))
+    ));
+    let many: Vec<String> = (0..=MAX_INITIATORS)
+        .map(|i| format!("iqn.1991-05.com.microsoft:pc{i}"))
+        .collect();
+    assert_eq!(initiator_names(&many), Err(InitiatorsError::TooMany));
 }
 
 #[test]

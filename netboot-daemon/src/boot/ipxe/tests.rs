@@ -44,6 +44,7 @@ fn device(policy: BootPolicy, image: Option<&str>, profile: Option<&str>) -> Dev
         last_seen: None,
         last_ip: None,
         chap: ChapSummary::NONE,
+        initiators: Vec::new(),
     }
 }
 
