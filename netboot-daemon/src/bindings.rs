@@ -28,8 +28,8 @@ pub enum Source {
     Http,
     /// A TFTP request for a path under a MAC directory (`<mac>/...`).
     Tftp,
-    /// An iSCSI login whose initiator name carries the MAC of the device the target's
-    /// image is linked to.
+    /// An iSCSI login to the image of a device by that device's initiator (its name
+    /// carries the MAC, or the device lists it).
     Iscsi,
     /// The kernel's neighbour (ARP) table.
     Neighbour,

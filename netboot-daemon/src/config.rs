@@ -431,11 +431,13 @@ pub struct IscsiConfig {
     pub enabled: bool,
     /// Listening address (3260 is the iSCSI port).
     pub listen: SocketAddr,
-    /// Target names are `<iqn_prefix>:<image>` (RFC 7143 section 4.2.7.2: `iqn.YYYY-MM.`
-    /// and a reversed domain you own).
+    /// Target names are `<iqn_prefix>:<image>`, the image name in IQN characters (lower
+    /// case, `_` as `-`: [`crate::iscsi::name::image_target`]), in the boot scripts as at
+    /// the target (RFC 7143 section 4.2.7.2: `iqn.YYYY-MM.` and a reversed domain you own).
     pub iqn_prefix: String,
     /// Initiator names that may use every image (installers, tests). Otherwise an image
-    /// accepts only initiators whose name carries the MAC of the device it is linked to.
+    /// accepts only initiators whose name ends in the MAC of the device it is linked to, and
+    /// the initiator names that device lists (`initiators`).
     pub allow: Vec<String>,
     /// Which driver runs the connections: io_uring (falls back to tokio when a ring cannot
     /// be set up) or tokio.
@@ -1014,6 +1016,16 @@ impl Config {
                 });
             }
         }
+        if !crate::iscsi::name::valid_prefix(&self.iscsi.iqn_prefix) {
+            return Err(ConfigError::Invalid {
+                field: "iscsi.iqn_prefix",
+                why: format!(
+                    "{:?} is not an iqn. naming authority like iqn.2026-01.org.example \
+                     (lower-case letters, digits, '.' and '-'; at most 200 bytes)",
+                    self.iscsi.iqn_prefix
+                ),
+            });
+        }
         let cc = &self.iscsi.tcp_congestion;
         if cc.len() > 15 || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(ConfigError::Invalid {
@@ -1234,6 +1246,26 @@ mod tests {
             c.apply_env(&env(&[("NETBOOT_ISCSI_DEAD_PEER_SECS", "soon")]))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_iqn_prefix_is_a_naming_authority() {
+        let mut c = Config::default();
+        c.iscsi.iqn_prefix = "iqn.2026-02.org.example.lab".into();
+        assert!(c.clone().validate().is_ok());
+        for bad in [
+            "iqn.2026-02.Org.Example",
+            "example.org",
+            "iqn.2026-02.org.x:y",
+        ] {
+            c.iscsi.iqn_prefix = bad.into();
+            match c.clone().validate() {
+                Err(ConfigError::Invalid { field, .. }) => {
+                    assert_eq!(field, "iscsi.iqn_prefix", "{bad:?}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -1282,6 +1282,12 @@ async fn the_openapi_document_covers_the_routes() {
         schemas["Device"]["properties"]["chap"].is_object(),
         "{schemas}"
     );
+    for schema in ["Device", "DevicePatch", "NewDevice"] {
+        assert!(
+            schemas[schema]["properties"]["initiators"].is_object(),
+            "{schema}: {schemas}"
+        );
+    }
     for field in ["user", "secret", "target_user", "target_secret"] {
         assert!(
             schemas["ChapCredentials"]["properties"][field].is_object(),

@@ -397,8 +397,9 @@ fn copy_rename_delete_adopt_and_roles() {
         );
     }
 
-    // A live session: rename and delete are refused, a copy says it is crash-consistent,
-    // a forced delete ends the session and removes the file.
+    // A live session: rename and delete are refused, a copy says what it is (a reflink
+    // crash-consistent, a sparse copy not), a forced delete ends the session and removes
+    // the file.
     if have("qemu-io") {
         let session = Session::open(&d, "copy1");
         let (s, e) = d.call("DELETE", "/api/v1/images/copy1", None);
@@ -422,15 +423,20 @@ fn copy_rename_delete_adopt_and_roles() {
         );
         assert_eq!(s, 202, "{op}");
         assert_eq!(op["live_sessions"], 1, "{op}");
-        assert!(
-            op["note"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("crash-consistent"),
-            "{op}"
-        );
         let (op, _) = d.wait_operation(op["id"].as_u64().expect("id"));
         assert_eq!(op["state"], "done", "{op}");
+        let note = op["note"].as_str().unwrap_or_default();
+        assert!(note.contains("1 live iSCSI session"), "{op}");
+        if op["method"] == "reflink" {
+            assert!(
+                note.contains("crash-consistent") && !note.contains("not crash-consistent"),
+                "{op}"
+            );
+        } else {
+            // The sparse copy reads over time: a session may write in between.
+            assert_eq!(op["method"], "sparse", "{op}");
+            assert!(note.contains("not crash-consistent"), "{op}");
+        }
         let (s, e) = d.call("DELETE", "/api/v1/images/copy1?force=true", None);
         assert_eq!(s, 204, "{e}\n{}", d.log.text());
         assert!(!images.join("copy1.img").exists(), "the file is removed");

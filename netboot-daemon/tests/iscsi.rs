@@ -1,5 +1,6 @@
 //! The iSCSI target against real initiators: libiscsi's tools (`iscsi-ls`, `iscsi-inq`,
-//! `iscsi-test-cu`) and qemu's iSCSI block driver (`qemu-img`).
+//! `iscsi-test-cu`) and qemu's iSCSI block driver (`qemu-img`, `qemu-io`), and against a
+//! raw initiator of the test's own for what they cannot send (digests, malformed PDUs).
 //!
 //! netbootd runs as a user runs it, on loopback with an ephemeral port; images are created
 //! through the API. Needs libiscsi-bin and qemu-utils with qemu-block-extra (`cargo xtask
@@ -276,6 +277,206 @@ fn the_linked_device_logs_in_and_its_timeline_shows_it() {
         std::thread::yield_now();
     }
     assert_eq!(events("iscsi_login"), 1);
+}
+
+/// A device's explicit initiator names: its image's target takes a listed IQN (one that
+/// neither carries the MAC nor is on `iscsi.allow`), in discovery and at login, and
+/// refuses another with status 02/02 (authorization failure). The API validates the list
+/// and shows it.
+#[test]
+fn a_device_admits_the_initiator_names_listed_on_it() {
+    if !tools(&["iscsi-ls", "iscsi-inq"]) {
+        return;
+    }
+    let d = Daemon::start("initiators");
+    let url = d.image("pc12", 16 << 20);
+    let mac = "52:54:00:ab:cd:12";
+    let listed = "iqn.1991-05.com.microsoft:pc12.lab.example";
+    let other = "iqn.1991-05.com.microsoft:pc13.lab.example";
+    d.api("POST", "/api/v1/devices", &format!(r#"{{"mac":"{mac}"}}"#));
+    for bad in [
+        r#"["not an iqn"]"#,
+        r#"["iqn.1991-05.com.microsoft:a b"]"#,
+        r#"["iqn.x"]"#,
+        r#""iqn.1991-05.com.microsoft:pc12""#,
+    ] {
+        assert_eq!(
+            api_status(
+                &d,
+                "PATCH",
+                &format!("/api/v1/devices/{mac}"),
+                &format!(r#"{{"initiators":{bad}}}"#)
+            ),
+            "422",
+            "{bad}"
+        );
+    }
+    let device = d.api(
+        "PATCH",
+        &format!("/api/v1/devices/{mac}"),
+        // Names are case-insensitive (RFC 3722): stored folded.
+        r#"{"image":"pc12","initiators":["IQN.1991-05.com.Microsoft:PC12.lab.example"]}"#,
+    );
+    assert!(
+        device.contains(&format!(r#""initiators":["{listed}"]"#)),
+        "{device}"
+    );
+    let portal = format!("iscsi://{}", d.iscsi);
+    let (ok, out) = run("iscsi-ls", &["-i", listed, "-s", &portal]);
+    assert!(
+        ok && out.contains(&format!("{PREFIX}:pc12")),
+        "discovery: {out}\n{}",
+        d.log()
+    );
+    let (ok, out) = run("iscsi-inq", &["-i", listed, &url]);
+    assert!(ok, "the listed initiator logs in: {out}\n{}", d.log());
+    let (ok, out) = run("iscsi-ls", &["-i", other, "-s", &portal]);
+    assert!(ok && !out.contains("pc12"), "another sees nothing: {out}");
+    let (ok, out) = run("iscsi-inq", &["-i", other, &url]);
+    assert!(
+        !ok && out.contains("Authorization failure"),
+        "another initiator is refused, 02/02: {out}"
+    );
+    // The list is the device's: cleared, the name is refused too.
+    d.api(
+        "PATCH",
+        &format!("/api/v1/devices/{mac}"),
+        r#"{"initiators":[]}"#,
+    );
+    let (ok, out) = run("iscsi-inq", &["-i", listed, &url]);
+    assert!(!ok, "the cleared name logged in: {out}");
+}
+
+/// HTTP status of an authenticated API call.
+fn api_status(d: &Daemon, method: &str, path: &str, body: &str) -> String {
+    let (ok, out) = run(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            method,
+            "-H",
+            "content-type: application/json",
+            "-b",
+            &d.cookie,
+            "-d",
+            body,
+            &format!("http://{}{path}", d.http),
+        ],
+    );
+    assert!(ok, "curl: {out}");
+    out
+}
+
+/// An image whose name has capitals and `_` (which an IQN cannot hold) boots: the target
+/// its boot script names is exactly the one SendTargets lists to the initiator the script
+/// sets, and that initiator logs in to it. The prefix is the configuration's
+/// (`iscsi.iqn_prefix`), which the settings cannot change behind the target's back, and
+/// a name whose target would be another image's is refused.
+#[test]
+fn the_boot_script_names_the_target_that_discovery_lists() {
+    if !tools(&["iscsi-ls", "iscsi-inq"]) {
+        return;
+    }
+    let prefix = "iqn.2026-02.org.example.lab";
+    let d = Daemon::start_configured(
+        "iqn-names",
+        "uring",
+        &format!("iqn_prefix = \"{prefix}\"\n"),
+    );
+    d.image("Win11_Base", 16 << 20);
+    let mac = "52:54:00:ab:cd:11";
+    d.api("POST", "/api/v1/devices", &format!(r#"{{"mac":"{mac}"}}"#));
+    d.api(
+        "PATCH",
+        &format!("/api/v1/devices/{mac}"),
+        r#"{"image":"Win11_Base","boot_policy":"iscsi"}"#,
+    );
+    assert_eq!(
+        api_status(
+            &d,
+            "PATCH",
+            "/api/v1/settings",
+            r#"{"iqn_prefix":"iqn.2026-03.org.elsewhere"}"#
+        ),
+        "422",
+        "the settings cannot change the target names"
+    );
+    let script = d.curl(&[&format!(
+        "http://{}/boot/ipxe/device?mac={}&platform=efi&arch=x86_64",
+        d.http,
+        mac.replace(':', "-")
+    )]);
+    let value = |key: &str| {
+        script
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key:?} in the script:\n{script}"))
+            .to_owned()
+    };
+    let initiator = value("set initiator-iqn ");
+    let sanboot = value("sanboot iscsi:");
+    let target = sanboot
+        .split(' ')
+        .next()
+        .and_then(|uri| uri.rsplit("::::").next())
+        .expect("the sanboot URI's target")
+        .to_owned();
+    assert_eq!(target, format!("{prefix}:win11-base"), "{script}");
+    let (ok, out) = run(
+        "iscsi-ls",
+        &["-i", &initiator, "-s", &format!("iscsi://{}", d.iscsi)],
+    );
+    assert!(ok, "iscsi-ls: {out}\n{}", d.log());
+    let listed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Target:"))
+        .map(|t| t.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(listed, [target.as_str()], "SendTargets: {out}");
+    let url = format!("iscsi://{}/{target}/0", d.iscsi);
+    let (ok, out) = run(
+        "iscsi-inq",
+        &["-i", &initiator, "-e", "1", "-c", "128", &url],
+    );
+    assert!(
+        ok && out.contains("Win11_Base"),
+        "the script's initiator logs in to the script's target: {out}\n{}",
+        d.log()
+    );
+    // Another image whose target name would be the same is refused, created or renamed.
+    let clash = r#"{"name":"win11-base","size_bytes":1048576}"#;
+    assert_eq!(api_status(&d, "POST", "/api/v1/images", clash), "409");
+    d.api(
+        "POST",
+        "/api/v1/images",
+        r#"{"name":"other","size_bytes":1048576}"#,
+    );
+    assert_eq!(
+        api_status(
+            &d,
+            "POST",
+            "/api/v1/images/other/rename",
+            r#"{"name":"WIN11_base"}"#
+        ),
+        "409"
+    );
+    // Renaming the image itself to another spelling keeps its target.
+    assert_eq!(
+        api_status(
+            &d,
+            "POST",
+            "/api/v1/images/Win11_Base/rename",
+            r#"{"name":"win11_BASE"}"#
+        ),
+        "200"
+    );
+    let (ok, out) = run("iscsi-inq", &["-i", &initiator, &url]);
+    assert!(ok, "after the rename: {out}\n{}", d.log());
 }
 
 /// qemu writes an image through the target and reads it back identical; everything it was
@@ -933,6 +1134,9 @@ fn crc32c(bytes: &[u8]) -> u32 {
 struct RawInitiator {
     stream: std::net::TcpStream,
     data_digest: bool,
+    /// The MaxRecvDataSegmentLength the target declared (RFC 7143 section 13.12: 8192
+    /// when it declares none): the longest data segment it takes.
+    target_max_data: usize,
     stat_sn: u32,
     cmd_sn: u32,
     sent: u64,
@@ -960,6 +1164,7 @@ impl RawInitiator {
         let mut me = Self {
             stream,
             data_digest: false,
+            target_max_data: 8192,
             stat_sn: 0,
             cmd_sn: 1,
             sent: 0,
@@ -1009,6 +1214,12 @@ impl RawInitiator {
             let answer = String::from_utf8_lossy(&r.data).into_owned();
             if answer.contains("DataDigest=CRC32C") {
                 me.data_digest = true;
+            }
+            if let Some(n) = answer
+                .split('\0')
+                .find_map(|kv| kv.strip_prefix("MaxRecvDataSegmentLength="))
+            {
+                me.target_max_data = n.parse().expect("a number");
             }
         }
         assert_eq!(
@@ -1460,4 +1671,373 @@ fn reads_are_byte_exact(splice: bool) {
             "the small reads went into registered buffers: {record}"
         );
     }
+}
+
+/// What the target answered a raw connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// A Reject PDU (opcode 0x3f): its reason (RFC 7143 section 11.17.1) and the header
+    /// it carries back.
+    Reject { reason: u8, header: Vec<u8> },
+    /// Another PDU, by opcode.
+    Pdu(u8),
+    /// The target closed the connection (an orderly end or a reset).
+    Closed,
+}
+
+/// How long a raw connection waits for the target's answer before the test fails.
+const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The target's next answer on `stream`, within [`ANSWER_DEADLINE`]: a PDU (without
+/// digests), or the end of the connection.
+fn answer(stream: &mut std::net::TcpStream) -> Answer {
+    use std::io::{ErrorKind, Read as _};
+    stream
+        .set_read_timeout(Some(ANSWER_DEADLINE))
+        .expect("read timeout");
+    let mut bhs = [0u8; 48];
+    match stream.read_exact(&mut bhs) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+            ) =>
+        {
+            return Answer::Closed;
+        }
+        Err(e) => panic!("no answer within {ANSWER_DEADLINE:?}: {e}"),
+    }
+    let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+    let mut data = vec![0u8; len.next_multiple_of(4)];
+    stream.read_exact(&mut data).expect("the data segment");
+    data.truncate(len);
+    match bhs[0] & 0x3f {
+        0x3f => Answer::Reject {
+            reason: bhs[2],
+            header: data,
+        },
+        op => Answer::Pdu(op),
+    }
+}
+
+/// Writes `bytes`, ignoring a failure: a target that closes the connection on the first
+/// bytes of a malformed PDU may reset it before the rest is written.
+fn write_lenient(stream: &mut std::net::TcpStream, bytes: &[u8]) {
+    use std::io::Write as _;
+    let _ = stream.write_all(bytes);
+}
+
+/// qemu-io as an interactive initiator: one session, held open, driven one command at a
+/// time on its stdin (it reads a line only when its stdin becomes readable, so a command is
+/// sent once the previous one answered); its reads check every byte against the pattern
+/// written (`-P`).
+struct QemuIo {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+/// The byte pattern of MiB `i` of the steady image.
+fn pattern_of(i: usize) -> u8 {
+    0x11 + i as u8 * 7
+}
+
+/// MiBs of the steady image.
+const STEADY_MIB: usize = 16;
+
+impl QemuIo {
+    fn start(url: &str) -> Self {
+        use std::process::Stdio;
+        // Line-buffered: qemu-io writes its results with stdio, into a pipe here.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "qemu-io", "-f", "raw", url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn qemu-io");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        for out in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead as _;
+                for line in std::io::BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let stdin = child.stdin.take().expect("stdin");
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Runs one command and waits for its result, the line that contains `done`; fails
+    /// on a line that reports a failure (an I/O error, a byte that differs from the
+    /// pattern) and after a minute.
+    fn run(&mut self, command: &str, done: &str) {
+        use std::io::Write as _;
+        writeln!(self.stdin, "{command}").expect("a qemu-io command");
+        self.stdin.flush().expect("flush");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut log = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(l) => l,
+                Err(e) => panic!(
+                    "qemu-io {command:?}: no {done:?} ({e}):\n{}",
+                    log.join("\n")
+                ),
+            };
+            assert!(
+                !line.contains("failed") && !line.contains("error"),
+                "qemu-io {command:?}: {line}\n{}",
+                log.join("\n")
+            );
+            if line.contains(done) {
+                return;
+            }
+            log.push(line);
+        }
+    }
+
+    fn write_mib(&mut self, i: usize) {
+        self.run(
+            &format!("write -P {} {i}M 1M", pattern_of(i)),
+            "wrote 1048576/1048576 bytes",
+        );
+    }
+
+    /// Reads MiB `i`, every byte checked against its pattern.
+    fn read_mib(&mut self, i: usize) {
+        self.run(
+            &format!("read -P {} {i}M 1M", pattern_of(i)),
+            "read 1048576/1048576 bytes",
+        );
+    }
+
+    fn quit(mut self) {
+        use std::io::Write as _;
+        writeln!(self.stdin, "quit").expect("quit");
+        drop(self.stdin);
+        let status = self.child.wait().expect("qemu-io exits");
+        assert!(status.success(), "qemu-io: {status}");
+    }
+}
+
+/// A qemu-io session that reads the steady image round and round on a thread of its
+/// own, until told to stop; it reports each read done.
+struct Reader {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::mpsc::Receiver<usize>,
+    count: usize,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl Reader {
+    fn start(mut q: QemuIo) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, done) = std::sync::mpsc::channel();
+        let halt = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut n = 0;
+            while !halt.load(Ordering::Relaxed) {
+                q.read_mib(n % STEADY_MIB);
+                n += 1;
+                let _ = tx.send(n);
+            }
+            q.quit();
+            n
+        });
+        Self {
+            stop,
+            done,
+            count: 0,
+            thread,
+        }
+    }
+
+    /// Waits until the session has done `more` reads more than when last asked: reads
+    /// that overlapped what the test did since, and one that began after it.
+    fn advance(&mut self, more: usize) {
+        let want = self.count + more;
+        while self.count < want {
+            match self.done.recv_timeout(std::time::Duration::from_secs(60)) {
+                Ok(n) => self.count = n,
+                // The thread's own panic, printed above, says why.
+                Err(e) => panic!(
+                    "the reading session stopped after {} reads: {e}",
+                    self.count
+                ),
+            }
+        }
+    }
+
+    fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the reading session")
+    }
+}
+
+/// A SCSI Command PDU: READ(10) of one block at LBA 0 (F, R, SIMPLE), no data.
+fn read10_bhs(cmd_sn: u32, exp_stat_sn: u32) -> [u8; 48] {
+    let mut bhs = [0u8; 48];
+    bhs[0] = 0x01;
+    bhs[1] = 0x80 | 0x40 | 0x01;
+    bhs[16..20].copy_from_slice(&0x51u32.to_be_bytes());
+    bhs[20..24].copy_from_slice(&512u32.to_be_bytes());
+    bhs[24..28].copy_from_slice(&cmd_sn.to_be_bytes());
+    bhs[28..32].copy_from_slice(&exp_stat_sn.to_be_bytes());
+    bhs[32] = 0x28;
+    bhs[39..41].copy_from_slice(&1u16.to_be_bytes());
+    bhs
+}
+
+/// Malformed PDU streams get a Reject or a closed connection, and the target keeps
+/// serving: while qemu-io keeps reading an image byte-exactly in one session, raw
+/// connections send (a) garbage (an HTTP request, then bytes from a PRNG), (b) a PDU of
+/// an opcode no initiator sends after a good login, (c) a PDU whose DataSegmentLength
+/// exceeds the MaxRecvDataSegmentLength the target declared, (d) a SCSI command before
+/// any login. Each gets its answer within [`ANSWER_DEADLINE`]; afterwards the session's
+/// reads are still exact, a new login reads the image, and netbootd still runs.
+#[test]
+fn malformed_pdu_streams_are_refused_and_the_target_keeps_serving() {
+    malformed_pdu_streams("uring");
+}
+
+/// The same on the tokio driver.
+#[test]
+fn malformed_pdu_streams_are_refused_on_the_tokio_driver() {
+    malformed_pdu_streams("tokio");
+}
+
+fn malformed_pdu_streams(driver: &str) {
+    if !tools(&["qemu-io"]) {
+        return;
+    }
+    let mut d = Daemon::start_with(&format!("malformed-{driver}"), driver);
+    let url = d.image("steady", (STEADY_MIB as u64) << 20);
+    let target = format!("{PREFIX}:steady");
+    let mut q = QemuIo::start(&url);
+    for i in 0..STEADY_MIB {
+        q.write_mib(i);
+    }
+    let mut reads = Reader::start(q);
+    reads.advance(1);
+    let connect = || std::net::TcpStream::connect(&d.iscsi).expect("connect");
+
+    // (a) Garbage: a client that speaks another protocol, and noise. Neither is a Login
+    // request, the only PDU a connection may start with (RFC 7143 section 6.3: the
+    // target terminates the connection).
+    let http = b"GET / HTTP/1.1\r\nHost: netboot\r\nUser-Agent: curl/8.5\r\nAccept: */*\r\n\r\n";
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut noise: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    noise[0] = 0x3e; // not a Login request (0x03, 0x43)
+    for garbage in [&http[..], &noise[..]] {
+        let mut c = connect();
+        write_lenient(&mut c, garbage);
+        assert_eq!(answer(&mut c), Answer::Closed, "garbage:\n{}", d.log());
+        reads.advance(2);
+    }
+
+    // (b) After a good login, a PDU with an opcode no initiator sends (0x0f is reserved,
+    // RFC 7143 section 11.1.1): Reject, reason "Command not supported" (0x05), carrying
+    // its header; the session goes on (a NOP-Out gets its NOP-In) and logs out.
+    let mut i = RawInitiator::login(&d.iscsi, TEST_INITIATORS[2], &target, "None");
+    let mut unknown = [0u8; 48];
+    unknown[0] = 0x0f;
+    unknown[1] = 0x80;
+    unknown[16..20].copy_from_slice(&0x66u32.to_be_bytes());
+    unknown[24..28].copy_from_slice(&i.cmd_sn.to_be_bytes());
+    unknown[28..32].copy_from_slice(&i.stat_sn.to_be_bytes());
+    i.send(unknown, &[]);
+    assert_eq!(
+        answer(&mut i.stream),
+        Answer::Reject {
+            reason: 0x05,
+            header: unknown.to_vec()
+        },
+        "an unknown opcode:\n{}",
+        d.log()
+    );
+    let mut nop = [0u8; 48];
+    nop[0] = 0x40; // NOP-Out, immediate
+    nop[1] = 0x80;
+    nop[16..20].copy_from_slice(&0x67u32.to_be_bytes());
+    nop[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+    nop[24..28].copy_from_slice(&i.cmd_sn.to_be_bytes());
+    nop[28..32].copy_from_slice(&(i.stat_sn + 1).to_be_bytes());
+    i.send(nop, &[]);
+    let ping = i.next();
+    assert_eq!(
+        (ping.bhs[0] & 0x3f, ping.u32_at(16)),
+        (0x20, 0x67),
+        "NOP-In"
+    );
+    i.stat_sn = ping.u32_at(24);
+    i.logout();
+    reads.advance(2);
+
+    // (c) A data segment longer than the target's MaxRecvDataSegmentLength: the target
+    // cannot take it, nor find the next PDU without reading it; it closes the connection.
+    let mut i = RawInitiator::login(&d.iscsi, TEST_INITIATORS[2], &target, "None");
+    let long = i.target_max_data + 4;
+    let mut big = [0u8; 48];
+    big[0] = 0x40; // NOP-Out with ping data, immediate
+    big[1] = 0x80;
+    big[5..8].copy_from_slice(&u32::try_from(long).expect("small").to_be_bytes()[1..]);
+    big[16..20].copy_from_slice(&0x68u32.to_be_bytes());
+    big[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+    big[24..28].copy_from_slice(&i.cmd_sn.to_be_bytes());
+    big[28..32].copy_from_slice(&i.stat_sn.to_be_bytes());
+    let mut pdu = big.to_vec();
+    pdu.resize(48 + long, 0x5a);
+    write_lenient(&mut i.stream, &pdu);
+    assert_eq!(
+        answer(&mut i.stream),
+        Answer::Closed,
+        "a data segment of {long} bytes (limit {}):\n{}",
+        i.target_max_data,
+        d.log()
+    );
+    reads.advance(2);
+
+    // (d) A SCSI command before any login (RFC 7143 section 6.3): the connection ends.
+    let mut c = connect();
+    write_lenient(&mut c, &read10_bhs(1, 0));
+    assert_eq!(answer(&mut c), Answer::Closed, "a command before login");
+    reads.advance(2);
+
+    // The target still serves: the session read on, exactly, and a new login reads.
+    assert!(reads.stop() >= 9, "the session's reads");
+    let mut i = RawInitiator::login(&d.iscsi, TEST_INITIATORS[2], &target, "None");
+    let got = i.reads(&[(0, 2048, 1 << 20), (2048 * 15, 2048, 1 << 20)]);
+    assert!(got[0].0.iter().all(|&b| b == pattern_of(0)), "MiB 0");
+    assert!(got[1].0.iter().all(|&b| b == pattern_of(15)), "MiB 15");
+    i.logout();
+    assert!(
+        d.child.try_wait().expect("netbootd status").is_none(),
+        "netbootd still runs:\n{}",
+        d.log()
+    );
 }

@@ -164,6 +164,7 @@ pub(super) async fn device_script(
         iscsi_host: &iscsi_host,
         chap: chap.as_ref(),
         settings: &settings,
+        iqn_prefix: &state.config().iscsi.iqn_prefix,
         efi,
         version: VERSION,
         registration: token.as_deref(),
@@ -287,6 +288,7 @@ pub(super) async fn register(
                 image,
                 profile: None,
                 notes: Some("registered from the boot console".into()),
+                initiators: None,
             },
         )?;
         Ok(Ok(device))

@@ -141,8 +141,11 @@ fn not_busy(ops: &ImageOps, image: &str) -> Result<(), ApiError> {
 
 /// Copies an image (operator): a reflink where the filesystem can, otherwise a sparse
 /// background copy. Answers 202 with the operation; the new image appears (with
-/// `cloned_from`) when the operation is `done`. A source with live iSCSI sessions is
-/// copied as it is at that moment (crash-consistent), and the operation says so.
+/// `cloned_from`) when the operation is `done`. A reflink is a point-in-time clone: a
+/// source that initiators write to is copied crash-consistent. The sparse copy reads the
+/// source over time, so what is written to it meanwhile may be partly in the copy: it is
+/// consistent only when nothing writes to the source while it runs. The operation's note
+/// says which, when the source had live sessions at the start.
 #[utoipa::path(post, path = "/api/v1/images/{name}/copy", tag = "images", params(("name" = String, Path)),
     request_body = NameBody, responses((status = 202, body = Operation), (status = 404), (status = 409), (status = 422)))]
 pub(super) async fn copy_image(

@@ -58,6 +58,14 @@ fn check_device_fields(name: Option<&str>, notes: Option<&str>) -> Result<(), Ap
     Ok(())
 }
 
+/// A device's initiator names as the store keeps them (checked and case-folded), or 422.
+fn check_initiators(names: Option<&[String]>) -> Result<Option<Vec<String>>, ApiError> {
+    names
+        .map(crate::store::initiator_names)
+        .transpose()
+        .map_err(|e| ApiError::unprocessable(format!("initiators: {e}")))
+}
+
 /// Query of the device list.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(default, deny_unknown_fields)]
@@ -128,10 +136,11 @@ pub(super) async fn get_device(
 pub(super) async fn create_device(
     State(state): State<AppState>,
     auth: Auth,
-    Json(new): Json<NewDevice>,
+    Json(mut new): Json<NewDevice>,
 ) -> Result<(StatusCode, axum::Json<Device>), ApiError> {
     auth.require(Role::Operator)?;
     check_device_fields(new.name.as_deref(), new.notes.as_deref())?;
+    new.initiators = check_initiators(new.initiators.as_deref())?;
     if new.mac.is_multicast() || new.mac == MacAddr::ZERO {
         return Err(ApiError::unprocessable(
             "a device needs a unicast MAC address",
@@ -145,18 +154,21 @@ pub(super) async fn create_device(
 }
 
 /// Changes a device (operator). `image: null` unlinks the image; `chap` sets the CHAP its
-/// image's target requires (`null` removes it); secrets are audited as changed, never shown.
+/// image's target requires (`null` removes it); secrets are audited as changed, never shown;
+/// `initiators` replaces the iSCSI initiator names its image's target accepts besides one
+/// that carries its MAC (`[]` removes them).
 #[utoipa::path(patch, path = "/api/v1/devices/{mac}", tag = "devices", params(("mac" = String, Path)),
     request_body = DevicePatch, responses((status = 200, body = Device), (status = 404), (status = 409)))]
 pub(super) async fn update_device(
     State(state): State<AppState>,
     auth: Auth,
     Path(mac): Path<String>,
-    Json(patch): Json<DevicePatch>,
+    Json(mut patch): Json<DevicePatch>,
 ) -> Result<axum::Json<Device>, ApiError> {
     auth.require(Role::Operator)?;
     let mac = parse_mac(&mac)?;
     check_device_fields(patch.name.as_deref(), patch.notes.as_deref())?;
+    patch.initiators = check_initiators(patch.initiators.as_deref())?;
     if let Some(Some(chap)) = &patch.chap {
         chap.validate()
             .map_err(|e| ApiError::unprocessable(e.to_string()))?;
@@ -238,6 +250,7 @@ pub(super) async fn register_unknown(
             image: body.image,
             profile: body.profile,
             notes: body.notes,
+            initiators: None,
         };
         s.create_device(&a, &new)
     })

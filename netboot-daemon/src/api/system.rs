@@ -229,25 +229,6 @@ fn check_settings(s: &Settings) -> Result<(), ApiError> {
     if !(1..=3650).contains(&s.event_max_age_days) {
         return Err(ApiError::unprocessable("event_max_age_days: 1 to 3650"));
     }
-    // RFC 7143 section 4.2.7.2: iqn.yyyy-mm.reversed-domain.
-    let iqn = &s.iqn_prefix;
-    let ok = iqn.len() <= 200
-        && iqn.strip_prefix("iqn.").is_some_and(|rest| {
-            let b = rest.as_bytes();
-            b.len() > 8
-                && b[..4].iter().all(u8::is_ascii_digit)
-                && b[4] == b'-'
-                && b[5..7].iter().all(u8::is_ascii_digit)
-                && b[7] == b'.'
-                && rest[8..]
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
-        });
-    if !ok {
-        return Err(ApiError::unprocessable(
-            "iqn_prefix must look like iqn.2026-01.org.example",
-        ));
-    }
     Ok(())
 }
 
@@ -260,6 +241,13 @@ pub(super) async fn patch_settings(
     Json(patch): Json<serde_json::Map<String, Value>>,
 ) -> Result<axum::Json<Settings>, ApiError> {
     auth.require(Role::Admin)?;
+    if patch.contains_key("iqn_prefix") {
+        // One source: the target serves the configuration's prefix, and the boot scripts
+        // must name the targets it serves.
+        return Err(ApiError::unprocessable(
+            "iqn_prefix is the configuration's iscsi.iqn_prefix; change it there and restart",
+        ));
+    }
     let a = auth.audit();
     let out = blocking(&state, move |s| {
         let current = s.get_settings()?;

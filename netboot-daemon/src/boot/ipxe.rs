@@ -12,6 +12,7 @@
 
 use std::fmt::Write as _;
 
+use crate::iscsi::name::image_target;
 use crate::mac::MacAddr;
 use crate::store::{
     Arch, BootPolicy, BootProfile, ChapCredentials, Device, ProfileKind, Settings, chap_char,
@@ -102,8 +103,10 @@ pub struct Plan<'a> {
     pub iscsi_host: &'a str,
     /// The device's CHAP credentials: iPXE must present them to its image's target.
     pub chap: Option<&'a ChapCredentials>,
-    /// Run-time settings (menu timeout, IQN prefix).
+    /// Run-time settings (menu timeout, console registration).
     pub settings: &'a Settings,
+    /// `iscsi.iqn_prefix`: the target names are [`image_target`]'s, as the target's own.
+    pub iqn_prefix: &'a str,
     /// Whether the firmware is EFI (iPXE's `${platform}` is `efi`).
     pub efi: bool,
     /// netboot's version, shown in menus.
@@ -130,31 +133,11 @@ impl Script {
     }
 }
 
-/// `s` in IQN characters: lower case, and `-` for anything but letters, digits, `-`, `.`.
-pub(crate) fn iqn_part(s: &str) -> String {
-    // RFC 3720 §3.2.6.2: lower-case letters, digits, '-', '.', ':'.
-    s.chars()
-        .map(|c| c.to_ascii_lowercase())
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect()
-}
-
-/// The IQN of an image's target.
-pub fn target_iqn(settings: &Settings, image: &str) -> String {
-    format!("{}:{}", settings.iqn_prefix, iqn_part(image))
-}
-
-/// The initiator IQN a device uses: it carries the MAC so the target can check it.
-pub fn initiator_iqn(settings: &Settings, mac: MacAddr) -> String {
+/// The initiator IQN a device uses: it carries the MAC, as the name's last token, so the
+/// target can check it.
+pub fn initiator_iqn(iqn_prefix: &str, mac: MacAddr) -> String {
     format!(
-        "{}:initiator:{}",
-        settings.iqn_prefix,
+        "{iqn_prefix}:initiator:{}",
         mac.to_string().replace(':', "-")
     )
 }
@@ -178,7 +161,7 @@ pub fn chap_value(s: &str) -> String {
 fn write_iscsi(s: &mut Script, p: &Plan<'_>, image: &str) {
     s.line(format!(
         "set initiator-iqn {}",
-        initiator_iqn(p.settings, p.mac)
+        initiator_iqn(p.iqn_prefix, p.mac)
     ));
     if let Some(chap) = p.chap {
         // iPXE answers the target's CHAP challenge with these (MD5), and with the
@@ -194,7 +177,7 @@ fn write_iscsi(s: &mut Script, p: &Plan<'_>, image: &str) {
     s.line(format!(
         "sanboot iscsi:{}::::{} || goto failed",
         p.iscsi_host,
-        target_iqn(p.settings, image)
+        image_target(p.iqn_prefix, image)
     ));
 }
 

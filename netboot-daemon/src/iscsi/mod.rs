@@ -7,7 +7,8 @@
 //! - [`conn`]: one connection as a state machine (login, commands, R2T/Data-Out,
 //!   Data-In, NOP, task management, SendTargets, logout), without I/O;
 //! - [`scsi`]: logical units: CDBs executed against a [`scsi::Backing`];
-//! - [`file`]: the backing of a disk image, a sparse file, and sparse copies of it.
+//! - [`file`]: the backing of a disk image, a sparse file, and sparse copies of it;
+//! - [`name`]: iSCSI names: an image's target name, the comparison of names.
 //!
 //! The driver that owns the sockets is `service::iscsi`.
 
@@ -18,6 +19,7 @@ pub mod conn;
     reason = "preadv2(2) with RWF_NOWAIT, fallocate(2) to punch holes, ioctl(FICLONE) and lseek(SEEK_DATA/SEEK_HOLE) for copies; each block has a SAFETY comment"
 )]
 pub mod file;
+pub mod name;
 pub mod pdu;
 pub mod scsi;
 pub mod text;

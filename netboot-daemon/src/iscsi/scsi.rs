@@ -1904,7 +1904,8 @@ impl Lun {
             .map_err(|e| io_sense(&e, ASC_WRITE_ERROR, lba))
     }
 
-    /// UNMAP (SBC-3 5.28): every descriptor is checked before any hole is punched.
+    /// UNMAP (SBC-3 5.28): every descriptor is checked before any hole is punched. With
+    /// the write cache off (WCE=0) the holes are durable before GOOD, as writes are.
     fn unmap(&self, cmd: &Cmd<'_>) -> Outcome {
         self.check_writable()?;
         if byte(cmd.cdb, 1) & 0x01 != 0 {
@@ -1915,10 +1916,15 @@ impl Lun {
         for &(lba, blocks) in &ranges {
             self.check_range(lba, u64::from(blocks))?;
         }
+        let mut first = None;
         for (lba, blocks) in ranges {
             if blocks > 0 {
                 self.deallocate(lba, u64::from(blocks))?;
+                first.get_or_insert(lba);
             }
+        }
+        if let Some(lba) = first {
+            self.make_durable(false, lba)?;
         }
         Ok(Vec::new())
     }
@@ -3391,6 +3397,20 @@ mod tests {
         );
         ok(&lun, &rw(WRITE_10, 0, 1, 0), &pattern(1, 1));
         assert_eq!(mem.flushes.load(SeqCst), 1, "WCE=0 writes through");
+        // Deallocation changes the medium as a write does: durable before GOOD too.
+        let (cdb, list) = unmap(&[(0, 1)]);
+        ok(&lun, &cdb, &list);
+        assert_eq!(mem.flushes.load(SeqCst), 2, "WCE=0: UNMAP flushes");
+        ok(&lun, &rw(WRITE_SAME_16, 0, 2, CDB_WS_UNMAP), &[0; 512]);
+        assert_eq!(mem.flushes.load(SeqCst), 3, "WCE=0: WRITE SAME flushes");
+        // An UNMAP without a descriptor changes nothing.
+        ok(&lun, &[UNMAP, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+        assert_eq!(mem.flushes.load(SeqCst), 3);
+        // With the write cache on, UNMAP leaves the flush to SYNCHRONIZE CACHE.
+        let (mem, lun) = disk();
+        let (cdb, list) = unmap(&[(0, 1)]);
+        ok(&lun, &cdb, &list);
+        assert_eq!(mem.flushes.load(SeqCst), 0, "WCE=1: no flush");
     }
 
     #[test]

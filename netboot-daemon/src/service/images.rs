@@ -3,7 +3,11 @@
 //! - copies: `ioctl(FICLONE)` first (a reflink, instant), otherwise a background copy of
 //!   the data extents only ([`crate::iscsi::file::copy_sparse`]), into a hidden
 //!   `.<name>.img.part` that becomes `<name>.img` and a store record (with `cloned_from`)
-//!   only when it is complete; its progress is an [`Operation`];
+//!   only when it is complete; its progress is an [`Operation`]. A reflink is a
+//!   point-in-time clone: with initiators writing to the source it is crash-consistent.
+//!   The sparse copy lists the extents once and reads them over time, so writes made
+//!   while it runs may be partly in it, and it is not even crash-consistent then; the
+//!   operation's note says so when the source had live sessions at the start;
 //! - adoption: `*.img` files without a record become images (size from the file,
 //!   `image.adopt` in the audit log), at start-up and on request.
 //!
@@ -19,8 +23,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::store::{Audit, Image, NewImage, Store, StoreError};
+use crate::store::{Audit, ConflictReason, Image, NewImage, Store, StoreError};
 use crate::time::Timestamp;
+
+/// What live sessions on the source mean for a reflink (the operation's note).
+const LIVE_REFLINK: &str =
+    ": the reflink is a point-in-time clone, crash-consistent, like a disk after a power cut";
+/// What live sessions on the source mean for a sparse copy (the operation's note).
+const LIVE_SPARSE: &str = ": the sparse copy reads the image over time while they may write, so it can hold blocks from different moments and is not crash-consistent; for a consistent copy, copy the image while no initiator writes to it";
 
 /// Finished operations kept for `GET /api/v1/operations`.
 const KEEP_FINISHED: usize = 64;
@@ -90,8 +100,9 @@ pub struct Operation {
     pub bytes_done: u64,
     /// The image's size.
     pub bytes_total: u64,
-    /// Live iSCSI sessions on the source when the copy started: the copy is then only
-    /// crash-consistent (what a power cut would have left).
+    /// Live iSCSI sessions on the source when the copy started: a reflink is then
+    /// crash-consistent (what a power cut would have left), a sparse copy not even that
+    /// (see `note`).
     pub live_sessions: usize,
     /// A note for people (crash consistency, the outcome).
     pub note: String,
@@ -224,6 +235,18 @@ impl ImageOps {
                 Err(StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
+            // The store refuses it at the end too; say so before copying.
+            if let Some(other) = store
+                .list_images()?
+                .into_iter()
+                .find(|i| crate::iscsi::name::same_target(&i.name, target))
+            {
+                return Err(StoreError::Conflict(ConflictReason::SameTarget {
+                    image: target.to_owned(),
+                    other: other.name,
+                })
+                .into());
+            }
             if image_path(&self.dir, target).symlink_metadata().is_ok() {
                 return Err(CopyError::Conflict(format!(
                     "a file {target}.img exists in the images directory without a record; adopt it (POST /api/v1/images/adopt) or remove it"
@@ -239,10 +262,9 @@ impl ImageOps {
                 )));
             }
             let id = self.next.fetch_add(1, Ordering::Relaxed);
+            // What that means for the copy is added once the method is known.
             let note = if live_sessions > 0 {
-                format!(
-                    "{source} has {live_sessions} live iSCSI session(s): the copy is crash-consistent, like a disk after a power cut"
-                )
+                format!("{source} has {live_sessions} live iSCSI session(s)")
             } else {
                 String::new()
             };
@@ -362,7 +384,12 @@ impl ImageOps {
             .map_err(|e| format!("the source file: {e}"))?
             .len();
         if crate::iscsi::file::reflink(&source, &dst).is_ok() {
-            op.update(|v| v.method = Some(CopyMethod::Reflink));
+            op.update(|v| {
+                v.method = Some(CopyMethod::Reflink);
+                if v.live_sessions > 0 {
+                    v.note.push_str(LIVE_REFLINK);
+                }
+            });
             if source_len != total {
                 dst.set_len(total)
                     .map_err(|e| format!("sizing the copy: {e}"))?;
@@ -370,7 +397,12 @@ impl ImageOps {
             op.done.store(total, Ordering::Relaxed);
             return dst.sync_all().map_err(|e| format!("syncing the copy: {e}"));
         }
-        op.update(|v| v.method = Some(CopyMethod::Sparse));
+        op.update(|v| {
+            v.method = Some(CopyMethod::Sparse);
+            if v.live_sessions > 0 {
+                v.note.push_str(LIVE_SPARSE);
+            }
+        });
         crate::iscsi::file::copy_sparse(&source, &dst, total, &mut |at| {
             op.done.store(at, Ordering::Relaxed);
             true
@@ -443,7 +475,14 @@ pub fn adopt(dir: &Path, store: &dyn Store, audit: &Audit) -> Result<Vec<Image>,
             description: format!("adopted from {name}.img"),
             cloned_from: None,
         };
-        let img = store.adopt_image(audit, &new)?;
+        let img = match store.adopt_image(audit, &new) {
+            Ok(img) => img,
+            Err(StoreError::Conflict(why @ ConflictReason::SameTarget { .. })) => {
+                tracing::warn!(image = %name, %why, "not adopting an image file");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         tracing::info!(image = %img.name, size = img.size_bytes, "adopted an image file without a record");
         adopted.push(img);
     }

@@ -2,11 +2,15 @@
 //! the accept loop, and the tokio driver (the io_uring one, the default, is
 //! [`crate::driver::uring::iscsi`]; [`IscsiRunner::start`] picks one from `iscsi.driver`).
 //!
-//! Every image in the store is a target named `<iscsi.iqn_prefix>:<image>` with one disk
+//! Every image in the store is a target named `<iscsi.iqn_prefix>:<image>`, the image
+//! name in IQN characters ([`name::image_target`], the mapping the boot scripts use too:
+//! `Win11_Base` is `...:win11-base`; names are compared case-folded), with one disk
 //! LUN (0) backed by `<images>/<image>.img`, a sparse file created at the image's size when
 //! it does not exist yet. An image accepts an initiator whose name carries the MAC of the
-//! device the image is linked to (in any common spelling, as the boot scripts set it), or
-//! one listed in `iscsi.allow`; discovery shows each initiator only what it may use.
+//! device the image is linked to as its last token (in any common spelling; the boot
+//! scripts set `...:initiator:aa-bb-cc-dd-ee-ff`), one of that device's own initiator
+//! names (`initiators`, set through the device's API), or one listed in `iscsi.allow`;
+//! discovery shows each initiator only what it may use.
 //! When that device has CHAP credentials, its image's target requires CHAP (mutual when
 //! the device has a target secret too); each connection gets a fresh random challenge.
 //!
@@ -43,13 +47,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::bindings::{Bindings, Source as BindingSource};
-use crate::boot::ipxe::iqn_part;
 use crate::config::{IscsiConfig, IscsiDriver};
 use crate::ebpf::Service;
 use crate::iscsi::chap;
 use crate::iscsi::conn::{Connection, Login, Refusal, SessionEvent, Target, Targets};
 use crate::iscsi::conn::{FileSegment, Outgoing};
 use crate::iscsi::file::FileBacking;
+use crate::iscsi::name;
 use crate::iscsi::pdu::{DecodeError, Decoder, encode_padding, encode_trailer};
 use crate::iscsi::scsi::{DeviceType, Lun, LunConfig};
 use crate::mac::MacAddr;
@@ -459,9 +463,38 @@ impl StoreTargets {
         })
     }
 
-    /// The target name of an image.
+    /// The target name of an image ([`name::image_target`], as the boot scripts name it).
     pub fn target_name(&self, image: &str) -> String {
-        format!("{}:{image}", self.prefix)
+        name::image_target(&self.prefix, image)
+    }
+
+    /// The image whose target is `target` (a name as the initiator sent it: compared
+    /// case-folded). `None` when there is none, and when two images' names would both
+    /// give it (the store refuses that; only a database written before can hold it).
+    fn image_of(&self, target: &str) -> Option<Image> {
+        let target = name::fold(target);
+        let part = target
+            .strip_prefix(&self.prefix)
+            .and_then(|rest| rest.strip_prefix(':'))?;
+        let images = match self.store.list_images() {
+            Ok(images) => images,
+            Err(error) => {
+                tracing::warn!(%error, "iSCSI cannot list images");
+                return None;
+            }
+        };
+        let mut matching = images.into_iter().filter(|i| name::part(&i.name) == part);
+        let image = matching.next()?;
+        if let Some(other) = matching.next() {
+            tracing::warn!(
+                target,
+                image = %image.name,
+                other = %other.name,
+                "iSCSI target refused: two images have its name; rename one"
+            );
+            return None;
+        }
+        Some(image)
     }
 
     /// The live sessions (for [`serve`] and image management).
@@ -491,11 +524,29 @@ impl StoreTargets {
             .remove(image);
     }
 
+    /// Whether `initiator` may use `image`: it is on `iscsi.allow`, or it is bound to the
+    /// device the image is linked to ([`Self::bound`]).
     fn allowed(&self, image: &Image, initiator: &str) -> bool {
         self.allow.iter().any(|a| a == initiator)
             || image
                 .linked_mac
-                .is_some_and(|mac| initiator_carries(initiator, mac))
+                .is_some_and(|mac| self.bound(mac, initiator))
+    }
+
+    /// Whether `initiator` is the device `mac`'s: its name carries the MAC (as the boot
+    /// scripts set it), or the device lists it among its initiator names (compared
+    /// case-folded).
+    fn bound(&self, mac: MacAddr, initiator: &str) -> bool {
+        if initiator_carries(initiator, mac) {
+            return true;
+        }
+        match self.store.get_device(mac) {
+            Ok(d) => d.initiators.contains(&name::fold(initiator)),
+            Err(error) => {
+                tracing::warn!(%mac, %error, "iSCSI cannot read the device's initiator names");
+                false
+            }
+        }
     }
 
     fn lun(&self, image: &Image) -> std::io::Result<Arc<Lun>> {
@@ -551,18 +602,17 @@ impl Targets for StoreTargets {
         names
     }
 
-    fn open(&self, name: &str, initiator: &str) -> Result<Target, Refusal> {
-        if name.starts_with(&format!("{}:installer:", self.prefix)) {
-            return self.open_installer(name);
+    fn open(&self, target: &str, initiator: &str) -> Result<Target, Refusal> {
+        let folded = name::fold(target);
+        if folded.starts_with(&format!("{}:installer:", self.prefix)) {
+            return self.open_installer(&folded);
         }
-        let image = name
-            .strip_prefix(&self.prefix)
-            .and_then(|rest| rest.strip_prefix(':'))
-            .ok_or(Refusal::NotFound)?;
-        let image = self.store.get_image(image).map_err(|_| Refusal::NotFound)?;
+        let image = self.image_of(target).ok_or(Refusal::NotFound)?;
+        // The target's own spelling, as discovery and image management name it.
+        let canonical = self.target_name(&image.name);
         if !self.allowed(&image, initiator) {
             tracing::warn!(
-                target = name,
+                target = %canonical,
                 initiator,
                 "iSCSI login refused: initiator not allowed"
             );
@@ -570,33 +620,30 @@ impl Targets for StoreTargets {
         }
         let chap = match image.linked_mac {
             Some(mac) => self.store.device_chap(mac).map_err(|error| {
-                tracing::warn!(target = name, %error, "iSCSI target cannot read its CHAP");
+                tracing::warn!(target = %canonical, %error, "iSCSI target cannot read its CHAP");
                 Refusal::Unavailable
             })?,
             None => None,
         };
         let lun = self.lun(&image).map_err(|error| {
-            tracing::warn!(target = name, %error, "iSCSI target cannot open its image");
+            tracing::warn!(target = %canonical, %error, "iSCSI target cannot open its image");
             Refusal::Unavailable
         })?;
         Ok(Target {
-            name: name.to_owned(),
+            name: canonical,
             luns: vec![(0, lun)],
             chap: chap.map(|c| chap_credentials(&c)),
         })
     }
 
     /// Puts logins and their ends on the timeline of the device the image is linked to,
-    /// and binds the initiator's address to that device when its name carries the MAC.
+    /// and binds the initiator's address to that device when the initiator is the
+    /// device's (its name carries the MAC, or the device lists it).
     fn session(&self, event: SessionEvent, login: &Login) {
         let Some(name) = login.target.as_deref() else {
             return;
         };
-        let Some(image) = name
-            .strip_prefix(&self.prefix)
-            .and_then(|rest| rest.strip_prefix(':'))
-            .and_then(|image| self.store.get_image(image).ok())
-        else {
+        let Some(image) = self.image_of(name) else {
             return;
         };
         let Some(mac) = image.linked_mac else {
@@ -605,7 +652,7 @@ impl Targets for StoreTargets {
         let at = Timestamp::now();
         let ip = login.peer.map(|p| p.ip());
         if event == SessionEvent::Started
-            && initiator_carries(&login.initiator, mac)
+            && self.bound(mac, &login.initiator)
             && let (Some(b), Some(ip)) = (&self.bindings, ip)
         {
             b.learn(ip, mac, BindingSource::Iscsi, at);
@@ -629,7 +676,7 @@ impl Targets for StoreTargets {
 }
 
 /// The ISO installers as targets: (last part of the target name, path). The name is the
-/// installer's display name in IQN characters ([`iqn_part`]: lower-case letters, digits, `-`, `.`;
+/// installer's display name in IQN characters ([`name::part`]: lower-case letters, digits, `-`, `.`;
 /// everything else becomes `-`, a `.iso` suffix goes); when two installers come out the
 /// same, the later ones (by id) get `-<id>` appended.
 pub fn installer_targets(installers: &[Installer]) -> Vec<(String, String)> {
@@ -641,7 +688,7 @@ pub fn installer_targets(installers: &[Installer]) -> Vec<(String, String)> {
     let mut taken = HashSet::new();
     let mut out = Vec::new();
     for i in isos {
-        let part = iqn_part(&i.name);
+        let part = name::part(&i.name);
         let stem = part.strip_suffix(".iso").unwrap_or(&part);
         // No runs of `-`, none at either end.
         let mut name = stem
@@ -679,15 +726,29 @@ fn chap_credentials(c: &ChapCredentials) -> chap::Credentials {
     }
 }
 
-/// Whether an initiator name carries `mac` (12 hex digits, separators ignored).
+/// Whether an initiator name carries `mac` as its last token: everything after the last
+/// `:` in a spelling [`MacAddr`] reads (`aa-bb-cc-dd-ee-ff`, as the boot scripts set it,
+/// [`crate::boot::ipxe::initiator_iqn`]; `aabbccddeeff`; `aabb.ccdd.eeff`), or its last
+/// six `:`-separated parts (`...:aa:bb:cc:dd:ee:ff`). A MAC elsewhere in the name, or hex
+/// digits that merely contain it, do not count.
 fn initiator_carries(initiator: &str, mac: MacAddr) -> bool {
-    let digits: String = initiator
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    let want: String = mac.0.iter().map(|b| format!("{b:02x}")).collect();
-    digits.contains(&want)
+    let last = initiator.rsplit(':').next().unwrap_or_default();
+    if last.parse::<MacAddr>() == Ok(mac) {
+        return true;
+    }
+    let mut parts = initiator.rsplitn(7, ':');
+    let six: Vec<&str> = parts.by_ref().take(6).collect();
+    // Exactly six parts after a separator, each two digits (MacAddr checks the groups).
+    parts.next().is_some()
+        && six.len() == 6
+        && six
+            .iter()
+            .rev()
+            .copied()
+            .collect::<Vec<_>>()
+            .join(":")
+            .parse::<MacAddr>()
+            == Ok(mac)
 }
 
 /// A stable NAA identifier for an image: NAA 6 (IEEE registered extended) with a locally
@@ -1122,7 +1183,35 @@ mod tests {
         ));
         assert!(initiator_carries("iqn.2010-04.org.ipxe:525400123456", mac));
         assert!(initiator_carries("iqn.x:52:54:00:12:34:56", mac));
+        assert!(initiator_carries("iqn.x:5254.0012.3456", mac));
+        assert!(initiator_carries("IQN.X:52-54-00-12-34-56", mac));
         assert!(!initiator_carries("iqn.x:52:54:00:12:34:57", mac));
+    }
+
+    /// The MAC is a whole token of the name, not any run of its hex digits: the `e` of
+    /// "ipxe" followed by another device's hexraw MAC is not this device's.
+    #[test]
+    fn initiator_names_carry_a_mac_only_as_a_whole_token() {
+        let other: MacAddr = "e5:25:40:01:23:45".parse().expect("mac");
+        let mac: MacAddr = "52:54:00:12:34:56".parse().expect("mac");
+        for name in [
+            "iqn.2010-04.org.ipxe:525400123456",
+            "iqn.2026-01.org.netboot:initiator:52-54-00-12-34-56",
+            "iqn.x:52:54:00:12:34:56",
+        ] {
+            assert!(initiator_carries(name, mac), "{name}");
+            assert!(!initiator_carries(name, other), "{name} carries {other}");
+        }
+        for name in [
+            // The MAC in the middle, or as part of a longer token.
+            "iqn.x:52-54-00-12-34-56:disk",
+            "iqn.x:pc-525400123456",
+            "iqn.x:5254001234567",
+            "iqn.x:0:52:54:00:12:34:56:0",
+            "iqn.2010-04.org.ipxe:52540012345",
+        ] {
+            assert!(!initiator_carries(name, mac), "{name}");
+        }
     }
 
     #[test]

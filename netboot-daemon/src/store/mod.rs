@@ -86,6 +86,17 @@ pub enum ConflictReason {
         /// The device it is linked to.
         mac: MacAddr,
     },
+    /// Another image's name gives the same iSCSI target name (they differ only in case
+    /// or in `_` against `-`: [`crate::iscsi::name::same_target`]).
+    #[error(
+        "image {image:?} would have the iSCSI target of image {other:?} (names that differ only in case or in _ and - are one target)"
+    )]
+    SameTarget {
+        /// The image being created or renamed.
+        image: String,
+        /// The image that has the target.
+        other: String,
+    },
     /// The object is still referenced and cannot be removed.
     #[error("{kind} {key:?} is in use by {by}")]
     InUse {

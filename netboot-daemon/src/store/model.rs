@@ -237,6 +237,51 @@ pub struct Device {
     pub last_ip: Option<String>,
     /// CHAP its image's target requires (names only; secrets are never shown).
     pub chap: ChapSummary,
+    /// iSCSI initiator names (IQNs) that its image's target accepts besides an initiator
+    /// whose name carries the device's MAC (case-folded).
+    pub initiators: Vec<String>,
+}
+
+/// Most initiator names a device lists.
+pub const MAX_INITIATORS: usize = 16;
+
+/// Why a device's initiator names were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InitiatorsError {
+    /// Not an iSCSI name.
+    #[error(
+        "{0:?} is not an iSCSI name (iqn.yyyy-mm.reversed.domain[:anything], eui. or naa. with hex digits; lower-case letters, digits, '-', '.', ':'; at most 223 bytes)"
+    )]
+    NotAnIscsiName(String),
+    /// The same name twice (names are compared case-folded).
+    #[error("{0:?} is listed twice")]
+    Repeated(String),
+    /// More than [`MAX_INITIATORS`].
+    #[error("at most {MAX_INITIATORS} initiator names")]
+    TooMany,
+}
+
+/// A device's initiator names as the store keeps them: each an iSCSI name
+/// ([`crate::iscsi::name::valid`]), case-folded ([`crate::iscsi::name::fold`]: RFC 3722
+/// compares names that way), no name twice, at most [`MAX_INITIATORS`].
+pub fn initiator_names(names: &[String]) -> Result<Vec<String>, InitiatorsError> {
+    use crate::iscsi::name;
+    if names.len() > MAX_INITIATORS {
+        return Err(InitiatorsError::TooMany);
+    }
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for n in names {
+        if !name::valid(n) {
+            return Err(InitiatorsError::NotAnIscsiName(n.clone()));
+        }
+        let folded = name::fold(n);
+        if out.contains(&folded) {
+            return Err(InitiatorsError::Repeated(n.clone()));
+        }
+        out.push(folded);
+    }
+    Ok(out)
 }
 
 /// Whether a CHAP secret is stored; the secret itself is never shown.
@@ -401,6 +446,10 @@ pub struct NewDevice {
     /// Free text.
     #[serde(default)]
     pub notes: Option<String>,
+    /// iSCSI initiator names its image's target accepts besides one that carries its
+    /// MAC (see [`initiator_names`]).
+    #[serde(default)]
+    pub initiators: Option<Vec<String>>,
 }
 
 /// A change to a device; absent fields stay, `null` clears a link.
@@ -435,6 +484,10 @@ pub struct DevicePatch {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<ChapCredentials>)]
     pub chap: Option<Option<ChapCredentials>>,
+    /// Replace the iSCSI initiator names its image's target accepts besides one that
+    /// carries its MAC (`[]`: none; see [`initiator_names`]).
+    #[serde(default)]
+    pub initiators: Option<Vec<String>>,
 }
 
 /// Sort order of the device list.
@@ -796,8 +849,6 @@ pub struct Settings {
     pub events_per_device: u32,
     /// Boot events older than this many days are removed.
     pub event_max_age_days: u32,
-    /// Naming authority for iSCSI target IQNs.
-    pub iqn_prefix: String,
 }
 
 impl Default for Settings {
@@ -808,7 +859,6 @@ impl Default for Settings {
             default_boot_policy: BootPolicy::Menu,
             events_per_device: 1000,
             event_max_age_days: 30,
-            iqn_prefix: "iqn.2026-01.org.netboot".into(),
         }
     }
 }

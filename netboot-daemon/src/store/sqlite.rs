@@ -20,6 +20,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (2, include_str!("migrations/0002_dhcp_leases.sql")),
     (3, include_str!("migrations/0003_device_traffic.sql")),
     (4, include_str!("migrations/0004_device_chap.sql")),
+    (5, include_str!("migrations/0005_device_initiators.sql")),
 ];
 
 /// Reader connections for a file database (the writer is separate).
@@ -259,9 +260,10 @@ fn audit(
 // Row mappers.
 
 const DEVICE_COLS: &str = "mac, name, arch, enabled, boot_policy, image, profile, notes, created_at, updated_at, first_seen, last_seen, last_ip";
-/// What a device row shows of its CHAP: names, and whether the secrets are set.
-const DEVICE_CHAP_COLS: &str =
-    "chap_user, chap_secret IS NOT NULL, chap_target_user, chap_target_secret IS NOT NULL";
+/// What a device row shows of its CHAP (names, and whether the secrets are set), and its
+/// initiator names.
+const DEVICE_CHAP_COLS: &str = "chap_user, chap_secret IS NOT NULL, chap_target_user, \
+     chap_target_secret IS NOT NULL, initiators";
 
 fn device_row(r: &Row<'_>) -> rusqlite::Result<Device> {
     Ok(Device {
@@ -293,6 +295,7 @@ fn device_row(r: &Row<'_>) -> rusqlite::Result<Device> {
                 target_secret: state(r.get(16)?),
             }
         },
+        initiators: serde_json::from_str(&r.get::<_, String>(17)?).map_err(|e| conv_err(17, e))?,
     })
 }
 
@@ -540,6 +543,36 @@ fn settings_in(c: &Connection) -> Result<Settings> {
     serde_json::from_value(Value::Object(map)).map_err(|_| StoreError::Corrupt { what: "settings" })
 }
 
+/// Sets a device's initiator names (the caller checked them: `initiator_names`).
+fn set_initiators(tx: &Transaction<'_>, mac: MacAddr, names: &[String]) -> Result<()> {
+    tx.execute(
+        "UPDATE devices SET initiators = ?2 WHERE mac = ?1",
+        params![mac.to_string(), json!(names).to_string()],
+    )?;
+    Ok(())
+}
+
+/// Checks that no image but `name` itself and `except` (the one being renamed) has the
+/// iSCSI target name `name` would have: the boot scripts and the target find an image by
+/// that name, so two images must not share it.
+fn check_target(tx: &Transaction<'_>, name: &str, except: Option<&str>) -> Result<()> {
+    let mut stmt = tx.prepare("SELECT name FROM images")?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    for other in names {
+        let other = other?;
+        if other != name
+            && Some(other.as_str()) != except
+            && crate::iscsi::name::same_target(&other, name)
+        {
+            return Err(StoreError::Conflict(ConflictReason::SameTarget {
+                image: name.to_owned(),
+                other,
+            }));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that the links of a device point at existing objects and that the image is
 /// not linked to another device.
 fn check_links(
@@ -694,6 +727,9 @@ impl Store for Sqlite {
                     seen.as_ref().and_then(|s| s.3.clone()),
                 ],
             )?;
+            if let Some(names) = &new.initiators {
+                set_initiators(tx, new.mac, names)?;
+            }
             tx.execute("DELETE FROM unknown_devices WHERE mac = ?1", [new.mac.to_string()])?;
             let dev = device_in(tx, new.mac)?;
             audit(tx, a, "device.create", &dev.mac.to_string(), &to_json(&dev))?;
@@ -734,6 +770,9 @@ impl Store for Sqlite {
                         c.and_then(|c| c.target_secret.as_ref()),
                     ],
                 )?;
+            }
+            if let Some(names) = &p.initiators {
+                set_initiators(tx, mac, names)?;
             }
             tx.execute(
                 "UPDATE devices SET name = ?2, arch = ?3, enabled = ?4, boot_policy = ?5, image = ?6, profile = ?7, \
@@ -879,6 +918,7 @@ impl Store for Sqlite {
             if let Some(src) = &new.cloned_from {
                 image_in(tx, src)?;
             }
+            check_target(tx, &new.name, None)?;
             let now = Timestamp::now().0;
             tx.execute(
                 "INSERT INTO images (name, size_bytes, description, cloned_from, created_at, updated_at) \
@@ -928,6 +968,7 @@ impl Store for Sqlite {
     fn rename_image(&self, a: &Audit, name: &str, new_name: &str) -> Result<Image> {
         self.write(|tx| {
             image_in(tx, name)?;
+            check_target(tx, new_name, Some(name))?;
             // The device link follows through `ON UPDATE CASCADE`.
             tx.execute(
                 "UPDATE images SET name = ?2, updated_at = ?3 WHERE name = ?1",
@@ -958,6 +999,7 @@ impl Store for Sqlite {
 
     fn adopt_image(&self, a: &Audit, new: &NewImage) -> Result<Image> {
         self.write(|tx| {
+            check_target(tx, &new.name, None)?;
             let now = Timestamp::now().0;
             tx.execute(
                 "INSERT INTO images (name, size_bytes, description, cloned_from, created_at, updated_at) \

@@ -47,6 +47,7 @@ fn device(m: &str) -> NewDevice {
         image: None,
         profile: None,
         notes: None,
+        initiators: None,
     }
 }
 
@@ -503,6 +504,36 @@ fn renamed_images_keep_their_link_and_adopted_ones_are_audited() {
     assert!(actions.iter().any(|x| x == "image.adopt"), "{actions:?}");
 }
 
+/// Image names that give one iSCSI target name (case, `_` against `-`) are refused:
+/// created, adopted or renamed; an image may take another spelling of its own name.
+#[test]
+fn images_that_would_share_a_target_name_are_refused() {
+    let s = Sqlite::in_memory().expect("store");
+    let a = admin();
+    let img = |name: &str| NewImage {
+        name: name.into(),
+        size_bytes: 1 << 20,
+        description: String::new(),
+        cloned_from: None,
+    };
+    s.create_image(&a, &img("Win11_Base")).expect("create");
+    let same = |r: Result<Image, StoreError>| {
+        matches!(
+            r,
+            Err(StoreError::Conflict(ConflictReason::SameTarget { ref other, .. })) if other == "Win11_Base"
+        )
+    };
+    assert!(same(s.create_image(&a, &img("win11-base"))));
+    assert!(same(s.adopt_image(&Audit::system(), &img("WIN11_BASE"))));
+    s.create_image(&a, &img("other")).expect("other");
+    assert!(same(s.rename_image(&a, "other", "win11_base")));
+    let renamed = s
+        .rename_image(&a, "Win11_Base", "win11-base")
+        .expect("its own target");
+    assert_eq!(renamed.name, "win11-base");
+    assert_eq!(s.list_images().expect("list").len(), 2);
+}
+
 #[test]
 fn device_chap_is_stored_shown_as_set_and_audited_without_secrets() {
     let s = Sqlite::in_memory().expect("db");
@@ -544,6 +575,82 @@ fn device_chap_is_stored_shown_as_set_and_audited_without_secrets() {
         ChapSummary::NONE
     );
     assert_eq!(s.device_chap(m).expect("chap"), None);
+}
+
+/// A device's initiator names: set at creation or by a patch, shown, audited, replaced
+/// and cleared; the API's check folds case and refuses what is not an iSCSI name.
+#[test]
+fn device_initiator_names_are_stored_shown_and_audited() {
+    let s = Sqlite::in_memory().expect("db");
+    let m = mac("52:54:00:00:00:43");
+    let new = NewDevice {
+        initiators: Some(vec!["iqn.1991-05.com.microsoft:pc43".into()]),
+        ..device("52:54:00:00:00:43")
+    };
+    let d = s.create_device(&admin(), &new).expect("device");
+    assert_eq!(d.initiators, ["iqn.1991-05.com.microsoft:pc43"]);
+    let names = initiator_names(&[
+        "IQN.1991-05.com.Microsoft:PC43".into(),
+        "eui.02004567A425678D".into(),
+    ])
+    .expect("valid");
+    assert_eq!(
+        names,
+        ["iqn.1991-05.com.microsoft:pc43", "eui.02004567a425678d"]
+    );
+    let patch = DevicePatch {
+        initiators: Some(names.clone()),
+        ..DevicePatch::default()
+    };
+    assert_eq!(
+        s.update_device(&admin(), m, &patch)
+            .expect("set")
+            .initiators,
+        names
+    );
+    let audit = latest_audit_detail(&s, "device.update");
+    assert!(
+        audit.to_string().contains("eui.02004567a425678d"),
+        "{audit}"
+    );
+    // Other changes leave them.
+    let rename = DevicePatch {
+        name: Some("pc43".into()),
+        ..DevicePatch::default()
+    };
+    assert_eq!(
+        s.update_device(&admin(), m, &rename)
+            .expect("rename")
+            .initiators,
+        names
+    );
+    let clear = DevicePatch {
+        initiators: Some(Vec::new()),
+        ..DevicePatch::default()
+    };
+    assert!(
+        s.update_device(&admin(), m, &clear)
+            .expect("clear")
+            .initiators
+            .is_empty()
+    );
+    assert_eq!(
+        initiator_names(&[
+            "iqn.1991-05.com.microsoft:a".into(),
+            "IQN.1991-05.com.microsoft:A".into()
+        ]),
+        Err(InitiatorsError::Repeated(
+            "IQN.1991-05.com.microsoft:A".into()
+        ))
+    );
+    assert!(matches!(
+        initiator_names(&["pc43".into()]),
+        Err(InitiatorsError::NotAnIscsiName(_))
+    ));
+    let many: Vec<String> = (0..=MAX_INITIATORS)
+        .map(|i| format!("iqn.1991-05.com.microsoft:pc{i}"))
+        .collect();
+    assert_eq!(initiator_names(&many), Err(InitiatorsError::TooMany));
 }
 
 #[test]

@@ -896,6 +896,8 @@ struct SettingsPage {
     shell: Shell,
     s: Settings,
     policies: Vec<&'static str>,
+    /// `iscsi.iqn_prefix`, shown: the configuration sets it, not this page.
+    iqn_prefix: String,
 }
 
 /// `GET /ui/settings`.
@@ -910,6 +912,7 @@ pub(super) async fn settings(
         shell,
         s,
         policies: BootPolicy::ALL.iter().map(|p| p.as_str()).collect(),
+        iqn_prefix: state.config().iscsi.iqn_prefix.clone(),
     }))
 }
 

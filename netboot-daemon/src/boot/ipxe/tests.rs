@@ -44,6 +44,7 @@ fn device(policy: BootPolicy, image: Option<&str>, profile: Option<&str>) -> Dev
         last_seen: None,
         last_ip: None,
         chap: ChapSummary::NONE,
+        initiators: Vec::new(),
     }
 }
 
@@ -82,6 +83,7 @@ fn plan<'a>(
         iscsi_host: "10.0.0.1",
         chap: None,
         settings,
+        iqn_prefix: "iqn.2026-01.org.netboot",
         efi,
         version: "0.1.0",
         registration: None,
@@ -311,13 +313,15 @@ fn hostile_names_cannot_inject_commands() {
 
 #[test]
 fn iqns_carry_the_mac_and_are_valid() {
-    let s = Settings::default();
     assert_eq!(
-        target_iqn(&s, "Win11_Rack1"),
+        image_target("iqn.2026-01.org.netboot", "Win11_Rack1"),
         "iqn.2026-01.org.netboot:win11-rack1"
     );
     assert_eq!(
-        initiator_iqn(&s, "52:54:00:12:34:56".parse().expect("mac")),
+        initiator_iqn(
+            "iqn.2026-01.org.netboot",
+            "52:54:00:12:34:56".parse().expect("mac")
+        ),
         "iqn.2026-01.org.netboot:initiator:52-54-00-12-34-56"
     );
     assert_eq!(arch_from_ipxe("efi", "arm64"), Some(Arch::UefiArm64));
