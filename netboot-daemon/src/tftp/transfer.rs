@@ -10,6 +10,15 @@
 //! never triggers a retransmission; only the timer or (with windowsize > 1) an ACK that
 //! acknowledges part of the window does, and then the window resumes from the block after
 //! the last acknowledged one (RFC 7440 §4).
+//!
+//! With windows, an ACK that answers a block sent twice says nothing about loss: clients
+//! acknowledge every block that arrives out of order (EDK2 does, like RFC 7440's
+//! receiver), so a resent window that the client partly had comes back as ACKs that look
+//! like "the next window's first block was lost". Acting on them resends the next window
+//! too, and so on for the rest of the transfer. So, as TCP NewReno does with its
+//! `recover` point (RFC 6582 §3.2), an ACK of a block that had already been sent when the
+//! last rewind happened never rewinds again; it still moves the window on. Each loss or
+//! duplicate then costs about one window, and the timer covers what is left.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -195,7 +204,11 @@ pub struct Transfer {
     base: u64,
     next: u64,
     oack_sent: bool,
-    rewound_at: u64,
+    // One past the highest block ever sent.
+    high: u64,
+    // `high` when the window last went back: an ACK of a block below it may answer a copy
+    // of a block the client already had, so it never makes the window go back again.
+    resent_below: u64,
     retries: u32,
     rto: Duration,
     deadline: Option<Instant>,
@@ -297,7 +310,8 @@ impl Transfer {
             base: 1,
             next: 1,
             oack_sent: false,
-            rewound_at: 0,
+            high: 1,
+            resent_below: 0,
             retries: 0,
             rto: neg.timeout,
             deadline: None,
@@ -399,14 +413,15 @@ impl Transfer {
         else {
             return; // Stale or bogus: ignore.
         };
+        // Whether this ACK can tell of a loss: not when it may answer a copy of a block
+        // that was sent again (see the module documentation).
+        let fresh = acked >= self.resent_below;
         if acked < self.base {
             // A repeated ACK of the previous window. In lock-step this is the Sorcerer's
             // Apprentice case: ignore it. With a window, the client lost the window's first
-            // block and tells us once: resume at once, but only once per window.
-            if self.window > 1 && self.next > self.base && self.rewound_at != self.base {
-                self.rewound_at = self.base;
-                self.summary.retransmits += self.next - self.base;
-                self.next = self.base;
+            // block: resume at once (the rewind makes every later copy of this ACK stale).
+            if self.window > 1 && self.next > self.base && fresh {
+                self.rewind();
                 self.deadline = None;
             }
             return;
@@ -423,11 +438,20 @@ impl Transfer {
             self.finish(None);
             return;
         }
-        if self.next > self.base {
+        if self.next > self.base && fresh {
             // Part of the window was lost: resume after the last acknowledged block.
-            self.summary.retransmits += self.next - self.base;
-            self.next = self.base;
+            self.rewind();
         }
+        // Otherwise the rest stays in flight and the window slides on; the timer is armed
+        // again by `poll_datagram`.
+    }
+
+    /// Sends again from the first unacknowledged block; ACKs of blocks sent so far can no
+    /// longer tell of a loss.
+    fn rewind(&mut self) {
+        self.summary.retransmits += self.next - self.base;
+        self.next = self.base;
+        self.resent_below = self.high;
     }
 
     /// Forgets the first `n` bytes of the stream (the client has them).
@@ -545,10 +569,7 @@ impl Transfer {
                 self.oack_sent = false;
                 self.summary.retransmits += 1;
             }
-            State::Sending => {
-                self.summary.retransmits += self.next - self.base;
-                self.next = self.base;
-            }
+            State::Sending => self.rewind(),
             State::Closed => {}
         }
     }
@@ -613,6 +634,11 @@ impl Transfer {
                 let window_end = self.base + self.window;
                 let last = self.last_block();
                 if self.next >= window_end || last.is_some_and(|l| self.next > l) {
+                    // Blocks in flight and nothing more to send (an ACK moved the window
+                    // without a rewind): wait for the rest, not forever.
+                    if self.next > self.base && self.deadline.is_none() {
+                        self.deadline = Some(now + self.rto);
+                    }
                     return None;
                 }
                 let (start, end) = self.block_range(self.next);
@@ -625,6 +651,7 @@ impl Transfer {
                 let body = self.stream_slice(start.checked_sub(self.buf_start)?, len)?;
                 let d = Datagram::data((self.next & 0xffff) as u16, body);
                 self.next += 1;
+                self.high = self.high.max(self.next);
                 self.summary.packets += 1;
                 self.summary.sent_bytes += d.len() as u64;
                 self.summary.sent_datagrams += 1;
