@@ -313,6 +313,92 @@ async fn a_retransmitted_rrq_does_not_start_a_second_transfer(driver: TftpDriver
     srv.stop().await;
 }
 
+/// Sends `rrq` from `sock` to `server` every 200 ms, as clients retransmit their
+/// requests, until an answer comes; fails after `within`. The answer and its sender.
+async fn request(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    rrq: &[u8],
+    within: Duration,
+) -> (Vec<u8>, SocketAddr) {
+    let start = Instant::now();
+    let mut buf = [0u8; 1600];
+    loop {
+        sock.send_to(rrq, server).await.expect("send");
+        if let Ok(r) =
+            tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await
+        {
+            let (n, from) = r.expect("recv");
+            return (buf[..n].to_vec(), from);
+        }
+        assert!(
+            start.elapsed() < within,
+            "no answer to {rrq:?} within {within:?}"
+        );
+    }
+}
+
+/// Acknowledges `first` (an OACK or DATA 1 from `from`) and the DATA blocks that follow
+/// until the short one; the file's bytes.
+async fn receive(sock: &UdpSocket, from: SocketAddr, first: Vec<u8>, blksize: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut packet = first;
+    loop {
+        let block = match packet[..2] {
+            [0, 6] => [0, 0],
+            [0, 3] => {
+                got.extend_from_slice(&packet[4..]);
+                [packet[2], packet[3]]
+            }
+            _ => panic!("unexpected packet {packet:?}"),
+        };
+        sock.send_to(&[0, 4, block[0], block[1]], from)
+            .await
+            .expect("ack");
+        if packet[..2] == [0, 3] && packet.len() < 4 + blksize {
+            return got;
+        }
+        let mut buf = vec![0u8; blksize + 4];
+        let (n, sender) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+            .await
+            .expect("the next block within 5 s")
+            .expect("recv");
+        assert_eq!(sender, from, "one transfer, one port");
+        buf.truncate(n);
+        packet = buf;
+    }
+}
+
+async fn a_client_asks_again_at_once_after_an_abort_or_a_refusal(driver: TftpDriver) {
+    let srv = Server::start("again", TftpConfig::default(), driver).await;
+    let want = data(10_000, 12);
+    srv.put("f.bin", &want);
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    // EDK2's tsize probe: OACK, then ERROR 8 from the client ...
+    let probe = b"\0\x01f.bin\0octet\0tsize\x000\0blksize\x001432\0";
+    let (oack, probed) = request(&sock, srv.addr, probe, Duration::from_secs(2)).await;
+    assert_eq!(oack[..2], [0, 6], "OACK");
+    sock.send_to(b"\0\x05\0\x08probe done\0", probed)
+        .await
+        .expect("error 8");
+    // ... and at once the real request from the same port, with other options: served
+    // well within the 5 s a completed transfer absorbs copies of its request.
+    let fetch = b"\0\x01f.bin\0octet\0blksize\x001432\0";
+    let (first, from) = request(&sock, srv.addr, fetch, Duration::from_secs(2)).await;
+    assert_ne!(from, probed, "a new transfer");
+    assert_eq!(receive(&sock, from, first, 1432).await, want);
+    // A file that is missing, then there: the same request again is served.
+    let late = b"\0\x01late.bin\0octet\0";
+    let (refused, _) = request(&sock, srv.addr, late, Duration::from_secs(2)).await;
+    assert_eq!(refused[..4], [0, 5, 0, 1], "ERROR 1");
+    srv.put("late.bin", b"here now");
+    let (first, from) = request(&sock, srv.addr, late, Duration::from_secs(2)).await;
+    assert_eq!(receive(&sock, from, first, 512).await, b"here now");
+    let st = &srv.tftp.stats;
+    assert_eq!(st.started.load(Ordering::Relaxed), 4);
+    srv.stop().await;
+}
+
 /// curl's TFTP client arguments: tsize, `blksize` and timeout, as iPXE asks.
 fn curl_args(srv: &Server, file: &str, out: &Path, blksize: u32) -> Vec<String> {
     vec![
@@ -804,6 +890,7 @@ with_both_drivers!(
     block_numbers_roll_over_past_65535,
     the_jail_holds_and_errors_reveal_no_paths,
     a_retransmitted_rrq_does_not_start_a_second_transfer,
+    a_client_asks_again_at_once_after_an_abort_or_a_refusal,
     files_too_large_for_the_cache_are_read_by_the_driver,
     a_vanished_client_ends_the_transfer_at_once,
     concurrent_clients_all_get_exact_files,

@@ -890,7 +890,8 @@ impl Tftp {
 
     /// Records the end of the transfer to `peer` (admitted by [`Tftp::handle_request`]).
     pub(crate) fn finished(&self, now: Instant, peer: SocketAddr, outcome: Outcome) {
-        self.admission().finished(now, peer);
+        let completed = matches!(outcome, Outcome::Event(Event::Done(_)));
+        self.admission().finished(now, peer, completed);
         let (state, summary, detail) = match outcome {
             Outcome::Event(Event::Done(s)) => (TransferState::Done, s, None),
             Outcome::Event(Event::Failed(why, s)) => {
