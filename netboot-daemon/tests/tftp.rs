@@ -793,6 +793,30 @@ async fn mac_directories_and_the_generated_script(driver: TftpDriver) {
         Some(true)
     );
     same(&o, &own);
+    // Whatever spelling of its MAC the client uses: the directory is also found under its
+    // documented name, `aa-bb-cc-dd-ee-ff` in lower case.
+    let other = data(6000, 23);
+    std::fs::create_dir_all(srv.root.join("srv/52-54-00-ab-cd-ef")).expect("mkdir");
+    srv.put("52-54-00-ab-cd-ef/ipxe.efi", &other);
+    for name in [
+        "52-54-00-AB-CD-EF/ipxe.efi",
+        "01-52-54-00-ab-cd-ef/ipxe.efi",
+        "525400ABCDEF/ipxe.efi",
+        "525400abcdef\\ipxe.efi",
+    ] {
+        let o = srv.out("other.out");
+        assert_eq!(hpa_get(&srv, name, &o).await, Some(true), "{name}");
+        same(&o, &other);
+    }
+    // Colons too (curl: tftp-hpa reads `get a:b` as host `a`, file `b`).
+    let o = srv.out("other-colons.out");
+    let (ok, log) = client(
+        "curl",
+        curl_args(&srv, "52:54:00:AB:CD:EF/ipxe.efi", &o, 512),
+    )
+    .await;
+    assert!(ok, "{log}");
+    same(&o, &other);
     // The generated script, plain and under a MAC directory.
     for name in ["boot.ipxe", "52-54-00-12-34-56/boot.ipxe"] {
         let o = srv.out("boot.out");
@@ -815,12 +839,12 @@ async fn mac_directories_and_the_generated_script(driver: TftpDriver) {
     // Every transfer has ended once its record arrives (a client may exit before the
     // server has seen its last ACK).
     let mut recent = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..13 {
         recent.push(next_record(&mut records).await);
     }
     assert_eq!(
         recent.iter().filter(|r| r.state.as_str() == "done").count(),
-        6
+        11
     );
     assert_eq!(
         recent

@@ -461,6 +461,12 @@ pub fn split_mac_dir(path: &str) -> Option<(MacAddr, &str)> {
     (!rest.is_empty()).then_some((mac, rest))
 }
 
+/// `rest` under `mac`'s directory, by the directory's documented name:
+/// `aa-bb-cc-dd-ee-ff/rest`.
+pub fn mac_path(mac: MacAddr, rest: &str) -> String {
+    format!("{}/{rest}", mac.to_hexhyp())
+}
+
 /// The TFTP service.
 pub struct Tftp {
     /// The served directory, canonical (resolved once, not per request).
@@ -786,12 +792,19 @@ impl Tftp {
         if let (Some((mac, _)), Some(b)) = (mac_dir, &self.bindings) {
             b.learn(peer.ip(), mac, BindingSource::Tftp, Timestamp::now());
         }
-        // The path as asked (a per-device file under <root>/<mac>/), else without the
-        // MAC directory, else a generated file.
+        // The path as asked (a per-device file under <root>/<mac>/), else under the MAC
+        // directory's documented name (`aa-bb-cc-dd-ee-ff`, whatever spelling the client
+        // used), else without the MAC directory, else a generated file.
         let mut found = match &rel {
             Ok(rel) => self.resolve(rel),
             Err(_) => Err(OpenError::Denied),
         };
+        if let (Err(OpenError::NotFound), Some((mac, rest)), Ok(rel)) = (&found, mac_dir, &rel) {
+            let canonical = mac_path(mac, rest);
+            if canonical != *rel {
+                found = self.resolve(&canonical);
+            }
+        }
         if let (Err(OpenError::NotFound), Some((_, rest))) = (&found, mac_dir) {
             found = self.resolve(rest);
         }
@@ -1062,6 +1075,10 @@ mod tests {
         assert_eq!(
             split_mac_dir("52-54-00-aa-bb-cc/efi/boot.ipxe"),
             Some((mac, "efi/boot.ipxe"))
+        );
+        assert_eq!(
+            mac_path(mac, "efi/ipxe.efi"),
+            "52-54-00-aa-bb-cc/efi/ipxe.efi"
         );
         for path in [
             "ipxe.efi",
