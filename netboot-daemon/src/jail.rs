@@ -1,5 +1,6 @@
 //! Path jail: resolves a client-supplied relative path inside a root directory, so that
 //! nothing escapes it: not `..`, not absolute paths, not symlinks pointing outside.
+//! [`normalise_rooted`] reads an absolute TFTP path as one inside the root instead.
 //! Errors never reveal server paths.
 
 use std::path::{Component, Path, PathBuf};
@@ -44,6 +45,47 @@ pub fn normalise(raw: &str) -> Result<String, JailError> {
         return Err(JailError::NotRelative);
     }
     Ok(parts.join("/"))
+}
+
+/// A client path that may be absolute, made relative to the root (TFTP: configurations
+/// written for tftpd-hpa or dnsmasq, and GRUB, whose prefix is `/boot/grub`, ask for
+/// `/boot/grub/x86_64-efi/normal.mod` or, as tftpd-hpa without `-s` reads them, for
+/// `/srv/tftp/pxelinux.0`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rooted {
+    /// The path relative to the root, [`normalise`]d.
+    pub rel: String,
+    /// Whether the client wrote an absolute path. Such a path that names no file in the
+    /// root is refused as one outside it, not reported missing.
+    pub absolute: bool,
+}
+
+/// Normalises a client path like [`normalise`], but reads a leading `/` (or `\`) as the
+/// root: the path is made relative by removing one of `roots` (the root's own absolute
+/// path, as configured and canonical) when it starts with it, else the leading
+/// separators. `..` stays refused, also right after the root's path.
+pub fn normalise_rooted(raw: &str, roots: &[&Path]) -> Result<Rooted, JailError> {
+    if raw.contains('\0') {
+        return Err(JailError::NotRelative);
+    }
+    let unified = raw.replace('\\', "/");
+    if !unified.starts_with('/') {
+        return normalise(&unified).map(|rel| Rooted {
+            rel,
+            absolute: false,
+        });
+    }
+    // Component by component: `/srv/tftpx/a` does not start with `/srv/tftp`.
+    let inside = roots
+        .iter()
+        .filter(|r| r.is_absolute())
+        .find_map(|r| Path::new(&unified).strip_prefix(r).ok())
+        .and_then(Path::to_str)
+        .unwrap_or(&unified);
+    normalise(inside.trim_start_matches('/')).map(|rel| Rooted {
+        rel,
+        absolute: true,
+    })
 }
 
 /// Resolves `raw` inside `root` to an existing path, following symlinks only while they
@@ -119,6 +161,55 @@ mod tests {
     }
 
     #[test]
+    fn absolute_paths_are_read_from_the_root() {
+        let root = Path::new("/srv/tftp");
+        let canonical = Path::new("/data/tftp");
+        let rooted = |raw| normalise_rooted(raw, &[root, canonical]);
+        let abs = |rel: &str| {
+            Ok(Rooted {
+                rel: rel.into(),
+                absolute: true,
+            })
+        };
+        assert_eq!(
+            rooted("boot\\bcd"),
+            Ok(Rooted {
+                rel: "boot/bcd".into(),
+                absolute: false
+            })
+        );
+        assert_eq!(
+            rooted("/boot/grub/x86_64-efi/normal.mod"),
+            abs("boot/grub/x86_64-efi/normal.mod")
+        );
+        assert_eq!(rooted("/srv/tftp/pxelinux.0"), abs("pxelinux.0"));
+        assert_eq!(rooted("/data/tftp/pxelinux.0"), abs("pxelinux.0"));
+        assert_eq!(rooted("//srv//tftp/./a"), abs("a"));
+        assert_eq!(rooted("\\Boot\\BCD"), abs("Boot/BCD"));
+        assert_eq!(rooted("/srv/tftpx/a"), abs("srv/tftpx/a"));
+        assert_eq!(
+            rooted("/etc/passwd"),
+            abs("etc/passwd"),
+            "inside the root, where it is not: refused by the caller"
+        );
+        for bad in [
+            "/",
+            "/srv/tftp",
+            "/../etc/passwd",
+            "/srv/tftp/../secret",
+            "/srv/tftp/a/../../b",
+            "/a\0b",
+        ] {
+            assert_eq!(rooted(bad), Err(JailError::NotRelative), "{bad:?}");
+        }
+        assert_eq!(
+            normalise_rooted("/srv/tftp/x", &[Path::new("srv/tftp")]),
+            abs("srv/tftp/x"),
+            "a relative root is no prefix"
+        );
+    }
+
+    #[test]
     fn symlinks_out_of_the_root_are_refused() {
         let dir = std::env::temp_dir().join(format!("netboot-jail-{}", std::process::id()));
         let root = dir.join("root");
@@ -141,6 +232,14 @@ mod tests {
                 proptest::prop_assert!(!p.starts_with('/'));
                 proptest::prop_assert!(p.split('/').all(|c| !c.is_empty() && c != ".." && c != "."));
                 proptest::prop_assert_eq!(normalise(&p), Ok(p.clone()), "idempotent");
+            }
+        }
+
+        #[test]
+        fn rooted_paths_never_escape(raw in "[a-z./\\\\:]{0,30}") {
+            if let Ok(r) = normalise_rooted(&raw, &[Path::new("/a/b")]) {
+                proptest::prop_assert!(!r.rel.starts_with('/'));
+                proptest::prop_assert!(r.rel.split('/').all(|c| !c.is_empty() && c != ".." && c != "."));
             }
         }
     }

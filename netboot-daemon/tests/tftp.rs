@@ -221,11 +221,29 @@ async fn the_jail_holds_and_errors_reveal_no_paths(driver: TftpDriver) {
         .expect("symlink");
     srv.put("sub/inside.bin", b"inside");
     let url = |p: &str| format!("tftp://{}/{p}", srv.addr);
+    // The root's own absolute path, as a configuration written for tftpd-hpa without
+    // `-s` names files.
+    let abs = srv.root.join("srv").display().to_string();
     for (path, says) in [
         ("escape", "error code 2: access violation"),
         ("../secret", "error code 2: access violation"),
-        ("/etc/hostname", "error code 2: access violation"),
         ("missing.bin", "error code 1: file not found"),
+        // An absolute path is read from the root; one that names no file there is
+        // refused as outside it, whatever it names on the server.
+        ("/etc/hostname", "error code 2: access violation"),
+        ("/missing.bin", "error code 2: access violation"),
+        ("/escape", "error code 2: access violation"),
+        ("/../secret", "error code 2: access violation"),
+        ("/sub/../../secret", "error code 2: access violation"),
+        (
+            &format!("{abs}/../secret"),
+            "error code 2: access violation",
+        ),
+        (&format!("{abs}/escape"), "error code 2: access violation"),
+        (
+            &srv.root.join("secret").display().to_string(),
+            "error code 2: access violation",
+        ),
     ] {
         let o = srv.out("x");
         let (_, log) = client("tftp", hpa_args(&srv, Some("binary"), path, &o)).await;
@@ -248,15 +266,21 @@ async fn the_jail_holds_and_errors_reveal_no_paths(driver: TftpDriver) {
     )
     .await;
     assert!(!ok);
-    // Windows-style separators reach files in subdirectories.
-    let o = srv.out("inside.out");
-    let (ok, log) = client(
-        "tftp",
-        hpa_args(&srv, Some("binary"), "sub\\inside.bin", &o),
-    )
-    .await;
-    assert!(ok, "{log}");
-    same_unless_skipped(&log, &o, b"inside");
+    // Windows-style separators reach files in subdirectories, and absolute paths inside
+    // the root (GRUB's `/boot/grub/...`, tftpd-hpa's `/srv/tftp/...`) are served.
+    for path in [
+        "sub\\inside.bin",
+        "/sub/inside.bin",
+        "\\sub\\inside.bin",
+        "//sub/./inside.bin",
+        &format!("{abs}/sub/inside.bin"),
+    ] {
+        let o = srv.out("inside.out");
+        let _ = std::fs::remove_file(&o);
+        let (ok, log) = client("tftp", hpa_args(&srv, Some("binary"), path, &o)).await;
+        assert!(ok, "{path}: {log}");
+        same_unless_skipped(&log, &o, b"inside");
+    }
     // Writes are refused.
     std::fs::write(srv.out("up.bin"), b"upload").expect("write");
     let (_, log) = client(

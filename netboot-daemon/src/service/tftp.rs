@@ -471,6 +471,8 @@ pub fn mac_path(mac: MacAddr, rest: &str) -> String {
 pub struct Tftp {
     /// The served directory, canonical (resolved once, not per request).
     root: PathBuf,
+    /// The served directory as configured: clients may name files by it (`/srv/tftp/..`).
+    configured_root: PathBuf,
     core: transfer::Config,
     admission: Mutex<Server>,
     cache: Arc<FileCache>,
@@ -512,7 +514,8 @@ impl Tftp {
         Self {
             // Created before the service starts; if it is not there yet, requests fail
             // with "file not found" until it is, as before.
-            root: root.canonicalize().unwrap_or(root),
+            root: root.canonicalize().unwrap_or_else(|_| root.clone()),
+            configured_root: root,
             core,
             admission: Mutex::new(Server::new(limits)),
             cache: Arc::new(FileCache {
@@ -787,7 +790,10 @@ impl Tftp {
         local: Option<SocketAddr>,
         filename: &str,
     ) -> Result<Opened, Vec<u8>> {
-        let rel = jail::normalise(filename);
+        // An absolute path is read from the root (GRUB, configurations for tftpd-hpa).
+        let rooted = jail::normalise_rooted(filename, &[&self.root, &self.configured_root]);
+        let absolute = rooted.as_ref().is_ok_and(|r| r.absolute);
+        let rel = rooted.map(|r| r.rel);
         let mac_dir = rel.as_deref().ok().and_then(split_mac_dir);
         if let (Some((mac, _)), Some(b)) = (mac_dir, &self.bindings) {
             b.learn(peer.ip(), mac, BindingSource::Tftp, Timestamp::now());
@@ -831,6 +837,11 @@ impl Tftp {
         let (path, file, meta) = found.map_err(|e| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             let (code, msg) = match e {
+                // An absolute path that names no file in the root may name one outside
+                // it: refused as such, whether or not it exists there.
+                OpenError::NotFound if absolute => {
+                    (ErrorCode::ACCESS_VIOLATION, "access violation")
+                }
                 OpenError::NotFound => (ErrorCode::FILE_NOT_FOUND, "file not found"),
                 OpenError::Denied => (ErrorCode::ACCESS_VIOLATION, "access violation"),
             };
