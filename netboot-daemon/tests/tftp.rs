@@ -423,6 +423,59 @@ async fn a_client_asks_again_at_once_after_an_abort_or_a_refusal(driver: TftpDri
     srv.stop().await;
 }
 
+/// Opens `fifo` for writing without blocking, which lets a reader stuck in `open(2)` go
+/// on (and fails harmlessly when there is none).
+fn release_fifo(fifo: &Path) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo);
+}
+
+async fn a_fifo_in_the_root_is_refused_and_stalls_nothing(driver: TftpDriver) {
+    let srv = Server::start("fifo", TftpConfig::default(), driver).await;
+    let want = data(50_000, 13);
+    srv.put("f.bin", &want);
+    let fifo = srv.root.join("srv/fifo");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo");
+    // A request for the FIFO (opening it for reading waits for a writer, unless done
+    // without blocking) ...
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    sock.send_to(b"\0\x01fifo\0octet\0", srv.addr)
+        .await
+        .expect("send");
+    let mut buf = [0u8; 600];
+    let answer = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await;
+    // ... while another client fetches a file.
+    let o = srv.out("f.out");
+    let mut args = curl_args(&srv, "f.bin", &o, 1432);
+    args.extend([s("--max-time"), s(5)]);
+    let fetched = tokio::time::timeout(Duration::from_secs(10), client("curl", args)).await;
+    // Whatever happened, nothing may stay stuck in open(2), or the server cannot stop.
+    release_fifo(&fifo);
+    let (n, from) = answer
+        .expect("an answer to the FIFO's request within 2 s")
+        .expect("recv");
+    assert_eq!(from, srv.addr, "refused from the listening port");
+    assert_eq!(buf[..4], [0, 5, 0, 2], "ERROR 2: {:?}", &buf[..n]);
+    let msg = String::from_utf8_lossy(&buf[4..n]);
+    assert!(msg.contains("not a regular file"), "{msg}");
+    assert!(!msg.contains(&*srv.root.to_string_lossy()), "{msg}");
+    let (ok, log) = fetched.expect("the other fetch within 10 s");
+    assert!(ok, "{log}");
+    same(&o, &want);
+    // A directory is not a file either.
+    let sub = b"\0\x01sub\0octet\0";
+    let (refused, _) = request(&sock, srv.addr, sub, Duration::from_secs(2)).await;
+    assert_eq!(refused[..4], [0, 5, 0, 2], "ERROR 2 for a directory");
+    srv.stop().await;
+}
+
 /// curl's TFTP client arguments: tsize, `blksize` and timeout, as iPXE asks.
 fn curl_args(srv: &Server, file: &str, out: &Path, blksize: u32) -> Vec<String> {
     vec![
@@ -939,6 +992,7 @@ with_both_drivers!(
     the_jail_holds_and_errors_reveal_no_paths,
     a_retransmitted_rrq_does_not_start_a_second_transfer,
     a_client_asks_again_at_once_after_an_abort_or_a_refusal,
+    a_fifo_in_the_root_is_refused_and_stalls_nothing,
     files_too_large_for_the_cache_are_read_by_the_driver,
     a_vanished_client_ends_the_transfer_at_once,
     concurrent_clients_all_get_exact_files,

@@ -844,6 +844,7 @@ impl Tftp {
                 }
                 OpenError::NotFound => (ErrorCode::FILE_NOT_FOUND, "file not found"),
                 OpenError::Denied => (ErrorCode::ACCESS_VIOLATION, "access violation"),
+                OpenError::NotAFile => (ErrorCode::ACCESS_VIOLATION, "not a regular file"),
             };
             if let Some((r, _)) = self.transfers().active.get_mut(&peer) {
                 r.detail = Some(msg.to_owned());
@@ -1028,12 +1029,15 @@ pub(crate) fn transfer_ip(listener: SocketAddr) -> IpAddr {
 enum OpenError {
     NotFound,
     Denied,
+    /// A directory, a FIFO, a device: never served.
+    NotAFile,
 }
 
 impl From<JailError> for OpenError {
     fn from(e: JailError) -> Self {
         match e {
             JailError::NotFound => Self::NotFound,
+            JailError::NotAFile => Self::NotAFile,
             _ => Self::Denied,
         }
     }
