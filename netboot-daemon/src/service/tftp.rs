@@ -504,6 +504,7 @@ impl Tftp {
             max_windowsize: cfg.max_windowsize,
             default_timeout: Duration::from_millis(u64::from(cfg.timeout_ms)),
             max_retries: cfg.max_retries,
+            max_idle: Duration::from_secs(u64::from(cfg.max_idle_secs)),
             ..transfer::Config::default()
         };
         let limits = Limits {

@@ -41,6 +41,9 @@ pub struct Config {
     pub default_timeout: Duration,
     /// Retransmissions of one window before the transfer is abandoned.
     pub max_retries: u32,
+    /// The longest a transfer waits for its client to acknowledge something, whatever
+    /// timeout it negotiated (255 s with backoff and retries would be over two hours).
+    pub max_idle: Duration,
     /// Bytes fetched per file read (at least one window is always fetched).
     pub read_chunk: usize,
 }
@@ -52,6 +55,7 @@ impl Default for Config {
             max_windowsize: 64,
             default_timeout: Duration::from_secs(1),
             max_retries: 5,
+            max_idle: Duration::from_secs(120),
             read_chunk: 256 * 1024,
         }
     }
@@ -188,6 +192,7 @@ pub struct Transfer {
     window: u64,
     base_rto: Duration,
     max_retries: u32,
+    max_idle: Duration,
     read_chunk: usize,
     netascii: bool,
     oack: Option<Bytes>,
@@ -212,6 +217,9 @@ pub struct Transfer {
     retries: u32,
     rto: Duration,
     deadline: Option<Instant>,
+    // When the transfer began to wait for the client (its first packet since the client
+    // last acknowledged something); None while it is not waiting.
+    waiting_since: Option<Instant>,
     summary: Summary,
     error_out: Option<Bytes>,
     events: VecDeque<Event>,
@@ -297,6 +305,7 @@ impl Transfer {
             window: u64::from(neg.windowsize.max(1)),
             base_rto: neg.timeout,
             max_retries: cfg.max_retries,
+            max_idle: cfg.max_idle,
             read_chunk: cfg.read_chunk,
             netascii: mode == Mode::Netascii,
             oack,
@@ -315,6 +324,7 @@ impl Transfer {
             retries: 0,
             rto: neg.timeout,
             deadline: None,
+            waiting_since: None,
             summary: Summary::default(),
             error_out: None,
             events: VecDeque::new(),
@@ -403,6 +413,7 @@ impl Transfer {
                 self.retries = 0;
                 self.rto = self.base_rto;
                 self.deadline = None;
+                self.waiting_since = None;
             }
             return;
         }
@@ -434,6 +445,7 @@ impl Transfer {
         self.retries = 0;
         self.rto = self.base_rto;
         self.deadline = None;
+        self.waiting_since = None;
         if self.last_block() == Some(acked) {
             self.finish(None);
             return;
@@ -559,7 +571,10 @@ impl Transfer {
         }
         self.deadline = None;
         self.retries += 1;
-        if self.retries > self.max_retries {
+        let idle_over = self
+            .waiting_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= self.max_idle);
+        if self.retries > self.max_retries || idle_over {
             self.fail_with_error(Failure::TimedOut, ErrorCode::UNDEFINED, "timed out");
             return;
         }
@@ -627,7 +642,7 @@ impl Transfer {
                 self.oack_sent = true;
                 self.summary.sent_bytes += oack.len() as u64;
                 self.summary.sent_datagrams += 1;
-                self.deadline = Some(now + self.rto);
+                self.arm(now);
                 Some(Datagram::whole(oack))
             }
             State::Sending => {
@@ -637,7 +652,7 @@ impl Transfer {
                     // Blocks in flight and nothing more to send (an ACK moved the window
                     // without a rewind): wait for the rest, not forever.
                     if self.next > self.base && self.deadline.is_none() {
-                        self.deadline = Some(now + self.rto);
+                        self.arm(now);
                     }
                     return None;
                 }
@@ -656,11 +671,18 @@ impl Transfer {
                 self.summary.sent_bytes += d.len() as u64;
                 self.summary.sent_datagrams += 1;
                 if self.next >= window_end || last.is_some_and(|l| self.next > l) {
-                    self.deadline = Some(now + self.rto);
+                    self.arm(now);
                 }
                 Some(d)
             }
         }
+    }
+
+    /// Arms the retransmission timer: `rto` from now, but never past `max_idle` since the
+    /// transfer began to wait for its client.
+    fn arm(&mut self, now: Instant) {
+        let since = *self.waiting_since.get_or_insert(now);
+        self.deadline = Some((now + self.rto).min(since + self.max_idle));
     }
 
     /// When [`Transfer::handle_timeout`] must be called next.

@@ -588,6 +588,79 @@ fn a_silent_client_times_out_after_the_retry_limit() {
     assert!(t.is_closed());
 }
 
+/// Runs `t` against a client that never answers; the time from `t0` to its end, and how
+/// it ended.
+fn silent_client(t: &mut Transfer, t0: Instant) -> (Duration, Event) {
+    let mut buf = vec![0u8; t.buffer_len()];
+    let mut now = t0;
+    loop {
+        if let Some(r) = t.poll_read() {
+            t.handle_read(Ok(vec![1u8; r.len].into()));
+        }
+        while t.poll_transmit(now, &mut buf).is_some() {}
+        if let Some(ev) = t.poll_event() {
+            return (now - t0, ev);
+        }
+        now = t.poll_timeout().expect("armed");
+        t.handle_timeout(now);
+    }
+}
+
+#[test]
+fn no_transfer_waits_for_its_client_longer_than_the_idle_cap() {
+    // timeout 255 with backoff to 8 × 255 s and 5 retries would keep the transfer for
+    // 255 + 510 + 1020 + 2040 × 3 s, more than two hours.
+    let t0 = Instant::now();
+    let cfg = Config {
+        max_idle: Duration::from_secs(120),
+        ..Config::default()
+    };
+    let mut rq = vec![0u8; 100];
+    let n = emit_request(&mut rq, Opcode::RRQ, "f", "octet", &[("timeout", "255")]).expect("fits");
+    let Ok(Packet::Rrq(req)) = Packet::parse(&rq[..n]) else {
+        panic!("rrq")
+    };
+    let neg = negotiate(&req, &cfg, Some(100_000));
+    assert_eq!(neg.timeout, Duration::from_secs(255));
+    let mut t = Transfer::new(&neg, Mode::Octet, 100_000, &cfg);
+    let (waited, ev) = silent_client(&mut t, t0);
+    assert!(matches!(ev, Event::Failed(Failure::TimedOut, _)), "{ev:?}");
+    assert_eq!(waited, cfg.max_idle, "abandoned at the cap");
+    // With a short timeout the retries run out first, as before.
+    let neg = without_options(512, 4);
+    let mut t = Transfer::new(&neg, Mode::Octet, 100_000, &cfg);
+    let (waited, _) = silent_client(&mut t, t0);
+    assert_eq!(waited, Duration::from_secs(1 + 2 + 4 + 8 + 8 + 8));
+    // The cap is on waiting, not on the transfer: a slow client that answers each block
+    // after 100 s (within its 255 s timeout) gets the whole file.
+    let neg = Negotiated {
+        timeout: Duration::from_secs(255),
+        ..without_options(512, 1)
+    };
+    let f = file(2000);
+    let mut t = Transfer::new(&neg, Mode::Octet, f.len() as u64, &cfg);
+    let mut buf = [0u8; 516];
+    let mut now = t0;
+    let mut got = Vec::new();
+    let done = loop {
+        while let Some(r) = t.poll_read() {
+            let start = usize::try_from(r.offset).expect("offset");
+            let end = (start + r.len).min(f.len());
+            t.handle_read(Ok(Bytes::copy_from_slice(&f[start..end])));
+        }
+        let n = t.poll_transmit(now, &mut buf).expect("DATA");
+        got.extend_from_slice(&buf[4..n]);
+        now += Duration::from_secs(100);
+        t.handle_timeout(now);
+        t.handle_datagram(&[0, 4, buf[2], buf[3]]);
+        if let Some(ev) = t.poll_event() {
+            break ev;
+        }
+    };
+    assert!(matches!(done, Event::Done(_)), "{done:?}");
+    assert_eq!(got, f);
+}
+
 #[test]
 fn a_file_that_shrinks_aborts_with_an_error() {
     let t0 = Instant::now();
