@@ -532,6 +532,10 @@ pub struct TftpConfig {
     pub timeout_ms: u32,
     /// Retransmissions of a window before a transfer is abandoned.
     pub max_retries: u32,
+    /// Seconds a transfer waits at most for its client to acknowledge something before it
+    /// is abandoned, whatever timeout the client negotiated (RFC 2349 allows 255 s, which
+    /// with backoff and retries would keep a dead transfer for hours).
+    pub max_idle_secs: u32,
     /// Transfers at once.
     pub max_sessions: usize,
     /// Transfers at once from one client address.
@@ -581,6 +585,7 @@ impl Default for TftpConfig {
             max_windowsize: 64,
             timeout_ms: 1000,
             max_retries: 5,
+            max_idle_secs: 120,
             max_sessions: 2000,
             per_client: 8,
             case_insensitive: false,
@@ -995,11 +1000,16 @@ impl Config {
                 why: "must be 8 to 65464 (RFC 2348)".into(),
             });
         }
-        if self.tftp.max_windowsize == 0 || self.tftp.timeout_ms == 0 || self.tftp.max_sessions == 0
+        if self.tftp.max_windowsize == 0
+            || self.tftp.timeout_ms == 0
+            || self.tftp.max_sessions == 0
+            || self.tftp.max_idle_secs == 0
         {
             return Err(ConfigError::Invalid {
                 field: "tftp",
-                why: "max_windowsize, timeout_ms and max_sessions must be at least 1".into(),
+                why:
+                    "max_windowsize, timeout_ms, max_idle_secs and max_sessions must be at least 1"
+                        .into(),
             });
         }
         for (field, us) in [

@@ -42,6 +42,12 @@ impl MacAddr {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// Lower-case hex digits with hyphens, `aa-bb-cc-dd-ee-ff`, as iPXE's
+    /// `${mac:hexhyp}`: the name of a device's directories (TFTP, logs).
+    pub fn to_hexhyp(self) -> String {
+        self.to_string().replace(':', "-")
+    }
+
     /// True for a group (multicast or broadcast) address.
     pub const fn is_multicast(self) -> bool {
         self.0[0] & 1 == 1

@@ -221,11 +221,29 @@ async fn the_jail_holds_and_errors_reveal_no_paths(driver: TftpDriver) {
         .expect("symlink");
     srv.put("sub/inside.bin", b"inside");
     let url = |p: &str| format!("tftp://{}/{p}", srv.addr);
+    // The root's own absolute path, as a configuration written for tftpd-hpa without
+    // `-s` names files.
+    let abs = srv.root.join("srv").display().to_string();
     for (path, says) in [
         ("escape", "error code 2: access violation"),
         ("../secret", "error code 2: access violation"),
-        ("/etc/hostname", "error code 2: access violation"),
         ("missing.bin", "error code 1: file not found"),
+        // An absolute path is read from the root; one that names no file there is
+        // refused as outside it, whatever it names on the server.
+        ("/etc/hostname", "error code 2: access violation"),
+        ("/missing.bin", "error code 2: access violation"),
+        ("/escape", "error code 2: access violation"),
+        ("/../secret", "error code 2: access violation"),
+        ("/sub/../../secret", "error code 2: access violation"),
+        (
+            &format!("{abs}/../secret"),
+            "error code 2: access violation",
+        ),
+        (&format!("{abs}/escape"), "error code 2: access violation"),
+        (
+            &srv.root.join("secret").display().to_string(),
+            "error code 2: access violation",
+        ),
     ] {
         let o = srv.out("x");
         let (_, log) = client("tftp", hpa_args(&srv, Some("binary"), path, &o)).await;
@@ -248,15 +266,21 @@ async fn the_jail_holds_and_errors_reveal_no_paths(driver: TftpDriver) {
     )
     .await;
     assert!(!ok);
-    // Windows-style separators reach files in subdirectories.
-    let o = srv.out("inside.out");
-    let (ok, log) = client(
-        "tftp",
-        hpa_args(&srv, Some("binary"), "sub\\inside.bin", &o),
-    )
-    .await;
-    assert!(ok, "{log}");
-    same_unless_skipped(&log, &o, b"inside");
+    // Windows-style separators reach files in subdirectories, and absolute paths inside
+    // the root (GRUB's `/boot/grub/...`, tftpd-hpa's `/srv/tftp/...`) are served.
+    for path in [
+        "sub\\inside.bin",
+        "/sub/inside.bin",
+        "\\sub\\inside.bin",
+        "//sub/./inside.bin",
+        &format!("{abs}/sub/inside.bin"),
+    ] {
+        let o = srv.out("inside.out");
+        let _ = std::fs::remove_file(&o);
+        let (ok, log) = client("tftp", hpa_args(&srv, Some("binary"), path, &o)).await;
+        assert!(ok, "{path}: {log}");
+        same_unless_skipped(&log, &o, b"inside");
+    }
     // Writes are refused.
     std::fs::write(srv.out("up.bin"), b"upload").expect("write");
     let (_, log) = client(
@@ -310,6 +334,145 @@ async fn a_retransmitted_rrq_does_not_start_a_second_transfer(driver: TftpDriver
     let st = &srv.tftp.stats;
     assert_eq!(st.started.load(Ordering::Relaxed), 1);
     assert_eq!(st.dropped.load(Ordering::Relaxed), 2);
+    srv.stop().await;
+}
+
+/// Sends `rrq` from `sock` to `server` every 200 ms, as clients retransmit their
+/// requests, until an answer comes; fails after `within`. The answer and its sender.
+async fn request(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    rrq: &[u8],
+    within: Duration,
+) -> (Vec<u8>, SocketAddr) {
+    let start = Instant::now();
+    let mut buf = [0u8; 1600];
+    loop {
+        sock.send_to(rrq, server).await.expect("send");
+        if let Ok(r) =
+            tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await
+        {
+            let (n, from) = r.expect("recv");
+            return (buf[..n].to_vec(), from);
+        }
+        assert!(
+            start.elapsed() < within,
+            "no answer to {rrq:?} within {within:?}"
+        );
+    }
+}
+
+/// Acknowledges `first` (an OACK or DATA 1 from `from`) and the DATA blocks that follow
+/// until the short one; the file's bytes.
+async fn receive(sock: &UdpSocket, from: SocketAddr, first: Vec<u8>, blksize: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut packet = first;
+    loop {
+        let block = match packet[..2] {
+            [0, 6] => [0, 0],
+            [0, 3] => {
+                got.extend_from_slice(&packet[4..]);
+                [packet[2], packet[3]]
+            }
+            _ => panic!("unexpected packet {packet:?}"),
+        };
+        sock.send_to(&[0, 4, block[0], block[1]], from)
+            .await
+            .expect("ack");
+        if packet[..2] == [0, 3] && packet.len() < 4 + blksize {
+            return got;
+        }
+        let mut buf = vec![0u8; blksize + 4];
+        let (n, sender) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+            .await
+            .expect("the next block within 5 s")
+            .expect("recv");
+        assert_eq!(sender, from, "one transfer, one port");
+        buf.truncate(n);
+        packet = buf;
+    }
+}
+
+async fn a_client_asks_again_at_once_after_an_abort_or_a_refusal(driver: TftpDriver) {
+    let srv = Server::start("again", TftpConfig::default(), driver).await;
+    let want = data(10_000, 12);
+    srv.put("f.bin", &want);
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    // EDK2's tsize probe: OACK, then ERROR 8 from the client ...
+    let probe = b"\0\x01f.bin\0octet\0tsize\x000\0blksize\x001432\0";
+    let (oack, probed) = request(&sock, srv.addr, probe, Duration::from_secs(2)).await;
+    assert_eq!(oack[..2], [0, 6], "OACK");
+    sock.send_to(b"\0\x05\0\x08probe done\0", probed)
+        .await
+        .expect("error 8");
+    // ... and at once the real request from the same port, with other options: served
+    // well within the 5 s a completed transfer absorbs copies of its request.
+    let fetch = b"\0\x01f.bin\0octet\0blksize\x001432\0";
+    let (first, from) = request(&sock, srv.addr, fetch, Duration::from_secs(2)).await;
+    assert_ne!(from, probed, "a new transfer");
+    assert_eq!(receive(&sock, from, first, 1432).await, want);
+    // A file that is missing, then there: the same request again is served.
+    let late = b"\0\x01late.bin\0octet\0";
+    let (refused, _) = request(&sock, srv.addr, late, Duration::from_secs(2)).await;
+    assert_eq!(refused[..4], [0, 5, 0, 1], "ERROR 1");
+    srv.put("late.bin", b"here now");
+    let (first, from) = request(&sock, srv.addr, late, Duration::from_secs(2)).await;
+    assert_eq!(receive(&sock, from, first, 512).await, b"here now");
+    let st = &srv.tftp.stats;
+    assert_eq!(st.started.load(Ordering::Relaxed), 4);
+    srv.stop().await;
+}
+
+/// Opens `fifo` for writing without blocking, which lets a reader stuck in `open(2)` go
+/// on (and fails harmlessly when there is none).
+fn release_fifo(fifo: &Path) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo);
+}
+
+async fn a_fifo_in_the_root_is_refused_and_stalls_nothing(driver: TftpDriver) {
+    let srv = Server::start("fifo", TftpConfig::default(), driver).await;
+    let want = data(50_000, 13);
+    srv.put("f.bin", &want);
+    let fifo = srv.root.join("srv/fifo");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo");
+    // A request for the FIFO (opening it for reading waits for a writer, unless done
+    // without blocking) ...
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    sock.send_to(b"\0\x01fifo\0octet\0", srv.addr)
+        .await
+        .expect("send");
+    let mut buf = [0u8; 600];
+    let answer = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await;
+    // ... while another client fetches a file.
+    let o = srv.out("f.out");
+    let mut args = curl_args(&srv, "f.bin", &o, 1432);
+    args.extend([s("--max-time"), s(5)]);
+    let fetched = tokio::time::timeout(Duration::from_secs(10), client("curl", args)).await;
+    // Whatever happened, nothing may stay stuck in open(2), or the server cannot stop.
+    release_fifo(&fifo);
+    let (n, from) = answer
+        .expect("an answer to the FIFO's request within 2 s")
+        .expect("recv");
+    assert_eq!(from, srv.addr, "refused from the listening port");
+    assert_eq!(buf[..4], [0, 5, 0, 2], "ERROR 2: {:?}", &buf[..n]);
+    let msg = String::from_utf8_lossy(&buf[4..n]);
+    assert!(msg.contains("not a regular file"), "{msg}");
+    assert!(!msg.contains(&*srv.root.to_string_lossy()), "{msg}");
+    let (ok, log) = fetched.expect("the other fetch within 10 s");
+    assert!(ok, "{log}");
+    same(&o, &want);
+    // A directory is not a file either.
+    let sub = b"\0\x01sub\0octet\0";
+    let (refused, _) = request(&sock, srv.addr, sub, Duration::from_secs(2)).await;
+    assert_eq!(refused[..4], [0, 5, 0, 2], "ERROR 2 for a directory");
     srv.stop().await;
 }
 
@@ -755,6 +918,30 @@ async fn mac_directories_and_the_generated_script(driver: TftpDriver) {
         Some(true)
     );
     same(&o, &own);
+    // Whatever spelling of its MAC the client uses: the directory is also found under its
+    // documented name, `aa-bb-cc-dd-ee-ff` in lower case.
+    let other = data(6000, 23);
+    std::fs::create_dir_all(srv.root.join("srv/52-54-00-ab-cd-ef")).expect("mkdir");
+    srv.put("52-54-00-ab-cd-ef/ipxe.efi", &other);
+    for name in [
+        "52-54-00-AB-CD-EF/ipxe.efi",
+        "01-52-54-00-ab-cd-ef/ipxe.efi",
+        "525400ABCDEF/ipxe.efi",
+        "525400abcdef\\ipxe.efi",
+    ] {
+        let o = srv.out("other.out");
+        assert_eq!(hpa_get(&srv, name, &o).await, Some(true), "{name}");
+        same(&o, &other);
+    }
+    // Colons too (curl: tftp-hpa reads `get a:b` as host `a`, file `b`).
+    let o = srv.out("other-colons.out");
+    let (ok, log) = client(
+        "curl",
+        curl_args(&srv, "52:54:00:AB:CD:EF/ipxe.efi", &o, 512),
+    )
+    .await;
+    assert!(ok, "{log}");
+    same(&o, &other);
     // The generated script, plain and under a MAC directory.
     for name in ["boot.ipxe", "52-54-00-12-34-56/boot.ipxe"] {
         let o = srv.out("boot.out");
@@ -777,12 +964,12 @@ async fn mac_directories_and_the_generated_script(driver: TftpDriver) {
     // Every transfer has ended once its record arrives (a client may exit before the
     // server has seen its last ACK).
     let mut recent = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..13 {
         recent.push(next_record(&mut records).await);
     }
     assert_eq!(
         recent.iter().filter(|r| r.state.as_str() == "done").count(),
-        6
+        11
     );
     assert_eq!(
         recent
@@ -852,6 +1039,8 @@ with_both_drivers!(
     block_numbers_roll_over_past_65535,
     the_jail_holds_and_errors_reveal_no_paths,
     a_retransmitted_rrq_does_not_start_a_second_transfer,
+    a_client_asks_again_at_once_after_an_abort_or_a_refusal,
+    a_fifo_in_the_root_is_refused_and_stalls_nothing,
     files_too_large_for_the_cache_are_read_by_the_driver,
     a_vanished_client_ends_the_transfer_at_once,
     concurrent_clients_all_get_exact_files,

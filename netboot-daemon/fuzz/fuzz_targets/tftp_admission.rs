@@ -12,7 +12,7 @@ use netboot_daemon::tftp::server::{Decision, Limits, Server};
 #[derive(Debug, Arbitrary)]
 enum Input {
     Datagram { ip: u8, port: u8, data: Vec<u8> },
-    Finished { ip: u8, port: u8 },
+    Finished { ip: u8, port: u8, completed: bool },
     Advance(u16),
 }
 
@@ -29,7 +29,7 @@ fuzz_target!(|inputs: Vec<Input>| {
                     assert!(!a.filename.contains('\\'));
                 }
             }
-            Input::Finished { ip, port } => s.finished(now, peer(ip, port)),
+            Input::Finished { ip, port, completed } => s.finished(now, peer(ip, port), completed),
             Input::Advance(ms) => now += Duration::from_millis(u64::from(ms)),
         }
         assert!(s.active() <= limits.max_sessions);

@@ -417,7 +417,9 @@ async fn serve_file(
     };
     let (full, file, meta) = match opened {
         Ok(f) => f,
-        Err(JailError::NotFound) => return Err(ApiError::not_found("no such file")),
+        Err(JailError::NotFound | JailError::NotAFile) => {
+            return Err(ApiError::not_found("no such file"));
+        }
         Err(_) => return Err(ApiError::forbidden("path outside the served directory")),
     };
     let mut file = tokio::fs::File::from_std(file);

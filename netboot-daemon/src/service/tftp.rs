@@ -461,10 +461,18 @@ pub fn split_mac_dir(path: &str) -> Option<(MacAddr, &str)> {
     (!rest.is_empty()).then_some((mac, rest))
 }
 
+/// `rest` under `mac`'s directory, by the directory's documented name:
+/// `aa-bb-cc-dd-ee-ff/rest`.
+pub fn mac_path(mac: MacAddr, rest: &str) -> String {
+    format!("{}/{rest}", mac.to_hexhyp())
+}
+
 /// The TFTP service.
 pub struct Tftp {
     /// The served directory, canonical (resolved once, not per request).
     root: PathBuf,
+    /// The served directory as configured: clients may name files by it (`/srv/tftp/..`).
+    configured_root: PathBuf,
     core: transfer::Config,
     admission: Mutex<Server>,
     cache: Arc<FileCache>,
@@ -496,6 +504,7 @@ impl Tftp {
             max_windowsize: cfg.max_windowsize,
             default_timeout: Duration::from_millis(u64::from(cfg.timeout_ms)),
             max_retries: cfg.max_retries,
+            max_idle: Duration::from_secs(u64::from(cfg.max_idle_secs)),
             ..transfer::Config::default()
         };
         let limits = Limits {
@@ -506,7 +515,8 @@ impl Tftp {
         Self {
             // Created before the service starts; if it is not there yet, requests fail
             // with "file not found" until it is, as before.
-            root: root.canonicalize().unwrap_or(root),
+            root: root.canonicalize().unwrap_or_else(|_| root.clone()),
+            configured_root: root,
             core,
             admission: Mutex::new(Server::new(limits)),
             cache: Arc::new(FileCache {
@@ -781,17 +791,27 @@ impl Tftp {
         local: Option<SocketAddr>,
         filename: &str,
     ) -> Result<Opened, Vec<u8>> {
-        let rel = jail::normalise(filename);
+        // An absolute path is read from the root (GRUB, configurations for tftpd-hpa).
+        let rooted = jail::normalise_rooted(filename, &[&self.root, &self.configured_root]);
+        let absolute = rooted.as_ref().is_ok_and(|r| r.absolute);
+        let rel = rooted.map(|r| r.rel);
         let mac_dir = rel.as_deref().ok().and_then(split_mac_dir);
         if let (Some((mac, _)), Some(b)) = (mac_dir, &self.bindings) {
             b.learn(peer.ip(), mac, BindingSource::Tftp, Timestamp::now());
         }
-        // The path as asked (a per-device file under <root>/<mac>/), else without the
-        // MAC directory, else a generated file.
+        // The path as asked (a per-device file under <root>/<mac>/), else under the MAC
+        // directory's documented name (`aa-bb-cc-dd-ee-ff`, whatever spelling the client
+        // used), else without the MAC directory, else a generated file.
         let mut found = match &rel {
             Ok(rel) => self.resolve(rel),
             Err(_) => Err(OpenError::Denied),
         };
+        if let (Err(OpenError::NotFound), Some((mac, rest)), Ok(rel)) = (&found, mac_dir, &rel) {
+            let canonical = mac_path(mac, rest);
+            if canonical != *rel {
+                found = self.resolve(&canonical);
+            }
+        }
         if let (Err(OpenError::NotFound), Some((_, rest))) = (&found, mac_dir) {
             found = self.resolve(rest);
         }
@@ -818,8 +838,14 @@ impl Tftp {
         let (path, file, meta) = found.map_err(|e| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             let (code, msg) = match e {
+                // An absolute path that names no file in the root may name one outside
+                // it: refused as such, whether or not it exists there.
+                OpenError::NotFound if absolute => {
+                    (ErrorCode::ACCESS_VIOLATION, "access violation")
+                }
                 OpenError::NotFound => (ErrorCode::FILE_NOT_FOUND, "file not found"),
                 OpenError::Denied => (ErrorCode::ACCESS_VIOLATION, "access violation"),
+                OpenError::NotAFile => (ErrorCode::ACCESS_VIOLATION, "not a regular file"),
             };
             if let Some((r, _)) = self.transfers().active.get_mut(&peer) {
                 r.detail = Some(msg.to_owned());
@@ -890,7 +916,8 @@ impl Tftp {
 
     /// Records the end of the transfer to `peer` (admitted by [`Tftp::handle_request`]).
     pub(crate) fn finished(&self, now: Instant, peer: SocketAddr, outcome: Outcome) {
-        self.admission().finished(now, peer);
+        let completed = matches!(outcome, Outcome::Event(Event::Done(_)));
+        self.admission().finished(now, peer, completed);
         let (state, summary, detail) = match outcome {
             Outcome::Event(Event::Done(s)) => (TransferState::Done, s, None),
             Outcome::Event(Event::Failed(why, s)) => {
@@ -1003,12 +1030,15 @@ pub(crate) fn transfer_ip(listener: SocketAddr) -> IpAddr {
 enum OpenError {
     NotFound,
     Denied,
+    /// A directory, a FIFO, a device: never served.
+    NotAFile,
 }
 
 impl From<JailError> for OpenError {
     fn from(e: JailError) -> Self {
         match e {
             JailError::NotFound => Self::NotFound,
+            JailError::NotAFile => Self::NotAFile,
             _ => Self::Denied,
         }
     }
@@ -1061,6 +1091,10 @@ mod tests {
         assert_eq!(
             split_mac_dir("52-54-00-aa-bb-cc/efi/boot.ipxe"),
             Some((mac, "efi/boot.ipxe"))
+        );
+        assert_eq!(
+            mac_path(mac, "efi/ipxe.efi"),
+            "52-54-00-aa-bb-cc/efi/ipxe.efi"
         );
         for path in [
             "ipxe.efi",

@@ -3,9 +3,13 @@
 //! [`Server::handle_request`] turns a datagram into a [`Decision`]: start a transfer,
 //! answer with an ERROR, or drop it. It enforces the session limits, refuses writes, and
 //! keeps a retransmitted RRQ from starting a second transfer: while a transfer to a
-//! client port runs, and for a short while after it ends, an identical request from that
-//! port is dropped (every peer server starts a new transfer for each duplicate, which is
-//! how a boot storm wedges them).
+//! client port runs, and for a short while after it completed, a request from that port
+//! with the very same bytes is dropped (every peer server starts a new transfer for each
+//! duplicate, which is how a boot storm wedges them). Any other request is new: after a
+//! transfer the client aborted (a tsize probe ended with ERROR 8) or that failed (file not
+//! found, timed out), the next request from that port starts at once, whatever it asks.
+//! While a transfer to the port runs, a different request waits for its end (dropped; the
+//! client sends it again): there is one transfer per client port.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,7 +24,7 @@ pub struct Limits {
     pub max_sessions: usize,
     /// Transfers at once from one client address.
     pub per_client: usize,
-    /// How long a finished transfer still absorbs duplicate requests.
+    /// How long a completed transfer still absorbs copies of its request.
     pub linger: Duration,
 }
 
@@ -67,8 +71,10 @@ impl Admitted {
 pub enum Drop {
     /// Not a TFTP packet.
     Malformed,
-    /// A retransmission of a request that is being (or was just) served.
+    /// A retransmission (the same bytes) of a request that is being (or was just) served.
     Duplicate,
+    /// Another request from a client port that has a transfer running (one per port).
+    Busy,
     /// A packet that has no business on port 69 (DATA, ACK, ...).
     Unexpected,
 }
@@ -79,6 +85,7 @@ impl Drop {
         match self {
             Self::Malformed => "malformed",
             Self::Duplicate => "duplicate",
+            Self::Busy => "busy",
             Self::Unexpected => "unexpected",
         }
     }
@@ -104,10 +111,12 @@ pub enum Decision {
 #[derive(Debug, Default)]
 pub struct Server {
     limits: Limits,
-    active: HashMap<SocketAddr, String>,
+    /// Running transfers by client port, with the request that started each.
+    active: HashMap<SocketAddr, Vec<u8>>,
     per_ip: HashMap<IpAddr, usize>,
-    /// Ended transfers by client and file, for `linger` after their end.
-    recent: HashMap<(SocketAddr, String), Instant>,
+    /// The request of the last transfer to each client port that completed, and when,
+    /// for `linger` after its end.
+    recent: HashMap<SocketAddr, (Vec<u8>, Instant)>,
     /// When `recent` is next swept of entries older than `linger`.
     next_sweep: Option<Instant>,
 }
@@ -155,11 +164,17 @@ impl Server {
                 };
             }
         }
-        let lingering = self
-            .recent
-            .get(&(peer, filename.clone()))
-            .is_some_and(|at| now.saturating_duration_since(*at) < self.limits.linger);
-        if self.active.contains_key(&peer) || lingering {
+        if let Some(live) = self.active.get(&peer) {
+            return Decision::Drop(if live.as_slice() == datagram {
+                Drop::Duplicate
+            } else {
+                Drop::Busy
+            });
+        }
+        let lingering = self.recent.get(&peer).is_some_and(|(rrq, at)| {
+            rrq.as_slice() == datagram && now.saturating_duration_since(*at) < self.limits.linger
+        });
+        if lingering {
             return Decision::Drop(Drop::Duplicate);
         }
         if self.active.len() >= self.limits.max_sessions {
@@ -176,7 +191,7 @@ impl Server {
             };
         }
         *n += 1;
-        self.active.insert(peer, filename.clone());
+        self.active.insert(peer, datagram.to_vec());
         Decision::Start(Admitted {
             peer,
             filename,
@@ -189,23 +204,29 @@ impl Server {
         })
     }
 
-    /// Records that the transfer to `peer` ended (successfully or not).
-    pub fn finished(&mut self, now: Instant, peer: SocketAddr) {
-        if let Some(name) = self.active.remove(&peer) {
+    /// Records that the transfer to `peer` ended; `completed` when the client
+    /// acknowledged all of it. Only a completed transfer absorbs late copies of its
+    /// request: after an abort or a failure the same request is a new attempt.
+    pub fn finished(&mut self, now: Instant, peer: SocketAddr, completed: bool) {
+        if let Some(rrq) = self.active.remove(&peer) {
             if let Some(n) = self.per_ip.get_mut(&peer.ip()) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     self.per_ip.remove(&peer.ip());
                 }
             }
-            self.recent.insert((peer, name), now);
+            if completed {
+                self.recent.insert(peer, (rrq, now));
+            } else {
+                self.recent.remove(&peer);
+            }
         }
         // Sweep at most once per `linger`, not on every request: a storm must not make
         // admission quadratic.
         if self.next_sweep.is_none_or(|at| now >= at) {
             let linger = self.limits.linger;
             self.recent
-                .retain(|_, at| now.saturating_duration_since(*at) < linger);
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < linger);
             self.next_sweep = Some(now + linger);
         }
     }
@@ -243,7 +264,7 @@ mod tests {
             s.handle_request(t0, peer(2000), &rrq("boot\\x64\\wdsnbp.com", "octet")),
             Decision::Drop(Drop::Duplicate)
         );
-        s.finished(t0, peer(2000));
+        s.finished(t0, peer(2000), true);
         assert_eq!(s.active(), 0);
         let later = t0 + Duration::from_secs(1);
         assert_eq!(
@@ -256,13 +277,76 @@ mod tests {
             Decision::Start(_)
         ));
         let much_later = t0 + Duration::from_secs(60);
-        s.finished(much_later, peer(2000));
+        s.finished(much_later, peer(2000), true);
         assert!(matches!(
             s.handle_request(
                 much_later + Duration::from_secs(6),
                 peer(2000),
                 &rrq("boot/x64/wdsnbp.com", "octet")
             ),
+            Decision::Start(_)
+        ));
+    }
+
+    fn rrq_with(name: &str, options: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = vec![0u8; 200];
+        let n = emit_request(&mut b, Opcode::RRQ, name, "octet", options).expect("fits");
+        b.truncate(n);
+        b
+    }
+
+    #[test]
+    fn only_an_identical_request_is_a_duplicate_and_only_after_success() {
+        let t0 = Instant::now();
+        let mut s = Server::new(Limits::default());
+        let probe = rrq_with("ipxe.efi", &[("tsize", "0"), ("blksize", "1468")]);
+        let fetch = rrq_with("ipxe.efi", &[("blksize", "1468"), ("windowsize", "4")]);
+        // EDK2's way: a tsize probe, aborted by the client with ERROR 8, then the real
+        // request from the same port with other options.
+        assert!(matches!(
+            s.handle_request(t0, peer(3000), &probe),
+            Decision::Start(_)
+        ));
+        assert_eq!(
+            s.handle_request(t0, peer(3000), &probe),
+            Decision::Drop(Drop::Duplicate)
+        );
+        assert_eq!(
+            s.handle_request(t0, peer(3000), &fetch),
+            Decision::Drop(Drop::Busy),
+            "another request while one runs for that port waits for its end"
+        );
+        s.finished(t0, peer(3000), false);
+        assert!(
+            matches!(s.handle_request(t0, peer(3000), &fetch), Decision::Start(_)),
+            "no linger after a transfer the client aborted"
+        );
+        assert!(
+            matches!(
+                s.handle_request(t0, peer(3000), &probe),
+                Decision::Drop(Drop::Busy)
+            ),
+            "and the probe's retransmission is not taken for a new request while it runs"
+        );
+        s.finished(t0, peer(3000), true);
+        let soon = t0 + Duration::from_secs(1);
+        assert_eq!(
+            s.handle_request(soon, peer(3000), &fetch),
+            Decision::Drop(Drop::Duplicate),
+            "a late copy of a request that was served is absorbed"
+        );
+        assert!(
+            matches!(
+                s.handle_request(soon, peer(3000), &probe),
+                Decision::Start(_)
+            ),
+            "a different request from the same port is not"
+        );
+        // A refused or failed transfer (file not found, timed out) leaves nothing behind:
+        // the same request again is a new attempt.
+        s.finished(soon, peer(3000), false);
+        assert!(matches!(
+            s.handle_request(soon, peer(3000), &probe),
             Decision::Start(_)
         ));
     }

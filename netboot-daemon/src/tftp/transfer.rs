@@ -10,6 +10,15 @@
 //! never triggers a retransmission; only the timer or (with windowsize > 1) an ACK that
 //! acknowledges part of the window does, and then the window resumes from the block after
 //! the last acknowledged one (RFC 7440 §4).
+//!
+//! With windows, an ACK that answers a block sent twice says nothing about loss: clients
+//! acknowledge every block that arrives out of order (EDK2 does, like RFC 7440's
+//! receiver), so a resent window that the client partly had comes back as ACKs that look
+//! like "the next window's first block was lost". Acting on them resends the next window
+//! too, and so on for the rest of the transfer. So, as TCP NewReno does with its
+//! `recover` point (RFC 6582 §3.2), an ACK of a block that had already been sent when the
+//! last rewind happened never rewinds again; it still moves the window on. Each loss or
+//! duplicate then costs about one window, and the timer covers what is left.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -32,6 +41,9 @@ pub struct Config {
     pub default_timeout: Duration,
     /// Retransmissions of one window before the transfer is abandoned.
     pub max_retries: u32,
+    /// The longest a transfer waits for its client to acknowledge something, whatever
+    /// timeout it negotiated (255 s with backoff and retries would be over two hours).
+    pub max_idle: Duration,
     /// Bytes fetched per file read (at least one window is always fetched).
     pub read_chunk: usize,
 }
@@ -43,6 +55,7 @@ impl Default for Config {
             max_windowsize: 64,
             default_timeout: Duration::from_secs(1),
             max_retries: 5,
+            max_idle: Duration::from_secs(120),
             read_chunk: 256 * 1024,
         }
     }
@@ -179,6 +192,7 @@ pub struct Transfer {
     window: u64,
     base_rto: Duration,
     max_retries: u32,
+    max_idle: Duration,
     read_chunk: usize,
     netascii: bool,
     oack: Option<Bytes>,
@@ -195,10 +209,17 @@ pub struct Transfer {
     base: u64,
     next: u64,
     oack_sent: bool,
-    rewound_at: u64,
+    // One past the highest block ever sent.
+    high: u64,
+    // `high` when the window last went back: an ACK of a block below it may answer a copy
+    // of a block the client already had, so it never makes the window go back again.
+    resent_below: u64,
     retries: u32,
     rto: Duration,
     deadline: Option<Instant>,
+    // When the transfer began to wait for the client (its first packet since the client
+    // last acknowledged something); None while it is not waiting.
+    waiting_since: Option<Instant>,
     summary: Summary,
     error_out: Option<Bytes>,
     events: VecDeque<Event>,
@@ -284,6 +305,7 @@ impl Transfer {
             window: u64::from(neg.windowsize.max(1)),
             base_rto: neg.timeout,
             max_retries: cfg.max_retries,
+            max_idle: cfg.max_idle,
             read_chunk: cfg.read_chunk,
             netascii: mode == Mode::Netascii,
             oack,
@@ -297,10 +319,12 @@ impl Transfer {
             base: 1,
             next: 1,
             oack_sent: false,
-            rewound_at: 0,
+            high: 1,
+            resent_below: 0,
             retries: 0,
             rto: neg.timeout,
             deadline: None,
+            waiting_since: None,
             summary: Summary::default(),
             error_out: None,
             events: VecDeque::new(),
@@ -389,6 +413,7 @@ impl Transfer {
                 self.retries = 0;
                 self.rto = self.base_rto;
                 self.deadline = None;
+                self.waiting_since = None;
             }
             return;
         }
@@ -399,14 +424,15 @@ impl Transfer {
         else {
             return; // Stale or bogus: ignore.
         };
+        // Whether this ACK can tell of a loss: not when it may answer a copy of a block
+        // that was sent again (see the module documentation).
+        let fresh = acked >= self.resent_below;
         if acked < self.base {
             // A repeated ACK of the previous window. In lock-step this is the Sorcerer's
             // Apprentice case: ignore it. With a window, the client lost the window's first
-            // block and tells us once: resume at once, but only once per window.
-            if self.window > 1 && self.next > self.base && self.rewound_at != self.base {
-                self.rewound_at = self.base;
-                self.summary.retransmits += self.next - self.base;
-                self.next = self.base;
+            // block: resume at once (the rewind makes every later copy of this ACK stale).
+            if self.window > 1 && self.next > self.base && fresh {
+                self.rewind();
                 self.deadline = None;
             }
             return;
@@ -419,15 +445,25 @@ impl Transfer {
         self.retries = 0;
         self.rto = self.base_rto;
         self.deadline = None;
+        self.waiting_since = None;
         if self.last_block() == Some(acked) {
             self.finish(None);
             return;
         }
-        if self.next > self.base {
+        if self.next > self.base && fresh {
             // Part of the window was lost: resume after the last acknowledged block.
-            self.summary.retransmits += self.next - self.base;
-            self.next = self.base;
+            self.rewind();
         }
+        // Otherwise the rest stays in flight and the window slides on; the timer is armed
+        // again by `poll_datagram`.
+    }
+
+    /// Sends again from the first unacknowledged block; ACKs of blocks sent so far can no
+    /// longer tell of a loss.
+    fn rewind(&mut self) {
+        self.summary.retransmits += self.next - self.base;
+        self.next = self.base;
+        self.resent_below = self.high;
     }
 
     /// Forgets the first `n` bytes of the stream (the client has them).
@@ -535,7 +571,10 @@ impl Transfer {
         }
         self.deadline = None;
         self.retries += 1;
-        if self.retries > self.max_retries {
+        let idle_over = self
+            .waiting_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= self.max_idle);
+        if self.retries > self.max_retries || idle_over {
             self.fail_with_error(Failure::TimedOut, ErrorCode::UNDEFINED, "timed out");
             return;
         }
@@ -545,10 +584,7 @@ impl Transfer {
                 self.oack_sent = false;
                 self.summary.retransmits += 1;
             }
-            State::Sending => {
-                self.summary.retransmits += self.next - self.base;
-                self.next = self.base;
-            }
+            State::Sending => self.rewind(),
             State::Closed => {}
         }
     }
@@ -606,13 +642,18 @@ impl Transfer {
                 self.oack_sent = true;
                 self.summary.sent_bytes += oack.len() as u64;
                 self.summary.sent_datagrams += 1;
-                self.deadline = Some(now + self.rto);
+                self.arm(now);
                 Some(Datagram::whole(oack))
             }
             State::Sending => {
                 let window_end = self.base + self.window;
                 let last = self.last_block();
                 if self.next >= window_end || last.is_some_and(|l| self.next > l) {
+                    // Blocks in flight and nothing more to send (an ACK moved the window
+                    // without a rewind): wait for the rest, not forever.
+                    if self.next > self.base && self.deadline.is_none() {
+                        self.arm(now);
+                    }
                     return None;
                 }
                 let (start, end) = self.block_range(self.next);
@@ -625,15 +666,23 @@ impl Transfer {
                 let body = self.stream_slice(start.checked_sub(self.buf_start)?, len)?;
                 let d = Datagram::data((self.next & 0xffff) as u16, body);
                 self.next += 1;
+                self.high = self.high.max(self.next);
                 self.summary.packets += 1;
                 self.summary.sent_bytes += d.len() as u64;
                 self.summary.sent_datagrams += 1;
                 if self.next >= window_end || last.is_some_and(|l| self.next > l) {
-                    self.deadline = Some(now + self.rto);
+                    self.arm(now);
                 }
                 Some(d)
             }
         }
+    }
+
+    /// Arms the retransmission timer: `rto` from now, but never past `max_idle` since the
+    /// transfer began to wait for its client.
+    fn arm(&mut self, now: Instant) {
+        let since = *self.waiting_since.get_or_insert(now);
+        self.deadline = Some((now + self.rto).min(since + self.max_idle));
     }
 
     /// When [`Transfer::handle_timeout`] must be called next.

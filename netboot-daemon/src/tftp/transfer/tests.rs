@@ -70,21 +70,56 @@ struct Net {
     loss: f64,
     dup: f64,
     jitter_us: u64,
+    /// DATA packets lost on top of `loss`, by their number in the order sent (from 1).
+    lose_data: Vec<u64>,
+    /// ACKs duplicated on top of `dup`, by their number in the order sent (from 1).
+    dup_acks: Vec<u64>,
+    data_sent: u64,
+    acks_sent: u64,
+    /// Packets lost and packets duplicated so far, both directions.
+    lost: u64,
+    duplicated: u64,
 }
 
 impl Net {
-    /// Delivery times of a packet sent at `now`: none (lost), one, or two (duplicated).
-    fn deliveries(&mut self, now: Instant) -> Vec<Instant> {
+    fn new(seed: u64, loss: f64, dup: f64, jitter_us: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            loss,
+            dup,
+            jitter_us,
+            lose_data: Vec::new(),
+            dup_acks: Vec::new(),
+            data_sent: 0,
+            acks_sent: 0,
+            lost: 0,
+            duplicated: 0,
+        }
+    }
+
+    /// Delivery times of a packet (`data`: to the client, else an ACK) sent at `now`:
+    /// none (lost), one, or two (duplicated).
+    fn deliveries(&mut self, now: Instant, data: bool) -> Vec<Instant> {
+        let (lose, dup) = if data {
+            self.data_sent += 1;
+            (self.lose_data.contains(&self.data_sent), false)
+        } else {
+            self.acks_sent += 1;
+            (false, self.dup_acks.contains(&self.acks_sent))
+        };
         let mut out = Vec::new();
-        if !self.rng.random_bool(self.loss) {
-            out.push(now + Duration::from_micros(50 + self.rng.random_range(0..=self.jitter_us)));
-            if self.rng.random_bool(self.dup) {
-                out.push(
-                    now + Duration::from_micros(
-                        50 + self.rng.random_range(0..=self.jitter_us * 3 + 100),
-                    ),
-                );
-            }
+        if lose || self.rng.random_bool(self.loss) {
+            self.lost += 1;
+            return out;
+        }
+        out.push(now + Duration::from_micros(50 + self.rng.random_range(0..=self.jitter_us)));
+        if dup || self.rng.random_bool(self.dup) {
+            self.duplicated += 1;
+            out.push(
+                now + Duration::from_micros(
+                    50 + self.rng.random_range(0..=self.jitter_us * 3 + 100),
+                ),
+            );
         }
         out
     }
@@ -163,7 +198,8 @@ fn run(
             t.handle_read(Ok(Bytes::copy_from_slice(&source[start..end])));
         }
         while let Some(n) = t.poll_transmit(now, &mut buf) {
-            for at in net.deliveries(now) {
+            let data = Packet::parse(&buf[..n]).is_ok_and(|p| matches!(p, Packet::Data { .. }));
+            for at in net.deliveries(now, data) {
                 seq += 1;
                 to_client.insert((at, seq), buf[..n].to_vec());
             }
@@ -194,7 +230,7 @@ fn run(
             if let Some(ack) = client.on_packet(now, &p) {
                 let mut a = [0u8; 4];
                 emit_ack(&mut a, ack).expect("ack");
-                for at in net.deliveries(now) {
+                for at in net.deliveries(now, false) {
                     seq += 1;
                     to_server.insert((at, seq), a.to_vec());
                 }
@@ -210,7 +246,7 @@ fn run(
             if let Some(ack) = client.last_ack {
                 let mut a = [0u8; 4];
                 emit_ack(&mut a, ack).expect("ack");
-                for at in net.deliveries(now) {
+                for at in net.deliveries(now, false) {
                     seq += 1;
                     to_server.insert((at, seq), a.to_vec());
                 }
@@ -221,12 +257,7 @@ fn run(
 }
 
 fn clean() -> Net {
-    Net {
-        rng: StdRng::seed_from_u64(1),
-        loss: 0.0,
-        dup: 0.0,
-        jitter_us: 0,
-    }
+    Net::new(1, 0.0, 0.0, 0)
 }
 
 fn assert_done(o: &Outcome, want: &[u8]) {
@@ -376,12 +407,7 @@ fn loss_duplication_and_reordering_never_corrupt_a_transfer() {
             (&[("blksize", "1468"), ("windowsize", "4")][..], 120_000),
             (&[("blksize", "512"), ("windowsize", "64")][..], 150_000),
         ] {
-            let mut net = Net {
-                rng: StdRng::seed_from_u64(seed),
-                loss: 0.05,
-                dup: 0.05,
-                jitter_us: 400,
-            };
+            let mut net = Net::new(seed, 0.05, 0.05, 400);
             let f = file(len);
             let o = run(&f, Mode::Octet, opts, &mut net, &cfg);
             assert_done(&o, &f);
@@ -392,12 +418,7 @@ fn loss_duplication_and_reordering_never_corrupt_a_transfer() {
 #[test]
 fn duplicate_acks_do_not_cause_retransmissions_in_lock_step() {
     // Sorcerer's Apprentice: every ACK duplicated, nothing lost, no retransmission.
-    let mut net = Net {
-        rng: StdRng::seed_from_u64(7),
-        loss: 0.0,
-        dup: 1.0,
-        jitter_us: 0,
-    };
+    let mut net = Net::new(7, 0.0, 1.0, 0);
     let f = file(50_000);
     let o = run(
         &f,
@@ -412,6 +433,119 @@ fn duplicate_acks_do_not_cause_retransmissions_in_lock_step() {
     };
     assert_eq!(s.retransmits, 0);
     assert_eq!(s.packets, 50_000 / 1432 + 1);
+}
+
+/// DATA packets the transfer sent, retransmissions included.
+fn data_packets(o: &Outcome) -> u64 {
+    match &o.event {
+        Event::Done(s) | Event::Failed(_, s) => s.packets,
+    }
+}
+
+/// A windowed transfer of `blocks` full blocks of 1468 bytes and a short one.
+fn windowed(blocks: u64, window: u64, net: &mut Net) -> (Outcome, u64) {
+    let f = file(1468 * usize::try_from(blocks).expect("blocks") + 100);
+    let window = window.to_string();
+    let o = run(
+        &f,
+        Mode::Octet,
+        &[("blksize", "1468"), ("windowsize", &window)],
+        net,
+        &Config::default(),
+    );
+    assert_done(&o, &f);
+    (o, blocks + 1)
+}
+
+#[test]
+fn one_lost_block_costs_at_most_one_window() {
+    // The model client acknowledges every block that arrives out of order (EDK2 does much
+    // the same), so a window resent after a loss must not make the copies of later blocks
+    // look like new losses: each loss is paid for once, with at most a window.
+    for window in [4u64, 16, 64] {
+        for lost in [1, 2, window / 2 + 1, window, window + 1, 300] {
+            let mut net = clean();
+            net.lose_data = vec![lost];
+            let (o, blocks) = windowed(1000, window, &mut net);
+            let sent = data_packets(&o);
+            assert!(
+                sent <= blocks + window,
+                "windowsize {window}, DATA #{lost} lost: {sent} DATA for {blocks} blocks"
+            );
+        }
+    }
+}
+
+#[test]
+fn one_duplicated_ack_costs_at_most_one_window() {
+    for window in [4u64, 16, 64] {
+        for dup in [1, 2, 5, 20] {
+            let mut net = clean();
+            net.dup_acks = vec![dup];
+            let (o, blocks) = windowed(1000, window, &mut net);
+            let sent = data_packets(&o);
+            assert!(
+                sent <= blocks + window,
+                "windowsize {window}, ACK #{dup} duplicated: {sent} DATA for {blocks} blocks"
+            );
+        }
+    }
+}
+
+#[test]
+fn retransmissions_stay_within_two_windows_per_loss_or_duplicate() {
+    // The audit's case (20 MB at blksize 1468, 0.05 % loss: windowsize 16 sent 122 212
+    // DATA for 13 624 blocks) at a quarter of the size, and a lossier network.
+    for (loss, dup) in [(0.0005, 0.0005), (0.01, 0.01)] {
+        for window in [4u64, 16, 64] {
+            for seed in 0..3 {
+                let mut net = Net::new(seed, loss, dup, 0);
+                let (o, blocks) = windowed(3400, window, &mut net);
+                let sent = data_packets(&o);
+                let events = net.lost + net.duplicated;
+                assert!(
+                    sent <= blocks + events * window * 2,
+                    "loss {loss}, dup {dup}, windowsize {window}, seed {seed}: {sent} DATA \
+                     for {blocks} blocks with {} lost and {} duplicated packets",
+                    net.lost,
+                    net.duplicated
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_stale_partial_ack_keeps_the_timer_armed() {
+    // Three blocks in a window of four, all sent, then sent again after a timeout. An ACK
+    // of block 1 may answer the first copies, so it moves the window without a rewind;
+    // blocks 2 and 3 are still unacknowledged and nothing is left to send: the timer
+    // must stay armed, or the transfer waits forever.
+    let t0 = Instant::now();
+    let neg = without_options(512, 4);
+    let f = file(1200);
+    let mut t = Transfer::new(&neg, Mode::Octet, f.len() as u64, &Config::default());
+    let r = t.poll_read().expect("read");
+    t.handle_read(Ok(Bytes::copy_from_slice(&f[..r.len.min(f.len())])));
+    let mut buf = [0u8; 516];
+    let mut sent = 0;
+    while t.poll_transmit(t0, &mut buf).is_some() {
+        sent += 1;
+    }
+    assert_eq!(sent, 3);
+    let d = t.poll_timeout().expect("armed");
+    t.handle_timeout(d);
+    while t.poll_transmit(d, &mut buf).is_some() {
+        sent += 1;
+    }
+    assert_eq!(sent, 6, "the window again");
+    t.handle_datagram(b"\0\x04\0\x01");
+    assert!(t.poll_transmit(d, &mut buf).is_none(), "no rewind");
+    let again = t.poll_timeout().expect("the timer is armed again");
+    t.handle_timeout(again);
+    let n = t.poll_transmit(again, &mut buf).expect("block 2 again");
+    assert_eq!(&buf[..4], &[0, 3, 0, 2]);
+    assert_eq!(&buf[4..n], &f[512..1024]);
 }
 
 #[test]
@@ -452,6 +586,79 @@ fn a_silent_client_times_out_after_the_retry_limit() {
         "exponential backoff"
     );
     assert!(t.is_closed());
+}
+
+/// Runs `t` against a client that never answers; the time from `t0` to its end, and how
+/// it ended.
+fn silent_client(t: &mut Transfer, t0: Instant) -> (Duration, Event) {
+    let mut buf = vec![0u8; t.buffer_len()];
+    let mut now = t0;
+    loop {
+        if let Some(r) = t.poll_read() {
+            t.handle_read(Ok(vec![1u8; r.len].into()));
+        }
+        while t.poll_transmit(now, &mut buf).is_some() {}
+        if let Some(ev) = t.poll_event() {
+            return (now - t0, ev);
+        }
+        now = t.poll_timeout().expect("armed");
+        t.handle_timeout(now);
+    }
+}
+
+#[test]
+fn no_transfer_waits_for_its_client_longer_than_the_idle_cap() {
+    // timeout 255 with backoff to 8 × 255 s and 5 retries would keep the transfer for
+    // 255 + 510 + 1020 + 2040 × 3 s, more than two hours.
+    let t0 = Instant::now();
+    let cfg = Config {
+        max_idle: Duration::from_secs(120),
+        ..Config::default()
+    };
+    let mut rq = vec![0u8; 100];
+    let n = emit_request(&mut rq, Opcode::RRQ, "f", "octet", &[("timeout", "255")]).expect("fits");
+    let Ok(Packet::Rrq(req)) = Packet::parse(&rq[..n]) else {
+        panic!("rrq")
+    };
+    let neg = negotiate(&req, &cfg, Some(100_000));
+    assert_eq!(neg.timeout, Duration::from_secs(255));
+    let mut t = Transfer::new(&neg, Mode::Octet, 100_000, &cfg);
+    let (waited, ev) = silent_client(&mut t, t0);
+    assert!(matches!(ev, Event::Failed(Failure::TimedOut, _)), "{ev:?}");
+    assert_eq!(waited, cfg.max_idle, "abandoned at the cap");
+    // With a short timeout the retries run out first, as before.
+    let neg = without_options(512, 4);
+    let mut t = Transfer::new(&neg, Mode::Octet, 100_000, &cfg);
+    let (waited, _) = silent_client(&mut t, t0);
+    assert_eq!(waited, Duration::from_secs(1 + 2 + 4 + 8 + 8 + 8));
+    // The cap is on waiting, not on the transfer: a slow client that answers each block
+    // after 100 s (within its 255 s timeout) gets the whole file.
+    let neg = Negotiated {
+        timeout: Duration::from_secs(255),
+        ..without_options(512, 1)
+    };
+    let f = file(2000);
+    let mut t = Transfer::new(&neg, Mode::Octet, f.len() as u64, &cfg);
+    let mut buf = [0u8; 516];
+    let mut now = t0;
+    let mut got = Vec::new();
+    let done = loop {
+        while let Some(r) = t.poll_read() {
+            let start = usize::try_from(r.offset).expect("offset");
+            let end = (start + r.len).min(f.len());
+            t.handle_read(Ok(Bytes::copy_from_slice(&f[start..end])));
+        }
+        let n = t.poll_transmit(now, &mut buf).expect("DATA");
+        got.extend_from_slice(&buf[4..n]);
+        now += Duration::from_secs(100);
+        t.handle_timeout(now);
+        t.handle_datagram(&[0, 4, buf[2], buf[3]]);
+        if let Some(ev) = t.poll_event() {
+            break ev;
+        }
+    };
+    assert!(matches!(done, Event::Done(_)), "{done:?}");
+    assert_eq!(got, f);
 }
 
 #[test]
