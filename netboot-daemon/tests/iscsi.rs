@@ -561,26 +561,13 @@ fn chap_guards_the_image_of_a_device_that_has_it() {
         assert!(!shown.contains(secret), "a secret is shown: {shown}");
     }
     // Short secrets are refused.
-    let (ok, out) = run(
-        "curl",
-        &[
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "PATCH",
-            "-H",
-            "content-type: application/json",
-            "-b",
-            &d.cookie,
-            "-d",
-            r#"{"chap":{"user":"pc9","secret":"short"}}"#,
-            &format!("http://{}/api/v1/devices/{mac}", d.http),
-        ],
+    let status = api_status(
+        &d,
+        "PATCH",
+        &format!("/api/v1/devices/{mac}"),
+        r#"{"chap":{"user":"pc9","secret":"short"}}"#,
     );
-    assert!(ok && out == "422", "{out}");
+    assert_eq!(status, "422");
 
     let initiator = TEST_INITIATORS[2];
     let with = |user: &str, secret: &str, tail: &str| {
