@@ -418,8 +418,10 @@ async fn a_client_asks_again_at_once_after_an_abort_or_a_refusal(driver: TftpDri
     srv.put("late.bin", b"here now");
     let (first, from) = request(&sock, srv.addr, late, Duration::from_secs(2)).await;
     assert_eq!(receive(&sock, from, first, 512).await, b"here now");
+    // Each request counted once: the missing file was refused, not started.
     let st = &srv.tftp.stats;
-    assert_eq!(st.started.load(Ordering::Relaxed), 4);
+    assert_eq!(st.started.load(Ordering::Relaxed), 3);
+    assert_eq!(st.refused.load(Ordering::Relaxed), 1);
     srv.stop().await;
 }
 

@@ -44,7 +44,7 @@ use crate::time::Timestamp;
 /// Counters of the TFTP service.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Transfers started.
+    /// Transfers started: admitted, and their file opened (or generated).
     pub started: AtomicU64,
     /// File bytes acknowledged by clients.
     pub bytes: AtomicU64,
@@ -617,7 +617,7 @@ impl Tftp {
     pub fn write_metrics(&self, e: &mut Exposition) {
         let st = &self.stats;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        e.family("netboot_tftp_requests", Kind::Counter, None, "Requests on the TFTP port by what became of them: started a transfer, refused with an ERROR (limits, writes, bad modes, missing files), dropped (malformed, duplicate).");
+        e.family("netboot_tftp_requests", Kind::Counter, None, "Requests on the TFTP port by what became of them, each counted once: started a transfer (admitted and its file opened), refused with an ERROR (limits, writes, bad modes, missing files, the jail), dropped (malformed, duplicate).");
         e.counter(
             "netboot_tftp_requests",
             &[("result", "started")],
@@ -736,7 +736,7 @@ impl Tftp {
         let decision = self.admission().handle_request(now, peer, datagram);
         match decision {
             Decision::Start(req) => {
-                self.stats.started.fetch_add(1, Ordering::Relaxed);
+                // Counted as started or refused once its file is open, or is not (`open`).
                 let mut t = self.transfers();
                 t.next_id += 1;
                 let record = TransferRecord {
@@ -783,9 +783,26 @@ impl Tftp {
 
     /// Resolves a request inside the root and opens it (blocking: path lookup, `open`,
     /// `fstat`, no file data is read). On failure the returned ERROR packet is for the
-    /// client, and the refusal is counted.
+    /// client. Counts the request as started or refused, once: an admitted request whose
+    /// file is missing is a refusal, not a transfer.
     /// `local` is the transfer socket's address, the one the client reaches us at.
     pub(crate) fn open(
+        &self,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        filename: &str,
+    ) -> Result<Opened, Vec<u8>> {
+        let opened = self.open_file(peer, local, filename);
+        let counter = if opened.is_ok() {
+            &self.stats.started
+        } else {
+            &self.stats.refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        opened
+    }
+
+    fn open_file(
         &self,
         peer: SocketAddr,
         local: Option<SocketAddr>,
@@ -836,7 +853,6 @@ impl Tftp {
             }
         }
         let (path, file, meta) = found.map_err(|e| {
-            self.stats.refused.fetch_add(1, Ordering::Relaxed);
             let (code, msg) = match e {
                 // An absolute path that names no file in the root may name one outside
                 // it: refused as such, whether or not it exists there.
