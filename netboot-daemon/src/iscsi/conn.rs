@@ -951,7 +951,7 @@ impl Connection {
             // CHECK CONDITION, "protocol service CRC error", once all its data is in (RFC
             // 7143 sections 7.8 and 7.8.1); the connection stays up.
             if !task.data_sn_error {
-                tracing::warn!(
+                tracing::debug!(
                     itt,
                     expected = *expected,
                     data_sn,

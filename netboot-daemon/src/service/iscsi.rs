@@ -1020,7 +1020,7 @@ async fn run(
                 Ok(None) => break,
                 Err(DecodeError::DataDigest { bhs }) => conn.decode_failed(Some(&bhs)),
                 Err(error) => {
-                    tracing::warn!(%error, "iSCSI connection dropped: malformed PDU");
+                    tracing::debug!(%error, "iSCSI connection dropped: malformed PDU");
                     conn.decode_failed(None);
                     break;
                 }

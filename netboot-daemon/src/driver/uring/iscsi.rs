@@ -1341,7 +1341,7 @@ impl Driver {
                 Ok(None) => break,
                 Err(DecodeError::DataDigest { bhs }) => c.core.decode_failed(Some(&bhs)),
                 Err(error) => {
-                    tracing::warn!(%error, "iSCSI connection dropped: malformed PDU");
+                    tracing::debug!(%error, "iSCSI connection dropped: malformed PDU");
                     c.core.decode_failed(None);
                     break;
                 }
