@@ -25,7 +25,6 @@
 //! Needs root, iproute2, nsenter, tftp-hpa, curl and a build with the eBPF object; without
 //! them it prints a loud SKIPPED line, except under `CI=true`, where it fails.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -403,7 +402,7 @@ fn every_byte_lands_on_its_clients_mac_and_survives_a_restart() {
         serde_json::json!([{"mac": ROUTER_MAC, "reason": "configured"}])
     );
 
-    promtool(&metrics.text);
+    common::promtool(&metrics.text);
     prometheus_returns_a_client_series(&lab, dir.path(), &lab.direct[0].mac, &metrics);
 
     // Stop: nothing may be counted while netbootd is down; restarted, it continues the
@@ -1108,41 +1107,6 @@ impl Metrics {
             .collect();
         macs.into_iter().collect()
     }
-}
-
-/// `promtool check metrics` (from PATH or `NETBOOT_PROMTOOL`) accepts the scrape.
-fn promtool(text: &str) {
-    let promtool = std::env::var("NETBOOT_PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let Ok(mut child) = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "promtool is needed under CI=true (cargo xtask test fetches it)"
-        );
-        eprintln!("SKIPPED: promtool not found (cargo xtask test fetches it)");
-        return;
-    };
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool check metrics:\n{report}"
-    );
 }
 
 /// A real Prometheus server (Debian's, next to promtool) inside `srv` scrapes netbootd; its

@@ -1498,6 +1498,64 @@ fn vanished_initiator(driver: &str) {
     assert_eq!(got[0].0, vec![0u8; 4096]);
 }
 
+/// The target's own figures reach `/metrics`: sessions now and since the start, and the
+/// bytes and commands of an ended and a live session, equal to what the initiator itself
+/// sent and received; `promtool check metrics` accepts the scrape.
+#[test]
+fn the_target_s_figures_are_exposed_as_metrics() {
+    use std::time::{Duration, Instant};
+
+    let d = Daemon::start("metrics");
+    d.image("metrics", 4 << 20);
+    let target = format!("{PREFIX}:metrics");
+    let sample = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let commands = |recent_or_active: &str| -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&d.get("/api/v1/iscsi/sessions")).expect("json");
+        v[recent_or_active]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .map(|r| r["commands"].as_u64().expect("commands"))
+            .sum()
+    };
+    let mut first = RawInitiator::login(&d.iscsi, TEST_INITIATORS[0], &target, "None");
+    first.reads(&[(0, 64, 32768), (64, 8, 4096)]);
+    let (first_sent, first_received) = first.logout();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while commands("recent") < 2 {
+        assert!(Instant::now() < deadline, "the first session did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut second = RawInitiator::login(&d.iscsi, TEST_INITIATORS[1], &target, "None");
+    second.reads(&[(8, 16, 8192)]);
+    let text = d.get("/metrics");
+    assert_eq!(sample(&text, "netboot_iscsi_sessions"), 1, "{text}");
+    assert_eq!(sample(&text, "netboot_iscsi_logins_total"), 2);
+    assert_eq!(
+        sample(&text, "netboot_iscsi_bytes_total{direction=\"rx\"}"),
+        first_sent + second.sent,
+        "the bytes the initiators sent"
+    );
+    assert_eq!(
+        sample(&text, "netboot_iscsi_bytes_total{direction=\"tx\"}"),
+        first_received + second.received,
+        "the bytes the initiators received"
+    );
+    assert_eq!(
+        sample(&text, "netboot_iscsi_commands_total"),
+        commands("recent") + commands("active")
+    );
+    assert_eq!(commands("recent") + commands("active"), 3);
+    common::promtool(&text);
+}
+
 /// The same with `splice_reads`.
 #[test]
 fn spliced_reads_are_byte_exact_with_and_without_data_digests() {

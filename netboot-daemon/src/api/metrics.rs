@@ -51,6 +51,9 @@ pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
     if let Some(tftp) = state.tftp() {
         tftp.write_metrics(&mut e);
     }
+    if let Some(iscsi) = state.iscsi() {
+        iscsi.sessions().write_metrics(&mut e);
+    }
     e.family(
         "netboot_accounting",
         Kind::Info,

@@ -57,7 +57,7 @@ use crate::iscsi::name;
 use crate::iscsi::pdu::{DecodeError, Decoder, encode_padding, encode_trailer};
 use crate::iscsi::scsi::{DeviceType, Lun, LunConfig};
 use crate::mac::MacAddr;
-use crate::metrics::DurationHistogram;
+use crate::metrics::{DurationHistogram, Exposition, Kind};
 use crate::service::tally::{Counted, Tally};
 use crate::service::tftp::KernelBytes;
 use crate::store::{
@@ -217,6 +217,24 @@ struct SessionsInner {
     live: HashMap<u64, LiveEntry>,
     recent: VecDeque<SessionRecord>,
     held: HashSet<String>,
+    /// What the sessions that ended moved, for the counters of `/metrics`.
+    ended: Totals,
+}
+
+/// Bytes and commands of normal sessions, by the target's own count.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    rx_bytes: u64,
+    tx_bytes: u64,
+    commands: u64,
+}
+
+impl Totals {
+    fn add(&mut self, stats: &ConnStats) {
+        self.rx_bytes += stats.rx_bytes.load(Ordering::Relaxed);
+        self.tx_bytes += stats.tx_bytes.load(Ordering::Relaxed);
+        self.commands += stats.commands.load(Ordering::Relaxed);
+    }
 }
 
 /// A target held by [`Sessions::hold`]; released on drop.
@@ -271,11 +289,51 @@ impl Sessions {
     pub(crate) fn unregister(&self, id: u64) {
         let mut s = self.lock();
         if let Some(e) = s.live.remove(&id) {
+            s.ended.add(&e.stats);
             if s.recent.len() == RECENT_SESSIONS {
                 s.recent.pop_front();
             }
             s.recent.push_back(e.record(id, Some(Timestamp::now())));
         }
+    }
+
+    /// Writes the target's metric families: sessions now and since the start, and what
+    /// they moved (ended sessions and the live ones so far, so the counters only grow).
+    pub fn write_metrics(&self, e: &mut Exposition) {
+        let s = self.lock();
+        let mut all = s.ended;
+        for entry in s.live.values() {
+            all.add(&entry.stats);
+        }
+        e.family(
+            "netboot_iscsi_sessions",
+            Kind::Gauge,
+            None,
+            "iSCSI normal sessions logged in now.",
+        );
+        e.gauge("netboot_iscsi_sessions", &[], s.live.len() as f64);
+        e.family(
+            "netboot_iscsi_logins",
+            Kind::Counter,
+            None,
+            "iSCSI normal sessions that completed their login since the start.",
+        );
+        e.counter("netboot_iscsi_logins", &[], s.next);
+        e.family(
+            "netboot_iscsi_bytes",
+            Kind::Counter,
+            Some("bytes"),
+            "TCP payload bytes of iSCSI normal sessions by the target's own count (login included): rx from the initiators, tx to them.",
+        );
+        e.counter("netboot_iscsi_bytes", &[("direction", "rx")], all.rx_bytes);
+        e.counter("netboot_iscsi_bytes", &[("direction", "tx")], all.tx_bytes);
+        e.family(
+            "netboot_iscsi_commands",
+            Kind::Counter,
+            None,
+            "SCSI commands the target completed in normal sessions.",
+        );
+        e.counter("netboot_iscsi_commands", &[], all.commands);
     }
 
     /// Live sessions (oldest first) and the recent ended ones (newest first).

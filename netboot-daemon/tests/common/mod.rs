@@ -395,3 +395,34 @@ pub(crate) fn spawn_netbootd(dir: &Path) -> (Child, Log) {
     let log = Log::follow(&mut child);
     (child, log)
 }
+
+/// `promtool check metrics` (from PATH or `NETBOOT_PROMTOOL`) accepts the scrape.
+pub(crate) fn promtool(text: &str) {
+    let promtool = std::env::var("NETBOOT_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let Ok(mut child) = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "promtool is needed under CI=true (cargo xtask test fetches it)"
+        );
+        eprintln!("SKIPPED: promtool not found (cargo xtask test fetches it)");
+        return;
+    };
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics:\n{report}"
+    );
+}
