@@ -467,6 +467,10 @@ pub struct IscsiConfig {
     /// unacknowledged that long ends the connection too (`TCP_USER_TIMEOUT`). Set on the
     /// listening socket, which its connections inherit. 0: never (no keepalive).
     pub dead_peer_secs: u32,
+    /// Seconds a connection has to complete its login (RFC 7143 section 6.3 leaves the
+    /// time to the target); one that has not by then is closed, so that connections that
+    /// never log in cannot pile up. 0: no limit.
+    pub login_timeout_secs: u32,
 }
 
 /// The iSCSI driver (`iscsi.driver`, `NETBOOT_ISCSI_DRIVER`).
@@ -493,6 +497,11 @@ impl std::str::FromStr for IscsiDriver {
 }
 
 impl IscsiConfig {
+    /// `login_timeout_secs` as a duration; `None`: no limit.
+    pub fn login_timeout(&self) -> Option<Duration> {
+        (self.login_timeout_secs > 0).then(|| Duration::from_secs(self.login_timeout_secs.into()))
+    }
+
     /// `busy_poll_us` as a duration.
     pub fn busy_poll(&self) -> Duration {
         Duration::from_micros(u64::from(self.busy_poll_us))
@@ -512,6 +521,7 @@ impl Default for IscsiConfig {
             mapped_reads: true,
             tcp_congestion: String::new(),
             dead_peer_secs: 120,
+            login_timeout_secs: 30,
         }
     }
 }

@@ -414,7 +414,7 @@ async fn start_iscsi(
         dyn_targets,
         sessions,
         tally.cloned(),
-        runner,
+        (runner, i.login_timeout()),
         stop,
     ));
     Ok(Some((targets, task)))

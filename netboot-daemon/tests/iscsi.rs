@@ -1498,6 +1498,74 @@ fn vanished_initiator(driver: &str) {
     assert_eq!(got[0].0, vec![0u8; 4096]);
 }
 
+/// A connection that does not complete its login within `iscsi.login_timeout_secs` is
+/// closed: one that sends nothing, and one that stops in the middle of its login. A
+/// session that logged in at the same time keeps working after the deadline.
+#[test]
+fn connections_that_do_not_log_in_in_time_are_closed() {
+    login_timeout("uring");
+}
+
+/// The same on the tokio driver.
+#[test]
+fn connections_that_do_not_log_in_in_time_are_closed_on_the_tokio_driver() {
+    login_timeout("tokio");
+}
+
+fn login_timeout(driver: &str) {
+    use std::io::{Read as _, Write as _};
+    use std::time::{Duration, Instant};
+
+    const SECS: u64 = 2;
+    let d = Daemon::start_configured(
+        &format!("login-timeout-{driver}"),
+        driver,
+        &format!("login_timeout_secs = {SECS}\n"),
+    );
+    d.image("slow", 1 << 20);
+    let target = format!("{PREFIX}:slow");
+    let started = Instant::now();
+    let mut silent = std::net::TcpStream::connect(&d.iscsi).expect("connect");
+    let mut halfway = std::net::TcpStream::connect(&d.iscsi).expect("connect");
+    // The first login request, whose answer asks for the next stage; no second one.
+    let text = format!(
+        "InitiatorName={}\0TargetName={target}\0SessionType=Normal\0AuthMethod=None\0",
+        TEST_INITIATORS[0]
+    );
+    let mut bhs = [0u8; 48];
+    bhs[0] = 0x43;
+    bhs[1] = 0x01; // security negotiation, no transit
+    bhs[5..8].copy_from_slice(&u32::try_from(text.len()).expect("short").to_be_bytes()[1..]);
+    bhs[8..14].copy_from_slice(&[0x80, 0, 0x12, 0x34, 0, 2]);
+    let mut pdu = bhs.to_vec();
+    pdu.extend_from_slice(text.as_bytes());
+    pdu.resize(pdu.len().next_multiple_of(4), 0);
+    halfway.write_all(&pdu).expect("login request");
+    let mut live = RawInitiator::login(&d.iscsi, TEST_INITIATORS[1], &target, "None");
+    for (name, conn) in [("silent", &mut silent), ("halfway", &mut halfway)] {
+        conn.set_read_timeout(Some(Duration::from_secs(SECS + 10)))
+            .expect("timeout");
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break true,
+                // The login response to the first request.
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(e) => panic!("{name}: not closed: {e}"),
+            }
+        };
+        assert!(closed);
+        let after = started.elapsed();
+        assert!(
+            after >= Duration::from_secs(SECS) - Duration::from_millis(100),
+            "{name} closed after {after:?}, before the deadline"
+        );
+    }
+    let got = live.reads(&[(0, 8, 4096)]);
+    assert_eq!(got[0].0, vec![0u8; 4096], "the logged-in session reads on");
+}
+
 /// The target's own figures reach `/metrics`: sessions now and since the start, and the
 /// bytes and commands of an ended and a live session, equal to what the initiator itself
 /// sent and received; `promtool check metrics` accepts the scrape.

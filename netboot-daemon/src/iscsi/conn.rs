@@ -383,6 +383,11 @@ impl Connection {
         }
     }
 
+    /// Whether the connection is still in its login phase.
+    pub fn is_logging_in(&self) -> bool {
+        self.phase == Phase::Login
+    }
+
     /// Whether the connection is done (after the queued PDUs are sent).
     pub fn is_closing(&self) -> bool {
         self.phase == Phase::Closing

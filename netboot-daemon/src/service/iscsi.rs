@@ -874,7 +874,7 @@ pub async fn serve(
     targets: Arc<dyn Targets>,
     sessions: Arc<Sessions>,
     tally: Option<Arc<Tally>>,
-    runner: IscsiRunner,
+    (runner, login_timeout): (IscsiRunner, Option<Duration>),
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let tsih = Arc::new(AtomicU16::new(1));
@@ -903,6 +903,7 @@ pub async fn serve(
             bytes: rand::random(),
         };
         let conn = Connection::new(Arc::clone(&targets), portal(local), handle, challenge);
+        let login_deadline = login_timeout.map(|t| Instant::now() + t);
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%peer, %error, "TCP_NODELAY");
         }
@@ -913,6 +914,7 @@ pub async fn serve(
                     (peer, local),
                     conn,
                     tally.as_ref(),
+                    login_deadline,
                 )),
                 Err(error) => tracing::debug!(%peer, %error, "iSCSI socket handover"),
             }
@@ -931,8 +933,8 @@ pub async fn serve(
                 &mut conn,
                 (peer, local),
                 (&targets, &sessions),
-                &mut login,
-                &mut live,
+                (&mut login, &mut live),
+                login_deadline,
             )
             .await
             {
@@ -975,8 +977,8 @@ async fn run(
     conn: &mut Connection,
     (peer, local): (SocketAddr, SocketAddr),
     (targets, sessions): (&Arc<dyn Targets>, &Sessions),
-    login: &mut Option<Login>,
-    live: &mut Option<u64>,
+    (login, live): (&mut Option<Login>, &mut Option<u64>),
+    login_deadline: Option<Instant>,
 ) -> std::io::Result<()> {
     let mut end: Option<Arc<Notify>> = None;
     let stats = Arc::new(ConnStats::default());
@@ -1056,11 +1058,21 @@ async fn run(
                 None => std::future::pending().await,
             }
         };
+        let login_expires = async {
+            match login_deadline.filter(|_| conn.is_logging_in()) {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let rx = decoder.room(READ_MIN, READ_CHUNK);
         let n = tokio::select! {
             n = stream.read_buf(rx) => n?,
             () = ended => {
                 tracing::info!(%peer, "iSCSI session ended by image management");
+                return Ok(());
+            }
+            () = login_expires => {
+                tracing::debug!(%peer, "iSCSI login timed out: connection closed");
                 return Ok(());
             }
         };

@@ -122,6 +122,8 @@ pub(crate) struct NewConn {
     pub core: Connection,
     /// Its bytes, for the userspace tally.
     pub counted: Counted<()>,
+    /// When it is closed unless its login is complete (`iscsi.login_timeout_secs`).
+    pub login_deadline: Option<Instant>,
 }
 
 impl NewConn {
@@ -131,6 +133,7 @@ impl NewConn {
         (peer, local): (SocketAddr, SocketAddr),
         core: Connection,
         tally: Option<&Arc<Tally>>,
+        login_deadline: Option<Instant>,
     ) -> Self {
         Self {
             stream,
@@ -138,6 +141,7 @@ impl NewConn {
             local,
             core,
             counted: Counted::new((), tally, Service::Iscsi, peer, local),
+            login_deadline,
         }
     }
 }
@@ -609,6 +613,9 @@ struct Driver {
     sessions: Arc<Sessions>,
     events: mpsc::Sender<SessionMsg>,
     stopping: Option<Instant>,
+    /// Connections with a login deadline, earliest first (every connection gets the same
+    /// timeout, so in the order they came); checked once it passes.
+    login_deadlines: VecDeque<(Instant, Key)>,
     /// The kernel has `IORING_OP_SPLICE`: reads whose Data-In the core takes as
     /// [`FileData`] go file -> pipe -> socket.
     splice: bool,
@@ -671,6 +678,7 @@ impl Driver {
             sessions,
             events,
             stopping: None,
+            login_deadlines: VecDeque::new(),
         })
     }
 
@@ -713,8 +721,15 @@ impl Driver {
     /// Submits what is queued and waits for a completion (while stopping, at most 50 ms;
     /// otherwise spinning first for up to `busy_poll`).
     fn wait(&mut self) -> io::Result<()> {
-        let r = if self.stopping.is_some() {
-            let ts = Timespec::from(Duration::from_millis(50));
+        let limit = if self.stopping.is_some() {
+            Some(Duration::from_millis(50))
+        } else {
+            self.login_deadlines
+                .front()
+                .map(|(d, _)| d.saturating_duration_since(Instant::now()))
+        };
+        let r = if let Some(limit) = limit {
+            let ts = Timespec::from(limit.max(Duration::from_millis(1)));
             let args = SubmitArgs::new().timespec(&ts);
             self.ring.submitter().submit_with_args(1, &args)
         } else {
@@ -792,6 +807,7 @@ impl Driver {
             local,
             core,
             counted,
+            login_deadline,
         } = nc;
         if let Err(error) = stream.set_nonblocking(false) {
             tracing::debug!(%peer, %error, "iSCSI socket mode");
@@ -821,7 +837,31 @@ impl Driver {
             closing: false,
             span: tracing::debug_span!("iscsi", %peer),
         });
-        self.mark(Key { idx, generation });
+        let key = Key { idx, generation };
+        if let Some(d) = login_deadline {
+            self.login_deadlines.push_back((d, key));
+        }
+        self.mark(key);
+    }
+
+    /// Closes the connections whose login deadline has passed before their login
+    /// completed.
+    fn expire_logins(&mut self) {
+        let now = Instant::now();
+        while let Some(&(d, key)) = self.login_deadlines.front() {
+            if d > now {
+                break;
+            }
+            self.login_deadlines.pop_front();
+            if let Some(c) = self.conn(key)
+                && !c.closing
+                && c.core.is_logging_in()
+            {
+                let _enter = c.span.clone().entered();
+                tracing::debug!(peer = %c.peer, "iSCSI login timed out: connection closed");
+                self.close(key);
+            }
+        }
     }
 
     /// Runs what the core asks for: commands, the login, sends, the next receive.
@@ -1725,6 +1765,7 @@ impl super::RingDriver for Driver {
                     _ => {}
                 }
             }
+            self.expire_logins();
             while let Some(key) = self.dirty.pop() {
                 self.service(key);
             }
