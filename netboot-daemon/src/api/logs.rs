@@ -39,7 +39,7 @@ pub(crate) struct LogFile {
 
 /// The name of `mac`'s log folder: `aa-bb-cc-dd-ee-ff`.
 pub(crate) fn folder_name(mac: MacAddr) -> String {
-    mac.to_string().replace(':', "-")
+    mac.to_hexhyp()
 }
 
 /// The folder of `mac`'s logs under `paths.logs`.

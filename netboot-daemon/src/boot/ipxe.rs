@@ -136,10 +136,7 @@ impl Script {
 /// The initiator IQN a device uses: it carries the MAC, as the name's last token, so the
 /// target can check it.
 pub fn initiator_iqn(iqn_prefix: &str, mac: MacAddr) -> String {
-    format!(
-        "{iqn_prefix}:initiator:{}",
-        mac.to_string().replace(':', "-")
-    )
+    format!("{iqn_prefix}:initiator:{}", mac.to_hexhyp())
 }
 
 /// The URL of an installer file; the MAC in the query lets the server put the download
