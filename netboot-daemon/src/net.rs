@@ -36,6 +36,51 @@ pub struct Egress {
     pub src: Ipv4Addr,
 }
 
+/// Asks for a receive buffer of `bytes` on `socket` and returns the size the kernel
+/// granted (`SO_RCVBUF` as read back: the kernel doubles the request for its overhead).
+///
+/// `SO_RCVBUFFORCE` goes past `net.core.rmem_max` (212,992 bytes on a stock kernel) and
+/// needs `CAP_NET_ADMIN`; without it, `SO_RCVBUF` gets at most `rmem_max`. A listener that
+/// a burst of requests reaches at once (a boot storm's RRQs) needs room for all of them:
+/// a datagram that finds the buffer full is dropped, and its client waits out its
+/// retransmission timeout.
+pub fn raise_receive_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) -> usize {
+    let fd = socket.as_raw_fd();
+    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |opt: libc::c_int| {
+        // SAFETY: `want` is a c_int that lives across the call; the length is its size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const want).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if set(libc::SO_RCVBUFFORCE) != 0 {
+        set(libc::SO_RCVBUF);
+    }
+    let mut got: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `got` and `len` are valid for writes and `len` is `got`'s size.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw mut got).cast(),
+            &raw mut len,
+        )
+    };
+    if r == 0 {
+        usize::try_from(got).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
 /// An `IP_PKTINFO` control message.
 #[repr(C)]
 struct PktinfoCmsg {

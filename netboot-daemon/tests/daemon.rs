@@ -649,3 +649,100 @@ fn counts_iscsi_in_userspace_exactly_as_the_target_counts_it() {
     );
     drop(d);
 }
+
+/// The drops counted on the UDP socket bound to 127.0.0.1:`port` (the last column of
+/// `/proc/net/udp`).
+fn udp_drops(port: u16) -> u64 {
+    let local = format!("0100007F:{port:04X}");
+    let table = std::fs::read_to_string("/proc/net/udp").expect("read /proc/net/udp");
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1) == Some(&local.as_str()))
+        .and_then(|f| f.last().and_then(|d| d.parse().ok()))
+        .unwrap_or_else(|| panic!("no UDP socket on {local} in:\n{table}"))
+}
+
+/// A boot storm's RRQs arrive at once. While netbootd is stopped (SIGSTOP), 1000 of them
+/// queue on its listener; the kernel's default receive buffer (212,992 bytes) would hold
+/// about a quarter and drop the rest, leaving those clients to wait out their
+/// retransmission timeout. The listener asks for room for `tftp.max_sessions` RRQs, so
+/// none is dropped and every client gets its answer to its first RRQ.
+#[test]
+fn a_burst_of_rrqs_queues_on_the_listener_without_drops() {
+    const CLIENTS: usize = 1000;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let msg =
+            "SKIPPED: a receive buffer beyond net.core.rmem_max needs CAP_NET_ADMIN (run as root)";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("{msg}");
+        return;
+    }
+    // One socket per client, and a few more for the test itself.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is valid for writes.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) },
+        0
+    );
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: lim is a valid rlimit.
+    assert_eq!(
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) },
+        0
+    );
+
+    let (d, _) = Daemon::start("rrq-burst", &[]);
+    let tftp: std::net::SocketAddr = d
+        .startup_field("TFTP listening", "addr")
+        .parse()
+        .expect("TFTP address");
+    // Each from its own loopback address, like a rack of machines (the per-client limit is
+    // per address).
+    let clients: Vec<std::net::UdpSocket> = (0..CLIENTS)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::new(127, 101, (i / 250) as u8, (i % 250 + 1) as u8);
+            let s = std::net::UdpSocket::bind((ip, 0)).expect("bind a client");
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    let drops_before = udp_drops(tftp.port());
+
+    let pid = d.child.id().to_string();
+    let kill = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill {sig}");
+    };
+    kill("-STOP");
+    let rrq = b"\x00\x01absent.bin\x00octet\x00";
+    for s in &clients {
+        s.send_to(rrq, tftp).expect("send an RRQ");
+    }
+    let drops = udp_drops(tftp.port()) - drops_before;
+    kill("-CONT");
+
+    // Every client's first RRQ is answered: the file does not exist, so with ERROR 1.
+    let mut answered = 0;
+    let mut buf = [0u8; 600];
+    for (i, s) in clients.iter().enumerate() {
+        match s.recv_from(&mut buf) {
+            Ok((n, _)) if buf[..n].starts_with(b"\x00\x05\x00\x01") => answered += 1,
+            Ok((n, _)) => panic!("client {i}: unexpected answer {:?}", &buf[..n]),
+            Err(e) => {
+                panic!("client {i} got no answer to its only RRQ: {e} ({drops} RRQs dropped)")
+            }
+        }
+    }
+    assert_eq!(drops, 0, "RRQs dropped by the listener");
+    assert_eq!(answered, CLIENTS);
+    drop(d);
+}

@@ -68,6 +68,15 @@ pub fn start_tftp(
     busy_poll: Duration,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<Running> {
+    let want = tftp.listener_receive_buffer();
+    let got = crate::net::raise_receive_buffer(&listener, want);
+    if got < want {
+        tracing::warn!(
+            asked = want,
+            got,
+            "the TFTP listener's receive buffer is smaller than a burst of RRQs needs (no CAP_NET_ADMIN for SO_RCVBUFFORCE; raise net.core.rmem_max): RRQs beyond it are dropped and their clients retry after their timeout"
+        );
+    }
     let listener = match choice {
         TftpDriver::Uring => match uring::spawn(Arc::clone(&tftp), listener, busy_poll) {
             Ok(handle) => return Ok(Running::Uring(handle)),

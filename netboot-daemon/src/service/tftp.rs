@@ -475,6 +475,8 @@ pub struct Tftp {
     configured_root: PathBuf,
     core: transfer::Config,
     admission: Mutex<Server>,
+    /// `tftp.max_sessions`, for sizing the listener's receive buffer.
+    max_sessions: usize,
     cache: Arc<FileCache>,
     case_insensitive: bool,
     transfers: Mutex<Transfers>,
@@ -497,6 +499,17 @@ impl std::fmt::Debug for Tftp {
 }
 
 impl Tftp {
+    /// The receive buffer the listening socket should have: room for an RRQ from every
+    /// transfer the limits admit, all arriving at once (a boot storm), at 2 KiB of kernel
+    /// memory each (a datagram's truesize on a typical NIC), from 256 KiB to 64 MiB.
+    /// Smaller, a burst overflows it: the kernel drops the RRQs that do not fit, and
+    /// their clients wait out their retransmission timeout.
+    pub fn listener_receive_buffer(&self) -> usize {
+        self.max_sessions
+            .saturating_mul(2048)
+            .clamp(256 << 10, 64 << 20)
+    }
+
     /// A service serving `root` (an existing directory) as configured.
     pub fn new(cfg: &TftpConfig, root: PathBuf) -> Self {
         let core = transfer::Config {
@@ -519,6 +532,7 @@ impl Tftp {
             configured_root: root,
             core,
             admission: Mutex::new(Server::new(limits)),
+            max_sessions: cfg.max_sessions,
             cache: Arc::new(FileCache {
                 max_file: cfg.cache_file_max_mib << 20,
                 max_total: cfg.cache_total_mib << 20,
