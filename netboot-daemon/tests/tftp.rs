@@ -652,6 +652,57 @@ async fn a_storm_of_500_real_clients_all_get_exact_files(driver: TftpDriver) {
     srv.stop().await;
 }
 
+/// Clients that all start on a file before it is in the cache (a storm on a new kernel)
+/// are served from the cache once one read of the whole file has filled it: the file is
+/// read about once, not once per client, and every transfer counts one cache hit.
+async fn a_storm_on_an_uncached_file_reads_it_about_once(driver: TftpDriver) {
+    const CLIENTS: usize = 20;
+    const SIZE: usize = 2 << 20;
+    if !have("curl") {
+        let msg = "SKIPPED: curl is not installed (cargo xtask setup installs it)";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("{msg}");
+        return;
+    }
+    let cfg = TftpConfig {
+        per_client: CLIENTS,
+        ..TftpConfig::default()
+    };
+    let srv = Server::start("uncached", cfg, driver).await;
+    let file = data(SIZE, 34);
+    srv.put("new-kernel", &file);
+    // blksize 512: 4096 blocks each, so every client starts long before any transfer
+    // could have read the file through its own 256 KiB reads.
+    let runs: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let o = srv.out(&format!("u{i}.bin"));
+            let args = curl_args(&srv, "new-kernel", &o, 512);
+            (o, tokio::spawn(client("curl", args)))
+        })
+        .collect();
+    for (o, run) in runs {
+        let (ok, log) = run.await.expect("client task");
+        assert!(ok, "{}: {log}", o.display());
+        same(&o, &file);
+    }
+    let st = &srv.tftp.stats;
+    assert_eq!(st.completed(), CLIENTS as u64);
+    assert_eq!(
+        st.cache_hits.load(Ordering::Relaxed),
+        CLIENTS as u64,
+        "each transfer sent from the cache, from its start or its next read"
+    );
+    // The fill reads the file once; a transfer reads at most its first chunk before the
+    // cache has it. Read once per client, it would be 40 MiB.
+    let read = st.file_read_bytes.load(Ordering::Relaxed);
+    let bound = (SIZE + CLIENTS * (256 << 10)) as u64;
+    assert!(
+        (SIZE as u64..=bound).contains(&read),
+        "{read} file bytes read for {CLIENTS} transfers of {SIZE} (at most {bound})"
+    );
+    srv.stop().await;
+}
+
 /// A scrape of `/metrics` over HTTP (curl), in the format `accept` asks for.
 async fn scrape(http: SocketAddr, accept: &str) -> String {
     let out = tokio::process::Command::new("curl")
@@ -1047,6 +1098,7 @@ with_both_drivers!(
     a_vanished_client_ends_the_transfer_at_once,
     concurrent_clients_all_get_exact_files,
     a_storm_of_500_real_clients_all_get_exact_files,
+    a_storm_on_an_uncached_file_reads_it_about_once,
     transfers_are_recorded_and_exposed_as_metrics,
     mac_directories_and_the_generated_script,
     case_insensitive_lookup_stays_in_the_jail,

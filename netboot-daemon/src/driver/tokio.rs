@@ -7,6 +7,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -81,21 +82,25 @@ async fn open(
         .await
         .map_err(|_| Vec::new())??;
     let Opened { source, fill } = opened;
-    let (Source::File(file, _), Some(mut fill)) = (&source, fill) else {
+    let (Source::File(file, _, _), Some(fill)) = (&source, fill) else {
         return Ok(source);
     };
     let file = Arc::clone(file);
     let len = usize::try_from(fill.len()).unwrap_or(0);
     let read = tokio::task::spawn_blocking(move || {
         read_at(&file, 0, len).map(|data| {
-            fill.push(0, &data);
-            fill.finish()
+            fill.read(data.len());
+            fill.finish(data)
         })
     })
     .await;
     // A file that could not be read whole is sent from disk, like a large one.
     Ok(match read {
-        Ok(Ok(Some(data))) => Source::Memory(data),
+        Ok(Ok(Some(data))) => {
+            // Sent from memory, as the transfers that find it in the cache are.
+            tftp.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            Source::Memory(data)
+        }
         _ => source,
     })
 }
@@ -139,7 +144,7 @@ async fn run_transfer(
             return Outcome::Refused;
         }
     };
-    match drive(tftp, socket, local, req, &source).await {
+    match drive(tftp, socket, local, req, source).await {
         Ok(ev) => Outcome::Event(ev),
         Err(e) => Outcome::Io(e),
     }
@@ -156,9 +161,9 @@ async fn drive(
     socket: UdpSocket,
     local: Option<SocketAddr>,
     req: &Admitted,
-    source: &Source,
+    mut source: Source,
 ) -> io::Result<Event> {
-    let mut t = tftp.new_transfer(req, source, local);
+    let mut t = tftp.new_transfer(req, &source, local);
     let mut out = vec![0u8; t.buffer_len()];
     let mut inp = vec![0u8; 1024];
     loop {
@@ -166,6 +171,11 @@ async fn drive(
             let data = tokio::task::spawn_blocking(move || read_at(&file, r.offset, r.len))
                 .await
                 .map_err(io::Error::other)?;
+            if let Ok(d) = &data {
+                tftp.stats
+                    .file_read_bytes
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
             t.handle_read(data.map(Bytes::from).map_err(|_| ()));
         }
         while let Some(n) = t.poll_transmit(Instant::now(), &mut out) {

@@ -52,8 +52,12 @@ pub struct Stats {
     pub refused: AtomicU64,
     /// Datagrams dropped on the listening port (malformed, duplicate, unexpected).
     pub dropped: AtomicU64,
-    /// Served from the in-memory cache.
+    /// Served from the in-memory cache (from the start, or from when another transfer
+    /// filled it while this one was running).
     pub cache_hits: AtomicU64,
+    /// File bytes read from disk (or the page cache) for transfers and for filling the
+    /// cache.
+    pub file_read_bytes: AtomicU64,
     /// Sends that carried several datagrams at once with UDP GSO (io_uring driver).
     pub gso_sends: AtomicU64,
     /// Datagrams sent inside those GSO sends.
@@ -239,8 +243,9 @@ struct Transfers {
 pub(crate) enum Source {
     /// The whole file, in memory (from the cache): transfers send slices of it.
     Memory(Bytes),
-    /// An open file and its length at open time.
-    File(Arc<File>, u64),
+    /// An open file and its length at open time, and, for a file small enough for the
+    /// cache, where to find it once another transfer has filled the cache.
+    File(Arc<File>, u64, Option<CacheWatch>),
 }
 
 impl Source {
@@ -248,17 +253,26 @@ impl Source {
     pub(crate) fn len(&self) -> u64 {
         match self {
             Self::Memory(b) => b.len() as u64,
-            Self::File(_, len) => *len,
+            Self::File(_, len, _) => *len,
         }
     }
 
     /// Answers the reads `t` asks for from memory; returns the read the driver must do
     /// from the file, if any (the core has at most one outstanding and asks again after).
-    pub(crate) fn feed(&self, t: &mut Transfer) -> Option<(Arc<File>, ReadRequest)> {
+    ///
+    /// A file that has gone into the cache since the transfer opened it is sent from
+    /// there from its next read on: in a boot storm every transfer starts before the
+    /// first has read the file, and would otherwise read all of it on its own.
+    pub(crate) fn feed(&mut self, t: &mut Transfer) -> Option<(Arc<File>, ReadRequest)> {
         while let Some(r) = t.poll_read() {
+            if let Self::File(_, _, Some(watch)) = self
+                && let Some(data) = watch.get()
+            {
+                *self = Self::Memory(data);
+            }
             match self {
                 Self::Memory(data) => t.handle_read(Ok(slice_of(data, r))),
-                Self::File(file, _) => return Some((Arc::clone(file), r)),
+                Self::File(file, _, _) => return Some((Arc::clone(file), r)),
             }
         }
         None
@@ -299,11 +313,12 @@ impl FileCache {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn get(&self, path: &Path, meta: &std::fs::Metadata) -> Option<Bytes> {
-        let modified = meta.modified().ok()?;
+    /// The cached file at `path` if it is the version modified at `modified` with `len`
+    /// bytes; a cached entry of another version is dropped.
+    fn get_version(&self, path: &Path, modified: SystemTime, len: u64) -> Option<Bytes> {
         let mut state = self.lock();
         let e = state.entries.get_mut(path)?;
-        if e.modified == modified && e.data.len() as u64 == meta.len() {
+        if e.modified == modified && e.data.len() as u64 == len {
             e.last_used = Instant::now();
             Some(e.data.clone())
         } else {
@@ -339,56 +354,78 @@ impl FileCache {
     }
 }
 
-/// A file that is being read for a transfer and will go into the cache once all of it
-/// has been read in order. Dropping it unfinished lets another transfer fill the cache.
+/// The right to read a file whole into the cache: one transfer's open gets it, the
+/// others opened meanwhile watch for the result ([`CacheWatch`]). The driver reads the
+/// file at once, apart from the transfer's own reads. Dropping it unfinished lets a later
+/// open fill the cache.
 pub(crate) struct CacheFill {
     cache: Arc<FileCache>,
     path: PathBuf,
     modified: SystemTime,
     len: u64,
-    data: Vec<u8>,
+    stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for CacheFill {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheFill")
             .field("len", &self.len)
-            .field("have", &self.data.len())
             .finish_non_exhaustive()
     }
 }
 
 impl CacheFill {
-    /// The file's length at open time.
+    /// The file's length at open time: how much to read.
     pub(crate) fn len(&self) -> u64 {
         self.len
     }
 
-    /// Records the bytes read at `offset`; false if they do not continue what was
-    /// collected (then the fill is useless and should be dropped).
-    pub(crate) fn push(&mut self, offset: u64, bytes: &[u8]) -> bool {
-        if offset != self.data.len() as u64
-            || self.data.len() as u64 + bytes.len() as u64 > self.len
-        {
-            return false;
-        }
-        self.data.extend_from_slice(bytes);
-        true
+    /// Counts `n` bytes read for the fill.
+    pub(crate) fn read(&self, n: usize) {
+        self.stats
+            .file_read_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// True once the whole file has been collected.
-    pub(crate) fn is_complete(&self) -> bool {
-        self.data.len() as u64 == self.len
-    }
-
-    /// Puts the collected file into the cache (if complete) and returns it.
-    pub(crate) fn finish(mut self) -> Option<Bytes> {
-        if !self.is_complete() {
+    /// Puts the file, read whole, into the cache and returns it; `None` (and nothing
+    /// cached) if `data` is not as long as the file was at open time.
+    pub(crate) fn finish(self, data: Vec<u8>) -> Option<Bytes> {
+        if data.len() as u64 != self.len {
             return None;
         }
-        let data = Bytes::from(std::mem::take(&mut self.data));
+        let data = Bytes::from(data);
         self.cache
             .insert(self.path.clone(), self.modified, data.clone());
+        Some(data)
+    }
+}
+
+/// Where a transfer finds its file in the cache once another has put it there: the
+/// version it opened (same modification time and length), or none.
+#[derive(Clone)]
+pub(crate) struct CacheWatch {
+    cache: Arc<FileCache>,
+    path: Arc<Path>,
+    modified: SystemTime,
+    len: u64,
+    stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for CacheWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheWatch")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheWatch {
+    /// The file from the cache, if it is there now (counted as a cache hit).
+    fn get(&self) -> Option<Bytes> {
+        let data = self
+            .cache
+            .get_version(&self.path, self.modified, self.len)?;
+        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
         Some(data)
     }
 }
@@ -405,7 +442,7 @@ pub(crate) struct Opened {
     /// Where its bytes come from.
     pub(crate) source: Source,
     /// Set when the file is small enough for the cache, not yet in it, and no other
-    /// transfer is filling it: the driver collects what it reads into it.
+    /// transfer is filling it: the driver reads the file whole into it.
     pub(crate) fill: Option<CacheFill>,
 }
 
@@ -487,7 +524,7 @@ pub struct Tftp {
     /// Counts each ended transfer for its client when the eBPF program does not.
     tally: std::sync::OnceLock<Arc<Tally>>,
     /// Counters.
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for Tftp {
@@ -545,7 +582,7 @@ impl Tftp {
             bindings: None,
             ports: std::sync::OnceLock::new(),
             tally: std::sync::OnceLock::new(),
-            stats: Stats::default(),
+            stats: Arc::default(),
         }
     }
 
@@ -696,9 +733,20 @@ impl Tftp {
             "netboot_tftp_cache_hits",
             Kind::Counter,
             None,
-            "Transfers served from the in-memory file cache.",
+            "Transfers sent from the in-memory file cache, from their start or from when it was filled.",
         );
         e.counter("netboot_tftp_cache_hits", &[], load(&st.cache_hits));
+        e.family(
+            "netboot_tftp_file_read_bytes",
+            Kind::Counter,
+            Some("bytes"),
+            "File bytes read from disk or the page cache, for transfers and to fill the cache.",
+        );
+        e.counter(
+            "netboot_tftp_file_read_bytes",
+            &[],
+            load(&st.file_read_bytes),
+        );
         e.family(
             "netboot_tftp_gso_sends",
             Kind::Counter,
@@ -883,31 +931,44 @@ impl Tftp {
             error_packet(code, msg)
         })?;
         let len = meta.len();
-        let file = Source::File(Arc::new(file), len);
-        if len > self.cache.max_file {
+        let file = Arc::new(file);
+        let modified = meta.modified().ok();
+        let (Some(modified), true) = (modified, len <= self.cache.max_file) else {
             return Ok(Opened {
-                source: file,
+                source: Source::File(file, len, None),
                 fill: None,
             });
-        }
-        if let Some(data) = self.cache.get(&path, &meta) {
+        };
+        if let Some(data) = self.cache.get_version(&path, modified, len) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Opened {
                 source: Source::Memory(data),
                 fill: None,
             });
         }
-        let fill = match meta.modified() {
-            Ok(modified) if self.cache.lock().filling.insert(path.clone()) => Some(CacheFill {
+        let fill = self
+            .cache
+            .lock()
+            .filling
+            .insert(path.clone())
+            .then(|| CacheFill {
                 cache: Arc::clone(&self.cache),
-                path,
+                path: path.clone(),
                 modified,
                 len,
-                data: Vec::with_capacity(usize::try_from(len).unwrap_or(0)),
-            }),
-            _ => None,
+                stats: Arc::clone(&self.stats),
+            });
+        let watch = CacheWatch {
+            cache: Arc::clone(&self.cache),
+            path: path.into(),
+            modified,
+            len,
+            stats: Arc::clone(&self.stats),
         };
-        Ok(Opened { source: file, fill })
+        Ok(Opened {
+            source: Source::File(file, len, Some(watch)),
+            fill,
+        })
     }
 
     /// Opens the normalised `rel` inside the root (case-insensitively as a fallback when

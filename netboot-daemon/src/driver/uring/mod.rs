@@ -15,8 +15,9 @@
 //!   for it, so the loop makes one `io_uring_enter` per block (submit the DATA, wait for
 //!   the ACK) instead of two;
 //! - `READ` for file data of files that are not in memory (never a blocking read on this
-//!   thread); files small enough for the cache are collected while they are read and go
-//!   into the cache once complete;
+//!   thread); a file small enough for the cache that is not in it yet is read whole
+//!   into it by its own `READ`s (4 MiB each), apart from the transfer that opened it, and
+//!   every transfer of the file sends from the cache from its next read on;
 //! - a `POLL_ADD` on a pipe whose write end the [`Handle`] holds: dropping it stops the
 //!   loop;
 //! - timers live in user space: a binary heap of the transfers' deadlines; the wait
@@ -78,6 +79,9 @@ const SESSION_BUF_SIZE: usize = 128;
 const GSO_MAX_SEGMENTS: usize = 64;
 /// Bytes per GSO send: the largest UDP payload over IPv4.
 const GSO_MAX_BYTES: usize = 65_507;
+/// Bytes per read that fills the cache: the kernel copies a read from the page cache
+/// while it takes the submission, and the sends queued after it wait for that copy.
+const FILL_CHUNK: usize = 4 << 20;
 /// Idle send buffers kept for reuse.
 const POOL_MAX: usize = 256;
 /// Receives on the listener that may fail in a row before the driver gives up.
@@ -126,7 +130,6 @@ struct Session {
     socket: UdpSocket,
     transfer: Transfer,
     source: Source,
-    fill: Option<CacheFill>,
     /// The chunks read for this transfer, oldest first, whose memory the next reads reuse
     /// once the transfer and every send have let go of them.
     reads: VecDeque<Bytes>,
@@ -148,9 +151,15 @@ enum Op {
     },
     Read {
         owner: Key,
-        offset: u64,
         buf: BytesMut,
         _file: Arc<File>,
+    },
+    /// A read of a whole file for the cache; `buf` has the file's length as capacity and
+    /// holds what has been read so far.
+    Fill {
+        fill: CacheFill,
+        buf: Vec<u8>,
+        file: Arc<File>,
     },
 }
 
@@ -736,7 +745,6 @@ impl Driver {
             socket,
             transfer,
             source: opened.source,
-            fill: opened.fill,
             reads: VecDeque::new(),
             recv_armed: false,
             gso_max,
@@ -747,6 +755,45 @@ impl Driver {
         let key = Key { idx, generation };
         self.dirty.push(key);
         self.arm_recv(key);
+        if let (Some(fill), Some(Source::File(file, _, _))) =
+            (opened.fill, self.sessions.get(idx).map(|s| &s.source))
+        {
+            let file = Arc::clone(file);
+            let len = usize::try_from(fill.len()).unwrap_or(usize::MAX);
+            self.fill(fill, Vec::with_capacity(len), file);
+        }
+    }
+
+    /// Reads the rest of a file for the cache into `buf` (what it holds is the start of
+    /// the file, its capacity the file's length), [`FILL_CHUNK`] at a time, apart from any
+    /// transfer: the transfers of the file find it in the cache at their next read
+    /// ([`Source::feed`]).
+    fn fill(&mut self, fill: CacheFill, mut buf: Vec<u8>, file: Arc<File>) {
+        let have = buf.len();
+        let left = fill_left(&fill, &buf).min(FILL_CHUNK);
+        if left == 0 {
+            fill.finish(buf);
+            return;
+        }
+        let len = u32::try_from(left).unwrap_or(u32::MAX);
+        let sqe = opcode::Read::new(
+            Fd(file.as_raw_fd()),
+            buf.spare_capacity_mut().as_mut_ptr().cast(),
+            len,
+        )
+        .offset(have as u64)
+        .build();
+        let entry = self.ops.vacant_entry();
+        let idx = entry.key();
+        let sqe = sqe.user_data(user_data(Tag::Op, idx, 0));
+        entry.insert(Op::Fill { fill, buf, file });
+        // SAFETY: the Vec's heap block (`left` bytes of spare capacity after `have`) and
+        // the file are owned by the op in `ops` until this request's CQE; moving the Vec
+        // does not move its heap block, and nothing resizes it meanwhile.
+        if !unsafe { self.push(&sqe) } {
+            // Dropping the fill lets a later open try again.
+            self.ops.try_remove(idx);
+        }
     }
 
     fn on_recv(&mut self, now: Instant, key: Key, res: i32, flags: u32, more: bool) {
@@ -825,12 +872,7 @@ impl Driver {
                     }
                 }
             }
-            Op::Read {
-                owner,
-                offset,
-                mut buf,
-                ..
-            } => {
+            Op::Read { owner, mut buf, .. } => {
                 let Some(s) = self
                     .sessions
                     .get_mut(owner.idx)
@@ -840,6 +882,10 @@ impl Driver {
                 };
                 let data = match usize::try_from(res) {
                     Ok(n) if n <= buf.capacity() => {
+                        self.tftp
+                            .stats
+                            .file_read_bytes
+                            .fetch_add(n as u64, Ordering::Relaxed);
                         // SAFETY: the kernel wrote the first `n` bytes of the buffer's
                         // spare capacity (the read asked for at most its capacity), and
                         // `buf` was empty.
@@ -850,15 +896,6 @@ impl Driver {
                     }
                     _ => Err(()),
                 };
-                if let (Ok(d), Some(fill)) = (&data, s.fill.as_mut()) {
-                    if !fill.push(offset, d) {
-                        s.fill = None;
-                    } else if fill.is_complete()
-                        && let Some(fill) = s.fill.take()
-                    {
-                        fill.finish();
-                    }
-                }
                 if data.is_err() {
                     tracing::debug!(parent: &s.span, error = %io::Error::from_raw_os_error(-res), "tftp file read failed");
                 }
@@ -866,6 +903,27 @@ impl Driver {
                 if !s.dirty {
                     s.dirty = true;
                     self.dirty.push(owner);
+                }
+            }
+            Op::Fill {
+                fill,
+                mut buf,
+                file,
+            } => {
+                let left = fill_left(&fill, &buf).min(FILL_CHUNK);
+                match usize::try_from(res) {
+                    Ok(n) if n > 0 && n <= left => {
+                        fill.read(n);
+                        // SAFETY: the kernel wrote `n` bytes of the spare capacity after
+                        // the `len` bytes already there (it asked for at most `left`).
+                        unsafe { buf.set_len(buf.len() + n) };
+                        self.fill(fill, buf, file);
+                    }
+                    // The file ended early (it shrank) or could not be read: no cache
+                    // entry; dropping the fill lets a later open try again.
+                    _ => {
+                        tracing::debug!(res, "tftp cache fill abandoned");
+                    }
                 }
             }
         }
@@ -1024,7 +1082,6 @@ impl Driver {
         let sqe = sqe.user_data(user_data(Tag::Op, idx, 0));
         entry.insert(Op::Read {
             owner: key,
-            offset: r.offset,
             buf,
             _file: file,
         });
@@ -1114,6 +1171,14 @@ impl Driver {
         s.span.in_scope(|| self.tftp.finished(now, s.peer, outcome));
         self.to_close.push(s.socket);
     }
+}
+
+/// Bytes of the file a cache fill still has to read: `buf` holds the ones read, and its
+/// capacity is at least the file's length.
+fn fill_left(fill: &CacheFill, buf: &[u8]) -> usize {
+    usize::try_from(fill.len())
+        .unwrap_or(usize::MAX)
+        .saturating_sub(buf.len())
 }
 
 /// A run of datagrams collected by [`fill_train`].
