@@ -105,6 +105,9 @@ struct Sample {
     wall_s: f64,
     mbs: f64,
     server_cpu_s: f64,
+    /// CPU time of the atftp client (single and window scenarios).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_cpu_s: Option<f64>,
     note: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     load: Option<LoadReport>,
@@ -435,7 +438,8 @@ fn ensure_running(s: &mut Running, ctx: &Ctx<'_>) -> anyhow::Result<String> {
 const PROBE_SIZE: usize = 3000;
 const STORM_SIZE: usize = 1 << 20;
 
-/// One atftp download of `big.bin`, verified against `expected`.
+/// One atftp download of `big.bin`, verified against `expected`: whether it succeeded,
+/// its wall time, the server's and the client's CPU time (s), and a note.
 fn single(
     netns: Option<&Netns>,
     atftp: &Path,
@@ -444,7 +448,7 @@ fn single(
     expected: &[u8],
     limit: Duration,
     outputs: &Path,
-) -> anyhow::Result<(bool, f64, f64, String)> {
+) -> anyhow::Result<(bool, f64, f64, f64, String)> {
     let out = outputs.join(format!("{}.bin", s.kind.name()));
     let _ = std::fs::remove_file(&out);
     let mut c = command(None, netns, atftp);
@@ -485,7 +489,13 @@ fn single(
         }
         Some(_) => true,
     };
-    Ok((ok, fin.elapsed.as_secs_f64(), cpu, note))
+    Ok((
+        ok,
+        fin.elapsed.as_secs_f64(),
+        cpu,
+        fin.cpu.as_secs_f64(),
+        note,
+    ))
 }
 
 /// Machine description for the report.
@@ -678,7 +688,7 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<bool> {
                         continue;
                     }
                     let restarted = ensure_running(s, &ctx)?;
-                    let (ok, wall, cpu, mut note) = single(
+                    let (ok, wall, cpu, client_cpu, mut note) = single(
                         ctx.netns,
                         atftp,
                         s,
@@ -691,7 +701,7 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<bool> {
                     note.push_str(&died(s));
                     let mbs = plan.size as f64 / 1e6 / wall;
                     say(format!(
-                        "rep {rep} single {} blksize {blksize} window {windowsize:?}: {} {wall:.2} s, {mbs:.1} MB/s, server CPU {cpu:.2} s {note}",
+                        "rep {rep} single {} blksize {blksize} window {windowsize:?}: {} {wall:.2} s, {mbs:.1} MB/s, server CPU {cpu:.2} s, client CPU {client_cpu:.2} s {note}",
                         s.kind.name(),
                         if ok { "ok" } else { "FAILED" },
                     ));
@@ -710,6 +720,7 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<bool> {
                         wall_s: wall,
                         mbs,
                         server_cpu_s: cpu,
+                        client_cpu_s: Some(client_cpu),
                         note,
                         load: None,
                     });
@@ -764,6 +775,7 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<bool> {
                     wall_s: wall,
                     mbs,
                     server_cpu_s: cpu,
+                    client_cpu_s: None,
                     note,
                     load,
                 });
@@ -860,6 +872,9 @@ fn cell(v: &[f64], failed: usize, digits: usize) -> String {
     s
 }
 
+/// One figure of a sample, if it has it.
+type Metric = fn(&Sample) -> Option<f64>;
+
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
@@ -887,8 +902,8 @@ fn report(
             })
             .collect()
     };
-    let med = |v: &[&Sample], f: fn(&Sample) -> f64| -> Option<f64> {
-        let mut x: Vec<f64> = v.iter().filter(|s| s.ok).map(|s| f(s)).collect();
+    let med = |v: &[&Sample], f: Metric| -> Option<f64> {
+        let mut x: Vec<f64> = v.iter().filter(|s| s.ok).filter_map(|s| f(s)).collect();
         median(&mut x)
     };
     let single_like = |r: &mut String,
@@ -904,20 +919,19 @@ fn report(
             .copied()
             .filter(|k| *k != Kind::Netboot)
             .collect();
+        let wall: Metric = |s| Some(s.wall_s);
+        let client: Metric = |s| s.client_cpu_s;
         for (what, unit, f, digits) in [
-            (
-                "throughput",
-                "MB/s",
-                (|s: &Sample| s.mbs) as fn(&Sample) -> f64,
-                1usize,
-            ),
+            ("throughput", "MB/s", (|s| Some(s.mbs)) as Metric, 1usize),
             (
                 "server CPU per transfer",
                 "s",
-                |s: &Sample| s.server_cpu_s,
+                |s: &Sample| Some(s.server_cpu_s),
                 3,
             ),
+            ("atftp client CPU per transfer", "s", client, 3),
         ] {
+            let throughput = what == "throughput";
             let _ = writeln!(
                 r,
                 "\n**{title}: {what}, {unit}, median [min–max] of {} run(s)**\n",
@@ -933,6 +947,15 @@ fn report(
                 let _ = write!(head, " netboot/{} |", k.name());
                 sep.push_str("---|");
             }
+            if throughput {
+                // The client is one process: netboot's transfer cannot take less wall time
+                // than the client's own CPU time in it, which caps the ratio any server
+                // could show against this peer with this client.
+                for k in &cols_peers {
+                    let _ = write!(head, " ceiling set by the client, netboot/{} |", k.name());
+                    sep.push_str("---|");
+                }
+            }
             let _ = writeln!(r, "{head}\n{sep}");
             for &(b, w) in rows {
                 let mut line = format!(
@@ -941,13 +964,20 @@ fn report(
                 );
                 for &k in cols {
                     let v = pick(scenario, k, b, w);
-                    let ok: Vec<f64> = v.iter().filter(|s| s.ok).map(|s| f(s)).collect();
+                    let ok: Vec<f64> = v.iter().filter(|s| s.ok).filter_map(|s| f(s)).collect();
                     let failed = v.iter().filter(|s| !s.ok).count();
                     let _ = write!(line, " {} |", cell(&ok, failed, digits));
                 }
                 let nb = med(&pick(scenario, Kind::Netboot, b, w), f);
                 for &k in &cols_peers {
                     let _ = write!(line, " {} |", ratio(nb, med(&pick(scenario, k, b, w), f)));
+                }
+                if throughput {
+                    let floor = med(&pick(scenario, Kind::Netboot, b, w), client);
+                    for &k in &cols_peers {
+                        let peer = med(&pick(scenario, k, b, w), wall);
+                        let _ = write!(line, " {} |", ratio(peer, floor));
+                    }
                 }
                 let _ = writeln!(r, "{line}");
             }
@@ -1067,6 +1097,22 @@ fn report(
             "\nLoad generator CPU per storm run, median: {:.2} s (one thread).",
             median(&mut gen_cpu).unwrap_or(0.0)
         );
+        // The generator is one thread, so no storm ends sooner than the generator's own CPU
+        // time in it: that bounds the wall-time ratio any server could show here.
+        let mut nb_gen = clean(&storm(Kind::Netboot), |s| {
+            s.load.as_ref().map_or(0.0, |l| l.client_cpu_s)
+        });
+        let nb_gen = median(&mut nb_gen);
+        for &k in servers.iter().filter(|k| **k != Kind::Netboot) {
+            let peer = median(&mut clean(&storm(k), |s| s.wall_s));
+            let _ = writeln!(
+                r,
+                "Floor of wall netboot/{} set by the load generator (its CPU time in netboot's runs over {}'s wall time): {}.",
+                k.name(),
+                k.name(),
+                ratio(nb_gen, peer)
+            );
+        }
     }
     let notes: Vec<String> = samples
         .iter()

@@ -293,13 +293,41 @@ pub(crate) struct Finished {
     /// None when it was killed at the deadline.
     pub(crate) status: Option<ExitStatus>,
     pub(crate) elapsed: Duration,
+    /// User and system CPU time the child used (from `wait4`).
+    pub(crate) cpu: Duration,
     pub(crate) stdout: Vec<u8>,
     pub(crate) stderr: Vec<u8>,
 }
 
+/// Reaps `child` if it has ended, with the CPU time it used (`wait4`, which `try_wait`
+/// does not expose). Once this has returned `Some`, the child must not be waited for or
+/// signalled again.
+fn reap(child: &Child) -> anyhow::Result<Option<(ExitStatus, Duration)>> {
+    let pid = libc::pid_t::try_from(child.id()).context("child PID")?;
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: status and usage are valid for writes; the PID is our unreaped child's.
+    let r = unsafe { libc::wait4(pid, &raw mut status, libc::WNOHANG, &raw mut usage) };
+    match r {
+        0 => Ok(None),
+        r if r == pid => {
+            let tv = |t: libc::timeval| {
+                Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+                    + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+            };
+            Ok(Some((
+                std::os::unix::process::ExitStatusExt::from_raw(status),
+                tv(usage.ru_utime) + tv(usage.ru_stime),
+            )))
+        }
+        _ => Err(std::io::Error::last_os_error()).context("waiting for the child"),
+    }
+}
+
 /// Runs `cmd` to completion, killing it after `limit`. The child is polled every
 /// millisecond, so the elapsed time is exact to about 1 ms, and the kill can never hit a
-/// reused PID (std only signals a child it has not reaped).
+/// reused PID (it is sent only while the child is unreaped).
 pub(crate) fn run_timed(mut cmd: Command, limit: Duration) -> anyhow::Result<Finished> {
     let t0 = Instant::now();
     let mut child = cmd
@@ -320,9 +348,9 @@ pub(crate) fn run_timed(mut cmd: Command, limit: Duration) -> anyhow::Result<Fin
         v
     });
     let mut killed = false;
-    let (status, elapsed) = loop {
-        if let Some(st) = child.try_wait().context("waiting for the child")? {
-            break (st, t0.elapsed());
+    let (status, elapsed, cpu) = loop {
+        if let Some((st, cpu)) = reap(&child)? {
+            break (st, t0.elapsed(), cpu);
         }
         if !killed && (t0.elapsed() > limit || interrupted()) {
             let _ = child.kill();
@@ -336,6 +364,7 @@ pub(crate) fn run_timed(mut cmd: Command, limit: Duration) -> anyhow::Result<Fin
     Ok(Finished {
         status: (!killed).then_some(status),
         elapsed,
+        cpu,
         stdout,
         stderr,
     })
