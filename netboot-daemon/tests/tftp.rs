@@ -604,29 +604,21 @@ async fn concurrent_clients_all_get_exact_files(driver: TftpDriver) {
     srv.stop().await;
 }
 
-/// A boot storm: 500 curl processes at once, each fetching the same 1 MiB file lock-step
-/// at blksize 1432 (as iPXE does), every one byte-identical, none failed, and each a
-/// transfer of its own.
-async fn a_storm_of_500_real_clients_all_get_exact_files(driver: TftpDriver) {
-    const CLIENTS: usize = 500;
+/// Runs `clients` curl processes at once against `srv`, each fetching `name` at
+/// `blksize`, and checks every copy against `file`; the server's figures are the caller's
+/// to check. False (skipped) when curl is missing outside CI.
+async fn curl_storm(srv: &Server, name: &str, file: &[u8], clients: usize, blksize: u32) -> bool {
     if !have("curl") {
         let msg = "SKIPPED: curl is not installed (cargo xtask setup installs it)";
         assert!(std::env::var_os("CI").is_none(), "{msg}");
         eprintln!("{msg}");
-        return;
+        return false;
     }
-    let cfg = TftpConfig {
-        per_client: CLIENTS,
-        ..TftpConfig::default()
-    };
-    let srv = Server::start("storm", cfg, driver).await;
-    let file = data(1 << 20, 33);
-    srv.put("storm.bin", &file);
     let started = Instant::now();
-    let runs: Vec<_> = (0..CLIENTS)
+    let runs: Vec<_> = (0..clients)
         .map(|i| {
-            let o = srv.out(&format!("s{i}.bin"));
-            let args = curl_args(&srv, "storm.bin", &o, 1432);
+            let o = srv.out(&format!("{name}.{i}"));
+            let args = curl_args(srv, name, &o, blksize);
             (o, tokio::spawn(client("curl", args)))
         })
         .collect();
@@ -637,15 +629,33 @@ async fn a_storm_of_500_real_clients_all_get_exact_files(driver: TftpDriver) {
             failed.push(format!("{}: {log}", o.display()));
             continue;
         }
-        same(&o, &file);
+        same(&o, file);
         std::fs::remove_file(&o).expect("remove a client's copy");
     }
-    eprintln!("{CLIENTS} clients in {:?}", started.elapsed());
+    eprintln!("{clients} clients in {:?}", started.elapsed());
     assert!(
         failed.is_empty(),
-        "{} of {CLIENTS} failed: {failed:?}",
+        "{} of {clients} failed: {failed:?}",
         failed.len()
     );
+    true
+}
+
+/// A boot storm: 500 curl processes at once, each fetching the same 1 MiB file lock-step
+/// at blksize 1432 (as iPXE does), every one byte-identical, none failed, and each a
+/// transfer of its own.
+async fn a_storm_of_500_real_clients_all_get_exact_files(driver: TftpDriver) {
+    const CLIENTS: usize = 500;
+    let cfg = TftpConfig {
+        per_client: CLIENTS,
+        ..TftpConfig::default()
+    };
+    let srv = Server::start("storm", cfg, driver).await;
+    let file = data(1 << 20, 33);
+    srv.put("storm.bin", &file);
+    if !curl_storm(&srv, "storm.bin", &file, CLIENTS, 1432).await {
+        return;
+    }
     let st = &srv.tftp.stats;
     assert_eq!(st.completed(), CLIENTS as u64, "one transfer per client");
     assert_eq!(st.failed(), 0);
@@ -658,12 +668,6 @@ async fn a_storm_of_500_real_clients_all_get_exact_files(driver: TftpDriver) {
 async fn a_storm_on_an_uncached_file_reads_it_about_once(driver: TftpDriver) {
     const CLIENTS: usize = 20;
     const SIZE: usize = 2 << 20;
-    if !have("curl") {
-        let msg = "SKIPPED: curl is not installed (cargo xtask setup installs it)";
-        assert!(std::env::var_os("CI").is_none(), "{msg}");
-        eprintln!("{msg}");
-        return;
-    }
     let cfg = TftpConfig {
         per_client: CLIENTS,
         ..TftpConfig::default()
@@ -673,17 +677,8 @@ async fn a_storm_on_an_uncached_file_reads_it_about_once(driver: TftpDriver) {
     srv.put("new-kernel", &file);
     // blksize 512: 4096 blocks each, so every client starts long before any transfer
     // could have read the file through its own 256 KiB reads.
-    let runs: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            let o = srv.out(&format!("u{i}.bin"));
-            let args = curl_args(&srv, "new-kernel", &o, 512);
-            (o, tokio::spawn(client("curl", args)))
-        })
-        .collect();
-    for (o, run) in runs {
-        let (ok, log) = run.await.expect("client task");
-        assert!(ok, "{}: {log}", o.display());
-        same(&o, &file);
+    if !curl_storm(&srv, "new-kernel", &file, CLIENTS, 512).await {
+        return;
     }
     let st = &srv.tftp.stats;
     assert_eq!(st.completed(), CLIENTS as u64);

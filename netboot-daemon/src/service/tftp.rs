@@ -354,56 +354,10 @@ impl FileCache {
     }
 }
 
-/// The right to read a file whole into the cache: one transfer's open gets it, the
-/// others opened meanwhile watch for the result ([`CacheWatch`]). The driver reads the
-/// file at once, apart from the transfer's own reads. Dropping it unfinished lets a later
-/// open fill the cache.
-pub(crate) struct CacheFill {
-    cache: Arc<FileCache>,
-    path: PathBuf,
-    modified: SystemTime,
-    len: u64,
-    stats: Arc<Stats>,
-}
-
-impl std::fmt::Debug for CacheFill {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CacheFill")
-            .field("len", &self.len)
-            .finish_non_exhaustive()
-    }
-}
-
-impl CacheFill {
-    /// The file's length at open time: how much to read.
-    pub(crate) fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Counts `n` bytes read for the fill.
-    pub(crate) fn read(&self, n: usize) {
-        self.stats
-            .file_read_bytes
-            .fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    /// Puts the file, read whole, into the cache and returns it; `None` (and nothing
-    /// cached) if `data` is not as long as the file was at open time.
-    pub(crate) fn finish(self, data: Vec<u8>) -> Option<Bytes> {
-        if data.len() as u64 != self.len {
-            return None;
-        }
-        let data = Bytes::from(data);
-        self.cache
-            .insert(self.path.clone(), self.modified, data.clone());
-        Some(data)
-    }
-}
-
-/// Where a transfer finds its file in the cache once another has put it there: the
-/// version it opened (same modification time and length), or none.
+/// One version of one file (its modification time and length at open time) and the
+/// cache it may be in.
 #[derive(Clone)]
-pub(crate) struct CacheWatch {
+pub(crate) struct CachedVersion {
     cache: Arc<FileCache>,
     path: Arc<Path>,
     modified: SystemTime,
@@ -411,28 +365,68 @@ pub(crate) struct CacheWatch {
     stats: Arc<Stats>,
 }
 
-impl std::fmt::Debug for CacheWatch {
+impl std::fmt::Debug for CachedVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CacheWatch")
+        f.debug_struct("CachedVersion")
             .field("path", &self.path)
+            .field("len", &self.len)
             .finish_non_exhaustive()
     }
 }
 
+/// The right to read a file whole into the cache: one transfer's open gets it, the
+/// others opened meanwhile watch for the result ([`CacheWatch`]). The driver reads the
+/// file at once, apart from the transfer's own reads. Dropping it unfinished lets a later
+/// open fill the cache.
+#[derive(Debug)]
+pub(crate) struct CacheFill(CachedVersion);
+
+impl CacheFill {
+    /// The file's length at open time: how much to read.
+    pub(crate) fn len(&self) -> u64 {
+        self.0.len
+    }
+
+    /// Counts `n` bytes read for the fill.
+    pub(crate) fn read(&self, n: usize) {
+        self.0
+            .stats
+            .file_read_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Puts the file, read whole, into the cache and returns it; `None` (and nothing
+    /// cached) if `data` is not as long as the file was at open time.
+    pub(crate) fn finish(self, data: Vec<u8>) -> Option<Bytes> {
+        let v = &self.0;
+        if data.len() as u64 != v.len {
+            return None;
+        }
+        let data = Bytes::from(data);
+        v.cache
+            .insert(v.path.to_path_buf(), v.modified, data.clone());
+        Some(data)
+    }
+}
+
+/// Where a transfer finds its file in the cache once another has put it there: the
+/// version it opened, or none.
+#[derive(Debug, Clone)]
+pub(crate) struct CacheWatch(CachedVersion);
+
 impl CacheWatch {
     /// The file from the cache, if it is there now (counted as a cache hit).
     fn get(&self) -> Option<Bytes> {
-        let data = self
-            .cache
-            .get_version(&self.path, self.modified, self.len)?;
-        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        let v = &self.0;
+        let data = v.cache.get_version(&v.path, v.modified, v.len)?;
+        v.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
         Some(data)
     }
 }
 
 impl Drop for CacheFill {
     fn drop(&mut self) {
-        self.cache.lock().filling.remove(&self.path);
+        self.0.cache.lock().filling.remove(&*self.0.path);
     }
 }
 
@@ -946,19 +940,8 @@ impl Tftp {
                 fill: None,
             });
         }
-        let fill = self
-            .cache
-            .lock()
-            .filling
-            .insert(path.clone())
-            .then(|| CacheFill {
-                cache: Arc::clone(&self.cache),
-                path: path.clone(),
-                modified,
-                len,
-                stats: Arc::clone(&self.stats),
-            });
-        let watch = CacheWatch {
+        let filling = self.cache.lock().filling.insert(path.clone());
+        let version = CachedVersion {
             cache: Arc::clone(&self.cache),
             path: path.into(),
             modified,
@@ -966,8 +949,8 @@ impl Tftp {
             stats: Arc::clone(&self.stats),
         };
         Ok(Opened {
-            source: Source::File(file, len, Some(watch)),
-            fill,
+            fill: filling.then(|| CacheFill(version.clone())),
+            source: Source::File(file, len, Some(CacheWatch(version))),
         })
     }
 
