@@ -552,6 +552,12 @@ pub struct TftpConfig {
     pub per_client: usize,
     /// Match file names case-insensitively when the exact name does not exist.
     pub case_insensitive: bool,
+    /// Serve every transfer from the listening port instead of a port of its own (RFC
+    /// 1350's transfer ID), as dnsmasq's `tftp-single-port` does: for a server behind NAT
+    /// or a firewall that forwards only that port (a container with a mapped port).
+    /// Transfers are told apart by the client's address and port; windows go without UDP
+    /// GSO, and a vanished client is noticed by its timeout, not by an ICMP error.
+    pub single_port: bool,
     /// Files up to this size (MiB) are kept in memory once read.
     pub cache_file_max_mib: u64,
     /// Memory for cached files (MiB).
@@ -599,6 +605,7 @@ impl Default for TftpConfig {
             max_sessions: 2000,
             per_client: 8,
             case_insensitive: false,
+            single_port: false,
             cache_file_max_mib: 64,
             cache_total_mib: 512,
             driver: TftpDriver::Uring,
@@ -765,6 +772,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         name: "NETBOOT_TFTP_LISTEN",
         aliases: &[],
         help: "tftp.listen (address:port)",
+    },
+    EnvVar {
+        name: "NETBOOT_TFTP_SINGLE_PORT",
+        aliases: &[],
+        help: "tftp.single_port (true or false)",
     },
     EnvVar {
         name: "NETBOOT_TFTP_PORT",
@@ -947,6 +959,9 @@ impl Config {
         }
         if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_LISTEN") {
             self.tftp.listen = parse_env(k, v, "expected address:port, e.g. 0.0.0.0:69")?;
+        }
+        if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_SINGLE_PORT") {
+            self.tftp.single_port = parse_env(k, v, "expected true or false")?;
         }
         if let Some((k, v)) = lookup(env, "NETBOOT_TFTP_PORT") {
             self.tftp

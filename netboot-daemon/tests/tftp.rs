@@ -698,6 +698,63 @@ async fn a_storm_on_an_uncached_file_reads_it_about_once(driver: TftpDriver) {
     srv.stop().await;
 }
 
+/// Single-port mode (`tftp.single_port`, dnsmasq's `tftp-single-port`, for a server behind
+/// NAT that forwards one port): every reply comes from the listening port, the transfers
+/// are told apart by the client's address and port, and real clients get exact files,
+/// with windows and several at once.
+async fn single_port_mode_serves_real_clients_from_the_listening_port(driver: TftpDriver) {
+    let cfg = TftpConfig {
+        single_port: true,
+        per_client: 20,
+        ..TftpConfig::default()
+    };
+    let srv = Server::start("single-port", cfg, driver).await;
+    let big = data(1 << 20, 35);
+    srv.put("sp.bin", &big);
+
+    // The OACK comes from the port the RRQ went to, and the DATA after it too; the next
+    // ACK then goes there.
+    let raw = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    raw.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    raw.send_to(b"\x00\x01sp.bin\x00octet\x00blksize\x001432\x00", srv.addr)
+        .expect("RRQ");
+    let mut buf = [0u8; 2048];
+    let (n, from) = raw.recv_from(&mut buf).expect("OACK");
+    assert_eq!(from, srv.addr, "the OACK comes from the listening port");
+    assert_eq!(&buf[..2], b"\x00\x06", "an OACK: {:?}", &buf[..n]);
+    raw.send_to(b"\x00\x04\x00\x00", from).expect("ACK 0");
+    let (n, from) = raw.recv_from(&mut buf).expect("DATA 1");
+    assert_eq!(from, srv.addr, "DATA comes from the listening port");
+    assert_eq!(&buf[..4], b"\x00\x03\x00\x01");
+    assert_eq!(&buf[4..n], &big[..1432]);
+    // Ends the transfer (ERROR 0); the other clients below use other ports.
+    raw.send_to(b"\x00\x05\x00\x00done\x00", from)
+        .expect("ERROR");
+
+    let o = srv.out("sp-hpa.bin");
+    let (ok, log) = client("tftp", hpa_args(&srv, Some("binary"), "sp.bin", &o)).await;
+    assert!(ok, "{log}");
+    same_unless_skipped(&log, &o, &big);
+    for (blk, win) in [(1468, 16), (512, 64)] {
+        let o = srv.out(&format!("sp-atftp-{blk}-{win}.bin"));
+        let (ok, log) = client("atftp", atftp_args(&srv, "sp.bin", &o, blk, win)).await;
+        assert!(ok, "atftp {blk}/{win}: {log}");
+        same_unless_skipped(&log, &o, &big);
+    }
+    if !curl_storm(&srv, "sp.bin", &big, 20, 1432).await {
+        return;
+    }
+    let st = &srv.tftp.stats;
+    assert_eq!(st.failed(), 1, "only the transfer the raw client ended");
+    assert_eq!(
+        st.completed(),
+        1 + 2 + 20,
+        "tftp-hpa, atftp twice and the 20 curls"
+    );
+    srv.stop().await;
+}
+
 /// A scrape of `/metrics` over HTTP (curl), in the format `accept` asks for.
 async fn scrape(http: SocketAddr, accept: &str) -> String {
     let out = tokio::process::Command::new("curl")
@@ -1094,6 +1151,7 @@ with_both_drivers!(
     concurrent_clients_all_get_exact_files,
     a_storm_of_500_real_clients_all_get_exact_files,
     a_storm_on_an_uncached_file_reads_it_about_once,
+    single_port_mode_serves_real_clients_from_the_listening_port,
     transfers_are_recorded_and_exposed_as_metrics,
     mac_directories_and_the_generated_script,
     case_insensitive_lookup_stays_in_the_jail,

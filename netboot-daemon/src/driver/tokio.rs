@@ -4,6 +4,7 @@
 //! ([`super::uring`] is the default). The shared, non-I/O parts are in
 //! [`crate::service::tftp`].
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -12,12 +13,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use crate::service::tftp::{
-    Opened, Outcome, Request, Source, Tftp, send_error_ends_transfer, transfer_ip,
+    Opened, Outcome, Request, Source, Tftp, is_request, reply_address, send_error_ends_transfer,
+    transfer_ip,
 };
 use crate::tftp::server::Admitted;
 use crate::tftp::transfer::Event;
@@ -30,6 +32,10 @@ pub async fn serve(tftp: Arc<Tftp>, listener: UdpSocket, mut shutdown: watch::Re
         .local_addr()
         .map_or(IpAddr::from([0, 0, 0, 0]), transfer_ip);
     let mut transfers = JoinSet::new();
+    // Single-port mode: where the listener's datagrams for running transfers go, by client
+    // address, with the number of the transfer that owns the entry.
+    let mut routes: HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)> = HashMap::new();
+    let mut next_id = 0u64;
     let mut buf = vec![0u8; 2048];
     loop {
         tokio::select! {
@@ -42,15 +48,31 @@ pub async fn serve(tftp: Arc<Tftp>, listener: UdpSocket, mut shutdown: watch::Re
                         continue;
                     }
                 };
+                if let Some((_, route)) = routes.get(&peer)
+                    && !is_request(&buf[..n])
+                {
+                    // A full queue loses the datagram, as a full socket buffer would.
+                    let _ = route.try_send(buf[..n].to_vec());
+                    continue;
+                }
                 match tftp.handle_request(Instant::now(), peer, &buf[..n]) {
                     Request::Start(req) => {
                         let span = tracing::debug_span!("tftp", %peer, file = %req.filename);
                         let tftp = Arc::clone(&tftp);
                         let listener = Arc::clone(&listener);
+                        next_id += 1;
+                        let id = next_id;
+                        let inbox = tftp.single_port().then(|| {
+                            let (tx, rx) = mpsc::channel(ROUTE_QUEUE);
+                            routes.insert(peer, (id, tx));
+                            rx
+                        });
                         transfers.spawn(
                             async move {
-                                let outcome = run_transfer(&tftp, local_ip, &req, &listener).await;
+                                let outcome =
+                                    run_transfer(&tftp, local_ip, &req, &listener, inbox).await;
                                 tftp.finished(Instant::now(), req.peer, outcome);
+                                (req.peer, id)
                             }
                             .instrument(span),
                         );
@@ -61,7 +83,15 @@ pub async fn serve(tftp: Arc<Tftp>, listener: UdpSocket, mut shutdown: watch::Re
                     Request::Ignore => {}
                 }
             }
-            Some(_) = transfers.join_next(), if !transfers.is_empty() => {}
+            Some(ended) = transfers.join_next(), if !transfers.is_empty() => {
+                // The client may have started its next transfer already: only the ended
+                // transfer's own route goes.
+                if let Ok((peer, id)) = ended
+                    && routes.get(&peer).is_some_and(|(owner, _)| *owner == id)
+                {
+                    routes.remove(&peer);
+                }
+            }
             _ = shutdown.changed() => break,
         }
     }
@@ -122,19 +152,77 @@ fn read_at(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Vec<u8>>
     Ok(v)
 }
 
+/// Datagrams a single-port transfer's queue holds before the serving loop drops more.
+const ROUTE_QUEUE: usize = 64;
+
+/// Where a transfer's datagrams come from and go to.
+enum Endpoint {
+    /// Its own socket, connected to the client.
+    Own(UdpSocket),
+    /// Single-port mode: the listener, and what the serving loop routes to the transfer.
+    Shared {
+        listener: Arc<UdpSocket>,
+        peer: SocketAddr,
+        inbox: mpsc::Receiver<Vec<u8>>,
+    },
+}
+
+impl Endpoint {
+    async fn send(&self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Own(s) => s.send(data).await,
+            Self::Shared { listener, peer, .. } => listener.send_to(data, *peer).await,
+        }
+    }
+
+    /// The next datagram (cancel-safe, for `select!`).
+    async fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Own(s) => s.recv(buf).await,
+            Self::Shared { inbox, .. } => match inbox.recv().await {
+                Some(d) => {
+                    let n = d.len().min(buf.len());
+                    buf[..n].copy_from_slice(&d[..n]);
+                    Ok(n)
+                }
+                // The serving loop has stopped; it aborts this task.
+                None => std::future::pending().await,
+            },
+        }
+    }
+}
+
 async fn run_transfer(
     tftp: &Arc<Tftp>,
     local_ip: IpAddr,
     req: &Admitted,
-    listener: &UdpSocket,
+    listener: &Arc<UdpSocket>,
+    inbox: Option<mpsc::Receiver<Vec<u8>>>,
 ) -> Outcome {
     // The transfer's own socket first: its address is the one the client reaches us at,
-    // which a generated file may name.
-    let socket = match bind_connected(local_ip, req.peer).await {
-        Ok(s) => s,
-        Err(e) => return Outcome::Io(e),
+    // which a generated file may name. In single-port mode that is the listener's port at
+    // the address the kernel answers this client from.
+    let (socket, local) = match inbox {
+        Some(inbox) => {
+            let local = listener
+                .local_addr()
+                .ok()
+                .map(|l| reply_address(l, req.peer));
+            let shared = Endpoint::Shared {
+                listener: Arc::clone(listener),
+                peer: req.peer,
+                inbox,
+            };
+            (shared, local)
+        }
+        None => match bind_connected(local_ip, req.peer).await {
+            Ok(s) => {
+                let local = s.local_addr().ok();
+                (Endpoint::Own(s), local)
+            }
+            Err(e) => return Outcome::Io(e),
+        },
     };
-    let local = socket.local_addr().ok();
     let source = match open(tftp, req.peer, local, &req.filename).await {
         Ok(s) => s,
         Err(packet) => {
@@ -158,7 +246,7 @@ async fn bind_connected(local_ip: IpAddr, peer: SocketAddr) -> io::Result<UdpSoc
 
 async fn drive(
     tftp: &Tftp,
-    socket: UdpSocket,
+    mut socket: Endpoint,
     local: Option<SocketAddr>,
     req: &Admitted,
     mut source: Source,

@@ -508,6 +508,8 @@ pub struct Tftp {
     admission: Mutex<Server>,
     /// `tftp.max_sessions`, for sizing the listener's receive buffer.
     max_sessions: usize,
+    /// `tftp.single_port`: transfers are served from the listening socket.
+    single_port: bool,
     cache: Arc<FileCache>,
     case_insensitive: bool,
     transfers: Mutex<Transfers>,
@@ -530,6 +532,12 @@ impl std::fmt::Debug for Tftp {
 }
 
 impl Tftp {
+    /// Whether transfers are served from the listening socket (`tftp.single_port`), told
+    /// apart by the client's address and port, instead of each from a socket of its own.
+    pub fn single_port(&self) -> bool {
+        self.single_port
+    }
+
     /// The receive buffer the listening socket should have: room for an RRQ from every
     /// transfer the limits admit, all arriving at once (a boot storm), at 2 KiB of kernel
     /// memory each (a datagram's truesize on a typical NIC), from 256 KiB to 64 MiB.
@@ -564,6 +572,7 @@ impl Tftp {
             core,
             admission: Mutex::new(Server::new(limits)),
             max_sessions: cfg.max_sessions,
+            single_port: cfg.single_port,
             cache: Arc::new(FileCache {
                 max_file: cfg.cache_file_max_mib << 20,
                 max_total: cfg.cache_total_mib << 20,
@@ -976,7 +985,9 @@ impl Tftp {
     ) -> Transfer {
         let size = source.len();
         let neg = transfer::negotiate(&req.as_request(), &self.core, Some(size));
-        if let (Some(local), Some(ports)) = (local, self.ports.get()) {
+        // In single-port mode the listening port is the service's own, registered for
+        // as long as TFTP runs.
+        if let (Some(local), Some(ports), false) = (local, self.ports.get(), self.single_port) {
             ports.opened(local);
         }
         if let Some((r, _)) = self.transfers().active.get_mut(&req.peer) {
@@ -1054,7 +1065,9 @@ impl Tftp {
         t.recent.push_back(record.clone());
         drop(t);
         // A map update (a syscall): not under the transfers lock.
-        if let (Some(server), Some(ports)) = (record.server, self.ports.get()) {
+        if let (Some(server), Some(ports), false) =
+            (record.server, self.ports.get(), self.single_port)
+        {
             ports.closed(server);
         }
         if let Some(tally) = self.tally.get() {
@@ -1097,6 +1110,28 @@ pub(crate) fn transfer_ip(listener: SocketAddr) -> IpAddr {
         SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
     }
+}
+
+/// In single-port mode, the address a client reaches a transfer at: the listener's
+/// port, at the listener's address, or for a wildcard listener the address the kernel
+/// answers `peer` from (a routing lookup: a UDP socket connected to the peer, which sends
+/// nothing). A generated file may name it.
+pub(crate) fn reply_address(listener: SocketAddr, peer: SocketAddr) -> SocketAddr {
+    let ip = transfer_ip(listener);
+    let ip = if ip.is_unspecified() {
+        std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
+            .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
+            .map_or(ip, |a| a.ip())
+    } else {
+        ip
+    };
+    SocketAddr::new(ip, listener.port())
+}
+
+/// Whether a datagram is a request (RRQ or WRQ), which in single-port mode goes to
+/// admission even from a client that has a transfer running.
+pub(crate) fn is_request(datagram: &[u8]) -> bool {
+    matches!(datagram.get(..2), Some([0, 1 | 2]))
 }
 
 /// Why a request could not be opened, as the client will hear it.

@@ -44,7 +44,7 @@ mod mapping;
 mod msg;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, PipeReader, PipeWriter};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -62,7 +62,8 @@ use slab::Slab;
 use self::bufring::BufRing;
 use self::msg::SendBuf;
 use crate::service::tftp::{
-    CacheFill, Outcome, Request, Source, Tftp, send_error_ends_transfer, transfer_ip,
+    CacheFill, Outcome, Request, Source, Tftp, is_request, reply_address, send_error_ends_transfer,
+    transfer_ip,
 };
 use crate::tftp::server::Admitted;
 use crate::tftp::transfer::{Datagram, ReadRequest, Transfer};
@@ -127,7 +128,9 @@ struct Key {
 struct Session {
     generation: u32,
     peer: SocketAddr,
-    socket: UdpSocket,
+    /// The transfer's own socket, connected to the peer; none in single-port mode, where
+    /// the transfer sends from the listener to `peer`.
+    socket: Option<UdpSocket>,
     transfer: Transfer,
     source: Source,
     /// The chunks read for this transfer, oldest first, whose memory the next reads reuse
@@ -441,6 +444,9 @@ struct Driver {
     listen_bufs: BufRing,
     session_bufs: BufRing,
     sessions: Slab<Session>,
+    /// Single-port mode (`tftp.single_port`): the running transfers by client address, to
+    /// which the listener's datagrams other than requests go.
+    by_peer: Option<HashMap<SocketAddr, Key>>,
     next_generation: u32,
     ops: Slab<Op>,
     #[allow(
@@ -512,6 +518,7 @@ impl Driver {
         };
         let local_ip = transfer_ip(listener.local_addr()?);
         let skip_cqe = ring.params().is_feature_skip_cqe_on_success();
+        let by_peer = tftp.single_port().then(HashMap::new);
         Ok(Self {
             ring,
             tftp,
@@ -524,6 +531,7 @@ impl Driver {
             listen_bufs,
             session_bufs,
             sessions: Slab::new(),
+            by_peer,
             next_generation: 0,
             ops: Slab::new(),
             pool: Vec::new(),
@@ -584,10 +592,13 @@ impl Driver {
         else {
             return;
         };
+        let Some(socket) = &s.socket else {
+            return; // Single-port mode: its datagrams come through the listener.
+        };
         if s.recv_armed {
             return;
         }
-        let sqe = opcode::RecvMulti::new(Fd(s.socket.as_raw_fd()), self.session_bufs.bgid())
+        let sqe = opcode::RecvMulti::new(Fd(socket.as_raw_fd()), self.session_bufs.bgid())
             .build()
             .user_data(user_data(Tag::Recv, key.idx, key.generation));
         // SAFETY: the buffers are the registered group; the socket is closed only after
@@ -683,7 +694,12 @@ impl Driver {
             self.listen_bufs.recycle(bid);
             if let Some(peer) = peer {
                 self.listen_failures = 0;
-                self.on_request(now, peer, &datagram);
+                match self.by_peer.as_ref().and_then(|m| m.get(&peer)) {
+                    Some(&key) if !is_request(&datagram) => {
+                        self.on_datagram(key, &datagram);
+                    }
+                    _ => self.on_request(now, peer, &datagram),
+                }
             }
             self.scratch = datagram;
         }
@@ -712,17 +728,29 @@ impl Driver {
         let span = tracing::debug_span!("tftp", %peer, file = %req.filename);
         let entered = span.enter();
         // The transfer's own socket first: its address is the one the client reaches us
-        // at, which a generated file may name.
-        let socket = match UdpSocket::bind(SocketAddr::new(self.local_ip, 0))
-            .and_then(|s| s.connect(peer).map(|()| s))
-        {
-            Ok(s) => s,
-            Err(e) => {
-                self.tftp.finished(now, peer, Outcome::Io(e));
-                return;
+        // at, which a generated file may name. In single-port mode that is the listener's
+        // port at the address the kernel answers this client from.
+        let socket = if self.by_peer.is_some() {
+            None
+        } else {
+            match UdpSocket::bind(SocketAddr::new(self.local_ip, 0))
+                .and_then(|s| s.connect(peer).map(|()| s))
+            {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.tftp.finished(now, peer, Outcome::Io(e));
+                    return;
+                }
             }
         };
-        let local = socket.local_addr().ok();
+        let local = match &socket {
+            Some(s) => s.local_addr().ok(),
+            None => self
+                .listener
+                .local_addr()
+                .ok()
+                .map(|l| reply_address(l, peer)),
+        };
         let opened = match self.tftp.open(peer, local, &req.filename) {
             Ok(o) => o,
             Err(packet) => {
@@ -731,10 +759,15 @@ impl Driver {
                 return;
             }
         };
-        if self.opts.no_udp_checksum {
-            let _ = msg::set_no_udp_checksum(&socket);
+        if self.opts.no_udp_checksum
+            && let Some(s) = &socket
+        {
+            let _ = msg::set_no_udp_checksum(s);
         }
-        let gso_max = msg::max_unfragmented_payload(&socket).unwrap_or(0);
+        // Without a connected socket there is no path MTU to size GSO trains by.
+        let gso_max = socket
+            .as_ref()
+            .map_or(0, |s| msg::max_unfragmented_payload(s).unwrap_or(0));
         let transfer = self.tftp.new_transfer(&req, &opened.source, local);
         drop(entered);
         let generation = self.next_generation;
@@ -754,6 +787,9 @@ impl Driver {
         });
         let key = Key { idx, generation };
         self.dirty.push(key);
+        if let Some(m) = &mut self.by_peer {
+            m.insert(peer, key);
+        }
         self.arm_recv(key);
         if let (Some(fill), Some(Source::File(file, _, _))) =
             (opened.fill, self.sessions.get(idx).map(|s| &s.source))
@@ -793,6 +829,22 @@ impl Driver {
         if !unsafe { self.push(&sqe) } {
             // Dropping the fill lets a later open try again.
             self.ops.try_remove(idx);
+        }
+    }
+
+    /// Single-port mode: a datagram for a running transfer that came in on the listener.
+    fn on_datagram(&mut self, key: Key, datagram: &[u8]) {
+        let Some(s) = self
+            .sessions
+            .get_mut(key.idx)
+            .filter(|s| s.generation == key.generation)
+        else {
+            return;
+        };
+        s.transfer.handle_datagram(datagram);
+        if !s.dirty {
+            s.dirty = true;
+            self.dirty.push(key);
         }
     }
 
@@ -953,21 +1005,30 @@ impl Driver {
 
     /// Sends a GSO train the kernel refused as separate datagrams.
     fn resend_singly(&mut self, owner: Key, train: &SendBuf) {
-        let Some(fd) = self.socket_of(owner) else {
+        let Some((fd, to)) = self.endpoint_of(owner) else {
             return;
         };
         for d in &train.datagrams {
             let mut b = self.take_buf();
             b.datagrams.push(d.clone());
-            self.send(Some(owner), fd, b, None, None);
+            self.send(Some(owner), fd, b, to, None);
         }
     }
 
-    fn socket_of(&self, key: Key) -> Option<RawFd> {
+    /// Where a transfer's datagrams go: its own connected socket, or in single-port mode
+    /// the listener, addressed to the peer.
+    fn endpoint(&self, s: &Session) -> (RawFd, Option<SocketAddr>) {
+        match &s.socket {
+            Some(socket) => (socket.as_raw_fd(), None),
+            None => (self.listener.as_raw_fd(), Some(s.peer)),
+        }
+    }
+
+    fn endpoint_of(&self, key: Key) -> Option<(RawFd, Option<SocketAddr>)> {
         self.sessions
             .get(key.idx)
             .filter(|s| s.generation == key.generation)
-            .map(|s| s.socket.as_raw_fd())
+            .map(|s| self.endpoint(s))
     }
 
     /// Queues a `SENDMSG` of `buf` on `fd` (to `to` when not connected).
@@ -1001,12 +1062,17 @@ impl Driver {
     /// while it takes the submission and that posts a CQE only on failure (`EAGAIN` from a
     /// full socket buffer included: with one datagram in flight that is a loss like any
     /// other). Without `IOSQE_CQE_SKIP_SUCCESS`, a plain [`Driver::send`].
-    fn send_lock_step(&mut self, owner: Key, fd: RawFd, mut buf: Box<SendBuf>) {
+    fn send_lock_step(
+        &mut self,
+        owner: Key,
+        (fd, to): (RawFd, Option<SocketAddr>),
+        mut buf: Box<SendBuf>,
+    ) {
         if !self.skip_cqe {
-            self.send(Some(owner), fd, buf, None, None);
+            self.send(Some(owner), fd, buf, to, None);
             return;
         }
-        let msg = buf.prepare(None, None);
+        let msg = buf.prepare(to, None);
         let sqe = opcode::SendMsg::new(Fd(fd), msg)
             .flags(libc::MSG_DONTWAIT as u32)
             .build()
@@ -1105,7 +1171,10 @@ impl Driver {
                 self.recycle(buf);
                 return;
             };
-            let fd = s.socket.as_raw_fd();
+            let (fd, to) = match &s.socket {
+                Some(socket) => (socket.as_raw_fd(), None),
+                None => (self.listener.as_raw_fd(), Some(s.peer)),
+            };
             let max_seg = if gso_on { s.gso_max } else { 0 };
             let lock_step = s.transfer.window() == 1;
             let Some(train) = fill_train(&mut s.transfer, now, &mut buf.datagrams, max_seg) else {
@@ -1113,7 +1182,7 @@ impl Driver {
                 return;
             };
             if lock_step && train.gso.is_none() && train.spill.is_none() {
-                self.send_lock_step(key, fd, buf);
+                self.send_lock_step(key, (fd, to), buf);
                 continue;
             }
             let spill = train.spill.map(|d| {
@@ -1121,9 +1190,9 @@ impl Driver {
                 b.datagrams.push(d);
                 b
             });
-            self.send(Some(key), fd, buf, None, train.gso);
+            self.send(Some(key), fd, buf, to, train.gso);
             if let Some(b) = spill {
-                self.send(Some(key), fd, b, None, None);
+                self.send(Some(key), fd, b, to, None);
             }
         }
     }
@@ -1169,7 +1238,12 @@ impl Driver {
             unsafe { self.push(&sqe) };
         }
         s.span.in_scope(|| self.tftp.finished(now, s.peer, outcome));
-        self.to_close.push(s.socket);
+        if let Some(m) = &mut self.by_peer {
+            m.remove(&s.peer);
+        }
+        if let Some(socket) = s.socket {
+            self.to_close.push(socket);
+        }
     }
 }
 
