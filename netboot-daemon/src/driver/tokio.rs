@@ -120,7 +120,7 @@ async fn open(
     let read = tokio::task::spawn_blocking(move || {
         read_at(&file, 0, len).map(|data| {
             fill.read(data.len());
-            fill.finish(data)
+            fill.finish(data, &file)
         })
     })
     .await;

@@ -22,7 +22,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -288,8 +288,34 @@ pub(crate) fn slice_of(data: &Bytes, r: ReadRequest) -> Bytes {
     data.slice(start..end)
 }
 
+/// Which version of a file: its inode, its modification and change times and its
+/// length. A file replaced by another (a new inode) or written in place (a new ctime,
+/// which no one can set back) is another version, even with the same mtime and length
+/// (`cp -p`, `rsync -t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileVersion {
+    dev: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    len: u64,
+}
+
+impl FileVersion {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            len: meta.len(),
+        }
+    }
+}
+
 struct Cached {
-    modified: SystemTime,
+    version: FileVersion,
     data: Bytes,
     last_used: Instant,
 }
@@ -313,26 +339,47 @@ impl FileCache {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The cached file at `path` if it is the version modified at `modified` with `len`
-    /// bytes; a cached entry of another version is dropped.
-    fn get_version(&self, path: &Path, modified: SystemTime, len: u64) -> Option<Bytes> {
-        let mut state = self.lock();
-        let e = state.entries.get_mut(path)?;
-        if e.modified == modified && e.data.len() as u64 == len {
-            e.last_used = Instant::now();
-            Some(e.data.clone())
-        } else {
-            state.entries.remove(path);
-            None
-        }
+    /// Whether a file of `len` bytes may go into the cache: not larger than a cached file
+    /// may be, and small enough to stay in it.
+    fn takes(&self, len: u64) -> bool {
+        len <= self.max_file.min(self.max_total)
     }
 
-    fn insert(&self, path: PathBuf, modified: SystemTime, data: Bytes) {
+    /// At an open of the file at `path`, now at `version`: the cached file if it is that
+    /// version (a cached entry of another version is dropped: the file has changed), else
+    /// whether this open is the one to fill the cache (no other fill of the path runs).
+    fn open(&self, path: &Path, version: FileVersion) -> Result<Bytes, bool> {
+        let mut state = self.lock();
+        match state.entries.get_mut(path) {
+            Some(e) if e.version == version => {
+                e.last_used = Instant::now();
+                return Ok(e.data.clone());
+            }
+            Some(_) => {
+                state.entries.remove(path);
+            }
+            None => {}
+        }
+        Err(state.filling.insert(path.to_path_buf()))
+    }
+
+    /// The cached file at `path` if it is `version`; nothing is dropped (a transfer of an
+    /// older version must not evict the file as it is now).
+    fn get(&self, path: &Path, version: FileVersion) -> Option<Bytes> {
+        let mut state = self.lock();
+        let e = state.entries.get_mut(path)?;
+        (e.version == version).then(|| {
+            e.last_used = Instant::now();
+            e.data.clone()
+        })
+    }
+
+    fn insert(&self, path: PathBuf, version: FileVersion, data: Bytes) {
         let mut state = self.lock();
         state.entries.insert(
             path,
             Cached {
-                modified,
+                version,
                 data,
                 last_used: Instant::now(),
             },
@@ -360,8 +407,7 @@ impl FileCache {
 pub(crate) struct CachedVersion {
     cache: Arc<FileCache>,
     path: Arc<Path>,
-    modified: SystemTime,
-    len: u64,
+    version: FileVersion,
     stats: Arc<Stats>,
 }
 
@@ -369,7 +415,7 @@ impl std::fmt::Debug for CachedVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CachedVersion")
             .field("path", &self.path)
-            .field("len", &self.len)
+            .field("version", &self.version)
             .finish_non_exhaustive()
     }
 }
@@ -384,7 +430,7 @@ pub(crate) struct CacheFill(CachedVersion);
 impl CacheFill {
     /// The file's length at open time: how much to read.
     pub(crate) fn len(&self) -> u64 {
-        self.0.len
+        self.0.version.len
     }
 
     /// Counts `n` bytes read for the fill.
@@ -395,16 +441,18 @@ impl CacheFill {
             .fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Puts the file, read whole, into the cache and returns it; `None` (and nothing
-    /// cached) if `data` is not as long as the file was at open time.
-    pub(crate) fn finish(self, data: Vec<u8>) -> Option<Bytes> {
+    /// Puts the file, read whole from `file`, into the cache and returns it; `None` (and
+    /// nothing cached) if `data` is not as long as the file was at open time, or the file
+    /// changed while it was read (another version now: the bytes may be a mix).
+    pub(crate) fn finish(self, data: Vec<u8>, file: &File) -> Option<Bytes> {
         let v = &self.0;
-        if data.len() as u64 != v.len {
+        let now = file.metadata().ok().map(|m| FileVersion::of(&m));
+        if data.len() as u64 != v.version.len || now != Some(v.version) {
             return None;
         }
         let data = Bytes::from(data);
         v.cache
-            .insert(v.path.to_path_buf(), v.modified, data.clone());
+            .insert(v.path.to_path_buf(), v.version, data.clone());
         Some(data)
     }
 }
@@ -418,7 +466,7 @@ impl CacheWatch {
     /// The file from the cache, if it is there now (counted as a cache hit).
     fn get(&self) -> Option<Bytes> {
         let v = &self.0;
-        let data = v.cache.get_version(&v.path, v.modified, v.len)?;
+        let data = v.cache.get(&v.path, v.version)?;
         v.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
         Some(data)
     }
@@ -935,26 +983,27 @@ impl Tftp {
         })?;
         let len = meta.len();
         let file = Arc::new(file);
-        let modified = meta.modified().ok();
-        let (Some(modified), true) = (modified, len <= self.cache.max_file) else {
+        if !self.cache.takes(len) {
             return Ok(Opened {
                 source: Source::File(file, len, None),
                 fill: None,
             });
-        };
-        if let Some(data) = self.cache.get_version(&path, modified, len) {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Opened {
-                source: Source::Memory(data),
-                fill: None,
-            });
         }
-        let filling = self.cache.lock().filling.insert(path.clone());
+        let version = FileVersion::of(&meta);
+        let filling = match self.cache.open(&path, version) {
+            Ok(data) => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Opened {
+                    source: Source::Memory(data),
+                    fill: None,
+                });
+            }
+            Err(filling) => filling,
+        };
         let version = CachedVersion {
             cache: Arc::clone(&self.cache),
             path: path.into(),
-            modified,
-            len,
+            version,
             stats: Arc::clone(&self.stats),
         };
         Ok(Opened {
@@ -1185,6 +1234,55 @@ fn find_case_insensitive(root: &Path, rel: &str) -> Result<String, OpenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file rewritten in place with its old length and mtime (`cp -p`, `rsync -t`) is
+    /// another version: the cache does not serve the old bytes for it, and a fill during
+    /// which the file changed caches nothing.
+    #[test]
+    fn the_cache_tells_versions_apart_by_more_than_mtime_and_length() {
+        let dir =
+            std::env::temp_dir().join(format!("netboot-cache-version-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("kernel");
+        std::fs::write(&path, b"old contents").expect("write");
+        let tftp = Tftp::new(&TftpConfig::default(), dir.clone());
+        let peer: SocketAddr = "127.0.0.1:1000".parse().expect("addr");
+        let open = || tftp.open(peer, None, "kernel").expect("open");
+
+        let first = open();
+        let (Source::File(file, _, Some(_)), Some(fill)) = (&first.source, first.fill) else {
+            panic!("a cacheable file opened for a fill");
+        };
+        let cached = fill.finish(b"old contents".to_vec(), file).expect("cached");
+        assert_eq!(&cached[..], b"old contents");
+        assert!(
+            matches!(open().source, Source::Memory(ref d) if &d[..] == b"old contents"),
+            "served from the cache"
+        );
+
+        let mtime = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        std::fs::write(&path, b"new contents").expect("rewrite");
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(mtime))
+            .expect("set the old mtime back");
+        let after = open();
+        assert!(
+            !matches!(after.source, Source::Memory(_)),
+            "the old bytes are not served for the rewritten file: {after:?}"
+        );
+
+        // A fill whose file changes before it is done is not cached.
+        let (Source::File(file, _, _), Some(fill)) = (&after.source, after.fill) else {
+            panic!("the rewritten file opened for a fill");
+        };
+        std::fs::write(&path, b"newer content").expect("rewrite again");
+        assert!(fill.finish(b"new contents".to_vec(), file).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn mac_directories_are_recognised_in_every_spelling() {

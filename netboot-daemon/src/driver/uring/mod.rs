@@ -16,8 +16,9 @@
 //!   the ACK) instead of two;
 //! - `READ` for file data of files that are not in memory (never a blocking read on this
 //!   thread); a file small enough for the cache that is not in it yet is read whole
-//!   into it by its own `READ`s (4 MiB each), apart from the transfer that opened it, and
-//!   every transfer of the file sends from the cache from its next read on;
+//!   into it by its own `READ`s (4 MiB each, queued after the iteration's sends), apart
+//!   from the transfer that opened it, and every transfer of the file sends from the cache
+//!   from its next read on;
 //! - a `POLL_ADD` on a pipe whose write end the [`Handle`] holds: dropping it stops the
 //!   loop;
 //! - timers live in user space: a binary heap of the transfers' deadlines; the wait
@@ -444,6 +445,8 @@ struct Driver {
     listen_bufs: BufRing,
     session_bufs: BufRing,
     sessions: Slab<Session>,
+    /// Cache fills whose next read is to be queued after this iteration's sends.
+    fills: Vec<(CacheFill, Vec<u8>, Arc<File>)>,
     /// Single-port mode (`tftp.single_port`): the running transfers by client address, to
     /// which the listener's datagrams other than requests go.
     by_peer: Option<HashMap<SocketAddr, Key>>,
@@ -531,6 +534,7 @@ impl Driver {
             listen_bufs,
             session_bufs,
             sessions: Slab::new(),
+            fills: Vec::new(),
             by_peer,
             next_generation: 0,
             ops: Slab::new(),
@@ -800,17 +804,31 @@ impl Driver {
         }
     }
 
-    /// Reads the rest of a file for the cache into `buf` (what it holds is the start of
-    /// the file, its capacity the file's length), [`FILL_CHUNK`] at a time, apart from any
-    /// transfer: the transfers of the file find it in the cache at their next read
-    /// ([`Source::feed`]).
-    fn fill(&mut self, fill: CacheFill, mut buf: Vec<u8>, file: Arc<File>) {
+    /// Queues the next read of a file for the cache into `buf` (what it holds is the
+    /// start of the file, its capacity the file's length), [`FILL_CHUNK`] at a time, apart
+    /// from any transfer: the transfers of the file find it in the cache at their next
+    /// read ([`Source::feed`]). The reads go after the iteration's sends
+    /// ([`Driver::submit_fills`]).
+    fn fill(&mut self, fill: CacheFill, buf: Vec<u8>, file: Arc<File>) {
+        if fill_left(&fill, &buf) == 0 {
+            fill.finish(buf, &file);
+        } else {
+            self.fills.push((fill, buf, file));
+        }
+    }
+
+    /// Submits the cache fills' reads queued in this iteration, after its sends: the
+    /// kernel copies a read from the page cache while it takes the submission, and no
+    /// DATA should wait for that.
+    fn submit_fills(&mut self) {
+        for (fill, buf, file) in std::mem::take(&mut self.fills) {
+            self.submit_fill(fill, buf, file);
+        }
+    }
+
+    fn submit_fill(&mut self, fill: CacheFill, mut buf: Vec<u8>, file: Arc<File>) {
         let have = buf.len();
         let left = fill_left(&fill, &buf).min(FILL_CHUNK);
-        if left == 0 {
-            fill.finish(buf);
-            return;
-        }
         let len = u32::try_from(left).unwrap_or(u32::MAX);
         let sqe = opcode::Read::new(
             Fd(file.as_raw_fd()),
@@ -1373,6 +1391,7 @@ impl RingDriver for Driver {
             for key in std::mem::take(&mut self.rearm) {
                 self.arm_recv(key);
             }
+            self.submit_fills();
             if !self.listen_armed {
                 if self.listen_failures > MAX_LISTEN_FAILURES {
                     return Err(io::Error::other("the TFTP listener keeps failing"));
