@@ -321,7 +321,13 @@ fn reap(child: &Child) -> anyhow::Result<Option<(ExitStatus, Duration)>> {
                 tv(usage.ru_utime) + tv(usage.ru_stime),
             )))
         }
-        _ => Err(std::io::Error::last_os_error()).context("waiting for the child"),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(None);
+            }
+            Err(e).context("waiting for the child")
+        }
     }
 }
 
@@ -349,8 +355,14 @@ pub(crate) fn run_timed(mut cmd: Command, limit: Duration) -> anyhow::Result<Fin
     });
     let mut killed = false;
     let (status, elapsed, cpu) = loop {
-        if let Some((st, cpu)) = reap(&child)? {
-            break (st, t0.elapsed(), cpu);
+        match reap(&child) {
+            Ok(Some((st, cpu))) => break (st, t0.elapsed(), cpu),
+            Ok(None) => {}
+            Err(e) => {
+                // Not reaped: std may still signal it.
+                let _ = child.kill();
+                return Err(e);
+            }
         }
         if !killed && (t0.elapsed() > limit || interrupted()) {
             let _ = child.kill();
