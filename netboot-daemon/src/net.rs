@@ -45,6 +45,20 @@ pub struct Egress {
 /// a datagram that finds the buffer full is dropped, and its client waits out its
 /// retransmission timeout.
 pub fn raise_receive_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) -> usize {
+    raise_buffer(socket, bytes, (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF))
+}
+
+/// [`raise_receive_buffer`] for the send buffer (`SO_SNDBUFFORCE`, `SO_SNDBUF`,
+/// `net.core.wmem_max`): for a socket that many transfers send from at once.
+pub fn raise_send_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) -> usize {
+    raise_buffer(socket, bytes, (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF))
+}
+
+fn raise_buffer(
+    socket: &impl std::os::fd::AsRawFd,
+    bytes: usize,
+    (force, plain): (libc::c_int, libc::c_int),
+) -> usize {
     let fd = socket.as_raw_fd();
     let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     let set = |opt: libc::c_int| {
@@ -59,8 +73,8 @@ pub fn raise_receive_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) ->
             )
         }
     };
-    if set(libc::SO_RCVBUFFORCE) != 0 {
-        set(libc::SO_RCVBUF);
+    if set(force) != 0 {
+        set(plain);
     }
     let mut got: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
@@ -69,7 +83,7 @@ pub fn raise_receive_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) ->
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
+            plain,
             (&raw mut got).cast(),
             &raw mut len,
         )

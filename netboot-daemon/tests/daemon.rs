@@ -762,3 +762,62 @@ fn a_burst_of_rrqs_queues_on_the_listener_without_drops() {
         drop(d);
     }
 }
+
+/// A client's last ACK and its next RRQ from the same port often arrive together (EDK2's
+/// tsize probe ends with an ERROR and the real RRQ follows at once). Both are queued while
+/// netbootd is stopped (SIGSTOP), so they reach it in one go: the RRQ must find the first
+/// transfer ended and start the second at once, not be dropped as a duplicate of a busy
+/// one (the client would then wait for its own retry). With a port per transfer and in
+/// single-port mode; io_uring driver.
+#[test]
+fn the_next_rrq_right_after_the_last_ack_starts_at_once() {
+    for single_port in ["false", "true"] {
+        let (d, _) = Daemon::start(
+            &format!("next-rrq-{single_port}"),
+            &[("NETBOOT_TFTP_SINGLE_PORT", single_port)],
+        );
+        let tftp: std::net::SocketAddr = d
+            .startup_field("TFTP listening", "addr")
+            .parse()
+            .expect("TFTP address");
+        let root = d.dir.path().join("netboot-data/tftp");
+        std::fs::write(root.join("first"), b"one block").expect("write");
+        std::fs::write(root.join("second"), b"another block").expect("write");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .expect("timeout");
+        let mut buf = [0u8; 600];
+        client
+            .send_to(b"\x00\x01first\x00octet\x00", tftp)
+            .expect("RRQ");
+        let (n, transfer) = client.recv_from(&mut buf).expect("DATA 1");
+        assert_eq!(&buf[..n], b"\x00\x03\x00\x01one block");
+
+        let pid = d.child.id().to_string();
+        let kill = |sig: &str| {
+            let ok = Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .expect("kill");
+            assert!(ok.success(), "kill {sig}");
+        };
+        kill("-STOP");
+        client
+            .send_to(b"\x00\x04\x00\x01", transfer)
+            .expect("last ACK");
+        client
+            .send_to(b"\x00\x01second\x00octet\x00", tftp)
+            .expect("next RRQ");
+        kill("-CONT");
+        let (n, _) = client
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("single_port={single_port}: no DATA for the next RRQ: {e}"));
+        assert_eq!(
+            &buf[..n],
+            b"\x00\x03\x00\x01another block",
+            "single_port={single_port}"
+        );
+        drop(d);
+    }
+}

@@ -77,6 +77,18 @@ pub fn start_tftp(
             "the TFTP listener's receive buffer is smaller than a burst of RRQs needs (no CAP_NET_ADMIN for SO_RCVBUFFORCE; raise net.core.rmem_max): RRQs beyond it are dropped and their clients retry after their timeout"
         );
     }
+    // In single-port mode every transfer sends from the listener: room for a window of
+    // each of them.
+    if tftp.single_port() {
+        let got = crate::net::raise_send_buffer(&listener, want);
+        if got < want {
+            tracing::warn!(
+                asked = want,
+                got,
+                "the TFTP listener's send buffer is smaller than single-port mode needs (no CAP_NET_ADMIN for SO_SNDBUFFORCE; raise net.core.wmem_max)"
+            );
+        }
+    }
     let listener = match choice {
         TftpDriver::Uring => match uring::spawn(Arc::clone(&tftp), listener, busy_poll) {
             Ok(handle) => return Ok(Running::Uring(handle)),

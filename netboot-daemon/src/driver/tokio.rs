@@ -77,6 +77,9 @@ pub async fn serve(tftp: Arc<Tftp>, listener: UdpSocket, mut shutdown: watch::Re
                             .instrument(span),
                         );
                     }
+                    // In single-port mode an ERROR from the listener to a client with a
+                    // transfer running would come from that transfer's port and end it.
+                    Request::Reply(_) if routes.contains_key(&peer) => {}
                     Request::Reply(packet) => {
                         let _ = listener.send_to(&packet, peer).await;
                     }

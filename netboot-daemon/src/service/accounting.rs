@@ -975,6 +975,13 @@ fn iscsi_totals(rows: impl Iterator<Item = (RowKey, u64)>) -> Vec<(MacAddr, u64,
 /// Attaches the kernel's figures to TFTP transfers that ended in the last [`JOIN_WINDOW`],
 /// and removes their connections from the flow table.
 pub fn join_tftp(acc: &Accounting, tftp: &Tftp) {
+    // In single-port mode transfers share the listening port: a client that starts a
+    // second transfer from the same port (EDK2's tsize probe, then the real one) has one
+    // flow row for both, which cannot be split between them. The per-client counters
+    // still count every byte.
+    if tftp.single_port() {
+        return;
+    }
     join(
         acc,
         Protocol::Udp,

@@ -73,6 +73,8 @@ const SQ_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
 const LISTEN_GROUP: u16 = 0;
 const LISTEN_BUFS: u16 = 128;
+/// In single-port mode every ACK comes in on the listener too.
+const LISTEN_BUFS_SINGLE_PORT: u16 = 1024;
 const LISTEN_BUF_SIZE: usize = 2048;
 const SESSION_GROUP: u16 = 1;
 const SESSION_BUFS: u16 = 4096;
@@ -445,6 +447,9 @@ struct Driver {
     listen_bufs: BufRing,
     session_bufs: BufRing,
     sessions: Slab<Session>,
+    /// Requests that came in on the listener in this iteration, handled once the
+    /// transfers' input has been.
+    requests: Vec<(SocketAddr, Vec<u8>)>,
     /// Cache fills whose next read is to be queued after this iteration's sends.
     fills: Vec<(CacheFill, Vec<u8>, Arc<File>)>,
     /// Single-port mode (`tftp.single_port`): the running transfers by client address, to
@@ -504,7 +509,11 @@ impl Driver {
         let listen_bufs = BufRing::new(
             &ring.submitter(),
             LISTEN_GROUP,
-            LISTEN_BUFS,
+            if tftp.single_port() {
+                LISTEN_BUFS_SINGLE_PORT
+            } else {
+                LISTEN_BUFS
+            },
             LISTEN_BUF_SIZE,
         )?;
         let session_bufs = match BufRing::new(
@@ -534,6 +543,7 @@ impl Driver {
             listen_bufs,
             session_bufs,
             sessions: Slab::new(),
+            requests: Vec::new(),
             fills: Vec::new(),
             by_peer,
             next_generation: 0,
@@ -669,7 +679,7 @@ impl Driver {
         }
         match tag {
             t if t == Tag::Stop as u8 => self.stopping = true,
-            t if t == Tag::Listen as u8 => self.on_listen(now, res, flags, more),
+            t if t == Tag::Listen as u8 => self.on_listen(res, flags, more),
             t if t == Tag::Recv as u8 => {
                 self.on_recv(now, Key { idx, generation }, res, flags, more)
             }
@@ -681,7 +691,7 @@ impl Driver {
         }
     }
 
-    fn on_listen(&mut self, now: Instant, res: i32, flags: u32, more: bool) {
+    fn on_listen(&mut self, res: i32, flags: u32, more: bool) {
         if let Some(bid) = cqueue::buffer_select(flags) {
             let mut datagram = std::mem::take(&mut self.scratch);
             datagram.clear();
@@ -702,7 +712,10 @@ impl Driver {
                     Some(&key) if !is_request(&datagram) => {
                         self.on_datagram(key, &datagram);
                     }
-                    _ => self.on_request(now, peer, &datagram),
+                    // After the transfers' input of this iteration: a client's last ACK
+                    // or ERROR and its next RRQ often arrive together, and the RRQ must
+                    // find that transfer ended, not busy.
+                    _ => self.requests.push((peer, datagram.clone())),
                 }
             }
             self.scratch = datagram;
@@ -722,8 +735,25 @@ impl Driver {
     fn on_request(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) {
         match self.tftp.handle_request(now, peer, datagram) {
             Request::Start(req) => self.start(now, req),
+            // In single-port mode an ERROR from the listener to a client with a transfer
+            // running would come from that transfer's port and end it: dropped instead.
+            Request::Reply(_) if self.by_peer.as_ref().is_some_and(|m| m.contains_key(&peer)) => {}
             Request::Reply(packet) => self.send_listener(peer, &packet),
             Request::Ignore => {}
+        }
+    }
+
+    /// Services the transfers that had input or timed out, until none is left.
+    fn service_dirty(&mut self, now: Instant) {
+        while !self.dirty.is_empty() {
+            let mut batch = std::mem::take(&mut self.dirty);
+            for &key in &batch {
+                self.service(key, now);
+            }
+            batch.clear();
+            if self.dirty.is_empty() {
+                self.dirty = batch;
+            }
         }
     }
 
@@ -1199,7 +1229,9 @@ impl Driver {
                 self.recycle(buf);
                 return;
             };
-            if lock_step && train.gso.is_none() && train.spill.is_none() {
+            // On the shared listener (single-port mode) a full send buffer must not lose
+            // a block: that send waits for room, with a CQE.
+            if lock_step && train.gso.is_none() && train.spill.is_none() && to.is_none() {
                 self.send_lock_step(key, (fd, to), buf);
                 continue;
             }
@@ -1378,16 +1410,11 @@ impl RingDriver for Driver {
                 return Ok(());
             }
             self.run_timers(now);
-            while !self.dirty.is_empty() {
-                let mut batch = std::mem::take(&mut self.dirty);
-                for &key in &batch {
-                    self.service(key, now);
-                }
-                batch.clear();
-                if self.dirty.is_empty() {
-                    self.dirty = batch;
-                }
+            self.service_dirty(now);
+            for (peer, datagram) in std::mem::take(&mut self.requests) {
+                self.on_request(now, peer, &datagram);
             }
+            self.service_dirty(now);
             for key in std::mem::take(&mut self.rearm) {
                 self.arm_recv(key);
             }
