@@ -650,6 +650,15 @@ fn counts_iscsi_in_userspace_exactly_as_the_target_counts_it() {
     drop(d);
 }
 
+/// Sends `sig` (`-STOP`, `-CONT`) to the process `pid` with kill(1).
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
 /// The drops counted on the UDP socket bound to 127.0.0.1:`port` (the last column of
 /// `/proc/net/udp`).
 fn udp_drops(port: u16) -> u64 {
@@ -722,14 +731,7 @@ fn a_burst_of_rrqs_queues_on_the_listener_without_drops() {
             .collect();
         let drops_before = udp_drops(tftp.port());
 
-        let pid = d.child.id().to_string();
-        let kill = |sig: &str| {
-            let ok = Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .expect("kill");
-            assert!(ok.success(), "kill {sig}");
-        };
+        let kill = |sig: &str| signal(d.child.id(), sig);
         kill("-STOP");
         let rrq = b"\x00\x01absent.bin\x00octet\x00";
         for s in &clients {
@@ -794,14 +796,7 @@ fn the_next_rrq_right_after_the_last_ack_starts_at_once() {
         let (n, transfer) = client.recv_from(&mut buf).expect("DATA 1");
         assert_eq!(&buf[..n], b"\x00\x03\x00\x01one block");
 
-        let pid = d.child.id().to_string();
-        let kill = |sig: &str| {
-            let ok = Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .expect("kill");
-            assert!(ok.success(), "kill {sig}");
-        };
+        let kill = |sig: &str| signal(d.child.id(), sig);
         kill("-STOP");
         client
             .send_to(b"\x00\x04\x00\x01", transfer)

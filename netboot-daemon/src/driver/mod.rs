@@ -57,6 +57,18 @@ impl Running {
     }
 }
 
+/// Warns when the kernel granted the TFTP listener a smaller `which` buffer than asked for:
+/// datagrams beyond it are dropped, and their clients wait out their timeout.
+fn warn_if_short(which: &str, force: &str, sysctl: &str, got: usize, want: usize) {
+    if got < want {
+        tracing::warn!(
+            asked = want,
+            got,
+            "the TFTP listener's {which} buffer is smaller than a boot storm needs (no CAP_NET_ADMIN for {force}; raise {sysctl}): datagrams beyond it are dropped and their clients retry after their timeout"
+        );
+    }
+}
+
 /// Starts serving TFTP on `listener` with the driver `choice` (the io_uring one spinning
 /// for up to `busy_poll` before it sleeps); when the io_uring driver cannot be set up (old
 /// kernel, io_uring disabled by sysctl or seccomp), warns and falls back to the tokio
@@ -68,26 +80,14 @@ pub fn start_tftp(
     busy_poll: Duration,
     shutdown: watch::Receiver<bool>,
 ) -> io::Result<Running> {
+    // Room for a burst of RRQs; in single-port mode every transfer also sends from the
+    // listener.
     let want = tftp.listener_receive_buffer();
     let got = crate::net::raise_receive_buffer(&listener, want);
-    if got < want {
-        tracing::warn!(
-            asked = want,
-            got,
-            "the TFTP listener's receive buffer is smaller than a burst of RRQs needs (no CAP_NET_ADMIN for SO_RCVBUFFORCE; raise net.core.rmem_max): RRQs beyond it are dropped and their clients retry after their timeout"
-        );
-    }
-    // In single-port mode every transfer sends from the listener: room for a window of
-    // each of them.
+    warn_if_short("receive", "SO_RCVBUFFORCE", "net.core.rmem_max", got, want);
     if tftp.single_port() {
         let got = crate::net::raise_send_buffer(&listener, want);
-        if got < want {
-            tracing::warn!(
-                asked = want,
-                got,
-                "the TFTP listener's send buffer is smaller than single-port mode needs (no CAP_NET_ADMIN for SO_SNDBUFFORCE; raise net.core.wmem_max)"
-            );
-        }
+        warn_if_short("send", "SO_SNDBUFFORCE", "net.core.wmem_max", got, want);
     }
     let listener = match choice {
         TftpDriver::Uring => match uring::spawn(Arc::clone(&tftp), listener, busy_poll) {

@@ -882,15 +882,23 @@ impl Driver {
 
     /// Single-port mode: a datagram for a running transfer that came in on the listener.
     fn on_datagram(&mut self, key: Key, datagram: &[u8]) {
-        let Some(s) = self
+        if let Some(s) = self
             .sessions
             .get_mut(key.idx)
             .filter(|s| s.generation == key.generation)
-        else {
-            return;
-        };
-        s.transfer.handle_datagram(datagram);
-        if !s.dirty {
+        {
+            s.transfer.handle_datagram(datagram);
+        }
+        self.mark_dirty(key);
+    }
+
+    /// Queues a transfer for [`Driver::service`] in this iteration, once.
+    fn mark_dirty(&mut self, key: Key) {
+        if let Some(s) = self
+            .sessions
+            .get_mut(key.idx)
+            .filter(|s| s.generation == key.generation && !s.dirty)
+        {
             s.dirty = true;
             self.dirty.push(key);
         }
