@@ -9,9 +9,9 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd as _;
+use std::os::fd::{AsFd, AsRawFd as _};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -36,6 +36,32 @@ pub struct Egress {
     pub src: Ipv4Addr,
 }
 
+/// Sets the `c_int` socket option `level`/`opt` of `fd` to `value` (the options socket2
+/// does not cover).
+pub(crate) fn set_int_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` is a c_int that outlives the call, and its size is passed with it;
+    // an fd that is not a socket makes the call fail, nothing else.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Asks for a receive buffer of `bytes` on `socket` and returns the size the kernel
 /// granted (`SO_RCVBUF` as read back: the kernel doubles the request for its overhead).
 ///
@@ -44,55 +70,27 @@ pub struct Egress {
 /// a burst of requests reaches at once (a boot storm's RRQs) needs room for all of them:
 /// a datagram that finds the buffer full is dropped, and its client waits out its
 /// retransmission timeout.
-pub fn raise_receive_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) -> usize {
-    raise_buffer(socket, bytes, (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF))
+pub fn raise_receive_buffer(socket: &impl AsFd, bytes: usize) -> usize {
+    let s = SockRef::from(socket);
+    if force_buffer(socket, libc::SO_RCVBUFFORCE, bytes).is_err() {
+        let _ = s.set_recv_buffer_size(bytes);
+    }
+    s.recv_buffer_size().unwrap_or(0)
 }
 
 /// [`raise_receive_buffer`] for the send buffer (`SO_SNDBUFFORCE`, `SO_SNDBUF`,
 /// `net.core.wmem_max`): for a socket that many transfers send from at once.
-pub fn raise_send_buffer(socket: &impl std::os::fd::AsRawFd, bytes: usize) -> usize {
-    raise_buffer(socket, bytes, (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF))
+pub fn raise_send_buffer(socket: &impl AsFd, bytes: usize) -> usize {
+    let s = SockRef::from(socket);
+    if force_buffer(socket, libc::SO_SNDBUFFORCE, bytes).is_err() {
+        let _ = s.set_send_buffer_size(bytes);
+    }
+    s.send_buffer_size().unwrap_or(0)
 }
 
-fn raise_buffer(
-    socket: &impl std::os::fd::AsRawFd,
-    bytes: usize,
-    (force, plain): (libc::c_int, libc::c_int),
-) -> usize {
-    let fd = socket.as_raw_fd();
-    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    let set = |opt: libc::c_int| {
-        // SAFETY: `want` is a c_int that lives across the call; the length is its size.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&raw const want).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        }
-    };
-    if set(force) != 0 {
-        set(plain);
-    }
-    let mut got: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `got` and `len` are valid for writes and `len` is `got`'s size.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            plain,
-            (&raw mut got).cast(),
-            &raw mut len,
-        )
-    };
-    if r == 0 {
-        usize::try_from(got).unwrap_or(0)
-    } else {
-        0
-    }
+fn force_buffer(socket: &impl AsFd, opt: libc::c_int, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    set_int_option(socket.as_fd().as_raw_fd(), libc::SOL_SOCKET, opt, value)
 }
 
 /// An `IP_PKTINFO` control message.
@@ -134,21 +132,7 @@ impl PktinfoSocket {
         let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
         s.set_reuse_address(true)?;
         s.set_broadcast(true)?;
-        let on: libc::c_int = 1;
-        // SAFETY: the fd is a live socket; the option value is a c_int that outlives the
-        // call, and its size is passed with it.
-        let rc = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_PKTINFO,
-                (&raw const on).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set_int_option(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
         s.set_nonblocking(true)?;
         s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
         // SAFETY: the Socket owns its fd: it stays open, and as_raw_fd returns it, until

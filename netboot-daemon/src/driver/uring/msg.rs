@@ -224,23 +224,7 @@ pub(super) fn max_unfragmented_payload(socket: &UdpSocket) -> io::Result<usize> 
 
 /// Sets `SO_NO_CHECK` (send without UDP checksums) on a socket.
 pub(super) fn set_no_udp_checksum(socket: &UdpSocket) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: `one` is a valid c_int for the duration of the call and the length is its
-    // size; the fd is open.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NO_CHECK,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::net::set_int_option(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1)
 }
 
 #[cfg(test)]
