@@ -10,6 +10,7 @@
 //! [`crate::service::iscsi::IscsiRunner::start`] does so for iSCSI (`iscsi.driver`).
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use ::tokio::sync::watch;
 use ::tokio::task::JoinHandle;
 
 use crate::config::TftpDriver;
-use crate::service::tftp::Tftp;
+use crate::service::tftp::{Tftp, transfer_ip};
 
 pub mod tokio;
 #[allow(
@@ -55,6 +56,22 @@ impl Running {
             }
         }
     }
+}
+
+/// In single-port mode, the address a client reaches a transfer at: the listener's
+/// port, at the listener's address, or for a wildcard listener the address the kernel
+/// answers `peer` from (a routing lookup: a UDP socket connected to the peer, which sends
+/// nothing). A generated file may name it.
+pub(crate) fn reply_address(listener: SocketAddr, peer: SocketAddr) -> SocketAddr {
+    let ip = transfer_ip(listener);
+    let ip = if ip.is_unspecified() {
+        std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
+            .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
+            .map_or(ip, |a| a.ip())
+    } else {
+        ip
+    };
+    SocketAddr::new(ip, listener.port())
 }
 
 /// Warns when the kernel granted the TFTP listener a smaller `which` buffer than asked for:

@@ -17,12 +17,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
+use crate::driver::reply_address;
 use crate::service::tftp::{
-    Opened, Outcome, Request, Source, Tftp, is_request, reply_address, send_error_ends_transfer,
-    transfer_ip,
+    Opened, Outcome, Request, Source, Tftp, send_error_ends_transfer, transfer_ip,
 };
 use crate::tftp::server::Admitted;
 use crate::tftp::transfer::Event;
+use crate::tftp::wire::is_request;
 
 /// Serves requests arriving on `listener` until `shutdown` turns true; running transfers
 /// are then abandoned.
@@ -77,9 +78,6 @@ pub async fn serve(tftp: Arc<Tftp>, listener: UdpSocket, mut shutdown: watch::Re
                             .instrument(span),
                         );
                     }
-                    // In single-port mode an ERROR from the listener to a client with a
-                    // transfer running would come from that transfer's port and end it.
-                    Request::Reply(_) if routes.contains_key(&peer) => {}
                     Request::Reply(packet) => {
                         let _ = listener.send_to(&packet, peer).await;
                     }

@@ -884,7 +884,13 @@ impl Tftp {
             Decision::Refuse { packet, reason } => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, reason, "tftp request refused");
-                Request::Reply(packet)
+                // In single-port mode the ERROR would leave from the port of the client's
+                // running transfer, and end it: the refusal goes unanswered instead.
+                if self.single_port && self.transfers().active.contains_key(&peer) {
+                    Request::Ignore
+                } else {
+                    Request::Reply(packet)
+                }
             }
             Decision::Drop(why) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -1159,28 +1165,6 @@ pub(crate) fn transfer_ip(listener: SocketAddr) -> IpAddr {
         SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
     }
-}
-
-/// In single-port mode, the address a client reaches a transfer at: the listener's
-/// port, at the listener's address, or for a wildcard listener the address the kernel
-/// answers `peer` from (a routing lookup: a UDP socket connected to the peer, which sends
-/// nothing). A generated file may name it.
-pub(crate) fn reply_address(listener: SocketAddr, peer: SocketAddr) -> SocketAddr {
-    let ip = transfer_ip(listener);
-    let ip = if ip.is_unspecified() {
-        std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
-            .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
-            .map_or(ip, |a| a.ip())
-    } else {
-        ip
-    };
-    SocketAddr::new(ip, listener.port())
-}
-
-/// Whether a datagram is a request (RRQ or WRQ), which in single-port mode goes to
-/// admission even from a client that has a transfer running.
-pub(crate) fn is_request(datagram: &[u8]) -> bool {
-    matches!(datagram.get(..2), Some([0, 1 | 2]))
 }
 
 /// Why a request could not be opened, as the client will hear it.

@@ -240,6 +240,14 @@ fn emit_block(buf: &mut [u8], op: Opcode, block: u16) -> Option<usize> {
     Some(4)
 }
 
+/// Whether a datagram is a request (RRQ or WRQ), by its opcode alone.
+pub fn is_request(datagram: &[u8]) -> bool {
+    datagram
+        .get(..2)
+        .map(|b| Opcode(u16::from_be_bytes([b[0], b[1]])))
+        .is_some_and(|op| op == Opcode::RRQ || op == Opcode::WRQ)
+}
+
 /// Writes a DATA header (opcode and block number) into `buf[..4]`.
 pub fn emit_data_header(buf: &mut [u8], block: u16) -> Option<usize> {
     emit_block(buf, Opcode::DATA, block)
@@ -331,6 +339,20 @@ impl fmt::Display for ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_told_by_their_opcode() {
+        assert!(is_request(b"\x00\x01f\x00octet\x00"));
+        assert!(is_request(b"\x00\x02f\x00octet\x00"));
+        for other in [
+            &b"\x00\x04\x00\x01"[..],
+            b"\x00\x05\x00\x00x\x00",
+            b"\x00",
+            b"",
+        ] {
+            assert!(!is_request(other), "{other:?}");
+        }
+    }
 
     #[test]
     fn parses_an_ipxe_style_rrq() {

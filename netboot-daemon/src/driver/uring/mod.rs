@@ -62,12 +62,13 @@ use slab::Slab;
 
 use self::bufring::BufRing;
 use self::msg::SendBuf;
+use crate::driver::reply_address;
 use crate::service::tftp::{
-    CacheFill, Outcome, Request, Source, Tftp, is_request, reply_address, send_error_ends_transfer,
-    transfer_ip,
+    CacheFill, Outcome, Request, Source, Tftp, send_error_ends_transfer, transfer_ip,
 };
 use crate::tftp::server::Admitted;
 use crate::tftp::transfer::{Datagram, ReadRequest, Transfer};
+use crate::tftp::wire::is_request;
 
 const SQ_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
@@ -735,9 +736,6 @@ impl Driver {
     fn on_request(&mut self, now: Instant, peer: SocketAddr, datagram: &[u8]) {
         match self.tftp.handle_request(now, peer, datagram) {
             Request::Start(req) => self.start(now, req),
-            // In single-port mode an ERROR from the listener to a client with a transfer
-            // running would come from that transfer's port and end it: dropped instead.
-            Request::Reply(_) if self.by_peer.as_ref().is_some_and(|m| m.contains_key(&peer)) => {}
             Request::Reply(packet) => self.send_listener(peer, &packet),
             Request::Ignore => {}
         }
