@@ -113,15 +113,14 @@ async fn open(
         .await
         .map_err(|_| Vec::new())??;
     let Opened { source, fill } = opened;
-    let (Source::File(file, _, _), Some(fill)) = (&source, fill) else {
+    let Some(fill) = fill else {
         return Ok(source);
     };
-    let file = Arc::clone(file);
     let len = usize::try_from(fill.len()).unwrap_or(0);
     let read = tokio::task::spawn_blocking(move || {
-        read_at(&file, 0, len).map(|data| {
+        read_at(fill.file(), 0, len).map(|data| {
             fill.read(data.len());
-            fill.finish(data, &file)
+            fill.finish(data)
         })
     })
     .await;

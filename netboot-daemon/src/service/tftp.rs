@@ -401,8 +401,7 @@ impl FileCache {
     }
 }
 
-/// One version of one file (its modification time and length at open time) and the
-/// cache it may be in.
+/// One version of one file ([`FileVersion`], at open time) and the cache it may be in.
 #[derive(Clone)]
 pub(crate) struct CachedVersion {
     cache: Arc<FileCache>,
@@ -420,17 +419,22 @@ impl std::fmt::Debug for CachedVersion {
     }
 }
 
-/// The right to read a file whole into the cache: one transfer's open gets it, the
-/// others opened meanwhile watch for the result ([`CacheWatch`]). The driver reads the
-/// file at once, apart from the transfer's own reads. Dropping it unfinished lets a later
-/// open fill the cache.
+/// The right to read a file whole into the cache, with the open file to read: one
+/// transfer's open gets it, the others opened meanwhile watch for the result
+/// ([`CacheWatch`]). The driver reads the file at once, apart from the transfer's own
+/// reads. Dropping it unfinished lets a later open fill the cache.
 #[derive(Debug)]
-pub(crate) struct CacheFill(CachedVersion);
+pub(crate) struct CacheFill(CachedVersion, Arc<File>);
 
 impl CacheFill {
     /// The file's length at open time: how much to read.
     pub(crate) fn len(&self) -> u64 {
         self.0.version.len
+    }
+
+    /// The file to read.
+    pub(crate) fn file(&self) -> &Arc<File> {
+        &self.1
     }
 
     /// Counts `n` bytes read for the fill.
@@ -441,12 +445,12 @@ impl CacheFill {
             .fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Puts the file, read whole from `file`, into the cache and returns it; `None` (and
-    /// nothing cached) if `data` is not as long as the file was at open time, or the file
-    /// changed while it was read (another version now: the bytes may be a mix).
-    pub(crate) fn finish(self, data: Vec<u8>, file: &File) -> Option<Bytes> {
+    /// Puts the file, read whole, into the cache and returns it; `None` (and nothing
+    /// cached) if `data` is not as long as the file was at open time, or the file changed
+    /// while it was read (another version now: the bytes may be a mix).
+    pub(crate) fn finish(self, data: Vec<u8>) -> Option<Bytes> {
         let v = &self.0;
-        let now = file.metadata().ok().map(|m| FileVersion::of(&m));
+        let now = self.1.metadata().ok().map(|m| FileVersion::of(&m));
         if data.len() as u64 != v.version.len || now != Some(v.version) {
             return None;
         }
@@ -1013,7 +1017,7 @@ impl Tftp {
             stats: Arc::clone(&self.stats),
         };
         Ok(Opened {
-            fill: filling.then(|| CacheFill(version.clone())),
+            fill: filling.then(|| CacheFill(version.clone(), Arc::clone(&file))),
             source: Source::File(file, len, Some(CacheWatch(version))),
         })
     }
@@ -1234,10 +1238,10 @@ mod tests {
         let open = || tftp.open(peer, None, "kernel").expect("open");
 
         let first = open();
-        let (Source::File(file, _, Some(_)), Some(fill)) = (&first.source, first.fill) else {
+        let (Source::File(_, _, Some(_)), Some(fill)) = (&first.source, first.fill) else {
             panic!("a cacheable file opened for a fill");
         };
-        let cached = fill.finish(b"old contents".to_vec(), file).expect("cached");
+        let cached = fill.finish(b"old contents".to_vec()).expect("cached");
         assert_eq!(&cached[..], b"old contents");
         assert!(
             matches!(open().source, Source::Memory(ref d) if &d[..] == b"old contents"),
@@ -1260,11 +1264,11 @@ mod tests {
         );
 
         // A fill whose file changes before it is done is not cached.
-        let (Source::File(file, _, _), Some(fill)) = (&after.source, after.fill) else {
+        let Some(fill) = after.fill else {
             panic!("the rewritten file opened for a fill");
         };
         std::fs::write(&path, b"newer content").expect("rewrite again");
-        assert!(fill.finish(b"new contents".to_vec(), file).is_none());
+        assert!(fill.finish(b"new contents".to_vec()).is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -161,13 +161,9 @@ enum Op {
         buf: BytesMut,
         _file: Arc<File>,
     },
-    /// A read of a whole file for the cache; `buf` has the file's length as capacity and
-    /// holds what has been read so far.
-    Fill {
-        fill: CacheFill,
-        buf: Vec<u8>,
-        file: Arc<File>,
-    },
+    /// A read of a whole file (which `fill` holds open) for the cache; `buf` has the
+    /// file's length as capacity and holds what has been read so far.
+    Fill { fill: CacheFill, buf: Vec<u8> },
 }
 
 /// Whether the kernel takes UDP GSO sends.
@@ -452,7 +448,7 @@ struct Driver {
     /// transfers' input has been.
     requests: Vec<(SocketAddr, Vec<u8>)>,
     /// Cache fills whose next read is to be queued after this iteration's sends.
-    fills: Vec<(CacheFill, Vec<u8>, Arc<File>)>,
+    fills: Vec<(CacheFill, Vec<u8>)>,
     /// Single-port mode (`tftp.single_port`): the running transfers by client address, to
     /// which the listener's datagrams other than requests go.
     by_peer: Option<HashMap<SocketAddr, Key>>,
@@ -823,12 +819,9 @@ impl Driver {
             m.insert(peer, key);
         }
         self.arm_recv(key);
-        if let (Some(fill), Some(Source::File(file, _, _))) =
-            (opened.fill, self.sessions.get(idx).map(|s| &s.source))
-        {
-            let file = Arc::clone(file);
+        if let Some(fill) = opened.fill {
             let len = usize::try_from(fill.len()).unwrap_or(usize::MAX);
-            self.fill(fill, Vec::with_capacity(len), file);
+            self.fill(fill, Vec::with_capacity(len));
         }
     }
 
@@ -837,11 +830,11 @@ impl Driver {
     /// from any transfer: the transfers of the file find it in the cache at their next
     /// read ([`Source::feed`]). The reads go after the iteration's sends
     /// ([`Driver::submit_fills`]).
-    fn fill(&mut self, fill: CacheFill, buf: Vec<u8>, file: Arc<File>) {
+    fn fill(&mut self, fill: CacheFill, buf: Vec<u8>) {
         if fill_left(&fill, &buf) == 0 {
-            fill.finish(buf, &file);
+            fill.finish(buf);
         } else {
-            self.fills.push((fill, buf, file));
+            self.fills.push((fill, buf));
         }
     }
 
@@ -849,17 +842,17 @@ impl Driver {
     /// kernel copies a read from the page cache while it takes the submission, and no
     /// DATA should wait for that.
     fn submit_fills(&mut self) {
-        for (fill, buf, file) in std::mem::take(&mut self.fills) {
-            self.submit_fill(fill, buf, file);
+        for (fill, buf) in std::mem::take(&mut self.fills) {
+            self.submit_fill(fill, buf);
         }
     }
 
-    fn submit_fill(&mut self, fill: CacheFill, mut buf: Vec<u8>, file: Arc<File>) {
+    fn submit_fill(&mut self, fill: CacheFill, mut buf: Vec<u8>) {
         let have = buf.len();
         let left = fill_left(&fill, &buf).min(FILL_CHUNK);
         let len = u32::try_from(left).unwrap_or(u32::MAX);
         let sqe = opcode::Read::new(
-            Fd(file.as_raw_fd()),
+            Fd(fill.file().as_raw_fd()),
             buf.spare_capacity_mut().as_mut_ptr().cast(),
             len,
         )
@@ -868,9 +861,9 @@ impl Driver {
         let entry = self.ops.vacant_entry();
         let idx = entry.key();
         let sqe = sqe.user_data(user_data(Tag::Op, idx, 0));
-        entry.insert(Op::Fill { fill, buf, file });
+        entry.insert(Op::Fill { fill, buf });
         // SAFETY: the Vec's heap block (`left` bytes of spare capacity after `have`) and
-        // the file are owned by the op in `ops` until this request's CQE; moving the Vec
+        // the file (held by the fill) are owned by the op in `ops` until this request's CQE; moving the Vec
         // does not move its heap block, and nothing resizes it meanwhile.
         if !unsafe { self.push(&sqe) } {
             // Dropping the fill lets a later open try again.
@@ -1011,11 +1004,7 @@ impl Driver {
                     self.dirty.push(owner);
                 }
             }
-            Op::Fill {
-                fill,
-                mut buf,
-                file,
-            } => {
+            Op::Fill { fill, mut buf } => {
                 let left = fill_left(&fill, &buf).min(FILL_CHUNK);
                 match usize::try_from(res) {
                     Ok(n) if n > 0 && n <= left => {
@@ -1023,7 +1012,7 @@ impl Driver {
                         // SAFETY: the kernel wrote `n` bytes of the spare capacity after
                         // the `len` bytes already there (it asked for at most `left`).
                         unsafe { buf.set_len(buf.len() + n) };
-                        self.fill(fill, buf, file);
+                        self.fill(fill, buf);
                     }
                     // The file ended early (it shrank) or could not be read: no cache
                     // entry; dropping the fill lets a later open try again.
