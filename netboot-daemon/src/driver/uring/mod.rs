@@ -149,6 +149,26 @@ struct Session {
     span: tracing::Span,
 }
 
+impl Session {
+    /// Queues the transfer (`key`) in `dirty` for [`Driver::service`] in this iteration,
+    /// once.
+    fn mark_dirty(&mut self, key: Key, dirty: &mut Vec<Key>) {
+        if !self.dirty {
+            self.dirty = true;
+            dirty.push(key);
+        }
+    }
+
+    /// Where the transfer's datagrams go: its own connected socket, or in single-port
+    /// mode the `listener`, addressed to the peer.
+    fn endpoint(&self, listener: RawFd) -> (RawFd, Option<SocketAddr>) {
+        match &self.socket {
+            Some(socket) => (socket.as_raw_fd(), None),
+            None => (listener, Some(self.peer)),
+        }
+    }
+}
+
 /// A request in flight that owns memory the kernel uses.
 enum Op {
     Send {
@@ -879,19 +899,7 @@ impl Driver {
             .filter(|s| s.generation == key.generation)
         {
             s.transfer.handle_datagram(datagram);
-        }
-        self.mark_dirty(key);
-    }
-
-    /// Queues a transfer for [`Driver::service`] in this iteration, once.
-    fn mark_dirty(&mut self, key: Key) {
-        if let Some(s) = self
-            .sessions
-            .get_mut(key.idx)
-            .filter(|s| s.generation == key.generation && !s.dirty)
-        {
-            s.dirty = true;
-            self.dirty.push(key);
+            s.mark_dirty(key, &mut self.dirty);
         }
     }
 
@@ -909,10 +917,7 @@ impl Driver {
         };
         if let (Some(bid), Ok(len)) = (bid, usize::try_from(res)) {
             s.transfer.handle_datagram(self.session_bufs.get(bid, len));
-            if !s.dirty {
-                s.dirty = true;
-                self.dirty.push(key);
-            }
+            s.mark_dirty(key, &mut self.dirty);
         }
         if let Some(bid) = bid {
             self.session_bufs.recycle(bid);
@@ -999,10 +1004,7 @@ impl Driver {
                     tracing::debug!(parent: &s.span, error = %io::Error::from_raw_os_error(-res), "tftp file read failed");
                 }
                 s.transfer.handle_read(data);
-                if !s.dirty {
-                    s.dirty = true;
-                    self.dirty.push(owner);
-                }
+                s.mark_dirty(owner, &mut self.dirty);
             }
             Op::Fill { fill, mut buf } => {
                 let left = fill_left(&fill, &buf).min(FILL_CHUNK);
@@ -1058,20 +1060,11 @@ impl Driver {
         }
     }
 
-    /// Where a transfer's datagrams go: its own connected socket, or in single-port mode
-    /// the listener, addressed to the peer.
-    fn endpoint(&self, s: &Session) -> (RawFd, Option<SocketAddr>) {
-        match &s.socket {
-            Some(socket) => (socket.as_raw_fd(), None),
-            None => (self.listener.as_raw_fd(), Some(s.peer)),
-        }
-    }
-
     fn endpoint_of(&self, key: Key) -> Option<(RawFd, Option<SocketAddr>)> {
         self.sessions
             .get(key.idx)
             .filter(|s| s.generation == key.generation)
-            .map(|s| self.endpoint(s))
+            .map(|s| s.endpoint(self.listener.as_raw_fd()))
     }
 
     /// Queues a `SENDMSG` of `buf` on `fd` (to `to` when not connected).
@@ -1105,17 +1098,12 @@ impl Driver {
     /// while it takes the submission and that posts a CQE only on failure (`EAGAIN` from a
     /// full socket buffer included: with one datagram in flight that is a loss like any
     /// other). Without `IOSQE_CQE_SKIP_SUCCESS`, a plain [`Driver::send`].
-    fn send_lock_step(
-        &mut self,
-        owner: Key,
-        (fd, to): (RawFd, Option<SocketAddr>),
-        mut buf: Box<SendBuf>,
-    ) {
+    fn send_lock_step(&mut self, owner: Key, fd: RawFd, mut buf: Box<SendBuf>) {
         if !self.skip_cqe {
-            self.send(Some(owner), fd, buf, to, None);
+            self.send(Some(owner), fd, buf, None, None);
             return;
         }
-        let msg = buf.prepare(to, None);
+        let msg = buf.prepare(None, None);
         let sqe = opcode::SendMsg::new(Fd(fd), msg)
             .flags(libc::MSG_DONTWAIT as u32)
             .build()
@@ -1207,6 +1195,7 @@ impl Driver {
 
     /// Drains the transfer's datagrams into sends: runs of equal size become GSO trains.
     fn transmit(&mut self, key: Key, now: Instant) {
+        let listener = self.listener.as_raw_fd();
         loop {
             let mut buf = self.take_buf();
             let gso_on = self.gso != Gso::Off;
@@ -1214,10 +1203,7 @@ impl Driver {
                 self.recycle(buf);
                 return;
             };
-            let (fd, to) = match &s.socket {
-                Some(socket) => (socket.as_raw_fd(), None),
-                None => (self.listener.as_raw_fd(), Some(s.peer)),
-            };
+            let (fd, to) = s.endpoint(listener);
             let max_seg = if gso_on { s.gso_max } else { 0 };
             let lock_step = s.transfer.window() == 1;
             let Some(train) = fill_train(&mut s.transfer, now, &mut buf.datagrams, max_seg) else {
@@ -1227,7 +1213,7 @@ impl Driver {
             // On the shared listener (single-port mode) a full send buffer must not lose
             // a block: that send waits for room, with a CQE.
             if lock_step && train.gso.is_none() && train.spill.is_none() && to.is_none() {
-                self.send_lock_step(key, (fd, to), buf);
+                self.send_lock_step(key, fd, buf);
                 continue;
             }
             let spill = train.spill.map(|d| {
@@ -1258,10 +1244,7 @@ impl Driver {
             };
             s.timer = None;
             s.transfer.handle_timeout(now);
-            if !s.dirty {
-                s.dirty = true;
-                self.dirty.push(key);
-            }
+            s.mark_dirty(key, &mut self.dirty);
         }
     }
 
