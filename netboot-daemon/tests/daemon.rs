@@ -109,12 +109,15 @@ impl Daemon {
             .to_owned()
     }
 
+    /// The TFTP listener's address, from the startup log.
+    fn tftp_addr(&self) -> std::net::SocketAddr {
+        self.startup_field("TFTP listening", "addr")
+            .parse()
+            .expect("TFTP address")
+    }
+
     fn signal(&mut self, sig: &str) -> Vec<Value> {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(ok.success());
+        signal(self.child.id(), sig);
         let rest: Vec<Value> = self
             .lines
             .by_ref()
@@ -326,12 +329,7 @@ fn counts_in_userspace_without_ebpf_and_keeps_the_totals_across_a_restart() {
     ]);
     tx_http += got;
     rx_http += sent;
-    let tftp_port = d
-        .startup_field("TFTP listening", "addr")
-        .rsplit_once(':')
-        .expect("port")
-        .1
-        .to_owned();
+    let tftp_port = d.tftp_addr().port().to_string();
     let tftp = ns.curl(&[
         "--interface",
         "10.77.0.2",
@@ -712,10 +710,7 @@ fn a_burst_of_rrqs_queues_on_the_listener_without_drops() {
         std::fs::write(&cfg, format!("[tftp]\ndriver = \"{driver}\"\n")).expect("config");
         let cfg = cfg.display().to_string();
         let (d, _) = Daemon::start_in(dir, None, "127.0.0.1", &[("NETBOOT_CONFIG", &cfg)]);
-        let tftp: std::net::SocketAddr = d
-            .startup_field("TFTP listening", "addr")
-            .parse()
-            .expect("TFTP address");
+        let tftp = d.tftp_addr();
         let running = d.startup_field("TFTP listening", "driver");
         assert!(
             running.eq_ignore_ascii_case(driver),
@@ -778,10 +773,7 @@ fn the_next_rrq_right_after_the_last_ack_starts_at_once() {
             &format!("next-rrq-{single_port}"),
             &[("NETBOOT_TFTP_SINGLE_PORT", single_port)],
         );
-        let tftp: std::net::SocketAddr = d
-            .startup_field("TFTP listening", "addr")
-            .parse()
-            .expect("TFTP address");
+        let tftp = d.tftp_addr();
         let root = d.dir.path().join("netboot-data/tftp");
         std::fs::write(root.join("first"), b"one block").expect("write");
         std::fs::write(root.join("second"), b"another block").expect("write");
