@@ -16,7 +16,7 @@ use crate::boot::tftp::BootScripts;
 use crate::config::DhcpMode;
 use crate::config::Validated;
 use crate::driver;
-use crate::ebpf::{Accounting, Options, Protocol, Service, ServicePort};
+use crate::ebpf::{Accounting, Options, ServicePort};
 use crate::service::accounting::Counters;
 use crate::service::dhcp::{self as dhcp_service, DhcpService};
 use crate::service::tally::{CountedListener, Tally};
@@ -450,26 +450,11 @@ fn start_accounting(cfg: &Validated) -> Result<Arc<Accounting>, String> {
         max_macs: ebpf.max_entries,
         max_flows: ebpf.max_flows,
         max_bindings: ebpf.max_bindings,
-        ports: {
-            let mut ports = ServicePort::standard(
-                &[cfg.config.http.listen.port()],
-                &[cfg.config.iscsi.listen.port()],
-            );
-            // A TFTP listener on another port than 69 (a container's, or single-port mode,
-            // where all of a transfer's datagrams use it).
-            let tftp = cfg.config.tftp.listen.port();
-            if !ports
-                .iter()
-                .any(|p| p.protocol == Protocol::Udp && p.port == tftp)
-            {
-                ports.push(ServicePort {
-                    protocol: Protocol::Udp,
-                    port: tftp,
-                    service: Service::Tftp,
-                });
-            }
-            ports
-        },
+        ports: ServicePort::standard(
+            &[cfg.config.tftp.listen.port()],
+            &[cfg.config.http.listen.port()],
+            &[cfg.config.iscsi.listen.port()],
+        ),
         routers: ebpf.routers.clone(),
         pin_dir: (!ebpf.pin_dir.as_os_str().is_empty()).then(|| ebpf.pin_dir.clone()),
         run_time_stats: ebpf.run_time_stats,

@@ -355,9 +355,10 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
-    /// The ports of DHCP (67, 68, 4011) and TFTP (69), the given HTTP ports, and the given
-    /// iSCSI ports (3260 when empty).
-    pub fn standard(http: &[u16], iscsi: &[u16]) -> Vec<Self> {
+    /// The ports of DHCP (67, 68, 4011), TFTP (69 and the given ports: a listener on
+    /// another port, which in single-port mode carries all of its transfers), the given
+    /// HTTP ports, and the given iSCSI ports (3260 when empty).
+    pub fn standard(tftp: &[u16], http: &[u16], iscsi: &[u16]) -> Vec<Self> {
         let udp = |port, service| Self {
             protocol: Protocol::Udp,
             port,
@@ -374,6 +375,11 @@ impl ServicePort {
             udp(PORT_PXE_PROXY, Service::Dhcp),
             udp(PORT_TFTP, Service::Tftp),
         ];
+        ports.extend(
+            tftp.iter()
+                .filter(|&&p| p != PORT_TFTP)
+                .map(|&p| udp(p, Service::Tftp)),
+        );
         ports.extend(http.iter().map(|&p| tcp(p, Service::Http)));
         if iscsi.is_empty() {
             ports.push(tcp(PORT_ISCSI, Service::Iscsi));
@@ -443,7 +449,7 @@ impl Options {
             max_macs,
             max_flows: netboot_common::DEFAULT_MAX_FLOWS,
             max_bindings: netboot_common::DEFAULT_MAX_BINDINGS,
-            ports: ServicePort::standard(&[80, 8080], &[]),
+            ports: ServicePort::standard(&[], &[80, 8080], &[]),
             routers: Vec::new(),
             pin_dir: None,
             run_time_stats: RunTimeStats::Always,
