@@ -438,8 +438,16 @@ fn ensure_running(s: &mut Running, ctx: &Ctx<'_>) -> anyhow::Result<String> {
 const PROBE_SIZE: usize = 3000;
 const STORM_SIZE: usize = 1 << 20;
 
-/// One atftp download of `big.bin`, verified against `expected`: whether it succeeded,
-/// its wall time, the server's and the client's CPU time (s), and a note.
+/// How one atftp download went.
+struct SingleRun {
+    ok: bool,
+    wall_s: f64,
+    server_cpu_s: f64,
+    client_cpu_s: f64,
+    note: String,
+}
+
+/// One atftp download of `big.bin`, verified against `expected`.
 fn single(
     netns: Option<&Netns>,
     atftp: &Path,
@@ -448,7 +456,7 @@ fn single(
     expected: &[u8],
     limit: Duration,
     outputs: &Path,
-) -> anyhow::Result<(bool, f64, f64, f64, String)> {
+) -> anyhow::Result<SingleRun> {
     let out = outputs.join(format!("{}.bin", s.kind.name()));
     let _ = std::fs::remove_file(&out);
     let mut c = command(None, netns, atftp);
@@ -489,13 +497,13 @@ fn single(
         }
         Some(_) => true,
     };
-    Ok((
+    Ok(SingleRun {
         ok,
-        fin.elapsed.as_secs_f64(),
-        cpu,
-        fin.cpu.as_secs_f64(),
+        wall_s: fin.elapsed.as_secs_f64(),
+        server_cpu_s: cpu,
+        client_cpu_s: fin.cpu.as_secs_f64(),
         note,
-    ))
+    })
 }
 
 /// Machine description for the report.
@@ -688,7 +696,13 @@ pub(crate) fn run(args: &CompareArgs) -> anyhow::Result<bool> {
                         continue;
                     }
                     let restarted = ensure_running(s, &ctx)?;
-                    let (ok, wall, cpu, client_cpu, mut note) = single(
+                    let SingleRun {
+                        ok,
+                        wall_s: wall,
+                        server_cpu_s: cpu,
+                        client_cpu_s: client_cpu,
+                        mut note,
+                    } = single(
                         ctx.netns,
                         atftp,
                         s,
