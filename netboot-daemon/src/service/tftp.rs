@@ -293,7 +293,7 @@ pub(crate) fn slice_of(data: &Bytes, r: ReadRequest) -> Bytes {
 /// which no one can set back) is another version, even with the same mtime and length
 /// (`cp -p`, `rsync -t`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FileVersion {
+struct FileVersion {
     dev: u64,
     ino: u64,
     mtime: (i64, i64),
